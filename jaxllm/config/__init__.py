@@ -1,0 +1,195 @@
+"""One typed config tree: YAML → frozen dataclasses, with `--set a.b=v` overrides.
+
+`Config` is the root; each stage reads its sections. Loading is strict (see `load.py`): an
+unknown key fails with its dotted path and the closest valid key, a wrong type names the key,
+the expected type and the value given.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxllm.config.data import (
+    CHAT_TOKENS,
+    DataConfig,
+    DedupConfig,
+    FilterConfig,
+    LoaderConfig,
+    SourceConfig,
+    TokenizerConfig,
+)
+from jaxllm.config.load import (
+    _bad,
+    _convert,
+    dump_yaml,
+    read_yaml,
+    replace,
+    resolve_path,
+    set_dotted,
+    to_dict,
+)
+from jaxllm.config.model import (
+    GenerateConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    RopeScalingConfig,
+    TrainConfig,
+)
+from jaxllm.errors import ConfigError
+
+__all__ = [
+    "CHAT_TOKENS",
+    "Config",
+    "DataConfig",
+    "DedupConfig",
+    "FilterConfig",
+    "GenerateConfig",
+    "InputsConfig",
+    "LoaderConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RopeScalingConfig",
+    "SourceConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "dump_yaml",
+    "from_dict",
+    "load_config",
+    "read_yaml",
+    "replace",
+    "resolve_path",
+    "set_dotted",
+    "to_dict",
+]
+
+
+@dataclass(frozen=True)
+class InputsConfig:
+    """What a stage reads from earlier stages; `stage: pipeline` fills the empty ones."""
+
+    data_dir: str = ""  # a `stage: data` output directory (train/ and val/ shards)
+    tokenizer: str = ""  # a sentencepiece .model file
+    checkpoint: str = ""  # a checkpoint directory
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run. `stage` picks what runs; sections a stage does not use are ignored."""
+
+    stage: str
+    name: str = ""  # defaults to the config file's name
+    output_dir: str = ""  # defaults to runs/<name>
+    seed: int = 0
+    overwrite: bool = False  # allow replacing a finished run's directory
+    progress: bool = True  # progress bars on stderr
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
+    # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
+    pipeline: tuple[Config, ...] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name or self.stage}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a YAML config, applies `a.b=value` overrides, returns the validated tree.
+
+    A pipeline's entries are inlined here, so the resolved config is self-contained and every
+    stage's keys are checked before anything runs.
+    """
+    raw = read_yaml(path)
+    raw.setdefault("name", _stem(path))
+    sets = [_parse_set(item) for item in overrides]
+    for key, value in sets:
+        if not key.startswith("pipeline."):
+            set_dotted(raw, key, value)
+    if raw.get("stage") == "pipeline":
+        raw["pipeline"] = _expand_pipeline(raw, Path(path).parent)
+    for key, value in sets:
+        if key.startswith("pipeline."):
+            set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def _stem(path: str | Path) -> str:
+    return Path(path).name.removesuffix(".yaml").removesuffix(".yml")
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. loader.seq_len=128")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _expand_pipeline(raw: dict[str, Any], base_dir: Path, depth: int = 0) -> list[dict]:
+    """Turns each entry (a config path, or {config: path, key: override...}) into a full config.
+
+    Sub-stages inherit the pipeline's seed and progress unless they set their own, and write
+    into `<pipeline run dir>/<i>-<name>`.
+    """
+    if depth > 4:
+        raise ConfigError("pipeline: configs include each other too deeply (a cycle?)")
+    entries = raw.get("pipeline") or []
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("config key 'pipeline': expected a non-empty list of stage configs")
+    pipe_dir = raw.get("output_dir") or f"runs/{raw['name']}"
+    out = []
+    for i, entry in enumerate(entries, start=1):
+        if isinstance(entry, str):
+            entry = {"config": entry}
+        if not isinstance(entry, dict):
+            raise _bad(f"pipeline.{i - 1}", dict, entry)
+        entry = dict(entry)
+        include = entry.pop("config", None)
+        sub: dict[str, Any] = {}
+        if include is not None:
+            inc = _find_include(str(include), base_dir, i)
+            sub = read_yaml(inc)
+            sub.setdefault("name", _stem(inc))
+            if sub.get("stage") == "pipeline":
+                sub.setdefault("output_dir", f"{pipe_dir}/{i}-{sub['name']}")
+                sub["pipeline"] = _expand_pipeline(sub, inc.parent, depth + 1)
+        for key, value in entry.items():
+            set_dotted(sub, str(key), value)
+        sub.setdefault("name", str(sub.get("stage", f"stage{i}")))
+        sub.setdefault("output_dir", f"{pipe_dir}/{i}-{sub['name']}")
+        for key in ("seed", "progress"):
+            if key in raw:
+                sub.setdefault(key, raw[key])
+        out.append(sub)
+    return out
+
+
+def _find_include(name: str, base_dir: Path, i: int) -> Path:
+    for cand in (Path(name), base_dir / name):
+        if cand.is_file():
+            return cand
+    raise ConfigError(
+        f"pipeline entry {i}: config file '{name}' not found (looked in . and {base_dir})"
+    )
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Builds a `Config` from plain data (as YAML gives it), checking every key and type."""
+    if "stage" not in raw:
+        raise ConfigError("config key 'stage' is missing: say which stage runs, e.g. stage: data")
+    return _convert(Config, raw, "")

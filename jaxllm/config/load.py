@@ -1,0 +1,218 @@
+"""Strict YAML → frozen-dataclass conversion, dotted overrides and plain-data dumps.
+
+Every section is a frozen dataclass. Loading is strict: an unknown key fails with its dotted
+path and the closest valid key; a value of the wrong type names the key, the expected type and
+the value given; range checks live in each section's `_validate` and are reported the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from jaxllm.errors import ConfigError
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Sets `a.b.0.c` inside nested dicts/lists, creating missing mappings."""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+            continue
+        if not isinstance(node.get(part), dict | list):
+            node[part] = {}
+        node = node[part]
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], parts)] = value
+    elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for k, v in value.items():  # a mapping merges into a mapping, key by key
+            set_dotted(node[parts[-1]], str(k), v)
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {'.'.join(parts)}: no list item {part} (list has {len(node)})")
+    return int(part)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain, YAML-safe data (tuples as lists) that `from_dict` reads back to an equal config."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def replace(cfg: Any, **dotted: Any) -> Any:
+    """`replace(cfg, **{"inputs.data_dir": "x"})`: a copy with nested fields changed."""
+    for key, value in dotted.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            value = replace(getattr(cfg, head), **{rest: value})
+        cfg = dataclasses.replace(cfg, **{head: value})
+    return cfg
+
+
+def resolve_path(path: str) -> Path:
+    """Paths as written in configs; `asset:corpus/x.gz` names a file shipped in the package."""
+    if path.startswith("asset:"):
+        return Path(str(resources.files("jaxllm") / "assets" / path[len("asset:") :].lstrip("/")))
+    return Path(path).expanduser()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(path: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(
+        f"config key '{path}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, path)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                pass
+        raise _bad(path, tp, value)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise _bad(path, tp, value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _bad(path, tp, value)
+        (elem,) = get_args(tp)[:1]
+        return tuple(_convert(elem, v, f"{path}.{i}") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp} at {path}")
+    raise _bad(path, tp, value)
+
+
+def _convert_dataclass(cls: Any, value: Any, path: str) -> Any:
+    if not isinstance(value, dict):
+        raise _bad(path or "<root>", cls, value)
+    value = _apply_preset(cls, value, path)
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, v in value.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            prefix = f"{path}." if path else ""
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"unknown config key '{where}': {hint}(valid keys here: {', '.join(names)})"
+            )
+        kwargs[key] = _convert(hints[key], v, where)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        where = f"{path}.{missing[0]}" if path else missing[0]
+        raise ConfigError(f"config key '{where}' is required ({_type_name(hints[missing[0]])})")
+    obj = cls(**kwargs)
+    if hasattr(obj, "_validate"):
+        try:
+            obj._validate()
+        except ValueError as e:
+            key, _, msg = str(e).partition(": ")
+            raise ConfigError(f"config key '{path + '.' if path else ''}{key}': {msg}") from None
+    return obj
+
+
+def _apply_preset(cls: Any, value: dict, path: str) -> dict:
+    """`preset: name` fills a section from `cls.PRESETS`; keys given beside it win."""
+    presets = getattr(cls, "PRESETS", None)
+    name = value.get("preset")
+    if not presets or not name:
+        return value
+    if name not in presets:
+        close = difflib.get_close_matches(str(name), list(presets), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        where = f"{path}.preset" if path else "preset"
+        raise ConfigError(
+            f"config key '{where}': unknown preset '{name}'; {hint}(presets: {', '.join(presets)})"
+        )
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in presets[name].items()}
+    for k, v in value.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k].update(v)
+        else:
+            merged[k] = v
+    return merged

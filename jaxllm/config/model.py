@@ -1,0 +1,176 @@
+"""Config sections for models, the device mesh, training, checkpoints and generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling for long contexts (`llama3` as in Llama 3.1)."""
+
+    type: Literal["none", "linear", "llama3"] = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+_GPT2 = dict(
+    norm="layernorm",
+    mlp="gelu",
+    positions="learned",
+    use_bias=True,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+    vocab_size=50257,
+    max_seq_len=1024,
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer covering the GPT-2 and Llama families.
+
+    `preset:` fills every key from `PRESETS`; keys given next to it override the preset.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256),
+        "gpt2_124m": dict(_GPT2, d_model=768, n_layers=12, n_heads=12, d_ff=3072),
+        "gpt2_350m": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
+        "llama_1b": dict(  # Llama-3.2-1B's shape
+            d_model=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            d_ff=8192,
+            vocab_size=128256,
+            max_seq_len=8192,
+            norm="rmsnorm",
+            norm_eps=1e-5,
+            mlp="swiglu",
+            positions="rope",
+            rope_theta=500000.0,
+            use_bias=False,
+            tie_embeddings=True,
+            rope_scaling=dict(
+                type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_seq_len=8192,
+            ),
+        ),
+    }
+
+    preset: str = ""
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: n_heads (multi-head); 1: multi-query; else grouped-query
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 1024
+    max_seq_len: int = 512
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    positions: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    use_bias: bool = True  # biases on every linear layer and norm (GPT-2)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2); implied by use_bias
+    tie_embeddings: bool = True  # the output layer is the transposed token embedding
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
+
+    def _validate(self) -> None:
+        if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1 or self.d_ff < 1:
+            raise ValueError("d_model: d_model, n_layers, n_heads and d_ff must be >= 1")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: d_model {self.d_model} is not divisible by {self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads: n_heads {self.n_heads} not divisible by {self.kv_heads}")
+        if self.positions == "rope" and self.head_size % 2:
+            raise ValueError(f"head_dim: RoPE needs an even head size, got {self.head_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes (-1 takes the remaining devices) and the sharding rule table."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine (or constant) decay, and global-norm clipping."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to biases, norms and embeddings... see optim.py
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The generic loop: steps, accumulation, logging, eval and checkpoint cadence."""
+
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per micro-batch)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 0  # 0: the whole validation split
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+
+    def _validate(self) -> None:
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ValueError("steps: steps and grad_accum must be >= 1")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling with the KV-cache engine: `temperature: 0` is greedy decoding."""
+
+    prompts: tuple[str, ...] = ()
+    prompts_file: str = ""  # JSONL with a "prompt" key per line
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop: tuple[str, ...] = ("</s>",)
+    batch_size: int = 8
+    add_bos: bool = True
+
+    def _validate(self) -> None:
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")

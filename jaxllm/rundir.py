@@ -1,0 +1,124 @@
+"""The run directory contract: `config.yaml`, `summary.json`, `metrics.jsonl`, checkpoints.
+
+A run is *finished* once `summary.json` exists (written last, atomically). A finished run is
+never replaced unless the config says `overwrite: true`; an unfinished one with the same config
+is resumed; an unfinished one with a different config is refused, naming the first key that
+differs, so one run never silently writes over another's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxllm.config import Config, dump_yaml, to_dict
+from jaxllm.errors import RunDirError
+
+# Keys that may differ between a run and its resumption without changing its results.
+_RESUME_FREE_KEYS = {"overwrite", "progress"}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes `text` so readers see the old file or the whole new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def is_finished(path: Path) -> bool:
+    return (Path(path) / "summary.json").is_file()
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "summary.json").read_text(encoding="utf-8"))
+
+
+class RunDir:
+    """An opened run directory; `finish(summary)` marks the run done."""
+
+    def __init__(self, path: Path, resumed: bool = False) -> None:
+        self.path = Path(path)
+        self.resumed = resumed
+        self.started = time.time()
+
+    @classmethod
+    def open(cls, cfg: Config) -> RunDir:
+        """Creates or resumes `cfg.run_dir`, refusing to replace another run's outputs."""
+        path = cfg.run_dir
+        resumed = False
+        if is_finished(path):
+            if not cfg.overwrite:
+                raise RunDirError(
+                    f"{path} holds a finished run; set overwrite: true "
+                    "(--set overwrite=true) to replace it, or choose another output_dir"
+                )
+            shutil.rmtree(path)
+        elif path.exists() and any(path.iterdir()):
+            if cfg.overwrite:
+                shutil.rmtree(path)
+            else:
+                check_same_config(path, cfg)
+                resumed = True
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "config.yaml", dump_yaml(cfg))
+        return cls(path, resumed)
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        summary = {**summary, "seconds": round(time.time() - self.started, 2)}
+        atomic_write_json(self.path / "summary.json", summary)
+        return summary
+
+
+def check_same_config(path: Path, cfg: Config) -> None:
+    old_file = path / "config.yaml"
+    if not old_file.is_file():
+        raise RunDirError(
+            f"{path} exists, is not empty and holds no jaxllm run (no config.yaml); "
+            "choose another output_dir or set overwrite: true"
+        )
+    old = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
+    diff = first_difference(old, to_dict(cfg))
+    if diff:
+        raise RunDirError(
+            f"{path} holds an unfinished run with another config ({diff}); "
+            "set overwrite: true to start over, or choose another output_dir"
+        )
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs, as 'key: old -> new', or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            if key in _RESUME_FREE_KEYS:
+                continue
+            where = f"{prefix}.{key}" if prefix else str(key)
+            d = first_difference(old.get(key), new.get(key), where)
+            if d:
+                return d
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            d = first_difference(a, b, f"{prefix}.{i}")
+            if d:
+                return d
+        return None
+    return None if old == new else f"{prefix}: {old!r} -> {new!r}"

@@ -1,0 +1,64 @@
+"""Stages: one thin module per stage, each exposing `run(cfg, run_dir) -> summary`.
+
+`run_stage` is the single entry point (used by `main` and by `stage: pipeline`): it opens the
+run directory, runs the stage and writes `summary.json`. Stage modules are imported lazily so
+`stage: data` does not pay for importing jax.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any
+
+from jaxllm.config import Config
+from jaxllm.errors import ConfigError
+from jaxllm.rundir import RunDir, check_same_config, is_finished, read_summary
+
+STAGES = {
+    "data": "jaxllm.trainers.data",
+    "tokenizer": "jaxllm.trainers.tokenizer",
+    "pretrain": "jaxllm.trainers.pretrain",
+    "generate": "jaxllm.trainers.generate",
+    "pipeline": "jaxllm.trainers.pipeline",
+}
+
+
+def check_stage(name: str) -> None:
+    if name not in STAGES:
+        close = difflib.get_close_matches(name, list(STAGES), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"config key 'stage': unknown stage '{name}'; {hint}(stages: {', '.join(STAGES)})"
+        )
+
+
+def run_stage(cfg: Config, reuse_finished: bool = False) -> dict[str, Any]:
+    """Runs one stage in its run directory and returns its summary.
+
+    With `reuse_finished` (pipelines), a finished run of the same config is not run again:
+    its summary (and so its outputs) is returned as it is.
+    """
+    check_stage(cfg.stage)
+    if reuse_finished and is_finished(cfg.run_dir) and not cfg.overwrite:
+        check_same_config(cfg.run_dir, cfg)
+        return read_summary(cfg.run_dir)
+    run_dir = RunDir.open(cfg)
+    module = importlib.import_module(STAGES[cfg.stage])
+    summary = module.run(cfg, run_dir)
+    return run_dir.finish(summary)
+
+
+def require_input(cfg: Config, key: str) -> Path:
+    """The path in `inputs.<key>`, with a message that says how to provide it when empty."""
+    value = getattr(cfg.inputs, key)
+    if not value:
+        raise ConfigError(
+            f"config key 'inputs.{key}' is empty: set it, or run this stage inside a "
+            "`stage: pipeline` after the stage that produces it"
+        )
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(f"config key 'inputs.{key}': {path} does not exist")
+    return path

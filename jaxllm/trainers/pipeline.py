@@ -1,0 +1,42 @@
+"""`stage: pipeline` — runs stage configs in order, handing each one's outputs to the next.
+
+Every stage's summary carries `outputs` (e.g. `data_dir`, `tokenizer`, `checkpoint`); a later
+stage whose `inputs.<key>` is empty receives the latest one. Stages that already finished with
+the same config (a pipeline resumed after a crash) are not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxllm.config import Config, replace
+from jaxllm.rundir import RunDir
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    from jaxllm.trainers import run_stage
+
+    outputs: dict[str, str] = {}
+    stages = []
+    for i, sub in enumerate(cfg.pipeline, start=1):
+        sub = fill_inputs(sub, outputs)
+        print(
+            f"[pipeline {cfg.name}] {i}/{len(cfg.pipeline)}: {sub.stage} ({sub.name}) → {sub.run_dir}"
+        )
+        summary = run_stage(sub, reuse_finished=True)
+        outputs.update(summary.get("outputs", {}))
+        stages.append(
+            {"stage": sub.stage, "name": sub.name, "run_dir": str(sub.run_dir), "summary": summary}
+        )
+    return {"stages": stages, "outputs": outputs}
+
+
+def fill_inputs(cfg: Config, outputs: dict[str, str]) -> Config:
+    """Fills each empty `inputs.<key>` from the outputs of the stages run so far."""
+    changes = {
+        f"inputs.{f.name}": outputs[f.name]
+        for f in dataclasses.fields(cfg.inputs)
+        if not getattr(cfg.inputs, f.name) and outputs.get(f.name)
+    }
+    return replace(cfg, **changes) if changes else cfg

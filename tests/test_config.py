@@ -1,0 +1,120 @@
+"""Config loading: strict keys with hints, types, ranges, overrides, pipeline inlining."""
+
+import pytest
+import yaml
+
+from jaxllm.config import from_dict, load_config, replace, to_dict
+from jaxllm.errors import ConfigError
+
+
+def write(tmp_path, name, obj):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(obj))
+    return p
+
+
+def test_unknown_key_names_path_and_closest(tmp_path):
+    p = write(tmp_path, "x.yaml", {"stage": "data", "data": {"filters": {"min_char": 5}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "'data.filters.min_char'" in msg
+    assert "did you mean 'data.filters.min_chars'" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_top_level_key_without_close_match():
+    with pytest.raises(ConfigError, match="unknown config key 'zzz'.*valid keys here: stage"):
+        from_dict({"stage": "data", "zzz": 1})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expect"),
+    [
+        (
+            {"data": {"filters": {"min_chars": "ten"}}},
+            "'data.filters.min_chars': expected int, got 'ten' (str)",
+        ),
+        ({"data": {"val_fraction": True}}, "'data.val_fraction': expected float, got True (bool)"),
+        (
+            {"data": {"on_error": "ignore"}},
+            "'data.on_error': expected one of 'skip', 'fail', got 'ignore'",
+        ),
+        ({"data": {"sources": {"path": "a"}}}, "'data.sources': expected a list of a mapping"),
+        ({"data": {"sources": [{"weight": 2}]}}, "'data.sources.0.path' is required"),
+        ({"tokenizer": {"vocab_size": 3}}, "'tokenizer.vocab_size': must be >= 267"),
+        ({"data": {"dedup": {"threshold": 1.5}}}, "'data.dedup.threshold': must be in (0, 1]"),
+    ],
+)
+def test_wrong_values_name_key_type_and_value(raw, expect):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"stage": "data", **raw})
+    assert expect in str(e.value)
+
+
+def test_int_accepted_for_float_and_frozen():
+    cfg = from_dict({"stage": "data", "data": {"val_fraction": 0}})
+    assert cfg.data.val_fraction == 0.0 and isinstance(cfg.data.val_fraction, float)
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # frozen
+
+
+def test_round_trip_through_plain_data():
+    cfg = from_dict({"stage": "data", "data": {"sources": [{"path": "a", "weight": 2}]}})
+    assert from_dict(to_dict(cfg)) == cfg
+    assert replace(cfg, **{"data.val_fraction": 0.5}).data.val_fraction == 0.5
+
+
+def test_overrides_parse_yaml_values_and_list_items(tmp_path):
+    p = write(tmp_path, "run.yaml", {"stage": "data", "data": {"sources": [{"path": "a"}]}})
+    cfg = load_config(
+        p, ["seed=7", "data.sources.0.weight=0.5", "data.filters.scripts=[latin, han]"]
+    )
+    assert cfg.name == "run" and cfg.seed == 7
+    assert cfg.data.sources[0].weight == 0.5
+    assert cfg.data.filters.scripts == ("latin", "han")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(p, ["seed"])
+    with pytest.raises(ConfigError, match="no list item 3"):
+        load_config(p, ["data.sources.3.weight=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: data\n  x: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+
+
+def test_pipeline_inlines_entries_inherits_seed_and_nests_run_dirs(tmp_path):
+    write(tmp_path, "d.yaml", {"stage": "data", "data": {"val_fraction": 0.1}})
+    p = write(
+        tmp_path,
+        "pipe.yaml",
+        {
+            "stage": "pipeline",
+            "seed": 3,
+            "output_dir": str(tmp_path / "out"),
+            "pipeline": ["d.yaml", {"config": "d.yaml", "data.val_fraction": 0.2, "seed": 9}],
+        },
+    )
+    cfg = load_config(p, ["pipeline.0.data.shard_docs=10"])
+    a, b = cfg.pipeline
+    assert (a.seed, b.seed) == (3, 9)
+    assert (a.data.val_fraction, b.data.val_fraction) == (0.1, 0.2)
+    assert a.data.shard_docs == 10 and b.data.shard_docs != 10
+    assert a.run_dir == tmp_path / "out" / "1-d" and b.run_dir == tmp_path / "out" / "2-d"
+    # the resolved pipeline is self-contained
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_pipeline_entry_errors_name_the_entry(tmp_path):
+    write(tmp_path, "d.yaml", {"stage": "data", "data": {"bogus": 1}})
+    p = write(tmp_path, "pipe.yaml", {"stage": "pipeline", "pipeline": ["d.yaml"]})
+    with pytest.raises(ConfigError, match="'pipeline.0.data.bogus'"):
+        load_config(p)
+    p = write(tmp_path, "pipe2.yaml", {"stage": "pipeline", "pipeline": ["missing.yaml"]})
+    with pytest.raises(ConfigError, match="pipeline entry 1: config file 'missing.yaml' not found"):
+        load_config(p)

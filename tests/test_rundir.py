@@ -1,0 +1,65 @@
+"""The run-directory contract: finished runs are kept, unfinished ones resume or refuse."""
+
+import json
+
+import pytest
+
+from jaxllm.config import from_dict, replace
+from jaxllm.errors import RunDirError
+from jaxllm.main import main
+from jaxllm.rundir import RunDir, atomic_write_json, first_difference, is_finished
+
+
+def cfg_at(path, **kw):
+    return from_dict({"stage": "data", "output_dir": str(path), **kw})
+
+
+def test_finished_run_is_refused_then_replaced_with_overwrite(tmp_path):
+    cfg = cfg_at(tmp_path / "r")
+    rd = RunDir.open(cfg)
+    (rd.path / "artifact.txt").write_text("x")
+    rd.finish({"loss": 1.0})
+    assert is_finished(rd.path)
+    with pytest.raises(RunDirError, match="holds a finished run; set overwrite: true"):
+        RunDir.open(cfg)
+    assert (rd.path / "artifact.txt").exists()  # nothing was touched
+    RunDir.open(replace(cfg, overwrite=True))
+    assert not (rd.path / "artifact.txt").exists() and not is_finished(rd.path)
+
+
+def test_unfinished_run_resumes_with_same_config_and_refuses_another(tmp_path):
+    cfg = cfg_at(tmp_path / "r", seed=1)
+    RunDir.open(cfg)
+    assert RunDir.open(replace(cfg, progress=False)).resumed  # progress may change
+    with pytest.raises(RunDirError, match=r"another config \(seed: 1 -> 2\)"):
+        RunDir.open(replace(cfg, seed=2))
+
+
+def test_foreign_nonempty_directory_is_refused(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "precious.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="holds no jaxllm run"):
+        RunDir.open(cfg_at(tmp_path / "r"))
+
+
+def test_first_difference_reports_nested_key():
+    assert first_difference({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}}) == "a.b.1: 2 -> 3"
+    assert first_difference({"a": 1, "overwrite": False}, {"a": 1, "overwrite": True}) is None
+
+
+def test_atomic_json_leaves_no_temporaries(tmp_path):
+    atomic_write_json(tmp_path / "s.json", {"x": 1})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_cli_reports_errors_on_one_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: pretrian\n")
+    assert main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key 'stage': unknown stage 'pretrian'")
+    assert "\n" not in err
+    p.write_text("stage: data\ndata: {sources: [{path: a}], on_eror: fail}\n")
+    assert main(["--config", str(p)]) == 2
+    assert "did you mean 'data.on_error'" in capsys.readouterr().err
