@@ -1,0 +1,1 @@
+"""Package data shipped with jaxllm (see ``corpus/README.md``)."""
