@@ -1,0 +1,1 @@
+"""Data: reading sources, cleaning and deduplicating them (`stage: data`), and grain pipelines."""
