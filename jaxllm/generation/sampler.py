@@ -1,0 +1,273 @@
+"""Batched generation with a KV cache: one jitted prefill, then the whole decode loop inside
+one compiled `lax.while_loop` (no per-token Python dispatch).
+
+Weights are an argument of every call (`state` from `nnx.split`), never baked in, so RL can
+pass fresh params each iteration without recompiling. Programs are compiled once per
+(graphdef, batch size, prompt bucket, generation bucket, greedy or not, filtered or not);
+temperature, top-k, top-p, stop ids and `max_new_tokens` are runtime values.
+
+Prompts are LEFT-padded to a bucket (next power of two, >= 16): every row's last prompt token
+sits in the same slot, so prefill reads one logits column and each decode step writes one
+cache slot for all rows (a scalar `dynamic_update_slice`, no per-row scatter). Padding slots
+get segment id 0 and are never attended; positions count real tokens only, so a row's
+output does not depend on how much padding it got.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import GenerateConfig
+from jaxllm.generation.sampling import sample_logits, token_logprobs
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """Per row: generated ids (the stop token included when one was hit), their log-probs
+    `log_softmax(raw logits)[id]` (temperature 1, before top-k/top-p: the policy log-prob RL
+    needs), the number of generated tokens and whether a stop token ended the row."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    num_tokens: list[int]
+    stopped: list[bool]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def prompt_bucket(n: int, minimum: int = 16) -> int:
+    """Padded prompt length: the next power of two (at least `minimum`)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, ...]:
+    """Left-pads to `length`: (tokens, segment_ids, positions) [B, length] int32, lengths [B]."""
+    lens = np.array([len(p) for p in prompts], np.int32)
+    if lens.min(initial=1) < 1 or lens.max(initial=0) > length:
+        raise ValueError(f"prompts must have 1..{length} tokens, got lengths {lens.tolist()}")
+    slots = np.arange(length, dtype=np.int32)[None, :]
+    start = (length - lens)[:, None]
+    tokens = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p) :] = p
+    seg = (slots >= start).astype(np.int32)
+    pos = np.maximum(slots - start, 0).astype(np.int32)
+    return tokens, seg, pos, lens
+
+
+class Mode(NamedTuple):
+    """The compile-time part of the sampling settings: which code paths exist."""
+
+    greedy: bool  # temperature == 0: argmax only
+    filtered: bool  # top_k > 0 or top_p < 1: one sort per step
+
+
+def _sample(logits_BV: jax.Array, key: jax.Array, knobs: tuple, mode: Mode) -> jax.Array:
+    if mode.greedy:
+        return sample_logits(logits_BV, key, temperature=0.0)
+    temperature, top_k, top_p = knobs
+    if not mode.filtered:
+        return sample_logits(logits_BV, key, temperature=temperature)
+    return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_size"))
+def _prefill(graphdef, state, prompt, key, knobs, *, mode: Mode, cache_size: int):
+    """Runs the padded prompts (tokens, segment ids, positions) into a fresh cache; returns
+    (cache, first token [B], its log-prob [B])."""
+    tokens_BP, seg_BP, pos_BP = prompt
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(tokens_BP.shape[0], cache_size)
+    logits_B1V, cache = model.extend(
+        tokens_BP, cache, positions_BL=pos_BP, segment_ids_BL=seg_BP, last_only=True
+    )
+    tok_B = _sample(logits_B1V[:, 0], jax.random.fold_in(key, 0), knobs, mode)
+    return cache, tok_B, token_logprobs(logits_B1V[:, 0], tok_B)
+
+
+def _decode_init(cache, tok_B, logp_B, pos_B, stop_B, max_new, out_len: int) -> dict:
+    b = tok_B.shape[0]
+    return dict(
+        cache=cache,
+        t=jnp.ones((), jnp.int32),
+        tok=tok_B,
+        pos=pos_B,
+        done=stop_B | (max_new <= 1),
+        stopped=stop_B,
+        n=jnp.ones_like(tok_B),
+        out=jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(tok_B),
+        out_logp=jnp.zeros((b, out_len), jnp.float32).at[:, 0].set(logp_B),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "mode", "out_len"), donate_argnames=("cache",)
+)
+def _decode(graphdef, state, cache, first, key, knobs, stop_T, max_new, *, mode, out_len):
+    """The decode loop, one `lax.while_loop`: feeds each row's last token at the next cache
+    slot and samples the next, until every row hit a stop id or `max_new` tokens. `first` is
+    (token, log-prob, position) of the first generated token of each row."""
+    model = nnx.merge(graphdef, state)
+    tok_B, logp_B, pos_B = first
+
+    def is_stop(t_B):
+        return jnp.any(t_B[:, None] == stop_T[None, :], axis=-1)
+
+    def cond(c):
+        return (c["t"] < max_new) & ~jnp.all(c["done"])
+
+    def body(c):
+        tok_B1, pos_B1 = c["tok"][:, None], c["pos"][:, None]
+        logits_B1V, cache = model.extend(tok_B1, c["cache"], positions_BL=pos_B1)
+        step_key = jax.random.fold_in(key, c["t"])
+        live_B = ~c["done"]
+        new_B = jnp.where(live_B, _sample(logits_B1V[:, 0], step_key, knobs, mode), 0)
+        logp_B = jnp.where(live_B, token_logprobs(logits_B1V[:, 0], new_B), 0.0)
+        stop_B = live_B & is_stop(new_B)
+        return dict(
+            cache=cache,
+            t=c["t"] + 1,
+            tok=new_B,
+            pos=c["pos"] + 1,
+            done=c["done"] | stop_B | (c["t"] + 1 >= max_new),
+            stopped=c["stopped"] | stop_B,
+            n=c["n"] + live_B.astype(jnp.int32),
+            out=c["out"].at[:, c["t"]].set(new_B),
+            out_logp=c["out_logp"].at[:, c["t"]].set(logp_B),
+        )
+
+    init = _decode_init(cache, tok_B, logp_B, pos_B, is_stop(tok_B), max_new, out_len)
+    c = jax.lax.while_loop(cond, body, init)
+    return c["out"], c["out_logp"], c["n"], c["stopped"], c["cache"]
+
+
+class Sampler:
+    """Generation for one model architecture (`graphdef`); weights come with each call."""
+
+    def __init__(self, graphdef: nnx.GraphDef, *, gen_multiple: int = 64, min_prompt: int = 16):
+        self.graphdef = graphdef
+        self.gen_multiple = gen_multiple
+        self.min_prompt = min_prompt
+        self._cfg = None  # the model config, read from the first state merged
+
+    def __call__(
+        self,
+        state: nnx.State,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        key: jax.Array,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_ids: Sequence[int] = (),
+    ) -> SampleResult:
+        """Generates up to `max_new_tokens` for each prompt (token-id lists of any lengths)."""
+        if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        if not prompts:
+            raise ValueError("Sampler: no prompts given")
+        longest = max(len(p) for p in prompts)
+        tokens, seg, pos, lens = pad_prompts(prompts, prompt_bucket(longest, self.min_prompt))
+        self._validate(state, tokens, longest, max_new_tokens)
+        bucket = tokens.shape[1]
+        gen_len = _round_up(max_new_tokens, self.gen_multiple)
+        mode = Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1.0)
+        knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        cache, tok, logp = _prefill(
+            self.graphdef, state, (tokens, seg, pos), key, knobs,
+            mode=mode, cache_size=bucket + gen_len,
+        )  # fmt: skip
+        out = _decode(
+            self.graphdef, state, cache, (tok, logp, lens), key, knobs,
+            _stop_array(stop_ids), jnp.int32(max_new_tokens), mode=mode, out_len=gen_len,
+        )  # fmt: skip
+        return _to_result(*jax.device_get(out[:4]))
+
+    def _validate(self, state, tokens: np.ndarray, longest: int, max_new_tokens: int) -> None:
+        """Errors before compiling: ids outside the vocabulary, positions past the table."""
+        if self._cfg is None:
+            self._cfg = nnx.merge(self.graphdef, state).cfg
+        cfg = self._cfg
+        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+            raise ValueError(
+                f"prompt token ids must be in [0, {cfg.vocab_size}) (the model's vocab_size), "
+                f"got {tokens.min()}..{tokens.max()}: tokenizer and model do not match?"
+            )
+        if cfg.positions == "learned" and longest + max_new_tokens - 1 > cfg.max_seq_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                f"model's max_seq_len {cfg.max_seq_len} (learned positions): shorten either"
+            )
+
+
+def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
+    """Stop ids padded with -1 to a multiple of 8, so changing them does not recompile."""
+    ids = list(stop_ids)
+    return jnp.asarray(ids + [-1] * (_round_up(max(len(ids), 1), 8) - len(ids)), jnp.int32)
+
+
+def _to_result(out, out_logp, n, stopped) -> SampleResult:
+    rows = range(out.shape[0])
+    return SampleResult(
+        tokens=[out[i, : n[i]].tolist() for i in rows],
+        logprobs=[out_logp[i, : n[i]].tolist() for i in rows],
+        num_tokens=[int(x) for x in n],
+        stopped=[bool(x) for x in stopped],
+    )
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str, add_bos: bool = ...) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def generate_text(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokenizer: TextTokenizer,
+    prompts: Sequence[str],
+    cfg: GenerateConfig,
+    *,
+    key: jax.Array,
+    stop_ids: Sequence[int] | None = None,
+) -> list[str]:
+    """Completions (the text after each prompt) with the settings of `cfg`.
+
+    Stop strings in `cfg.stop` that encode to one token become stop ids (unless `stop_ids` is
+    given); every completion is also cut at the first stop string. Prompts run in batches of
+    `cfg.batch_size`, the last padded with copies so every batch reuses one program.
+    """
+    if stop_ids is None:
+        encoded = (tokenizer.encode(s, add_bos=False) for s in cfg.stop)
+        stop_ids = [ids[0] for ids in encoded if len(ids) == 1]
+    sampler = Sampler(graphdef)
+    texts: list[str] = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = list(prompts[start : start + cfg.batch_size])
+        ids = [tokenizer.encode(p, add_bos=cfg.add_bos) for p in chunk]
+        ids += [ids[-1]] * (min(cfg.batch_size, len(prompts)) - len(ids))
+        res = sampler(
+            state, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop_ids,
+            key=jax.random.fold_in(key, start),
+        )  # fmt: skip
+        for toks, stopped in zip(res.tokens[: len(chunk)], res.stopped, strict=False):
+            texts.append(_cut(tokenizer.decode(toks[:-1] if stopped else toks), cfg.stop))
+    return texts
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]

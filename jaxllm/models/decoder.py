@@ -1,0 +1,241 @@
+"""The decoder-only transformer (GPT-2 and Llama families) as a Flax NNX module.
+
+Run it functionally: `graphdef, state = nnx.split(model)` once, `nnx.merge` inside jitted code.
+
+Two entry points:
+- `__call__(tokens_BL, ...) -> logits_BLV` for training and scoring (no cache);
+- `extend(tokens_BL, cache, positions_BL=...) -> (logits_BLV, cache)` appends L tokens to a
+  `KVCache` (prefill: L = prompt length; decoding: L = 1) and attends over the whole cache.
+
+Blocks are a Python list (one compiled copy per layer; fine for 4-24 layers), each optionally
+rematerialised (`cfg.remat`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import Attention, KVCache, make_mask
+from jaxllm.models.layers import (
+    MLP,
+    Embed,
+    Norm,
+    constrain,
+    dropout,
+    param,
+    rope_angles,
+    rope_inv_freq,
+    sinusoidal_positions,
+)
+
+_RESIDUAL = ("act_batch", "act_length", "act_embed")
+_REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+Rope = tuple[jax.Array, jax.Array] | None
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.dropout_rate = cfg.dropout
+
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        mask_BLS: jax.Array,
+        rope: Rope,
+        *,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+        key: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        h_BLD, kv = self.attn(
+            self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key
+        )
+        x_BLD = constrain(x_BLD + h_BLD, _RESIDUAL)
+        h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD)), self.dropout_rate, mlp_key)
+        return constrain(x_BLD + h_BLD, _RESIDUAL), kv
+
+
+def _remat_block(block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key):
+    """Runs `block` under `jax.checkpoint`, through a pure split/merge function."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x_BLD, mask_BLS, rope, key):
+        return nnx.merge(graphdef, state)(x_BLD, mask_BLS, rope, key=key)[0]
+
+    policy = _REMAT_POLICY[policy_name]
+    return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key)
+
+
+class Decoder(nnx.Module):
+    """Token ids → next-token logits (float32). `cfg.vocab_size` must be set (> 0)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError(
+                "model.vocab_size: must be > 0 to build a model (set it from the tokenizer)"
+            )
+        self.cfg = cfg
+        d, pd = cfg.d_model, cfg.param_dtype
+        self.embed = Embed(cfg, rngs=rngs)
+        self.pos_embed = (
+            param(rngs, (cfg.max_seq_len, d), (None, "embed"), pd, cfg.init_std)
+            if cfg.positions == "learned"
+            else None
+        )
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg, rngs=rngs)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), pd, cfg.init_std)
+        )
+
+    # ----------------------------------------------------------------- public entry points
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        *,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, L, V] (float32) for a batch, causal within each segment.
+
+        `positions_BL` default to 0..L-1; packed rows pass positions restarting per document.
+        `segment_ids_BL` (0 = padding) default to all ones. Dropout (`cfg.dropout`) runs when
+        `deterministic=False`, which needs `key`.
+        """
+        return self.logits(
+            self.features(
+                tokens_BL,
+                positions_BL=positions_BL,
+                segment_ids_BL=segment_ids_BL,
+                deterministic=deterministic,
+                key=key,
+            )
+        )
+
+    def features(
+        self,
+        tokens_BL: jax.Array,
+        *,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [B, L, D] (what value/reward heads read)."""
+        b, l_ = tokens_BL.shape
+        if self.pos_embed is not None and l_ > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {l_} tokens is longer than model.max_seq_len "
+                f"{self.cfg.max_seq_len} (learned positions): raise max_seq_len or cut the batch"
+            )
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(l_, dtype=jnp.int32), (b, l_))
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((b, l_), jnp.int32)
+        if deterministic:
+            key = None
+        elif key is None and self.cfg.dropout > 0:
+            raise ValueError("Decoder: deterministic=False with dropout needs a `key`")
+        slots_L = jnp.arange(l_)
+        mask_BLL = make_mask(slots_L, segment_ids_BL, slots_L, segment_ids_BL)
+        x_BLD = self._embed(tokens_BL, positions_BL, key)
+        rope = self._rope(positions_BL)
+        for i, block in enumerate(self.blocks):
+            block_key = None if key is None else jax.random.fold_in(key, i)
+            if self.cfg.remat == "none":
+                x_BLD = block(x_BLD, mask_BLL, rope, key=block_key)[0]
+            else:
+                x_BLD = _remat_block(block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key)
+        return self.final_norm(x_BLD)
+
+    def extend(
+        self,
+        tokens_BL: jax.Array,
+        cache: KVCache,
+        *,
+        positions_BL: jax.Array,
+        segment_ids_BL: jax.Array | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Writes L tokens at cache slots [index, index + L) and returns their logits (only
+        the last column's, [B, 1, V], with `last_only`) and the new cache. A token attends to
+        earlier-or-equal slots of its own segment (padding slots have segment 0).
+        Inference only: no dropout, no remat."""
+        b, l_ = tokens_BL.shape
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((b, l_), jnp.int32)
+        index = cache.index
+        seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL, (0, index))
+        q_slot_L = index + jnp.arange(l_)
+        mask_BLS = make_mask(q_slot_L, segment_ids_BL, jnp.arange(cache.size), seg_BS)
+        x_BLD = self._embed(tokens_BL, positions_BL, None)
+        rope = self._rope(positions_BL)
+        ks, vs = [], []
+        for block, k, v in zip(self.blocks, cache.k, cache.v, strict=True):
+            x_BLD, (k, v) = block(x_BLD, mask_BLS, rope, kv=(k, v), index=index)
+            ks.append(k)
+            vs.append(v)
+        new_cache = KVCache(k=tuple(ks), v=tuple(vs), segment_ids=seg_BS, index=index + l_)
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
+        return self.logits(self.final_norm(x_BLD)), new_cache
+
+    def init_cache(self, batch: int, size: int) -> KVCache:
+        """An empty cache of `size` slots per row."""
+        return KVCache.empty(self.cfg, batch, size)
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """Output layer in float32: tied (`x @ E.T`) or the untied head."""
+        if self.head is None:
+            logits_BLV = self.embed.attend(x_BLD)
+        else:
+            head_DV = self.head[...].astype(x_BLD.dtype)
+            logits_BLV = jnp.einsum(
+                "bld,dv->blv", x_BLD, head_DV, preferred_element_type=jnp.float32
+            )
+        return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+    # ----------------------------------------------------------------------- internals
+
+    def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array, key) -> jax.Array:
+        x_BLD = self.embed(tokens_BL)
+        if self.pos_embed is not None:
+            x_BLD = x_BLD + self.pos_embed[...][positions_BL].astype(x_BLD.dtype)
+        elif self.cfg.positions == "sinusoidal":
+            pos_BLD = sinusoidal_positions(positions_BL, self.cfg.d_model)
+            x_BLD = x_BLD + pos_BLD.astype(x_BLD.dtype)
+        emb_key = None if key is None else jax.random.fold_in(key, self.cfg.n_layers)
+        return constrain(dropout(x_BLD, self.cfg.dropout, emb_key), _RESIDUAL)
+
+    def _rope(self, positions_BL: jax.Array) -> Rope:
+        if self.cfg.positions != "rope":
+            return None
+        cfg = self.cfg
+        return rope_angles(
+            positions_BL, rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
+        )
+
+
+def make_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    """A `Decoder` with params from `seed`, materialised on the default device.
+
+    Built with eager sharding off, so it works with or without a mesh (tests, demos,
+    generation on one host); sharded training builds through `nnx.eval_shape` + jit instead.
+    """
+    with nnx.use_eager_sharding(False):
+        return Decoder(cfg, rngs=nnx.Rngs(params=seed))

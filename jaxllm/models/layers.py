@@ -1,0 +1,185 @@
+"""Building blocks shared by the transformer models: parameters with logical axes, norms, MLPs,
+token embeddings, sinusoidal positions, RoPE and dropout.
+
+Dtype policy: parameters are stored in `cfg.param_dtype`; every matmul casts its weight to the
+compute dtype `cfg.dtype` at use; norms, softmax and logits run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig, RopeScalingConfig
+
+try:
+    from jaxllm.sharding.rules import constrain
+except ImportError:  # pragma: no cover - the sharding package is optional for the models
+
+    def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+        return x
+
+
+__all__ = [
+    "MLP",
+    "Embed",
+    "Norm",
+    "apply_rope",
+    "compute_dtype",
+    "constrain",
+    "dropout",
+    "param",
+    "rope_inv_freq",
+    "sinusoidal_positions",
+]
+
+Names = tuple[str | None, ...]
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    names: Names,
+    dtype: str | jnp.dtype,
+    std: float | None = None,
+    fill: float = 0.0,
+) -> nnx.Param:
+    """A parameter with logical axes `names`: normal(std) when `std` is given, else constant."""
+    if std is not None:
+        init = nnx.initializers.normal(std)
+    else:
+        init = nnx.initializers.constant(fill)
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, jnp.dtype(dtype)))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `rate == 0` or `key is None` (evaluation)."""
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (bias when `cfg.use_bias`) or RMSNorm, computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = compute_dtype(cfg)
+        self.scale = param(rngs, (cfg.d_model,), ("norm",), cfg.param_dtype, fill=1.0)
+        has_bias = cfg.norm == "layernorm" and cfg.use_bias
+        self.bias = param(rngs, (cfg.d_model,), ("norm",), cfg.param_dtype) if has_bias else None
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        x = x_BLD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """GPT-2 MLP (`gelu`: tanh-approximated GELU, "gelu_new") or Llama's SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2 residual scaling
+        self.kind = cfg.mlp
+        self.dtype = compute_dtype(cfg)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), pd, cfg.init_std)
+        glu, bias = cfg.mlp == "swiglu", cfg.use_bias
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), pd, cfg.init_std) if glu else None
+        self.down = param(rngs, (f, d), ("mlp", "embed"), pd, out_std)
+        self.up_bias = param(rngs, (f,), ("mlp",), pd) if bias else None
+        self.gate_bias = param(rngs, (f,), ("mlp",), pd) if bias and glu else None
+        self.down_bias = param(rngs, (d,), ("embed",), pd) if bias else None
+
+    def _proj(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None, spec: str):
+        y = jnp.einsum(spec, x, kernel[...].astype(self.dtype))
+        return y if bias is None else y + bias[...].astype(self.dtype)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        h_BLF = self._proj(x_BLD, self.up, self.up_bias, "bld,df->blf")
+        if self.gate is not None:
+            g_BLF = self._proj(x_BLD, self.gate, self.gate_bias, "bld,df->blf")
+            h_BLF = jax.nn.silu(g_BLF) * h_BLF
+        else:
+            h_BLF = jax.nn.gelu(h_BLF, approximate=True)
+        h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
+        return self._proj(h_BLF, self.down, self.down_bias, "blf,fd->bld")
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]; `attend` reuses it as the tied output layer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = compute_dtype(cfg)
+        shape = (cfg.vocab_size, cfg.d_model)
+        self.embedding = param(rngs, shape, ("vocab", "embed"), cfg.param_dtype, cfg.init_std)
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        return self.embedding[...][tokens_BL].astype(self.dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        """Tied logits `x @ E.T`, accumulated and returned in float32."""
+        emb_VD = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("bld,vd->blv", x_BLD, emb_VD, preferred_element_type=jnp.float32)
+
+
+def sinusoidal_positions(positions_BL: jax.Array, d_model: int) -> jax.Array:
+    """Fixed sin/cos position encodings [B, L, D]: sines in the first half, cosines in the
+    second (tensor2tensor layout), timescales from 1 to 10^4 as in Vaswani et al."""
+    half = d_model // 2
+    inv_freq = 1.0 / (10000.0 ** (np.arange(half, dtype=np.float32) / max(half - 1, 1)))
+    angles_BLF = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    out = jnp.concatenate([jnp.sin(angles_BLF), jnp.cos(angles_BLF)], axis=-1)
+    return jnp.pad(out, ((0, 0), (0, 0), (0, d_model - 2 * half)))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] as HF transformers computes them (default, linear
+    and llama3 rope types); a host-side numpy constant, so it folds into the program."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+    inv = inv.astype(np.float32)
+    if scaling.type == "linear":
+        return (inv / scaling.factor).astype(np.float32)
+    if scaling.type != "llama3":
+        return inv
+    factor, lo, hi = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_seq_len
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the band
+    # between interpolates smoothly (Llama 3.1).
+    scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_angles(positions_BL: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, L, H/2] in float32, computed once per forward and shared by layers."""
+    angles_BLF = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles_BLF), jnp.sin(angles_BLF)
+
+
+def apply_rope(x_BLNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates head vectors [B, L, heads, H] in the rotate-half ("NeoX", HF Llama) layout:
+    dims i and i + H/2 form a pair. Rotation runs in float32 and casts back."""
+    cos_BL1F, sin_BL1F = (a[:, :, None, :] for a in rope)
+    x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BL1F - x2 * sin_BL1F, x2 * cos_BL1F + x1 * sin_BL1F], -1)
+    return out.astype(x_BLNH.dtype)
