@@ -118,3 +118,12 @@ def test_pipeline_entry_errors_name_the_entry(tmp_path):
     p = write(tmp_path, "pipe2.yaml", {"stage": "pipeline", "pipeline": ["missing.yaml"]})
     with pytest.raises(ConfigError, match="pipeline entry 1: config file 'missing.yaml' not found"):
         load_config(p)
+
+
+def test_yaml_exponent_floats_without_dot_are_floats(tmp_path):
+    p = write(tmp_path, "x.yaml", {"stage": "data"})
+    p.write_text("stage: pretrain\ntrain:\n  optim:\n    lr: 3e-4\n")
+    assert load_config(p).train.optim.lr == 3e-4
+    assert load_config(p, ["train.optim.lr=1e30"]).train.optim.lr == 1e30
+    with pytest.raises(ConfigError, match="expected float, got 'fast'"):
+        load_config(p, ["train.optim.lr=fast"])

@@ -1,14 +1,28 @@
 """End to end through the CLI: the shipped pipeline's stages hand their outputs on."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from jaxllm.main import main
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def run(*args):
     return main(["--config", *args])
+
+
+def two_stage(tmp_path) -> str:
+    """data → tokenizer only (the shipped tiny.yaml goes on to pretrain and generate)."""
+    p = tmp_path / "two.yaml"
+    p.write_text(
+        "stage: pipeline\nname: tiny\npipeline:\n"
+        f"  - config: {ROOT / 'configs/tiny_data.yaml'}\n"
+        f"  - {{config: {ROOT / 'configs/tiny_tokenizer.yaml'}, inputs.data_dir: ''}}\n"
+    )
+    return str(p)
 
 
 def test_data_then_tokenizer_pipeline(tmp_path, capsys):
@@ -19,7 +33,8 @@ def test_data_then_tokenizer_pipeline(tmp_path, capsys):
         "pipeline.1.tokenizer.vocab_size=2000",
         "pipeline.1.tokenizer.character_coverage=0.98",
     ]
-    assert run("configs/tiny.yaml", *[x for s in sets for x in ("--set", s)]) == 0
+    cfg = two_stage(tmp_path)
+    assert run(cfg, *[x for s in sets for x in ("--set", s)]) == 0
     data = json.loads((out / "1-tiny_data" / "summary.json").read_text())
     tok = json.loads((out / "2-tiny_tokenizer" / "summary.json").read_text())
     assert data["outputs"]["data_dir"] == str(out / "1-tiny_data")
@@ -32,7 +47,7 @@ def test_data_then_tokenizer_pipeline(tmp_path, capsys):
     assert pipe["outputs"]["tokenizer"].endswith("tokenizer.model")
     # a finished pipeline is never overwritten silently
     capsys.readouterr()
-    assert run("configs/tiny.yaml", *[x for s in sets for x in ("--set", s)]) == 2
+    assert run(cfg, *[x for s in sets for x in ("--set", s)]) == 2
     assert "holds a finished run" in capsys.readouterr().err
 
 
@@ -45,12 +60,13 @@ def test_pipeline_resumes_skipping_finished_stages(tmp_path):
         "pipeline.1.tokenizer.character_coverage=0.98",
     ]
     args = [x for s in sets for x in ("--set", s)]
-    assert run("configs/tiny.yaml", *args) == 0
+    cfg = two_stage(tmp_path)
+    assert run(cfg, *args) == 0
     stamp = (out / "1-tiny_data" / "summary.json").stat().st_mtime_ns
     # simulate a crash in the last stage: it has no summary, the pipeline neither
     (out / "2-tiny_tokenizer" / "summary.json").unlink()
     (out / "summary.json").unlink()
-    assert run("configs/tiny.yaml", *args) == 0
+    assert run(cfg, *args) == 0
     assert (out / "1-tiny_data" / "summary.json").stat().st_mtime_ns == stamp  # not rerun
     assert (out / "2-tiny_tokenizer" / "summary.json").is_file()
 
@@ -72,3 +88,30 @@ def test_bad_input_through_the_cli(tmp_path, capsys, mode):
         assert code == 0
         report = json.loads((tmp_path / "out" / "data_report.json").read_text())
         assert any(f"{src}:2" in e for e in map(str, report["errors"]["examples"]))
+
+
+def test_whole_tiny_pipeline_few_steps(tmp_path):
+    """The `make demo` pipeline, shrunk: every stage runs and hands its outputs on."""
+    out = tmp_path / "tiny"
+    sets = {
+        "output_dir": out,
+        "progress": "false",
+        "pipeline.1.tokenizer.vocab_size": 1000,
+        "pipeline.1.tokenizer.character_coverage": 0.98,
+        "pipeline.2.model.d_model": 32,
+        "pipeline.2.model.n_layers": 1,
+        "pipeline.2.model.d_ff": 64,
+        "pipeline.2.loader.batch_size": 8,
+        "pipeline.2.loader.seq_len": 32,
+        "pipeline.2.train.steps": 4,
+        "pipeline.2.train.eval_batches": 2,
+        "pipeline.3.generate.max_new_tokens": 5,
+    }
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    assert run(str(ROOT / "configs/tiny.yaml"), *args) == 0
+    pre = json.loads((out / "3-tiny_pretrain" / "summary.json").read_text())
+    assert pre["steps"] == 4 and pre["val_loss"] > 0 and pre["unigram_val_loss"] > 0
+    gen = json.loads((out / "4-tiny_generate" / "summary.json").read_text())
+    assert gen["checkpoint_step"] == 4 and len(gen["samples"]) == 5
+    lines = (out / "4-tiny_generate" / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all("completion" in json.loads(x) for x in lines)

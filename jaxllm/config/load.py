@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from jaxllm.errors import ConfigError
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -151,6 +154,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

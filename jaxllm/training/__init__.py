@@ -1,0 +1,2 @@
+"""The generic training machinery every stage reuses: losses, optimizer, jitted step, loop,
+checkpoints and metrics."""

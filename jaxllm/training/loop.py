@@ -1,0 +1,148 @@
+"""The one training loop every stage runs: step, log, evaluate, checkpoint, resume.
+
+No blocking sync inside the loop: step n's metrics are read after step n+1 is dispatched,
+so the device always has the next step queued. The
+exceptions are checkpoint and eval steps, where the state must be known good before it is
+saved. A non-finite loss stops the run naming the step; the last checkpoint stays the last
+good one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from jaxllm.errors import JaxllmError
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.metrics import MetricsWriter
+from jaxllm.training.state import TrainState
+
+
+class TrainingDiverged(JaxllmError):
+    """The loss or gradient norm became NaN/Inf."""
+
+
+@dataclass
+class LoopSpec:
+    """What a stage hands the loop."""
+
+    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    batches: Iterator[dict]  # host batches (numpy); `get_state()` if resumable
+    to_device: Callable[[dict], dict]  # host batch → global sharded arrays
+    total_steps: int
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None
+    tokens_per_step: int = 0  # for tokens/s
+    flops_per_step: float = 0.0  # for MFU
+    peak_flops: float = 0.0  # per-process peak used for MFU (0: no MFU)
+    meta: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
+    progress: bool = True
+    desc: str = "train"
+
+
+def run_loop(
+    spec: LoopSpec, state: TrainState, checkpointer: Checkpointer | None, run_dir: Path
+) -> tuple[TrainState, dict[str, Any]]:
+    """Runs from `state.step` to `spec.total_steps`; returns the state and final figures."""
+    start = int(state.step)
+    writer = MetricsWriter(run_dir, resume_step=start)
+    bar = tqdm(
+        total=spec.total_steps,
+        initial=start,
+        desc=spec.desc,
+        disable=not spec.progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
+    last: dict[str, Any] = {}
+    pending: tuple[int, dict] | None = None
+    clock = _Clock(spec)
+    try:
+        for step in range(start + 1, spec.total_steps + 1):
+            batch = spec.to_device(next(spec.batches))
+            state, metrics = spec.step_fn(state, batch)
+            if pending is not None:  # read the previous step while this one runs
+                last = _log(spec, writer, bar, clock, *pending) or last
+            pending = (step, metrics)
+            if _due(step, spec.checkpoint_every, spec.total_steps) or _due(
+                step, spec.eval_every, spec.total_steps
+            ):
+                last = _log(spec, writer, bar, clock, *pending, force=True) or last
+                pending = None
+                last.update(_evaluate(spec, state, step, writer))
+                if checkpointer and _due(step, spec.checkpoint_every, spec.total_steps):
+                    _save(spec, checkpointer, state, step)
+        if pending is not None:
+            last = _log(spec, writer, bar, clock, *pending, force=True) or last
+    finally:
+        bar.close()
+        writer.close()
+        if checkpointer:
+            checkpointer.wait()
+    return state, last
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _evaluate(spec: LoopSpec, state: TrainState, step: int, writer: MetricsWriter) -> dict:
+    if spec.eval_fn is None or not _due(step, spec.eval_every, spec.total_steps):
+        return {}
+    figures = {f"eval_{k}": v for k, v in spec.eval_fn(state).items()}
+    writer.write(step, figures)
+    return figures
+
+
+def _save(spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int) -> None:
+    meta = dict(spec.meta, step=step)
+    if hasattr(spec.batches, "get_state"):
+        meta["data_state"] = spec.batches.get_state()
+    ckpt.save(step, state, meta)
+
+
+class _Clock:
+    """Tokens/s and MFU over the steps between two logged points."""
+
+    def __init__(self, spec: LoopSpec) -> None:
+        self.spec = spec
+        self.t = time.perf_counter()
+        self.steps = 0
+
+    def rates(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, n = max(now - self.t, 1e-9), max(self.steps, 1)
+        self.t, self.steps = now, 0
+        out = {"step_time": dt / n}
+        if self.spec.tokens_per_step:
+            out["tokens_per_s"] = self.spec.tokens_per_step * n / dt
+        if self.spec.flops_per_step and self.spec.peak_flops:
+            out["mfu"] = self.spec.flops_per_step * n / dt / self.spec.peak_flops
+        return out
+
+
+def _log(spec, writer, bar, clock, step: int, metrics: dict, force: bool = False):
+    clock.steps += 1
+    bar.update(1)
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (math.isfinite(host.get("loss", 0.0)) and math.isfinite(host.get("grad_norm", 0.0))):
+        raise TrainingDiverged(
+            f"step {step}: loss is {host.get('loss')} (grad norm {host.get('grad_norm')}); "
+            "stopped — the last checkpoint is the last good state; lower optim.lr or "
+            "check the data"
+        )
+    if not force and step % max(spec.log_every, 1):
+        return None
+    host.update(clock.rates())
+    writer.write(step, host)
+    bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host.get('tokens_per_s', 0):.0f}")
+    return host

@@ -1,0 +1,96 @@
+"""Run metrics: `metrics.jsonl` (one object per logged step), TensorBoard events and a
+loss-curve PNG. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class MetricsWriter:
+    """Appends step metrics; on resume drops lines past the restored step first."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self.tb = None
+        if not self.enabled:
+            return
+        self._truncate_after(resume_step)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), flush_secs=10)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if _step(ln) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Train loss (and eval loss where logged) against step, as a PNG."""
+    rows = read_metrics(metrics_path)
+    if not rows or jax.process_index() != 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # unreadable (torn) line: drop it
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else str(v)
+    return v

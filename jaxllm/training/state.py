@@ -1,0 +1,90 @@
+"""The train state pytree and its abstract-first, sharded initialisation.
+
+`TrainState` holds the trainable variables (`params`), everything else of the model (`frozen`:
+base weights under LoRA, buffers), the optimizer state, the step and the RNG key. The model's
+`graphdef` stays outside: compiled code only ever sees this pytree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.sharding import logical_spec
+from jaxllm.sharding.rules import RULES
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trainable variables
+    frozen: nnx.State  # the rest of the model's variables (not differentiated)
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 raw key data; per-step keys are fold_in(rng, step)
+
+
+def state_shardings(abstract: Any, mesh: Mesh, rules: str) -> Any:
+    """NamedShardings for every leaf from the logical axes the variables carry."""
+    table = RULES[rules]
+    specs = nnx.get_partition_spec(abstract)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, logical_spec(tuple(spec), table)),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def create_train_state(
+    model_fn: Callable[[], nnx.Module],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: str,
+    seed: int,
+    trainable: Any = nnx.Param,
+) -> tuple[nnx.GraphDef, TrainState, Any]:
+    """Builds the state directly in its shardings: eval_shape → shardings → jit(init).
+
+    Nothing is materialised on one device first, so a model larger than one device fits.
+    Returns `(graphdef, state, shardings)`; the shardings are the jit in/out shardings and the
+    checkpoint restore target.
+    """
+
+    def init() -> TrainState:
+        _, params, frozen = nnx.split(model_fn(), trainable, ...)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    graphdef = nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0]
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+    """Batch arrays split over (data, fsdp) on their batch axis (after `leading` axes)."""
+    spec = [None] * leading + [("data", "fsdp")] + [None] * (ndim - leading - 1)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def to_global(batch: dict[str, Any], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
+    """This process's rows → global arrays sharded over (data, fsdp), on every host."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, leading), v)
+        for k, v in batch.items()
+    }
+
+
+def count_params(state: nnx.State) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(state))

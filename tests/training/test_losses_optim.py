@@ -1,0 +1,79 @@
+"""Loss and optimizer pieces against independent numpy / closed-form references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxllm.config import OptimConfig
+from jaxllm.training.losses import cross_entropy
+from jaxllm.training.optim import decay_mask, lr_schedule
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("z", [0.0, 1e-3])
+def test_cross_entropy_matches_numpy(z):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, size=(3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    total, aux = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), z)
+    lp = np_log_softmax(logits.astype(np.float64))
+    nll = -np.take_along_axis(lp, targets[..., None], -1)[..., 0]
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    want = (nll * mask).sum() + z * (lse**2 * mask).sum()
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert float(aux["weight"]) == mask.sum()
+    acc = ((logits.argmax(-1) == targets) * mask).sum()
+    assert float(aux["correct"]) == acc
+
+
+def test_masked_tokens_do_not_contribute():
+    logits = jnp.zeros((1, 2, 4)).at[0, 1].set(jnp.array([100.0, -100, 0, 0]))
+    total, _ = cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1.0, 0.0]]))
+    np.testing.assert_allclose(float(total), math.log(4), rtol=1e-6)
+
+
+def test_decay_mask_skips_biases_norms_and_vectors():
+    params = {
+        "attn": {"q": jnp.ones((4, 2, 2)), "q_bias": jnp.ones((2, 2)), "o_bias": jnp.ones(4)},
+        "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+        "embed": {"embedding": jnp.ones((10, 4))},
+    }
+    m = decay_mask(params)
+    assert m["attn"]["q"] and m["embed"]["embedding"]
+    assert not any(
+        [m["attn"]["q_bias"], m["attn"]["o_bias"], m["norm"]["scale"], m["norm"]["bias"]]
+    )
+
+
+def test_schedule_warmup_then_cosine_closed_form():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    s = lr_schedule(cfg, 110)
+    assert float(s(0)) == 0.0
+    np.testing.assert_allclose(float(s(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(s(10)), 1e-3, rtol=1e-6)
+    t = (60 - 10) / 100
+    want = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * t))
+    np.testing.assert_allclose(float(s(60)), want, rtol=1e-5)
+    np.testing.assert_allclose(float(s(110)), 1e-4, rtol=1e-5)
+
+
+def test_constant_and_linear_schedules():
+    c = lr_schedule(OptimConfig(lr=2.0, warmup_steps=4, schedule="constant"), 100)
+    assert [float(c(i)) for i in (2, 4, 50)] == [1.0, 2.0, 2.0]
+    lin = lr_schedule(OptimConfig(lr=2.0, warmup_steps=0, min_lr_ratio=0.5, schedule="linear"), 10)
+    np.testing.assert_allclose([float(lin(i)) for i in (0, 5, 10)], [2.0, 1.5, 1.0], rtol=1e-6)
+
+
+def test_grad_norm_helper_is_global_l2():
+    tree = {"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}
+    assert float(optax.tree.norm(tree)) == 5.0
+    assert jax.tree.structure(decay_mask(tree)) == jax.tree.structure(tree)

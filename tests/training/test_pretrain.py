@@ -1,0 +1,134 @@
+"""`stage: pretrain` as a user runs it: resume after SIGKILL reproduces the uninterrupted
+run's losses, a diverging run stops naming the step, a checkpoint of another model is refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm.config import MeshConfig, ModelConfig, OptimConfig
+from jaxllm.main import main
+from jaxllm.sharding import make_mesh
+from jaxllm.trainers.lm import model_fn
+from jaxllm.training.checkpoint import Checkpointer, CheckpointMismatch
+from jaxllm.training.optim import make_optimizer
+from jaxllm.training.state import create_train_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Cleaned data + a small tokenizer from the shipped corpus, once for this module."""
+    out = tmp_path_factory.mktemp("prep")
+    sets = {
+        "output_dir": out,
+        "progress": "false",
+        "pipeline.1.tokenizer.vocab_size": 1000,
+        "pipeline.1.tokenizer.character_coverage": 0.98,
+    }
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    assert main(["--config", str(ROOT / "configs/tiny.yaml"), *args]) == 0
+    return out / "1-tiny_data", out / "2-tiny_tokenizer" / "tokenizer.model"
+
+
+def pretrain_cmd(prepared, out, steps=150, **extra):
+    data, tok = prepared
+    sets = {
+        "output_dir": out,
+        "progress": "false",
+        "inputs.data_dir": data,
+        "inputs.tokenizer": tok,
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.d_ff": 64,
+        "model.max_seq_len": 32,
+        "loader.seq_len": 32,
+        "loader.batch_size": 4,
+        "train.steps": steps,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 10,
+        "train.optim.warmup_steps": 5,
+        "model.dropout": 0.1,
+        **extra,
+    }
+    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    return [sys.executable, "-m", "jaxllm.main", "--config", "configs/tiny_pretrain.yaml", *args]
+
+
+def env1():
+    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_sigkill_then_resume_reproduces_losses(prepared, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(
+        pretrain_cmd(prepared, full), cwd=ROOT, env=env1(), check=True, capture_output=True
+    )
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["val_loss"] < summary["unigram_val_loss"] + 1.0
+    assert (full / "loss.png").stat().st_size > 1000
+
+    killed = tmp_path / "killed"
+    cmd = pretrain_cmd(prepared, killed)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "20").is_dir() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it was killed"
+    done = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+    a, b = losses(full), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 151))
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
+    assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] >= 20
+
+
+def test_divergence_stops_naming_the_step(prepared, tmp_path, capsys):
+    over = {"train.optim.lr": 1e30, "train.optim.grad_clip": 0, "loader.batch_size": 8}
+    cmd = pretrain_cmd(prepared, tmp_path / "nan", steps=40, **over)  # in-process: 8 devices
+    code = main(cmd[3:])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: step ") and "loss is nan" in err.lower()
+    assert err.count("\n") == 1
+
+
+def test_restore_into_another_shape_names_the_parameter(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    tx = make_optimizer(OptimConfig(), 10)
+    small = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=8)
+    big = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, d_ff=48, max_seq_len=8)
+    _, state, _ = create_train_state(model_fn(small, 0), tx, mesh, "dp", 0)
+    ckpt = Checkpointer(tmp_path / "ck", async_save=False)
+    ckpt.save(1, state, {"step": 1})
+    ckpt.wait()
+    _, other, sh = create_train_state(model_fn(big, 0), tx, mesh, "dp", 0)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), other, sh
+    )
+    with pytest.raises(
+        CheckpointMismatch, match=r"parameter 'params\.blocks\.0\.mlp\.down' has shape \(32, 16\)"
+    ):
+        ckpt.restore(1, target)
+    ckpt.close()
