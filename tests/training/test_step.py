@@ -111,3 +111,27 @@ def test_grad_accumulation_equals_bigger_batch():
         np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+def test_unworkable_mesh_fails_before_compiling():
+    from jaxllm.config import from_dict
+    from jaxllm.errors import ConfigError
+    from jaxllm.sharding import validate_mesh
+
+    def cfg(**kw):
+        base = {"stage": "pretrain", "model": {"n_heads": 4, "d_model": 32, "d_ff": 64},
+                "mesh": {"data": 1, "fsdp": 2, "tensor": 4, "rules": "fsdp_tp"},
+                "loader": {"batch_size": 8}}
+        for k, v in kw.items():
+            base[k] = {**base[k], **v}
+        return from_dict(base)
+
+    with pytest.raises(ConfigError, match="'model.n_kv_heads': 2 is not divisible by the tensor"):
+        validate_mesh(cfg(model={"n_kv_heads": 2}), 8, 64)
+    with pytest.raises(ConfigError, match="'model.vocab_size': 66 is not divisible"):
+        validate_mesh(cfg(), 8, 66)
+    with pytest.raises(ConfigError, match="'loader.batch_size': 3 is not divisible by data×fsdp"):
+        validate_mesh(cfg(loader={"batch_size": 3}), 8, 64)
+    with pytest.raises(ConfigError, match="data×fsdp×tensor = 8 but there are 4 devices"):
+        validate_mesh(cfg(), 4, 64)
+    validate_mesh(cfg(), 8, 64)  # a workable one passes
