@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.set)
         check_stage(cfg.stage)
+        if cfg.distributed:
+            import jax
+
+            jax.distributed.initialize()  # coordinator/process ids from the environment
         summary = run_stage(cfg)
     except JaxllmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,6 +89,7 @@ class Config:
     seed: int = 0
     overwrite: bool = False  # allow replacing a finished run's directory
     progress: bool = True  # progress bars on stderr
+    distributed: bool = False  # multi-host: jax.distributed.initialize() (TPU pods, SLURM, ...)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

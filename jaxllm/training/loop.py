@@ -111,27 +111,34 @@ def _save(spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int) -> N
 
 
 class _Clock:
-    """Tokens/s and MFU over the steps between two logged points."""
+    """Per-log-interval means of the step metrics, tokens/s and MFU."""
 
     def __init__(self, spec: LoopSpec) -> None:
         self.spec = spec
         self.t = time.perf_counter()
         self.steps = 0
+        self.sums: dict[str, float] = {}
 
-    def rates(self) -> dict[str, float]:
+    def add(self, host: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in host.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> dict[str, float]:
+        """Averages since the last call (so a logged loss is the interval's mean), and rates."""
         now = time.perf_counter()
         dt, n = max(now - self.t, 1e-9), max(self.steps, 1)
-        self.t, self.steps = now, 0
-        out = {"step_time": dt / n}
+        out = {k: v / n for k, v in self.sums.items()}
+        out["step_time"] = dt / n
         if self.spec.tokens_per_step:
             out["tokens_per_s"] = self.spec.tokens_per_step * n / dt
         if self.spec.flops_per_step and self.spec.peak_flops:
             out["mfu"] = self.spec.flops_per_step * n / dt / self.spec.peak_flops
+        self.t, self.steps, self.sums = now, 0, {}
         return out
 
 
 def _log(spec, writer, bar, clock, step: int, metrics: dict, force: bool = False):
-    clock.steps += 1
     bar.update(1)
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (math.isfinite(host.get("loss", 0.0)) and math.isfinite(host.get("grad_norm", 0.0))):
@@ -140,9 +147,11 @@ def _log(spec, writer, bar, clock, step: int, metrics: dict, force: bool = False
             "stopped — the last checkpoint is the last good state; lower optim.lr or "
             "check the data"
         )
+    clock.add(host)
     if not force and step % max(spec.log_every, 1):
         return None
-    host.update(clock.rates())
-    writer.write(step, host)
-    bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host.get('tokens_per_s', 0):.0f}")
-    return host
+    row = clock.means()
+    row["lr"] = host.get("lr", row.get("lr"))  # the current lr, not the interval's mean
+    writer.write(step, row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+    return row
