@@ -41,6 +41,7 @@ from jaxllm.config.model import (
     RopeScalingConfig,
     TrainConfig,
 )
+from jaxllm.config.sft import SFTConfig
 from jaxllm.errors import ConfigError
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RopeScalingConfig",
+    "SFTConfig",
     "SourceConfig",
     "TokenizerConfig",
     "TrainConfig",
@@ -98,6 +100,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

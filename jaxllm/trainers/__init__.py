@@ -21,6 +21,7 @@ STAGES = {
     "tokenizer": "jaxllm.trainers.tokenizer",
     "pretrain": "jaxllm.trainers.pretrain",
     "generate": "jaxllm.trainers.generate",
+    "sft": "jaxllm.trainers.sft",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 

@@ -1,0 +1,30 @@
+"""Config sections of the HF interop stages (`import`, `export`) and of `stage: score`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """`hf.path`: a HF model directory to import; `hf.out_dir`: where export writes (default
+    `<run_dir>/hf`); `hf.dtype`: the imported params' dtype / the exported tensors' dtype."""
+
+    path: str = ""
+    out_dir: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Texts to score (and/or a JSONL file with a "text" or "ids" key per line)."""
+
+    texts: tuple[str, ...] = ()
+    texts_file: str = ""
+    batch_size: int = 8
+    max_len: int = 512  # longer inputs are cut
+
+    def _validate(self) -> None:
+        if self.batch_size < 1 or self.max_len < 2:
+            raise ValueError("batch_size: need batch_size >= 1 and max_len >= 2")

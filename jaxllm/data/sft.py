@@ -1,0 +1,193 @@
+"""Grain pipelines for supervised fine-tuning: chat records → batches shaped like pretraining's.
+
+    JsonlSource ─► ds[process_index::process_count] ─► shuffle ─► repeat ─► render (template)
+      ─► to_iter_dataset(read threads) ─► ConcatThenSplit(L) or pad to L ─► batch(B) ─► prefetch
+
+Batches have the keys of `data/pipeline.py` (`tokens, targets, segment_ids, positions,
+loss_mask`), so the pretraining loss and step run unchanged. A conversation's ids become
+`tokens = ids[:-1]`, `targets = ids[1:]`, and the template's role mask shifted the same way,
+`loss_mask = mask[1:]`: a target counts when the token it predicts is one to learn (assistant
+content, its `<|end|>`, the final `</s>`).
+
+- `packing=True`: conversations are laid end to end by grain's ConcatThenSplit with the mask as
+  a third feature packed in lock step, so it stays on its tokens (a conversation that does not
+  fit is split, its rest starting the next row, as in pretraining).
+- `packing=False`: one conversation per row, right-padded; longer ones are cut to L targets.
+Padding anywhere has segment id 0 and loss mask 0. Iterator state is JSON data (resumable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxllm.config import LoaderConfig
+from jaxllm.data.jsonl_source import JsonlSource
+from jaxllm.data.pipeline import (
+    _DOC_PREFETCH,
+    Batch,
+    _empty_batch,
+    _grain_seed,
+    _JsonStateIterDataset,
+    _PadBatchesIterDataset,
+    local_batch_size,
+)
+from jaxllm.errors import DataError
+from jaxllm.tokenizer.chat import ChatTemplate, RecordFormat, parse_record
+
+
+class SFTRecords:
+    """Random-access conversations (lists of messages) of JSONL files; errors name file:line."""
+
+    def __init__(self, paths: Sequence[str | Path], fmt: RecordFormat = "auto") -> None:
+        self.source = JsonlSource(paths)
+        self.fmt = fmt
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> list[dict[str, str]]:
+        record = self.source[index]
+        try:
+            return parse_record(record, "record", self.fmt)
+        except DataError as e:
+            what = str(e).removeprefix("record: ")
+            raise self.source._error(*self._locate(int(index)), what) from None
+
+    def record(self, index: int) -> dict[str, Any]:
+        """The raw JSON object (extra keys such as "task" included)."""
+        return self.source[index]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(file index, byte offset) of a record, for `JsonlSource._error`'s file:line."""
+        src = self.source
+        file_index = int(np.searchsorted(src._ends, index, side="right"))
+        return file_index, int(src._starts[index])
+
+
+def example_features(
+    messages: list[dict[str, str]], template: ChatTemplate, train_on_prompt: bool
+) -> dict[str, np.ndarray]:
+    """One conversation as `tokens`, `targets` and `loss_mask` (int32), each of length n-1."""
+    r = template.render(messages, train_on_prompt=train_on_prompt)
+    ids, mask = np.asarray(r.ids, np.int32), np.asarray(r.mask, np.int32)
+    return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def make_sft_dataset(
+    files: Sequence[Path],
+    template: ChatTemplate,
+    cfg: LoaderConfig,
+    *,
+    seed: int,
+    fmt: RecordFormat = "auto",
+    train_on_prompt: bool = False,
+    packing: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+) -> grain.IterDataset:
+    """Training batches of this process (B = batch_size // process_count rows of L)."""
+    rows = local_batch_size(cfg, process_count)
+    convs = _conversations(files, fmt, process_index, process_count)
+    if cfg.shuffle:
+        convs = convs.shuffle(seed=_grain_seed(seed))
+    if repeat:
+        convs = convs.repeat()
+    return _batches(convs, template, cfg, rows, train_on_prompt, packing)
+
+
+def make_sft_eval_dataset(
+    files: Sequence[Path],
+    template: ChatTemplate,
+    cfg: LoaderConfig,
+    *,
+    fmt: RecordFormat = "auto",
+    train_on_prompt: bool = False,
+    packing: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_batches: int | None = None,
+) -> grain.IterDataset:
+    """Validation batches: no shuffle, one pass, last batch padded (see `make_eval_dataset`)."""
+    rows = local_batch_size(cfg, process_count)
+    convs = _conversations(files, fmt, process_index, process_count)
+    batches = _batches(convs, template, cfg, rows, train_on_prompt, packing)
+    if num_batches is not None:
+        batches = _PadBatchesIterDataset(batches, num_batches, _empty_batch(rows, cfg.seq_len))
+    return batches
+
+
+def _conversations(
+    files: Sequence[Path], fmt: RecordFormat, process_index: int, process_count: int
+) -> grain.MapDataset:
+    if not files:
+        raise DataError("no SFT files given; expected JSONL files of chat records")
+    records = SFTRecords(files, fmt)
+    if len(records) < process_count:
+        raise DataError(f"{len(records)} SFT records in {files[0]} for {process_count} processes")
+    return grain.MapDataset.source(records)[process_index::process_count]
+
+
+def _batches(
+    convs: grain.MapDataset,
+    template: ChatTemplate,
+    cfg: LoaderConfig,
+    rows: int,
+    train_on_prompt: bool,
+    packing: bool,
+) -> grain.IterDataset:
+    """Render (in read threads), pack or pad to rows of L, batch, pad the last batch, prefetch."""
+    L = cfg.seq_len
+    read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=_DOC_PREFETCH)
+    feats = convs.map(lambda m: example_features(m, template, train_on_prompt))
+    seqs = feats.to_iter_dataset(read)
+    if packing:
+        lengths = {"tokens": L, "targets": L, "loss_mask": L}
+        seqs = grain.experimental.ConcatThenSplitIterDataset(seqs, length_struct=lengths)
+        batches = seqs.batch(rows, drop_remainder=False).map(lambda b: _packed_batch(b, rows))
+    else:
+        seqs = seqs.map(lambda x: _padded_row(x, L))
+        batches = seqs.batch(rows, drop_remainder=False).map(lambda b: _fill_rows(b, rows))
+    if cfg.prefetch > 0:
+        batches = grain.experimental.ThreadPrefetchIterDataset(
+            batches, prefetch_buffer_size=cfg.prefetch
+        )
+    return _JsonStateIterDataset(batches)
+
+
+def _packed_batch(packed: dict[str, np.ndarray], rows: int) -> Batch:
+    """The packer's output under the pretraining keys; padding (segment 0) never counts."""
+    segment_ids = packed["tokens_segment_ids"]
+    batch = {
+        "tokens": packed["tokens"],
+        "targets": packed["targets"],
+        "segment_ids": segment_ids,
+        "positions": packed["tokens_positions"],
+        "loss_mask": packed["loss_mask"] * (segment_ids > 0),
+    }
+    return _fill_rows(batch, rows)
+
+
+def _padded_row(x: dict[str, np.ndarray], length: int) -> Batch:
+    """One conversation right-padded (or cut) to `length`, as segment 1 from position 0."""
+    n = min(len(x["tokens"]), length)
+    pad = length - n
+    row = {k: np.pad(x[k][:n], (0, pad)) for k in ("tokens", "targets", "loss_mask")}
+    row["segment_ids"] = np.pad(np.ones(n, np.int32), (0, pad))
+    row["positions"] = np.pad(np.arange(n, dtype=np.int32), (0, pad))
+    return row
+
+
+def _fill_rows(batch: Batch, rows: int) -> Batch:
+    """Pads a short last batch with all-zero rows; `loss_mask` as float32 like pretraining."""
+    missing = rows - len(batch["tokens"])
+    out = {k: np.asarray(v, np.int32) for k, v in batch.items() if k != "loss_mask"}
+    out["loss_mask"] = np.asarray(batch["loss_mask"], np.float32)
+    if missing:
+        out = {k: np.pad(v, ((0, missing), (0, 0))) for k, v in out.items()}
+    return out

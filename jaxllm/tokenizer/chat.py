@@ -1,0 +1,162 @@
+"""The chat template: conversations → token ids plus a loss mask over the tokens to learn.
+
+Format (no separators; message content is taken verbatim, whitespace included)::
+
+    <s><|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>{answer}<|end|>...</s>
+
+- An optional system message comes first; user and assistant turns follow, any number of them
+  (multi-turn). `</s>` closes a conversation that ends with an assistant turn.
+- `prompt_ids(messages)` is the same rendering of the messages before the last assistant turn,
+  ending with `<|assistant|>`: a model continues with the answer and stops at `<|end|>`.
+- The role mask is 1 on the tokens whose loss counts: each assistant turn's content and its
+  closing `<|end|>`, and the final `</s>` (so the model learns to stop). With
+  `train_on_prompt=True` it is 1 on every token but the first `<s>` (nothing predicts it).
+- Each piece is encoded on its own, and the tokenizer splits at special tokens anyway, so
+  `render(m).ids == tok.encode(render_text(m))`: the mask boundaries are exact.
+
+Records: `{"prompt": str, "response": str}` (a user turn then an assistant turn, optional
+`"system"`) or `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+A record that is neither raises `DataError` naming the place given as `where` ("file:line").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from jaxllm.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_TOKEN = "<|end|>"
+# Strings that would break the structure if they appeared inside a message's content.
+_RESERVED = ("<s>", "</s>", END_TOKEN, *ROLE_TOKENS.values())
+
+Message = dict[str, str]
+RecordFormat = Literal["auto", "prompt_response", "messages"]
+
+
+class ChatTokenizer(Protocol):
+    """What the template needs: encoding and the ids of the special pieces."""
+
+    special_ids: dict[str, int]
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Token ids of a conversation and the 0/1 loss mask over them (same length)."""
+
+    ids: list[int]
+    mask: list[int]
+
+
+class ChatTemplate:
+    """Renders conversations with a tokenizer that has `<s> </s> <|system|> ... <|end|>`."""
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        missing = [s for s in _RESERVED if s not in tokenizer.special_ids]
+        if missing:
+            raise DataError(
+                f"the tokenizer has no special token(s) {', '.join(missing)}; train it with "
+                "tokenizer.special_tokens including the chat tokens (the default)"
+            )
+        self.tok = tokenizer
+        self.ids = {s: tokenizer.special_ids[s] for s in _RESERVED}
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        train_on_prompt: bool = False,
+    ) -> Rendered:
+        """Ids and loss mask of a conversation; with `add_generation_prompt`, ends `<|assistant|>`."""
+        messages = check_messages(messages, "render", need_answer=not add_generation_prompt)
+        ids, mask = [self.ids["<s>"]], [0]
+        for m in messages:
+            learn = 1 if (train_on_prompt or m["role"] == "assistant") else 0
+            head = [self.ids[ROLE_TOKENS[m["role"]]]]
+            body = [*self.tok.encode(m["content"]), self.ids[END_TOKEN]]
+            ids += head + body
+            mask += [1 if train_on_prompt else 0] * len(head) + [learn] * len(body)
+        if add_generation_prompt:
+            ids.append(self.ids[ROLE_TOKENS["assistant"]])
+            mask.append(1 if train_on_prompt else 0)
+        elif messages[-1]["role"] == "assistant":
+            ids.append(self.ids["</s>"])
+            mask.append(1)
+        return Rendered(ids, mask)
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt for generating the last assistant turn (or the next one, if none ends it)."""
+        return self.render(split_answer(messages)[0], add_generation_prompt=True).ids
+
+
+def render_text(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    """The template as a string (for display; `encode` of it gives `render(...).ids`)."""
+    messages = check_messages(messages, "render_text", need_answer=not add_generation_prompt)
+    parts = ["<s>"] + [f"{ROLE_TOKENS[m['role']]}{m['content']}{END_TOKEN}" for m in messages]
+    if add_generation_prompt:
+        parts.append(ROLE_TOKENS["assistant"])
+    elif messages[-1]["role"] == "assistant":
+        parts.append("</s>")
+    return "".join(parts)
+
+
+def split_answer(messages: Sequence[Message]) -> tuple[list[Message], str]:
+    """(messages before the last assistant turn, that turn's content); "" if none ends it."""
+    messages = list(messages)
+    if messages and messages[-1].get("role") == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, ""
+
+
+def parse_record(record: Any, where: str, fmt: RecordFormat = "auto") -> list[Message]:
+    """A JSONL record as a list of messages; `DataError(f"{where}: ...")` when it is malformed."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = "messages" if "messages" in record else "prompt_response"
+    if fmt == "prompt_response":
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise DataError(
+                    f'{where}: expected a string "{key}" (records are {{"prompt", "response"}} '
+                    'or {"messages": [...]})'
+                )
+        system = record.get("system")
+        head = [{"role": "system", "content": system}] if isinstance(system, str) else []
+        messages = [
+            *head,
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
+    else:
+        messages = record.get("messages")
+    return check_messages(messages, where, need_answer=True)
+
+
+def check_messages(messages: Any, where: str, need_answer: bool) -> list[Message]:
+    """Validates roles, contents and order; returns plain {"role", "content"} dicts."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}}')
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise DataError(
+                f'{where}: message {i} must be {{"role": one of {", ".join(ROLES)}, '
+                f'"content": a string}}, got {str(m)[:60]}'
+            )
+        if role == "system" and i:
+            raise DataError(f"{where}: message {i}: a system message may only come first")
+        bad = next((s for s in _RESERVED if s in content), None)
+        if bad:
+            raise DataError(f"{where}: message {i} contains the reserved token {bad}; remove it")
+        out.append({"role": role, "content": content})
+    if need_answer and not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: the conversation has no assistant message to learn from")
+    return out

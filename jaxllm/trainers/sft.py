@@ -1,0 +1,256 @@
+"""`stage: sft` — supervised fine-tuning of a pretrained decoder on chat records.
+
+The same machine as pretraining, fed different parts: the weights come from `inputs.checkpoint`
+(model config from its metadata, fresh optimizer), the batches from `data/sft.py` (same keys,
+the loss mask on the answer tokens only), and `lm_loss` + `make_train_step` + `run_loop` run
+unchanged, with checkpoints and resume. Before and after training it scores the held-out set:
+the loss on answer tokens and the exact-match rate of greedy answers to the chat prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import Config, ModelConfig, replace, resolve_path, to_dict
+from jaxllm.config.sft import SFTConfig
+from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
+from jaxllm.errors import ConfigError
+from jaxllm.generation import Sampler
+from jaxllm.rundir import RunDir
+from jaxllm.sharding import make_mesh, validate_mesh
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer.chat import ChatTemplate, split_answer
+from jaxllm.trainers import require_input
+from jaxllm.trainers.lm import (
+    checkpoint_dir,
+    lm_loss,
+    load_checkpoint_model,
+    make_evaluator,
+    restore_or_init,
+)
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.metrics import plot_losses
+from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.state import TrainState, state_shardings, to_global
+from jaxllm.training.step import make_eval_step, make_train_step
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    """Fine-tunes `inputs.checkpoint` on `sft.train_file` with the prompt-masked loss."""
+    s = cfg.sft
+    t, mesh = cfg.train, make_mesh(cfg.mesh)
+    tx = make_optimizer(t.optim, t.steps)
+    graphdef, state, shardings, m, meta = init_from_checkpoint(cfg, tx, mesh)
+    tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
+    tok = load_tokenizer(tok_path, m)
+    template = ChatTemplate(tok)
+    pi, pc = jax.process_index(), jax.process_count()
+    opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc)
+    batches = _train_batches(cfg, s, template, opts)
+    loss_fn = lm_loss(t.z_loss)
+    score = _scorer(cfg, s, m, graphdef, shardings, mesh, loss_fn, template, opts)
+    before = score(state)  # always the pretrained weights, also when this run resumes
+    ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
+    state, start = restore_or_init(ckpt, state, shardings, batches)
+    step_fn = make_train_step(
+        graphdef, loss_fn, tx, lr_schedule(t.optim, t.steps), shardings, mesh,
+        cfg.mesh.rules, t.grad_accum,
+    )  # fmt: skip
+    spec = LoopSpec(
+        step_fn=step_fn,
+        batches=batches,
+        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
+        total_steps=t.steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        eval_fn=score.val_loss,
+        tokens_per_step=cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum,
+        meta={"config": to_dict(cfg), "model": to_dict(m), "tokenizer": str(tok_path)},
+        progress=cfg.progress,
+        desc=f"sft {cfg.name}",
+    )
+    state, last = run_loop(spec, state, ckpt, run_dir.path)
+    ckpt.close()
+    after = score(state)
+    plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
+    return _summary(cfg, start, last, before, after, plot, run_dir, tok_path)
+
+
+def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict):
+    """The endless, shuffled training stream (micro-batches stacked under grad_accum)."""
+    files = [_data_file(s.train_file, "train_file")]
+    ds = make_sft_dataset(
+        files, template, cfg.loader, seed=cfg.seed, train_on_prompt=s.train_on_prompt, **opts
+    )
+    if cfg.train.grad_accum > 1:
+        ds = ds.batch(cfg.train.grad_accum, drop_remainder=True)
+    return iter(ds)
+
+
+def init_from_checkpoint(
+    cfg: Config, tx, mesh
+) -> tuple[nnx.GraphDef, TrainState, Any, ModelConfig, dict[str, Any]]:
+    """A train state holding the weights of `inputs.checkpoint` and a fresh optimizer state,
+    built in its shardings (the restored weights already are). Returns
+    `(graphdef, state, shardings, model_cfg, checkpoint_meta)`."""
+    ckpt_in = require_input(cfg, "checkpoint")
+    graphdef, weights, m, meta = load_checkpoint_model(ckpt_in, mesh, cfg.mesh.rules)
+    validate_mesh(replace(cfg, model=m), len(jax.devices()), m.vocab_size)
+    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
+            f"max_seq_len ({m.max_seq_len}) of learned positions"
+        )
+    graphdef, params, frozen = nnx.split(nnx.merge(graphdef, weights), nnx.Param, ...)
+
+    def init(params: nnx.State, frozen: nnx.State) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(cfg.seed)),
+        )
+
+    shardings = state_shardings(jax.eval_shape(init, params, frozen), mesh, cfg.mesh.rules)
+    state = jax.jit(init, out_shardings=shardings)(params, frozen)
+    return graphdef, state, shardings, m, meta
+
+
+def load_tokenizer(path: str | Path, m: ModelConfig) -> Tokenizer:
+    """The tokenizer named by `inputs.tokenizer` or the checkpoint, checked against the model."""
+    if not path:
+        raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
+    tok = Tokenizer.load(Path(path))
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"config key 'inputs.tokenizer': {path} has {tok.vocab_size} tokens but the "
+            f"checkpoint's model has vocab_size {m.vocab_size}; use the pretraining tokenizer"
+        )
+    return tok
+
+
+def _data_file(value: str, key: str) -> Path:
+    path = resolve_path(value)
+    if not path.is_file():
+        raise ConfigError(f"config key 'sft.{key}': {path} not found")
+    return path
+
+
+class _Scorer:
+    """Held-out figures of a state: `val_loss(state)` (answer tokens) and, called, both plus
+    exact match of greedy answers and a few samples."""
+
+    def __init__(self, val_loss, answers) -> None:
+        self.val_loss, self.answers = val_loss, answers
+
+    def __call__(self, state: TrainState) -> dict[str, Any]:
+        out = {"val_loss": self.val_loss(state)["loss"]} if self.val_loss else {}
+        return {**out, **(self.answers(state) if self.answers else {})}
+
+
+def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, opts) -> _Scorer:
+    if not s.val_file:
+        return _Scorer(None, None)
+    val_files = [_data_file(s.val_file, "val_file")]
+    eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
+
+    def val_batches():  # the answer tokens only, whatever train_on_prompt says
+        return make_sft_eval_dataset(val_files, template, cfg.loader, **opts)
+
+    evaluate = make_evaluator(eval_step, val_batches, mesh, cfg.train.eval_batches)
+    answers = None
+    if s.eval_examples:
+        records = SFTRecords(val_files, s.format)
+        limit = m.max_seq_len if m.positions == "learned" else None
+        answers = make_answer_scorer(graphdef, template, records, s, cfg.seed, limit)
+    return _Scorer(evaluate, answers)
+
+
+def make_answer_scorer(
+    graphdef, template: ChatTemplate, records: SFTRecords, s: SFTConfig, seed: int,
+    max_len: int | None = None,
+):  # fmt: skip
+    """`score(state) -> {"exact_match", "exact_match_by_task", "samples"}` on up to
+    `s.eval_examples` held-out records, evenly spaced through the file (prompts whose answer
+    would run past `max_len` positions are left out)."""
+    n = len(records)
+    picks = np.unique(np.linspace(0, n - 1, min(s.eval_examples, n)).astype(int)).tolist()
+    prompts, refs, tasks = [], [], []
+    for i in picks:
+        history, answer = split_answer(records[i])
+        ids = template.prompt_ids(history)
+        if max_len and len(ids) + s.eval_max_new_tokens - 1 > max_len:
+            continue
+        prompts.append(ids)
+        refs.append(answer)
+        tasks.append(str(records.record(i).get("task", "all")))
+    if not prompts:
+        raise ConfigError(f"sft.val_file: no held-out prompt fits in {max_len} positions")
+    stops = [template.ids["<|end|>"], template.ids["</s>"]]
+    sampler = Sampler(graphdef)
+
+    def score(state: TrainState) -> dict[str, Any]:
+        weights = nnx.merge_state(state.params, state.frozen)
+        preds = _greedy(sampler, weights, prompts, template.tok, stops, s, seed)
+        hits = [p.strip() == r.strip() for p, r in zip(preds, refs)]
+        by_task = {
+            t: round(float(np.mean([h for h, k in zip(hits, tasks) if k == t])), 4)
+            for t in sorted(set(tasks))
+        }
+        samples = [
+            {"prompt": template.tok.decode(p), "reference": r, "answer": a}
+            for p, r, a in list(zip(prompts, refs, preds))[:6]
+        ]
+        acc = round(float(np.mean(hits)), 4)
+        return {"exact_match": acc, "exact_match_by_task": by_task, "samples": samples}
+
+    return score
+
+
+def _greedy(sampler, weights, prompts, tok, stops, s: SFTConfig, seed: int) -> list[str]:
+    """Greedy answers in batches of `eval_batch_size` (the last padded: one compiled program)."""
+    out: list[str] = []
+    size = min(s.eval_batch_size, len(prompts))
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start : start + size]
+        res = sampler(
+            weights, chunk + [chunk[-1]] * (size - len(chunk)),
+            max_new_tokens=s.eval_max_new_tokens, key=jax.random.key(seed), stop_ids=stops,
+        )  # fmt: skip
+        for toks, stopped in zip(res.tokens[: len(chunk)], res.stopped):
+            out.append(tok.decode(toks[:-1] if stopped else toks))
+    return out
+
+
+def _summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "steps": cfg.train.steps,
+        "resumed_from_step": start,
+        "final_train_loss": last.get("loss"),
+        "tokens_per_s": last.get("tokens_per_s"),
+    }
+    for key in ("val_loss", "exact_match", "exact_match_by_task"):
+        if key in before:
+            summary[f"{key}_before"] = _round(before[key])
+            summary[f"{key}_after"] = _round(after[key])
+    if "samples" in after:
+        summary["samples_before"], summary["samples_after"] = before["samples"], after["samples"]
+    summary["loss_plot"] = plot.name if plot else None
+    summary["outputs"] = {
+        "checkpoint": str(checkpoint_dir(run_dir.path)),
+        "tokenizer": str(tok_path),
+    }
+    return summary
+
+
+def _round(x: Any) -> Any:
+    return round(x, 4) if isinstance(x, float) else x

@@ -1,0 +1,145 @@
+"""SFT batches: pretraining's keys, the loss mask on answers only, packing keeps the mask."""
+
+import json
+from collections import Counter
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.config import LoaderConfig
+from jaxllm.data.sft import SFTRecords, example_features, make_sft_dataset, make_sft_eval_dataset
+from jaxllm.errors import DataError
+from jaxllm.training.losses import cross_entropy
+
+CONVS = [
+    [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]
+    for a, b in [(1, 2), (17, 25), (30, 4), (9, 9), (12, 40)]
+] + [
+    [
+        {"role": "system", "content": "Answer in Chinese."},
+        {"role": "user", "content": "除夕夜应该吃什么呢？"},
+        {"role": "assistant", "content": "饺子"},
+        {"role": "user", "content": "端午节呢？"},
+        {"role": "assistant", "content": "粽子"},
+    ],
+    [{"role": "user", "content": "Continue this verse: In the beginning God created the heaven."},
+     {"role": "assistant", "content": "And the earth was without form, and void."}],
+]  # fmt: skip
+KEYS = {"tokens", "targets", "segment_ids", "positions", "loss_mask"}
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVS))
+    return path
+
+
+def one_pass(path, template, packing, seq_len=32, batch_size=4):
+    cfg = LoaderConfig(seq_len=seq_len, batch_size=batch_size, prefetch=0, num_threads=1)
+    return list(make_sft_eval_dataset([path], template, cfg, packing=packing))
+
+
+def triples(batches) -> Counter:
+    """(token, target, mask) of every real position: the layout-free content of the data."""
+    out = Counter()
+    for b in batches:
+        real = b["segment_ids"] > 0
+        out.update(zip(b["tokens"][real], b["targets"][real], b["loss_mask"][real]))
+    return out
+
+
+def bigram_loss(batches, vocab: int):
+    """Masked CE under fixed random logits that depend on the input token only (a bigram
+    table), so any layout of the same (token, target, mask) triples gives the same sums."""
+    table = np.random.default_rng(0).normal(size=(vocab, vocab)).astype(np.float32)
+    loss = weight = 0.0
+    for b in batches:
+        total, aux = cross_entropy(jnp.asarray(table[b["tokens"]]), b["targets"], b["loss_mask"])
+        loss, weight = loss + float(total), weight + float(aux["weight"])
+    return loss, weight
+
+
+def test_cross_entropy_matches_numpy_with_a_mask():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, size=(2, 5))
+    mask = (rng.random((2, 5)) > 0.4).astype(np.float32)
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    total, aux = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(float(total), (nll * mask).sum(), rtol=1e-5)
+    assert float(aux["weight"]) == mask.sum()
+
+
+def test_features_shift_the_role_mask_to_targets(template):
+    f = example_features(CONVS[0], template, train_on_prompt=False)
+    answer = template.tok.decode(f["targets"][f["loss_mask"] == 1])
+    assert answer == "3<|end|></s>"
+    assert len(f["tokens"]) == len(f["targets"]) == len(f["loss_mask"])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batches_have_pretraining_keys_and_mask_only_answers(chat_file, template, packing):
+    batches = one_pass(chat_file, template, packing, seq_len=64)
+    for b in batches:
+        assert set(b) == KEYS and all(v.shape == (4, 64) for v in b.values())
+        assert (
+            b["loss_mask"].dtype == np.float32
+            and not (b["loss_mask"] * (b["segment_ids"] == 0)).any()
+        )
+    learned = [
+        template.tok.decode(b["targets"][r][b["loss_mask"][r] == 1])
+        for b in batches
+        for r in range(4)
+    ]
+    text = "".join(learned)
+    for conv in CONVS:
+        for m in conv:
+            want = m["content"] + "<|end|>"
+            assert (want in text) == (m["role"] == "assistant"), m
+    assert text.count("</s>") == len(CONVS)
+
+
+def test_packed_and_unpacked_give_the_same_masked_loss(chat_file, template):
+    packed = one_pass(chat_file, template, packing=True, seq_len=24)
+    padded = one_pass(chat_file, template, packing=False, seq_len=64)  # no conversation cut
+    assert max(int(b["segment_ids"].max()) for b in packed) >= 2  # rows hold several pieces
+    rows = sum(int((b["segment_ids"][:, 0] > 0).sum()) for b in packed)
+    pieces = sum(len(np.unique(r[r > 0])) for b in packed for r in b["segment_ids"])
+    assert pieces > len(CONVS) and rows < pieces  # some conversations split across rows
+    assert triples(packed) == triples(padded)
+    vocab = template.tok.vocab_size
+    (lp, wp), (lu, wu) = bigram_loss(packed, vocab), bigram_loss(padded, vocab)
+    assert wp == wu > 0
+    np.testing.assert_allclose(lp, lu, rtol=1e-5)
+
+
+def test_unpacked_rows_cut_long_conversations(chat_file, template):
+    (b, *_) = one_pass(chat_file, template, packing=False, seq_len=8)
+    assert (b["segment_ids"] == 1).all() and (b["positions"][0] == np.arange(8)).all()
+
+
+def test_train_stream_resumes_from_json_state(chat_file, template):
+    cfg = LoaderConfig(seq_len=16, batch_size=2, prefetch=0, num_threads=1)
+    it = iter(make_sft_dataset([chat_file], template, cfg, seed=3))
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(3)]
+    it2 = iter(make_sft_dataset([chat_file], template, cfg, seed=3))
+    it2.set_state(state)
+    for a, b in zip(want, [next(it2) for _ in range(3)]):
+        assert all((a[k] == b[k]).all() for k in KEYS)
+
+
+def test_bad_record_names_file_and_line(tmp_path, template):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "p", "response": "r"})
+    path.write_text(f"{good}\n\n{good}\n{json.dumps({'prompt': 'p'})}\n")
+    records = SFTRecords([path])
+    assert len(records) == 3 and records[1][1]["content"] == "r"
+    with pytest.raises(DataError, match=rf"{path}:4: .*\"response\""):
+        records[2]
+    with pytest.raises(DataError, match=rf"{path}:4:"):
+        one_pass(path, template, packing=True)
