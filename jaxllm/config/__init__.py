@@ -23,6 +23,7 @@ from jaxllm.config.data import (
     SourceConfig,
     TokenizerConfig,
 )
+from jaxllm.config.interop import HFConfig, ScoreConfig
 from jaxllm.config.load import (
     _bad,
     _convert,
@@ -51,6 +52,7 @@ __all__ = [
     "DedupConfig",
     "FilterConfig",
     "GenerateConfig",
+    "HFConfig",
     "InputsConfig",
     "LoaderConfig",
     "MeshConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "OptimConfig",
     "RopeScalingConfig",
     "SFTConfig",
+    "ScoreConfig",
     "SourceConfig",
     "TokenizerConfig",
     "TrainConfig",
@@ -101,6 +104,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    hf: HFConfig = field(default_factory=HFConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

@@ -22,6 +22,9 @@ STAGES = {
     "pretrain": "jaxllm.trainers.pretrain",
     "generate": "jaxllm.trainers.generate",
     "sft": "jaxllm.trainers.sft",
+    "import": "jaxllm.trainers.hf_import",
+    "export": "jaxllm.trainers.hf_export",
+    "score": "jaxllm.trainers.score",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 

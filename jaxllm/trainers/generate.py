@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,9 +12,9 @@ import jax
 from jaxllm.config import Config, MeshConfig, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generation import generate_text
+from jaxllm.interop import load_tokenizer
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
-from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import load_checkpoint_model
 
@@ -48,7 +47,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     if not tok_path:
         raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
-    tok = Tokenizer.load(Path(tok_path))
+    tok = load_tokenizer(tok_path)
     prompts = read_prompts(cfg)
     t0 = time.perf_counter()
     completions = generate_text(

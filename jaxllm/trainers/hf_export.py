@@ -1,0 +1,54 @@
+"""`stage: export` — a jaxllm checkpoint (`inputs.checkpoint`) → a HF model directory
+(`hf.out_dir`, default `<run_dir>/hf`) that transformers' `from_pretrained` loads; the
+checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxllm.config import Config, MeshConfig
+from jaxllm.interop import HF_TOKENIZER_FILES, infer_family
+from jaxllm.interop.export import export_hf
+from jaxllm.rundir import RunDir
+from jaxllm.sharding import make_mesh
+from jaxllm.trainers import require_input
+from jaxllm.trainers.lm import load_checkpoint_model
+from jaxllm.training.state import count_params
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    hf = cfg.hf  # type: ignore[attr-defined]
+    out = Path(hf.out_dir).expanduser() if hf.out_dir else Path(run_dir.path) / "hf"
+    return export_checkpoint(require_input(cfg, "checkpoint"), out, hf.dtype)
+
+
+def export_checkpoint(ckpt: Path, out: Path, dtype: str = "float32") -> dict[str, Any]:
+    """Loads the newest checkpoint in `ckpt` on one device and writes it to `out`."""
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    _, state, m, meta = load_checkpoint_model(ckpt, mesh)
+    export_hf(state, m, out, dtype)
+    tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
+    return {
+        "params": count_params(state),
+        "family": infer_family(m),
+        "checkpoint_step": meta.get("step"),
+        "dtype": dtype,
+        "outputs": {"hf": str(out), "tokenizer": tokenizer},
+    }
+
+
+def _copy_tokenizer(path: str, out: Path) -> str:
+    src = Path(path) if path else None
+    if src is None or not src.exists():
+        return ""
+    if src.is_file():
+        shutil.copyfile(src, out / src.name)
+        return str(out / src.name)
+    for name in HF_TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    return str(out)

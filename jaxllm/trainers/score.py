@@ -1,0 +1,152 @@
+"""`stage: score` — per-token log-probs, total log-likelihood and perplexity of texts (or
+token ids) under a checkpoint; writes `scores.jsonl`, one object per input.
+
+Every token but the first is scored, given the tokens before it (texts get the tokenizer's
+BOS first when it has one, so their first real token is scored too). Rows are right-padded to
+a bucket (the next power of two >= 16, capped at `score.max_len`) and batched `batch_size` at a
+time, so the jitted scorer compiles once per bucket; longer inputs are cut to `max_len`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import Config, MeshConfig, resolve_path
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.interop import load_tokenizer
+from jaxllm.rundir import RunDir, atomic_write_text
+from jaxllm.sharding import make_mesh
+from jaxllm.trainers import require_input
+from jaxllm.trainers.lm import load_checkpoint_model
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def score_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens_BL, mask_BL) -> jax.Array:
+    """[B, L] float32: log p(token t | tokens < t) at t >= 1 of real tokens, 0 elsewhere."""
+    model = nnx.merge(graphdef, state)
+    logits_BLV = model(tokens_BL, segment_ids_BL=mask_BL.astype(jnp.int32))
+    logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
+    picked_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
+    picked_BL = jnp.where(mask_BL[:, 1:] > 0, picked_BL, 0.0)
+    return jnp.pad(picked_BL, ((0, 0), (1, 0)))
+
+
+def bucket_len(n: int, max_len: int, minimum: int = 16) -> int:
+    return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def score_ids(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    rows: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    max_len: int = 512,
+) -> list[dict[str, Any]]:
+    """Scores token-id rows (in input order): logprobs, total_logprob, num_tokens, ppl."""
+    rows = [list(r)[:max_len] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch up
+    out: list[dict[str, Any]] = [{} for _ in rows]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        length = bucket_len(max(len(rows[i]) for i in idx), max_len)
+        tokens = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for j, i in enumerate(idx):
+            tokens[j, : len(rows[i])] = rows[i]
+            mask[j, : len(rows[i])] = 1
+        logp = np.asarray(jax.device_get(score_batch(graphdef, state, tokens, mask)))
+        for j, i in enumerate(idx):
+            out[i] = _row_result(logp[j, 1 : len(rows[i])])
+    return out
+
+
+def _row_result(logp: np.ndarray) -> dict[str, Any]:
+    total, n = float(logp.sum(dtype=np.float64)), int(logp.size)
+    return {
+        "logprobs": [float(x) for x in logp],
+        "total_logprob": total,
+        "num_tokens": n,
+        "ppl": math.exp(-total / n) if n else None,
+    }
+
+
+def read_inputs(cfg: Any) -> list[dict[str, Any]]:
+    """`score.texts` plus the lines of `score.texts_file` (JSONL with "text" or "ids")."""
+    items: list[dict[str, Any]] = [{"text": t} for t in cfg.texts]
+    if cfg.texts_file:
+        path = resolve_path(cfg.texts_file)
+        if not path.is_file():
+            raise ConfigError(f"config key 'score.texts_file': {path} not found")
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                items.append(_parse_line(line, path, i))
+    if not items:
+        raise ConfigError("config key 'score.texts': give texts or a texts_file")
+    return items
+
+
+def _parse_line(line: str, path: Path, i: int) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        return {"text": obj["text"]}
+    ids = obj.get("ids") if isinstance(obj, dict) else None
+    if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return {"ids": ids}
+    raise DataError(f'{path}:{i}: expected a JSON object with a "text" string or "ids" list')
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    sc = cfg.score  # type: ignore[attr-defined]
+    ckpt = require_input(cfg, "checkpoint")
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, state, m, meta = load_checkpoint_model(ckpt, mesh)
+    items = read_inputs(sc)
+    rows = _to_ids(items, cfg.inputs.tokenizer or meta.get("tokenizer", ""), m.vocab_size)
+    max_len = min(sc.max_len, m.max_seq_len) if m.positions == "learned" else sc.max_len
+    results = score_ids(graphdef, state, rows, sc.batch_size, max_len)
+    lines = [
+        json.dumps({**it, **res}, ensure_ascii=False) + "\n" for it, res in zip(items, results)
+    ]
+    atomic_write_text(run_dir.path / "scores.jsonl", "".join(lines))
+    total = sum(r["total_logprob"] for r in results)
+    n = sum(r["num_tokens"] for r in results)
+    return {
+        "texts": len(items),
+        "tokens_scored": n,
+        "total_logprob": total,
+        "ppl": math.exp(-total / n) if n else None,
+        "truncated": sum(len(r) > max_len for r in rows),
+        "outputs": {"scores": str(run_dir.path / "scores.jsonl")},
+    }
+
+
+def _to_ids(items: list[dict[str, Any]], tok_path: str, vocab: int) -> list[list[int]]:
+    """Token ids per input (texts tokenized with BOS first when the tokenizer has one)."""
+    tok = None
+    if any("text" in it for it in items):
+        if not tok_path:
+            raise ConfigError(
+                "config key 'inputs.tokenizer' is empty and the checkpoint names none"
+            )
+        tok = load_tokenizer(tok_path)
+    rows = []
+    for it in items:
+        ids = it["ids"] if "ids" in it else tok.encode(it["text"], add_bos=tok.bos_id >= 0)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise DataError(f"score input: token id {bad[0]} outside the model's vocab ({vocab})")
+        rows.append(ids)
+    return rows
