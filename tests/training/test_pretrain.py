@@ -28,18 +28,42 @@ ROOT = Path(__file__).resolve().parents[2]
 def prepared(tmp_path_factory):
     """Cleaned data + a small tokenizer from the shipped corpus, once for this module."""
     out = tmp_path_factory.mktemp("prep")
-    sets = {
-        "output_dir": out,
-        "progress": "false",
-        "pipeline.1.tokenizer.vocab_size": 1000,
-        "pipeline.1.tokenizer.character_coverage": 0.98,
-    }
-    args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
-    assert main(["--config", str(ROOT / "configs/tiny.yaml"), *args]) == 0
-    return out / "1-tiny_data", out / "2-tiny_tokenizer" / "tokenizer.model"
+    data, tok = out / "data", out / "tok"
+    common = ["--set", "progress=false"]
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "configs/tiny_data.yaml"),
+                *common,
+                "--set",
+                f"output_dir={data}",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--config",
+                str(ROOT / "configs/tiny_tokenizer.yaml"),
+                *common,
+                "--set",
+                f"output_dir={tok}",
+                "--set",
+                f"inputs.data_dir={data}",
+                "--set",
+                "tokenizer.vocab_size=1000",
+                "--set",
+                "tokenizer.character_coverage=0.98",
+            ]
+        )
+        == 0
+    )
+    return data, tok / "tokenizer.model"
 
 
-def pretrain_cmd(prepared, out, steps=150, **extra):
+def pretrain_cmd(prepared, out, steps=80, **extra):
     data, tok = prepared
     sets = {
         "output_dir": out,
@@ -99,7 +123,7 @@ def test_sigkill_then_resume_reproduces_losses(prepared, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout
     a, b = losses(full), losses(killed)
-    assert sorted(a) == sorted(b) == list(range(1, 151))
+    assert sorted(a) == sorted(b) == list(range(1, 81))
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
     assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] >= 20
 
