@@ -42,6 +42,8 @@ format: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/train_throughput.py --quick
+	$(BIN)/python bench/decode.py --quick
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -24,6 +24,7 @@ from jaxllm.models.layers import (
     Embed,
     Norm,
     constrain,
+    dense,
     dropout,
     param,
     rope_angles,
@@ -55,10 +56,11 @@ class Block(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | None = None,
         key: jax.Array | None = None,
+        causal: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
         h_BLD, kv = self.attn(
-            self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key
+            self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key, causal=causal
         )
         x_BLD = constrain(x_BLD + h_BLD, _RESIDUAL)
         h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD)), self.dropout_rate, mlp_key)
@@ -70,7 +72,7 @@ def _remat_block(block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, ke
     graphdef, state = nnx.split(block)
 
     def run(state, x_BLD, mask_BLS, rope, key):
-        return nnx.merge(graphdef, state)(x_BLD, mask_BLS, rope, key=key)[0]
+        return nnx.merge(graphdef, state)(x_BLD, mask_BLS, rope, key=key, causal=True)[0]
 
     policy = _REMAT_POLICY[policy_name]
     return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key)
@@ -158,7 +160,7 @@ class Decoder(nnx.Module):
         for i, block in enumerate(self.blocks):
             block_key = None if key is None else jax.random.fold_in(key, i)
             if self.cfg.remat == "none":
-                x_BLD = block(x_BLD, mask_BLL, rope, key=block_key)[0]
+                x_BLD = block(x_BLD, mask_BLL, rope, key=block_key, causal=True)[0]
             else:
                 x_BLD = _remat_block(block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key)
         return self.final_norm(x_BLD)
@@ -205,9 +207,7 @@ class Decoder(nnx.Module):
             logits_BLV = self.embed.attend(x_BLD)
         else:
             head_DV = self.head[...].astype(x_BLD.dtype)
-            logits_BLV = jnp.einsum(
-                "bld,dv->blv", x_BLD, head_DV, preferred_element_type=jnp.float32
-            )
+            logits_BLV = dense(x_BLD, head_DV, out_dtype=jnp.float32)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
 
     # ----------------------------------------------------------------------- internals

@@ -3,10 +3,17 @@ token embeddings, sinusoidal positions, RoPE and dropout.
 
 Dtype policy: parameters are stored in `cfg.param_dtype`; every matmul casts its weight to the
 compute dtype `cfg.dtype` at use; norms, softmax and logits run in float32.
+
+Every weight matmul goes through `dense`, which on CPU carries its own backward pass: XLA:CPU
+hands dots to YNNPACK only in canonical layouts, so autodiff's weight gradient `x^T @ g` either
+ran on Eigen's slower transposed-operand path (the MLP: ~60 GFLOP/s instead of ~95 per core)
+or XLA transposed the whole [tokens, vocab] logits gradient for the tied output layer. `dense`
+transposes the smaller operand instead. Same maths; on other backends it is a plain einsum.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,6 +39,7 @@ __all__ = [
     "apply_rope",
     "compute_dtype",
     "constrain",
+    "dense",
     "dropout",
     "param",
     "rope_inv_freq",
@@ -59,6 +67,69 @@ def param(
     else:
         init = nnx.initializers.constant(fill)
     return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, jnp.dtype(dtype)))
+
+
+def _matmul_NM(x_NK: jax.Array, w: jax.Array, w_is_MK: bool, out_dtype) -> jax.Array:
+    dims = (((1,), (1 if w_is_MK else 0,)), ((), ()))
+    return jax.lax.dot_general(x_NK, w, dims, preferred_element_type=out_dtype)
+
+
+def _materialized_T(a: jax.Array) -> jax.Array:
+    """`a.T` written out, so that XLA cannot fold it back into the dot as a transposed
+    operand (which YNNPACK does not take)."""
+    return jax.lax.optimization_barrier(a.T)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_2d(x_NK: jax.Array, w: jax.Array, w_is_MK: bool, out_dtype) -> jax.Array:
+    return _matmul_NM(x_NK, w, w_is_MK, out_dtype)
+
+
+def _dense_2d_fwd(x_NK, w, w_is_MK, out_dtype):
+    return _matmul_NM(x_NK, w, w_is_MK, out_dtype), (x_NK, w)
+
+
+def _dense_2d_bwd(w_is_MK, out_dtype, res, g_NM):
+    x_NK, w = res
+    g_NM = g_NM.astype(x_NK.dtype)
+    dims = (((1,), (0 if w_is_MK else 1,)), ((), ()))
+    dx_NK = jax.lax.dot_general(g_NM, w, dims).astype(x_NK.dtype)  # g @ w_KM.T
+    k, m = x_NK.shape[1], g_NM.shape[1]
+    # dW = x^T @ g, contracting over the N tokens: transpose whichever of x, g is smaller.
+    if k <= m:
+        dw_KM = _materialized_T(x_NK) @ g_NM
+        dw = jax.lax.optimization_barrier(dw_KM).T if w_is_MK else dw_KM
+    else:
+        dw_MK = _materialized_T(g_NM) @ x_NK
+        dw = dw_MK if w_is_MK else jax.lax.optimization_barrier(dw_MK).T
+    return dx_NK, dw.astype(w.dtype)
+
+
+_dense_2d.defvjp(_dense_2d_fwd, _dense_2d_bwd)
+
+
+def dense(
+    x: jax.Array,
+    w: jax.Array,
+    n_in: int = 1,
+    *,
+    w_is_out_in: bool = False,
+    out_dtype=None,
+) -> jax.Array:
+    """Contracts the last `n_in` axes of `x` with the first `n_in` axes of `w` (or, with
+    `w_is_out_in`, w is [out, in] — the tied embedding — and is contracted on its last axes):
+    `einsum("...k,k...->...")` as one 2-D matmul. `out_dtype` sets the accumulation/output
+    dtype (e.g. float32 logits from bfloat16 inputs)."""
+    batch, k_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
+    out_shape = w.shape[: w.ndim - n_in] if w_is_out_in else w.shape[n_in:]
+    k, m = math.prod(k_shape), math.prod(out_shape)
+    w2 = w.reshape((m, k) if w_is_out_in else (k, m))
+    x2 = x.reshape(-1, k)
+    if jax.default_backend() == "cpu":
+        y = _dense_2d(x2, w2, w_is_out_in, out_dtype)
+    else:
+        y = _matmul_NM(x2, w2, w_is_out_in, out_dtype)
+    return y.reshape(batch + out_shape)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -107,19 +178,19 @@ class MLP(nnx.Module):
         self.gate_bias = param(rngs, (f,), ("mlp",), pd) if bias and glu else None
         self.down_bias = param(rngs, (d,), ("embed",), pd) if bias else None
 
-    def _proj(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None, spec: str):
-        y = jnp.einsum(spec, x, kernel[...].astype(self.dtype))
+    def _proj(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None):
+        y = dense(x, kernel[...].astype(self.dtype))
         return y if bias is None else y + bias[...].astype(self.dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        h_BLF = self._proj(x_BLD, self.up, self.up_bias, "bld,df->blf")
+        h_BLF = self._proj(x_BLD, self.up, self.up_bias)
         if self.gate is not None:
-            g_BLF = self._proj(x_BLD, self.gate, self.gate_bias, "bld,df->blf")
+            g_BLF = self._proj(x_BLD, self.gate, self.gate_bias)
             h_BLF = jax.nn.silu(g_BLF) * h_BLF
         else:
             h_BLF = jax.nn.gelu(h_BLF, approximate=True)
         h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
-        return self._proj(h_BLF, self.down, self.down_bias, "blf,fd->bld")
+        return self._proj(h_BLF, self.down, self.down_bias)
 
 
 class Embed(nnx.Module):
@@ -136,7 +207,7 @@ class Embed(nnx.Module):
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Tied logits `x @ E.T`, accumulated and returned in float32."""
         emb_VD = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("bld,vd->blv", x_BLD, emb_VD, preferred_element_type=jnp.float32)
+        return dense(x_BLD, emb_VD, w_is_out_in=True, out_dtype=jnp.float32)
 
 
 def sinusoidal_positions(positions_BL: jax.Array, d_model: int) -> jax.Array:

@@ -119,9 +119,12 @@ def test_unworkable_mesh_fails_before_compiling():
     from jaxllm.sharding import validate_mesh
 
     def cfg(**kw):
-        base = {"stage": "pretrain", "model": {"n_heads": 4, "d_model": 32, "d_ff": 64},
-                "mesh": {"data": 1, "fsdp": 2, "tensor": 4, "rules": "fsdp_tp"},
-                "loader": {"batch_size": 8}}
+        base = {
+            "stage": "pretrain",
+            "model": {"n_heads": 4, "d_model": 32, "d_ff": 64},
+            "mesh": {"data": 1, "fsdp": 2, "tensor": 4, "rules": "fsdp_tp"},
+            "loader": {"batch_size": 8},
+        }
         for k, v in kw.items():
             base[k] = {**base[k], **v}
         return from_dict(base)
