@@ -42,6 +42,7 @@ from jaxllm.config.model import (
     RopeScalingConfig,
     TrainConfig,
 )
+from jaxllm.config.peft import PeftConfig
 from jaxllm.config.sft import SFTConfig
 from jaxllm.errors import ConfigError
 
@@ -58,6 +59,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
+    "PeftConfig",
     "RopeScalingConfig",
     "SFTConfig",
     "ScoreConfig",
@@ -104,6 +106,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.layers import apply_rope, compute_dtype, constrain, dense, dropout, param
+from jaxllm.models.layers import apply_rope, compute_dtype, constrain, dropout, param, project
 
 _QKV_AXES = ("act_batch", "act_length", "act_heads", None)
 _KV_CACHE_AXES = ("act_batch", "act_heads", None, None)
@@ -212,8 +212,10 @@ class Attention(nnx.Module):
     def _w(self, p: nnx.Param) -> jax.Array:
         return p[...].astype(self.dtype)
 
-    def _project(self, x_BLD: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        y_BLNH = dense(x_BLD, self._w(kernel))
+    def _project(self, x_BLD: jax.Array, name: str, lora_keys) -> jax.Array:
+        key = None if lora_keys is None else lora_keys[("q", "k", "v").index(name)]
+        y_BLNH = project(self, name, x_BLD, key=key)
+        bias = getattr(self, f"{name}_bias")
         y_BLNH = y_BLNH if bias is None else y_BLNH + self._w(bias)
         return constrain(y_BLNH, _QKV_AXES)
 
@@ -233,9 +235,11 @@ class Attention(nnx.Module):
         `mask_BLS` is [B, L, S] over the whole cache. `key` enables dropout. `causal=True`
         (no cache only) promises a mask within the causal one, see `attend`."""
         # Three matmuls: one fused [D, N + 2K, H] projection measured the same on CPU.
-        q_BLNH = self._project(x_BLD, self.q, self.q_bias)
-        k_BLKH = self._project(x_BLD, self.k, self.k_bias)
-        v_BLKH = self._project(x_BLD, self.v, self.v_bias)
+        # LoRA dropout keys (only used when adapters with dropout are attached)
+        lora_keys = None if key is None else jax.random.split(jax.random.fold_in(key, 2), 4)
+        q_BLNH = self._project(x_BLD, "q", lora_keys)
+        k_BLKH = self._project(x_BLD, "k", lora_keys)
+        v_BLKH = self._project(x_BLD, "v", lora_keys)
         if rope is not None:
             q_BLNH, k_BLKH = apply_rope(q_BLNH, rope), apply_rope(k_BLKH, rope)
         k_BKSH, v_BKSH = jnp.swapaxes(k_BLKH, 1, 2), jnp.swapaxes(v_BLKH, 1, 2)
@@ -251,7 +255,7 @@ class Attention(nnx.Module):
             q_BLNH, k_BKSH, v_BKSH, mask_BLS, dropout_rate=self.dropout_rate,
             dropout_key=keys[0], causal=causal and kv is None,
         )  # fmt: skip
-        out_BLD = dense(out_BLNH, self._w(self.o), 2)
+        out_BLD = project(self, "o", out_BLNH, 2, key=None if key is None else lora_keys[3])
         if self.o_bias is not None:
             out_BLD = out_BLD + self._w(self.o_bias)
         return dropout(out_BLD, self.dropout_rate, keys[1]), kv

@@ -23,10 +23,11 @@ from jaxllm.models.layers import (
     MLP,
     Embed,
     Norm,
+    compute_dtype,
     constrain,
-    dense,
     dropout,
     param,
+    project,
     rope_angles,
     rope_inv_freq,
     sinusoidal_positions,
@@ -63,7 +64,8 @@ class Block(nnx.Module):
             self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key, causal=causal
         )
         x_BLD = constrain(x_BLD + h_BLD, _RESIDUAL)
-        h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD)), self.dropout_rate, mlp_key)
+        lora_key = None if mlp_key is None else jax.random.fold_in(mlp_key, 1)
+        h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD), lora_key), self.dropout_rate, mlp_key)
         return constrain(x_BLD + h_BLD, _RESIDUAL), kv
 
 
@@ -87,6 +89,7 @@ class Decoder(nnx.Module):
                 "model.vocab_size: must be > 0 to build a model (set it from the tokenizer)"
             )
         self.cfg = cfg
+        self.dtype = compute_dtype(cfg)
         d, pd = cfg.d_model, cfg.param_dtype
         self.embed = Embed(cfg, rngs=rngs)
         self.pos_embed = (
@@ -206,8 +209,7 @@ class Decoder(nnx.Module):
         if self.head is None:
             logits_BLV = self.embed.attend(x_BLD)
         else:
-            head_DV = self.head[...].astype(x_BLD.dtype)
-            logits_BLV = dense(x_BLD, head_DV, out_dtype=jnp.float32)
+            logits_BLV = project(self, "head", x_BLD.astype(self.dtype), out_dtype=jnp.float32)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
 
     # ----------------------------------------------------------------------- internals

@@ -42,6 +42,7 @@ __all__ = [
     "dense",
     "dropout",
     "param",
+    "project",
     "rope_inv_freq",
     "sinusoidal_positions",
 ]
@@ -132,6 +133,32 @@ def dense(
     return y.reshape(batch + out_shape)
 
 
+LORA_A, LORA_B = "_lora_a", "_lora_b"  # adapter attribute suffixes (see models/lora.py)
+
+
+def project(
+    module: nnx.Module,
+    name: str,
+    x: jax.Array,
+    n_in: int = 1,
+    *,
+    key: jax.Array | None = None,
+    out_dtype=None,
+) -> jax.Array:
+    """`dense(x, module.<name>)` in the module's compute dtype, plus the weight's LoRA adapter
+    `scale * dropout(x) A B` when one is attached (`<name>_lora_a`, `<name>_lora_b`): two thin
+    matmuls, never the [in, out] product, so the backward pass costs rank-sized work."""
+    dtype = module.dtype
+    y = dense(x, getattr(module, name)[...].astype(dtype), n_in, out_dtype=out_dtype)
+    a = getattr(module, name + LORA_A, None)
+    if a is None:
+        return y
+    b = getattr(module, name + LORA_B)
+    h = dense(dropout(x, module.lora_dropout, key), a[...].astype(dtype), n_in)
+    delta = dense(h, b[...].astype(dtype), 1, out_dtype=out_dtype) * module.lora_scale
+    return y + delta.astype(y.dtype)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when `rate == 0` or `key is None` (evaluation)."""
     if rate == 0.0 or key is None:
@@ -178,19 +205,22 @@ class MLP(nnx.Module):
         self.gate_bias = param(rngs, (f,), ("mlp",), pd) if bias and glu else None
         self.down_bias = param(rngs, (d,), ("embed",), pd) if bias else None
 
-    def _proj(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None):
-        y = dense(x, kernel[...].astype(self.dtype))
+    def _proj(self, x: jax.Array, name: str, key: jax.Array | None):
+        y = project(self, name, x, key=key)
+        bias = getattr(self, f"{name}_bias")
         return y if bias is None else y + bias[...].astype(self.dtype)
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        h_BLF = self._proj(x_BLD, self.up, self.up_bias)
+    def __call__(self, x_BLD: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """`key` only drives LoRA dropout (the block applies the residual dropout)."""
+        keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+        h_BLF = self._proj(x_BLD, "up", keys[0])
         if self.gate is not None:
-            g_BLF = self._proj(x_BLD, self.gate, self.gate_bias)
+            g_BLF = self._proj(x_BLD, "gate", keys[1])
             h_BLF = jax.nn.silu(g_BLF) * h_BLF
         else:
             h_BLF = jax.nn.gelu(h_BLF, approximate=True)
         h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
-        return self._proj(h_BLF, self.down, self.down_bias)
+        return self._proj(h_BLF, "down", keys[2])
 
 
 class Embed(nnx.Module):

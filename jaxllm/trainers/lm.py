@@ -6,20 +6,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, ModelConfig, replace
+from jaxllm.config import Config, ModelConfig, PeftConfig, replace, to_dict
 from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
+from jaxllm.models.heads import HeadParam
+from jaxllm.models.lora import apply_lora, merge_lora
 from jaxllm.sharding import validate_mesh
+from jaxllm.trainers import require_input
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.losses import cross_entropy
-from jaxllm.training.state import TrainState, create_train_state, to_global
+from jaxllm.training.state import (
+    TrainState,
+    count_params,
+    create_train_state,
+    state_shardings,
+    to_global,
+)
 
 
 def resolve_model(cfg: Config, vocab_size: int) -> ModelConfig:
@@ -96,6 +107,7 @@ def restore_or_init(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
     restored, meta = ckpt.restore(step, target)
+    restored = restored.replace(frozen=state.frozen)  # never saved: it is the stage's input
     if "data_state" in meta and hasattr(data_iter, "set_state"):
         data_iter.set_state(meta["data_state"])
     print(f"resumed from {ckpt.directory}/{step}")
@@ -126,13 +138,25 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+Wrap = Callable[[nnx.Module, nnx.Rngs], nnx.Module]  # decoder → model with a stage's head
+
+
+def trainable_filter(peft: PeftConfig):
+    """What a stage trains: every weight, or under LoRA the adapters plus any new head."""
+    return nnx.Any(nnx.LoRAParam, HeadParam) if peft.enabled else nnx.Param
+
+
 def load_checkpoint_model(
-    ckpt_dir: Path, mesh, rules: str = "dp", step: int | None = None
+    ckpt_dir: Path, mesh, rules: str = "dp", step: int | None = None, wrap: Wrap | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, ModelConfig, dict[str, Any]]:
-    """The model (graphdef + full state) of a pretrain-style checkpoint directory.
+    """The model (graphdef + full state) of a jaxllm checkpoint directory.
 
     The model and optimizer configs come from the checkpoint's own metadata, so a later stage
-    needs only the path. Returns `(graphdef, state, model_cfg, meta)`.
+    needs only the path. A LoRA checkpoint holds only adapters: its base is loaded from the
+    `base_checkpoint` its metadata names (recursively, merged), and the adapters put on it
+    (the returned state holds `nnx.LoRAParam`s; `merge_lora` folds them in). `wrap` rebuilds
+    a stage's head around the decoder (reward/value checkpoints). Returns
+    `(graphdef, state, model_cfg, meta)`.
     """
     from jaxllm.config import from_dict  # local: avoids a cycle at import time
     from jaxllm.training.optim import make_optimizer
@@ -147,10 +171,126 @@ def load_checkpoint_model(
     run_cfg = from_dict(meta["config"])
     m = from_dict({"stage": "generate", "model": meta["model"]}).model
     tx = make_optimizer(run_cfg.train.optim, run_cfg.train.steps)
-    graphdef, state, shardings = create_train_state(model_fn(m, 0), tx, mesh, rules, 0)
+    if run_cfg.peft.enabled:
+        base = meta.get("base_checkpoint")
+        if not base:
+            raise ConfigError(f"{ckpt_dir}/{step}: LoRA checkpoint names no base_checkpoint")
+        bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules)
+        model = nnx.merge(bg, bstate)
+        merge_lora(model)
+        model = wrap(model, nnx.Rngs(0)) if wrap else model
+        with nnx.use_eager_sharding(False):
+            apply_lora(model, run_cfg.peft, nnx.Rngs(0))
+        graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
+        state, shardings = _state_from(params, frozen, tx, mesh, rules, 0)
+    else:
+        build = model_fn(m, 0)
+        fn = (lambda: wrap(build(), nnx.Rngs(0))) if wrap else build
+        graphdef, state, shardings = create_train_state(fn, tx, mesh, rules, 0)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
     restored, meta = ckpt.restore(step, target)
     ckpt.close()
-    return graphdef, nnx.merge_state(restored.params, restored.frozen), m, meta
+    return graphdef, nnx.merge_state(restored.params, state.frozen), m, meta
+
+
+def _state_from(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
+    """A `TrainState` of these variables with a fresh optimizer state, built in its
+    shardings (the inputs may already be sharded). Returns `(state, shardings)`."""
+
+    def init(params: nnx.State, frozen: nnx.State) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    shardings = state_shardings(jax.eval_shape(init, params, frozen), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
+
+
+@dataclass
+class StartPoint:
+    """A fine-tuning stage's starting train state and what it came from."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    shardings: Any
+    model: ModelConfig
+    meta: dict[str, Any]  # the input checkpoint's metadata (config, tokenizer, ...)
+    checkpoint: str  # the input checkpoint directory (a LoRA run's base)
+    trainable_params: int
+    total_params: int
+
+    def checkpoint_meta(self, cfg: Config, tokenizer: str) -> dict[str, Any]:
+        """What this stage's checkpoints carry so later stages can load them by path."""
+        return {
+            "config": to_dict(cfg),
+            "model": to_dict(self.model),
+            "tokenizer": str(tokenizer),
+            "base_checkpoint": self.checkpoint,
+        }
+
+
+def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> StartPoint:
+    """The train state of a stage that starts from `inputs.checkpoint`: its weights (a LoRA
+    input merged into plain weights), `wrap`'s head if given, adapters if `peft` asks, and a
+    fresh optimizer state over what trains."""
+    ckpt_in = str(Path(require_input(cfg, "checkpoint")).absolute())
+    graphdef, weights, m, meta = load_checkpoint_model(Path(ckpt_in), mesh, cfg.mesh.rules)
+    validate_mesh(replace(cfg, model=m), len(jax.devices()), m.vocab_size)
+    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
+            f"max_seq_len ({m.max_seq_len}) of learned positions"
+        )
+    model = nnx.merge(graphdef, weights)
+    merge_lora(model)
+    rngs = nnx.Rngs(params=cfg.seed)
+    model = wrap(model, rngs) if wrap else model
+    if cfg.peft.enabled:
+        try:
+            with nnx.use_eager_sharding(False):
+                apply_lora(model, cfg.peft, rngs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.peft), ...)
+    state, shardings = _state_from(params, frozen, tx, mesh, cfg.mesh.rules, cfg.seed)
+    trainable = count_params(state.params)
+    return StartPoint(
+        graphdef, state, shardings, m, meta, ckpt_in, trainable, trainable + count_params(frozen)
+    )
+
+
+def load_model_tokenizer(path: str | Path, m: ModelConfig) -> Any:
+    """The tokenizer named by `inputs.tokenizer` or the checkpoint (sentencepiece or an
+    imported `tokenizer.json`), checked against the model's vocabulary."""
+    from jaxllm.interop import load_tokenizer  # local: interop is only needed here
+
+    if not path:
+        raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
+    tok = load_tokenizer(Path(path))
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"config key 'inputs.tokenizer': {path} has {tok.vocab_size} tokens but the "
+            f"checkpoint's model has vocab_size {m.vocab_size}; use the pretraining tokenizer"
+        )
+    return tok
+
+
+def param_figures(start: StartPoint, run_dir: Path) -> dict[str, Any]:
+    """Trainable / total parameters and the size on disk of the newest checkpoint."""
+    out: dict[str, Any] = {
+        "trainable_params": start.trainable_params,
+        "total_params": start.total_params,
+        "trainable_share": round(start.trainable_params / max(start.total_params, 1), 6),
+    }
+    ckpts = checkpoint_dir(Path(run_dir))
+    steps = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.is_dir() else []
+    if steps:
+        newest = max(steps, key=lambda p: int(p.name))
+        out["checkpoint_bytes"] = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    return out

@@ -13,32 +13,31 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, ModelConfig, replace, resolve_path, to_dict
+from jaxllm.config import Config, resolve_path
 from jaxllm.config.sft import SFTConfig
 from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler
 from jaxllm.rundir import RunDir
-from jaxllm.sharding import make_mesh, validate_mesh
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import ChatTemplate, split_answer
-from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import (
     checkpoint_dir,
+    init_from_checkpoint,
     lm_loss,
-    load_checkpoint_model,
+    load_model_tokenizer,
     make_evaluator,
+    param_figures,
     restore_or_init,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import LoopSpec, run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
-from jaxllm.training.state import TrainState, state_shardings, to_global
+from jaxllm.training.state import TrainState, to_global
 from jaxllm.training.step import make_eval_step, make_train_step
 
 
@@ -47,9 +46,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     s = cfg.sft
     t, mesh = cfg.train, make_mesh(cfg.mesh)
     tx = make_optimizer(t.optim, t.steps)
-    graphdef, state, shardings, m, meta = init_from_checkpoint(cfg, tx, mesh)
+    start_point = init_from_checkpoint(cfg, tx, mesh)
+    graphdef, state, shardings = start_point.graphdef, start_point.state, start_point.shardings
+    m, meta = start_point.model, start_point.meta
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
-    tok = load_tokenizer(tok_path, m)
+    tok = load_model_tokenizer(tok_path, m)
     template = ChatTemplate(tok)
     pi, pc = jax.process_index(), jax.process_count()
     opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc)
@@ -73,7 +74,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         checkpoint_every=t.checkpoint_every,
         eval_fn=score.val_loss,
         tokens_per_step=cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum,
-        meta={"config": to_dict(cfg), "model": to_dict(m), "tokenizer": str(tok_path)},
+        meta=start_point.checkpoint_meta(cfg, tok_path),
         progress=cfg.progress,
         desc=f"sft {cfg.name}",
     )
@@ -81,7 +82,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt.close()
     after = score(state)
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
-    return _summary(cfg, start, last, before, after, plot, run_dir, tok_path)
+    summary = _summary(cfg, start, last, before, after, plot, run_dir, tok_path)
+    return {**param_figures(start_point, run_dir.path), **summary}
 
 
 def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict):
@@ -93,49 +95,6 @@ def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict
     if cfg.train.grad_accum > 1:
         ds = ds.batch(cfg.train.grad_accum, drop_remainder=True)
     return iter(ds)
-
-
-def init_from_checkpoint(
-    cfg: Config, tx, mesh
-) -> tuple[nnx.GraphDef, TrainState, Any, ModelConfig, dict[str, Any]]:
-    """A train state holding the weights of `inputs.checkpoint` and a fresh optimizer state,
-    built in its shardings (the restored weights already are). Returns
-    `(graphdef, state, shardings, model_cfg, checkpoint_meta)`."""
-    ckpt_in = require_input(cfg, "checkpoint")
-    graphdef, weights, m, meta = load_checkpoint_model(ckpt_in, mesh, cfg.mesh.rules)
-    validate_mesh(replace(cfg, model=m), len(jax.devices()), m.vocab_size)
-    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
-            f"max_seq_len ({m.max_seq_len}) of learned positions"
-        )
-    graphdef, params, frozen = nnx.split(nnx.merge(graphdef, weights), nnx.Param, ...)
-
-    def init(params: nnx.State, frozen: nnx.State) -> TrainState:
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            frozen=frozen,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(cfg.seed)),
-        )
-
-    shardings = state_shardings(jax.eval_shape(init, params, frozen), mesh, cfg.mesh.rules)
-    state = jax.jit(init, out_shardings=shardings)(params, frozen)
-    return graphdef, state, shardings, m, meta
-
-
-def load_tokenizer(path: str | Path, m: ModelConfig) -> Tokenizer:
-    """The tokenizer named by `inputs.tokenizer` or the checkpoint, checked against the model."""
-    if not path:
-        raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
-    tok = Tokenizer.load(Path(path))
-    if tok.vocab_size > m.vocab_size:
-        raise ConfigError(
-            f"config key 'inputs.tokenizer': {path} has {tok.vocab_size} tokens but the "
-            f"checkpoint's model has vocab_size {m.vocab_size}; use the pretraining tokenizer"
-        )
-    return tok
 
 
 def _data_file(value: str, key: str) -> Path:

@@ -3,6 +3,10 @@
 Saves are async and atomic (orbax writes to a temporary directory and renames it when the
 save is complete), keeping the newest `keep` steps. A restore checks the saved shapes against
 the model first, so a checkpoint of another model fails with a message naming the parameter.
+
+A `TrainState`'s `frozen` part (LoRA's base weights, a stage's fixed parts) is never written:
+it is rebuilt from the stage's inputs, so a LoRA checkpoint holds only the adapters (and their
+optimizer state). `restore` returns the state with `frozen=None`; the caller puts it back.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxllm.errors import JaxllmError
+from jaxllm.training.state import TrainState
 
 
 class CheckpointMismatch(JaxllmError):
@@ -39,11 +44,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Starts an async save; `meta` (JSON) carries the data-iterator state and config."""
+        state = _without_frozen(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restores into `target` (a tree of `jax.ShapeDtypeStruct` with shardings)."""
+        target = _without_frozen(target)
         self.check_shapes(step, target)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
@@ -79,6 +86,10 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _without_frozen(state: Any) -> Any:
+    return state.replace(frozen=None) if isinstance(state, TrainState) else state
 
 
 def _flat(tree: Any) -> list[tuple[str, Any]]:
