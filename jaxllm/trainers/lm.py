@@ -19,7 +19,7 @@ from jaxllm.config import Config, ModelConfig, PeftConfig, replace, to_dict
 from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.models.heads import HeadParam
-from jaxllm.models.lora import apply_lora, merge_lora
+from jaxllm.models.lora import apply_lora, has_lora, merge_lora
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.training.checkpoint import Checkpointer
@@ -294,3 +294,17 @@ def param_figures(start: StartPoint, run_dir: Path) -> dict[str, Any]:
         newest = max(steps, key=lambda p: int(p.name))
         out["checkpoint_bytes"] = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
     return out
+
+
+def load_frozen_model(
+    ckpt_dir: Path, mesh, rules: str = "dp", wrap: Wrap | None = None
+) -> tuple[nnx.GraphDef, nnx.State, Any, ModelConfig, dict[str, Any]]:
+    """A checkpoint's model as plain weights (LoRA merged) for a fixed role — a DPO/PPO
+    reference, a distillation teacher, a reward model — to pass to a step as `consts`.
+    Returns `(graphdef, state, shardings, model_cfg, meta)`."""
+    graphdef, state, m, meta = load_checkpoint_model(Path(ckpt_dir), mesh, rules, wrap=wrap)
+    if has_lora(state):
+        model = nnx.merge(graphdef, state)
+        merge_lora(model)
+        graphdef, state = nnx.split(model)
+    return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta

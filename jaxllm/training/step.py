@@ -4,6 +4,11 @@ A stage's `loss_fn(model, batch, key) -> (loss_sum, aux)` returns *sums*; `aux["
 what they sum over (tokens, pairs, sequences). The step adds micro-batches (gradient
 accumulation with `lax.scan`, so one compiled program per optimizer step) and divides by the
 total weight once, so accumulation is exactly a larger batch. Metrics are `aux / weight`.
+
+Stages that need fixed arrays besides the model (a DPO/PPO reference model, a distillation
+teacher) pass `const_shardings`: the step then takes a third argument `consts` (a pytree,
+never donated, never differentiated, not checkpointed) and calls
+`loss_fn(model, batch, key, consts)`.
 """
 
 from __future__ import annotations
@@ -23,27 +28,31 @@ from jaxllm.training.state import TrainState, batch_sharding
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
 
-def _grads(graphdef, loss_fn: LossFn, state: TrainState, batch: dict, key: jax.Array):
+def _call(loss_fn, model, batch, key, consts):
+    return loss_fn(model, batch, key) if consts is None else loss_fn(model, batch, key, consts)
+
+
+def _grads(graphdef, loss_fn: LossFn, state: TrainState, batch: dict, key, consts=None):
     def f(params):
         model = nnx.merge(graphdef, params, state.frozen)
-        loss, aux = loss_fn(model, batch, key)
+        loss, aux = _call(loss_fn, model, batch, key, jax.lax.stop_gradient(consts))
         return loss, {**aux, "loss": loss}
 
     (_, aux), grads = jax.value_and_grad(f, has_aux=True)(state.params)
     return grads, aux
 
 
-def _accumulate(graphdef, loss_fn: LossFn, state: TrainState, batch: dict, key: jax.Array):
+def _accumulate(graphdef, loss_fn: LossFn, state: TrainState, batch: dict, key, consts=None):
     """Sums gradients and aux over the leading micro-batch axis with `lax.scan`."""
     first = jax.tree.map(lambda x: x[0], batch)
     zeros = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(lambda: _grads(graphdef, loss_fn, state, first, key)),
+        jax.eval_shape(lambda: _grads(graphdef, loss_fn, state, first, key, consts)),
     )
 
     def body(carry, xs):
         micro, i = xs
-        out = _grads(graphdef, loss_fn, state, micro, jax.random.fold_in(key, i))
+        out = _grads(graphdef, loss_fn, state, micro, jax.random.fold_in(key, i), consts)
         return jax.tree.map(jnp.add, carry, out), None
 
     n = jax.tree.leaves(batch)[0].shape[0]
@@ -60,16 +69,18 @@ def make_train_step(
     mesh: Mesh,
     rules: str,
     grad_accum: int = 1,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`step(state, batch) -> (state, metrics)`, jitted with shardings; `state` is donated."""
+    const_shardings: Any = None,
+) -> Callable[..., tuple[TrainState, dict]]:
+    """`step(state, batch[, consts]) -> (state, metrics)`, jitted with shardings; `state` is
+    donated. `consts` is an argument only when `const_shardings` is given."""
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, consts: Any = None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         with use_rules(mesh, rules):
             if grad_accum > 1:
-                grads, aux = _accumulate(graphdef, loss_fn, state, batch, key)
+                grads, aux = _accumulate(graphdef, loss_fn, state, batch, key, consts)
             else:
-                grads, aux = _grads(graphdef, loss_fn, state, batch, key)
+                grads, aux = _grads(graphdef, loss_fn, state, batch, key, consts)
         weight = jnp.maximum(aux["weight"], 1.0)
         grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -82,20 +93,26 @@ def make_train_step(
         return new, metrics
 
     data = batch_sharding(mesh, 1, leading=1 if grad_accum > 1 else 0)
-    return jax.jit(
-        step, in_shardings=(shardings, data), out_shardings=(shardings, None), donate_argnums=(0,)
-    )
+    ins = (shardings, data) if const_shardings is None else (shardings, data, const_shardings)
+    return jax.jit(step, in_shardings=ins, out_shardings=(shardings, None), donate_argnums=(0,))
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, loss_fn: LossFn, shardings: Any, mesh: Mesh, rules: str
-) -> Callable[[TrainState, dict], dict]:
-    """`eval(state, batch) -> aux sums` (no dropout); callers add them up and divide."""
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    shardings: Any,
+    mesh: Mesh,
+    rules: str,
+    const_shardings: Any = None,
+) -> Callable[..., dict]:
+    """`eval(state, batch[, consts]) -> aux sums` (no dropout); callers add them up and divide."""
 
-    def step(state: TrainState, batch: dict) -> dict:
+    def step(state: TrainState, batch: dict, consts: Any = None) -> dict:
         with use_rules(mesh, rules):
             model = nnx.merge(graphdef, state.params, state.frozen)
-            loss, aux = loss_fn(model, batch, None)
+            loss, aux = _call(loss_fn, model, batch, None, consts)
         return {**aux, "loss": loss}
 
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh, 1)))
+    data = batch_sharding(mesh, 1)
+    ins = (shardings, data) if const_shardings is None else (shardings, data, const_shardings)
+    return jax.jit(step, in_shardings=ins)
