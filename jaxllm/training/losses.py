@@ -108,3 +108,54 @@ def cross_entropy(
     correct = jnp.sum((predicted_BL == targets_BL) * mask_BL)
     total = ce + z_loss * zl if z_loss else ce
     return total, {"ce": ce, "z_loss": zl, "correct": correct, "weight": jnp.sum(mask_BL)}
+
+
+def token_logprobs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+    """log p(target) per token in f32 (logit[target] - logsumexp), differentiable with the
+    one-pass backward of `_lse_and_target_logit`; the building block for sequence log-probs
+    in DPO / PPO / GRPO."""
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    lse_BL, target_logit_BL = _lse_and_target_logit(logits_BLV, targets_BL.astype(jnp.int32))
+    return target_logit_BL - lse_BL
+
+
+def _plogq(p_BLV: jax.Array, x_BLV: jax.Array) -> jax.Array:
+    """p * x with 0 where p == 0, so -inf logits (banned tokens) give 0 rather than NaN; x is
+    replaced there too, else the untaken branch's gradient (0 * inf) would still be NaN."""
+    live_BLV = p_BLV > 0
+    return jnp.where(live_BLV, p_BLV * jnp.where(live_BLV, x_BLV, 0.0), 0.0)
+
+
+def token_entropy(logits_BLV: jax.Array) -> jax.Array:
+    """Entropy of the softmax per token in f32 (nats): an exploration metric / bonus."""
+    logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    return -jnp.sum(_plogq(jnp.exp(logp_BLV), logp_BLV), axis=-1)
+
+
+def distill_loss(
+    student_BLV: jax.Array,
+    teacher_BLV: jax.Array,
+    mask_BL: jax.Array,
+    temperature: float = 1.0,
+    kind: str = "forward",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-level distillation KL on temperature-softened distributions, summed over masked
+    tokens and scaled by temperature**2 (Hinton et al.) so gradient size does not shrink as T
+    grows. `kind="forward"`: KL(teacher || student), mass-covering (classic KD);
+    `"reverse"`: KL(student || teacher), mode-seeking (MiniLLM-style). The teacher is under
+    stop_gradient. aux: `kl` = unscaled KL sum, `weight` = number of tokens.
+    """
+    if kind not in ("forward", "reverse"):
+        raise ValueError(f"distill_loss kind must be 'forward' or 'reverse', got {kind!r}")
+    t = temperature
+    teacher_BLV = jax.lax.stop_gradient(teacher_BLV)
+    logp_s_BLV = jax.nn.log_softmax(student_BLV.astype(jnp.float32) / t, axis=-1)
+    logp_t_BLV = jax.nn.log_softmax(teacher_BLV.astype(jnp.float32) / t, axis=-1)
+    if kind == "forward":
+        p_BLV, diff_BLV = jnp.exp(logp_t_BLV), logp_t_BLV - logp_s_BLV
+    else:
+        p_BLV, diff_BLV = jnp.exp(logp_s_BLV), logp_s_BLV - logp_t_BLV
+    kl_BL = jnp.sum(_plogq(p_BLV, diff_BLV), axis=-1)
+    mask_BL = mask_BL.astype(jnp.float32)
+    kl = jnp.sum(kl_BL * mask_BL)
+    return kl * (t * t), {"kl": kl, "weight": jnp.sum(mask_BL)}

@@ -1,0 +1,189 @@
+"""Pure alignment losses: reward-model pairwise loss, DPO / IPO, PPO (policy + value), GRPO and
+the KL estimators they share. Like `losses.py`, each returns `(loss_sum, aux)` where aux holds
+*sums* of metrics and `aux["weight"]` is what they sum over; the step divides once at the end.
+All math runs in f32 whatever the input dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_KL_KINDS = ("k1", "k2", "k3")
+
+
+def _f32(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
+
+
+def kl_estimate(logp_BL: jax.Array, ref_logp_BL: jax.Array, kind: str = "k3") -> jax.Array:
+    """Per-token estimate of KL(pi || ref) for tokens sampled from pi (Schulman, "Approximating
+    KL divergence"). With d = ref_logp - logp: k1 = -d (unbiased, high variance, can be
+    negative); k2 = d^2 / 2 (biased, low variance); k3 = exp(d) - 1 - d (unbiased, >= 0).
+    """
+    if kind not in _KL_KINDS:
+        raise ValueError(f"kl_estimate kind must be one of {_KL_KINDS}, got {kind!r}")
+    logp_BL, ref_logp_BL = _f32(logp_BL, ref_logp_BL)
+    d_BL = ref_logp_BL - logp_BL
+    if kind == "k1":
+        return -d_BL
+    if kind == "k2":
+        return 0.5 * jnp.square(d_BL)
+    return jnp.expm1(d_BL) - d_BL
+
+
+def pairwise_loss(
+    chosen_B: jax.Array,
+    rejected_B: jax.Array,
+    weight_B: jax.Array,
+    margin_B: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Bradley-Terry reward-model loss: sum of -w * log sigmoid(r_chosen - r_rejected - margin).
+    The optional margin (Llama 2) demands a larger gap for pairs rated far apart.
+    aux sums: `accuracy` (w * [rc > rr]), `reward_gap` (w * (rc - rr)), `weight` (sum w).
+    """
+    chosen_B, rejected_B, weight_B = _f32(chosen_B, rejected_B, weight_B)
+    gap_B = chosen_B - rejected_B
+    shifted_B = gap_B if margin_B is None else gap_B - _f32(margin_B)[0]
+    loss = -jnp.sum(weight_B * jax.nn.log_sigmoid(shifted_B))
+    gap_B = jax.lax.stop_gradient(gap_B)
+    return loss, {
+        "accuracy": jnp.sum(weight_B * (gap_B > 0)),
+        "reward_gap": jnp.sum(weight_B * gap_B),
+        "weight": jnp.sum(weight_B),
+    }
+
+
+def dpo_loss(
+    pi_chosen_B: jax.Array,
+    pi_rejected_B: jax.Array,
+    ref_chosen_B: jax.Array,
+    ref_rejected_B: jax.Array,
+    beta: float,
+    label_smoothing: float = 0.0,
+    kind: str = "sigmoid",
+    weight_B: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPO on sequence log-probs of the policy (pi) and frozen reference (ref).
+
+    h = (pi_c - ref_c) - (pi_r - ref_r). `kind="sigmoid"` (Rafailov et al.):
+    -(1 - ls) * log sigmoid(beta h) - ls * log sigmoid(-beta h); ls > 0 is conservative DPO,
+    which assumes a fraction ls of preference labels are flipped. `kind="ipo"` (Azar et al.):
+    (h - 1 / (2 beta))^2, which regresses the margin to a finite target instead of pushing it to
+    infinity; callers should pass *length-averaged* log-probs for IPO (as the IPO paper and TRL
+    do), and label_smoothing is ignored. The loss is a weighted sum over pairs.
+    aux sums (weighted): `reward_chosen` = beta (pi_c - ref_c), `reward_rejected`, `margin`
+    (their difference), `accuracy` ([reward_chosen > reward_rejected]), `weight`.
+    """
+    if kind not in ("sigmoid", "ipo"):
+        raise ValueError(f"dpo_loss kind must be 'sigmoid' or 'ipo', got {kind!r}")
+    pi_c, pi_r, ref_c, ref_r = _f32(pi_chosen_B, pi_rejected_B, ref_chosen_B, ref_rejected_B)
+    w_B = jnp.ones_like(pi_c) if weight_B is None else _f32(weight_B)[0]
+    ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
+    h_B = (pi_c - ref_c) - (pi_r - ref_r)
+    if kind == "sigmoid":
+        ls = label_smoothing
+        per_pair_B = -(1.0 - ls) * jax.nn.log_sigmoid(beta * h_B) - ls * jax.nn.log_sigmoid(
+            -beta * h_B
+        )
+    else:
+        per_pair_B = jnp.square(h_B - 1.0 / (2.0 * beta))
+    rc_B = jax.lax.stop_gradient(beta * (pi_c - ref_c))
+    rr_B = jax.lax.stop_gradient(beta * (pi_r - ref_r))
+    return jnp.sum(w_B * per_pair_B), {
+        "reward_chosen": jnp.sum(w_B * rc_B),
+        "reward_rejected": jnp.sum(w_B * rr_B),
+        "margin": jnp.sum(w_B * (rc_B - rr_B)),
+        "accuracy": jnp.sum(w_B * (rc_B > rr_B)),
+        "weight": jnp.sum(w_B),
+    }
+
+
+def _clipped_surrogate(
+    logp_BL: jax.Array, old_logp_BL: jax.Array, adv_BL: jax.Array, clip_eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token PPO objective -min(r A, clip(r, 1-e, 1+e) A) and the |r - 1| > e indicator."""
+    ratio_BL = jnp.exp(logp_BL - jax.lax.stop_gradient(old_logp_BL))
+    clipped_BL = jnp.clip(ratio_BL, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss_BL = -jnp.minimum(ratio_BL * adv_BL, clipped_BL * adv_BL)
+    is_clipped_BL = jax.lax.stop_gradient(jnp.abs(ratio_BL - 1.0) > clip_eps)
+    return loss_BL, is_clipped_BL.astype(jnp.float32)
+
+
+def ppo_policy_loss(
+    logp_BL: jax.Array,
+    old_logp_BL: jax.Array,
+    adv_BL: jax.Array,
+    mask_BL: jax.Array,
+    clip_eps: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO clipped surrogate, token level, summed over the mask; `weight` = number of tokens.
+
+    aux sums: `clip_frac` (tokens with |r - 1| > clip_eps, whether or not the clipped branch
+    is the one min() picks), `approx_kl` = k3 estimate of KL(pi_old || pi) for tokens sampled
+    from pi_old, i.e. (r - 1) - log r with r = pi / pi_old (non-negative, unbiased).
+    """
+    logp_BL, old_logp_BL, adv_BL, mask_BL = _f32(logp_BL, old_logp_BL, adv_BL, mask_BL)
+    adv_BL = jax.lax.stop_gradient(adv_BL)
+    loss_BL, is_clipped_BL = _clipped_surrogate(logp_BL, old_logp_BL, adv_BL, clip_eps)
+    approx_kl_BL = kl_estimate(old_logp_BL, jax.lax.stop_gradient(logp_BL), "k3")
+    return jnp.sum(loss_BL * mask_BL), {
+        "clip_frac": jnp.sum(is_clipped_BL * mask_BL),
+        "approx_kl": jnp.sum(approx_kl_BL * mask_BL),
+        "weight": jnp.sum(mask_BL),
+    }
+
+
+def ppo_value_loss(
+    values_BL: jax.Array,
+    old_values_BL: jax.Array,
+    returns_BL: jax.Array,
+    mask_BL: jax.Array,
+    clip: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped value loss 0.5 * max((v - R)^2, (v_old + clip(v - v_old, -c, c) - R)^2), summed
+    over the mask: the value head may not move more than c from the rollout's estimate.
+    aux sums: `value_clip_frac` (tokens where the clipped error is the larger, so the gradient
+    is cut), `weight` (number of tokens).
+    """
+    v_BL, old_BL, ret_BL, mask_BL = _f32(values_BL, old_values_BL, returns_BL, mask_BL)
+    old_BL, ret_BL = jax.lax.stop_gradient(old_BL), jax.lax.stop_gradient(ret_BL)
+    v_clipped_BL = old_BL + jnp.clip(v_BL - old_BL, -clip, clip)
+    err_BL = jnp.square(v_BL - ret_BL)
+    err_clipped_BL = jnp.square(v_clipped_BL - ret_BL)
+    loss_BL = 0.5 * jnp.maximum(err_BL, err_clipped_BL)
+    clipped_BL = jax.lax.stop_gradient(err_clipped_BL > err_BL).astype(jnp.float32)
+    return jnp.sum(loss_BL * mask_BL), {
+        "value_clip_frac": jnp.sum(clipped_BL * mask_BL),
+        "weight": jnp.sum(mask_BL),
+    }
+
+
+def grpo_loss(
+    logp_BL: jax.Array,
+    old_logp_BL: jax.Array,
+    ref_logp_BL: jax.Array,
+    adv_B: jax.Array,
+    mask_BL: jax.Array,
+    clip_eps: float,
+    beta: float,
+    kl_kind: str = "k3",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GRPO: PPO's clipped surrogate with each sequence's group advantage broadcast to its
+    tokens, plus beta * kl_estimate(pi, ref) per token (the KL is a loss term, not folded into
+    the reward). Summed over tokens with `weight` = number of tokens, i.e. token-level
+    normalisation as in DAPO / Dr. GRPO rather than the original per-sequence mean, so long
+    answers are not down-weighted. aux sums: `kl` (unscaled), `clip_frac` (|r - 1| > eps),
+    `weight`.
+    """
+    logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL = _f32(
+        logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL
+    )
+    adv_BL = jax.lax.stop_gradient(jnp.broadcast_to(adv_B[:, None], logp_BL.shape))
+    surr_BL, is_clipped_BL = _clipped_surrogate(logp_BL, old_logp_BL, adv_BL, clip_eps)
+    kl_BL = kl_estimate(logp_BL, jax.lax.stop_gradient(ref_logp_BL), kl_kind)
+    loss_BL = surr_BL + beta * kl_BL
+    return jnp.sum(loss_BL * mask_BL), {
+        "kl": jax.lax.stop_gradient(jnp.sum(kl_BL * mask_BL)),
+        "clip_frac": jnp.sum(is_clipped_BL * mask_BL),
+        "weight": jnp.sum(mask_BL),
+    }
