@@ -14,13 +14,20 @@ content, its `<|end|>`, the final `</s>`).
   fit is split, its rest starting the next row, as in pretraining).
 - `packing=False`: one conversation per row, right-padded; longer ones are cut to L targets.
 Padding anywhere has segment id 0 and loss mask 0. Iterator state is JSON data (resumable).
+
+Reasoning traces (`trace=`): an assistant turn may hold `<think>…</think>` before its answer.
+"keep" trains on trace and answer; "mask" keeps the trace in the input but gives its tokens
+(both tags included) loss mask 0, so only the answer is learnt; "drop" removes the trace from
+the text before rendering (the answers-only baseline). Only complete `<think>…</think>` pairs
+inside one assistant turn count; a stray tag is left alone, as ordinary content.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grain
 import numpy as np
@@ -37,7 +44,12 @@ from jaxllm.data.pipeline import (
     local_batch_size,
 )
 from jaxllm.errors import DataError
-from jaxllm.tokenizer.chat import ChatTemplate, RecordFormat, parse_record
+from jaxllm.tokenizer.chat import END_TOKEN, ROLE_TOKENS, ChatTemplate, RecordFormat, parse_record
+
+TraceMode = Literal["keep", "mask", "drop"]
+TRACE_MODES = ("keep", "mask", "drop")
+THINK, END_THINK = "<think>", "</think>"
+_TRACE = re.compile(re.escape(THINK) + ".*?" + re.escape(END_THINK), re.DOTALL)
 
 
 class SFTRecords:
@@ -70,12 +82,66 @@ class SFTRecords:
 
 
 def example_features(
-    messages: list[dict[str, str]], template: ChatTemplate, train_on_prompt: bool
+    messages: list[dict[str, str]],
+    template: ChatTemplate,
+    train_on_prompt: bool,
+    *,
+    trace: TraceMode = "keep",
 ) -> dict[str, np.ndarray]:
     """One conversation as `tokens`, `targets` and `loss_mask` (int32), each of length n-1."""
-    r = template.render(messages, train_on_prompt=train_on_prompt)
+    r = template.render(apply_trace(messages, trace), train_on_prompt=train_on_prompt)
     ids, mask = np.asarray(r.ids, np.int32), np.asarray(r.mask, np.int32)
+    if trace == "mask":
+        mask = mask * (1 - trace_spans(ids, template))
     return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def apply_trace(messages: list[dict[str, str]], mode: TraceMode) -> list[dict[str, str]]:
+    """The text side of a trace mode: "drop" removes `<think>…</think>` from assistant turns.
+
+    "keep" and "mask" return the messages unchanged (masking happens on the rendered ids).
+    """
+    check_trace_mode(mode)
+    if mode != "drop":
+        return messages
+    return [
+        {**m, "content": _TRACE.sub("", m["content"])} if m["role"] == "assistant" else m
+        for m in messages
+    ]
+
+
+def trace_spans(ids: Sequence[int] | np.ndarray, template: ChatTemplate) -> np.ndarray:
+    """0/1 per id: 1 on each `<think>…</think>` (tags included) inside an assistant turn.
+
+    An assistant turn runs from `<|assistant|>` to its `<|end|>`; an opening tag with no
+    closing tag before the turn ends marks nothing.
+    """
+    special = template.tok.special_ids
+    if THINK not in special or END_THINK not in special:
+        raise DataError(
+            f'trace: "mask" needs {THINK} and {END_THINK} as special tokens of the tokenizer; '
+            "train it with tokenizer.special_tokens including them (the default)"
+        )
+    think, end_think = special[THINK], special[END_THINK]
+    assistant, end = template.ids[ROLE_TOKENS["assistant"]], template.ids[END_TOKEN]
+    out = np.zeros(len(ids), np.int32)
+    in_turn, start = False, None
+    for i, t in enumerate(ids):
+        if t == assistant:
+            in_turn, start = True, None
+        elif t == end:
+            in_turn, start = False, None
+        elif in_turn and t == think and start is None:
+            start = i
+        elif in_turn and t == end_think and start is not None:
+            out[start : i + 1] = 1
+            start = None
+    return out
+
+
+def check_trace_mode(mode: str) -> None:
+    if mode not in TRACE_MODES:
+        raise ValueError(f"trace: expected one of {', '.join(TRACE_MODES)}, got {mode!r}")
 
 
 def make_sft_dataset(
@@ -90,6 +156,7 @@ def make_sft_dataset(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool = True,
+    trace: TraceMode = "keep",
 ) -> grain.IterDataset:
     """Training batches of this process (B = batch_size // process_count rows of L)."""
     rows = local_batch_size(cfg, process_count)
@@ -98,7 +165,7 @@ def make_sft_dataset(
         convs = convs.shuffle(seed=_grain_seed(seed))
     if repeat:
         convs = convs.repeat()
-    return _batches(convs, template, cfg, rows, train_on_prompt, packing)
+    return _batches(convs, template, cfg, rows, train_on_prompt, packing, trace)
 
 
 def make_sft_eval_dataset(
@@ -112,11 +179,12 @@ def make_sft_eval_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_batches: int | None = None,
+    trace: TraceMode = "keep",
 ) -> grain.IterDataset:
     """Validation batches: no shuffle, one pass, last batch padded (see `make_eval_dataset`)."""
     rows = local_batch_size(cfg, process_count)
     convs = _conversations(files, fmt, process_index, process_count)
-    batches = _batches(convs, template, cfg, rows, train_on_prompt, packing)
+    batches = _batches(convs, template, cfg, rows, train_on_prompt, packing, trace)
     if num_batches is not None:
         batches = _PadBatchesIterDataset(batches, num_batches, _empty_batch(rows, cfg.seq_len))
     return batches
@@ -140,11 +208,13 @@ def _batches(
     rows: int,
     train_on_prompt: bool,
     packing: bool,
+    trace: TraceMode = "keep",
 ) -> grain.IterDataset:
     """Render (in read threads), pack or pad to rows of L, batch, pad the last batch, prefetch."""
     L = cfg.seq_len
     read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=_DOC_PREFETCH)
-    feats = convs.map(lambda m: example_features(m, template, train_on_prompt))
+    check_trace_mode(trace)
+    feats = convs.map(lambda m: example_features(m, template, train_on_prompt, trace=trace))
     seqs = feats.to_iter_dataset(read)
     if packing:
         lengths = {"tokens": L, "targets": L, "loss_mask": L}
