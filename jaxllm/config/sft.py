@@ -19,6 +19,10 @@ class SFTConfig:
     format: Literal["auto", "prompt_response", "messages"] = "auto"  # auto: by the keys present
     train_on_prompt: bool = False  # also learn the system/user tokens (default: answers only)
     packing: bool = True  # concat-then-split rows; false: one conversation per padded row
+    # `<think>…</think>` reasoning traces in answers: keep (learn trace + answer), mask (trace
+    # in the input, loss on the answer only), drop (remove traces: the answers-only baseline).
+    # Exact match always compares the final answers (the text after the last </think>).
+    trace: Literal["keep", "mask", "drop"] = "keep"
     eval_max_new_tokens: int = 32  # greedy answer length for exact match
     eval_examples: int = 64  # held-out prompts scored by exact match (0: none)
     eval_batch_size: int = 32  # prompts generated together

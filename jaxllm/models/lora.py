@@ -98,7 +98,7 @@ def merge_lora(model: nnx.Module) -> int:
 
 
 def has_lora(state: nnx.State) -> bool:
-    return any(True for _ in jax.tree.leaves(state.filter(nnx.LoRAParam)))
+    return any(True for _ in jax.tree.leaves(nnx.filter_state(state, nnx.LoRAParam)))
 
 
 def _axes(w: nnx.Param) -> tuple | None:

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, resolve_path
+from jaxllm.config import Config, replace, resolve_path
 from jaxllm.config.sft import SFTConfig
-from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
+from jaxllm.data.sft import END_THINK, SFTRecords, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler
 from jaxllm.rundir import RunDir
@@ -43,7 +43,9 @@ from jaxllm.training.step import make_eval_step, make_train_step
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     """Fine-tunes `inputs.checkpoint` on `sft.train_file` with the prompt-masked loss."""
-    s = cfg.sft
+    i = cfg.inputs  # a pipeline can hand on SFT data (e.g. a distill teacher's answers)
+    s = replace(cfg.sft, train_file=i.sft_data or cfg.sft.train_file,
+                val_file=i.sft_val_data or cfg.sft.val_file)  # fmt: skip
     t, mesh = cfg.train, make_mesh(cfg.mesh)
     tx = make_optimizer(t.optim, t.steps)
     start_point = init_from_checkpoint(cfg, tx, mesh)
@@ -90,8 +92,9 @@ def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict
     """The endless, shuffled training stream (micro-batches stacked under grad_accum)."""
     files = [_data_file(s.train_file, "train_file")]
     ds = make_sft_dataset(
-        files, template, cfg.loader, seed=cfg.seed, train_on_prompt=s.train_on_prompt, **opts
-    )
+        files, template, cfg.loader, seed=cfg.seed, train_on_prompt=s.train_on_prompt,
+        trace=s.trace, **opts,
+    )  # fmt: skip
     if cfg.train.grad_accum > 1:
         ds = ds.batch(cfg.train.grad_accum, drop_remainder=True)
     return iter(ds)
@@ -123,7 +126,7 @@ def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, 
     eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
 
     def val_batches():  # the answer tokens only, whatever train_on_prompt says
-        return make_sft_eval_dataset(val_files, template, cfg.loader, **opts)
+        return make_sft_eval_dataset(val_files, template, cfg.loader, trace=s.trace, **opts)
 
     evaluate = make_evaluator(eval_step, val_batches, mesh, cfg.train.eval_batches)
     answers = None
@@ -160,7 +163,7 @@ def make_answer_scorer(
     def score(state: TrainState) -> dict[str, Any]:
         weights = nnx.merge_state(state.params, state.frozen)
         preds = _greedy(sampler, weights, prompts, template.tok, stops, s, seed)
-        hits = [p.strip() == r.strip() for p, r in zip(preds, refs)]
+        hits = [final_answer(p) == final_answer(r) for p, r in zip(preds, refs)]
         by_task = {
             t: round(float(np.mean([h for h, k in zip(hits, tasks) if k == t])), 4)
             for t in sorted(set(tasks))
@@ -173,6 +176,12 @@ def make_answer_scorer(
         return {"exact_match": acc, "exact_match_by_task": by_task, "samples": samples}
 
     return score
+
+
+def final_answer(text: str) -> str:
+    """The answer part of a response: the text after the last `</think>` (all of it when
+    there is no trace), stripped."""
+    return text.rsplit(END_THINK, 1)[-1].strip()
 
 
 def _greedy(sampler, weights, prompts, tok, stops, s: SFTConfig, seed: int) -> list[str]:
