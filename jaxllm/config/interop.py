@@ -14,6 +14,11 @@ class HFConfig:
     path: str = ""
     out_dir: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # import: add jaxllm's chat tokens (<|system|> <|user|> <|assistant|> <|end|> <think>
+    # </think>) to a tokenizer.json that lacks them, growing the embedding (and an untied
+    # head) by as many rows, initialised to the mean row, so that sft/dpo/... can use the
+    # chat template on the imported model.
+    chat_tokens: bool = False
 
 
 @dataclass(frozen=True)

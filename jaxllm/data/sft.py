@@ -44,11 +44,18 @@ from jaxllm.data.pipeline import (
     local_batch_size,
 )
 from jaxllm.errors import DataError
-from jaxllm.tokenizer.chat import END_TOKEN, ROLE_TOKENS, ChatTemplate, RecordFormat, parse_record
+from jaxllm.tokenizer.chat import (
+    END_THINK,
+    END_TOKEN,
+    ROLE_TOKENS,
+    THINK,
+    ChatTemplate,
+    RecordFormat,
+    parse_record,
+)
 
 TraceMode = Literal["keep", "mask", "drop"]
 TRACE_MODES = ("keep", "mask", "drop")
-THINK, END_THINK = "<think>", "</think>"
 _TRACE = re.compile(re.escape(THINK) + ".*?" + re.escape(END_THINK), re.DOTALL)
 
 

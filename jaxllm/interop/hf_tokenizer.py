@@ -46,6 +46,10 @@ class HFTokenizer:
         }
         added = self._tok.get_added_tokens_decoder()
         self.special_ids: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
+        # the chat template's <s> / </s> are the model's own bos / eos, whatever their names
+        for name, kind in (("<s>", "bos"), ("</s>", "eos")):
+            if name not in self.special_ids and self._ids[kind] >= 0:
+                self.special_ids[name] = self._ids[kind]
 
     def _id_of(self, token: str | None) -> int:
         tid = self._tok.token_to_id(token) if token else None
@@ -137,3 +141,18 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     has_sp = p.is_dir() and (p / "tokenizer.model").is_file()
     has_json = p.suffix == ".json" or (p.is_dir() and (p / "tokenizer.json").is_file())
     return HFTokenizer.load(p) if has_json and not has_sp else Tokenizer.load(p)
+
+
+def add_special_tokens(path: str | os.PathLike, tokens: Sequence[str]) -> int:
+    """Adds the `tokens` a `tokenizer.json` lacks as special tokens (new ids after the last
+    one), rewriting the file in place; returns how many were added."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as _Tok
+
+    p = Path(path)
+    tok = _Tok.from_file(str(p))
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        tok.save(str(p))
+    return len(missing)

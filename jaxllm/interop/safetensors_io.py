@@ -60,7 +60,6 @@ class SafetensorsReader:
             header, start = _read_header(path)
             for name, entry in header.items():
                 self._where[name] = (path, entry, start)
-        self._maps: dict[Path, np.memmap] = {}
 
     @property
     def names(self) -> set[str]:
@@ -72,16 +71,21 @@ class SafetensorsReader:
         return tuple(entry["shape"]), entry["dtype"]
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only view of tensor `name` (no bytes read until used)."""
+        """A read-only view of tensor `name` (no bytes read until used).
+
+        Each tensor gets its own mapping, unmapped when the view is dropped: the file pages a
+        read touched count in the process's RSS while mapped, so a mapping of the whole shard
+        kept for the whole load would add the checkpoint's size to the import's peak memory.
+        """
         path, entry, start = self._entry(name)
         code = entry["dtype"]
         if code not in DTYPES:
             raise InteropError(f"{path}: tensor '{name}' has unsupported dtype {code}")
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
-        raw = self._maps[path][start + begin : start + end]
-        return raw.view(DTYPES[code]).reshape(entry["shape"])
+        shape = tuple(entry["shape"])
+        if end == begin:  # mmap cannot map zero bytes
+            return np.zeros(shape, DTYPES[code])
+        return np.memmap(path, DTYPES[code], mode="r", offset=start + begin, shape=shape)
 
     def _entry(self, name: str) -> tuple[Path, dict[str, Any], int]:
         if name not in self._where:

@@ -30,6 +30,7 @@ from jaxllm.errors import DataError
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
+THINK, END_THINK = "<think>", "</think>"  # a reasoning trace inside an assistant turn
 # Strings that would break the structure if they appeared inside a message's content.
 _RESERVED = ("<s>", "</s>", END_TOKEN, *ROLE_TOKENS.values())
 

@@ -11,14 +11,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from jaxllm.config import Config, ModelConfig, to_dict
+from jaxllm.config import Config, ModelConfig, replace, to_dict
 from jaxllm.errors import ConfigError
-from jaxllm.interop import HF_TOKENIZER_FILES, load_hf_params, read_hf_config, to_model_config
+from jaxllm.interop import (
+    HF_TOKENIZER_FILES,
+    HFTokenizer,
+    load_hf_params,
+    read_hf_config,
+    to_model_config,
+)
+from jaxllm.interop.hf_tokenizer import add_special_tokens
 from jaxllm.models import Decoder
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
+from jaxllm.tokenizer.chat import END_THINK, END_TOKEN, ROLE_TOKENS, THINK
 from jaxllm.trainers.lm import checkpoint_dir
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.optim import make_optimizer
@@ -39,9 +48,10 @@ def import_hf(hf_dir: Path, out: Path, cfg: Config, dtype: str = "float32") -> d
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'hf.dtype': expected float32 or bfloat16, got '{dtype}'")
     family, m = to_model_config(read_hf_config(hf_dir), dtype, where=str(hf_dir / "config.json"))
-    state = build_state(hf_dir, family, m, cfg)
     tok_path = copy_tokenizer(hf_dir, out)
-    ckpt = Checkpointer(checkpoint_dir(out), keep=1, async_save=False)
+    added, vocab = add_chat_tokens(tok_path) if cfg.hf.chat_tokens else (0, 0)
+    state, m = build_state(hf_dir, family, m, cfg, grow_to=vocab)
+    ckpt = Checkpointer(checkpoint_dir(out), keep=1, async_save=False, save_concurrent_gb=1)
     meta = {"config": to_dict(cfg), "model": to_dict(m), "tokenizer": tok_path, "step": 0}
     ckpt.save(0, state, meta)
     ckpt.close()
@@ -50,21 +60,31 @@ def import_hf(hf_dir: Path, out: Path, cfg: Config, dtype: str = "float32") -> d
         "family": family,
         "source": str(hf_dir),
         "dtype": dtype,
+        "chat_tokens_added": added,
+        "vocab_size": m.vocab_size,
         "outputs": {"checkpoint": str(checkpoint_dir(out)), "tokenizer": tok_path},
     }
 
 
-def build_state(hf_dir: Path, family: str, m: ModelConfig, cfg: Config) -> TrainState:
-    """A step-0 TrainState whose params are the HF weights, built in its shardings.
+def build_state(
+    hf_dir: Path, family: str, m: ModelConfig, cfg: Config, grow_to: int = 0
+) -> tuple[TrainState, ModelConfig]:
+    """A step-0 TrainState whose params are the HF weights, built in its shardings, and its
+    model config. With `grow_to` > the model's vocabulary, the embedding (and an untied
+    head) get new rows up to it, each the mean of the existing rows (added tokens start as
+    an "average" token rather than noise).
 
-    The params are placed by the loader; `init` adds a fresh optimizer state (what
-    `load_checkpoint_model` restores into) under jit, so XLA drops the random init it never
-    uses and nothing is gathered on one device.
+    The params are placed by the loader; `init` adds the rest of the state under jit, so XLA
+    drops the random init it never uses and nothing is gathered on one device. The fresh
+    optimizer state (what `load_checkpoint_model` restores into) comes from
+    `fresh_opt_state`, whose zero leaves share buffers: the state is for writing only, and
+    must not be donated to a train step.
     """
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
+    hf_m, m = m, replace(m, vocab_size=max(m.vocab_size, grow_to))
 
-    def model_fn() -> Decoder:
+    def model_fn(m: ModelConfig = m) -> Decoder:
         return Decoder(m, rngs=nnx.Rngs(cfg.seed))
 
     def init(params: nnx.State) -> TrainState:
@@ -79,8 +99,79 @@ def build_state(hf_dir: Path, family: str, m: ModelConfig, cfg: Config) -> Train
 
     abstract_params = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)[1]
     shardings = state_shardings(jax.eval_shape(init, abstract_params), mesh, cfg.mesh.rules)
-    params = load_hf_params(hf_dir, family, m, abstract_params, shardings.params)
-    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+    if hf_m.vocab_size == m.vocab_size:
+        params = load_hf_params(hf_dir, family, m, abstract_params, shardings.params)
+    else:
+        hf_abstract = nnx.split(nnx.eval_shape(lambda: model_fn(hf_m)), nnx.Param, ...)[1]
+        hf_shardings = state_shardings(hf_abstract, mesh, cfg.mesh.rules)
+        params = load_hf_params(hf_dir, family, hf_m, hf_abstract, hf_shardings)
+        grow = jax.jit(
+            lambda p: _grow_vocab(p, m.vocab_size), out_shardings=shardings.params, donate_argnums=0
+        )
+        params = grow(params)
+    opt_state = fresh_opt_state(tx, params, shardings.opt_state)
+    rest = shardings.replace(opt_state=None)
+    state = jax.jit(lambda p: init(p).replace(opt_state=None), out_shardings=rest, donate_argnums=0)
+    return state(params).replace(opt_state=opt_state), m
+
+
+def _grow_vocab(params: nnx.State, vocab: int) -> nnx.State:
+    """The embedding [V, D] (and an untied head [D, V]) padded to `vocab` with mean rows."""
+
+    def pad(x: jax.Array, axis: int) -> jax.Array:
+        mean = jnp.mean(x.astype(jnp.float32), axis=axis, keepdims=True).astype(x.dtype)
+        shape = list(x.shape)
+        shape[axis] = vocab - x.shape[axis]
+        return jnp.concatenate([x, jnp.broadcast_to(mean, shape)], axis=axis)
+
+    emb = params["embed"]["embedding"]
+    emb.value = pad(emb.value, 0)
+    if "head" in params:
+        params["head"].value = pad(params["head"].value, 1)
+    return params
+
+
+def add_chat_tokens(tok_path: str) -> tuple[int, int]:
+    """Adds the chat template's tokens to an imported tokenizer.json that lacks them;
+    returns (tokens added, new vocabulary size)."""
+    path = Path(tok_path) / "tokenizer.json" if tok_path else Path()
+    if not tok_path or not path.is_file():
+        raise ConfigError(
+            "config key 'hf.chat_tokens': needs a tokenizer.json model (this checkpoint has "
+            f"{'a sentencepiece tokenizer.model' if tok_path else 'no tokenizer'})"
+        )
+    added = add_special_tokens(path, [*ROLE_TOKENS.values(), END_TOKEN, THINK, END_THINK])
+    return added, HFTokenizer.load(path).vocab_size
+
+
+def fresh_opt_state(tx: optax.GradientTransformation, params: Any, shardings: Any) -> Any:
+    """`tx.init(params)` placed on `shardings`, with every all-zero leaf (Adam's moments) one
+    shared zeros array per shape, dtype and sharding.
+
+    Distinct zero moments would hold two more copies of the model in host memory just to
+    write zeros to the checkpoint (an f32 Adam import peaked at 3.9x the checkpoint's size);
+    shared, they cost about one layer's weights. Which leaves are zero is computed under jit
+    (XLA folds it to constants); any others are built as usual.
+    """
+
+    def leaves(p: Any) -> list[jax.Array]:
+        return jax.tree.leaves(tx.init(p))
+
+    is_zero = [bool(z) for z in jax.jit(lambda p: [jnp.all(x == 0) for x in leaves(p)])(params)]
+    where = jax.tree.leaves(shardings)
+    nonzero = jax.jit(
+        lambda p: [x for x, z in zip(leaves(p), is_zero) if not z],
+        out_shardings=[s for s, z in zip(where, is_zero) if not z],
+    )
+    built = iter(nonzero(params))
+    zeros: dict[tuple, jax.Array] = {}
+    out = []
+    for x, s, z in zip(jax.eval_shape(leaves, params), where, is_zero, strict=True):
+        key = (x.shape, x.dtype, s)
+        if z and key not in zeros:
+            zeros[key] = jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=s)(*key[:2])
+        out.append(zeros[key] if z else next(built))
+    return jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, params)), out)
 
 
 def copy_tokenizer(hf_dir: Path, out: Path) -> str:

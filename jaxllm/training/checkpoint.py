@@ -29,12 +29,23 @@ class CheckpointMismatch(JaxllmError):
 class Checkpointer:
     """`save(step, state, data_state, meta)`, `latest_step()`, `restore(step, target)`."""
 
-    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        keep: int = 2,
+        async_save: bool = True,
+        save_concurrent_gb: int = 96,
+    ) -> None:
+        """`save_concurrent_gb` caps the bytes orbax writes at once (its copies of the arrays
+        in flight): 1 keeps a one-shot save of a large model (HF import) near 1x its size."""
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
-        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
         )

@@ -155,7 +155,7 @@ def test_import_places_params_on_fsdp_shards(hf_dir):
     """Each tensor goes straight onto its shards (embed axis split over 8 fsdp devices)."""
     cfg = from_dict({"stage": "generate", "mesh": {"data": 1, "fsdp": -1}})
     _, m = to_model_config(json.loads((hf_dir / "config.json").read_text()))
-    state = build_state(hf_dir, "llama", m, cfg)
+    state, _ = build_state(hf_dir, "llama", m, cfg)
     q = state.params["blocks"][0]["attn"]["q"].get_value()
     assert q.sharding.spec[0] == "fsdp" and len(q.addressable_shards) == 8
     assert q.addressable_shards[0].data.shape == (4, 4, 8)
