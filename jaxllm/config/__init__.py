@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from jaxllm.config.alignment import DPOConfig, RewardConfig
 from jaxllm.config.data import (
     CHAT_TOKENS,
     DataConfig,
@@ -23,6 +24,7 @@ from jaxllm.config.data import (
     SourceConfig,
     TokenizerConfig,
 )
+from jaxllm.config.distill import DistillConfig
 from jaxllm.config.interop import HFConfig, ScoreConfig
 from jaxllm.config.load import (
     _bad,
@@ -43,15 +45,19 @@ from jaxllm.config.model import (
     TrainConfig,
 )
 from jaxllm.config.peft import PeftConfig
+from jaxllm.config.rl import GRPOConfig, PPOConfig
 from jaxllm.config.sft import SFTConfig
 from jaxllm.errors import ConfigError
 
 __all__ = [
     "CHAT_TOKENS",
     "Config",
+    "DPOConfig",
     "DataConfig",
     "DedupConfig",
+    "DistillConfig",
     "FilterConfig",
+    "GRPOConfig",
     "GenerateConfig",
     "HFConfig",
     "InputsConfig",
@@ -59,7 +65,9 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
+    "PPOConfig",
     "PeftConfig",
+    "RewardConfig",
     "RopeScalingConfig",
     "SFTConfig",
     "ScoreConfig",
@@ -84,6 +92,9 @@ class InputsConfig:
     data_dir: str = ""  # a `stage: data` output directory (train/ and val/ shards)
     tokenizer: str = ""  # a sentencepiece .model file
     checkpoint: str = ""  # a checkpoint directory
+    reward_checkpoint: str = ""  # a `stage: reward` checkpoint (ppo with `reward: model`)
+    sft_data: str = ""  # SFT records (e.g. teacher answers); when set, sft trains on it
+    sft_val_data: str = ""  # held-out SFT records; when set, sft scores on it
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)

@@ -1,5 +1,6 @@
 """`stage: export` — a jaxllm checkpoint (`inputs.checkpoint`) → a HF model directory
-(`hf.out_dir`, default `<run_dir>/hf`) that transformers' `from_pretrained` loads; the
+(`hf.out_dir`, default `<run_dir>/hf`) that transformers' `from_pretrained` loads (a LoRA
+checkpoint is merged into plain weights first); the
 checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from jaxllm.interop.export import export_hf
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
-from jaxllm.trainers.lm import load_checkpoint_model
+from jaxllm.trainers.lm import load_frozen_model
 from jaxllm.training.state import count_params
 
 
@@ -27,9 +28,10 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
 
 def export_checkpoint(ckpt: Path, out: Path, dtype: str = "float32") -> dict[str, Any]:
-    """Loads the newest checkpoint in `ckpt` on one device and writes it to `out`."""
+    """Loads the newest checkpoint in `ckpt` on one device (LoRA adapters merged into the
+    weights) and writes it to `out`."""
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    _, state, m, meta = load_checkpoint_model(ckpt, mesh)
+    _, state, _, m, meta = load_frozen_model(ckpt, mesh)
     export_hf(state, m, out, dtype)
     tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
     return {

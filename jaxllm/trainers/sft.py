@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxllm.config import Config, replace, resolve_path
 from jaxllm.config.sft import SFTConfig
-from jaxllm.data.sft import END_THINK, SFTRecords, make_sft_dataset, make_sft_eval_dataset
+from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler
 from jaxllm.rundir import RunDir
@@ -33,6 +33,7 @@ from jaxllm.trainers.lm import (
     param_figures,
     restore_or_init,
 )
+from jaxllm.trainers.rewards import final_answer
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import LoopSpec, run_loop
 from jaxllm.training.metrics import plot_losses
@@ -176,12 +177,6 @@ def make_answer_scorer(
         return {"exact_match": acc, "exact_match_by_task": by_task, "samples": samples}
 
     return score
-
-
-def final_answer(text: str) -> str:
-    """The answer part of a response: the text after the last `</think>` (all of it when
-    there is no trace), stripped."""
-    return text.rsplit(END_THINK, 1)[-1].strip()
 
 
 def _greedy(sampler, weights, prompts, tok, stops, s: SFTConfig, seed: int) -> list[str]:

@@ -14,11 +14,11 @@ from jaxllm.sharding import make_mesh
 from jaxllm.trainers.lm import load_checkpoint_model
 from jaxllm.training.checkpoint import Checkpointer
 
-from .test_sft_stage import pretrain, run_sft, sft_config
+from .test_sft_stage import run_sft, sft_config
 
 
-def test_lora_sft_adapters_only(tmp_path, tok):
-    base_ckpt = pretrain(tmp_path, tok.path)
+def test_lora_sft_adapters_only(tmp_path, tok, tiny_ckpt):
+    base_ckpt = tiny_ckpt
     cfg = sft_config(base_ckpt, tmp_path / "lora")
     cfg = replace(cfg, peft=PeftConfig("lora", rank=4, alpha=8.0))
     cfg = replace(cfg, train=replace(cfg.train, optim=replace(cfg.train.optim, lr=1e-2)))

@@ -49,8 +49,8 @@ def run_sft(cfg) -> dict:
     return run_dir.finish(sft.run(cfg, run_dir))
 
 
-def test_sft_stage_end_to_end_and_resume(tmp_path, tok):
-    ckpt = pretrain(tmp_path, tok.path)
+def test_sft_stage_end_to_end_and_resume(tmp_path, tok, tiny_ckpt):
+    ckpt = tiny_ckpt
     cfg = sft_config(ckpt, tmp_path / "sft")
     summary = run_sft(cfg)
     for key in ("val_loss", "exact_match"):

@@ -1,0 +1,120 @@
+"""Config sections for `stage: ppo` and `stage: grpo` (RL fine-tuning with sampled rollouts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+_KL = ("k1", "k2", "k3")
+
+
+def _check_common(c) -> None:
+    """Checks shared by both sections (prompt files, rollout and optimisation sizes)."""
+    if not c.prompt_file:
+        raise ValueError("prompt_file: must not be empty")
+    for key in ("iterations", "max_new_tokens", "epochs", "minibatch_size"):
+        if getattr(c, key) < 1:
+            raise ValueError(f"{key}: must be >= 1, got {getattr(c, key)}")
+    if c.temperature <= 0:
+        raise ValueError(f"temperature: rollouts sample, so it must be > 0, got {c.temperature}")
+    if not 0 < c.clip_eps < 1:
+        raise ValueError(f"clip_eps: must be in (0, 1), got {c.clip_eps}")
+    if c.eval_examples < 0:
+        raise ValueError(f"eval_examples: must be >= 0, got {c.eval_examples}")
+    if c.logprob_tol <= 0:
+        raise ValueError(f"logprob_tol: must be > 0, got {c.logprob_tol}")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """`stage: ppo` — actor from `inputs.checkpoint`, frozen reference (the same checkpoint),
+    a value head (critic), per-token KL penalty to the reference, reward at the last token.
+
+    `reward` is a rule name from `jaxllm.trainers.rewards.REWARDS` or `model` (a trained
+    reward model at `reward_checkpoint`). Prompt files are JSONL read by `PromptRecords`
+    (`answer`, or an SFT record's `response`, is the reference); `task` keeps one task only.
+    """
+
+    prompt_file: str = "asset:sft/train.jsonl"
+    val_file: str = "asset:sft/val.jsonl"  # held-out prompts for the greedy before/after
+    task: str = ""  # keep only records of this task ("" = all)
+    iterations: int = 10
+    rollout_batch: int = 32  # prompts sampled per iteration (one response each)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    epochs: int = 2  # passes over each iteration's rollouts
+    minibatch_size: int = 16  # rollouts per optimizer step (divides rollout_batch)
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0  # entropy bonus
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05  # initial / fixed coefficient of the per-token KL penalty
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler et al. controller towards kl_target
+    kl_target: float = 0.1  # per-sequence KL the adaptive controller aims at
+    kl_horizon: int = 10000
+    critic: Literal["shared", "separate"] = "shared"
+    reward: str = "arithmetic"  # a rule name, or "model"
+    reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
+    eval_examples: int = 64
+    eval_max_new_tokens: int = 16
+    logprob_tol: float = 1e-4  # max |sampler - learner| log-prob before the run stops
+
+    def _validate(self) -> None:
+        _check_common(self)
+        if self.rollout_batch % self.minibatch_size:
+            raise ValueError(
+                f"minibatch_size: {self.minibatch_size} does not divide rollout_batch "
+                f"{self.rollout_batch}"
+            )
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("gamma, lam: must be in [0, 1]")
+        if self.kl_coef < 0 or self.kl_target <= 0 or self.kl_horizon < 1:
+            raise ValueError("kl_coef >= 0, kl_target > 0 and kl_horizon >= 1 are required")
+        if self.critic == "separate":
+            raise ValueError(
+                "critic: 'separate' is not implemented yet; use 'shared' (a value head on "
+                "the actor's features)"
+            )
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """`stage: grpo` — `group_size` sampled completions per prompt scored by weighted rule
+    rewards (`rewards`, `reward_weights`), group-relative advantages, the clipped objective
+    and an optional KL term to the frozen reference (`beta`)."""
+
+    prompt_file: str = "asset:sft/train.jsonl"
+    val_file: str = "asset:sft/val.jsonl"
+    task: str = ""
+    iterations: int = 10
+    prompts_per_iteration: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    epochs: int = 1
+    minibatch_size: int = 32  # completions per optimizer step (divides prompts x group_size)
+    clip_eps: float = 0.2
+    beta: float = 0.0  # KL(pi || ref) weight; 0: no reference pass in the loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    scale_by_std: bool = True  # false: Dr. GRPO (r - mean)
+    rewards: tuple[str, ...] = ("arithmetic",)
+    reward_weights: tuple[float, ...] = (1.0,)
+    eval_examples: int = 64
+    eval_max_new_tokens: int = 16
+    logprob_tol: float = 1e-4
+
+    def _validate(self) -> None:
+        _check_common(self)
+        if self.group_size < 2 or self.prompts_per_iteration < 1:
+            raise ValueError("group_size: must be >= 2 (and prompts_per_iteration >= 1)")
+        n = self.prompts_per_iteration * self.group_size
+        if n % self.minibatch_size:
+            raise ValueError(f"minibatch_size: {self.minibatch_size} does not divide {n}")
+        if not self.rewards or len(self.rewards) != len(self.reward_weights):
+            raise ValueError("rewards, reward_weights: need one weight per reward name")
+        if self.beta < 0:
+            raise ValueError(f"beta: must be >= 0, got {self.beta}")

@@ -1,0 +1,343 @@
+"""`stage: distill` — a teacher checkpoint (`inputs.checkpoint`) teaches a student.
+
+White-box (`distill.mode: white_box`): the student (a fresh, usually smaller model from
+`model:`, or `distill.student_checkpoint`) trains on the pretraining batches with
+`(1 - alpha) * CE + alpha * KL` between the temperature-softened teacher and student
+distributions. The teacher is a step constant (`consts`): its forward runs inside the same
+jitted step, under stop_gradient, never updated or checkpointed. `distill.baseline` trains the
+same student from the same init on the same batches with alpha = 0, so the summary shows what
+the teacher added; it also reports the teacher's own validation loss.
+
+Black-box (`distill.mode: black_box`): the teacher answers a prompt set with the batched
+sampler; the answers are written as `{"prompt", "response"}` SFT records and handed on as
+outputs `sft_data` / `sft_val_data`, which a following `stage: sft` trains the student on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import Config, MeshConfig, replace, resolve_path, to_dict
+from jaxllm.config.distill import DistillConfig
+from jaxllm.data.pipeline import make_eval_dataset, make_lm_dataset
+from jaxllm.data.preference import PromptRecords
+from jaxllm.data.sources import cleaned_shards
+from jaxllm.errors import ConfigError
+from jaxllm.generation import Sampler
+from jaxllm.rundir import RunDir, atomic_write_text
+from jaxllm.sharding import make_mesh
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.trainers import require_input
+from jaxllm.trainers.lm import (
+    checkpoint_dir,
+    init_from_checkpoint,
+    lm_loss,
+    load_frozen_model,
+    load_model_tokenizer,
+    make_evaluator,
+    model_fn,
+    resolve_model,
+    restore_or_init,
+)
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.losses import cross_entropy, distill_loss
+from jaxllm.training.metrics import plot_losses
+from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.state import count_params, create_train_state, to_global
+from jaxllm.training.step import make_eval_step, make_train_step
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    if cfg.distill.mode == "black_box":
+        return teacher_answers(cfg, run_dir)
+    return white_box(cfg, run_dir)
+
+
+# ----------------------------------------------------------------------------- white-box
+
+
+def distill_lm_loss(
+    teacher_graphdef: nnx.GraphDef, d: DistillConfig, z_loss: float = 0.0
+):  # fmt: skip
+    """`loss_fn(student, batch, key, consts)`: `(1 - alpha) * CE + alpha * T^2 * KL` summed
+    over the loss-masked tokens; `consts["teacher"]` is the teacher's state. aux: `ce` (the
+    student's data loss), `kl` (unscaled), `distill` (the scaled KL term) and `weight`."""
+
+    def loss_fn(model, batch, key, consts):
+        kw = dict(positions_BL=batch["positions"], segment_ids_BL=batch["segment_ids"])
+        logits_BLV = model(batch["tokens"], deterministic=key is None, key=key, **kw)
+        teacher = nnx.merge(teacher_graphdef, consts["teacher"])
+        teacher_BLV = jax.lax.stop_gradient(teacher(batch["tokens"], deterministic=True, **kw))
+        mask_BL = batch["loss_mask"]
+        ce, aux = cross_entropy(logits_BLV, batch["targets"], mask_BL, z_loss)
+        kd, kd_aux = distill_loss(logits_BLV, teacher_BLV, mask_BL, d.temperature, d.kind)
+        loss = (1.0 - d.alpha) * ce + d.alpha * kd
+        return loss, {**aux, "kl": kd_aux["kl"], "distill": kd}
+
+    return loss_fn
+
+
+class _Student:
+    """Builds the student's starting state (twice when a baseline runs: same init)."""
+
+    def __init__(self, cfg: Config, teacher_m, tx, mesh) -> None:
+        self.cfg, self.tx, self.mesh, d = cfg, tx, mesh, cfg.distill
+        if d.student_checkpoint:
+            self.cfg_in = replace(cfg, **{"inputs.checkpoint": d.student_checkpoint})
+            self.model = init_from_checkpoint(self.cfg_in, tx, mesh).model
+            key = "distill.student_checkpoint"
+        else:
+            self.model = resolve_model(cfg, teacher_m.vocab_size)
+            key = "model.vocab_size"
+        if self.model.vocab_size != teacher_m.vocab_size:
+            raise ConfigError(
+                f"config key '{key}': the student's vocab_size {self.model.vocab_size} differs "
+                f"from the teacher's ({teacher_m.vocab_size}); teacher and student must share "
+                "a tokenizer (set model.vocab_size: 0 to take the teacher's)"
+            )
+        if teacher_m.positions == "learned" and cfg.loader.seq_len > teacher_m.max_seq_len:
+            raise ConfigError(
+                f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the teacher's "
+                f"max_seq_len ({teacher_m.max_seq_len})"
+            )
+
+    def init(self):
+        """`(graphdef, state, shardings, meta_fn(tok_path))` of a fresh start."""
+        cfg = self.cfg
+        if cfg.distill.student_checkpoint:
+            sp = init_from_checkpoint(self.cfg_in, self.tx, self.mesh)
+            return sp.graphdef, sp.state, sp.shardings, lambda tok: sp.checkpoint_meta(cfg, tok)
+        g, state, shardings = create_train_state(
+            model_fn(self.model, cfg.seed), self.tx, self.mesh, cfg.mesh.rules, cfg.seed
+        )
+        meta = {"config": to_dict(cfg), "model": to_dict(self.model)}
+        return g, state, shardings, lambda tok: {**meta, "tokenizer": str(tok)}
+
+
+def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    """Trains the student on the teacher's logits (and, with `baseline`, without them)."""
+    d, t, mesh = cfg.distill, cfg.train, make_mesh(cfg.mesh)
+    tg, tstate, tshard, tm, tmeta = load_frozen_model(
+        require_input(cfg, "checkpoint"), mesh, cfg.mesh.rules
+    )
+    tok_path = cfg.inputs.tokenizer or tmeta.get("tokenizer", "")
+    load_model_tokenizer(tok_path, tm)  # checks the vocabulary against the teacher
+    tok = Tokenizer.load(tok_path)
+    data_dir = require_input(cfg, "data_dir")
+    tx = make_optimizer(t.optim, t.steps)
+    student = _Student(cfg, tm, tx, mesh)
+    consts, const_sh = {"teacher": tstate}, {"teacher": tshard}
+    pi, pc = jax.process_index(), jax.process_count()
+
+    def batches():  # the same stream for the distilled student and the baseline
+        ds = make_lm_dataset(
+            cleaned_shards(data_dir, "train"), tok, cfg.loader, seed=cfg.seed,
+            process_index=pi, process_count=pc,
+        )  # fmt: skip
+        return iter(ds.batch(t.grad_accum, drop_remainder=True) if t.grad_accum > 1 else ds)
+
+    val_shards = cleaned_shards(data_dir, "val")
+    if not val_shards:
+        raise ConfigError(f"config key 'inputs.data_dir': {data_dir} has no val/ shards")
+
+    def val_batches():
+        return make_eval_dataset(val_shards, tok, cfg.loader, process_index=pi, process_count=pc)
+
+    graphdef, state, shardings, meta_fn = student.init()
+    ce_eval = make_eval_step(graphdef, lm_loss(), shardings, mesh, cfg.mesh.rules)
+    evaluate = make_evaluator(ce_eval, val_batches, mesh, t.eval_batches)
+    teacher_eval = make_eval_step(
+        graphdef, _teacher_ce(tg), shardings, mesh, cfg.mesh.rules, const_shardings=const_sh
+    )
+    teacher_val = make_evaluator(
+        lambda s, b: teacher_eval(s, b, consts), val_batches, mesh, t.eval_batches
+    )(state)["loss"]
+
+    train_step = make_train_step(
+        graphdef, distill_lm_loss(tg, d, t.z_loss), tx, lr_schedule(t.optim, t.steps),
+        shardings, mesh, cfg.mesh.rules, t.grad_accum, const_shardings=const_sh,
+    )  # fmt: skip
+    ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
+    stream = batches()
+    state, start = restore_or_init(ckpt, state, shardings, stream)
+    spec = _spec(cfg, lambda s, b: train_step(s, b, consts), stream, evaluate, mesh)
+    spec.meta, spec.desc = meta_fn(tok_path), f"distill {cfg.name}"
+    state, last = run_loop(spec, state, ckpt, run_dir.path)
+    ckpt.close()
+    summary = {
+        "steps": t.steps,
+        "resumed_from_step": start,
+        "alpha": d.alpha,
+        "temperature": d.temperature,
+        "kind": d.kind,
+        "student_params": count_params(state.params),
+        "teacher_params": count_params(tstate),
+        "final_train_loss": last.get("loss"),
+        "final_train_kl": last.get("kl"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "val_loss_teacher": round(teacher_val, 4),
+        "val_loss_distilled": round(last.get("eval_loss") or evaluate(state)["loss"], 4),
+    }
+    del state
+    if d.baseline:
+        summary.update(_baseline(cfg, student, tx, mesh, batches(), evaluate, run_dir.path))
+        gain = summary["val_loss_baseline"] - summary["val_loss_distilled"]
+        summary.update(distill_gain=round(gain, 4), distilled_beats_baseline=gain > 0)
+    plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
+    summary["loss_plot"] = plot.name if plot else None
+    summary["outputs"] = {"checkpoint": str(checkpoint_dir(run_dir.path)), "tokenizer": tok_path}
+    return summary
+
+
+def _teacher_ce(teacher_graphdef: nnx.GraphDef):
+    """An eval loss that scores the teacher (from `consts`) instead of the model."""
+    ce = lm_loss()
+
+    def loss_fn(model, batch, key, consts):
+        return ce(nnx.merge(teacher_graphdef, consts["teacher"]), batch, None)
+
+    return loss_fn
+
+
+def _spec(cfg: Config, step_fn, stream, evaluate, mesh) -> LoopSpec:
+    t = cfg.train
+    return LoopSpec(
+        step_fn=step_fn,
+        batches=stream,
+        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
+        total_steps=t.steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        eval_fn=evaluate,
+        tokens_per_step=cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum,
+        progress=cfg.progress,
+    )
+
+
+def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path) -> dict:
+    """The same student, init and batches on the data alone (alpha = 0, no teacher forward);
+    its metrics go to `baseline/metrics.jsonl`, no checkpoints."""
+    t = cfg.train
+    graphdef, state, shardings, _ = student.init()
+    step = make_train_step(
+        graphdef, lm_loss(t.z_loss), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
+        cfg.mesh.rules, t.grad_accum,
+    )  # fmt: skip
+    spec = _spec(cfg, step, stream, evaluate, mesh)
+    spec.desc = f"baseline {cfg.name}"
+    out = run_dir / "baseline"
+    out.mkdir(parents=True, exist_ok=True)
+    _, last = run_loop(spec, state, None, out)
+    return {
+        "final_train_loss_baseline": last.get("loss"),
+        "val_loss_baseline": round(last["eval_loss"], 4),
+    }
+
+
+# ----------------------------------------------------------------------------- black-box
+
+
+def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    """Writes the teacher's answers to `prompts_file` (and `val_prompts_file`) as SFT records."""
+    d = cfg.distill
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, state, _, m, meta = load_frozen_model(require_input(cfg, "checkpoint"), mesh)
+    tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
+    template = ChatTemplate(load_model_tokenizer(tok_path, m))
+    limit = m.max_seq_len if m.positions == "learned" else None
+    answer = _Answerer(Sampler(graphdef), state, template, d, cfg.seed, limit)
+    summary: dict[str, Any] = {"outputs": {}}
+    splits = [("train", d.prompts_file, "prompts_file", d.max_prompts)]
+    if d.val_prompts_file:
+        splits.append(("val", d.val_prompts_file, "val_prompts_file", 0))
+    for split, file, key, cap in splits:
+        rows, figures = answer(_prompt_file(file, key), cap)
+        if not rows:
+            raise ConfigError(f"config key 'distill.{key}': no prompt fits in {limit} positions")
+        path = run_dir.path / f"teacher_answers_{split}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        summary.update({f"{k}_{split}": v for k, v in figures.items()})
+        summary["outputs"]["sft_data" if split == "train" else "sft_val_data"] = str(path)
+        summary[f"samples_{split}"] = rows[:6]
+    return summary
+
+
+def _prompt_file(value: str, key: str) -> Path:
+    path = resolve_path(value)
+    if not path.is_file():
+        raise ConfigError(f"config key 'distill.{key}': {path} not found")
+    return path
+
+
+class _Answerer:
+    """`(path, cap) -> (sft_rows, figures)`: the teacher's answers to a file's prompts, in
+    batches of `batch_size` (the last padded: one compiled program)."""
+
+    def __init__(self, sampler, state, template, d: DistillConfig, seed: int, limit) -> None:
+        self.sampler, self.state, self.template, self.d = sampler, state, template, d
+        self.key, self.limit = jax.random.key(seed), limit
+        self.stops = [template.ids["<|end|>"], template.ids["</s>"]]
+
+    def __call__(self, path: Path, cap: int) -> tuple[list[dict], dict[str, Any]]:
+        d, records = self.d, PromptRecords([path])
+        picks, prompts, skipped = [], [], 0
+        for i in range(len(records) if not cap else min(cap, len(records))):
+            ids = self.template.render(records[i]["messages"], add_generation_prompt=True).ids
+            if self.limit and len(ids) + d.max_new_tokens > self.limit:
+                skipped += 1
+                continue
+            picks.append(i)
+            prompts.append(ids)
+        texts, stopped = self._generate(prompts)
+        rows, hits, refs = [], 0, 0
+        for i, text in zip(picks, texts):
+            r = records[i]
+            raw = records.source[i]
+            ref = r["answer"] if r["answer"] is not None else raw.get("response")
+            if isinstance(ref, str):
+                refs += 1
+                hits += text.strip() == ref.strip()
+            if text.strip():
+                rows.append(_sft_record(r, text))
+        figures = {
+            "answers": len(rows),
+            "skipped_too_long": skipped,
+            "empty_answers": len(texts) - len(rows),
+            "stopped_share": round(float(np.mean(stopped)) if stopped else 0.0, 4),
+            "teacher_exact_match": round(hits / refs, 4) if refs else None,
+        }
+        return rows, figures
+
+    def _generate(self, prompts: list[list[int]]) -> tuple[list[str], list[bool]]:
+        d, texts, stopped = self.d, [], []
+        size = min(d.batch_size, max(len(prompts), 1))
+        for n, start in enumerate(range(0, len(prompts), size)):
+            chunk = prompts[start : start + size]
+            res = self.sampler(
+                self.state, chunk + [chunk[-1]] * (size - len(chunk)),
+                max_new_tokens=d.max_new_tokens, key=jax.random.fold_in(self.key, n),
+                temperature=d.sample_temperature, top_p=d.top_p, stop_ids=self.stops,
+            )  # fmt: skip
+            for toks, stop in zip(res.tokens[: len(chunk)], res.stopped):
+                texts.append(self.template.tok.decode(toks[:-1] if stop else toks))
+                stopped.append(bool(stop))
+        return texts, stopped
+
+
+def _sft_record(r: dict[str, Any], response: str) -> dict[str, Any]:
+    """`{"prompt", "response"}` for a single user turn, else `{"messages"}` (system/history
+    kept), with the record's task."""
+    msgs = r["messages"]
+    task = {"task": r["task"]} if r.get("task") else {}
+    if len(msgs) == 1:
+        return {"prompt": msgs[0]["content"], "response": response, **task}
+    return {"messages": [*msgs, {"role": "assistant", "content": response}], **task}

@@ -1,0 +1,270 @@
+"""Batched rollouts for RL stages: prompts → sampled responses through the jitted KV-cache
+`Sampler`, laid out as fixed-shape [B, L] arrays of prompt + response ready for one learner
+forward pass, plus the pieces PPO and GRPO share (prompt loading, the jitted scoring pass,
+the log-prob agreement check, greedy before/after evaluation, the final checkpoint).
+
+Layout (right-padded, one sequence per row): `tokens_BL` = prompt + response, `targets_BL`
+= tokens shifted left, `mask_BL` = 1 where the target is a response token (the stop token
+included: the policy chose it), `sampler_logp_BL` = the sampler's log-prob of that target,
+`segment_ids_BL` (1 real, 0 padding), `positions_BL` (0..n-1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import resolve_path
+from jaxllm.data.preference import PromptRecords, prompt_rows
+from jaxllm.errors import ConfigError, JaxllmError
+from jaxllm.generation import Sampler
+from jaxllm.sharding import use_rules
+from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.training.losses import token_entropy, token_logprobs
+
+
+class StaleRollout(JaxllmError):
+    """Sampler and learner log-probs of the same tokens disagree."""
+
+
+def load_prompts(
+    value: str, key: str, template: ChatTemplate, task: str, max_prompt_len: int
+) -> list[dict[str, Any]]:
+    """Prompt rows (`ids`, `answer`, `task`) of a JSONL file; an SFT record's `response` is
+    its answer when it has no `answer`. Keeps `task` only (if set) and prompts that fit."""
+    path = resolve_path(value)
+    if not path.is_file():
+        raise ConfigError(f"config key '{key}': {path} not found")
+    records = PromptRecords([path])
+    rows = prompt_rows(records, template)
+    for i, row in enumerate(rows):
+        if row.get("answer") is None:
+            resp = records.source[i].get("response")
+            row["answer"] = resp if isinstance(resp, str) else None
+    rows = [r for r in rows if (not task or r["task"] == task) and len(r["ids"]) <= max_prompt_len]
+    if not rows:
+        raise ConfigError(
+            f"config key '{key}': no prompt of task '{task or 'any'}' fits in "
+            f"{max_prompt_len} tokens in {path}"
+        )
+    return rows
+
+
+@dataclass
+class Rollouts:
+    """Host arrays [B, L] (see the module docstring) and the decoded responses."""
+
+    batch: dict[str, np.ndarray]
+    texts: list[str]
+    lengths: np.ndarray  # [B] response tokens
+
+
+def sample_rollouts(
+    sampler: Sampler, weights: nnx.State, prompts: Sequence[Sequence[int]], tok: Any,
+    *, seq_len: int, max_new_tokens: int, key: jax.Array, temperature: float,
+    stop_ids: Sequence[int],
+) -> Rollouts:  # fmt: skip
+    """Samples one response per prompt (one jitted prefill + one while_loop decode) and lays
+    prompt + response out as fixed [B, seq_len] arrays."""
+    res = sampler(
+        weights, prompts, max_new_tokens=max_new_tokens, key=key,
+        temperature=temperature, stop_ids=stop_ids,
+    )  # fmt: skip
+    b = len(prompts)
+    tokens = np.zeros((b, seq_len), np.int32)
+    seg = np.zeros((b, seq_len), np.int32)
+    mask = np.zeros((b, seq_len), np.float32)
+    slogp = np.zeros((b, seq_len), np.float32)
+    texts = []
+    for i, (p, r, lp, stopped) in enumerate(zip(prompts, res.tokens, res.logprobs, res.stopped)):
+        n_p, n_r = len(p), len(r)
+        if n_p + n_r > seq_len:
+            raise ConfigError(f"prompt {n_p} + response {n_r} tokens exceed seq_len {seq_len}")
+        tokens[i, : n_p + n_r] = list(p) + list(r)
+        seg[i, : n_p + n_r] = 1
+        mask[i, n_p - 1 : n_p + n_r - 1] = 1.0
+        slogp[i, n_p - 1 : n_p + n_r - 1] = lp
+        texts.append(tok.decode(r[:-1] if stopped else r))
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)) * seg
+    targets = np.concatenate([tokens[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+    batch = dict(
+        tokens=tokens, targets=targets, segment_ids=seg, positions=positions.astype(np.int32),
+        mask=mask, sampler_logp=slogp,
+    )  # fmt: skip
+    return Rollouts(batch, texts, np.asarray(res.num_tokens, np.int32))
+
+
+def policy_outputs(model, batch: dict, key: jax.Array | None = None):
+    """(logits_BLV, values_BL or None) of a decoder or an actor-critic on a rollout batch."""
+    out = model(
+        batch["tokens"], positions_BL=batch["positions"], segment_ids_BL=batch["segment_ids"],
+        deterministic=key is None, key=key,
+    )  # fmt: skip
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def make_scoring_pass(graphdef, ref_graphdef, mesh, rules: str) -> Callable:
+    """`score(params, frozen, ref_state, batch) -> {logp, ref_logp, entropy[, values]}` [B, L],
+    jitted once: the learner's log-probs of the sampled tokens (the PPO/GRPO "old" policy),
+    the frozen reference's (passed as an argument, never trained) and the critic's values."""
+
+    @jax.jit
+    def score(params, frozen, ref_state, batch):
+        with use_rules(mesh, rules):
+            logits_BLV, values_BL = policy_outputs(nnx.merge(graphdef, params, frozen), batch)
+            ref_logits_BLV, _ = policy_outputs(nnx.merge(ref_graphdef, ref_state), batch)
+        out = {
+            "logp": token_logprobs(logits_BLV, batch["targets"]),
+            "ref_logp": token_logprobs(ref_logits_BLV, batch["targets"]),
+            "entropy": token_entropy(logits_BLV),
+        }
+        if values_BL is not None:
+            out["values"] = values_BL
+        return out
+
+    return score
+
+
+def logprob_gap(sampler_logp_BL, logp_BL, mask_BL, tol: float) -> float:
+    """max |sampler − learner| log-prob over response tokens; raises `StaleRollout` above
+    `tol` (the rollout was sampled with other weights than the learner scores)."""
+    gap = float(np.max(np.abs(np.asarray(sampler_logp_BL) - np.asarray(logp_BL)) * mask_BL))
+    if not np.isfinite(gap) or gap > tol:
+        raise StaleRollout(
+            f"sampler and learner log-probs of the same tokens differ by {gap:.3g} > "
+            f"logprob_tol {tol:g}: rollouts were sampled with stale or different weights "
+            "(or a low-precision model dtype; use model.dtype float32 for RL)"
+        )
+    return gap
+
+
+def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A shuffled split of range(n) into n / size index arrays."""
+    perm = rng.permutation(n)
+    return [perm[i : i + size] for i in range(0, n, size)]
+
+
+def greedy_eval(
+    sampler: Sampler, weights: nnx.State, rows: list[dict], tok: Any, reward: Callable,
+    *, max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 32,
+) -> dict[str, Any]:  # fmt: skip
+    """Greedy answers to held-out prompts: mean `reward`, exact-match accuracy and samples.
+    Batches are padded to one size so every call reuses one compiled program."""
+    from jaxllm.trainers.rewards import arithmetic
+
+    texts: list[str] = []
+    size = min(batch_size, len(rows))
+    for start in range(0, len(rows), size):
+        chunk = [r["ids"] for r in rows[start : start + size]]
+        res = sampler(
+            weights, chunk + [chunk[-1]] * (size - len(chunk)), max_new_tokens=max_new_tokens,
+            key=jax.random.key(0), stop_ids=stop_ids,
+        )  # fmt: skip
+        for toks, stopped in list(zip(res.tokens, res.stopped))[: len(chunk)]:
+            texts.append(tok.decode(toks[:-1] if stopped else toks))
+    rewards = [reward(t, r) for t, r in zip(texts, rows)]
+    hits = [arithmetic(t, r) for t, r in zip(texts, rows)]
+    samples = [
+        {"prompt": tok.decode(r["ids"]), "reference": r.get("answer"), "answer": t}
+        for r, t in list(zip(rows, texts))[:6]
+    ]
+    return {
+        "reward": round(float(np.mean(rewards)), 4),
+        "accuracy": round(float(np.mean(hits)), 4),
+        "samples": samples,
+    }
+
+
+def eval_rows(rows: list[dict], n: int) -> list[dict]:
+    """Up to `n` rows evenly spaced through the list."""
+    picks = np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int))
+    return [rows[i] for i in picks]
+
+
+def stop_ids(template: ChatTemplate) -> list[int]:
+    return [template.ids["<|end|>"], template.ids["</s>"]]
+
+
+def timing(gen_s: float, train_s: float, tokens: int) -> dict[str, float]:
+    """Share of the iterations spent generating vs training, and rollout tokens/s."""
+    total = max(gen_s + train_s, 1e-9)
+    return {
+        "generate_seconds": round(gen_s, 2),
+        "train_seconds": round(train_s, 2),
+        "generate_share": round(gen_s / total, 4),
+        "rollout_tokens_per_s": round(tokens / max(gen_s, 1e-9), 1),
+    }
+
+
+def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+@dataclass
+class Stage:
+    """What PPO and GRPO both build before their first iteration."""
+
+    start: Any  # lm.StartPoint of the policy
+    tx: Any
+    mesh: Any
+    template: ChatTemplate
+    tok: Any
+    tok_path: str
+    ref: tuple  # (graphdef, state) of the frozen reference
+    rows: list[dict]  # training prompts
+    val: list[dict]  # held-out prompts (greedy before/after)
+    sampler: Sampler
+    score: Callable
+
+
+def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
+    """Policy (from `inputs.checkpoint`, LoRA per `peft:`), frozen reference (the same
+    checkpoint, LoRA merged), tokenizer, prompts, the sampler and the jitted scoring pass."""
+    from jaxllm.sharding import make_mesh
+    from jaxllm.trainers.lm import init_from_checkpoint, load_frozen_model, load_model_tokenizer
+    from jaxllm.training.optim import make_optimizer
+
+    s = getattr(cfg, section)
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.train.optim, total_steps)
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    if s.minibatch_size % shards:
+        raise ConfigError(
+            f"config key '{section}.minibatch_size': {s.minibatch_size} rows do not split over "
+            f"the {shards} data-parallel devices of the mesh"
+        )
+    start = init_from_checkpoint(cfg, tx, mesh, wrap=wrap)
+    if start.model.dtype != "float32":
+        raise ConfigError(
+            f"inputs.checkpoint: model dtype {start.model.dtype}; {section} needs float32 so "
+            "sampler and learner log-probs agree"
+        )
+    tok_path = cfg.inputs.tokenizer or start.meta.get("tokenizer", "")
+    tok = load_model_tokenizer(tok_path, start.model)
+    template = ChatTemplate(tok)
+    ref_graphdef, ref_state, *_ = load_frozen_model(Path(start.checkpoint), mesh, cfg.mesh.rules)
+    fit = cfg.loader.seq_len - s.max_new_tokens
+    if start.model.positions == "learned":
+        fit = min(fit, start.model.max_seq_len - s.max_new_tokens)
+    rows = load_prompts(s.prompt_file, f"{section}.prompt_file", template, s.task, fit)
+    val = []
+    if s.val_file and s.eval_examples:
+        val = load_prompts(s.val_file, f"{section}.val_file", template, s.task, fit)
+        val = eval_rows(val, s.eval_examples)
+    graphdef = start.graphdef
+    score = make_scoring_pass(graphdef, ref_graphdef, mesh, cfg.mesh.rules)
+    return Stage(
+        start, tx, mesh, template, tok, str(tok_path), (ref_graphdef, ref_state), rows, val,
+        Sampler(graphdef), score,
+    )  # fmt: skip

@@ -1,0 +1,97 @@
+"""`stage: reward`: the scorer reads the last real token, and the stage trains (LoRA) end to end,
+and its checkpoint loads as a fixed reward model for PPO."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.data.preference import (
+    PreferenceRecords,
+    make_preference_eval_dataset,
+    pair_features,
+)
+from jaxllm.models import Decoder
+from jaxllm.models.heads import ScalarModel
+from jaxllm.sharding import make_mesh
+from jaxllm.trainers import reward
+from jaxllm.trainers.reward import load_reward_model, pair_rewards, reward_scores
+
+from .conftest import ROOT, run_stage, stage_config
+
+VAL = ROOT / "jaxllm/assets/preference/val.jsonl"
+
+
+def small_val(tmp_path, n=12):
+    """The first n held-out records (both tasks: rankings and pairs)."""
+    lines = VAL.read_text(encoding="utf-8").splitlines()
+    picks = lines[: n // 2] + [x for x in lines if '"task": "math"' in x][: n // 2]
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(picks) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_scalar_model(vocab: int) -> ScalarModel:
+    m = ModelConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64)
+    return ScalarModel(Decoder(m, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), std=0.5)
+
+
+def test_reward_read_at_last_real_token(template):
+    model = tiny_scalar_model(template.tok.vocab_size)
+    graphdef, state = nnx.split(model)
+    pair = PreferenceRecords([VAL])[0]
+    feats = pair_features(pair, template, 64)
+    batch = {k: jnp.asarray(v[None]) for k, v in feats.items() if k != "weight"}
+    batch["weight"] = jnp.ones((1,))
+    chosen, rejected = pair_rewards(model, batch)
+    rows = {k: jnp.asarray(feats[k]) for k in ("tokens", "segment_ids", "positions")}
+    r_B = reward_scores(graphdef, state, rows["tokens"], rows["segment_ids"], rows["positions"])
+    s_BL = np.asarray(model(rows["tokens"], positions_BL=rows["positions"],
+                            segment_ids_BL=rows["segment_ids"]))  # fmt: skip
+    last = [int(np.nonzero(feats["segment_ids"][i])[0].max()) for i in range(2)]
+    want = [s_BL[i, last[i]] for i in range(2)]
+    np.testing.assert_allclose(np.asarray(r_B), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([float(chosen[0]), float(rejected[0])], want, rtol=1e-5, atol=1e-6)
+    assert feats["tokens"][0, last[0]] == template.ids["<|end|>"]  # the answer's end marker
+    # left padding (as in rollouts) reads the same token
+    shift = 64 - 1 - max(last)
+    rolled = {k: jnp.roll(v, shift, axis=1) for k, v in rows.items()}
+    r_left = reward_scores(graphdef, state, rolled["tokens"], rolled["segment_ids"],
+                           rolled["positions"])  # fmt: skip
+    np.testing.assert_allclose(np.asarray(r_left), want, rtol=1e-4, atol=1e-5)
+
+
+def test_reward_stage_lora_end_to_end(tmp_path, tiny_ckpt, template):
+    val = small_val(tmp_path)
+    cfg = stage_config(
+        "reward", tiny_ckpt, tmp_path / "rm", reward={"val_file": str(val), "margin": 0.5},
+        peft={"method": "lora", "rank": 4},
+    )  # fmt: skip
+    summary = run_stage(reward, cfg)
+    assert summary["pair_accuracy_before"] == 0.0  # zero head: every reward 0, no wins
+    assert summary["reward_gap_before"] == 0.0
+    assert 0.0 <= summary["pair_accuracy_after"] <= 1.0
+    assert set(summary["accuracy_by_task_after"]) == {"math", "service"}
+    assert summary["trainable_share"] < 0.5  # adapters + head only
+    metrics = [json.loads(x) for x in (tmp_path / "rm/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_pair_accuracy" in m] == [2, 4]
+    assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    # the LoRA checkpoint loads as a plain fixed reward model that scores like the run's eval
+    mesh = make_mesh(cfg.mesh)
+    graphdef, state, _, m, meta = load_reward_model(tmp_path / "rm/checkpoints", mesh)
+    assert m.d_model == 32 and meta["config"]["stage"] == "reward"
+    head = np.asarray(state["head"]["kernel"][...])
+    assert np.abs(head).max() > 0  # the head trained under LoRA
+    gaps, weights = [], []
+    for batch in make_preference_eval_dataset([val], template, cfg.loader):
+        rows = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items() if k != "weight"}
+        r_N = reward_scores(graphdef, state, rows["tokens"], rows["segment_ids"],
+                            rows["positions"])  # fmt: skip
+        gaps.append(np.asarray(r_N).reshape(-1, 2) @ [1.0, -1.0])
+        weights.append(batch["weight"])
+    gap, w = np.concatenate(gaps), np.concatenate(weights)
+    acc = float(np.sum(w * (gap > 0)) / np.sum(w))
+    assert abs(acc - summary["pair_accuracy_after"]) < 1e-3
+    assert abs(float(np.sum(w * gap) / np.sum(w)) - summary["reward_gap_after"]) < 1e-3

@@ -1,0 +1,57 @@
+"""Rule rewards on hand examples."""
+
+import pytest
+
+from jaxllm.errors import ConfigError
+from jaxllm.trainers.rewards import (
+    REWARDS,
+    arithmetic,
+    digits,
+    final_answer,
+    format_reward,
+    get_reward,
+    weighted_reward,
+)
+
+REC = {"answer": "52"}
+
+
+def test_final_answer_after_think():
+    assert final_answer("<think>13 - 8 = 5. 5 + 47 = 52</think> 52 ") == "52"
+    assert final_answer(" 52\n") == "52"
+    assert final_answer("<think>a</think>x</think>7") == "7"  # the last </think>
+
+
+def test_arithmetic():
+    assert arithmetic("<think>13 - 8 = 5. 5 + 47 = 52</think>52", REC) == 1.0
+    assert arithmetic("52", REC) == 1.0
+    assert arithmetic(" 52 ", REC) == 1.0
+    assert arithmetic("<think>52</think>51", REC) == 0.0
+    assert arithmetic("520", REC) == 0.0
+    assert arithmetic("52", {"answer": None}) == 0.0
+
+
+def test_format():
+    assert format_reward("<think>13 - 8 = 5</think>5", REC) == 1.0
+    assert format_reward("  <think>\nx\n</think> 5", REC) == 1.0
+    assert format_reward("<think>13 - 8 = 5</think>", REC) == 0.0  # empty answer
+    assert format_reward("<think>13 - 8 = 5</think>   ", REC) == 0.0
+    assert format_reward("5 <think>x</think>5", REC) == 0.0  # must open with <think>
+    assert format_reward("<think>no close 5", REC) == 0.0
+
+
+def test_digits_partial_credit():
+    assert digits("52", REC) == 1.0
+    assert digits("42", REC) == 0.5  # units right
+    assert digits("57", REC) == 0.5  # tens right
+    assert digits("5", REC) == 0.0 and digits("abc", REC) == 0.0
+
+
+def test_registry_and_weights():
+    assert set(REWARDS) >= {"arithmetic", "format", "digits"}
+    r = weighted_reward(["arithmetic", "format"], [1.0, 0.5])
+    assert r("<think>x</think>52", REC) == 1.5
+    assert r("52", REC) == 1.0
+    assert r("<think>x</think>5", REC) == 0.5
+    with pytest.raises(ConfigError, match="grpo.rewards.*unknown reward 'exact'"):
+        get_reward("exact")

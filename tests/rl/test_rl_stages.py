@@ -1,0 +1,102 @@
+"""`stage: ppo` and `stage: grpo` end to end on a tiny pretrained model (2 iterations each),
+plus the invariants RL depends on: sampler and learner log-probs of the same tokens agree,
+the frozen reference stays bit-identical while the policy moves."""
+
+import json
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import replace
+from jaxllm.rundir import RunDir
+from jaxllm.trainers import grpo, ppo
+from jaxllm.trainers.lm import load_checkpoint_model
+from jaxllm.trainers.rollout import logprob_gap, sample_rollouts, setup_stage, stop_ids
+from jaxllm.training.optim import lr_schedule
+from jaxllm.training.state import to_global
+from jaxllm.training.step import make_train_step
+
+from .conftest import rl_config
+
+SMALL = dict(iterations=2, max_new_tokens=6, eval_examples=4, eval_max_new_tokens=4)
+
+
+def _run(module, cfg) -> dict:
+    run_dir = RunDir.open(cfg)
+    return run_dir.finish(module.run(cfg, run_dir))
+
+
+def _finite_metrics(path) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+        assert r["logprob_gap"] < 1e-4
+    return rows
+
+
+def test_ppo_stage_two_iterations(tmp_path, tiny_ckpt):
+    sec = dict(SMALL, rollout_batch=16, minibatch_size=8, epochs=2, reward="digits")
+    cfg = rl_config("ppo", tiny_ckpt, tmp_path / "ppo", **sec)
+    summary = _run(ppo, cfg)
+    rows = _finite_metrics(tmp_path / "ppo/metrics.jsonl")
+    for key in ("reward", "kl", "clip_frac", "value_loss", "entropy", "response_length"):
+        assert key in rows[-1]
+    assert summary["steps"] == 8 and 0 < summary["generate_share"] < 1
+    assert summary["rollout_tokens_per_s"] > 0 and "greedy_reward_after" in summary
+    # the final checkpoint is a plain decoder in the standard format (generate/export load it)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    _, state, m, meta = load_checkpoint_model(tmp_path / "ppo/checkpoints", mesh)
+    assert m.d_model == 32 and "decoder" not in state and "blocks" in state
+    assert (tmp_path / "ppo/loss.png").exists()
+
+
+def test_grpo_stage_two_iterations(tmp_path, tiny_ckpt):
+    sec = dict(SMALL, prompts_per_iteration=2, group_size=4, minibatch_size=8, beta=0.05, epochs=1)
+    sec["eval_examples"] = 0  # the PPO test covers greedy before/after: one compile less
+    cfg = rl_config("grpo", tiny_ckpt, tmp_path / "grpo", **sec)
+    summary = _run(grpo, cfg)
+    rows = _finite_metrics(tmp_path / "grpo/metrics.jsonl")
+    assert {"reward", "kl", "clip_frac", "accuracy", "entropy"} <= set(rows[-1])
+    assert summary["steps"] == 2 and summary["generate_share"] > 0
+    assert (tmp_path / "grpo/checkpoints").is_dir() and (tmp_path / "grpo/loss.png").exists()
+
+
+def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt):
+    g = dict(SMALL, prompts_per_iteration=2, group_size=4, minibatch_size=8, epochs=2)
+    cfg = rl_config("grpo", tiny_ckpt, tmp_path / "g", **g)
+    cfg = replace(cfg, train=replace(cfg.train, optim=replace(cfg.train.optim, lr=1e-2)))
+    st = setup_stage(cfg, "grpo", 4)
+    sp = st.start
+    step_fn = make_train_step(
+        sp.graphdef, grpo.grpo_loss_fn(0.2, 0.05, "k3"), st.tx, lr_schedule(cfg.train.optim, 4),
+        sp.shardings, st.mesh, cfg.mesh.rules,
+    )  # fmt: skip
+    ref_before = jax.tree.map(np.array, st.ref[1])
+    policy_before = jax.tree.map(np.array, sp.state.params)
+
+    def reward(text, record):  # varies within a group even for an untrained model
+        return float(len(text))
+
+    state, rng = sp.state, np.random.default_rng(0)
+    clock = {"gen": 0.0, "train": 0.0, "tokens": 0}
+    for it in (1, 2):  # the second iteration samples with updated weights: still agrees
+        state, row = grpo._iteration(cfg, st, state, step_fn, reward, stop_ids(st.template),
+                                     rng, it, clock)  # fmt: skip
+        assert row["logprob_gap"] < 1e-4
+    for a, b in zip(jax.tree.leaves(ref_before), jax.tree.leaves(st.ref[1])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    moved = [not np.array_equal(a, np.asarray(b))
+             for a, b in zip(jax.tree.leaves(policy_before), jax.tree.leaves(state.params))]  # fmt: skip
+    assert any(moved)
+    # a direct check of the gap on a fresh rollout with the trained weights
+    weights = nnx.merge_state(state.params, state.frozen)
+    ro = sample_rollouts(
+        st.sampler, weights, [r["ids"] for r in st.rows[:8]], st.tok, seq_len=cfg.loader.seq_len,
+        max_new_tokens=6, key=jax.random.key(3), temperature=1.0, stop_ids=stop_ids(st.template),
+    )  # fmt: skip
+    sc = st.score(state.params, state.frozen, st.ref[1], to_global(ro.batch, st.mesh))
+    gap = logprob_gap(ro.batch["sampler_logp"], jax.device_get(sc["logp"]), ro.batch["mask"], 1e-4)
+    assert gap < 1e-4 and ro.batch["mask"].sum() > 0
