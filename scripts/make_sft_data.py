@@ -5,6 +5,9 @@ Rules, each record `{"prompt", "response", "task"}`:
   poem    "下一句是什么？<line>" → the next line         (唐诗三百首 / 宋词, same poem)
   math    "What is 17 + 25?" → "42"
   qa      everyday Chinese questions (a few paraphrases each) → short answers
+  service customer-service questions (the questions of make_preference_data.py) → noisy
+          demonstrations: per paraphrase one polite, helpful answer and one evasive one, so
+          the SFT model answers in both styles and a reward model + PPO has something to fix
 Held out by source item: a chapter, a poem, a pair of numbers or a question (all its
 paraphrases) is entirely in train or entirely in val, chosen by a hash of its key.
 
@@ -106,6 +109,17 @@ def qa() -> list[tuple[str, dict]]:
     return [(qs[0], {"prompt": q, "response": ans}) for qs, ans in QA for q in qs]
 
 
+def service(rng: random.Random) -> list[tuple[str, dict]]:
+    from make_preference_data import EVASIVE, POLITE, SERVICE
+
+    out = []
+    for questions, fact in SERVICE:
+        for q in questions:
+            for answer in (rng.choice(POLITE).format(fact=fact), rng.choice(EVASIVE)):
+                out.append((questions[0], {"prompt": q, "response": answer}))
+    return out
+
+
 def split(task: str, items: list[tuple[str, dict]], rng: random.Random) -> tuple[list, list]:
     """Train/val by item key, each shuffled and capped to the task's limits."""
     train = [dict(r, task=task) for k, r in items if not in_val(k)]
@@ -122,7 +136,8 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     train, val = [], []
-    for task, items in (("bible", bible()), ("poem", poems()), ("math", math()), ("qa", qa())):
+    tasks = [("bible", bible()), ("poem", poems()), ("math", math()), ("qa", qa())]
+    for task, items in [*tasks, ("service", service(random.Random(1)))]:
         t, v = split(task, items, rng)
         train += t
         val += v
