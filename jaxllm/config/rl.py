@@ -74,11 +74,6 @@ class PPOConfig:
             raise ValueError("gamma, lam: must be in [0, 1]")
         if self.kl_coef < 0 or self.kl_target <= 0 or self.kl_horizon < 1:
             raise ValueError("kl_coef >= 0, kl_target > 0 and kl_horizon >= 1 are required")
-        if self.critic == "separate":
-            raise ValueError(
-                "critic: 'separate' is not implemented yet; use 'shared' (a value head on "
-                "the actor's features)"
-            )
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def load_checkpoint_model(
         with nnx.use_eager_sharding(False):
             apply_lora(model, run_cfg.peft, nnx.Rngs(0))
         graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
-        state, shardings = _state_from(params, frozen, tx, mesh, rules, 0)
+        state, shardings = fresh_train_state(params, frozen, tx, mesh, rules, 0)
     else:
         build = model_fn(m, 0)
         fn = (lambda: wrap(build(), nnx.Rngs(0))) if wrap else build
@@ -195,7 +195,7 @@ def load_checkpoint_model(
     return graphdef, nnx.merge_state(restored.params, state.frozen), m, meta
 
 
-def _state_from(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
+def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
     """A `TrainState` of these variables with a fresh optimizer state, built in its
     shardings (the inputs may already be sharded). Returns `(state, shardings)`."""
 
@@ -258,7 +258,7 @@ def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> Sta
         except ValueError as e:
             raise ConfigError(str(e)) from None
     graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.peft), ...)
-    state, shardings = _state_from(params, frozen, tx, mesh, cfg.mesh.rules, cfg.seed)
+    state, shardings = fresh_train_state(params, frozen, tx, mesh, cfg.mesh.rules, cfg.seed)
     trainable = count_params(state.params)
     return StartPoint(
         graphdef, state, shardings, m, meta, ckpt_in, trainable, trainable + count_params(frozen)

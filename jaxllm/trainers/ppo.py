@@ -12,6 +12,7 @@ standard format, so `stage: generate` / `export` load it by path.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,12 @@ from tqdm import tqdm
 
 from jaxllm.config import Config, PeftConfig, replace, to_dict
 from jaxllm.errors import ConfigError
-from jaxllm.models.heads import ScalarHead
+from jaxllm.models.heads import ScalarHead, ScalarModel
 from jaxllm.models.lora import merge_lora
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
 from jaxllm.trainers.grpo import rl_summary
-from jaxllm.trainers.lm import _state_from, param_figures
+from jaxllm.trainers.lm import fresh_train_state, param_figures
 from jaxllm.trainers.rewards import get_reward
 from jaxllm.trainers.rollout import (
     checkpoint_path,
@@ -51,13 +52,16 @@ from jaxllm.training.step import make_train_step
 
 
 class ActorCritic(nnx.Module):
-    """A decoder plus a value head on its final features: `model(tokens) -> (logits, values)`.
-    `extend` / `init_cache` / `cfg` are the decoder's, so the `Sampler` runs it directly on
-    the very weights the learner trains."""
+    """A decoder and a critic: `model(tokens) -> (logits, values)`. The critic is a value head
+    on the actor's final features (`separate=False`: one backbone, trained by both losses) or
+    its own copy of the backbone with a head (`separate=True`: twice the weights, no
+    interference between the value and policy gradients). `extend` / `init_cache` / `cfg` are
+    the decoder's, so the `Sampler` runs it directly on the very weights the learner trains."""
 
-    def __init__(self, decoder: nnx.Module, *, rngs: nnx.Rngs):
+    def __init__(self, decoder: nnx.Module, *, rngs: nnx.Rngs, separate: bool = False):
         self.decoder = decoder
-        self.head = ScalarHead(decoder.cfg.d_model, rngs=rngs)
+        self.head = None if separate else ScalarHead(decoder.cfg.d_model, rngs=rngs)
+        self.critic = ScalarModel(nnx.clone(decoder), rngs=rngs) if separate else None
 
     @property
     def cfg(self):
@@ -65,7 +69,8 @@ class ActorCritic(nnx.Module):
 
     def __call__(self, tokens_BL: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array]:
         x_BLD = self.decoder.features(tokens_BL, **kwargs)
-        return self.decoder.logits(x_BLD), self.head(x_BLD)
+        values_BL = self.head(x_BLD) if self.critic is None else self.critic(tokens_BL, **kwargs)
+        return self.decoder.logits(x_BLD), values_BL
 
     def extend(self, *args, **kwargs):
         return self.decoder.extend(*args, **kwargs)
@@ -74,8 +79,8 @@ class ActorCritic(nnx.Module):
         return self.decoder.init_cache(batch, size)
 
 
-def with_value_head(decoder: nnx.Module, rngs: nnx.Rngs) -> ActorCritic:
-    return ActorCritic(decoder, rngs=rngs)
+def with_value_head(decoder: nnx.Module, rngs: nnx.Rngs, separate: bool = False) -> ActorCritic:
+    return ActorCritic(decoder, rngs=rngs, separate=separate)
 
 
 def ppo_loss_fn(clip_eps: float, value_clip: float, vf_coef: float, ent_coef: float):
@@ -167,7 +172,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     p, t = cfg.ppo, cfg.train
     steps_per_iter = p.epochs * (p.rollout_batch // p.minibatch_size)
     total = p.iterations * steps_per_iter
-    st = setup_stage(cfg, "ppo", total, wrap=with_value_head)
+    separate = p.critic == "separate"
+    st = setup_stage(cfg, "ppo", total, wrap=functools.partial(with_value_head, separate=separate))
     score_fn, rule = _sequence_scorer(cfg, st)
     stops = stop_ids(st.template)
     text_reward = rule or _model_text_reward(score_fn, st.tok, cfg.loader.seq_len, stops[0])
@@ -277,7 +283,7 @@ def save_policy(cfg: Config, st, state, directory: Path) -> None:
     params, frozen = nnx.split(model.decoder, nnx.Param, ...)[1:]
     plain = replace(cfg, peft=PeftConfig())
     tx = make_optimizer(plain.train.optim, plain.train.steps)
-    dec_state, _ = _state_from(params, frozen, tx, st.mesh, cfg.mesh.rules, cfg.seed)
+    dec_state, _ = fresh_train_state(params, frozen, tx, st.mesh, cfg.mesh.rules, cfg.seed)
     dec_state = dec_state.replace(step=state.step)
     meta = {**st.start.checkpoint_meta(plain, st.tok_path), "config": to_dict(plain)}
     ckpt = Checkpointer(directory, cfg.train.keep_checkpoints, async_save=False)
