@@ -27,10 +27,10 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m jaxllm.main --config $(CONFIG)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m ""
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from jaxllm.config import Config
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import group_advantages
-from jaxllm.trainers.lm import param_figures
 from jaxllm.trainers.rewards import arithmetic, weighted_reward
 from jaxllm.trainers.rollout import (
     checkpoint_path,
@@ -29,14 +27,14 @@ from jaxllm.trainers.rollout import (
     logprob_gap,
     minibatches,
     policy_outputs,
+    rl_summary,
+    run_iterations,
     sample_rollouts,
     setup_stage,
     stop_ids,
-    timing,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.losses import token_logprobs
-from jaxllm.training.metrics import MetricsWriter, plot_losses
 from jaxllm.training.optim import lr_schedule
 from jaxllm.training.rl_losses import grpo_loss
 from jaxllm.training.state import to_global
@@ -80,33 +78,17 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             stop_ids=stops,
         )  # fmt: skip
 
-    state = sp.state
-    before = evaluate(state)
-    writer = MetricsWriter(run_dir.path)
-    rng = np.random.default_rng(cfg.seed)
-    clock = {"gen": 0.0, "train": 0.0, "tokens": 0}
-    last: dict[str, Any] = {}
-    bar = tqdm(total=g.iterations, desc=f"grpo {cfg.name}", disable=not cfg.progress)
-    try:
-        for it in range(1, g.iterations + 1):
-            state, last = _iteration(cfg, st, state, step_fn, reward, stops, rng, it, clock)
-            writer.write(it, last)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
-    finally:
-        bar.close()
-        writer.close()
+    before = evaluate(sp.state)
+
+    def iteration(state, rng, it, clock):
+        return _iteration(cfg, st, state, step_fn, reward, stops, rng, it, clock)
+
+    state, last, clock = run_iterations(cfg, st, run_dir.path, g.iterations, iteration, "grpo")
     ckpt = Checkpointer(checkpoint_path(run_dir.path), t.keep_checkpoints, async_save=False)
     ckpt.save(int(state.step), state, sp.checkpoint_meta(cfg, st.tok_path))
     ckpt.close()
     after = evaluate(state)
-    plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
-    summary = rl_summary(cfg.grpo.iterations, total, last, before, after, plot, clock)
-    summary["outputs"] = {
-        "checkpoint": str(checkpoint_path(run_dir.path)),
-        "tokenizer": st.tok_path,
-    }
-    return {**param_figures(sp, run_dir.path), **summary}
+    return rl_summary(cfg, st, run_dir.path, total, last, before, after, clock)
 
 
 def _iteration(cfg, st, state, step_fn, reward, stops, rng, it: int, clock: dict):
@@ -154,18 +136,3 @@ def _iteration(cfg, st, state, step_fn, reward, stops, rng, it: int, clock: dict
         response_length=float(ro.lengths.mean()), lr=float(m["lr"]),
     )  # fmt: skip
     return state, row
-
-
-def rl_summary(iterations, steps, last, before, after, plot, clock) -> dict[str, Any]:
-    """Final figures of an RL stage: the last iteration's metrics, greedy before/after."""
-    out: dict[str, Any] = {"iterations": iterations, "steps": steps}
-    out.update({f"final_{k}": round(v, 6) for k, v in last.items() if isinstance(v, float)})
-    for key in ("reward", "accuracy"):
-        if key in before:
-            out[f"greedy_{key}_before"] = before[key]
-            out[f"greedy_{key}_after"] = after[key]
-    if "samples" in before:
-        out["samples_before"], out["samples_after"] = before["samples"], after["samples"]
-    out.update(timing(clock["gen"], clock["train"], clock["tokens"]))
-    out["loss_plot"] = plot.name if plot else None
-    return out

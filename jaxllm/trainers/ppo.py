@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from jaxllm.config import Config, PeftConfig, replace, to_dict
 from jaxllm.errors import ConfigError
@@ -29,8 +28,7 @@ from jaxllm.models.heads import ScalarHead, ScalarModel
 from jaxllm.models.lora import merge_lora
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
-from jaxllm.trainers.grpo import rl_summary
-from jaxllm.trainers.lm import fresh_train_state, param_figures
+from jaxllm.trainers.lm import fresh_train_state
 from jaxllm.trainers.rewards import get_reward
 from jaxllm.trainers.rollout import (
     checkpoint_path,
@@ -38,13 +36,14 @@ from jaxllm.trainers.rollout import (
     logprob_gap,
     minibatches,
     policy_outputs,
+    rl_summary,
+    run_iterations,
     sample_rollouts,
     setup_stage,
     stop_ids,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.losses import token_entropy, token_logprobs
-from jaxllm.training.metrics import MetricsWriter, plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.rl_losses import kl_estimate, ppo_policy_loss, ppo_value_loss
 from jaxllm.training.state import to_global
@@ -193,33 +192,17 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             max_new_tokens=p.eval_max_new_tokens, stop_ids=stops,
         )  # fmt: skip
 
-    state = sp.state
-    before = evaluate(state)
-    writer = MetricsWriter(run_dir.path)
-    rng = np.random.default_rng(cfg.seed)
-    clock = {"gen": 0.0, "train": 0.0, "tokens": 0}
+    before = evaluate(sp.state)
     kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon, p.adaptive_kl)
-    last: dict[str, Any] = {}
-    bar = tqdm(total=p.iterations, desc=f"ppo {cfg.name}", disable=not cfg.progress)
-    try:
-        for it in range(1, p.iterations + 1):
-            state, last = _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it, clock)
-            writer.write(it, last)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
-    finally:
-        bar.close()
-        writer.close()
+
+    def iteration(state, rng, it, clock):
+        return _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it, clock)
+
+    state, last, clock = run_iterations(cfg, st, run_dir.path, p.iterations, iteration, "ppo")
     save_policy(cfg, st, state, checkpoint_path(run_dir.path))
     after = evaluate(state)
-    plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
-    summary = rl_summary(p.iterations, total, last, before, after, plot, clock)
-    summary["final_kl_coef"] = round(kl_ctl.coef, 6)
-    summary["outputs"] = {
-        "checkpoint": str(checkpoint_path(run_dir.path)),
-        "tokenizer": st.tok_path,
-    }
-    return {**param_figures(sp, run_dir.path), **summary}
+    summary = rl_summary(cfg, st, run_dir.path, total, last, before, after, clock)
+    return {**summary, "final_kl_coef": round(kl_ctl.coef, 6)}
 
 
 def _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it: int, clock: dict):

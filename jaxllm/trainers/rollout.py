@@ -268,3 +268,53 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
         start, tx, mesh, template, tok, str(tok_path), (ref_graphdef, ref_state), rows, val,
         Sampler(graphdef), score,
     )  # fmt: skip
+
+
+def run_iterations(
+    cfg, st: Stage, run_dir: Path, iterations: int, iteration: Callable, desc: str
+) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    """The RL outer loop (over iterations, never tokens): `iteration(state, rng, it, clock)
+    -> (state, metrics row)`, one row per iteration to metrics.jsonl, a progress bar with the
+    reward and KL. Returns `(state, last row, clock)`; the clock holds generate / train
+    seconds and rollout tokens for `timing`."""
+    from tqdm import tqdm
+
+    from jaxllm.training.metrics import MetricsWriter
+
+    state, last = st.start.state, {}
+    writer = MetricsWriter(Path(run_dir))
+    rng = np.random.default_rng(cfg.seed)
+    clock = {"gen": 0.0, "train": 0.0, "tokens": 0}
+    bar = tqdm(total=iterations, desc=f"{desc} {cfg.name}", disable=not cfg.progress)
+    try:
+        for it in range(1, iterations + 1):
+            state, last = iteration(state, rng, it, clock)
+            writer.write(it, last)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
+    finally:
+        bar.close()
+        writer.close()
+    return state, last, clock
+
+
+def rl_summary(cfg, st: Stage, run_dir: Path, steps: int, last, before, after, clock) -> dict:
+    """Final figures of an RL stage: the last iteration's metrics, greedy before/after, the
+    generate/train split, parameter counts, the loss plot and the outputs."""
+    from jaxllm.trainers.lm import param_figures
+    from jaxllm.training.metrics import plot_losses
+
+    iterations = getattr(cfg, cfg.stage).iterations
+    out: dict[str, Any] = {"iterations": iterations, "steps": steps}
+    out.update({f"final_{k}": round(v, 6) for k, v in last.items() if isinstance(v, float)})
+    for key in ("reward", "accuracy"):
+        if key in before:
+            out[f"greedy_{key}_before"] = before[key]
+            out[f"greedy_{key}_after"] = after[key]
+    if "samples" in before:
+        out["samples_before"], out["samples_after"] = before["samples"], after["samples"]
+    out.update(timing(clock["gen"], clock["train"], clock["tokens"]))
+    plot = plot_losses(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png", cfg.name)
+    out["loss_plot"] = plot.name if plot else None
+    out["outputs"] = {"checkpoint": str(checkpoint_path(run_dir)), "tokenizer": st.tok_path}
+    return {**param_figures(st.start, Path(run_dir)), **out}
