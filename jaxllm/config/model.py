@@ -131,7 +131,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to biases, norms and embeddings... see optim.py
+    weight_decay: float = 0.1  # >= 2-D weights incl. embeddings; not biases or norms
     grad_clip: float = 1.0  # 0 disables
 
 
