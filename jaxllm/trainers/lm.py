@@ -23,6 +23,7 @@ from jaxllm.models.lora import apply_lora, has_lora, merge_lora
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.loop import LoopSpec
 from jaxllm.training.losses import cross_entropy
 from jaxllm.training.state import (
     TrainState,
@@ -308,3 +309,27 @@ def load_frozen_model(
         merge_lora(model)
         graphdef, state = nnx.split(model)
     return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta
+
+
+def finetune_spec(
+    cfg: Config, step_fn, batches, mesh, eval_fn, meta: dict[str, Any], rows_per_example: int = 1
+) -> LoopSpec:
+    """The loop spec of a stage that trains from a checkpoint (sft, reward, dpo): the
+    config's steps and intervals, micro-batches stacked under `grad_accum`, tokens/s counted
+    over `rows_per_example` sequences per example (2 for chosen/rejected pairs)."""
+    t = cfg.train
+    tokens = cfg.loader.batch_size * rows_per_example * cfg.loader.seq_len * t.grad_accum
+    return LoopSpec(
+        step_fn=step_fn,
+        batches=batches,
+        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
+        total_steps=t.steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        eval_fn=eval_fn,
+        tokens_per_step=tokens,
+        meta=meta,
+        progress=cfg.progress,
+        desc=f"{cfg.stage} {cfg.name}",
+    )

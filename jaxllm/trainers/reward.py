@@ -34,6 +34,7 @@ from jaxllm.sharding import make_mesh, use_rules
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers.lm import (
     checkpoint_dir,
+    finetune_spec,
     init_from_checkpoint,
     load_frozen_model,
     load_model_tokenizer,
@@ -41,7 +42,7 @@ from jaxllm.trainers.lm import (
     restore_or_init,
 )
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.rl_losses import pairwise_loss
@@ -219,20 +220,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         graphdef, reward_loss(cfg.reward.margin), tx, lr_schedule(t.optim, t.steps), shardings,
         mesh, cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
-    spec = LoopSpec(
-        step_fn=step_fn,
-        batches=batches,
-        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
-        total_steps=t.steps,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        eval_fn=(lambda s: scalar_figures(evaluate(s))) if evaluate else None,
-        tokens_per_step=cfg.loader.batch_size * 2 * cfg.loader.seq_len * t.grad_accum,
-        meta=start_point.checkpoint_meta(cfg, tok_path),
-        progress=cfg.progress,
-        desc=f"reward {cfg.name}",
-    )
+    eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
+    meta = start_point.checkpoint_meta(cfg, tok_path)
+    spec = finetune_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = evaluate(state) if evaluate else {}

@@ -26,6 +26,7 @@ from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import ChatTemplate, split_answer
 from jaxllm.trainers.lm import (
     checkpoint_dir,
+    finetune_spec,
     init_from_checkpoint,
     lm_loss,
     load_model_tokenizer,
@@ -35,10 +36,10 @@ from jaxllm.trainers.lm import (
 )
 from jaxllm.trainers.rewards import final_answer
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
-from jaxllm.training.state import TrainState, to_global
+from jaxllm.training.state import TrainState
 from jaxllm.training.step import make_eval_step, make_train_step
 
 
@@ -67,20 +68,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         graphdef, loss_fn, tx, lr_schedule(t.optim, t.steps), shardings, mesh,
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
-    spec = LoopSpec(
-        step_fn=step_fn,
-        batches=batches,
-        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
-        total_steps=t.steps,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        eval_fn=score.val_loss,
-        tokens_per_step=cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum,
-        meta=start_point.checkpoint_meta(cfg, tok_path),
-        progress=cfg.progress,
-        desc=f"sft {cfg.name}",
-    )
+    meta = start_point.checkpoint_meta(cfg, tok_path)
+    spec = finetune_spec(cfg, step_fn, batches, mesh, score.val_loss, meta)
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = score(state)
