@@ -23,6 +23,8 @@ def _check_common(c) -> None:
         raise ValueError(f"eval_examples: must be >= 0, got {c.eval_examples}")
     if c.logprob_tol <= 0:
         raise ValueError(f"logprob_tol: must be > 0, got {c.logprob_tol}")
+    if c.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: must be >= 0, got {c.checkpoint_every}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class PPOConfig:
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
     logprob_tol: float = 1e-4  # max |sampler - learner| log-prob before the run stops
+    checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
     def _validate(self) -> None:
         _check_common(self)
@@ -101,6 +104,7 @@ class GRPOConfig:
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
     logprob_tol: float = 1e-4
+    checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
     def _validate(self) -> None:
         _check_common(self)

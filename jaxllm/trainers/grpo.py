@@ -32,8 +32,8 @@ from jaxllm.trainers.rollout import (
     sample_rollouts,
     setup_stage,
     stop_ids,
+    write_final,
 )
-from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.losses import token_logprobs
 from jaxllm.training.optim import lr_schedule
 from jaxllm.training.rl_losses import grpo_loss
@@ -78,15 +78,12 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             stop_ids=stops,
         )  # fmt: skip
 
-    before = evaluate(sp.state)
-
     def iteration(state, rng, it, clock):
         return _iteration(cfg, st, state, step_fn, reward, stops, rng, it, clock)
 
-    state, last, clock = run_iterations(cfg, st, run_dir.path, g.iterations, iteration, "grpo")
-    ckpt = Checkpointer(checkpoint_path(run_dir.path), t.keep_checkpoints, async_save=False)
-    ckpt.save(int(state.step), state, sp.checkpoint_meta(cfg, st.tok_path))
-    ckpt.close()
+    state, last, before, clock = run_iterations(cfg, st, run_dir.path, iteration, evaluate)
+    meta = sp.checkpoint_meta(cfg, st.tok_path)
+    write_final(checkpoint_path(run_dir.path), t.keep_checkpoints, state, meta)
     after = evaluate(state)
     return rl_summary(cfg, st, run_dir.path, total, last, before, after, clock)
 

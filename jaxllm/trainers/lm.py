@@ -97,21 +97,33 @@ def make_evaluator(
     return evaluate
 
 
-def restore_or_init(
-    ckpt: Checkpointer, state: TrainState, shardings: Any, data_iter: Any
-) -> tuple[TrainState, int]:
-    """Resumes from the newest checkpoint in `ckpt` (state + data position), if there is one."""
+def restore_latest(
+    ckpt: Checkpointer, state: TrainState, shardings: Any
+) -> tuple[TrainState, int, dict[str, Any]] | None:
+    """The newest checkpoint in `ckpt` restored into `state`'s shapes and shardings (its
+    `frozen` part, never saved, taken from `state`), with its step and metadata; None if the
+    directory holds none."""
     step = ckpt.latest_step()
     if step is None:
-        return state, 0
+        return None
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
     restored, meta = ckpt.restore(step, target)
-    restored = restored.replace(frozen=state.frozen)  # never saved: it is the stage's input
+    print(f"resumed from {ckpt.directory}/{step}")
+    return restored.replace(frozen=state.frozen), step, meta
+
+
+def restore_or_init(
+    ckpt: Checkpointer, state: TrainState, shardings: Any, data_iter: Any
+) -> tuple[TrainState, int]:
+    """Resumes from the newest checkpoint in `ckpt` (state + data position), if there is one."""
+    found = restore_latest(ckpt, state, shardings)
+    if found is None:
+        return state, 0
+    restored, step, meta = found
     if "data_state" in meta and hasattr(data_iter, "set_state"):
         data_iter.set_state(meta["data_state"])
-    print(f"resumed from {ckpt.directory}/{step}")
     return restored, step
 
 

@@ -41,8 +41,8 @@ from jaxllm.trainers.rollout import (
     sample_rollouts,
     setup_stage,
     stop_ids,
+    write_final,
 )
-from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.losses import token_entropy, token_logprobs
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.rl_losses import kl_estimate, ppo_policy_loss, ppo_value_loss
@@ -109,6 +109,12 @@ class AdaptiveKL:
 
     def __init__(self, coef: float, target: float, horizon: int, adaptive: bool) -> None:
         self.coef, self.target, self.horizon, self.adaptive = coef, target, horizon, adaptive
+
+    def get_state(self) -> dict[str, float]:
+        return {"coef": self.coef}
+
+    def set_state(self, state: dict[str, float]) -> None:
+        self.coef = float(state["coef"])
 
     def update(self, kl: float, n_steps: int) -> None:
         if self.adaptive:
@@ -192,13 +198,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             max_new_tokens=p.eval_max_new_tokens, stop_ids=stops,
         )  # fmt: skip
 
-    before = evaluate(sp.state)
     kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon, p.adaptive_kl)
 
     def iteration(state, rng, it, clock):
         return _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it, clock)
 
-    state, last, clock = run_iterations(cfg, st, run_dir.path, p.iterations, iteration, "ppo")
+    state, last, before, clock = run_iterations(
+        cfg, st, run_dir.path, iteration, evaluate, extra=kl_ctl
+    )
     save_policy(cfg, st, state, checkpoint_path(run_dir.path))
     after = evaluate(state)
     summary = rl_summary(cfg, st, run_dir.path, total, last, before, after, clock)
@@ -269,6 +276,4 @@ def save_policy(cfg: Config, st, state, directory: Path) -> None:
     dec_state, _ = fresh_train_state(params, frozen, tx, st.mesh, cfg.mesh.rules, cfg.seed)
     dec_state = dec_state.replace(step=state.step)
     meta = {**st.start.checkpoint_meta(plain, st.tok_path), "config": to_dict(plain)}
-    ckpt = Checkpointer(directory, cfg.train.keep_checkpoints, async_save=False)
-    ckpt.save(int(state.step), dec_state, meta)
-    ckpt.close()
+    write_final(directory, cfg.train.keep_checkpoints, dec_state, meta)

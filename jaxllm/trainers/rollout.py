@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -208,7 +208,13 @@ def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 
 def checkpoint_path(run_dir: Path) -> Path:
+    """The final policy (a plain decoder checkpoint, what later stages load)."""
     return Path(run_dir) / "checkpoints"
+
+
+def resume_path(run_dir: Path) -> Path:
+    """The iteration checkpoints a killed run resumes from (the whole train state)."""
+    return Path(run_dir) / "resume"
 
 
 @dataclass
@@ -270,32 +276,80 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
     )  # fmt: skip
 
 
+class Resumable(Protocol):
+    """Host-side state of a stage that must survive a restart (PPO's KL controller)."""
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
 def run_iterations(
-    cfg, st: Stage, run_dir: Path, iterations: int, iteration: Callable, desc: str
-) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    cfg, st: Stage, run_dir: Path, iteration: Callable, evaluate: Callable,
+    extra: Resumable | None = None,
+) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, float]]:  # fmt: skip
     """The RL outer loop (over iterations, never tokens): `iteration(state, rng, it, clock)
     -> (state, metrics row)`, one row per iteration to metrics.jsonl, a progress bar with the
-    reward and KL. Returns `(state, last row, clock)`; the clock holds generate / train
-    seconds and rollout tokens for `timing`."""
+    reward and KL. `evaluate(state)` gives the greedy figures before the first iteration.
+
+    Every `checkpoint_every` iterations and after the last, the train state goes to
+    `resume/<iteration>` with the minibatch RNG, the clock, the last row, the `before`
+    figures and `extra`'s state in its metadata; a killed run started again continues from
+    the newest one and repeats the uninterrupted run's metrics exactly (rollout keys are
+    `fold_in(seed, iteration)`). Returns `(state, last row, before, clock)`; the clock holds
+    generate / train seconds and rollout tokens for `timing`."""
     from tqdm import tqdm
 
+    from jaxllm.trainers.lm import restore_latest
+    from jaxllm.training.checkpoint import Checkpointer
     from jaxllm.training.metrics import MetricsWriter
 
-    state, last = st.start.state, {}
-    writer = MetricsWriter(Path(run_dir))
+    s = getattr(cfg, cfg.stage)
+    ckpt = Checkpointer(resume_path(run_dir), cfg.train.keep_checkpoints)
+    state, start, last = st.start.state, 0, {}
     rng = np.random.default_rng(cfg.seed)
-    clock = {"gen": 0.0, "train": 0.0, "tokens": 0}
-    bar = tqdm(total=iterations, desc=f"{desc} {cfg.name}", disable=not cfg.progress)
+    clock: dict[str, float] = {"gen": 0.0, "train": 0.0, "tokens": 0}
+    found = restore_latest(ckpt, state, st.start.shardings)
+    if found is None:
+        before = evaluate(state)
+    else:
+        state, start, meta = found
+        rng.bit_generator.state = meta["rng"]
+        clock, last, before = meta["clock"], meta["last"], meta["before"]
+        if extra is not None:
+            extra.set_state(meta["extra"])
+    writer = MetricsWriter(Path(run_dir), resume_step=start)
+    bar = tqdm(total=s.iterations, initial=start, desc=f"{cfg.stage} {cfg.name}",
+               disable=not cfg.progress)  # fmt: skip
     try:
-        for it in range(1, iterations + 1):
+        for it in range(start + 1, s.iterations + 1):
             state, last = iteration(state, rng, it, clock)
             writer.write(it, last)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
+            if it == s.iterations or (s.checkpoint_every and it % s.checkpoint_every == 0):
+                meta = {
+                    "iteration": it, "rng": rng.bit_generator.state, "clock": clock,
+                    "last": last, "before": before,
+                    "extra": extra.get_state() if extra is not None else {},
+                }  # fmt: skip
+                ckpt.save(it, state, meta)
     finally:
         bar.close()
         writer.close()
-    return state, last, clock
+        ckpt.close()
+    return state, last, before, clock
+
+
+def write_final(directory: Path, keep: int, state: Any, meta: dict[str, Any]) -> None:
+    """Saves the stage's final policy checkpoint at its optimizer step, synchronously; a
+    restarted run that finds it already written (killed before its summary) keeps it."""
+    from jaxllm.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, keep, async_save=False)
+    if ckpt.latest_step() != int(state.step):
+        ckpt.save(int(state.step), state, meta)
+    ckpt.close()
 
 
 def rl_summary(cfg, st: Stage, run_dir: Path, steps: int, last, before, after, clock) -> dict:

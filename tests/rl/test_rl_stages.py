@@ -4,6 +4,7 @@ the frozen reference stays bit-identical while the policy moves."""
 
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -37,8 +38,9 @@ def _finite_metrics(path) -> list[dict]:
     return rows
 
 
-def test_ppo_stage_two_iterations(tmp_path, tiny_ckpt):
+def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     sec = dict(SMALL, rollout_batch=16, minibatch_size=8, epochs=2, reward="digits")
+    sec.update(checkpoint_every=1, adaptive_kl=True, kl_target=0.01, kl_horizon=16)
     cfg = rl_config("ppo", tiny_ckpt, tmp_path / "ppo", **sec)
     summary = _run(ppo, cfg)
     rows = _finite_metrics(tmp_path / "ppo/metrics.jsonl")
@@ -46,11 +48,22 @@ def test_ppo_stage_two_iterations(tmp_path, tiny_ckpt):
         assert key in rows[-1]
     assert summary["steps"] == 8 and 0 < summary["generate_share"] < 1
     assert summary["rollout_tokens_per_s"] > 0 and "greedy_reward_after" in summary
+    assert summary["final_kl_coef"] != rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adapting
     # the final checkpoint is a plain decoder in the standard format (generate/export load it)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     _, state, m, meta = load_checkpoint_model(tmp_path / "ppo/checkpoints", mesh)
     assert m.d_model == 32 and "decoder" not in state and "blocks" in state
     assert (tmp_path / "ppo/loss.png").exists()
+    # a crash during iteration 2: the run resumes after iteration 1 (weights, value head,
+    # optimizer, RNG, KL coefficient) and repeats iteration 2 and the final figures exactly
+    shutil.rmtree(tmp_path / "ppo/resume/2")
+    shutil.rmtree(tmp_path / "ppo/checkpoints")
+    (tmp_path / "ppo/summary.json").unlink()
+    again = _run(ppo, cfg)
+    rows_again = _finite_metrics(tmp_path / "ppo/metrics.jsonl")
+    assert rows_again[1]["loss"] == rows[1]["loss"] and rows_again[1]["kl"] == rows[1]["kl"]
+    for key in ("final_kl_coef", "greedy_reward_before", "greedy_reward_after", "final_loss"):
+        assert again[key] == summary[key], key
 
 
 def test_grpo_stage_two_iterations(tmp_path, tiny_ckpt):
@@ -62,6 +75,11 @@ def test_grpo_stage_two_iterations(tmp_path, tiny_ckpt):
     assert {"reward", "kl", "clip_frac", "accuracy", "entropy"} <= set(rows[-1])
     assert summary["steps"] == 2 and summary["generate_share"] > 0
     assert (tmp_path / "grpo/checkpoints").is_dir() and (tmp_path / "grpo/loss.png").exists()
+    # killed after the final checkpoint, before the summary: the restart trains no more
+    (tmp_path / "grpo/summary.json").unlink()
+    again = _run(grpo, cfg)
+    assert again["final_loss"] == summary["final_loss"] and again["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "grpo/checkpoints").iterdir()) == ["2"]
 
 
 def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt):
