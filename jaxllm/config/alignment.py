@@ -37,6 +37,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # conservative DPO: share of labels assumed flipped (sigmoid)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo uses length-averaged log-probs
     reference: str = ""  # reference checkpoint directory; "" = inputs.checkpoint
+    precompute_reference: bool = False  # score the train pairs with the reference once, up front
 
     def _validate(self) -> None:
         if not self.train_file:

@@ -13,7 +13,9 @@ a plain pair has weight 1. Bad records fail when the files are opened, naming fi
 Batches (`make_preference_dataset`, `make_preference_eval_dataset`) hold B pairs:
 `tokens, targets, loss_mask, segment_ids, positions` of shape [B, 2, L] (index 0 = chosen,
 1 = rejected; each the chat rendering of prompt + answer, shifted as in `data/sft.py`, so the
-loss mask covers the answer, its `<|end|>` and `</s>`), and `weight` [B] (0 on padding rows).
+loss mask covers the answer, its `<|end|>` and `</s>`), `weight` [B] (0 on padding rows) and
+`pair` [B], the pair's index in its `PreferenceRecords` (-1 on padding rows: the key to
+per-pair tables such as DPO's precomputed reference log-probs, and to the tasks).
 A conversation longer than L+1 tokens is cut to L targets (the end of its answer is lost);
 keep prompt + answer within the model's context instead. int32 except loss_mask and weight.
 
@@ -56,6 +58,7 @@ class PreferencePair(NamedTuple):
     rejected: str
     weight: float
     task: str
+    index: int  # in the PreferenceRecords
 
 
 def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
@@ -98,6 +101,7 @@ class PreferenceRecords:
             rejected=answers[self._worse[index]],
             weight=float(self.weights[index]),
             task=record.get("task", ""),
+            index=index,
         )
 
 
@@ -176,7 +180,7 @@ def _error(source: JsonlSource, index: int, what: str) -> DataError:
 
 
 def pair_features(pair: PreferencePair, template: ChatTemplate, seq_len: int) -> Batch:
-    """One pair as [2, L] arrays (chosen, rejected) plus its scalar `weight`."""
+    """One pair as [2, L] arrays (chosen, rejected) plus its scalar `weight` and `pair`."""
     rows = []
     for answer in (pair.chosen, pair.rejected):
         conv = [*pair.prompt, {"role": "assistant", "content": answer}]
@@ -184,6 +188,7 @@ def pair_features(pair: PreferencePair, template: ChatTemplate, seq_len: int) ->
     out = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in PAIR_KEYS}
     out["loss_mask"] = out["loss_mask"].astype(np.float32)
     out["weight"] = np.float32(pair.weight)
+    out["pair"] = np.int32(pair.index)
     return out
 
 
@@ -258,13 +263,14 @@ def _batches(
 
 
 def _fill_rows(batch: Batch, rows: int, length: int) -> Batch:
-    """Pads a short batch (or builds an empty one from {}) with zero rows of weight 0."""
+    """Pads a short batch (or builds an empty one from {}) with zero rows of weight 0
+    (and pair -1)."""
     have = len(batch["weight"]) if batch else 0
     out = {}
-    for k in (*PAIR_KEYS, "weight"):
+    for k in (*PAIR_KEYS, "weight", "pair"):
         dtype = np.float32 if k in ("loss_mask", "weight") else np.int32
-        shape = (rows - have,) if k == "weight" else (rows - have, 2, length)
-        pad = np.zeros(shape, dtype)
+        shape = (rows - have,) if k in ("weight", "pair") else (rows - have, 2, length)
+        pad = np.full(shape, -1 if k == "pair" else 0, dtype)
         out[k] = np.concatenate([np.asarray(batch[k], dtype), pad]) if have else pad
     return out
 

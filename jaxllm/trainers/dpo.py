@@ -1,14 +1,19 @@
 """`stage: dpo` — direct preference optimisation of an SFT policy against a frozen reference.
 
 The policy is `inputs.checkpoint` (LoRA optional, via `peft:`); the reference is the same
-checkpoint (or `dpo.reference`) loaded with `load_frozen_model` and handed to the step as
-`consts` (never trained, donated or checkpointed). A pair's sequence log-prob is the sum of
-`token_logprobs` over its response tokens (the loss mask: answer, `<|end|>`, `</s>`); IPO uses
-their mean. Both models run every step: the reference is not precomputed.
+checkpoint (or `dpo.reference`) loaded with `load_frozen_model`. A pair's sequence log-prob is
+the sum of `token_logprobs` over its response tokens (the loss mask: answer, `<|end|>`,
+`</s>`); IPO uses their mean. The reference either runs in every step, handed to it as
+`consts` (never trained, donated or checkpointed), or — `dpo.precompute_reference` — scores
+every training pair once before the first step; its log-probs then ride in the batches
+(`ref_logp` [B, 2], looked up by the batch's `pair` index), the step runs the policy alone
+and the reference leaves device memory. The held-out reference log-probs are computed once
+either way.
 
-Held-out figures before and after: the DPO margin (mean of (pi_c - ref_c) - (pi_r - ref_r),
-0 before training) and its pair accuracy, and — meaningful before training too — the raw
-policy margin log p(chosen) - log p(rejected) and the pair accuracy by it, overall and by task.
+Held-out figures before and after (of every pair, on one host or many): the DPO margin (mean
+of (pi_c - ref_c) - (pi_r - ref_r), 0 before training) and its pair accuracy, and —
+meaningful before training too — the raw policy margin log p(chosen) - log p(rejected) and
+the pair accuracy by it, overall and by task.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from flax import nnx
 
 from jaxllm.config import Config
 from jaxllm.config.alignment import DPOConfig
-from jaxllm.data.preference import make_preference_dataset, make_preference_eval_dataset
+from jaxllm.data.preference import make_preference_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh, use_rules
@@ -39,10 +44,9 @@ from jaxllm.trainers.lm import (
     restore_or_init,
 )
 from jaxllm.trainers.reward import (
-    collect_pairs,
+    PairPass,
     data_file,
     pair_rows,
-    pair_tasks,
     scalar_figures,
     stage_summary,
     weighted_by_task,
@@ -78,14 +82,18 @@ def pair_logprobs(
     return logp_B2[:, 0], logp_B2[:, 1]
 
 
-def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef):
-    """`loss_fn(model, batch, key, consts)` with `consts = {"ref": reference state}`."""
+def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
+    """`loss_fn(model, batch, key, consts)` with `consts = {"ref": reference state}`, or with
+    `ref_graphdef=None` `loss_fn(model, batch, key)` reading the batch's `ref_logp` [B, 2]."""
     average = d.loss == "ipo"
 
-    def loss_fn(model, batch, key, consts):
+    def loss_fn(model, batch, key, consts=None):
         pi_c_B, pi_r_B = pair_logprobs(model, batch, key, average)
-        ref = nnx.merge(ref_graphdef, consts["ref"])
-        ref_c_B, ref_r_B = pair_logprobs(ref, batch, None, average)
+        if consts is None:
+            ref_c_B, ref_r_B = batch["ref_logp"][:, 0], batch["ref_logp"][:, 1]
+        else:
+            ref_c_B, ref_r_B = pair_logprobs(nnx.merge(ref_graphdef, consts["ref"]), batch,
+                                             None, average)  # fmt: skip
         return dpo_loss(
             pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss, batch["weight"]
         )
@@ -93,27 +101,44 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef):
     return loss_fn
 
 
-def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, opts):
-    """`evaluate(state) -> figures` on `dpo.val_file` (sequence log-probs, summed)."""
-    if not cfg.dpo.val_file:
-        return None
-    files = [data_file(cfg.dpo.val_file, "dpo.val_file")]
-    tasks = pair_tasks(files) if opts["process_count"] == 1 else []
+def reference_table(pass_: PairPass, ref, mesh, rules: str, average: bool) -> np.ndarray:
+    """[pairs, 2] reference log-probs (chosen, rejected) of every pair of a `PairPass`."""
     ref_graphdef, ref_state, ref_shardings = ref
 
-    @partial(jax.jit, in_shardings=(shardings, None, ref_shardings))
-    def fn(state: TrainState, batch, ref_state):
+    @partial(jax.jit, in_shardings=(ref_shardings, None))
+    def fn(ref_state, batch):
+        with use_rules(mesh, rules):
+            c_B, r_B = pair_logprobs(nnx.merge(ref_graphdef, ref_state), batch, None, average)
+        return {"c": c_B, "r": r_B}
+
+    rows = pass_.collect(fn, ref_state)
+    table = np.zeros((pass_.size, 2), np.float32)
+    real = rows["pair"] >= 0
+    table[rows["pair"][real]] = np.stack([rows["c"], rows["r"]], axis=1)[real]
+    return table
+
+
+def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template):
+    """`evaluate(state) -> figures` on `dpo.val_file` (sequence log-probs, summed); the
+    reference's are computed here, once."""
+    if not cfg.dpo.val_file:
+        return None
+    held_out = PairPass([data_file(cfg.dpo.val_file, "dpo.val_file")], template, cfg.loader,
+                        mesh)  # fmt: skip
+    ref_table = reference_table(held_out, ref, mesh, cfg.mesh.rules, average=False)
+
+    @partial(jax.jit, in_shardings=(shardings, None))
+    def fn(state: TrainState, batch):
         with use_rules(mesh, cfg.mesh.rules):
             pi_c_B, pi_r_B = pair_logprobs(nnx.merge(graphdef, state.params, state.frozen), batch)
-            ref_c_B, ref_r_B = pair_logprobs(nnx.merge(ref_graphdef, ref_state), batch)
-        return {"pi_c": pi_c_B, "pi_r": pi_r_B, "ref_c": ref_c_B, "ref_r": ref_r_B}
+        return {"pi_c": pi_c_B, "pi_r": pi_r_B}
 
     def evaluate(state: TrainState) -> dict[str, Any]:
-        batches = make_preference_eval_dataset(files, template, cfg.loader, **opts)
-        p = collect_pairs(lambda s, b: fn(s, b, ref_state), state, batches, mesh)
+        p = held_out.collect(fn, state)
+        ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
         w = p["weight"]
         raw = p["pi_c"] - p["pi_r"]
-        h = (p["pi_c"] - p["ref_c"]) - (p["pi_r"] - p["ref_r"])
+        h = (p["pi_c"] - ref_c) - (p["pi_r"] - ref_r)
         return {
             "dpo_margin": wmean(h, w),
             "dpo_accuracy": wmean(h > 0, w),
@@ -121,8 +146,8 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, opts):
             "logp_accuracy": wmean(raw > 0, w),
             "logp_chosen": wmean(p["pi_c"], w),
             "logp_rejected": wmean(p["pi_r"], w),
-            "logp_accuracy_by_task": weighted_by_task(raw > 0, w, tasks) if tasks else {},
-            "logp_margin_by_task": weighted_by_task(raw, w, tasks) if tasks else {},
+            "logp_accuracy_by_task": weighted_by_task(raw > 0, p),
+            "logp_margin_by_task": weighted_by_task(raw, p),
             "pairs": int(np.sum(w > 0)),
         }
 
@@ -138,30 +163,38 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ref_dir = Path(d.reference or start_point.checkpoint)
     if d.reference and not ref_dir.is_dir():
         raise ConfigError(f"config key 'dpo.reference': {ref_dir} is not a checkpoint directory")
-    ref_graphdef, ref_state, ref_shardings, _, _ = load_frozen_model(ref_dir, mesh, cfg.mesh.rules)
+    ref = load_frozen_model(ref_dir, mesh, cfg.mesh.rules)[:3]
     tok_path = cfg.inputs.tokenizer or start_point.meta.get("tokenizer", "")
     template = ChatTemplate(load_model_tokenizer(tok_path, start_point.model))
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(d.train_file, "dpo.train_file")]
     ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed, **opts)
+    if d.precompute_reference:
+        table = reference_table(PairPass(train_files, template, cfg.loader, mesh), ref, mesh,
+                                cfg.mesh.rules, average=d.loss == "ipo")  # fmt: skip
+        ds = ds.map(lambda b: {**b, "ref_logp": table[np.maximum(b["pair"], 0)]})
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)
     batches = iter(ds)
-    ref = (ref_graphdef, ref_state, ref_shardings)
-    evaluate = _evaluator(cfg, graphdef, shardings, ref, mesh, template, opts)
+    evaluate = _evaluator(cfg, graphdef, shardings, ref, mesh, template)
     before = evaluate(state) if evaluate else {}
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
-    step_fn = make_train_step(
-        graphdef, make_dpo_loss(d, ref_graphdef), tx, lr_schedule(t.optim, t.steps), shardings,
-        mesh, cfg.mesh.rules, t.grad_accum, const_shardings={"ref": ref_shardings},
-    )  # fmt: skip
-    consts = {"ref": ref_state}
+    sched = lr_schedule(t.optim, t.steps)
+    if d.precompute_reference:
+        del ref  # the reference's work is done: only the policy stays on the device
+        step_fn = make_train_step(graphdef, make_dpo_loss(d, None), tx, sched, shardings, mesh,
+                                  cfg.mesh.rules, t.grad_accum)  # fmt: skip
+    else:
+        consts = {"ref": ref[1]}
+        step = make_train_step(
+            graphdef, make_dpo_loss(d, ref[0]), tx, sched, shardings, mesh, cfg.mesh.rules,
+            t.grad_accum, const_shardings={"ref": ref[2]},
+        )  # fmt: skip
+        step_fn = lambda s, b: step(s, b, consts)  # noqa: E731
     eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
     meta = start_point.checkpoint_meta(cfg, tok_path)
-    spec = finetune_spec(
-        cfg, lambda s, b: step_fn(s, b, consts), batches, mesh, eval_fn, meta, rows_per_example=2
-    )
+    spec = finetune_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = evaluate(state) if evaluate else {}

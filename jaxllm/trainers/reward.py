@@ -129,30 +129,53 @@ def data_file(value: str, key: str) -> Path:
     return path
 
 
-def pair_tasks(files: list[Path]) -> list[str]:
-    """The task of every pair of the files, in the order the eval batches hold them."""
-    records = PreferenceRecords(files)
-    return [records[i].task or "all" for i in range(len(records))]
+class PairPass:
+    """One ordered pass over preference files that gives the same figures on one host or
+    many: every process scores its share of the pairs (all with the same number of
+    batches), and `collect` gathers each batch's per-pair outputs to every process, so the
+    figures cover all pairs. Rows are keyed by `pair` (the pair's index in the files) —
+    how `task` is found, and how per-pair tables (DPO's reference log-probs) are indexed."""
+
+    def __init__(self, files: list[Path], template, loader, mesh) -> None:
+        import math
+
+        from jaxllm.data.pipeline import local_batch_size
+
+        self.files, self.template, self.loader, self.mesh = files, template, loader, mesh
+        records = PreferenceRecords(files)
+        self.size = len(records)
+        self.tasks = np.array([records[i].task or "all" for i in range(self.size)])
+        pc = jax.process_count()
+        share = math.ceil(self.size / pc)
+        self.num_batches = math.ceil(share / local_batch_size(loader, pc))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._gather = jax.jit(lambda tree: tree, out_shardings=replicated)
+
+    def collect(self, fn, *args) -> dict[str, np.ndarray]:
+        """Runs `fn(*args, global_batch) -> {name: [B]}` over the batches; the rows of every
+        process with their `weight`, `pair` and `task` (padding rows: weight 0, pair -1)."""
+        batches = make_preference_eval_dataset(
+            self.files, self.template, self.loader, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_batches=self.num_batches,
+        )  # fmt: skip
+        out: dict[str, list] = {}
+        for batch in batches:
+            g = to_global(batch, self.mesh)
+            vals = jax.device_get(self._gather({**fn(*args, g), "weight": g["weight"],
+                                                "pair": g["pair"]}))  # fmt: skip
+            for k, v in vals.items():
+                out.setdefault(k, []).append(np.asarray(v, np.int64 if k == "pair" else np.float64))
+        rows = {k: np.concatenate(v) for k, v in out.items()}
+        rows["task"] = np.where(rows["pair"] >= 0, self.tasks[np.maximum(rows["pair"], 0)], "")
+        return rows
 
 
-def collect_pairs(fn, state, batches, mesh) -> dict[str, np.ndarray]:
-    """Runs `fn(state, global_batch) -> {name: [B]}` over eval batches; concatenates the rows
-    (single process: the figures are of this process's rows) with their `weight`."""
-    out: dict[str, list] = {}
-    for batch in batches:
-        vals = jax.device_get(fn(state, to_global(batch, mesh)))
-        for k, v in {**vals, "weight": batch["weight"]}.items():
-            out.setdefault(k, []).append(np.asarray(v, np.float64))
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def weighted_by_task(values: np.ndarray, weight: np.ndarray, tasks: list[str]) -> dict:
-    """{task: weighted mean of values} over the real (weight > 0) rows."""
+def weighted_by_task(values: np.ndarray, rows: dict[str, np.ndarray]) -> dict:
+    """{task: weighted mean of values} over the real (weight > 0) rows of a `collect`."""
     out = {}
-    task_arr = np.asarray(tasks + [""] * (len(values) - len(tasks)))[: len(values)]
-    for t in sorted(set(tasks)):
-        w = weight * (task_arr == t)
-        out[t] = round(float(np.sum(w * values) / max(np.sum(w), 1e-9)), 4)
+    for t in sorted(set(rows["task"][rows["weight"] > 0])):
+        w = rows["weight"] * (rows["task"] == t)
+        out[str(t)] = round(float(np.sum(w * values) / max(np.sum(w), 1e-9)), 4)
     return out
 
 
@@ -160,12 +183,12 @@ def wmean(values: np.ndarray, weight: np.ndarray) -> float:
     return round(float(np.sum(weight * values) / max(np.sum(weight), 1e-9)), 4)
 
 
-def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template, opts):
+def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template):
     """`evaluate(state) -> {pair_accuracy, reward_gap, accuracy_by_task, ...}` on val_file."""
     if not cfg.reward.val_file:
         return None
-    files = [data_file(cfg.reward.val_file, "reward.val_file")]
-    tasks = pair_tasks(files) if opts["process_count"] == 1 else []
+    held_out = PairPass([data_file(cfg.reward.val_file, "reward.val_file")], template,
+                        cfg.loader, mesh)  # fmt: skip
 
     @partial(jax.jit, in_shardings=(shardings, None))
     def fn(state: TrainState, batch):
@@ -175,15 +198,14 @@ def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template, opts):
         return {"chosen": chosen_B, "rejected": rejected_B}
 
     def evaluate(state: TrainState) -> dict[str, Any]:
-        batches = make_preference_eval_dataset(files, template, cfg.loader, **opts)
-        p = collect_pairs(fn, state, batches, mesh)
+        p = held_out.collect(fn, state)
         gap, w = p["chosen"] - p["rejected"], p["weight"]
         return {
             "pair_accuracy": wmean(gap > 0, w),
             "reward_gap": wmean(gap, w),
             "reward_chosen": wmean(p["chosen"], w),
             "reward_rejected": wmean(p["rejected"], w),
-            "accuracy_by_task": weighted_by_task(gap > 0, w, tasks) if tasks else {},
+            "accuracy_by_task": weighted_by_task(gap > 0, p),
             "pairs": int(np.sum(w > 0)),
         }
 
@@ -212,7 +234,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)
     batches = iter(ds)
-    evaluate = _reward_evaluator(cfg, graphdef, shardings, mesh, template, opts)
+    evaluate = _reward_evaluator(cfg, graphdef, shardings, mesh, template)
     before = evaluate(state) if evaluate else {}
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)

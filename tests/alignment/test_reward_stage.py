@@ -41,8 +41,9 @@ def tiny_scalar_model(vocab: int) -> ScalarModel:
 def test_reward_read_at_last_real_token(template):
     model = tiny_scalar_model(template.tok.vocab_size)
     graphdef, state = nnx.split(model)
-    pair = PreferenceRecords([VAL])[0]
-    feats = pair_features(pair, template, 64)
+    records = PreferenceRecords([VAL])
+    fits = (pair_features(records[i], template, 64) for i in range(len(records)))
+    feats = next(f for f in fits if f["segment_ids"].sum(axis=1).max() < 64)  # not cut short
     batch = {k: jnp.asarray(v[None]) for k, v in feats.items() if k != "weight"}
     batch["weight"] = jnp.ones((1,))
     chosen, rejected = pair_rewards(model, batch)

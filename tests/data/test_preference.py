@@ -25,7 +25,7 @@ RECORDS = [
      "responses": ["a", "b", "c", "d"], "ranking": [3, 0, 2, 1]},
     {"prompt": "What is 3 + 4?", "chosen": "7", "rejected": "8", "task": "math"},
 ]  # fmt: skip
-KEYS = {"tokens", "targets", "loss_mask", "segment_ids", "positions", "weight"}
+KEYS = {"tokens", "targets", "loss_mask", "segment_ids", "positions", "weight", "pair"}
 
 
 def write(path, records):
@@ -59,7 +59,15 @@ def test_records_expand_to_weighted_pairs(pref_file):
         ("I'm not sure.", "Not my problem."),
     ]
     assert all(p.weight == pytest.approx(1 / 3) and p.task == "service" for p in first)
-    assert pairs[3] == ([{"role": "user", "content": "What is 17 + 25?"}], "42", "43", 1.0, "math")
+    assert pairs[3] == (
+        [{"role": "user", "content": "What is 17 + 25?"}],
+        "42",
+        "43",
+        1.0,
+        "math",
+        3,
+    )
+    assert [p.index for p in pairs] == list(range(len(pairs)))
     four = pairs[4:10]  # K=4: 6 pairs of weight 1/6
     assert all(p.weight == pytest.approx(1 / 6) and p.task == "" for p in four)
     assert {(p.chosen, p.rejected) for p in four} == {
@@ -115,12 +123,13 @@ def test_batches_hold_chosen_and_rejected_with_answer_masks(pref_file, pref_temp
     assert len(batches) == 3  # 11 pairs in batches of 4, the last padded
     for b in batches:
         assert set(b) == KEYS
-        assert all(b[k].shape == (4, 2, L) and b[k].dtype == np.int32 for k in KEYS - {"weight", "loss_mask"})  # fmt: skip
+        assert all(b[k].shape == (4, 2, L) and b[k].dtype == np.int32 for k in KEYS - {"weight", "loss_mask", "pair"})  # fmt: skip
         assert b["loss_mask"].dtype == b["weight"].dtype == np.float32 and b["weight"].shape == (4,)
     rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    assert [r["pair"] for r in rows[len(recs) :]] == [-1] * (12 - len(recs))  # padding rows
     for i in range(len(recs)):
         pair, row = recs[i], rows[i]
-        assert row["weight"] == np.float32(pair.weight)
+        assert row["weight"] == np.float32(pair.weight) and row["pair"] == i
         for side, answer in enumerate((pair.chosen, pair.rejected)):
             tokens, targets, mask, n_prompt = expected_row(pref_template, pair.prompt, answer, L)
             n = len(tokens)
