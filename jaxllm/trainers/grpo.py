@@ -81,11 +81,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     def iteration(state, rng, it, clock):
         return _iteration(cfg, st, state, step_fn, reward, stops, rng, it, clock)
 
-    state, last, before, clock = run_iterations(cfg, st, run_dir.path, iteration, evaluate)
+    state, last, before, clock, resumed = run_iterations(cfg, st, run_dir.path, iteration, evaluate)
     meta = sp.checkpoint_meta(cfg, st.tok_path)
     write_final(checkpoint_path(run_dir.path), t.keep_checkpoints, state, meta)
     after = evaluate(state)
-    return rl_summary(cfg, st, run_dir.path, total, last, before, after, clock)
+    return rl_summary(cfg, st, run_dir.path, total, last, before, after, clock, resumed)
 
 
 def _iteration(cfg, st, state, step_fn, reward, stops, rng, it: int, clock: dict):

@@ -203,12 +203,12 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     def iteration(state, rng, it, clock):
         return _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it, clock)
 
-    state, last, before, clock = run_iterations(
+    state, last, before, clock, resumed = run_iterations(
         cfg, st, run_dir.path, iteration, evaluate, extra=kl_ctl
     )
     save_policy(cfg, st, state, checkpoint_path(run_dir.path))
     after = evaluate(state)
-    summary = rl_summary(cfg, st, run_dir.path, total, last, before, after, clock)
+    summary = rl_summary(cfg, st, run_dir.path, total, last, before, after, clock, resumed)
     return {**summary, "final_kl_coef": round(kl_ctl.coef, 6)}
 
 

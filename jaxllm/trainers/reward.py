@@ -5,7 +5,8 @@ start, so every reward is 0 before training); the reward of a (prompt, response)
 head's value at the row's last real token. Batches of B pairs [B, 2, L] run as [2B, L]; the
 loss is `pairwise_loss` with the pair weights of `data/preference.py` (a ranking of K answers
 gives K(K-1)/2 pairs of weight 1/(K(K-1)/2)) and an optional margin. Held-out figures before
-and after training: pair accuracy, mean reward gap and accuracy by task.
+and after training (of every pair, on one host or many: `PairPass`): pair accuracy, mean
+reward gap and accuracy by task.
 
 PPO (and anything else that scores text) uses `load_reward_model` + `reward_scores`.
 """

@@ -287,7 +287,7 @@ class Resumable(Protocol):
 def run_iterations(
     cfg, st: Stage, run_dir: Path, iteration: Callable, evaluate: Callable,
     extra: Resumable | None = None,
-) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, float]]:  # fmt: skip
+) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, float], int]:  # fmt: skip
     """The RL outer loop (over iterations, never tokens): `iteration(state, rng, it, clock)
     -> (state, metrics row)`, one row per iteration to metrics.jsonl, a progress bar with the
     reward and KL. `evaluate(state)` gives the greedy figures before the first iteration.
@@ -296,8 +296,9 @@ def run_iterations(
     `resume/<iteration>` with the minibatch RNG, the clock, the last row, the `before`
     figures and `extra`'s state in its metadata; a killed run started again continues from
     the newest one and repeats the uninterrupted run's metrics exactly (rollout keys are
-    `fold_in(seed, iteration)`). Returns `(state, last row, before, clock)`; the clock holds
-    generate / train seconds and rollout tokens for `timing`."""
+    `fold_in(seed, iteration)`). Returns `(state, last row, before, clock, resumed_from)`;
+    the clock holds generate / train seconds and rollout tokens for `timing`, resumed_from
+    the iteration the run restarted after (0: a fresh run)."""
     from tqdm import tqdm
 
     from jaxllm.trainers.lm import restore_latest
@@ -328,9 +329,9 @@ def run_iterations(
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
             if it == s.iterations or (s.checkpoint_every and it % s.checkpoint_every == 0):
-                meta = {
-                    "iteration": it, "rng": rng.bit_generator.state, "clock": clock,
-                    "last": last, "before": before,
+                meta = {  # copies: the save is async and the loop goes on
+                    "iteration": it, "rng": rng.bit_generator.state, "clock": dict(clock),
+                    "last": dict(last), "before": before,
                     "extra": extra.get_state() if extra is not None else {},
                 }  # fmt: skip
                 ckpt.save(it, state, meta)
@@ -338,7 +339,7 @@ def run_iterations(
         bar.close()
         writer.close()
         ckpt.close()
-    return state, last, before, clock
+    return state, last, before, clock, start
 
 
 def write_final(directory: Path, keep: int, state: Any, meta: dict[str, Any]) -> None:
@@ -352,14 +353,18 @@ def write_final(directory: Path, keep: int, state: Any, meta: dict[str, Any]) ->
     ckpt.close()
 
 
-def rl_summary(cfg, st: Stage, run_dir: Path, steps: int, last, before, after, clock) -> dict:
+def rl_summary(
+    cfg, st: Stage, run_dir: Path, steps: int, last, before, after, clock, resumed_from: int
+) -> dict:
     """Final figures of an RL stage: the last iteration's metrics, greedy before/after, the
     generate/train split, parameter counts, the loss plot and the outputs."""
     from jaxllm.trainers.lm import param_figures
     from jaxllm.training.metrics import plot_losses
 
     iterations = getattr(cfg, cfg.stage).iterations
-    out: dict[str, Any] = {"iterations": iterations, "steps": steps}
+    out: dict[str, Any] = {
+        "iterations": iterations, "steps": steps, "resumed_from_iteration": resumed_from
+    }  # fmt: skip
     out.update({f"final_{k}": round(v, 6) for k, v in last.items() if isinstance(v, float)})
     for key in ("reward", "accuracy"):
         if key in before:

@@ -61,6 +61,7 @@ def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     (tmp_path / "ppo/summary.json").unlink()
     again = _run(ppo, cfg)
     rows_again = _finite_metrics(tmp_path / "ppo/metrics.jsonl")
+    assert summary["resumed_from_iteration"] == 0 and again["resumed_from_iteration"] == 1
     assert rows_again[1]["loss"] == rows[1]["loss"] and rows_again[1]["kl"] == rows[1]["kl"]
     for key in ("final_kl_coef", "greedy_reward_before", "greedy_reward_after", "final_loss"):
         assert again[key] == summary[key], key
@@ -79,6 +80,7 @@ def test_grpo_stage_two_iterations(tmp_path, tiny_ckpt):
     (tmp_path / "grpo/summary.json").unlink()
     again = _run(grpo, cfg)
     assert again["final_loss"] == summary["final_loss"] and again["steps"] == 2
+    assert again["resumed_from_iteration"] == 2
     assert sorted(p.name for p in (tmp_path / "grpo/checkpoints").iterdir()) == ["2"]
 
 
