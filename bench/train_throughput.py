@@ -21,6 +21,9 @@ both alike; medians and minima are both printed. Run from the repo root:
     .venv/bin/python bench/train_throughput.py            # ~3 minutes
     .venv/bin/python bench/train_throughput.py --quick    # ~1 minute
     .venv/bin/python bench/train_throughput.py --breakdown  # + forward / backward / update
+
+A third contender, `fused`, is jaxllm with `train.loss_chunk 32` (the output layer fused into
+the loss, 32 positions of every row at a time; `--loss-chunk 0` leaves it out).
 """
 
 from __future__ import annotations
@@ -87,14 +90,14 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
 class JaxStep:
     """jaxllm's train step exactly as `stage: pretrain` wires it; `__call__` runs one step."""
 
-    def __init__(self, batch: dict[str, np.ndarray], total_steps: int = 1000):
+    def __init__(self, batch: dict[str, np.ndarray], total_steps: int = 1000, loss_chunk: int = 0):
         self.mesh = make_mesh(MeshConfig(data=1, rules="dp"), jax.devices()[:1])
         self.tx = make_optimizer(OPTIM, total_steps)
         self.graphdef, self.state, shardings = create_train_state(
             model_fn(MODEL, 0), self.tx, self.mesh, "dp", 0
         )
         self.step = make_train_step(
-            self.graphdef, lm_loss(), self.tx, lr_schedule(OPTIM, total_steps),
+            self.graphdef, lm_loss(loss_chunk=loss_chunk), self.tx, lr_schedule(OPTIM, total_steps),
             shardings, self.mesh, "dp",
         )  # fmt: skip
         self.batch = to_global(batch, self.mesh)
@@ -240,6 +243,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 10)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--breakdown", action="store_true", help="also time the step's parts")
+    ap.add_argument("--loss-chunk", type=int, default=32,
+                    help="also time jaxllm with train.loss_chunk N (0: do not)")  # fmt: skip
     args = ap.parse_args()
     rounds = args.rounds or (4 if args.quick else 10)
     peak_repeats = 5 if args.quick else 10
@@ -266,12 +271,18 @@ def main() -> None:
     print(
         f"first-step loss: jaxllm {jx.loss:.4f}, torch {th.loss:.4f} (ln V = {np.log(VOCAB):.4f})"
     )
-    for _ in range(2):  # warm both
-        jx()
-        th()
+    steps = {"jaxllm": jx, "torch": th}
+    if args.loss_chunk:
+        steps["fused"] = JaxStep(batch, loss_chunk=args.loss_chunk)
+        steps["fused"]()
+        print(f"fused = jaxllm with train.loss_chunk {args.loss_chunk}: first-step loss "
+              f"{steps['fused'].loss:.4f}")  # fmt: skip
+    for _ in range(2):  # warm them all
+        for fn in steps.values():
+            fn()
 
     peak_jax, peak_torch = matmul_peaks(peak_repeats, args.threads)
-    times = interleave({"jaxllm": jx, "torch": th}, rounds, 1)
+    times = interleave(steps, rounds, 1)
     peak_jax2, peak_torch2 = matmul_peaks(peak_repeats, args.threads)
     peak_jax, peak_torch = max(peak_jax, peak_jax2), max(peak_torch, peak_torch2)
     print(f"matmul peak (best of {peak_repeats} x {len(PEAK_SHAPES)} shapes, before and after): "
@@ -282,7 +293,7 @@ def main() -> None:
     print(hdr + f"{'GFLOP/s':>8} {'MFU(jax pk)':>11} {'MFU(torch pk)':>13}")
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    for name in ("jaxllm", "torch"):
+    for name in steps:
         fl = flops_tok * tokens / med[name]
         print(
             f"{name:8} {med[name]:9.3f} {best[name]:7.3f} {tokens / med[name]:9.0f} "
@@ -293,11 +304,18 @@ def main() -> None:
         f"\nratio jaxllm / torch tokens/s: {med['torch'] / med['jaxllm']:.2f}x (medians), "
         f"{best['torch'] / best['jaxllm']:.2f}x (best steps)"
     )
+    if "fused" in steps:
+        print(
+            f"ratio fused / torch tokens/s: {med['torch'] / med['fused']:.2f}x (medians), "
+            f"{best['torch'] / best['fused']:.2f}x (best steps); fused / jaxllm "
+            f"{med['jaxllm'] / med['fused']:.2f}x (medians)"
+        )
     bfl = {k: flops_tok * tokens / best[k] for k in best}
     print(
         f"MFU from best steps: jaxllm {bfl['jaxllm'] / peak_jax:.1%} of jax peak "
         f"({bfl['jaxllm'] / peak_torch:.1%} of torch peak); torch {bfl['torch'] / peak_torch:.1%}"
         f" of torch peak ({bfl['torch'] / peak_jax:.1%} of jax peak)"
+        + (f"; fused {bfl['fused'] / peak_jax:.1%} of jax peak" if "fused" in bfl else "")
     )
     if args.breakdown:
         parts = {

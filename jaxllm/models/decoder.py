@@ -20,6 +20,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention, KVCache, make_mask
 from jaxllm.models.layers import (
+    LORA_A,
     MLP,
     Embed,
     Norm,
@@ -203,6 +204,15 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, size: int) -> KVCache:
         """An empty cache of `size` slots per row."""
         return KVCache.empty(self.cfg, batch, size)
+
+    def output_weight(self) -> jax.Array | None:
+        """The output layer as [V, D] (the embedding when tied), for a loss that fuses it
+        (`head_cross_entropy`); None when a LoRA adapter sits on the untied head."""
+        if self.head is None:
+            return self.embed.embedding[...]
+        if getattr(self, "head" + LORA_A, None) is not None:
+            return None
+        return self.head[...].T
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Output layer in float32: tied (`x @ E.T`) or the untied head."""

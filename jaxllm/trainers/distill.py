@@ -229,7 +229,7 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
     t = cfg.train
     graphdef, state, shardings, _ = student.init()
     step = make_train_step(
-        graphdef, lm_loss(t.z_loss), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
+        graphdef, lm_loss(t.z_loss, t.loss_chunk), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     spec = _spec(cfg, step, stream, evaluate, mesh)

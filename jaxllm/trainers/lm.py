@@ -24,7 +24,7 @@ from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import LoopSpec
-from jaxllm.training.losses import cross_entropy
+from jaxllm.training.losses import cross_entropy, head_cross_entropy
 from jaxllm.training.state import (
     TrainState,
     count_params,
@@ -56,17 +56,25 @@ def model_fn(m: ModelConfig, seed: int) -> Callable[[], Decoder]:
     return lambda: Decoder(m, rngs=nnx.Rngs(seed))
 
 
-def lm_loss(z_loss: float = 0.0):
-    """Next-token cross-entropy on packed batches (tokens/targets/segment_ids/positions)."""
+def lm_loss(z_loss: float = 0.0, loss_chunk: int = 0):
+    """Next-token cross-entropy on packed batches (tokens/targets/segment_ids/positions).
+    `loss_chunk > 0` fuses the output layer into the loss, that many positions at a time
+    (`head_cross_entropy`: same sums and gradients, no [B, L, V] logits in memory)."""
 
     def loss_fn(model, batch, key):
-        logits = model(
-            batch["tokens"],
+        kw = dict(
             positions_BL=batch["positions"],
             segment_ids_BL=batch["segment_ids"],
             deterministic=key is None,
             key=key,
         )
+        w_VD = model.output_weight() if loss_chunk else None
+        if w_VD is not None:
+            x_BLD = model.features(batch["tokens"], **kw)
+            return head_cross_entropy(
+                x_BLD, w_VD, batch["targets"], batch["loss_mask"], z_loss, loss_chunk
+            )
+        logits = model(batch["tokens"], **kw)
         return cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
 
     return loss_fn

@@ -60,7 +60,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
 
-    loss_fn = lm_loss(t.z_loss)
+    loss_fn = lm_loss(t.z_loss, t.loss_chunk)
     step_fn = make_train_step(
         graphdef,
         loss_fn,

@@ -59,7 +59,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     pi, pc = jax.process_index(), jax.process_count()
     opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc)
     batches = _train_batches(cfg, s, template, opts)
-    loss_fn = lm_loss(t.z_loss)
+    loss_fn = lm_loss(t.z_loss, t.loss_chunk)
     score = _scorer(cfg, s, m, graphdef, shardings, mesh, loss_fn, template, opts)
     before = score(state)  # always the pretrained weights, also when this run resumes
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)

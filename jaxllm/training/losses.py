@@ -3,6 +3,8 @@ accumulation and multi-device reduction stay exact (the step divides once at the
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,97 @@ def distill_loss(
     mask_BL = mask_BL.astype(jnp.float32)
     kl = jnp.sum(kl_BL * mask_BL)
     return kl * (t * t), {"kl": kl, "weight": jnp.sum(mask_BL)}
+
+
+def head_cross_entropy(
+    x_BLD: jax.Array,
+    w_VD: jax.Array,
+    targets_BL: jax.Array,
+    mask_BL: jax.Array,
+    z_loss: float = 0.0,
+    chunk: int = 32,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`cross_entropy(x @ w.T, ...)` for a tied output layer `w` [V, D], run `chunk`
+    positions of every row at a time, so the [B, L, V] logits never exist as a whole.
+
+    Under differentiation each chunk's forward also forms its logits' gradient and folds
+    it into dx [B, L, D] and dw [V, D] at once (the gradient of the sums is known once the
+    softmax is: mask * ((1 + 2 z lse) softmax - onehot)); the backward pass only scales
+    them. The FLOPs are those of the plain path; the memory traffic of [B, L, V] arrays
+    written and read again five times is gone. Differentiable through the loss only (the
+    aux sums are metrics). `chunk` must divide L (else the whole length is one chunk).
+    """
+    if chunk <= 0 or x_BLD.shape[1] % chunk:
+        chunk = x_BLD.shape[1]
+    return _head_ce(x_BLD, w_VD, targets_BL.astype(jnp.int32), mask_BL.astype(jnp.float32),
+                    float(z_loss), chunk)  # fmt: skip
+
+
+def _head_ce_scan(x_BLD, w_VD, targets_BL, mask_BL, z_loss: float, chunk: int, grads: bool):
+    from jaxllm.models.layers import dense  # local: models import this module's users
+
+    b, length, d = x_BLD.shape
+    n = length // chunk
+
+    def split(a):  # [B, L, ...] -> [n, B, chunk, ...]: the batch axis keeps its sharding
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    w = w_VD.astype(x_BLD.dtype)
+
+    def body(dw_VD, xs):
+        x_BCD, t_BC, m_BC = xs
+        logits_BCV = dense(x_BCD, w, w_is_out_in=True, out_dtype=jnp.float32)
+        mx_BC, s_BC = _max_and_sumexp(logits_BCV)
+        lse_BC = jnp.log(s_BC) + mx_BC
+        target_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        correct = jnp.sum((_first_argmax(logits_BCV) == t_BC) * m_BC)
+        sums = (jnp.sum((lse_BC - target_BC) * m_BC), jnp.sum(jnp.square(lse_BC) * m_BC), correct)
+        if not grads:
+            return dw_VD, (*sums, None)
+        scale_BC = m_BC * (1.0 + 2.0 * z_loss * lse_BC) / s_BC
+        g_BCV = jnp.exp(logits_BCV - mx_BC[..., None]) * scale_BC[..., None]
+        g_BCV = jnp.where(_is_target(logits_BCV, t_BC), g_BCV - m_BC[..., None], g_BCV)
+        g_BCV = g_BCV.astype(x_BLD.dtype)
+        dx_BCD = dense(g_BCV, w, out_dtype=jnp.float32)
+        dw_VD = dw_VD + jax.lax.dot_general(
+            g_BCV, x_BCD, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+        )
+        return dw_VD, (*sums, dx_BCD)
+
+    dw0 = jnp.zeros(w_VD.shape, jnp.float32) if grads else None
+    dw_VD, (ce, zl, correct, dx) = jax.lax.scan(
+        body, dw0, (split(x_BLD), split(targets_BL), split(mask_BL))
+    )
+    ce, zl = jnp.sum(ce), jnp.sum(zl)
+    total = ce + z_loss * zl if z_loss else ce
+    aux = {"ce": ce, "z_loss": zl, "correct": jnp.sum(correct), "weight": jnp.sum(mask_BL)}
+    if not grads:
+        return (total, aux), None
+    dx_BLD = jnp.moveaxis(dx, 0, 1).reshape(b, length, d)
+    return (total, aux), (dx_BLD.astype(x_BLD.dtype), dw_VD.astype(w_VD.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_ce(x_BLD, w_VD, targets_BL, mask_BL, z_loss: float, chunk: int):
+    return _head_ce_scan(x_BLD, w_VD, targets_BL, mask_BL, z_loss, chunk, grads=False)[0]
+
+
+def _head_ce_fwd(x_BLD, w_VD, targets_BL, mask_BL, z_loss: float, chunk: int):
+    out, (dx_BLD, dw_VD) = _head_ce_scan(
+        x_BLD, w_VD, targets_BL, mask_BL, z_loss, chunk, grads=True
+    )
+    return out, (dx_BLD, dw_VD, targets_BL, mask_BL)
+
+
+def _head_ce_bwd(z_loss: float, chunk: int, res, g):
+    dx_BLD, dw_VD, targets_BL, mask_BL = res
+    g_total = g[0]  # the aux sums are metrics: their cotangents are not propagated
+    return (
+        (dx_BLD * g_total).astype(dx_BLD.dtype),
+        (dw_VD * g_total).astype(dw_VD.dtype),
+        np.zeros(targets_BL.shape, jax.dtypes.float0),
+        jnp.zeros_like(mask_BL),
+    )
+
+
+_head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)

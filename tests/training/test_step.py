@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.config import MeshConfig, ModelConfig, OptimConfig
+from jaxllm.config import MeshConfig, ModelConfig, OptimConfig, replace
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers.lm import lm_loss, model_fn
 from jaxllm.training.optim import lr_schedule, make_optimizer
@@ -49,18 +49,19 @@ def batches(n, b=8, length=16, seed=0):
     return out
 
 
-def setup(mesh_cfg, devices, grad_accum=1, model=MODEL):
+def setup(mesh_cfg, devices, grad_accum=1, model=MODEL, loss_chunk=0):
     mesh = make_mesh(mesh_cfg, devices)
     tx = make_optimizer(OPT, 10)
     graphdef, state, sh = create_train_state(model_fn(model, 0), tx, mesh, mesh_cfg.rules, 0)
+    loss = lm_loss(loss_chunk=loss_chunk) if loss_chunk else lm_loss()
     step = make_train_step(
-        graphdef, lm_loss(), tx, lr_schedule(OPT, 10), sh, mesh, mesh_cfg.rules, grad_accum
+        graphdef, loss, tx, lr_schedule(OPT, 10), sh, mesh, mesh_cfg.rules, grad_accum
     )
     return mesh, state, step, sh
 
 
-def losses(mesh_cfg, devices, n=5):
-    mesh, state, step, sh = setup(mesh_cfg, devices)
+def losses(mesh_cfg, devices, n=5, **kw):
+    mesh, state, step, sh = setup(mesh_cfg, devices, **kw)
     out = []
     for b in batches(n):
         state, m = step(state, to_global(b, mesh))
@@ -97,6 +98,18 @@ def test_meshes_match_one_device(shape, rules):
     # optimizer moments follow their parameters
     mu = state.opt_state[1][0].mu["blocks"][0]["attn"]["q"]
     assert mu.sharding.spec == want[0]
+
+
+@pytest.mark.parametrize(
+    ("shape", "rules", "tied"), [((2, 2, 2), "fsdp_tp", True), ((1, 8, 1), "fsdp", False)]
+)
+def test_fused_output_loss_gives_the_plain_losses(shape, rules, tied):
+    """`loss_chunk` (the output layer fused into the loss, 4 positions at a time) on a
+    sharded mesh, tied or untied head: the plain one-device losses, step for step."""
+    model = replace(MODEL, tie_embeddings=tied)
+    ref, _, _ = losses(MeshConfig(data=1, rules="dp"), jax.devices()[:1], model=model)
+    got, _, _ = losses(MeshConfig(*shape, rules=rules), jax.devices(), model=model, loss_chunk=4)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
 def test_grad_accumulation_equals_bigger_batch():
