@@ -100,16 +100,32 @@ def test_meshes_match_one_device(shape, rules):
     assert mu.sharding.spec == want[0]
 
 
-@pytest.mark.parametrize(
-    ("shape", "rules", "tied"), [((2, 2, 2), "fsdp_tp", True), ((1, 8, 1), "fsdp", False)]
-)
-def test_fused_output_loss_gives_the_plain_losses(shape, rules, tied):
-    """`loss_chunk` (the output layer fused into the loss, 4 positions at a time) on a
-    sharded mesh, tied or untied head: the plain one-device losses, step for step."""
-    model = replace(MODEL, tie_embeddings=tied)
-    ref, _, _ = losses(MeshConfig(data=1, rules="dp"), jax.devices()[:1], model=model)
-    got, _, _ = losses(MeshConfig(*shape, rules=rules), jax.devices(), model=model, loss_chunk=4)
+def test_fused_output_loss_gives_the_plain_losses():
+    """`loss_chunk` (the output layer fused into the loss, 4 positions at a time) on the
+    FSDP+TP mesh (embedding sharded over vocab and fsdp): the plain one-device losses, step
+    for step. (An untied head's weight comes from `output_weight`, tested below.)"""
+    ref, _, _ = losses(MeshConfig(data=1, rules="dp"), jax.devices()[:1])
+    got, _, _ = losses(MeshConfig(2, 2, 2, rules="fsdp_tp"), jax.devices(), loss_chunk=4)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_output_weight_is_the_output_layer():
+    """`output_weight()` [V, D] gives the logits of `logits()`, tied or untied; None under a
+    LoRA'd head (the loss then takes the plain path)."""
+    from flax import nnx
+
+    from jaxllm.config import PeftConfig
+    from jaxllm.models import Decoder
+    from jaxllm.models.lora import apply_lora
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, MODEL.d_model))
+    for tied in (True, False):
+        dec = Decoder(replace(MODEL, tie_embeddings=tied), rngs=nnx.Rngs(0))
+        want = np.asarray(dec.logits(x))
+        got = np.asarray(x @ dec.output_weight().T)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    apply_lora(dec, PeftConfig(method="lora", rank=2, targets=("head",)), nnx.Rngs(1))
+    assert dec.output_weight() is None
 
 
 def test_grad_accumulation_equals_bigger_batch():
