@@ -71,3 +71,14 @@ def require_input(cfg: Config, key: str) -> Path:
     if not path.exists():
         raise ConfigError(f"config key 'inputs.{key}': {path} does not exist")
     return path
+
+
+def data_file(value: str, key: str) -> Path:
+    """The file a data-file config key names (`asset:` paths resolved), which must exist;
+    `key` is the dotted key for the message, e.g. 'reward.val_file'."""
+    from jaxllm.config import resolve_path
+
+    path = resolve_path(value)
+    if not path.is_file():
+        raise ConfigError(f"config key '{key}': {path} not found")
+    return path

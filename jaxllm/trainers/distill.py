@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, MeshConfig, replace, resolve_path, to_dict
+from jaxllm.config import Config, MeshConfig, replace, to_dict
 from jaxllm.config.distill import DistillConfig
 from jaxllm.data.pipeline import make_eval_dataset, make_lm_dataset
 from jaxllm.data.preference import PromptRecords
@@ -34,7 +34,7 @@ from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.tokenizer.chat import ChatTemplate
-from jaxllm.trainers import require_input
+from jaxllm.trainers import data_file, require_input
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
@@ -260,7 +260,7 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if d.val_prompts_file:
         splits.append(("val", d.val_prompts_file, "val_prompts_file", 0))
     for split, file, key, cap in splits:
-        rows, figures = answer(_prompt_file(file, key), cap)
+        rows, figures = answer(data_file(file, f"distill.{key}"), cap)
         if not rows:
             raise ConfigError(f"config key 'distill.{key}': no prompt fits in {limit} positions")
         path = run_dir.path / f"teacher_answers_{split}.jsonl"
@@ -269,13 +269,6 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         summary["outputs"]["sft_data" if split == "train" else "sft_val_data"] = str(path)
         summary[f"samples_{split}"] = rows[:6]
     return summary
-
-
-def _prompt_file(value: str, key: str) -> Path:
-    path = resolve_path(value)
-    if not path.is_file():
-        raise ConfigError(f"config key 'distill.{key}': {path} not found")
-    return path
 
 
 class _Answerer:

@@ -34,28 +34,23 @@ from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh, use_rules
 from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.trainers import data_file
 from jaxllm.trainers.lm import (
     checkpoint_dir,
-    finetune_spec,
     init_from_checkpoint,
     load_frozen_model,
     load_model_tokenizer,
-    param_figures,
     restore_or_init,
 )
 from jaxllm.trainers.reward import (
     PairPass,
-    data_file,
     pair_rows,
-    scalar_figures,
-    stage_summary,
+    train_pairs,
     weighted_by_task,
     wmean,
 )
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.loop import run_loop
 from jaxllm.training.losses import token_logprobs
-from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.rl_losses import dpo_loss
 from jaxllm.training.state import TrainState
@@ -192,15 +187,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             t.grad_accum, const_shardings={"ref": ref[2]},
         )  # fmt: skip
         step_fn = lambda s, b: step(s, b, consts)  # noqa: E731
-    eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
-    meta = start_point.checkpoint_meta(cfg, tok_path)
-    spec = finetune_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
-    state, last = run_loop(spec, state, ckpt, run_dir.path)
-    ckpt.close()
-    after = evaluate(state) if evaluate else {}
-    plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
-    summary = stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path)
+    summary, last = train_pairs(cfg, start_point, state, start, step_fn, batches, mesh, ckpt,
+                                evaluate, before, run_dir, tok_path)  # fmt: skip
     for key in ("reward_chosen", "reward_rejected", "margin", "accuracy"):
         summary[f"final_train_{key}"] = last.get(key)
     summary["reference"] = str(ref_dir)
-    return {**param_figures(start_point, run_dir.path), **summary}
+    return summary

@@ -22,17 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, resolve_path
+from jaxllm.config import Config
 from jaxllm.data.preference import (
     PreferenceRecords,
     make_preference_dataset,
     make_preference_eval_dataset,
 )
-from jaxllm.errors import ConfigError
 from jaxllm.models.heads import last_token_index, with_scalar_head
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh, use_rules
 from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.trainers import data_file
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     finetune_spec,
@@ -120,14 +120,6 @@ def reward_loss(margin: float = 0.0):
 
 
 # ----------------------------------------------------------------------------- held-out
-
-
-def data_file(value: str, key: str) -> Path:
-    """The path of a data-file config key, which must exist (`key` is e.g. 'reward.val_file')."""
-    path = resolve_path(value)
-    if not path.is_file():
-        raise ConfigError(f"config key '{key}': {path} not found")
-    return path
 
 
 class PairPass:
@@ -243,6 +235,21 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         graphdef, reward_loss(cfg.reward.margin), tx, lr_schedule(t.optim, t.steps), shardings,
         mesh, cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
+    summary, last = train_pairs(cfg, start_point, state, start, step_fn, batches, mesh, ckpt,
+                                evaluate, before, run_dir, tok_path)  # fmt: skip
+    # under its own key: a pipeline's next stage (ppo) keeps the policy's `checkpoint`
+    summary["outputs"]["reward_checkpoint"] = summary["outputs"].pop("checkpoint")
+    summary["final_train_accuracy"] = last.get("accuracy")
+    return summary
+
+
+def train_pairs(
+    cfg, start_point, state, start, step_fn, batches, mesh, ckpt, evaluate, before, run_dir,
+    tok_path,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """What the pair stages (reward, dpo) share after their setup: the loop from `start`,
+    the held-out figures after it, the loss plot and the summary (with the parameter
+    figures). Returns `(summary, last logged metrics)`."""
     eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
     meta = start_point.checkpoint_meta(cfg, tok_path)
     spec = finetune_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
@@ -251,10 +258,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     after = evaluate(state) if evaluate else {}
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path)
-    # under its own key: a pipeline's next stage (ppo) keeps the policy's `checkpoint`
-    summary["outputs"]["reward_checkpoint"] = summary["outputs"].pop("checkpoint")
-    summary["final_train_accuracy"] = last.get("accuracy")
-    return {**param_figures(start_point, run_dir.path), **summary}
+    return {**param_figures(start_point, run_dir.path), **summary}, last
 
 
 def stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[str, Any]:

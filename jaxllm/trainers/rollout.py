@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import resolve_path
 from jaxllm.data.preference import PromptRecords, prompt_rows
 from jaxllm.errors import ConfigError, JaxllmError
 from jaxllm.generation import Sampler
@@ -39,9 +38,9 @@ def load_prompts(
 ) -> list[dict[str, Any]]:
     """Prompt rows (`ids`, `answer`, `task`) of a JSONL file; an SFT record's `response` is
     its answer when it has no `answer`. Keeps `task` only (if set) and prompts that fit."""
-    path = resolve_path(value)
-    if not path.is_file():
-        raise ConfigError(f"config key '{key}': {path} not found")
+    from jaxllm.trainers import data_file
+
+    path = data_file(value, key)
     records = PromptRecords([path])
     rows = prompt_rows(records, template)
     for i, row in enumerate(rows):

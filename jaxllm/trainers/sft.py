@@ -9,14 +9,13 @@ the loss on answer tokens and the exact-match rate of greedy answers to the chat
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, replace, resolve_path
+from jaxllm.config import Config, replace
 from jaxllm.config.sft import SFTConfig
 from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import ConfigError
@@ -24,6 +23,7 @@ from jaxllm.generation import Sampler
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import ChatTemplate, split_answer
+from jaxllm.trainers import data_file
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     finetune_spec,
@@ -80,7 +80,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
 def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict):
     """The endless, shuffled training stream (micro-batches stacked under grad_accum)."""
-    files = [_data_file(s.train_file, "train_file")]
+    files = [data_file(s.train_file, "sft.train_file")]
     ds = make_sft_dataset(
         files, template, cfg.loader, seed=cfg.seed, train_on_prompt=s.train_on_prompt,
         trace=s.trace, **opts,
@@ -88,13 +88,6 @@ def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict
     if cfg.train.grad_accum > 1:
         ds = ds.batch(cfg.train.grad_accum, drop_remainder=True)
     return iter(ds)
-
-
-def _data_file(value: str, key: str) -> Path:
-    path = resolve_path(value)
-    if not path.is_file():
-        raise ConfigError(f"config key 'sft.{key}': {path} not found")
-    return path
 
 
 class _Scorer:
@@ -112,7 +105,7 @@ class _Scorer:
 def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, opts) -> _Scorer:
     if not s.val_file:
         return _Scorer(None, None)
-    val_files = [_data_file(s.val_file, "val_file")]
+    val_files = [data_file(s.val_file, "sft.val_file")]
     eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
 
     def val_batches():  # the answer tokens only, whatever train_on_prompt says
