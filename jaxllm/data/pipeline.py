@@ -151,7 +151,13 @@ def _packed_batches(
     packed = grain.experimental.ConcatThenSplitIterDataset(
         seqs, length_struct={"tokens": length, "targets": length}
     )
-    batches = packed.batch(rows, drop_remainder=False).map(lambda b: _lm_batch(b, rows))
+    batches = packed.batch(rows, drop_remainder=False).map(lambda b: packed_lm_batch(b, rows))
+    return finish_batches(batches, cfg)
+
+
+def finish_batches(batches: grain.IterDataset, cfg: LoaderConfig) -> grain.IterDataset:
+    """The tail every loader shares: `cfg.prefetch` batches made ahead in a thread, and an
+    iterator whose state is JSON data (so it goes into a checkpoint as it is)."""
     if cfg.prefetch > 0:
         batches = grain.experimental.ThreadPrefetchIterDataset(
             batches, prefetch_buffer_size=cfg.prefetch
@@ -159,20 +165,32 @@ def _packed_batches(
     return _JsonStateIterDataset(batches)
 
 
-def _lm_batch(packed: dict[str, np.ndarray], rows: int) -> Batch:
-    """Renames the packer's keys, adds `loss_mask`, and pads a short last batch with zero rows."""
+def packed_lm_batch(packed: dict[str, np.ndarray], rows: int) -> Batch:
+    """ConcatThenSplit's output under the batch keys: the loss counts real tokens only (times
+    the packed `loss_mask`, when the examples carry one), and a short last batch is padded
+    with all-zero rows."""
     segment_ids = packed["tokens_segment_ids"]
+    loss_mask = (segment_ids > 0).astype(np.float32)
+    if "loss_mask" in packed:
+        loss_mask = loss_mask * packed["loss_mask"]
     batch = {
         "tokens": packed["tokens"],
         "targets": packed["targets"],
         "segment_ids": segment_ids,
         "positions": packed["tokens_positions"],
-        "loss_mask": (segment_ids > 0).astype(np.float32),
+        "loss_mask": loss_mask,
     }
-    missing = rows - len(segment_ids)
+    return fill_rows(batch, rows)
+
+
+def fill_rows(batch: Batch, rows: int) -> Batch:
+    """int32 arrays and a float32 `loss_mask`; a short last batch padded with all-zero rows."""
+    missing = rows - len(batch["tokens"])
+    out = {k: np.asarray(v, np.int32) for k, v in batch.items() if k != "loss_mask"}
+    out["loss_mask"] = np.asarray(batch["loss_mask"], np.float32)
     if missing:
-        batch = {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
-    return batch
+        out = {k: np.pad(v, ((0, missing), (0, 0))) for k, v in out.items()}
+    return out
 
 
 def _empty_batch(rows: int, length: int) -> Batch:

@@ -38,8 +38,8 @@ from jaxllm.data.pipeline import (
     _DOC_PREFETCH,
     Batch,
     _grain_seed,
-    _JsonStateIterDataset,
     _PadBatchesIterDataset,
+    finish_batches,
     local_batch_size,
 )
 from jaxllm.data.sft import _padded_row, example_features
@@ -255,11 +255,7 @@ def _batches(
     read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=_DOC_PREFETCH)
     feats = pairs.map(lambda p: pair_features(p, template, L)).to_iter_dataset(read)
     batches = feats.batch(rows, drop_remainder=False).map(lambda b: _fill_rows(b, rows, L))
-    if cfg.prefetch > 0:
-        batches = grain.experimental.ThreadPrefetchIterDataset(
-            batches, prefetch_buffer_size=cfg.prefetch
-        )
-    return _JsonStateIterDataset(batches)
+    return finish_batches(batches, cfg)
 
 
 def _fill_rows(batch: Batch, rows: int, length: int) -> Batch:

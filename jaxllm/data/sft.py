@@ -39,9 +39,11 @@ from jaxllm.data.pipeline import (
     Batch,
     _empty_batch,
     _grain_seed,
-    _JsonStateIterDataset,
     _PadBatchesIterDataset,
+    fill_rows,
+    finish_batches,
     local_batch_size,
+    packed_lm_batch,
 )
 from jaxllm.errors import DataError
 from jaxllm.tokenizer.chat import (
@@ -226,28 +228,11 @@ def _batches(
     if packing:
         lengths = {"tokens": L, "targets": L, "loss_mask": L}
         seqs = grain.experimental.ConcatThenSplitIterDataset(seqs, length_struct=lengths)
-        batches = seqs.batch(rows, drop_remainder=False).map(lambda b: _packed_batch(b, rows))
+        batches = seqs.batch(rows, drop_remainder=False).map(lambda b: packed_lm_batch(b, rows))
     else:
         seqs = seqs.map(lambda x: _padded_row(x, L))
-        batches = seqs.batch(rows, drop_remainder=False).map(lambda b: _fill_rows(b, rows))
-    if cfg.prefetch > 0:
-        batches = grain.experimental.ThreadPrefetchIterDataset(
-            batches, prefetch_buffer_size=cfg.prefetch
-        )
-    return _JsonStateIterDataset(batches)
-
-
-def _packed_batch(packed: dict[str, np.ndarray], rows: int) -> Batch:
-    """The packer's output under the pretraining keys; padding (segment 0) never counts."""
-    segment_ids = packed["tokens_segment_ids"]
-    batch = {
-        "tokens": packed["tokens"],
-        "targets": packed["targets"],
-        "segment_ids": segment_ids,
-        "positions": packed["tokens_positions"],
-        "loss_mask": packed["loss_mask"] * (segment_ids > 0),
-    }
-    return _fill_rows(batch, rows)
+        batches = seqs.batch(rows, drop_remainder=False).map(lambda b: fill_rows(b, rows))
+    return finish_batches(batches, cfg)
 
 
 def _padded_row(x: dict[str, np.ndarray], length: int) -> Batch:
@@ -258,13 +243,3 @@ def _padded_row(x: dict[str, np.ndarray], length: int) -> Batch:
     row["segment_ids"] = np.pad(np.ones(n, np.int32), (0, pad))
     row["positions"] = np.pad(np.arange(n, dtype=np.int32), (0, pad))
     return row
-
-
-def _fill_rows(batch: Batch, rows: int) -> Batch:
-    """Pads a short last batch with all-zero rows; `loss_mask` as float32 like pretraining."""
-    missing = rows - len(batch["tokens"])
-    out = {k: np.asarray(v, np.int32) for k, v in batch.items() if k != "loss_mask"}
-    out["loss_mask"] = np.asarray(batch["loss_mask"], np.float32)
-    if missing:
-        out = {k: np.pad(v, ((0, missing), (0, 0))) for k, v in out.items()}
-    return out
