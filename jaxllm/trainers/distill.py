@@ -41,17 +41,18 @@ from jaxllm.trainers.lm import (
     lm_loss,
     load_frozen_model,
     load_model_tokenizer,
+    loop_spec,
     make_evaluator,
     model_fn,
     resolve_model,
     restore_or_init,
 )
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.loop import run_loop
 from jaxllm.training.losses import cross_entropy, distill_loss
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
-from jaxllm.training.state import count_params, create_train_state, to_global
+from jaxllm.training.state import count_params, create_train_state
 from jaxllm.training.step import make_eval_step, make_train_step
 
 
@@ -168,8 +169,8 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     stream = batches()
     state, start = restore_or_init(ckpt, state, shardings, stream)
-    spec = _spec(cfg, lambda s, b: train_step(s, b, consts), stream, evaluate, mesh)
-    spec.meta, spec.desc = meta_fn(tok_path), f"distill {cfg.name}"
+    step_fn = lambda s, b: train_step(s, b, consts)  # noqa: E731
+    spec = loop_spec(cfg, step_fn, stream, mesh, evaluate, meta_fn(tok_path))
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     summary = {
@@ -207,22 +208,6 @@ def _teacher_ce(teacher_graphdef: nnx.GraphDef):
     return loss_fn
 
 
-def _spec(cfg: Config, step_fn, stream, evaluate, mesh) -> LoopSpec:
-    t = cfg.train
-    return LoopSpec(
-        step_fn=step_fn,
-        batches=stream,
-        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
-        total_steps=t.steps,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        eval_fn=evaluate,
-        tokens_per_step=cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum,
-        progress=cfg.progress,
-    )
-
-
 def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path) -> dict:
     """The same student, init and batches on the data alone (alpha = 0, no teacher forward);
     its metrics go to `baseline/metrics.jsonl`, no checkpoints."""
@@ -232,8 +217,7 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
         graphdef, lm_loss(t.z_loss, t.loss_chunk), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
-    spec = _spec(cfg, step, stream, evaluate, mesh)
-    spec.desc = f"baseline {cfg.name}"
+    spec = loop_spec(cfg, step, stream, mesh, evaluate, desc=f"baseline {cfg.name}")
     out = run_dir / "baseline"
     out.mkdir(parents=True, exist_ok=True)
     _, last = run_loop(spec, state, None, out)

@@ -331,12 +331,21 @@ def load_frozen_model(
     return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta
 
 
-def finetune_spec(
-    cfg: Config, step_fn, batches, mesh, eval_fn, meta: dict[str, Any], rows_per_example: int = 1
+def loop_spec(
+    cfg: Config,
+    step_fn,
+    batches,
+    mesh,
+    eval_fn,
+    meta: dict[str, Any] | None = None,
+    rows_per_example: int = 1,
+    desc: str = "",
+    **extra: Any,
 ) -> LoopSpec:
-    """The loop spec of a stage that trains from a checkpoint (sft, reward, dpo): the
-    config's steps and intervals, micro-batches stacked under `grad_accum`, tokens/s counted
-    over `rows_per_example` sequences per example (2 for chosen/rejected pairs)."""
+    """The loop spec every stage that runs `run_loop` builds (pretrain, sft, distill, reward,
+    dpo): the config's steps and intervals, micro-batches stacked under `grad_accum`,
+    tokens/s counted over `rows_per_example` sequences per example (2 for chosen/rejected
+    pairs). `extra` goes to `LoopSpec` as it is (e.g. `flops_per_step`, `peak_flops`)."""
     t = cfg.train
     tokens = cfg.loader.batch_size * rows_per_example * cfg.loader.seq_len * t.grad_accum
     return LoopSpec(
@@ -349,7 +358,8 @@ def finetune_spec(
         checkpoint_every=t.checkpoint_every,
         eval_fn=eval_fn,
         tokens_per_step=tokens,
-        meta=meta,
+        meta=meta or {},
         progress=cfg.progress,
-        desc=f"{cfg.stage} {cfg.name}",
+        desc=desc or f"{cfg.stage} {cfg.name}",
+        **extra,
     )

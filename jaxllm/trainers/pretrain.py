@@ -19,6 +19,7 @@ from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     lm_loss,
+    loop_spec,
     make_evaluator,
     model_fn,
     resolve_model,
@@ -26,11 +27,11 @@ from jaxllm.trainers.lm import (
     unigram_cross_entropy,
 )
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.peak import device_peak_flops
-from jaxllm.training.state import count_params, create_train_state, to_global
+from jaxllm.training.state import count_params, create_train_state
 from jaxllm.training.step import make_eval_step, make_train_step
 
 
@@ -79,22 +80,12 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
     evaluate = make_evaluator(eval_step, val_batches, mesh, t.eval_batches)
     tokens_per_step = cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum
-    spec = LoopSpec(
-        step_fn=step_fn,
-        batches=batches,
-        to_device=lambda b: to_global(b, mesh, leading=1 if t.grad_accum > 1 else 0),
-        total_steps=t.steps,
-        log_every=t.log_every,
-        eval_every=t.eval_every,
-        checkpoint_every=t.checkpoint_every,
-        eval_fn=evaluate if val_shards else None,
-        tokens_per_step=tokens_per_step,
+    spec = loop_spec(
+        cfg, step_fn, batches, mesh, evaluate if val_shards else None,
+        meta={"config": to_dict(cfg), "model": to_dict(m), "tokenizer": str(tok_path)},
         flops_per_step=train_flops_per_token(m, cfg.loader.seq_len) * tokens_per_step,
         peak_flops=device_peak_flops() * jax.device_count(),
-        meta={"config": to_dict(cfg), "model": to_dict(m), "tokenizer": str(tok_path)},
-        progress=cfg.progress,
-        desc=f"pretrain {cfg.name}",
-    )
+    )  # fmt: skip
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)

@@ -35,10 +35,10 @@ from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file
 from jaxllm.trainers.lm import (
     checkpoint_dir,
-    finetune_spec,
     init_from_checkpoint,
     load_frozen_model,
     load_model_tokenizer,
+    loop_spec,
     param_figures,
     restore_or_init,
 )
@@ -252,7 +252,7 @@ def train_pairs(
     figures). Returns `(summary, last logged metrics)`."""
     eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
     meta = start_point.checkpoint_meta(cfg, tok_path)
-    spec = finetune_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
+    spec = loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = evaluate(state) if evaluate else {}

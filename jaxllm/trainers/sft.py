@@ -26,10 +26,10 @@ from jaxllm.tokenizer.chat import ChatTemplate, split_answer
 from jaxllm.trainers import data_file
 from jaxllm.trainers.lm import (
     checkpoint_dir,
-    finetune_spec,
     init_from_checkpoint,
     lm_loss,
     load_model_tokenizer,
+    loop_spec,
     make_evaluator,
     param_figures,
     restore_or_init,
@@ -69,7 +69,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     meta = start_point.checkpoint_meta(cfg, tok_path)
-    spec = finetune_spec(cfg, step_fn, batches, mesh, score.val_loss, meta)
+    spec = loop_spec(cfg, step_fn, batches, mesh, score.val_loss, meta)
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = score(state)
