@@ -1,0 +1,122 @@
+"""Model FLOPs utilisation of `stage: pretrain`'s train step, for any pretrain config.
+
+Builds the step exactly as `jaxllm/trainers/pretrain.py` does (mesh, `create_train_state`,
+`make_optimizer`, `lm_loss`, `make_train_step`, grad accumulation) from a config file, feeds it
+random tokens of the config's batch shape (no data or tokenizer needed), and times steady-state
+steps. MFU = `train_flops_per_token` x tokens/s over the devices' peak: the published dense bf16
+figure for accelerators (H100/H200: 989 TFLOP/s), the measured matmul peak on CPU
+(`jaxllm.training.peak`). This is the issue's GPU benchmark:
+
+    python bench/mfu.py --config configs/gpt2_124m.yaml
+    python bench/mfu.py --config configs/gpt2_124m.yaml --set model.preset=gpt2_350m
+    python bench/mfu.py --config configs/tiny_pretrain.yaml --vocab 8000 --steps 5   # CPU
+
+`--set` overrides config keys as on the main CLI (e.g. `train.grad_accum=1`,
+`loader.batch_size=32`, `model.remat=dots`, `train.loss_chunk=128`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+from jaxllm.config import load_config, replace  # noqa: E402
+from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
+from jaxllm.sharding import make_mesh  # noqa: E402
+from jaxllm.trainers.lm import lm_loss, model_fn  # noqa: E402
+from jaxllm.training.optim import lr_schedule, make_optimizer  # noqa: E402
+from jaxllm.training.peak import device_peak_flops  # noqa: E402
+from jaxllm.training.state import create_train_state, to_global  # noqa: E402
+from jaxllm.training.step import make_train_step  # noqa: E402
+
+
+def random_batch(rows: int, length: int, vocab: int, accum: int, seed: int = 0) -> dict:
+    """Packed-batch keys, one document per row; [accum, rows, L] under grad accumulation."""
+    rng = np.random.default_rng(seed)
+    lead = (accum,) if accum > 1 else ()
+    t = rng.integers(0, vocab, size=(*lead, rows, length + 1)).astype(np.int32)
+    shape = (*lead, rows, length)
+    return {
+        "tokens": t[..., :-1],
+        "targets": t[..., 1:],
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy(),
+        "loss_mask": np.ones(shape, np.float32),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--config", required=True, help="a pretrain config (model, loader, train, mesh)"
+    )
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (after 2 untimed)")
+    ap.add_argument("--vocab", type=int, default=50304,
+                    help="vocabulary when the config takes the tokenizer's (model.vocab_size 0)")  # fmt: skip
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, args.set)
+    m = cfg.model if cfg.model.vocab_size else replace(cfg.model, vocab_size=args.vocab)
+    t, length = cfg.train, cfg.loader.seq_len
+    mesh = make_mesh(cfg.mesh)
+    rows = cfg.loader.batch_size // jax.process_count()
+    tokens_per_step = cfg.loader.batch_size * length * t.grad_accum
+    flops_tok = train_flops_per_token(m, length)
+    peak = device_peak_flops() * jax.device_count()
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__}: {jax.device_count()} x {dev.device_kind} ({dev.platform}); "
+          f"mesh {dict(mesh.shape)}, rules {cfg.mesh.rules}")  # fmt: skip
+    print(f"model: {param_count(m) / 1e6:.1f} M params, {m.n_layers} layers, d {m.d_model}, "
+          f"vocab {m.vocab_size}, dtype {m.dtype}/{m.param_dtype}, remat {m.remat}; "
+          f"{cfg.loader.batch_size} x {length} tokens x accum {t.grad_accum} = "
+          f"{tokens_per_step:,} tokens/step; {flops_tok / 1e9:.3f} GFLOP/token")  # fmt: skip
+
+    tx = make_optimizer(t.optim, t.steps)
+    graphdef, state, shardings = create_train_state(
+        model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed
+    )
+    step = make_train_step(
+        graphdef, lm_loss(t.z_loss, t.loss_chunk), tx, lr_schedule(t.optim, t.steps),
+        shardings, mesh, cfg.mesh.rules, t.grad_accum,
+    )  # fmt: skip
+    batch = to_global(
+        random_batch(rows, length, m.vocab_size, t.grad_accum, seed=jax.process_index()),
+        mesh,
+        leading=1 if t.grad_accum > 1 else 0,
+    )
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    first_loss = float(metrics["loss"])
+    print(f"compile + first step {time.perf_counter() - t0:.1f} s; loss {first_loss:.4f} "
+          f"(ln V = {np.log(m.vocab_size):.4f})")  # fmt: skip
+    state, metrics = step(state, batch)
+    float(metrics["loss"])
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        float(metrics["loss"])  # the step is complete
+        times.append(time.perf_counter() - t0)
+    med, best = statistics.median(times), min(times)
+    for name, s in (("median", med), ("best", best)):
+        tps = tokens_per_step / s
+        print(f"{name:6s} step {s * 1e3:8.1f} ms  {tps:12,.0f} tokens/s  "
+              f"{flops_tok * tps / jax.device_count() / 1e12:7.2f} TFLOP/s per device  "
+              f"MFU {flops_tok * tps / peak:6.1%}")  # fmt: skip
+    print(f"peak: {peak / jax.device_count() / 1e12:.1f} TFLOP/s per device "
+          f"({'published' if dev.platform != 'cpu' else 'measured matmul'})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
