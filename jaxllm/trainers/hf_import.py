@@ -6,6 +6,7 @@ plus the model's tokenizer next to it (sentencepiece `tokenizer.model` copied as
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,11 @@ def build_state(
         grow = jax.jit(
             lambda p: _grow_vocab(p, m.vocab_size), out_shardings=shardings.params, donate_argnums=0
         )
-        params = grow(params)
+        with warnings.catch_warnings():
+            # Donated so that every unchanged weight is aliased, not copied; the two resized
+            # arrays cannot be, and jax says so: expected, their old buffers are freed anyway.
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            params = grow(params)
     opt_state = fresh_opt_state(tx, params, shardings.opt_state)
     rest = shardings.replace(opt_state=None)
     state = jax.jit(lambda p: init(p).replace(opt_state=None), out_shardings=rest, donate_argnums=0)
@@ -125,9 +130,9 @@ def _grow_vocab(params: nnx.State, vocab: int) -> nnx.State:
         return jnp.concatenate([x, jnp.broadcast_to(mean, shape)], axis=axis)
 
     emb = params["embed"]["embedding"]
-    emb.value = pad(emb.value, 0)
+    emb.set_value(pad(emb.get_value(), 0))
     if "head" in params:
-        params["head"].value = pad(params["head"].value, 1)
+        params["head"].set_value(pad(params["head"].get_value(), 1))
     return params
 
 
