@@ -12,7 +12,9 @@ figure for accelerators (H100/H200: 989 TFLOP/s), the measured matmul peak on CP
     python bench/mfu.py --config configs/tiny_pretrain.yaml --vocab 8000 --steps 5   # CPU
 
 `--set` overrides config keys as on the main CLI (e.g. `train.grad_accum=1`,
-`loader.batch_size=32`, `model.remat=dots`, `train.loss_chunk=128`).
+`loader.batch_size=32`, `model.remat=dots`, `train.loss_chunk=128`). `--ceiling` (one device)
+adds the matmul-only bound: the step's dots timed one by one, and the MFU they alone allow
+(`jaxllm.training.peak.matmul_bound`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
 from jaxllm.sharding import make_mesh  # noqa: E402
 from jaxllm.trainers.lm import lm_loss, model_fn  # noqa: E402
 from jaxllm.training.optim import lr_schedule, make_optimizer  # noqa: E402
-from jaxllm.training.peak import device_peak_flops  # noqa: E402
+from jaxllm.training.peak import device_peak_flops, matmul_bound  # noqa: E402
 from jaxllm.training.state import create_train_state, to_global  # noqa: E402
 from jaxllm.training.step import make_train_step  # noqa: E402
 
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps (after 2 untimed)")
     ap.add_argument("--vocab", type=int, default=50304,
                     help="vocabulary when the config takes the tokenizer's (model.vocab_size 0)")  # fmt: skip
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time the step's matmuls alone: the MFU bound they set (1 device)")  # fmt: skip
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.set)
@@ -116,6 +120,11 @@ def main() -> None:
               f"MFU {flops_tok * tps / peak:6.1%}")  # fmt: skip
     print(f"peak: {peak / jax.device_count() / 1e12:.1f} TFLOP/s per device "
           f"({'published' if dev.platform != 'cpu' else 'measured matmul'})")  # fmt: skip
+    if args.ceiling and jax.device_count() > 1:
+        print("--ceiling: skipped, it times the unsharded dots on one device (run on one device)")
+    elif args.ceiling:
+        step_flops = flops_tok * tokens_per_step
+        print("\n".join(matmul_bound(step, (state, batch), step_flops, peak, med)))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ both alike; medians and minima are both printed. Run from the repo root:
 A third contender, `fused`, is jaxllm with `train.loss_chunk 32` (the output layer fused into
 the loss, 32 positions of every row at a time; `--loss-chunk 0` leaves it out).
 
-`--ceiling` answers "how far can MFU go before the matmuls themselves are the limit": it lists
-every `dot_general` of jaxllm's traced step (scan bodies counted once per iteration), times
-each distinct one alone, jitted, on random inputs, and divides the model's FLOPs by the sum —
-the MFU the step would reach if everything else (softmax, GELU, norms, the loss, the
-optimizer) took no time at all.
+`--ceiling` answers "how far can MFU go before the matmuls themselves are the limit"
+(`jaxllm.training.peak.matmul_bound`): it lists every `dot_general` of jaxllm's traced step
+(scan bodies counted once per iteration), times each distinct one alone, jitted, on random
+inputs, and divides the model's FLOPs by the sum — the MFU the step would reach if everything
+else (softmax, GELU, norms, the loss, the optimizer) took no time at all.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
 from jaxllm.sharding import make_mesh  # noqa: E402
 from jaxllm.trainers.lm import lm_loss, model_fn  # noqa: E402
 from jaxllm.training.optim import lr_schedule, make_optimizer  # noqa: E402
+from jaxllm.training.peak import matmul_bound  # noqa: E402
 from jaxllm.training.state import create_train_state, to_global  # noqa: E402
 from jaxllm.training.step import make_train_step  # noqa: E402
 
@@ -230,68 +231,10 @@ def matmul_peaks(repeats: int, threads: int) -> tuple[float, float]:
     return best_jax, best_torch
 
 
-def step_dots(fn, *args) -> dict[tuple, int]:
-    """{(lhs aval, rhs aval, dimension_numbers): count} of the `dot_general`s in the jaxpr of
-    `fn(*args)`, nested jaxprs included; a scan body's dots count `length` times."""
-    from jax.extend.core import ClosedJaxpr, Jaxpr
-
-    counts: dict[tuple, int] = {}
-
-    def walk(jaxpr, mult: int) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                lhs, rhs = (v.aval for v in eqn.invars)
-                key = (lhs, rhs, eqn.params["dimension_numbers"])
-                counts[key] = counts.get(key, 0) + mult
-            inner = mult * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    if isinstance(sub, ClosedJaxpr):
-                        walk(sub.jaxpr, inner)
-                    elif isinstance(sub, Jaxpr):
-                        walk(sub, inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
-    return counts
-
-
-def dots_alone(counts: dict[tuple, int], repeats: int) -> list[tuple[float, float, int, tuple]]:
-    """(best seconds of one, its FLOPs, count, key) per distinct dot, each jitted alone."""
-    rows = []
-    keys = jax.random.split(jax.random.key(0), 2)
-    for key, n in counts.items():
-        lhs, rhs, dn = key
-        a = jax.random.normal(keys[0], lhs.shape, lhs.dtype)
-        b = jax.random.normal(keys[1], rhs.shape, rhs.dtype)
-        dot = jax.jit(lambda a, b, dn=dn: jax.lax.dot_general(a, b, dn))
-        out = jax.eval_shape(dot, a, b)
-        contracted = int(np.prod([lhs.shape[i] for i in dn[0][0]]))
-        flops = 2.0 * int(np.prod(out.shape)) * contracted
-        seconds = _best_time(lambda f=dot, a=a, b=b: f(a, b).block_until_ready(), repeats)
-        rows.append((seconds, flops, n, key))
-    return rows
-
-
 def print_ceiling(jx: JaxStep, step_s: float, peak: float, repeats: int) -> None:
-    rows = dots_alone(step_dots(jx.step, jx.state, jx.batch), repeats)
-    dot_s = sum(t * n for t, _, n, _ in rows)
-    dot_flops = sum(f * n for _, f, n, _ in rows)
     model_flops = train_flops_per_token(MODEL, SEQ) * BATCH * SEQ
-    print(
-        f"\nmatmul-only bound: the step's {sum(n for *_, n, _ in rows)} dots ({len(rows)} "
-        f"shapes, {dot_flops / 1e9:.1f} GFLOP; the model counts {model_flops / 1e9:.1f}) take "
-        f"{dot_s * 1e3:.0f} ms run one by one, {dot_flops / dot_s / 1e9:.0f} GFLOP/s = "
-        f"{dot_flops / dot_s / peak:.0%} of the peak"
-    )
-    print(
-        f"  MFU ceiling with everything else free: {model_flops / dot_s / peak:.1%}; the step "
-        f"(median {step_s * 1e3:.0f} ms) spends {max(step_s - dot_s, 0) * 1e3:.0f} ms "
-        f"({max(step_s - dot_s, 0) / step_s:.0%}) beyond its dots"
-    )
-    print("  slowest (ms total = count x best ms alone, GFLOP/s, lhs x rhs):")
-    for t, f, n, (lhs, rhs, dn) in sorted(rows, key=lambda r: -r[0] * r[2])[:6]:
-        print(f"    {t * n * 1e3:7.1f} = {n:2d} x {t * 1e3:6.2f}  {f / t / 1e9:5.0f}  "
-              f"{lhs.shape} x {rhs.shape} contracting {dn[0]}")  # fmt: skip
+    lines = matmul_bound(jx.step, (jx.state, jx.batch), model_flops, peak, step_s, repeats)
+    print("\n" + "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------- report

@@ -1,4 +1,6 @@
-"""Peak FLOP/s per device, for MFU: published figures for accelerators, measured on CPU."""
+"""Peak FLOP/s per device, for MFU: published figures for accelerators, measured on CPU;
+and the matmul-only bound of a step (`matmul_bound`): what MFU it could reach if everything
+but its matmuls were free — the benches' `--ceiling`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak per device (vendor figures).
 _PUBLISHED = {
@@ -48,3 +51,95 @@ def device_peak_flops() -> float:
     """Peak FLOP/s of one local device: published for accelerators, measured on CPU."""
     dev = jax.local_devices()[0]
     return published_peak(dev) or measured_matmul_peak()
+
+
+# ----------------------------------------------------------------------------- matmul bound
+
+
+def matmul_census(fn, *args) -> dict[tuple, int]:
+    """{(lhs aval, rhs aval, dimension_numbers, preferred_element_type): count} of the
+    `dot_general`s in the jaxpr of `fn(*args)`, nested jaxprs included (jit, custom VJPs,
+    remat); a scan body's dots count `length` times. Shapes are global (unsharded)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    counts: dict[tuple, int] = {}
+
+    def walk(jaxpr, mult: int) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval for v in eqn.invars)
+                p = eqn.params
+                key = (lhs, rhs, p["dimension_numbers"], p.get("preferred_element_type"))
+                counts[key] = counts.get(key, 0) + mult
+            inner = mult * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, ClosedJaxpr):
+                        walk(sub.jaxpr, inner)
+                    elif isinstance(sub, Jaxpr):
+                        walk(sub, inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+    return counts
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def time_dots_alone(counts: dict[tuple, int], repeats: int = 5) -> list[tuple]:
+    """(best seconds of one, its FLOPs, count, key) per distinct dot of a `matmul_census`,
+    each jitted alone on device 0 with random inputs."""
+    rows = []
+    keys = jax.random.split(jax.random.key(0), 2)
+    for key, n in counts.items():
+        lhs, rhs, dn, out_dtype = key
+        a = jax.random.normal(keys[0], lhs.shape).astype(lhs.dtype)
+        b = jax.random.normal(keys[1], rhs.shape).astype(rhs.dtype)
+        dot = jax.jit(
+            lambda a, b, dn=dn, t=out_dtype: jax.lax.dot_general(a, b, dn, preferred_element_type=t)
+        )
+        out = jax.eval_shape(dot, a, b)
+        contracted = int(np.prod([lhs.shape[i] for i in dn[0][0]]))
+        flops = 2.0 * int(np.prod(out.shape)) * contracted
+        rows.append((_best_seconds(lambda f=dot, a=a, b=b: f(a, b), repeats), flops, n, key))
+    return rows
+
+
+def matmul_bound(
+    fn, args: tuple, model_flops: float, peak: float, step_s: float, repeats: int = 5
+) -> list[str]:
+    """Report lines for the dots of `fn(*args)` (one device's step), each timed alone:
+    `bound_lines` of `time_dots_alone(matmul_census(fn, *args))`."""
+    rows = time_dots_alone(matmul_census(fn, *args), repeats)
+    return bound_lines(rows, model_flops, peak, step_s)
+
+
+def bound_lines(rows: list[tuple], model_flops: float, peak: float, step_s: float) -> list[str]:
+    """The dots' summed time alone, the MFU it allows (`model_flops` / (time * `peak`)), how
+    much of a `step_s` step lies beyond it, and the six dots that take longest."""
+    dot_s = sum(t * n for t, _, n, _ in rows)
+    dot_flops = sum(f * n for _, f, n, _ in rows)
+    beyond = max(step_s - dot_s, 0.0)
+    lines = [
+        f"matmul-only bound: the step's {sum(n for *_, n, _ in rows)} dots ({len(rows)} shapes, "
+        f"{dot_flops / 1e9:.1f} GFLOP; the model counts {model_flops / 1e9:.1f}) take "
+        f"{dot_s * 1e3:.1f} ms run one by one, {dot_flops / dot_s / 1e9:.0f} GFLOP/s = "
+        f"{dot_flops / dot_s / peak:.0%} of the peak",
+        f"  MFU ceiling with everything else free: {model_flops / dot_s / peak:.1%}; the step "
+        f"({step_s * 1e3:.1f} ms) spends {beyond * 1e3:.1f} ms ({beyond / step_s:.0%}) beyond "
+        "its dots",
+        "  slowest (ms total = count x best ms alone, GFLOP/s, lhs x rhs):",
+    ]
+    for t, f, n, (lhs, rhs, dn, _) in sorted(rows, key=lambda r: -r[0] * r[2])[:6]:
+        lines.append(
+            f"    {t * n * 1e3:7.1f} = {n:2d} x {t * 1e3:6.2f}  {f / t / 1e9:6.0f}  "
+            f"{lhs.str_short()} x {rhs.str_short()} contracting {dn[0]}"
+        )
+    return lines
