@@ -55,7 +55,7 @@ from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
 from jaxllm.sharding import make_mesh  # noqa: E402
 from jaxllm.trainers.lm import lm_loss, model_fn  # noqa: E402
 from jaxllm.training.optim import lr_schedule, make_optimizer  # noqa: E402
-from jaxllm.training.peak import matmul_bound  # noqa: E402
+from jaxllm.training.peak import best_seconds, matmul_bound  # noqa: E402
 from jaxllm.training.state import create_train_state, to_global  # noqa: E402
 from jaxllm.training.step import make_train_step  # noqa: E402
 
@@ -200,16 +200,6 @@ class TorchStep:
 # ------------------------------------------------------------------------------- peaks
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def matmul_peaks(repeats: int, threads: int) -> tuple[float, float]:
     """Best float32 matmul FLOP/s over `PEAK_SHAPES`, through jax and through torch."""
     import torch
@@ -224,9 +214,9 @@ def matmul_peaks(repeats: int, threads: int) -> tuple[float, float]:
         ja, jb = jnp.asarray(a), jnp.asarray(b)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         flops = 2.0 * m * k * n
-        t_jax = _best_time(lambda a=ja, b=jb: mm(a, b).block_until_ready(), repeats)
+        t_jax = best_seconds(lambda a=ja, b=jb: mm(a, b), repeats)
         best_jax = max(best_jax, flops / t_jax)
-        t_torch = _best_time(lambda a=ta, b=tb: torch.mm(a, b), repeats)
+        t_torch = best_seconds(lambda a=ta, b=tb: torch.mm(a, b), repeats)
         best_torch = max(best_torch, flops / t_torch)
     return best_jax, best_torch
 

@@ -38,13 +38,18 @@ def measured_matmul_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5
     """Best-of-`repeats` FLOP/s of an n×n×n matmul on device 0 (the CPU's practical peak)."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    return 2 * n**3 / best_seconds(lambda: f(a), repeats)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls of `fn()` (its result waited for), after one untimed."""
+    jax.block_until_ready(fn())
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return best
 
 
 def device_peak_flops() -> float:
@@ -83,16 +88,6 @@ def matmul_census(fn, *args) -> dict[tuple, int]:
     return counts
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def time_dots_alone(counts: dict[tuple, int], repeats: int = 5) -> list[tuple]:
     """(best seconds of one, its FLOPs, count, key) per distinct dot of a `matmul_census`,
     each jitted alone on device 0 with random inputs."""
@@ -108,7 +103,7 @@ def time_dots_alone(counts: dict[tuple, int], repeats: int = 5) -> list[tuple]:
         out = jax.eval_shape(dot, a, b)
         contracted = int(np.prod([lhs.shape[i] for i in dn[0][0]]))
         flops = 2.0 * int(np.prod(out.shape)) * contracted
-        rows.append((_best_seconds(lambda f=dot, a=a, b=b: f(a, b), repeats), flops, n, key))
+        rows.append((best_seconds(lambda f=dot, a=a, b=b: f(a, b), repeats), flops, n, key))
     return rows
 
 
