@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from jaxllm.config import load_config
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.set)
         check_stage(cfg.stage)
+        if cfg.compile_cache:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
         if cfg.distributed:
             import jax
 

@@ -108,6 +108,10 @@ class Config:
     overwrite: bool = False  # allow replacing a finished run's directory
     progress: bool = True  # progress bars on stderr
     distributed: bool = False  # multi-host: jax.distributed.initialize() (TPU pods, SLURM, ...)
+    # jax's persistent compilation cache: compiled programs go to this directory and a later
+    # run of the same programs (same shapes, jax version and devices) loads them instead of
+    # compiling; empty: off. Read from the config given on the command line.
+    compile_cache: str = ""
     inputs: InputsConfig = field(default_factory=InputsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

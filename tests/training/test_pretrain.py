@@ -156,3 +156,26 @@ def test_restore_into_another_shape_names_the_parameter(tmp_path):
     ):
         ckpt.restore(1, target)
     ckpt.close()
+
+
+def test_compile_cache_is_written_then_read(prepared, tmp_path):
+    """`compile_cache`: the first run writes its compiled programs there; a second run of the
+    same config reads every one of them back (jax logs each hit under JAX_LOG_COMPILES),
+    compiles nothing new and gives the same losses."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in env1().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache even sub-second compiles
+    env["JAX_LOG_COMPILES"] = "1"
+    hit = "Persistent compilation cache hit for 'jit_"
+    entries, hits = {}, {}
+    for name in ("first", "second"):
+        cmd = pretrain_cmd(prepared, tmp_path / name, steps=3, compile_cache=cache)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        entries[name] = sorted(p.name for p in cache.iterdir())
+        hits[name] = done.stderr.count(hit)
+    assert any(e.startswith("jit_step-") for e in entries["first"])  # the train step
+    assert hits["first"] == 0 and len(entries["first"]) >= 2
+    assert entries["second"] == entries["first"]  # nothing compiled (every miss is written)
+    assert hits["second"] == len(entries["first"])  # and every entry read
+    assert losses(tmp_path / "second") == losses(tmp_path / "first")
