@@ -27,13 +27,11 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.set)
         check_stage(cfg.stage)
-        if cfg.compile_cache:
-            import jax
+        import jax
 
+        if cfg.compile_cache:
             jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
         if cfg.distributed:
-            import jax
-
             jax.distributed.initialize()  # coordinator/process ids from the environment
         summary = run_stage(cfg)
     except JaxllmError as e:

@@ -49,7 +49,7 @@ class MetricsWriter:
 
 def _summary_writer(log_dir: Path):
     """tensorboardX's `SummaryWriter`, imported without torch: its writer module imports torch
-    when installed (2.5 s and ~300 MB at every stage start, e.g. on Colab, where torch comes
+    when installed (1.4–2.5 s and 180 MB at every stage start, e.g. on Colab, where torch comes
     preinstalled) only to accept torch tensors, and we log Python floats. A `None` entry in
     `sys.modules` makes that `import torch` fail as if absent; it is removed again at once,
     so a later `import torch` elsewhere works as usual."""
