@@ -93,7 +93,7 @@ def make_evaluator(
             out = jax.device_get(eval_step(state, to_global(batch, mesh)))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        w = max(totals.get("weight", 0.0), 1.0)
+        w = totals.get("weight", 0.0) or 1.0  # the true total; 1 only for an empty split
         loss = totals.get("ce", totals.get("loss", 0.0)) / w
         return {
             "loss": loss,

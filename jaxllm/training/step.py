@@ -81,7 +81,9 @@ def make_train_step(
                 grads, aux = _accumulate(graphdef, loss_fn, state, batch, key, consts)
             else:
                 grads, aux = _grads(graphdef, loss_fn, state, batch, key, consts)
-        weight = jnp.maximum(aux["weight"], 1.0)
+        # Divide by the true total (pair weights are fractions: 1/3 per pair of a ranking of
+        # three); only an empty batch (total 0, so all sums are 0) divides by 1 instead.
+        weight = jnp.where(aux["weight"] > 0, aux["weight"], 1.0)
         grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -109,3 +109,40 @@ def test_head_cross_entropy_matches_numpy_values_and_gradients(z, chunk):
     # without differentiation: the same sums
     total_eval, _ = jax.jit(loss)(x, w)
     np.testing.assert_allclose(float(total_eval), float(total), rtol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[0.25, 0.125], [3.0, 2.0]])
+def test_train_step_divides_by_the_true_total_weight(weights):
+    """Sums over fractional weights (ranked pairs weigh 1/3 each) are divided by their total,
+    also when it is below 1: the metrics and the SGD update are those of the weighted mean."""
+    from flax import nnx
+
+    from jaxllm.config import MeshConfig
+    from jaxllm.sharding import make_mesh
+    from jaxllm.training.state import create_train_state, to_global
+    from jaxllm.training.step import make_train_step
+
+    class Lin(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.array([1.0, -2.0]))
+
+    def loss_fn(model, batch, key):
+        per_row = (batch["x"] @ model.w[...]) ** 2
+        w = batch["weight"]
+        return jnp.sum(w * per_row), {"weight": jnp.sum(w), "big": jnp.sum(w * (per_row > 4))}
+
+    x = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
+    w = np.array(weights, np.float32)
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    tx = optax.sgd(0.1)
+    graphdef, state, shardings = create_train_state(Lin, tx, mesh, "dp", 0)
+    step = make_train_step(graphdef, loss_fn, tx, lambda s: 0.1, shardings, mesh, "dp")
+    batch = to_global({"x": x, "weight": w}, mesh)
+    state, metrics = step(state, batch)
+
+    w0 = np.array([1.0, -2.0])
+    per_row = (x @ w0) ** 2
+    np.testing.assert_allclose(float(metrics["loss"]), (w * per_row).sum() / w.sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["big"]), (w * (per_row > 4)).sum() / w.sum())
+    grad = (w[:, None] * 2 * (x @ w0)[:, None] * x).sum(0) / w.sum()
+    np.testing.assert_allclose(np.asarray(state.params["w"][...]), w0 - 0.1 * grad, rtol=1e-6)
