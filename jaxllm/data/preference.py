@@ -182,9 +182,14 @@ def _error(source: JsonlSource, index: int, what: str) -> DataError:
 def pair_features(pair: PreferencePair, template: ChatTemplate, seq_len: int) -> Batch:
     """One pair as [2, L] arrays (chosen, rejected) plus its scalar `weight` and `pair`."""
     rows = []
+    # Only the answer is learnt and scored: an assistant turn inside a multi-turn prompt is
+    # context (`render` would mark it, as SFT wants), so the prompt's targets are masked out.
+    n_prompt = len(template.render(pair.prompt, add_generation_prompt=True).ids)
     for answer in (pair.chosen, pair.rejected):
         conv = [*pair.prompt, {"role": "assistant", "content": answer}]
-        rows.append(_padded_row(example_features(conv, template, train_on_prompt=False), seq_len))
+        feats = example_features(conv, template, train_on_prompt=False)
+        feats["loss_mask"][: n_prompt - 1] = 0
+        rows.append(_padded_row(feats, seq_len))
     out = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in PAIR_KEYS}
     out["loss_mask"] = out["loss_mask"].astype(np.float32)
     out["weight"] = np.float32(pair.weight)

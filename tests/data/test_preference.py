@@ -21,8 +21,9 @@ RECORDS = [
     {"prompt": "Where is my order?", "responses": ["Not my problem.", "Happy to help! Check My Orders.",
      "I'm not sure."], "ranking": [1, 2, 0], "task": "service"},
     {"prompt": "What is 17 + 25?", "chosen": "42", "rejected": "43", "task": "math"},
-    {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
-     "responses": ["a", "b", "c", "d"], "ranking": [3, 0, 2, 1]},
+    {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
+                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}],
+     "responses": ["a", "b", "c", "d"], "ranking": [3, 0, 2, 1]},  # an earlier answer: not learnt
     {"prompt": "What is 3 + 4?", "chosen": "7", "rejected": "8", "task": "math"},
 ]  # fmt: skip
 KEYS = {"tokens", "targets", "loss_mask", "segment_ids", "positions", "weight", "pair"}
