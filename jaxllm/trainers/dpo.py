@@ -44,9 +44,10 @@ from jaxllm.trainers.lm import (
 )
 from jaxllm.trainers.reward import (
     PairPass,
+    by_task,
     pair_rows,
+    pair_wins,
     train_pairs,
-    weighted_by_task,
     wmean,
 )
 from jaxllm.training.checkpoint import Checkpointer
@@ -131,19 +132,19 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template):
     def evaluate(state: TrainState) -> dict[str, Any]:
         p = held_out.collect(fn, state)
         ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
-        w = p["weight"]
+        w = (p["weight"] > 0).astype(np.float64)  # every held-out pair counts once
         raw = p["pi_c"] - p["pi_r"]
         h = (p["pi_c"] - ref_c) - (p["pi_r"] - ref_r)
         return {
             "dpo_margin": wmean(h, w),
-            "dpo_accuracy": wmean(h > 0, w),
+            "dpo_accuracy": wmean(pair_wins(h), w),
             "logp_margin": wmean(raw, w),
-            "logp_accuracy": wmean(raw > 0, w),
+            "logp_accuracy": wmean(pair_wins(raw), w),
             "logp_chosen": wmean(p["pi_c"], w),
             "logp_rejected": wmean(p["pi_r"], w),
-            "logp_accuracy_by_task": weighted_by_task(raw > 0, p),
-            "logp_margin_by_task": weighted_by_task(raw, p),
-            "pairs": int(np.sum(w > 0)),
+            "logp_accuracy_by_task": by_task(pair_wins(raw), p),
+            "logp_margin_by_task": by_task(raw, p),
+            "pairs": int(np.sum(w)),
         }
 
     return evaluate

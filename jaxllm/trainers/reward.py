@@ -5,8 +5,10 @@ start, so every reward is 0 before training); the reward of a (prompt, response)
 head's value at the row's last real token. Batches of B pairs [B, 2, L] run as [2B, L]; the
 loss is `pairwise_loss` with the pair weights of `data/preference.py` (a ranking of K answers
 gives K(K-1)/2 pairs of weight 1/(K(K-1)/2)) and an optional margin. Held-out figures before
-and after training (of every pair, on one host or many: `PairPass`): pair accuracy, mean
-reward gap and accuracy by task.
+and after training (of every pair, on one host or many: `PairPass`): pair accuracy (each
+pair counts once, a tie as half a win: the usual definition, as in TRL's reward trainer and
+RewardBench), prompt accuracy (the same wins weighted by the pair weights, so each prompt
+counts once), mean reward gap and accuracy by task.
 
 PPO (and anything else that scores text) uses `load_reward_model` + `reward_scores`.
 """
@@ -163,12 +165,17 @@ class PairPass:
         return rows
 
 
-def weighted_by_task(values: np.ndarray, rows: dict[str, np.ndarray]) -> dict:
-    """{task: weighted mean of values} over the real (weight > 0) rows of a `collect`."""
+def pair_wins(gap: np.ndarray) -> np.ndarray:
+    """1 where the chosen answer scores higher, 0 where lower, 1/2 on a tie (so an untrained,
+    zero-initialised head stands at chance, 0.5)."""
+    return np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0))
+
+
+def by_task(values: np.ndarray, rows: dict[str, np.ndarray]) -> dict:
+    """{task: mean of values over its real pairs} (weight > 0 rows of a `collect`)."""
     out = {}
     for t in sorted(set(rows["task"][rows["weight"] > 0])):
-        w = rows["weight"] * (rows["task"] == t)
-        out[str(t)] = round(float(np.sum(w * values) / max(np.sum(w), 1e-9)), 4)
+        out[str(t)] = wmean(values, (rows["weight"] > 0) & (rows["task"] == t))
     return out
 
 
@@ -193,13 +200,15 @@ def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template):
     def evaluate(state: TrainState) -> dict[str, Any]:
         p = held_out.collect(fn, state)
         gap, w = p["chosen"] - p["rejected"], p["weight"]
+        real, wins = (w > 0).astype(np.float64), pair_wins(gap)
         return {
-            "pair_accuracy": wmean(gap > 0, w),
-            "reward_gap": wmean(gap, w),
-            "reward_chosen": wmean(p["chosen"], w),
-            "reward_rejected": wmean(p["rejected"], w),
-            "accuracy_by_task": weighted_by_task(gap > 0, p),
-            "pairs": int(np.sum(w > 0)),
+            "pair_accuracy": wmean(wins, real),  # every held-out pair counts once
+            "prompt_accuracy": wmean(wins, w),  # every prompt once: a ranking's pairs share 1
+            "reward_gap": wmean(gap, real),
+            "reward_chosen": wmean(p["chosen"], real),
+            "reward_rejected": wmean(p["rejected"], real),
+            "accuracy_by_task": by_task(wins, p),
+            "pairs": int(np.sum(real)),
         }
 
     return evaluate

@@ -103,6 +103,7 @@ def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt):
                        peft={"method": "lora", "rank": 4}, train={"optim": {"lr": 1e-2}})  # fmt: skip
     summary = run_stage(dpo, cfg)
     assert summary["dpo_margin_before"] == 0.0  # policy == reference before training
+    assert summary["dpo_accuracy_before"] == 0.5  # every pair a tie: half a win
     assert summary["logp_margin_before"] != 0.0
     assert set(summary["logp_accuracy_by_task_after"]) == {"math", "service"}
     assert summary["dpo_margin_after"] > 0.0  # trained towards the chosen answers
