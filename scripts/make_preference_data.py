@@ -8,9 +8,9 @@ Two kinds of record, for reward modelling and DPO:
   math     {"prompt": "What is 17 + 25?", "chosen": "42", "rejected": "43", "task"}, the
            prompt phrased as in make_sft_data.py; the wrong answer is off by a little or has
            its digits swapped.
-Held out by item: a question (all its paraphrases) or a pair of numbers is entirely in train or
-entirely in val, by a hash of its key (the math keys are make_sft_data.py's, so the val sums of
-both sets are the same ones).
+Held out by item: a question (all its paraphrases) or a pair of numbers (in either order: 17 + 25
+and 25 + 17 are one item) is entirely in train or entirely in val, by a hash of its key (the math
+keys are make_sft_data.py's, so the val sums of both sets are the same ones).
 
     python scripts/make_preference_data.py [--out jaxllm/assets/preference]
 """
@@ -220,7 +220,7 @@ def math(rng: random.Random) -> list[tuple[str, dict]]:
         for b in range(1, 50):
             rec = {"prompt": f"What is {a} + {b}?", "chosen": str(a + b)}
             rec["rejected"] = str(wrong_sum(a, b, rng))
-            out.append((f"{a}+{b}", rec))
+            out.append((f"{min(a, b)}+{max(a, b)}", rec))  # b + a goes where a + b goes
     return out
 
 

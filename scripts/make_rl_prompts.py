@@ -5,7 +5,8 @@ Each record is `{"prompt": "What is 7 + 5?", "answer": "12", "task": "math"}` â€
 the SFT set's math task (scripts/make_sft_data.py), with small operands: a in 0..19, b in 0..9
 for sums, a in 0..19, b <= a for differences, so a tiny SFT model answers some of them right
 and a group of samples carries a learning signal. A pair of operands is held out by a hash
-of its key, so no held-out question is ever trained on.
+of its key (a sum's in either order: 3 + 7 and 7 + 3 are one fact), so no held-out question,
+nor its mirror image, is ever trained on.
 
     python scripts/make_rl_prompts.py [--out jaxllm/assets/rl]
 """
@@ -25,6 +26,13 @@ def in_val(key: str) -> bool:
     return hashlib.sha256(key.encode()).digest()[0] < 256 * VAL_SHARE
 
 
+def key(prompt: str) -> str:
+    """The held-out key: the prompt, with a sum's operands in order, so that a + b and b + a
+    (one fact) are both in train or both in val."""
+    a, op, b = prompt.removeprefix("What is ").removesuffix("?").split()
+    return f"{min(int(a), int(b))}+{max(int(a), int(b))}" if op == "+" else prompt
+
+
 def records() -> list[dict]:
     out = []
     for a in range(20):
@@ -42,7 +50,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     split: dict[str, list[dict]] = {"train": [], "val": []}
     for r in records():
-        split["val" if in_val(r["prompt"]) else "train"].append(r)
+        split["val" if in_val(key(r["prompt"])) else "train"].append(r)
     for name, rows in split.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (args.out / f"{name}.jsonl").write_text(text, encoding="utf-8")

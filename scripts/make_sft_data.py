@@ -8,8 +8,8 @@ Rules, each record `{"prompt", "response", "task"}`:
   service customer-service questions (the questions of make_preference_data.py) → noisy
           demonstrations: per paraphrase one polite, helpful answer and one evasive one, so
           the SFT model answers in both styles and a reward model + PPO has something to fix
-Held out by source item: a chapter, a poem, a pair of numbers or a question (all its
-paraphrases) is entirely in train or entirely in val, chosen by a hash of its key.
+Held out by source item: a chapter, a poem, a pair of numbers (in either order) or a question
+(all its paraphrases) is entirely in train or entirely in val, chosen by a hash of its key.
 
     python scripts/make_sft_data.py [--out jaxllm/assets/sft]
 """
@@ -67,6 +67,12 @@ QA = [
 ]
 
 
+def sum_key(a: int, b: int) -> str:
+    """The held-out key of a sum: a + b and b + a are one item (the same answer), so both
+    are in train or both in val."""
+    return f"{min(a, b)}+{max(a, b)}"
+
+
 def in_val(key: str) -> bool:
     """Deterministic held-out choice by a hash of the item's key (not Python's salted hash)."""
     return hashlib.sha256(key.encode()).digest()[0] < 256 * VAL_SHARE
@@ -101,7 +107,7 @@ def poems() -> list[tuple[str, dict]]:
 def math() -> list[tuple[str, dict]]:
     pairs = [(a, b) for a in range(1, 50) for b in range(1, 50)]
     return [
-        (f"{a}+{b}", {"prompt": f"What is {a} + {b}?", "response": str(a + b)}) for a, b in pairs
+        (sum_key(a, b), {"prompt": f"What is {a} + {b}?", "response": str(a + b)}) for a, b in pairs
     ]
 
 
