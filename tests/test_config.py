@@ -52,6 +52,38 @@ def test_wrong_values_name_key_type_and_value(raw, expect):
     assert expect in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("stage", "section", "expect"),
+    [
+        (
+            "grpo",
+            {"kl_estimator": "k1"},
+            "config key 'grpo.kl_estimator': k1 is not allowed in GRPO: the KL is a loss term "
+            "there and the gradient of k1 (log pi - log ref) is zero in expectation",
+        ),
+        ("grpo", {"temperature": 0}, "config key 'grpo.temperature': training rollouts sample"),
+        ("ppo", {"temperature": 0.0}, "config key 'ppo.temperature': training rollouts sample"),
+        ("ppo", {"temperature": -1.0}, "must be > 0, got -1.0"),
+    ],
+)
+def test_rl_sections_reject_k1_in_grpo_and_greedy_rollouts(stage, section, expect):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"stage": stage, stage: section})
+    msg = str(e.value)
+    assert expect in msg and "\n" not in msg
+    if "kl_estimator" in section:
+        assert "use k3 or k2" in msg
+
+
+def test_rl_kl_estimators_accepted():
+    for kind in ("k2", "k3"):
+        cfg = from_dict({"stage": "grpo", "grpo": {"kl_estimator": kind}})
+        assert cfg.grpo.kl_estimator == kind
+    # PPO puts the KL into the reward (not differentiated): k1 stays valid there
+    assert from_dict({"stage": "ppo", "ppo": {"kl_estimator": "k1"}}).ppo.kl_estimator == "k1"
+    assert from_dict({"stage": "grpo", "grpo": {"temperature": 0.5}}).grpo.temperature == 0.5
+
+
 def test_int_accepted_for_float_and_frozen():
     cfg = from_dict({"stage": "data", "data": {"val_fraction": 0}})
     assert cfg.data.val_fraction == 0.0 and isinstance(cfg.data.val_fraction, float)

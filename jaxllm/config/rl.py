@@ -15,8 +15,11 @@ def _check_common(c) -> None:
     for key in ("iterations", "max_new_tokens", "epochs", "minibatch_size"):
         if getattr(c, key) < 1:
             raise ValueError(f"{key}: must be >= 1, got {getattr(c, key)}")
-    if c.temperature <= 0:
-        raise ValueError(f"temperature: rollouts sample, so it must be > 0, got {c.temperature}")
+    if not c.temperature > 0:
+        raise ValueError(
+            f"temperature: training rollouts sample, so it must be > 0, got {c.temperature} "
+            "(greedy decoding, 0, is for evaluation only)"
+        )
     if not 0 < c.clip_eps < 1:
         raise ValueError(f"clip_eps: must be in (0, 1), got {c.clip_eps}")
     if c.eval_examples < 0:
@@ -97,7 +100,7 @@ class GRPOConfig:
     minibatch_size: int = 32  # completions per optimizer step (divides prompts x group_size)
     clip_eps: float = 0.2
     beta: float = 0.0  # KL(pi || ref) weight; 0: no reference pass in the loss
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k1 is rejected: see _validate
     scale_by_std: bool = True  # false: Dr. GRPO (r - mean)
     rewards: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = (1.0,)
@@ -117,3 +120,9 @@ class GRPOConfig:
             raise ValueError("rewards, reward_weights: need one weight per reward name")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0, got {self.beta}")
+        if self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_estimator: k1 is not allowed in GRPO: the KL is a loss term there and the "
+                "gradient of k1 (log pi - log ref) is zero in expectation, so beta would have "
+                "no effect; use k3 or k2"
+            )

@@ -11,6 +11,11 @@ sits in the same slot, so prefill reads one logits column and each decode step w
 cache slot for all rows (a scalar `dynamic_update_slice`, no per-row scatter). Padding slots
 get segment id 0 and are never attended; positions count real tokens only, so a row's
 output does not depend on how much padding it got.
+
+Each generated token comes with its log-prob under the distribution it was drawn from:
+`log_softmax(logits / temperature)` before top-k / top-p (temperature 1: the raw model's;
+greedy, temperature 0: the raw model's too). RL learners divide their logits by the same
+temperature, so sampler and learner log-probs of a rollout agree.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from jaxllm.generation.sampling import sample_logits, token_logprobs
 @dataclass(frozen=True)
 class SampleResult:
     """Per row: generated ids (the stop token included when one was hit), their log-probs
-    `log_softmax(raw logits)[id]` (temperature 1, before top-k/top-p: the policy log-prob RL
-    needs), the number of generated tokens and whether a stop token ended the row."""
+    `log_softmax(logits / temperature)[id]` (the sampling distribution before top-k/top-p:
+    the policy log-prob RL needs; greedy decoding reports temperature-1 log-probs), the
+    number of generated tokens and whether a stop token ended the row."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
@@ -81,6 +87,12 @@ def _sample(logits_BV: jax.Array, key: jax.Array, knobs: tuple, mode: Mode) -> j
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
+def _logprobs(logits_BV: jax.Array, tok_B: jax.Array, knobs: tuple, mode: Mode) -> jax.Array:
+    """Log-probs of the drawn tokens under the tempered distribution they were drawn from
+    (before top-k / top-p); greedy rows have none, so they get the raw (temperature 1) ones."""
+    return token_logprobs(logits_BV, tok_B, 1.0 if mode.greedy else knobs[0])
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_size"))
 def _prefill(graphdef, state, prompt, key, knobs, *, mode: Mode, cache_size: int):
     """Runs the padded prompts (tokens, segment ids, positions) into a fresh cache; returns
@@ -92,7 +104,7 @@ def _prefill(graphdef, state, prompt, key, knobs, *, mode: Mode, cache_size: int
         tokens_BP, cache, positions_BL=pos_BP, segment_ids_BL=seg_BP, last_only=True
     )
     tok_B = _sample(logits_B1V[:, 0], jax.random.fold_in(key, 0), knobs, mode)
-    return cache, tok_B, token_logprobs(logits_B1V[:, 0], tok_B)
+    return cache, tok_B, _logprobs(logits_B1V[:, 0], tok_B, knobs, mode)
 
 
 def _decode_init(cache, tok_B, logp_B, pos_B, stop_B, max_new, out_len: int) -> dict:
@@ -132,7 +144,7 @@ def _decode(graphdef, state, cache, first, key, knobs, stop_T, max_new, *, mode,
         step_key = jax.random.fold_in(key, c["t"])
         live_B = ~c["done"]
         new_B = jnp.where(live_B, _sample(logits_B1V[:, 0], step_key, knobs, mode), 0)
-        logp_B = jnp.where(live_B, token_logprobs(logits_B1V[:, 0], new_B), 0.0)
+        logp_B = jnp.where(live_B, _logprobs(logits_B1V[:, 0], new_B, knobs, mode), 0.0)
         stop_B = live_B & is_stop(new_B)
         return dict(
             cache=cache,

@@ -2,7 +2,8 @@
 
 Filters apply in the order HF transformers uses: temperature, then top-k, then top-p.
 Every setting may be a Python number or a traced scalar, so one compiled program serves any
-temperature, top-k and top-p.
+temperature, top-k and top-p. `token_logprobs` gives the log-prob of a token under the
+tempered distribution it was drawn from (logits / temperature, before top-k / top-p).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def sample_logits(
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     if _is_const(temperature, 0.0):
         return greedy_B
-    scaled_BV = logits_BV / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+    scaled_BV = temper(logits_BV, temperature)
     if not (_is_const(top_k, 0) and isinstance(top_p, int | float) and top_p >= 1.0):
         scaled_BV = filter_logits(scaled_BV, top_k, top_p)
     sampled_B = jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
@@ -65,8 +66,23 @@ def sample_logits(
     return jnp.where(temperature == 0, greedy_B, sampled_B)
 
 
-def token_logprobs(logits_V: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log softmax(logits)[token] in float32, for logits [..., V] and tokens [...]: the raw
-    model's log-probability (temperature 1, no filtering), which policy-gradient RL needs."""
-    logp_V = jax.nn.log_softmax(logits_V.astype(jnp.float32), axis=-1)
+def temper(logits_V: jax.Array, temperature: float | jax.Array = 1.0) -> jax.Array:
+    """logits / temperature in float32 (the distribution `sample_logits` draws from, before
+    top-k / top-p). A temperature below 1e-6 divides by 1e-6 (0 is greedy: no distribution
+    to speak of); a Python 1.0 returns the logits unchanged, a traced 1.0 divides by 1
+    (exact), so temperature 1 is bit-identical to the raw model's logits either way."""
+    logits_V = logits_V.astype(jnp.float32)
+    if _is_const(temperature, 1.0):
+        return logits_V
+    return logits_V / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
+
+
+def token_logprobs(
+    logits_V: jax.Array, tokens: jax.Array, temperature: float | jax.Array = 1.0
+) -> jax.Array:
+    """log softmax(logits / temperature)[token] in float32, for logits [..., V] and tokens
+    [...]: the log-probability under the distribution the token was sampled from at that
+    temperature, before top-k / top-p filtering (what policy-gradient RL needs: the learner
+    divides its logits by the same temperature). Temperature 1: the raw model's."""
+    logp_V = jax.nn.log_softmax(temper(logits_V, temperature), axis=-1)
     return jnp.take_along_axis(logp_V, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -5,6 +5,10 @@ with the jitted KV-cache sampler on the current weights, scores them with the we
 rewards, scores the tokens once (learner + frozen reference log-probs, one jitted pass; the
 learner's must match the sampler's), turns rewards into group advantages and runs `epochs`
 passes of minibatch steps of `grpo_loss` through the generic `make_train_step`.
+All log-probs (sampler, old and new policy, reference: the ratio and the KL) and the entropy
+are those of softmax(logits / grpo.temperature), the distribution the completions were
+sampled from. The KL estimator is k3 or k2: k1's gradient is zero in expectation when the
+KL is a loss term (config validation rejects it).
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from jaxllm.training.state import to_global
 from jaxllm.training.step import make_train_step
 
 
-def grpo_loss_fn(clip_eps: float, beta: float, kl_kind: str):
-    """`loss_fn(model, batch, key)` on rollout minibatches (old_logp, ref_logp, adv [B])."""
+def grpo_loss_fn(clip_eps: float, beta: float, kl_kind: str, temperature: float = 1.0):
+    """`loss_fn(model, batch, key)` on rollout minibatches (old_logp, ref_logp, adv [B]);
+    the policy log-probs are of softmax(logits / temperature), the sampling temperature."""
 
     def loss_fn(model, batch, key):
         logits_BLV, _ = policy_outputs(model, batch)  # no dropout: ratios start at 1
-        logp_BL = token_logprobs(logits_BLV, batch["targets"])
+        logp_BL = token_logprobs(logits_BLV, batch["targets"], temperature)
         return grpo_loss(
             logp_BL, batch["old_logp"], batch["ref_logp"], batch["adv"], batch["mask"],
             clip_eps, beta, kl_kind,
@@ -64,7 +69,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     reward = weighted_reward(g.rewards, g.reward_weights)
     sp, mesh, rules = st.start, st.mesh, cfg.mesh.rules
     step_fn = make_train_step(
-        sp.graphdef, grpo_loss_fn(g.clip_eps, g.beta, g.kl_estimator), st.tx,
+        sp.graphdef, grpo_loss_fn(g.clip_eps, g.beta, g.kl_estimator, g.temperature), st.tx,
         lr_schedule(t.optim, total), sp.shardings, mesh, rules,
     )  # fmt: skip
     stops = stop_ids(st.template)

@@ -6,6 +6,8 @@ jitted scoring pass (learner log-probs, which must match the sampler's; referenc
 values) → rewards (a rule, or a trained reward model) minus kl_coef * KL per token → GAE →
 whitened advantages → `epochs` passes of minibatch steps through the generic
 `make_train_step` (clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy).
+All log-probs (sampler, old and new policy, reference) and the entropy are those of
+softmax(logits / ppo.temperature), the distribution the rollouts were sampled from.
 The final checkpoint holds the plain decoder (value head dropped, LoRA merged) in the
 standard format, so `stage: generate` / `export` load it by path.
 """
@@ -82,19 +84,22 @@ def with_value_head(decoder: nnx.Module, rngs: nnx.Rngs, separate: bool = False)
     return ActorCritic(decoder, rngs=rngs, separate=separate)
 
 
-def ppo_loss_fn(clip_eps: float, value_clip: float, vf_coef: float, ent_coef: float):
+def ppo_loss_fn(
+    clip_eps: float, value_clip: float, vf_coef: float, ent_coef: float, temperature: float = 1.0
+):
     """`loss_fn(model, batch, key)`: clipped policy + vf_coef * clipped value - ent_coef *
-    entropy, summed over response tokens (aux sums share the token weight)."""
+    entropy, summed over response tokens (aux sums share the token weight). Log-probs and
+    entropy are of softmax(logits / temperature), the rollouts' sampling temperature."""
 
     def loss_fn(model, batch, key):
         logits_BLV, values_BL = policy_outputs(model, batch)  # no dropout: ratios start at 1
-        logp_BL = token_logprobs(logits_BLV, batch["targets"])
+        logp_BL = token_logprobs(logits_BLV, batch["targets"], temperature)
         mask_BL = batch["mask"]
         pl, aux = ppo_policy_loss(logp_BL, batch["old_logp"], batch["adv"], mask_BL, clip_eps)
         vl, vaux = ppo_value_loss(
             values_BL, batch["old_values"], batch["returns"], mask_BL, value_clip
         )
-        ent = jnp.sum(token_entropy(logits_BLV) * mask_BL)
+        ent = jnp.sum(token_entropy(logits_BLV, temperature) * mask_BL)
         loss = pl + vf_coef * vl - ent_coef * ent
         return loss, {
             **aux, "policy_loss": pl, "value_loss": vl, "entropy": ent,
@@ -183,7 +188,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     stops = stop_ids(st.template)
     text_reward = rule or _model_text_reward(score_fn, st.tok, cfg.loader.seq_len, stops[0])
     sp, mesh = st.start, st.mesh
-    loss_fn = ppo_loss_fn(p.clip_eps, p.value_clip, p.vf_coef, p.ent_coef)
+    loss_fn = ppo_loss_fn(p.clip_eps, p.value_clip, p.vf_coef, p.ent_coef, p.temperature)
     step_fn = make_train_step(
         sp.graphdef, loss_fn, st.tx, lr_schedule(t.optim, total), sp.shardings, mesh,
         cfg.mesh.rules,

@@ -7,6 +7,12 @@ Layout (right-padded, one sequence per row): `tokens_BL` = prompt + response, `t
 = tokens shifted left, `mask_BL` = 1 where the target is a response token (the stop token
 included: the policy chose it), `sampler_logp_BL` = the sampler's log-prob of that target,
 `segment_ids_BL` (1 real, 0 padding), `positions_BL` (0..n-1).
+
+Temperature: rollouts sample from softmax(logits / T) (the section's `temperature`, > 0), and
+every log-prob of a stage is taken on that distribution: the sampler's, the learner's old and
+new ones (the PPO / GRPO ratio), the frozen reference's (the KL) and the entropy all divide
+their logits by the same T (as TRL does), so the agreement check compares like with like.
+T = 1 runs exactly the untempered programs.
 """
 
 from __future__ import annotations
@@ -109,10 +115,14 @@ def policy_outputs(model, batch: dict, key: jax.Array | None = None):
     return out if isinstance(out, tuple) else (out, None)
 
 
-def make_scoring_pass(graphdef, ref_graphdef, mesh, rules: str) -> Callable:
+def make_scoring_pass(
+    graphdef, ref_graphdef, mesh, rules: str, temperature: float = 1.0
+) -> Callable:
     """`score(params, frozen, ref_state, batch) -> {logp, ref_logp, entropy[, values]}` [B, L],
     jitted once: the learner's log-probs of the sampled tokens (the PPO/GRPO "old" policy),
-    the frozen reference's (passed as an argument, never trained) and the critic's values."""
+    the frozen reference's (passed as an argument, never trained) and the critic's values.
+    Log-probs and entropy are those of softmax(logits / temperature), the rollouts' sampling
+    temperature, for the policy and the reference alike."""
 
     @jax.jit
     def score(params, frozen, ref_state, batch):
@@ -120,9 +130,9 @@ def make_scoring_pass(graphdef, ref_graphdef, mesh, rules: str) -> Callable:
             logits_BLV, values_BL = policy_outputs(nnx.merge(graphdef, params, frozen), batch)
             ref_logits_BLV, _ = policy_outputs(nnx.merge(ref_graphdef, ref_state), batch)
         out = {
-            "logp": token_logprobs(logits_BLV, batch["targets"]),
-            "ref_logp": token_logprobs(ref_logits_BLV, batch["targets"]),
-            "entropy": token_entropy(logits_BLV),
+            "logp": token_logprobs(logits_BLV, batch["targets"], temperature),
+            "ref_logp": token_logprobs(ref_logits_BLV, batch["targets"], temperature),
+            "entropy": token_entropy(logits_BLV, temperature),
         }
         if values_BL is not None:
             out["values"] = values_BL
@@ -132,14 +142,15 @@ def make_scoring_pass(graphdef, ref_graphdef, mesh, rules: str) -> Callable:
 
 
 def logprob_gap(sampler_logp_BL, logp_BL, mask_BL, tol: float) -> float:
-    """max |sampler − learner| log-prob over response tokens; raises `StaleRollout` above
-    `tol` (the rollout was sampled with other weights than the learner scores)."""
+    """max |sampler − learner| log-prob over response tokens (both at the rollout
+    temperature); raises `StaleRollout` above `tol` (the rollout was sampled with other
+    weights, or scored at another temperature, than the learner's)."""
     gap = float(np.max(np.abs(np.asarray(sampler_logp_BL) - np.asarray(logp_BL)) * mask_BL))
     if not np.isfinite(gap) or gap > tol:
         raise StaleRollout(
             f"sampler and learner log-probs of the same tokens differ by {gap:.3g} > "
-            f"logprob_tol {tol:g}: rollouts were sampled with stale or different weights "
-            "(or a low-precision model dtype; use model.dtype float32 for RL)"
+            f"logprob_tol {tol:g}: rollouts were sampled with stale or different weights or "
+            "at another temperature (or a low-precision model dtype; use float32 for RL)"
         )
     return gap
 
@@ -268,7 +279,7 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
         val = load_prompts(s.val_file, f"{section}.val_file", template, s.task, fit)
         val = eval_rows(val, s.eval_examples)
     graphdef = start.graphdef
-    score = make_scoring_pass(graphdef, ref_graphdef, mesh, cfg.mesh.rules)
+    score = make_scoring_pass(graphdef, ref_graphdef, mesh, cfg.mesh.rules, s.temperature)
     return Stage(
         start, tx, mesh, template, tok, str(tok_path), (ref_graphdef, ref_state), rows, val,
         Sampler(graphdef), score,

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.generation.sampling import temper
+
 _CHUNK = 32  # vocab reductions run as [.., V / 32, 32]: see `_chunked`
 
 
@@ -112,11 +114,22 @@ def cross_entropy(
     return total, {"ce": ce, "z_loss": zl, "correct": correct, "weight": jnp.sum(mask_BL)}
 
 
-def token_logprobs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+def _tempered(logits_BLV: jax.Array, temperature: float) -> jax.Array:
+    """f32 logits / temperature, as the sampler tempers them (`temper`: temperature 1 leaves
+    the program as it was, no divide); a learner needs a distribution, so T must be > 0."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return temper(logits_BLV, temperature)
+
+
+def token_logprobs(
+    logits_BLV: jax.Array, targets_BL: jax.Array, temperature: float = 1.0
+) -> jax.Array:
     """log p(target) per token in f32 (logit[target] - logsumexp), differentiable with the
     one-pass backward of `_lse_and_target_logit`; the building block for sequence log-probs
-    in DPO / PPO / GRPO."""
-    logits_BLV = logits_BLV.astype(jnp.float32)
+    in DPO / PPO / GRPO. `temperature` (a Python number) scores under softmax(logits / T),
+    the distribution RL rollouts sampled from at temperature T (PPO / GRPO pass theirs)."""
+    logits_BLV = _tempered(logits_BLV, temperature)
     lse_BL, target_logit_BL = _lse_and_target_logit(logits_BLV, targets_BL.astype(jnp.int32))
     return target_logit_BL - lse_BL
 
@@ -128,9 +141,10 @@ def _plogq(p_BLV: jax.Array, x_BLV: jax.Array) -> jax.Array:
     return jnp.where(live_BLV, p_BLV * jnp.where(live_BLV, x_BLV, 0.0), 0.0)
 
 
-def token_entropy(logits_BLV: jax.Array) -> jax.Array:
-    """Entropy of the softmax per token in f32 (nats): an exploration metric / bonus."""
-    logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+def token_entropy(logits_BLV: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Entropy of softmax(logits / temperature) per token in f32 (nats): an exploration
+    metric / bonus, of the distribution RL rollouts sampled from at that temperature."""
+    logp_BLV = jax.nn.log_softmax(_tempered(logits_BLV, temperature), axis=-1)
     return -jnp.sum(_plogq(jnp.exp(logp_BLV), logp_BLV), axis=-1)
 
 

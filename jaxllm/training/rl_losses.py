@@ -170,11 +170,17 @@ def grpo_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO: PPO's clipped surrogate with each sequence's group advantage broadcast to its
     tokens, plus beta * kl_estimate(pi, ref) per token (the KL is a loss term, not folded into
-    the reward). Summed over tokens with `weight` = number of tokens, i.e. token-level
-    normalisation as in DAPO / Dr. GRPO rather than the original per-sequence mean, so long
-    answers are not down-weighted. aux sums: `kl` (unscaled), `clip_frac` (|r - 1| > eps),
+    the reward, so `kl_kind` is k3 or k2: k1's gradient, grad log pi, is zero in expectation
+    under pi and beta would do nothing). Summed over tokens with `weight` = number of tokens,
+    i.e. token-level normalisation as in DAPO / Dr. GRPO rather than the original
+    per-sequence mean, so long answers are not down-weighted. aux sums: `kl` (unscaled), `clip_frac` (|r - 1| > eps),
     `weight`.
     """
+    if kl_kind not in ("k2", "k3"):
+        raise ValueError(
+            f"grpo_loss kl_kind must be 'k3' or 'k2', got {kl_kind!r} (k1's gradient is zero "
+            "in expectation when the KL is a loss term)"
+        )
     logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL = _f32(
         logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL
     )

@@ -75,12 +75,21 @@ def test_filter_logits_matches_numpy(k, p):
     np.testing.assert_array_equal(got, np_filter_keep(np.asarray(logits), k, p))
 
 
-def test_token_logprobs_matches_numpy():
+def np_log_softmax(z, temperature=1.0):
+    z = np.asarray(z, np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 1.7])
+def test_token_logprobs_matches_numpy(temperature):
     logits = np.asarray(random_logits(4, 10))
     tokens = np.array([0, 3, 9, 5])
-    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    got = token_logprobs(jnp.asarray(logits), jnp.asarray(tokens))
-    np.testing.assert_allclose(got, ref[np.arange(4), tokens], atol=1e-5)
+    ref = np_log_softmax(logits, temperature)[np.arange(4), tokens]
+    got = token_logprobs(jnp.asarray(logits), jnp.asarray(tokens), temperature)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    traced = jax.jit(token_logprobs)(jnp.asarray(logits), jnp.asarray(tokens), temperature)
+    np.testing.assert_allclose(traced, ref, atol=1e-5)
 
 
 # -------------------------------------------------------------------------- the sampler
@@ -135,12 +144,12 @@ def run(name, seed=0, **kw):
     return Sampler(graphdef)(state, PROMPTS, **kw)
 
 
-def check_logprobs(name, res, seed=0):
-    """Each returned log-prob is log_softmax(raw full-forward logits)[token]."""
+def check_logprobs(name, res, seed=0, temperature=1.0, atol=1e-4):
+    """Each returned log-prob is numpy's log_softmax(full-forward logits / T)[token]."""
     for prompt, toks, logps in zip(PROMPTS, res.tokens, res.logprobs):
         logits = reference_logits(name, prompt + toks, seed)[len(prompt) - 1 : -1]
-        ref = jax.nn.log_softmax(logits)[np.arange(len(toks)), toks]
-        np.testing.assert_allclose(logps, ref, atol=1e-4)
+        ref = np_log_softmax(logits, temperature)[np.arange(len(toks)), toks]
+        np.testing.assert_allclose(logps, ref, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -152,16 +161,27 @@ def test_greedy_cached_decoding_equals_full_recompute(name):
     check_logprobs(name, res)
 
 
-def test_sampling_with_filters_is_deterministic_and_logprobs_are_raw():
+def test_sampling_with_filters_is_deterministic_and_logprobs_are_tempered_unfiltered():
     kw = dict(temperature=0.8, top_k=10, top_p=0.9)
     res = run("llama", key=jax.random.key(3), **kw)
     assert res == run("llama", key=jax.random.key(3), **kw)
     assert res.tokens != run("llama", key=jax.random.key(4), **kw).tokens
-    check_logprobs("llama", res)
+    check_logprobs("llama", res, temperature=0.8)  # of logits / T, before top-k / top-p
     for prompt, toks in zip(PROMPTS, res.tokens):  # every token within the raw top 10
         logits = reference_logits("llama", prompt + toks)[len(prompt) - 1 : -1]
         ranks = (logits > logits[np.arange(len(toks)), toks][:, None]).sum(-1)
         assert (ranks < 10).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logprobs_are_those_of_the_sampling_temperature(name):
+    """At T = 0.5 (prompts of 1 to 11 tokens) the reported log-probs are log_softmax(z / T),
+    the distribution the tokens were drawn from, not the raw T = 1 ones; T = 1 reports raw."""
+    res = run(name, key=jax.random.key(5), temperature=0.5)
+    check_logprobs(name, res, temperature=0.5)
+    with pytest.raises(AssertionError):
+        check_logprobs(name, res, temperature=1.0)
+    check_logprobs(name, run(name, key=jax.random.key(5), temperature=1.0))
 
 
 def test_top_k_1_sampler_equals_greedy():

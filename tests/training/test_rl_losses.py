@@ -167,7 +167,7 @@ def test_ppo_value_loss_hand_case_and_numpy():
     assert float(aux["value_clip_frac"]) == frac
 
 
-@pytest.mark.parametrize("kl_kind", ["k1", "k3"])
+@pytest.mark.parametrize("kl_kind", ["k2", "k3"])
 def test_grpo_loss_matches_numpy(kl_kind):
     rng = np.random.default_rng(6)
     b, seq, eps, beta = 4, 7, 0.2, 0.05
@@ -185,13 +185,20 @@ def test_grpo_loss_matches_numpy(kl_kind):
             lp, o, rf = float(logp[i, j]), float(old[i, j]), float(ref[i, j])
             r = math.exp(lp - o)
             surr = -min(r * adv[i], min(max(r, 1 - eps), 1 + eps) * adv[i])
-            kl = lp - rf if kl_kind == "k1" else math.exp(rf - lp) - 1 - (rf - lp)
+            kl = 0.5 * (rf - lp) ** 2 if kl_kind == "k2" else math.exp(rf - lp) - 1 - (rf - lp)
             want += surr + beta * kl
             kl_sum += kl
             clips += abs(r - 1) > eps
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
     np.testing.assert_allclose(float(aux["kl"]), kl_sum, rtol=1e-5, atol=1e-6)
     assert float(aux["clip_frac"]) == clips and float(aux["weight"]) == sum(lengths)
+
+
+def test_grpo_loss_rejects_k1():
+    # the KL is a loss term in GRPO: grad k1 = grad log pi, zero in expectation under pi
+    x = jnp.zeros((1, 2))
+    with pytest.raises(ValueError, match="k1's gradient is zero in expectation"):
+        rl_losses.grpo_loss(x, x, x, jnp.zeros(1), jnp.ones((1, 2)), 0.2, 0.1, "k1")
 
 
 def test_grpo_gradient_on_policy():
