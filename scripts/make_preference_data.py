@@ -18,14 +18,14 @@ keys are make_sft_data.py's, so the val sums of both sets are the same ones).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import random
 from pathlib import Path
 
+from heldout import arith_key, in_val
+
 ROOT = Path(__file__).resolve().parent.parent
-VAL_SHARE = 0.1
 SAMPLES_PER_PROMPT = 4  # service records per paraphrase, each with other wordings
 MATH_LIMITS = (900, 90)  # (train, val) caps
 
@@ -179,11 +179,6 @@ RUDE = [
 ]
 
 
-def in_val(key: str) -> bool:
-    """Deterministic held-out choice by a hash of the item's key (as in make_sft_data.py)."""
-    return hashlib.sha256(key.encode()).digest()[0] < 256 * VAL_SHARE
-
-
 def service(rng: random.Random) -> list[tuple[str, dict]]:
     """SAMPLES_PER_PROMPT records per paraphrase, each a different (polite, evasive, rude) mix."""
     out = []
@@ -220,7 +215,7 @@ def math(rng: random.Random) -> list[tuple[str, dict]]:
         for b in range(1, 50):
             rec = {"prompt": f"What is {a} + {b}?", "chosen": str(a + b)}
             rec["rejected"] = str(wrong_sum(a, b, rng))
-            out.append((f"{min(a, b)}+{max(a, b)}", rec))  # b + a goes where a + b goes
+            out.append((arith_key(a, "+", b), rec))  # b + a goes where a + b goes
     return out
 
 

@@ -1,12 +1,15 @@
-"""Writes `jaxllm/assets/rl/{train,val}.jsonl`: easy arithmetic prompts with verifiable answers
-for RL with rule rewards (GRPO, PPO), deterministic, stdlib only.
+"""Writes `jaxllm/assets/rl/`: easy arithmetic prompts with verifiable answers for RL with
+rule rewards (GRPO, PPO), deterministic, stdlib only.
 
-Each record is `{"prompt": "What is 7 + 5?", "answer": "12", "task": "math"}` — the phrasing of
-the SFT set's math task (scripts/make_sft_data.py), with small operands: a in 0..19, b in 0..9
-for sums, a in 0..19, b <= a for differences, so a tiny SFT model answers some of them right
-and a group of samples carries a learning signal. A pair of operands is held out by a hash
-of its key (a sum's in either order: 3 + 7 and 7 + 3 are one fact), so no held-out question,
-nor its mirror image, is ever trained on.
+  train.jsonl, val.jsonl          {"prompt": "What is 7 + 5?", "answer": "12", "task": "math"}
+  sft_train.jsonl, sft_val.jsonl  the same facts as {"prompt", "response", "task": "arith"},
+                                  for a short SFT on the training facts (tiny_sft_arith.yaml)
+                                  that gives GRPO a start that is right some of the time
+
+The phrasing is the SFT set's math task (scripts/make_sft_data.py), with small operands:
+sums a + b with a in 0..29, b in 0..9, differences a - b with b <= a. A fact is held out by
+scripts/heldout.py's rule, the one the SFT and preference generators use, so no held-out
+question, nor its mirror image (3 + 7 with 7 + 3), is trained on in any shipped set.
 
     python scripts/make_rl_prompts.py [--out jaxllm/assets/rl]
 """
@@ -14,33 +17,28 @@ nor its mirror image, is ever trained on.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
+from heldout import arith_key, in_val
+
 ROOT = Path(__file__).resolve().parent.parent
-VAL_SHARE = 0.15
 
 
-def in_val(key: str) -> bool:
-    return hashlib.sha256(key.encode()).digest()[0] < 256 * VAL_SHARE
-
-
-def key(prompt: str) -> str:
-    """The held-out key: the prompt, with a sum's operands in order, so that a + b and b + a
-    (one fact) are both in train or both in val."""
-    a, op, b = prompt.removeprefix("What is ").removesuffix("?").split()
-    return f"{min(int(a), int(b))}+{max(int(a), int(b))}" if op == "+" else prompt
-
-
-def records() -> list[dict]:
+def facts() -> list[tuple[int, str, int, int]]:
+    """(a, op, b, answer): sums a + b with a < 30, b < 10; differences a - b with b <= a."""
     out = []
-    for a in range(20):
+    for a in range(30):
         for b in range(10):
-            out.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b), "task": "math"})
+            out.append((a, "+", b, a + b))
             if b <= a:
-                out.append({"prompt": f"What is {a} - {b}?", "answer": str(a - b), "task": "math"})
+                out.append((a, "-", b, a - b))
     return out
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    print(f"{path}: {len(rows)} records")
 
 
 def main() -> None:
@@ -48,13 +46,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "jaxllm" / "assets" / "rl")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    split: dict[str, list[dict]] = {"train": [], "val": []}
-    for r in records():
-        split["val" if in_val(key(r["prompt"])) else "train"].append(r)
+    split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
+    for a, op, b, ans in facts():
+        split["val" if in_val(arith_key(a, op, b)) else "train"].append(
+            (f"What is {a} {op} {b}?", str(ans))
+        )
     for name, rows in split.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (args.out / f"{name}.jsonl").write_text(text, encoding="utf-8")
-        print(f"{name}: {len(rows)} records")
+        write(
+            args.out / f"{name}.jsonl",
+            [{"prompt": p, "answer": x, "task": "math"} for p, x in rows],
+        )
+        write(
+            args.out / f"sft_{name}.jsonl",
+            [{"prompt": p, "response": x, "task": "arith"} for p, x in rows],
+        )
 
 
 if __name__ == "__main__":

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import random
 import re
 from pathlib import Path
 
+from heldout import arith_key, in_val
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "jaxllm" / "assets" / "corpus"
-VAL_SHARE = 0.1
 MAX_VERSE_CHARS = 110  # keeps a prompt + answer within the tiny model's 128 tokens
 LIMITS = {"bible": (1600, 120), "poem": (1400, 120), "math": (900, 100)}  # (train, val) caps
 
@@ -67,17 +67,6 @@ QA = [
 ]
 
 
-def sum_key(a: int, b: int) -> str:
-    """The held-out key of a sum: a + b and b + a are one item (the same answer), so both
-    are in train or both in val."""
-    return f"{min(a, b)}+{max(a, b)}"
-
-
-def in_val(key: str) -> bool:
-    """Deterministic held-out choice by a hash of the item's key (not Python's salted hash)."""
-    return hashlib.sha256(key.encode()).digest()[0] < 256 * VAL_SHARE
-
-
 def read(name: str) -> list[str]:
     with gzip.open(CORPUS / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:
         return [json.loads(line)["text"].removeprefix("<s>").removesuffix("</s>") for line in f]
@@ -107,7 +96,8 @@ def poems() -> list[tuple[str, dict]]:
 def math() -> list[tuple[str, dict]]:
     pairs = [(a, b) for a in range(1, 50) for b in range(1, 50)]
     return [
-        (sum_key(a, b), {"prompt": f"What is {a} + {b}?", "response": str(a + b)}) for a, b in pairs
+        (arith_key(a, "+", b), {"prompt": f"What is {a} + {b}?", "response": str(a + b)})
+        for a, b in pairs
     ]
 
 
