@@ -9,8 +9,8 @@ Two kinds of record, for reward modelling and DPO:
            prompt phrased as in make_sft_data.py; the wrong answer is off by a little or has
            its digits swapped.
 Held out by item: a question (all its paraphrases) or a pair of numbers (in either order: 17 + 25
-and 25 + 17 are one item) is entirely in train or entirely in val, by a hash of its key (the math
-keys are make_sft_data.py's, so the val sums of both sets are the same ones).
+and 25 + 17 are one item) is entirely in train or entirely in val, by scripts/heldout.py's rule,
+which every generator shares, so the val sums of all shipped sets are the same ones.
 
     python scripts/make_preference_data.py [--out jaxllm/assets/preference]
 """
