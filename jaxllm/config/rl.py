@@ -66,7 +66,7 @@ class PPOConfig:
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
-    logprob_tol: float = 1e-4  # max |sampler - learner| log-prob before the run stops
+    logprob_tol: float = 1e-4  # mean |sampler - learner| log-prob before the run stops
     checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
     def _validate(self) -> None:
@@ -106,7 +106,7 @@ class GRPOConfig:
     reward_weights: tuple[float, ...] = (1.0,)
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
-    logprob_tol: float = 1e-4
+    logprob_tol: float = 1e-4  # mean |sampler - learner| log-prob before the run stops
     checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
     def _validate(self) -> None:

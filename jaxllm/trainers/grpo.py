@@ -110,7 +110,7 @@ def _iteration(cfg, st, state, step_fn, reward, stops, rng, it: int, clock: dict
     hits = np.array([arithmetic(x, r) for x, r in zip(ro.texts, recs)], np.float32)
     sc = jax.device_get(st.score(state.params, state.frozen, st.ref[1], to_global(ro.batch, mesh)))
     mask = ro.batch["mask"]
-    gap = logprob_gap(ro.batch["sampler_logp"], sc["logp"], mask, g.logprob_tol)
+    gap, gap_max = logprob_gap(ro.batch["sampler_logp"], sc["logp"], mask, g.logprob_tol)
     adv = np.asarray(
         group_advantages(jnp.asarray(rewards), g.group_size, scale_by_std=g.scale_by_std)
     )
@@ -134,6 +134,7 @@ def _iteration(cfg, st, state, step_fn, reward, stops, rng, it: int, clock: dict
     row = {k: v / steps for k, v in sums.items() if k not in ("weight", "lr")}
     row.update(
         reward=float(rewards.mean()), accuracy=float(hits.mean()), logprob_gap=gap,
+        logprob_gap_max=gap_max,
         entropy=float((sc["entropy"] * mask).sum() / max(mask.sum(), 1.0)),
         response_length=float(ro.lengths.mean()), lr=float(m["lr"]),
     )  # fmt: skip

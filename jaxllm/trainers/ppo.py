@@ -232,7 +232,7 @@ def _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it: int, clock: d
     dev = to_global(ro.batch, mesh)
     sc = jax.device_get(st.score(state.params, state.frozen, st.ref[1], dev))
     mask = ro.batch["mask"]
-    gap = logprob_gap(ro.batch["sampler_logp"], sc["logp"], mask, p.logprob_tol)
+    gap, gap_max = logprob_gap(ro.batch["sampler_logp"], sc["logp"], mask, p.logprob_tol)
     score_B = np.asarray(score_fn(ro.texts, recs, dev), np.float32)
     rewards_BL, kl_BL = shaped_rewards(
         score_B, sc["logp"], sc["ref_logp"], mask, kl_ctl.coef, p.kl_estimator
@@ -265,6 +265,7 @@ def _iteration(cfg, st, state, step_fn, score_fn, kl_ctl, rng, it: int, clock: d
     row = {k: v / steps for k, v in sums.items() if k not in ("weight", "lr")}
     row.update(
         reward=float(score_B.mean()), kl=kl_seq, kl_coef=coef, logprob_gap=gap,
+        logprob_gap_max=gap_max,
         response_length=float(ro.lengths.mean()), lr=float(m["lr"]),
     )  # fmt: skip
     return state, row

@@ -118,5 +118,7 @@ def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt):
         max_new_tokens=6, key=jax.random.key(3), temperature=1.0, stop_ids=stop_ids(st.template),
     )  # fmt: skip
     sc = st.score(state.params, state.frozen, st.ref[1], to_global(ro.batch, st.mesh))
-    gap = logprob_gap(ro.batch["sampler_logp"], jax.device_get(sc["logp"]), ro.batch["mask"], 1e-4)
-    assert gap < 1e-4 and ro.batch["mask"].sum() > 0
+    gap, worst = logprob_gap(
+        ro.batch["sampler_logp"], jax.device_get(sc["logp"]), ro.batch["mask"], 1e-4
+    )
+    assert gap <= worst < 1e-4 and ro.batch["mask"].sum() > 0
