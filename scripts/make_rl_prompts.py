@@ -5,6 +5,9 @@ rule rewards (GRPO, PPO), deterministic, stdlib only.
   sft_train.jsonl, sft_val.jsonl  the same facts as {"prompt", "response", "task": "arith"},
                                   for a short SFT on the training facts (tiny_sft_arith.yaml)
                                   that gives GRPO a start that is right some of the time
+  think_train.jsonl, think_val.jsonl
+                                  the same facts answered with a digit-by-digit trace (trace()),
+                                  for tiny_sft_think.yaml
 
 The phrasing is the SFT set's math task (scripts/make_sft_data.py), with small operands:
 sums a + b with a in 0..29, b in 0..9, differences a - b with b <= a. A fact is held out by
@@ -36,6 +39,28 @@ def facts() -> list[tuple[int, str, int, int]]:
     return out
 
 
+def trace(a: int, op: str, b: int) -> str:
+    """A digit-by-digit `<think>` trace and the answer: the question restated, then units
+    (with the carry or the borrow), then tens. Every step is a one-digit fact that many
+    training prompts share, so a held-out prompt is made of steps trained on elsewhere; the
+    restated question puts the digits each step copies right before it.
+    27 + 5 -> "<think>27 + 5: 7 + 5 = 12. 2 + 1 = 3</think>32"
+    23 - 7 -> "<think>23 - 7: 13 - 7 = 6. 2 - 1 = 1</think>16"
+    """
+    tens, units = divmod(a, 10)
+    if op == "+":
+        s = units + b
+        carry, u = divmod(s, 10)
+        steps = [f"{units} + {b} = {s}", f"{tens} + {carry} = {tens + carry}"]
+        ans = a + b
+    else:
+        borrow = int(units < b)
+        top = units + 10 * borrow
+        steps = [f"{top} - {b} = {top - b}", f"{tens} - {borrow} = {tens - borrow}"]
+        ans = a - b
+    return f"<think>{a} {op} {b}: {'. '.join(steps)}</think>{ans}"
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     print(f"{path}: {len(rows)} records")
@@ -46,19 +71,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "jaxllm" / "assets" / "rl")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    split: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
+    split: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": []}
     for a, op, b, ans in facts():
         split["val" if in_val(arith_key(a, op, b)) else "train"].append(
-            (f"What is {a} {op} {b}?", str(ans))
+            (f"What is {a} {op} {b}?", str(ans), trace(a, op, b))
         )
     for name, rows in split.items():
         write(
             args.out / f"{name}.jsonl",
-            [{"prompt": p, "answer": x, "task": "math"} for p, x in rows],
+            [{"prompt": p, "answer": x, "task": "math"} for p, x, _ in rows],
         )
         write(
             args.out / f"sft_{name}.jsonl",
-            [{"prompt": p, "response": x, "task": "arith"} for p, x in rows],
+            [{"prompt": p, "response": x, "task": "arith"} for p, x, _ in rows],
+        )
+        write(
+            args.out / f"think_{name}.jsonl",
+            [{"prompt": p, "response": t, "task": "arith"} for p, _, t in rows],
         )
 
 
