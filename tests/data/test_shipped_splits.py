@@ -76,4 +76,5 @@ def test_think_traces_are_right_digit_by_digit():
             assert int(t2) == (int(units) >= 10 if op == "+" else int(u1) >= 10), rec  # carry
             assert int(tens) * 10 + int(units) % 10 == want == int(m[5]), rec
             n += 1
-    assert n > 0
+    prompts = sum(len((ASSETS / "rl" / f).read_text("utf-8").splitlines()) for f in SETS["rl"])
+    assert n == prompts  # one trace per RL prompt
