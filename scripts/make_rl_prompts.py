@@ -8,6 +8,10 @@ rule rewards (GRPO, PPO), deterministic, stdlib only.
   think_train.jsonl, think_val.jsonl
                                   the same facts answered with a digit-by-digit trace (trace()),
                                   for tiny_sft_think.yaml
+  think_sloppy_train.jsonl        the training traces of a sloppy teacher that forgets the carry
+                                  (or the borrow) in about 2 of 3 facts that need one (sloppy()),
+                                  so its answer is 10 off; for tiny_sft_sloppy.yaml, the start
+                                  that GRPO with the exact-answer reward corrects (tiny_grpo.yaml)
 
 The phrasing is the SFT set's math task (scripts/make_sft_data.py), with small operands:
 sums a + b with a in 0..29, b in 0..9, differences a - b with b <= a. A fact is held out by
@@ -20,6 +24,7 @@ question, nor its mirror image (3 + 7 with 7 + 3), is trained on in any shipped 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,25 +44,37 @@ def facts() -> list[tuple[int, str, int, int]]:
     return out
 
 
-def trace(a: int, op: str, b: int) -> str:
+def sloppy(a: int, op: str, b: int) -> bool:
+    """Whether the sloppy teacher forgets this fact's carry or borrow: facts that need one,
+    2 of 3 of them by the SHA-256 of the fact's key (deterministic, like the held-out rule)."""
+    units = a % 10
+    needs = units + b >= 10 if op == "+" else units < b
+    key = f"sloppy:{arith_key(a, op, b)}".encode()
+    return needs and hashlib.sha256(key).digest()[0] < 256 * 2 // 3
+
+
+def trace(a: int, op: str, b: int, carry: bool = True) -> str:
     """A digit-by-digit `<think>` trace and the answer: the question restated, then units
     (with the carry or the borrow), then tens. Every step is a one-digit fact that many
     training prompts share, so a held-out prompt is made of steps trained on elsewhere; the
     restated question puts the digits each step copies right before it.
     27 + 5 -> "<think>27 + 5: 7 + 5 = 12. 2 + 1 = 3</think>32"
     23 - 7 -> "<think>23 - 7: 13 - 7 = 6. 2 - 1 = 1</think>16"
+    carry=False forgets the carry or borrow in the tens step, and the answer follows it:
+    27 + 5 -> "<think>27 + 5: 7 + 5 = 12. 2 + 0 = 2</think>22"
     """
     tens, units = divmod(a, 10)
     if op == "+":
         s = units + b
-        carry, u = divmod(s, 10)
-        steps = [f"{units} + {b} = {s}", f"{tens} + {carry} = {tens + carry}"]
-        ans = a + b
+        c = s // 10 if carry else 0
+        steps = [f"{units} + {b} = {s}", f"{tens} + {c} = {tens + c}"]
+        ans = 10 * (tens + c) + s % 10
     else:
         borrow = int(units < b)
         top = units + 10 * borrow
-        steps = [f"{top} - {b} = {top - b}", f"{tens} - {borrow} = {tens - borrow}"]
-        ans = a - b
+        c = borrow if carry else 0
+        steps = [f"{top} - {b} = {top - b}", f"{tens} - {c} = {tens - c}"]
+        ans = 10 * (tens - c) + top - b
     return f"<think>{a} {op} {b}: {'. '.join(steps)}</think>{ans}"
 
 
@@ -76,6 +93,15 @@ def main() -> None:
         split["val" if in_val(arith_key(a, op, b)) else "train"].append(
             (f"What is {a} {op} {b}?", str(ans), trace(a, op, b))
         )
+    write(
+        args.out / "think_sloppy_train.jsonl",
+        [
+            {"prompt": f"What is {a} {op} {b}?", "response": trace(a, op, b, not sloppy(a, op, b)),
+             "task": "arith"}
+            for a, op, b, _ in facts()
+            if not in_val(arith_key(a, op, b))
+        ],
+    )  # fmt: skip
     for name, rows in split.items():
         write(
             args.out / f"{name}.jsonl",
