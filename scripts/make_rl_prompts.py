@@ -88,32 +88,27 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "jaxllm" / "assets" / "rl")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    split: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": []}
+    split: dict[str, list[tuple[str, str, str, str]]] = {"train": [], "val": []}
     for a, op, b, ans in facts():
         split["val" if in_val(arith_key(a, op, b)) else "train"].append(
-            (f"What is {a} {op} {b}?", str(ans), trace(a, op, b))
-        )
+            (f"What is {a} {op} {b}?", str(ans), trace(a, op, b), trace(a, op, b, not sloppy(a, op, b)))
+        )  # fmt: skip
     write(
         args.out / "think_sloppy_train.jsonl",
-        [
-            {"prompt": f"What is {a} {op} {b}?", "response": trace(a, op, b, not sloppy(a, op, b)),
-             "task": "arith"}
-            for a, op, b, _ in facts()
-            if not in_val(arith_key(a, op, b))
-        ],
-    )  # fmt: skip
+        [{"prompt": p, "response": t, "task": "arith"} for p, _, _, t in split["train"]],
+    )
     for name, rows in split.items():
         write(
             args.out / f"{name}.jsonl",
-            [{"prompt": p, "answer": x, "task": "math"} for p, x, _ in rows],
+            [{"prompt": p, "answer": x, "task": "math"} for p, x, _, _ in rows],
         )
         write(
             args.out / f"sft_{name}.jsonl",
-            [{"prompt": p, "response": x, "task": "arith"} for p, x, _ in rows],
+            [{"prompt": p, "response": x, "task": "arith"} for p, x, _, _ in rows],
         )
         write(
             args.out / f"think_{name}.jsonl",
-            [{"prompt": p, "response": t, "task": "arith"} for p, _, t in rows],
+            [{"prompt": p, "response": t, "task": "arith"} for p, _, t, _ in rows],
         )
 
 
