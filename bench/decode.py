@@ -19,11 +19,16 @@ diverge a row late in a long generation).
 
     .venv/bin/python bench/decode.py            # ~2 minutes
     .venv/bin/python bench/decode.py --quick    # 64 new tokens, fewer repeats
+
+On an accelerator (bench/gpu_suite.sh): `--preset gpt2_124m --dtype bfloat16 --batches 1 64
+--no-uncached --json FILE` decodes with a preset's shape (vocab 50304), cached only.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -103,38 +108,66 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 new tokens, fewer repeats")
     ap.add_argument("--new", type=int, default=0, help="new tokens (default 256)")
+    ap.add_argument("--preset", default="", help="a model preset instead of the 4 x 256 GPT")
+    ap.add_argument("--vocab", type=int, default=50304, help="vocabulary with --preset")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on a GPU)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--no-uncached", action="store_true", help="time the KV-cache path only")
+    ap.add_argument("--json", default="", help="append one JSON line per batch size")
     args = ap.parse_args()
     new = args.new or (64 if args.quick else 256)
     reps = 2 if args.quick else 3
+    model = MODEL
+    if args.preset:
+        preset = {**ModelConfig.PRESETS[args.preset], "vocab_size": args.vocab}
+        preset.pop("rope_scaling", None)  # a dict in the table; the default (none) is fine here
+        model = dataclasses.replace(ModelConfig(), preset=args.preset, **preset)
+    model = dataclasses.replace(model, dtype=args.dtype)
 
-    graphdef, state = nnx.split(make_decoder(MODEL, seed=0))
+    graphdef, state = nnx.split(make_decoder(model, seed=0))
     sampler, uncached = Sampler(graphdef), Uncached(graphdef, state)
     key = jax.random.key(0)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; model 4 x 256, vocab 8000; "
-          f"prompt {PROMPT} tokens, {new} new tokens, greedy")  # fmt: skip
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; model "
+          f"{args.preset or '4 x 256'} ({model.n_layers} x {model.d_model}, vocab "
+          f"{model.vocab_size}, {model.dtype}); prompt {PROMPT} tokens, {new} new tokens, "
+          "greedy")  # fmt: skip
     rows = []
-    for b in (1, 8):
-        prompts = np.random.default_rng(b).integers(0, MODEL.vocab_size, (b, PROMPT))
+    for b in args.batches:
+        prompts = np.random.default_rng(b).integers(0, model.vocab_size, (b, PROMPT))
         plist = prompts.tolist()
 
         def cached(n=new, plist=plist):
             return sampler(state, plist, max_new_tokens=n, key=key, temperature=0.0)
 
         cached(), cached(1)  # compile
-        uncached.warm(b, new)
         t_cached, res = timed(cached, reps)
         ttft_cached, _ = timed(lambda: cached(1), reps + 2)
-        t_unc, toks = timed(lambda p=prompts: uncached(p, new), max(reps - 1, 1))
-        ttft_unc, _ = timed(lambda p=prompts: uncached(p, 1), reps + 2)
-        same = np.mean(np.asarray(res.tokens) == toks)
+        t_unc = ttft_unc = same = float("nan")
+        if not args.no_uncached:
+            uncached.warm(b, new)
+            t_unc, toks = timed(lambda p=prompts: uncached(p, new), max(reps - 1, 1))
+            ttft_unc, _ = timed(lambda p=prompts: uncached(p, 1), reps + 2)
+            same = float(np.mean(np.asarray(res.tokens) == toks))
         rows.append((b, t_cached, ttft_cached, t_unc, ttft_unc, same))
+        if args.json:
+            row = dict(
+                bench="decode", preset=args.preset or "bench_gpt", dtype=model.dtype, batch=b,
+                prompt=PROMPT, new_tokens=new, tokens_per_s=round(b * new / t_cached, 1),
+                ms_per_token=round(1e3 * t_cached / new, 3), ttft_ms=round(1e3 * ttft_cached, 2),
+                uncached_tokens_per_s=None if args.no_uncached else round(b * new / t_unc, 1),
+                device=jax.devices()[0].device_kind,
+                jax=jax.__version__,
+            )  # fmt: skip
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     print(f"\n{'batch':>5} {'':9} {'total s':>8} {'tokens/s':>9} {'ms/token':>9} {'TTFT ms':>8}")
     for b, tc, fc, tu, fu, same in rows:
-        for name, t, f in (("KV cache", tc, fc), ("no cache", tu, fu)):
+        for name, t, f in (("KV cache", tc, fc), ("no cache", tu, fu))[: 1 + (tu == tu)]:
             print(f"{b:5} {name:9} {t:8.3f} {b * new / t:9.1f} {1e3 * t / new:9.2f} {1e3 * f:8.1f}")
-        print(f"{'':5} speed-up with the cache: {tu / tc:.1f}x tokens/s; "
-              f"TTFT ratio {fu / fc:.2f}x; same greedy tokens: {same:.1%}")  # fmt: skip
+        if not args.no_uncached:
+            print(f"{'':5} speed-up with the cache: {tu / tc:.1f}x tokens/s; "
+                  f"TTFT ratio {fu / fc:.2f}x; same greedy tokens: {same:.1%}")  # fmt: skip
 
 
 if __name__ == "__main__":

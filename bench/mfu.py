@@ -12,14 +12,20 @@ figure for accelerators (H100/H200: 989 TFLOP/s), the measured matmul peak on CP
     python bench/mfu.py --config configs/tiny_pretrain.yaml --vocab 8000 --steps 5   # CPU
 
 `--set` overrides config keys as on the main CLI (e.g. `train.grad_accum=1`,
-`loader.batch_size=32`, `model.remat=dots`, `train.loss_chunk=128`). `--ceiling` (one device)
-adds the matmul-only bound: the step's dots timed one by one, and the MFU they alone allow
-(`jaxllm.training.peak.matmul_bound`).
+`loader.batch_size=32`, `model.remat=dots`, `train.loss_chunk=128`, `model.attention=xla`).
+`--ceiling` (one device) adds the matmul-only bound: the step's dots timed one by one, and the
+MFU they alone allow (`jaxllm.training.peak.matmul_bound`). `--docs` shapes the rows: `one`
+document per row (segment ids all 1, the default), `packed` (documents of random lengths,
+mean `--doc-len`, as the packed loader makes them: attention stays inside each document) or
+`none` (no segment ids at all: attention across the whole row, as llm.c and nanoGPT train).
+`--json FILE` appends the figures as one JSON line (bench/gpu_suite.sh collects them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -34,6 +40,7 @@ import jax  # noqa: E402
 
 from jaxllm.config import load_config, replace  # noqa: E402
 from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
+from jaxllm.models.kernels import resolve_attention  # noqa: E402
 from jaxllm.sharding import make_mesh  # noqa: E402
 from jaxllm.trainers.lm import lm_loss, model_fn  # noqa: E402
 from jaxllm.training.optim import lr_schedule, make_optimizer  # noqa: E402
@@ -42,19 +49,35 @@ from jaxllm.training.state import create_train_state, to_global  # noqa: E402
 from jaxllm.training.step import make_train_step  # noqa: E402
 
 
-def random_batch(rows: int, length: int, vocab: int, accum: int, seed: int = 0) -> dict:
-    """Packed-batch keys, one document per row; [accum, rows, L] under grad accumulation."""
+def random_batch(
+    rows: int, length: int, vocab: int, accum: int, seed: int = 0, docs: str = "one",
+    doc_len: int = 256,
+) -> dict:  # fmt: skip
+    """Packed-batch keys of random tokens; [accum, rows, L] under grad accumulation.
+    `docs`: `one` document per row, `packed` documents of geometric lengths (mean
+    `doc_len`) with positions restarting at each, `none`: no `segment_ids` key."""
     rng = np.random.default_rng(seed)
     lead = (accum,) if accum > 1 else ()
     t = rng.integers(0, vocab, size=(*lead, rows, length + 1)).astype(np.int32)
     shape = (*lead, rows, length)
-    return {
+    segments = np.ones(shape, np.int32)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
+    if docs == "packed":
+        starts = rng.random(shape) < 1.0 / doc_len
+        starts[..., 0] = True
+        segments = np.cumsum(starts, axis=-1, dtype=np.int32)
+        last_start = np.maximum.accumulate(np.where(starts, positions, 0), axis=-1)
+        positions = positions - last_start
+    batch = {
         "tokens": t[..., :-1],
         "targets": t[..., 1:],
-        "segment_ids": np.ones(shape, np.int32),
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy(),
+        "segment_ids": segments,
+        "positions": positions,
         "loss_mask": np.ones(shape, np.float32),
     }
+    if docs == "none":
+        del batch["segment_ids"]
+    return batch
 
 
 def main() -> None:
@@ -68,6 +91,11 @@ def main() -> None:
                     help="vocabulary when the config takes the tokenizer's (model.vocab_size 0)")  # fmt: skip
     ap.add_argument("--ceiling", action="store_true",
                     help="also time the step's matmuls alone: the MFU bound they set (1 device)")  # fmt: skip
+    ap.add_argument("--docs", choices=("one", "packed", "none"), default="one",
+                    help="documents per row: one, packed (random lengths), none (no masking)")  # fmt: skip
+    ap.add_argument("--doc-len", type=int, default=256, help="mean document length (packed)")
+    ap.add_argument("--json", default="", help="append the figures to this JSONL file")
+    ap.add_argument("--label", default="", help="a name for the JSON row")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.set)
@@ -81,11 +109,14 @@ def main() -> None:
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}: {jax.device_count()} x {dev.device_kind} ({dev.platform}); "
           f"mesh {dict(mesh.shape)}, rules {cfg.mesh.rules}")  # fmt: skip
+    kernel = resolve_attention(m)
     print(f"model: {param_count(m) / 1e6:.1f} M params, {m.n_layers} layers, d {m.d_model}, "
-          f"vocab {m.vocab_size}, dtype {m.dtype}/{m.param_dtype}, remat {m.remat}; "
+          f"vocab {m.vocab_size}, dtype {m.dtype}/{m.param_dtype}, remat {m.remat}, "
+          f"attention {kernel}, loss_chunk {t.loss_chunk}, docs {args.docs}; "
           f"{cfg.loader.batch_size} x {length} tokens x accum {t.grad_accum} = "
           f"{tokens_per_step:,} tokens/step; {flops_tok / 1e9:.3f} GFLOP/token")  # fmt: skip
 
+    t_state = time.perf_counter()
     tx = make_optimizer(t.optim, t.steps)
     graphdef, state, shardings = create_train_state(
         model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed
@@ -94,15 +125,24 @@ def main() -> None:
         graphdef, lm_loss(t.z_loss, t.loss_chunk), tx, lr_schedule(t.optim, t.steps),
         shardings, mesh, cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
+    host = random_batch(rows, length, m.vocab_size, t.grad_accum, jax.process_index(),
+                        args.docs, args.doc_len)  # fmt: skip
     batch = to_global(
-        random_batch(rows, length, m.vocab_size, t.grad_accum, seed=jax.process_index()),
+        host,
         mesh,
         leading=1 if t.grad_accum > 1 else 0,
     )
     t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    step = lowered.compile()
+    t2 = time.perf_counter()
+    print(f"state {t0 - t_state:.1f} s, trace + lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s",
+          flush=True)  # fmt: skip
     state, metrics = step(state, batch)
     first_loss = float(metrics["loss"])
-    print(f"compile + first step {time.perf_counter() - t0:.1f} s; loss {first_loss:.4f} "
+    compile_s = time.perf_counter() - t0
+    print(f"compile + first step {compile_s:.1f} s; loss {first_loss:.4f} "
           f"(ln V = {np.log(m.vocab_size):.4f})")  # fmt: skip
     state, metrics = step(state, batch)
     float(metrics["loss"])
@@ -120,6 +160,26 @@ def main() -> None:
               f"MFU {flops_tok * tps / peak:6.1%}")  # fmt: skip
     print(f"peak: {peak / jax.device_count() / 1e12:.1f} TFLOP/s per device "
           f"({'published' if dev.platform != 'cpu' else 'measured matmul'})")  # fmt: skip
+    mem = (dev.memory_stats() or {}).get("peak_bytes_in_use", 0)
+    if mem:
+        print(f"peak device memory: {mem / 2**30:.2f} GiB")
+    if args.json:
+        row = dict(
+            bench="mfu", label=args.label, config=args.config, sets=args.set,
+            preset=m.preset, params_m=round(param_count(m) / 1e6, 1), attention=kernel,
+            loss_chunk=t.loss_chunk, remat=m.remat, dtype=m.dtype, docs=args.docs,
+            batch=cfg.loader.batch_size, seq_len=length, grad_accum=t.grad_accum,
+            tokens_per_step=tokens_per_step, compile_s=round(compile_s, 1),
+            step_ms=round(med * 1e3, 2), best_step_ms=round(best * 1e3, 2),
+            tokens_per_s=round(tokens_per_step / med), mfu=round(flops_tok * tokens_per_step / med / peak, 4),
+            best_mfu=round(flops_tok * tokens_per_step / best / peak, 4),
+            peak_tflops_per_device=round(peak / jax.device_count() / 1e12, 1),
+            peak_mem_gib=round(mem / 2**30, 2), first_loss=round(first_loss, 4),
+            devices=f"{jax.device_count()} x {dev.device_kind}", jax=jax.__version__,
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
+        )  # fmt: skip
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
     if args.ceiling and jax.device_count() > 1:
         print("--ceiling: skipped, it times the unsharded dots on one device (run on one device)")
     elif args.ceiling:

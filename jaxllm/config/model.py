@@ -88,6 +88,12 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
+    # causal attention kernel for training/scoring (models/kernels.py): auto picks cudnn on
+    # NVIDIA GPUs and splash on TPUs for 16-bit compute, else the xla einsum path
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    # cudnn with packed rows: documents per row it keeps apart (more are merged, see
+    # models/kernels.py); its workspace grows with batch x this x seq_len
+    attention_max_docs: int = 16
 
     def _validate(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1 or self.d_ff < 1:
@@ -100,6 +106,8 @@ class ModelConfig:
             raise ValueError(f"head_dim: RoPE needs an even head size, got {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.attention_max_docs < 1:
+            raise ValueError(f"attention_max_docs: must be >= 1, got {self.attention_max_docs}")
 
     @property
     def kv_heads(self) -> int:

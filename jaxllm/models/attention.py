@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.kernels import ATTENTION, resolve_attention
 from jaxllm.models.layers import apply_rope, compute_dtype, constrain, dropout, param, project
 
 _QKV_AXES = ("act_batch", "act_length", "act_heads", None)
@@ -84,10 +85,20 @@ def make_mask(
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
+def _on_cpu() -> bool:
+    """The CPU-only layout tricks below are for XLA:CPU's matmul library; GPUs and TPUs
+    compile the plain program (their compilers choose layouts themselves)."""
+    return jax.default_backend() == "cpu"
+
+
+def _barrier(a: jax.Array) -> jax.Array:
+    return jax.lax.optimization_barrier(a) if _on_cpu() else a
+
+
 def _T(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """A transpose written out (XLA may not fold it into the next matmul as a transposed
-    operand, which YNNPACK on CPU does not take)."""
-    return jax.lax.optimization_barrier(jnp.transpose(a, axes))
+    """A transpose written out on CPU (XLA may not fold it into the next matmul as a
+    transposed operand, which YNNPACK on CPU does not take)."""
+    return _barrier(jnp.transpose(a, axes))
 
 
 def _probs(q_BKGLH: jax.Array, k_BKSH: jax.Array, mask_BLS: jax.Array) -> jax.Array:
@@ -131,8 +142,8 @@ def _core_bwd(res, do_BKGLH):
     dkT_BKHS = jnp.einsum("bkhgl,bkgls->bkhs", qT_BKHGL, ds_BKGLS)
     # ... and the products come out transposed: the barrier keeps XLA from folding the swap
     # back into the matmul (as an Eigen dot with a transposed operand, 2x slower).
-    dk_BKSH = jnp.swapaxes(jax.lax.optimization_barrier(dkT_BKHS), 2, 3).astype(k_BKSH.dtype)
-    dv_BKSH = jnp.swapaxes(jax.lax.optimization_barrier(dvT_BKHS), 2, 3).astype(v_BKSH.dtype)
+    dk_BKSH = jnp.swapaxes(_barrier(dkT_BKHS), 2, 3).astype(k_BKSH.dtype)
+    dv_BKSH = jnp.swapaxes(_barrier(dvT_BKHS), 2, 3).astype(v_BKSH.dtype)
     return dq_BKGLH, dk_BKSH, dv_BKSH, np.zeros(mask_BLS.shape, jax.dtypes.float0)
 
 
@@ -140,9 +151,10 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _causal_blocks(length: int) -> int:
-    """Query blocks for the causal path: blocks of 128+ queries (2 blocks skip 1/4 of the
-    score matrix; more, smaller blocks measured no faster on a 2-core CPU)."""
-    return 2 if length >= 256 and length % 2 == 0 else 1
+    """Query blocks for the causal path on CPU: blocks of 128+ queries (2 blocks skip 1/4
+    of the score matrix; more, smaller blocks measured no faster on a 2-core CPU). Other
+    backends run one block (accelerators take the fused kernels, models/kernels.py)."""
+    return 2 if _on_cpu() and length >= 256 and length % 2 == 0 else 1
 
 
 def _attend_with_dropout(q_BKGLH, k_BKSH, v_BKSH, mask_BLS, rate, key):
@@ -199,6 +211,8 @@ class Attention(nnx.Module):
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.dtype = compute_dtype(cfg)
         self.dropout_rate = cfg.dropout
+        self.kernel = resolve_attention(cfg)
+        self.max_docs = cfg.attention_max_docs
         self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
         self.k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
         self.v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -229,11 +243,14 @@ class Attention(nnx.Module):
         index: jax.Array | None = None,
         key: jax.Array | None = None,
         causal: bool = False,
+        segment_ids_BL: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Returns (out_BLD, kv). Without a cache `mask_BLS` is [B, L, L]; with `kv` (this
         layer's cached k, v [B, K, S, H]) the new k/v are written at slot `index` and
         `mask_BLS` is [B, L, S] over the whole cache. `key` enables dropout. `causal=True`
-        (no cache only) promises a mask within the causal one, see `attend`."""
+        (no cache only) promises that the mask is the causal one within the segments
+        `segment_ids_BL` (None: one segment per row): a fused kernel then runs instead of
+        `attend` when `model.attention` picked one (models/kernels.py)."""
         # Three matmuls: one fused [D, N + 2K, H] projection measured the same on CPU.
         # LoRA dropout keys (only used when adapters with dropout are attached)
         lora_keys = None if key is None else jax.random.split(jax.random.fold_in(key, 2), 4)
@@ -242,6 +259,10 @@ class Attention(nnx.Module):
         v_BLKH = self._project(x_BLD, "v", lora_keys)
         if rope is not None:
             q_BLNH, k_BLKH = apply_rope(q_BLNH, rope), apply_rope(k_BLKH, rope)
+        if causal and kv is None and self.kernel != "xla":
+            opts = {"max_runs": self.max_docs} if self.kernel == "cudnn" else {}
+            out_BLNH = ATTENTION[self.kernel](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, **opts)
+            return self._output(out_BLNH, key, lora_keys), None
         k_BKSH, v_BKSH = jnp.swapaxes(k_BLKH, 1, 2), jnp.swapaxes(v_BLKH, 1, 2)
         if kv is not None:
             start = (0, 0, index, 0)
@@ -255,7 +276,12 @@ class Attention(nnx.Module):
             q_BLNH, k_BKSH, v_BKSH, mask_BLS, dropout_rate=self.dropout_rate,
             dropout_key=keys[0], causal=causal and kv is None,
         )  # fmt: skip
+        return self._output(out_BLNH, key, lora_keys), kv
+
+    def _output(self, out_BLNH: jax.Array, key, lora_keys) -> jax.Array:
+        """The output projection (+ bias) and the residual dropout."""
         out_BLD = project(self, "o", out_BLNH, 2, key=None if key is None else lora_keys[3])
         if self.o_bias is not None:
             out_BLD = out_BLD + self._w(self.o_bias)
-        return dropout(out_BLD, self.dropout_rate, keys[1]), kv
+        drop_key = None if key is None else jax.random.split(key)[1]
+        return dropout(out_BLD, self.dropout_rate, drop_key)

@@ -59,26 +59,29 @@ class Block(nnx.Module):
         index: jax.Array | None = None,
         key: jax.Array | None = None,
         causal: bool = False,
+        segment_ids_BL: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
         h_BLD, kv = self.attn(
-            self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key, causal=causal
-        )
+            self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key,
+            causal=causal, segment_ids_BL=segment_ids_BL,
+        )  # fmt: skip
         x_BLD = constrain(x_BLD + h_BLD, _RESIDUAL)
         lora_key = None if mlp_key is None else jax.random.fold_in(mlp_key, 1)
         h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD), lora_key), self.dropout_rate, mlp_key)
         return constrain(x_BLD + h_BLD, _RESIDUAL), kv
 
 
-def _remat_block(block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key):
+def _remat_block(block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key, seg_BL):
     """Runs `block` under `jax.checkpoint`, through a pure split/merge function."""
     graphdef, state = nnx.split(block)
 
-    def run(state, x_BLD, mask_BLS, rope, key):
-        return nnx.merge(graphdef, state)(x_BLD, mask_BLS, rope, key=key, causal=True)[0]
+    def run(state, x_BLD, mask_BLS, rope, key, seg_BL):
+        block = nnx.merge(graphdef, state)
+        return block(x_BLD, mask_BLS, rope, key=key, causal=True, segment_ids_BL=seg_BL)[0]
 
     policy = _REMAT_POLICY[policy_name]
-    return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key)
+    return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key, seg_BL)
 
 
 class Decoder(nnx.Module):
@@ -151,6 +154,7 @@ class Decoder(nnx.Module):
             )
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(l_, dtype=jnp.int32), (b, l_))
+        kernel_seg_BL = segment_ids_BL  # None tells a fused kernel: one sequence per row
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((b, l_), jnp.int32)
         if deterministic:
@@ -164,9 +168,13 @@ class Decoder(nnx.Module):
         for i, block in enumerate(self.blocks):
             block_key = None if key is None else jax.random.fold_in(key, i)
             if self.cfg.remat == "none":
-                x_BLD = block(x_BLD, mask_BLL, rope, key=block_key, causal=True)[0]
+                x_BLD = block(
+                    x_BLD, mask_BLL, rope, key=block_key, causal=True, segment_ids_BL=kernel_seg_BL
+                )[0]
             else:
-                x_BLD = _remat_block(block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key)
+                x_BLD = _remat_block(
+                    block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key, kernel_seg_BL
+                )
         return self.final_norm(x_BLD)
 
     def extend(

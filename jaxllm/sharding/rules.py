@@ -59,6 +59,12 @@ def use_rules(mesh: Mesh, rules: str | dict) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, dict] | None:
+    """(mesh, rule table) while `use_rules` is active, else None (kernels that must run
+    under `shard_map` read the mesh and the activation axes from here)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the active rules; else unchanged."""
     active = _ACTIVE.get()

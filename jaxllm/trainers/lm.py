@@ -64,7 +64,7 @@ def lm_loss(z_loss: float = 0.0, loss_chunk: int = 0):
     def loss_fn(model, batch, key):
         kw = dict(
             positions_BL=batch["positions"],
-            segment_ids_BL=batch["segment_ids"],
+            segment_ids_BL=batch.get("segment_ids"),  # absent: one sequence per row
             deterministic=key is None,
             key=key,
         )

@@ -1,0 +1,52 @@
+"""bench/gpu_suite.sh: its table's arithmetic, and the whole suite in smoke mode on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from suite_table import table  # noqa: E402
+
+
+def test_table_ratios_against_torch_of_the_same_shape():
+    rows = [
+        dict(bench="torch", preset="gpt2_124m", compiled=True, batch=64, seq_len=1024,
+             tokens_per_s=400_000, mfu=0.35, step_ms=163.8, peak_mem_gib=60.0),
+        dict(bench="mfu", label="jax", preset="gpt2_124m", attention="cudnn", loss_chunk=0,
+             docs="one", batch=64, seq_len=1024, tokens_per_s=500_000, mfu=0.43, step_ms=131.0,
+             peak_mem_gib=40.0),
+        dict(bench="mfu", label="other", preset="gpt2_124m", attention="xla", loss_chunk=0,
+             docs="packed", batch=32, seq_len=1024, tokens_per_s=100, mfu=0.1, step_ms=1.0,
+             peak_mem_gib=1.0),
+    ]  # fmt: skip
+    lines = table(rows).splitlines()
+    assert "| jax | cudnn | 0 | 64 x 1024 | 500,000 | 43.0% | 131.0 | 1.25x | 40.0 |" in lines
+    assert any(
+        line.startswith("| other | xla (packed docs) |") and "| - |" in line for line in lines
+    )
+
+
+@pytest.mark.slow
+def test_suite_smoke_runs_every_bench(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env["PYTHON"] = sys.executable
+    subprocess.run(
+        ["bash", "bench/gpu_suite.sh", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, check=True, timeout=900, capture_output=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["bench"] for r in rows} == {"attention", "mfu", "torch", "decode"}
+    for r in rows:
+        if r["bench"] == "attention":  # splash (interpret mode) against xla, bf16 inputs
+            assert max(v for k, v in r.items() if k.startswith("rel_err_")) < 0.02
+        if r["bench"] == "mfu":
+            assert r["tokens_per_s"] > 0 and abs(r["first_loss"] - 6.24) < 0.3  # ~ ln 512
+    text = (tmp_path / "table.md").read_text()
+    assert "tiny-packed" in text and "vs torch" in text
+    assert "gpu_suite.sh done" in (tmp_path / "log.txt").read_text()
