@@ -4,6 +4,12 @@ A run is *finished* once `summary.json` exists (written last, atomically). A fin
 never replaced unless the config says `overwrite: true`; an unfinished one with the same config
 is resumed; an unfinished one with a different config is refused, naming the first key that
 differs, so one run never silently writes over another's outputs.
+
+A run that writes checkpoints holds its tokenizer (`tokenizer.model`, or `tokenizer/` with the
+`tokenizer.json` files; `trainers.lm.keep_tokenizer`), and checkpoint metadata names it, and a
+LoRA run's base checkpoint, relative to `checkpoints/` (`training.checkpoint.PATH_KEYS`): a run
+directory can be moved, copied or read from any working directory (a LoRA run moves together
+with its base's run).
 """
 
 from __future__ import annotations

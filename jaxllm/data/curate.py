@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -47,7 +46,6 @@ from jaxllm.errors import DataError
 _TMP = ".curate-tmp"
 _BATCH_CHARS = 1 << 18  # characters MinHashed per call
 _M64 = (1 << 64) - 1
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _JSON_STR = json.encoder.encode_basestring  # C-accelerated; json.dumps(...) is ~3x slower here
 
 
@@ -174,7 +172,7 @@ class _Curator:
             if reason:
                 st.dropped[reason] += 1
                 continue
-            data, text = _utf8(text)
+            data = text.encode("utf-8")  # no lone surrogates: the readers reject them
             h = text_hash(data)
             if exact and self.exact.seen(h):
                 st.exact_dups += 1
@@ -325,15 +323,6 @@ def _copies(seed: int, name: str, index: int, weight: float) -> int:
         return whole
     u = text_hash(f"{seed}\0{name}\0{index}".encode()) / 2.0**64
     return whole + (u < frac)
-
-
-def _utf8(text: str) -> tuple[bytes, str]:
-    """UTF-8 bytes of the text; lone surrogates (valid in JSON escapes, not in UTF-8) → U+FFFD."""
-    try:
-        return text.encode("utf-8"), text
-    except UnicodeEncodeError:
-        text = _SURROGATES.sub("\ufffd", text)
-        return text.encode("utf-8"), text
 
 
 def _unique_names(sources: tuple[SourceConfig, ...]) -> list[str]:

@@ -8,15 +8,16 @@ read threads can share one source. File descriptors are opened lazily per proces
 on pickling, so the source can be copied to grain worker processes.
 
 Blank lines (empty or whitespace only, e.g. a trailing newline or `\\r\\n` endings) are skipped:
-they carry no record, and writers commonly leave one at the end. A line that is not a JSON
-object (or lacks a `require`d key) raises `DataError` naming the file and line when it is read.
+they carry no record, and writers commonly leave one at the end. Each line is parsed by
+`jaxllm.jsonl.parse_line` (hostile lines included: too deep, lone surrogates, not UTF-8); a
+line that is not a usable JSON object (or lacks a `require`d key) raises `DataError` naming
+the file and line when it is read.
 A last line without a trailing newline is a record like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from jaxllm.errors import DataError
+from jaxllm.jsonl import BadLine, parse_line
 
 _CHUNK = 16 << 20  # bytes read per step while indexing
 _SHORT = 16  # lines up to this many bytes are checked for being whitespace only
@@ -89,11 +91,9 @@ class JsonlSource:
         start, length = int(self._starts[index]), int(self._lengths[index])
         raw = os.pread(self._fd(file_index), length, start)
         try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise self._error(file_index, start, f"malformed JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise self._error(file_index, start, f"expected a JSON object, got {raw[:40]!r}")
+            record = parse_line(raw)
+        except BadLine as e:
+            raise self._error(file_index, start, f"{e.what}; got {raw[:40]!r}") from None
         missing = [k for k in self._require if k not in record]
         if missing:
             raise self._error(file_index, start, f"record has no key {missing[0]!r}")

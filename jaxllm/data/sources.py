@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
-import json
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,13 +24,13 @@ from typing import Any, BinaryIO, NamedTuple
 
 from jaxllm.config import SourceConfig, resolve_path
 from jaxllm.errors import DataError
+from jaxllm.jsonl import KINDS as JSONL_KINDS
+from jaxllm.jsonl import BadLine, parse_line, read_jsonl
 
 ERROR_KINDS = {
     "missing_file": "no such file",
     "empty_file": "a file without documents",
-    "bad_utf8": "bytes that are not UTF-8",
-    "bad_json": "a line that is not valid JSON",
-    "not_object": "JSON that is not an object",
+    **JSONL_KINDS,  # bad_utf8, bad_json, too_deep, bad_unicode, not_object: see jaxllm/jsonl.py
     "missing_text": "no string under the text key",
     "bad_gzip": "a corrupt or truncated gzip stream",
     "unreadable": "a file that cannot be opened",
@@ -198,24 +197,9 @@ def _jsonl_records(
             continue
         where = f"{path}:{n}"
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.report("bad_utf8", where, f"invalid UTF-8 at byte {e.start + 1}; {_snip(raw)}")
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.report(
-                "bad_json",
-                where,
-                f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per "
-                f'line like {{{json.dumps(key)}: "..."}}; {_snip(raw)}',
-            )
-            continue
-        if not isinstance(obj, dict):
-            errors.report(
-                "not_object", where, f"JSON {type(obj).__name__}, expected an object; {_snip(raw)}"
-            )
+            obj = parse_line(raw)
+        except BadLine as e:
+            errors.report(e.kind, where, f"{e.what}; {_snip(raw)}")
             continue
         text = obj.get(key)
         if not isinstance(text, str):
@@ -293,10 +277,5 @@ def cleaned_shards(data_dir: Path, split: str) -> list[Path]:
 def iter_cleaned(data_dir: Path, split: str) -> Iterator[dict]:
     """The records `{"text": "<s>…</s>", "source": name}` of a curated split, in shard order."""
     for shard in cleaned_shards(data_dir, split):
-        with open(shard, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.isspace():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{shard}:{n}: malformed JSON ({e.msg})") from None
+        for _, record in read_jsonl(shard):
+            yield record

@@ -46,6 +46,7 @@ from jaxllm.trainers.lm import (
     model_fn,
     resolve_model,
     restore_or_init,
+    stage_tokenizer,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
@@ -129,8 +130,7 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tg, tstate, tshard, tm, tmeta = load_frozen_model(
         require_input(cfg, "checkpoint"), mesh, cfg.mesh.rules
     )
-    tok_path = cfg.inputs.tokenizer or tmeta.get("tokenizer", "")
-    load_model_tokenizer(tok_path, tm)  # checks the vocabulary against the teacher
+    _, tok_path = stage_tokenizer(cfg, tmeta, tm)  # checks the vocabulary against the teacher
     tok = Tokenizer.load(tok_path)
     data_dir = require_input(cfg, "data_dir")
     tx = make_optimizer(t.optim, t.steps)

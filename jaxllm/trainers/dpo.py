@@ -39,8 +39,8 @@ from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
     load_frozen_model,
-    load_model_tokenizer,
     restore_or_init,
+    stage_tokenizer,
 )
 from jaxllm.trainers.reward import (
     PairPass,
@@ -160,8 +160,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if d.reference and not ref_dir.is_dir():
         raise ConfigError(f"config key 'dpo.reference': {ref_dir} is not a checkpoint directory")
     ref = load_frozen_model(ref_dir, mesh, cfg.mesh.rules)[:3]
-    tok_path = cfg.inputs.tokenizer or start_point.meta.get("tokenizer", "")
-    template = ChatTemplate(load_model_tokenizer(tok_path, start_point.model))
+    tok, tok_path = stage_tokenizer(cfg, start_point.meta, start_point.model)
+    template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(d.train_file, "dpo.train_file")]
     ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed, **opts)

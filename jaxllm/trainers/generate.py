@@ -13,6 +13,7 @@ from jaxllm.config import Config, MeshConfig, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generation import generate_text
 from jaxllm.interop import load_tokenizer
+from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
@@ -26,15 +27,10 @@ def read_prompts(cfg: Config) -> list[str]:
         path = resolve_path(cfg.generate.prompts_file)
         if not path.is_file():
             raise ConfigError(f"config key 'generate.prompts_file': {path} not found")
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(
-                    f'{path}:{i}: expected a JSON object with a "prompt" string'
-                ) from None
+        for i, obj in read_jsonl(path):
+            if not isinstance(obj.get("prompt"), str):
+                raise DataError(f'{path}:{i}: expected a JSON object with a "prompt" string')
+            prompts.append(obj["prompt"])
     if not prompts:
         raise ConfigError("config key 'generate.prompts': give prompts or a prompts_file")
     return prompts

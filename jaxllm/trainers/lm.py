@@ -196,6 +196,11 @@ def load_checkpoint_model(
         base = meta.get("base_checkpoint")
         if not base:
             raise ConfigError(f"{ckpt_dir}/{step}: LoRA checkpoint names no base_checkpoint")
+        if not Path(base).is_dir():
+            raise ConfigError(
+                f"{ckpt_dir}/{step}: the LoRA base checkpoint {base} is gone; move or copy the "
+                "base's run together with this one (base_checkpoint is kept relative to it)"
+            )
         bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules)
         model = nnx.merge(bg, bstate)
         merge_lora(model)
@@ -300,6 +305,27 @@ def load_model_tokenizer(path: str | Path, m: ModelConfig) -> Any:
             f"checkpoint's model has vocab_size {m.vocab_size}; use the pretraining tokenizer"
         )
     return tok
+
+
+def stage_tokenizer(cfg: Config, meta: dict[str, Any], m: ModelConfig) -> tuple[Any, str]:
+    """`(tok, path)`: the tokenizer a stage trains with (`inputs.tokenizer`, else the input
+    checkpoint's), checked against the model and kept in the run directory."""
+    tok = load_model_tokenizer(cfg.inputs.tokenizer or meta.get("tokenizer", ""), m)
+    return tok, keep_tokenizer(tok, cfg.run_dir)
+
+
+def keep_tokenizer(tok: Any, run_dir: Path) -> str:
+    """Saves the stage's tokenizer into its run directory (`tokenizer.model`, or `tokenizer/`
+    with the `tokenizer.json` files) and returns that path for the checkpoints to record, so
+    the run loads from anywhere once moved; a tokenizer already inside the run stays put."""
+    from jaxllm.tokenizer import Tokenizer
+
+    run = Path(run_dir).absolute()
+    if tok.path is not None and Path(tok.path).absolute().is_relative_to(run):
+        return str(tok.path)
+    if isinstance(tok, Tokenizer):
+        return str(tok.save(run))
+    return str(tok.save(run / "tokenizer").parent)
 
 
 def param_figures(start: StartPoint, run_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import (
     checkpoint_dir,
+    keep_tokenizer,
     lm_loss,
     loop_spec,
     make_evaluator,
@@ -36,9 +37,9 @@ from jaxllm.training.step import make_eval_step, make_train_step
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
-    tok_path = require_input(cfg, "tokenizer")
+    tok = Tokenizer.load(require_input(cfg, "tokenizer"))
+    tok_path = keep_tokenizer(tok, run_dir.path)  # the run holds its tokenizer: it can move
     data_dir = require_input(cfg, "data_dir")
-    tok = Tokenizer.load(tok_path)
     m = resolve_model(cfg, tok.vocab_size)
     t = cfg.train
     mesh = make_mesh(cfg.mesh)

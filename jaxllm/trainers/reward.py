@@ -39,10 +39,10 @@ from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
     load_frozen_model,
-    load_model_tokenizer,
     loop_spec,
     param_figures,
     restore_or_init,
+    stage_tokenizer,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
@@ -228,8 +228,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tx = make_optimizer(t.optim, t.steps)
     start_point = init_from_checkpoint(cfg, tx, mesh, wrap=with_scalar_head)
     graphdef, state, shardings = start_point.graphdef, start_point.state, start_point.shardings
-    tok_path = cfg.inputs.tokenizer or start_point.meta.get("tokenizer", "")
-    template = ChatTemplate(load_model_tokenizer(tok_path, start_point.model))
+    tok, tok_path = stage_tokenizer(cfg, start_point.meta, start_point.model)
+    template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(cfg.reward.train_file, "reward.train_file")]
     ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed, **opts)

@@ -256,7 +256,7 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
     """Policy (from `inputs.checkpoint`, LoRA per `peft:`), frozen reference (the same
     checkpoint, LoRA merged), tokenizer, prompts, the sampler and the jitted scoring pass."""
     from jaxllm.sharding import make_mesh
-    from jaxllm.trainers.lm import init_from_checkpoint, load_frozen_model, load_model_tokenizer
+    from jaxllm.trainers.lm import init_from_checkpoint, load_frozen_model, stage_tokenizer
     from jaxllm.training.optim import make_optimizer
 
     s = getattr(cfg, section)
@@ -274,8 +274,7 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
             f"inputs.checkpoint: model dtype {start.model.dtype}; {section} needs float32 so "
             "sampler and learner log-probs agree"
         )
-    tok_path = cfg.inputs.tokenizer or start.meta.get("tokenizer", "")
-    tok = load_model_tokenizer(tok_path, start.model)
+    tok, tok_path = stage_tokenizer(cfg, start.meta, start.model)
     template = ChatTemplate(tok)
     ref_graphdef, ref_state, *_ = load_frozen_model(Path(start.checkpoint), mesh, cfg.mesh.rules)
     fit = cfg.loader.seq_len - s.max_new_tokens

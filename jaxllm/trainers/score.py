@@ -24,6 +24,7 @@ from flax import nnx
 from jaxllm.config import Config, MeshConfig, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.interop import load_tokenizer
+from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
@@ -87,22 +88,16 @@ def read_inputs(cfg: Any) -> list[dict[str, Any]]:
         path = resolve_path(cfg.texts_file)
         if not path.is_file():
             raise ConfigError(f"config key 'score.texts_file': {path} not found")
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                items.append(_parse_line(line, path, i))
+        items.extend(_parse_record(obj, path, i) for i, obj in read_jsonl(path))
     if not items:
         raise ConfigError("config key 'score.texts': give texts or a texts_file")
     return items
 
 
-def _parse_line(line: str, path: Path, i: int) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+def _parse_record(obj: dict[str, Any], path: Path, i: int) -> dict[str, Any]:
+    if isinstance(obj.get("text"), str):
         return {"text": obj["text"]}
-    ids = obj.get("ids") if isinstance(obj, dict) else None
+    ids = obj.get("ids")
     if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         return {"ids": ids}
     raise DataError(f'{path}:{i}: expected a JSON object with a "text" string or "ids" list')

@@ -28,11 +28,11 @@ from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
     lm_loss,
-    load_model_tokenizer,
     loop_spec,
     make_evaluator,
     param_figures,
     restore_or_init,
+    stage_tokenizer,
 )
 from jaxllm.trainers.rewards import final_answer
 from jaxllm.training.checkpoint import Checkpointer
@@ -53,8 +53,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     start_point = init_from_checkpoint(cfg, tx, mesh)
     graphdef, state, shardings = start_point.graphdef, start_point.state, start_point.shardings
     m, meta = start_point.model, start_point.meta
-    tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
-    tok = load_model_tokenizer(tok_path, m)
+    tok, tok_path = stage_tokenizer(cfg, meta, m)
     template = ChatTemplate(tok)
     pi, pc = jax.process_index(), jax.process_count()
     opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc)

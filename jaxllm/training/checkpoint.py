@@ -4,6 +4,12 @@ Saves are async and atomic (orbax writes to a temporary directory and renames it
 save is complete), keeping the newest `keep` steps. A restore checks the saved shapes against
 the model first, so a checkpoint of another model fails with a message naming the parameter.
 
+Metadata values that name files (`PATH_KEYS`: the tokenizer, a LoRA run's base checkpoint) are
+stored relative to the checkpoint directory, with the absolute path beside them as a fallback
+(`<key>_absolute`), and read back as paths that exist from any working directory: a run
+directory (or a whole tree of runs) can be moved or copied and its checkpoints still load.
+Checkpoints written before this kept cwd-relative values; those still resolve from the cwd.
+
 A `TrainState`'s `frozen` part (LoRA's base weights, a stage's fixed parts) is never written:
 it is rebuilt from the stage's inputs, so a LoRA checkpoint holds only the adapters (and their
 optimizer state). `restore` returns the state with `frozen=None`; the caller puts it back.
@@ -12,6 +18,7 @@ optimizer state). `restore` returns the state with `frozen=None`; the caller put
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,8 @@ import orbax.checkpoint as ocp
 
 from jaxllm.errors import JaxllmError
 from jaxllm.training.state import TrainState
+
+PATH_KEYS = ("tokenizer", "base_checkpoint")  # metadata values that are file paths
 
 
 class CheckpointMismatch(JaxllmError):
@@ -56,6 +65,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Starts an async save; `meta` (JSON) carries the data-iterator state and config."""
         state = _without_frozen(state)
+        meta = portable_paths(meta, self.directory)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
 
@@ -67,11 +77,13 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         )
         out = self.manager.restore(step, args=args)
-        return out.state, dict(out.meta)
+        return out.state, resolve_paths(dict(out.meta), self.directory)
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        """The metadata of `step` (`{}` if none), its `PATH_KEYS` resolved to usable paths."""
         path = self.directory / str(step) / "meta" / "metadata"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+        return resolve_paths(meta, self.directory)
 
     def check_shapes(self, step: int, target: Any) -> None:
         saved = self.manager.item_metadata(step)["state"]
@@ -97,6 +109,34 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def portable_paths(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """`meta` with each `PATH_KEYS` value (a path from the cwd, or absolute) rewritten
+    relative to `directory`, and its absolute form kept as `<key>_absolute`."""
+    out = dict(meta)
+    for key in PATH_KEYS:
+        if meta.get(key):
+            absolute = os.path.normpath(Path(meta[key]).absolute())
+            out[key] = os.path.relpath(absolute, Path(directory).absolute())
+            out[f"{key}_absolute"] = absolute
+    return out
+
+
+def resolve_paths(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """`meta` with each `PATH_KEYS` value as a path to use: relative to `directory` if that
+    exists, else the recorded absolute path, else (old checkpoints) the value from the cwd.
+    When none exists, the path relative to `directory` (old: the value) is kept for the
+    error message of whoever opens it."""
+    out = dict(meta)
+    for key in PATH_KEYS:
+        value, absolute = meta.get(key), meta.get(f"{key}_absolute")
+        if not value:
+            continue
+        near = os.path.normpath(Path(directory).absolute() / value)
+        found = [p for p in (near, absolute, value) if p and Path(p).exists()]
+        out[key] = found[0] if found else (near if absolute else value)
+    return out
 
 
 def _without_frozen(state: Any) -> Any:

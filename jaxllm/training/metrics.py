@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from jaxllm.jsonl import BadLine, parse_line, read_jsonl
+
 
 class MetricsWriter:
     """Appends step metrics; on resume drops lines past the restored step first."""
@@ -68,7 +70,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [row for _, row in read_jsonl(path)]
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
@@ -99,8 +101,8 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
 
 def _step(line: str) -> int:
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
+        return int(parse_line(line).get("step", 0))
+    except (BadLine, ValueError, TypeError):
         return 1 << 62  # unreadable (torn) line: drop it
 
 

@@ -126,10 +126,18 @@ def test_zero_survivors_names_the_filter(tmp_path):
     assert not (tmp_path / "out" / ".curate-tmp").exists()
 
 
-def test_lone_surrogates_become_replacement_characters(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "bad \\ud800 char"}\n', encoding="utf-8")
-    curate(config(SourceConfig(str(tmp_path / "a.jsonl"))), tmp_path / "out", 0, progress=False)
-    assert texts_of(tmp_path / "out", "train") == ["<s>bad \ufffd char</s>"]
+def test_surrogate_pairs_and_escaped_backslashes_are_kept(tmp_path):
+    """Only a lone surrogate is bad text (see test_bad_input_*); a pair escapes one character
+    and `\\\\ud800` is a backslash followed by letters."""
+    (tmp_path / "a.jsonl").write_text(
+        '{"text": "smile \\ud83d\\ude00"}\n{"text": "not \\\\ud800 one"}\n', encoding="utf-8"
+    )
+    report = curate(config(SourceConfig(str(tmp_path / "a.jsonl"))), tmp_path / "out", 0, False)
+    assert texts_of(tmp_path / "out", "train") == [
+        "<s>smile \U0001f600</s>",
+        "<s>not \\ud800 one</s>",
+    ]
+    assert report["errors"]["counts"] == {}
 
 
 # ----------------------------------------------------------------------------- mixing and splits
@@ -175,12 +183,19 @@ def test_determinism_and_seed(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 GOOD = b'{"text": "a good document"}\n'
+DEEP_150 = b"[" * 150 + b"]" * 150  # parses in Python, but deeper than jsonl.MAX_DEPTH
 BAD_INPUTS = {  # case: (error kind, file content or None for no file, line of the problem)
     "malformed_json": ("bad_json", GOOD + b'{"text": "unterminated\n', 2),
     "not_an_object": ("not_object", GOOD + b"[1, 2]\n", 2),
     "missing_text_key": ("missing_text", GOOD + b'{"body": "x"}\n', 2),
     "text_not_a_string": ("missing_text", GOOD + GOOD + b'{"text": 5}\n', 3),
     "invalid_utf8": ("bad_utf8", GOOD + b'{"text": "caf\xe9"}\n', 2),
+    "utf8_encoded_surrogate": ("bad_utf8", GOOD + b'{"text": "a \xed\xa0\x80 b"}\n', 2),
+    "lone_surrogate_escape": ("bad_unicode", GOOD + b'{"text": "bad \\ud800 char"}\n', 2),
+    "lone_surrogate_in_key": ("bad_unicode", GOOD + b'{"text": "x", "\\udfff": 1}\n', 2),
+    "nested_100k_brackets": ("too_deep", GOOD + b"[" * 100_000 + b"]" * 100_000 + b"\n", 2),
+    "nested_150_in_object": ("too_deep", GOOD + b'{"text": "x", "m": ' + DEEP_150 + b"}\n", 2),
+    "integer_of_5000_digits": ("bad_json", GOOD + b'{"text": "x", "n": ' + b"7" * 5000 + b"}\n", 2),
     "empty_file": ("empty_file", b"", 0),
     "missing_file": ("missing_file", None, 0),
 }

@@ -296,7 +296,7 @@ def test_jsonl_source_reports_bad_lines(tmp_path):
         src[1]
     with pytest.raises(DataError, match=r"bad\.jsonl:4: record has no key 'text'"):
         src[2]
-    with pytest.raises(DataError, match=r"bad\.jsonl:5: expected a JSON object"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:5: JSON list, expected a JSON object"):
         src[3]
     with pytest.raises(DataError, match="not found"):
         JsonlSource([tmp_path / "missing.jsonl"])

@@ -16,6 +16,7 @@ from jaxllm.data.preference import (
 )
 from jaxllm.errors import DataError
 from jaxllm.tokenizer.chat import render_text
+from tests.test_jsonl import HOSTILE, assert_one_line_at, write_with_hostile
 
 RECORDS = [
     {"prompt": "Where is my order?", "responses": ["Not my problem.", "Happy to help! Check My Orders.",
@@ -106,6 +107,21 @@ def test_bad_records_name_file_and_line(tmp_path, bad, expected):
         PreferenceRecords([path])
     assert f"{path}:3:" in str(e.value)
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_line_names_file_and_line(tmp_path, case):
+    """Deep nesting, lone surrogates, huge numbers: a DataError at file:2 from the preference
+    reader and from the prompt reader of RL and black-box distillation."""
+    path = write_with_hostile(tmp_path / "bad.jsonl", RECORDS[1], case)
+    with pytest.raises(DataError) as e:
+        PreferenceRecords([path])
+    assert_one_line_at(e.value, f"{path}:2")
+    prompts = PromptRecords([path])
+    assert prompts[2]["answer"] is None and len(prompts) == 3
+    with pytest.raises(DataError) as e:
+        prompts[1]
+    assert_one_line_at(e.value, f"{path}:2")
 
 
 def expected_row(template, prompt, answer, L):

@@ -58,7 +58,8 @@ def test_white_box_stage(tmp_path, teacher, tok):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     _, _, m, meta = load_checkpoint_model(Path(summary["outputs"]["checkpoint"]), mesh)
     assert m.d_model == 16 and m.vocab_size == tok.vocab_size
-    assert meta["tokenizer"] == str(tok.path)
+    assert meta["tokenizer"] == str(tmp_path / "wb/tokenizer.model")  # the run's own copy
+    assert (tmp_path / "wb/tokenizer.model").read_bytes() == tok.path.read_bytes()
 
 
 def test_white_box_vocab_mismatch_is_one_clear_error(tmp_path, teacher, tok):

@@ -85,11 +85,16 @@ def test_chat_tokens_grow_vocab_and_lora_sft(tmp_path):
     # (32 + 16) * 16 each; up, gate, down (32 + 64) * 16 each
     assert out["trainable_params"] == 2 * 64 * 16 + 2 * 48 * 16 + 3 * 96 * 16 == 8192
     assert out["val_loss_after"] < out["val_loss_before"]
+    kept = tmp_path / "lora/tokenizer"  # the run keeps the imported tokenizer's files
+    assert {p.name for p in kept.iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
+    assert out["outputs"]["tokenizer"] == str(kept)
 
     # export merges the adapters: transformers loads plain weights giving the adapted logits
     from jaxllm.trainers.hf_export import export_checkpoint
 
-    export_checkpoint(tmp_path / "lora/checkpoints", tmp_path / "exp")
+    exp = export_checkpoint(tmp_path / "lora/checkpoints", tmp_path / "exp")
+    assert exp["outputs"]["tokenizer"] == str(tmp_path / "exp")
+    assert (tmp_path / "exp/tokenizer.json").read_bytes() == (kept / "tokenizer.json").read_bytes()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
     g, adapted, _, _ = load_checkpoint_model(tmp_path / "lora/checkpoints", mesh)
     assert jax.tree.leaves(nnx.state(nnx.merge(g, adapted), nnx.LoRAParam))  # adapters, unmerged

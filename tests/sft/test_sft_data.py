@@ -11,6 +11,7 @@ from jaxllm.config import LoaderConfig
 from jaxllm.data.sft import SFTRecords, example_features, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import DataError
 from jaxllm.training.losses import cross_entropy
+from tests.test_jsonl import HOSTILE, assert_one_line_at, write_with_hostile
 
 CONVS = [
     [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)}]
@@ -131,6 +132,21 @@ def test_train_stream_resumes_from_json_state(chat_file, template):
     it2.set_state(state)
     for a, b in zip(want, [next(it2) for _ in range(3)]):
         assert all((a[k] == b[k]).all() for k in KEYS)
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_line_names_file_and_line(tmp_path, template, case):
+    """Deep nesting, lone surrogates, huge numbers: a DataError at file:2, by index and in the
+    grain pipeline (never a RecursionError or a silently changed text)."""
+    path = write_with_hostile(tmp_path / "bad.jsonl", {"prompt": "p", "response": "r"}, case)
+    records = SFTRecords([path])
+    assert len(records) == 3 and records[2][1]["content"] == "r"
+    with pytest.raises(DataError) as e:
+        records[1]
+    assert_one_line_at(e.value, f"{path}:2")
+    with pytest.raises(DataError) as e:
+        one_pass(path, template, packing=True)
+    assert_one_line_at(e.value, f"{path}:2")
 
 
 def test_bad_record_names_file_and_line(tmp_path, template):

@@ -65,7 +65,12 @@ def test_sft_stage_end_to_end_and_resume(tmp_path, tok, tiny_ckpt):
     assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4]
     # the fine-tuned checkpoint carries what `load_checkpoint_model` needs (stage: generate)
     meta = Checkpointer(tmp_path / "sft/checkpoints", async_save=False).read_meta(4)
-    assert meta["model"]["d_model"] == 32 and meta["tokenizer"] == str(tok.path)
+    assert meta["model"]["d_model"] == 32 and meta["tokenizer"] == str(
+        tmp_path / "sft/tokenizer.model"
+    )
+    assert (
+        tmp_path / "sft/tokenizer.model"
+    ).read_bytes() == tok.path.read_bytes()  # kept in the run
     assert from_dict(meta["config"]).stage == "sft"
     # a crash after step 2: the resumed run starts there and reproduces steps 3-4 exactly
     shutil.rmtree(tmp_path / "sft/checkpoints/4")
