@@ -42,7 +42,7 @@ from jaxllm.config import load_config, replace  # noqa: E402
 from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
 from jaxllm.models.kernels import resolve_attention  # noqa: E402
 from jaxllm.sharding import make_mesh  # noqa: E402
-from jaxllm.trainers.lm import lm_loss, model_fn  # noqa: E402
+from jaxllm.trainers.lm import lm_loss, model_fn, resolve_loss_chunk  # noqa: E402
 from jaxllm.training.optim import lr_schedule, make_optimizer  # noqa: E402
 from jaxllm.training.peak import device_peak_flops, matmul_bound  # noqa: E402
 from jaxllm.training.state import create_train_state, to_global  # noqa: E402
@@ -109,10 +109,10 @@ def main() -> None:
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}: {jax.device_count()} x {dev.device_kind} ({dev.platform}); "
           f"mesh {dict(mesh.shape)}, rules {cfg.mesh.rules}")  # fmt: skip
-    kernel = resolve_attention(m)
+    kernel, chunk = resolve_attention(m), resolve_loss_chunk(cfg)
     print(f"model: {param_count(m) / 1e6:.1f} M params, {m.n_layers} layers, d {m.d_model}, "
           f"vocab {m.vocab_size}, dtype {m.dtype}/{m.param_dtype}, remat {m.remat}, "
-          f"attention {kernel}, loss_chunk {t.loss_chunk}, docs {args.docs}; "
+          f"attention {kernel}, loss_chunk {chunk}, docs {args.docs}; "
           f"{cfg.loader.batch_size} x {length} tokens x accum {t.grad_accum} = "
           f"{tokens_per_step:,} tokens/step; {flops_tok / 1e9:.3f} GFLOP/token")  # fmt: skip
 
@@ -122,7 +122,7 @@ def main() -> None:
         model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed
     )
     step = make_train_step(
-        graphdef, lm_loss(t.z_loss, t.loss_chunk), tx, lr_schedule(t.optim, t.steps),
+        graphdef, lm_loss(t.z_loss, chunk), tx, lr_schedule(t.optim, t.steps),
         shardings, mesh, cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     host = random_batch(rows, length, m.vocab_size, t.grad_accum, jax.process_index(),
@@ -167,7 +167,7 @@ def main() -> None:
         row = dict(
             bench="mfu", label=args.label, config=args.config, sets=args.set,
             preset=m.preset, params_m=round(param_count(m) / 1e6, 1), attention=kernel,
-            loss_chunk=t.loss_chunk, remat=m.remat, dtype=m.dtype, docs=args.docs,
+            loss_chunk=chunk, remat=m.remat, dtype=m.dtype, docs=args.docs,
             batch=cfg.loader.batch_size, seq_len=length, grad_accum=t.grad_accum,
             tokens_per_step=tokens_per_step, compile_s=round(compile_s, 1),
             step_ms=round(med * 1e3, 2), best_step_ms=round(best * 1e3, 2),

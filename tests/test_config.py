@@ -159,3 +159,26 @@ def test_yaml_exponent_floats_without_dot_are_floats(tmp_path):
     assert load_config(p, ["train.optim.lr=1e30"]).train.optim.lr == 1e30
     with pytest.raises(ConfigError, match="expected float, got 'fast'"):
         load_config(p, ["train.optim.lr=fast"])
+
+
+def test_loss_chunk_auto_per_backend_and_explicit_must_divide():
+    from jaxllm.config import from_dict
+    from jaxllm.errors import ConfigError
+    from jaxllm.trainers.lm import resolve_loss_chunk
+
+    def cfg(chunk, seq=128):
+        return from_dict({"stage": "pretrain", "train": {"loss_chunk": chunk},
+                          "loader": {"seq_len": seq}})  # fmt: skip
+
+    assert from_dict({"stage": "pretrain"}).train.loss_chunk == -1  # auto by default
+    assert resolve_loss_chunk(cfg(-1), "cpu") == 32
+    assert resolve_loss_chunk(cfg(-1, seq=100), "cpu") == 0  # 32 does not divide 100
+    assert resolve_loss_chunk(cfg(-1), "gpu") == 0
+    assert resolve_loss_chunk(cfg(0), "cpu") == 0
+    assert resolve_loss_chunk(cfg(64), "gpu") == 64
+    with pytest.raises(
+        ConfigError, match="'train.loss_chunk': 48 does not divide loader.seq_len 128"
+    ):
+        resolve_loss_chunk(cfg(48), "cpu")
+    with pytest.raises(ConfigError, match="loss_chunk"):
+        cfg(-2)

@@ -44,6 +44,7 @@ from jaxllm.trainers.lm import (
     loop_spec,
     make_evaluator,
     model_fn,
+    resolve_loss_chunk,
     resolve_model,
     restore_or_init,
     stage_tokenizer,
@@ -217,7 +218,7 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
     t = cfg.train
     graphdef, state, shardings, _ = student.init()
     step = make_train_step(
-        graphdef, lm_loss(t.z_loss, t.loss_chunk), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
+        graphdef, lm_loss(t.z_loss, resolve_loss_chunk(cfg)), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     spec = loop_spec(cfg, step, stream, mesh, evaluate, desc=f"baseline {cfg.name}")

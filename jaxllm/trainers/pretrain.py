@@ -19,10 +19,12 @@ from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     keep_tokenizer,
+    kernel_choices,
     lm_loss,
     loop_spec,
     make_evaluator,
     model_fn,
+    resolve_loss_chunk,
     resolve_model,
     restore_or_init,
     unigram_cross_entropy,
@@ -62,7 +64,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
 
-    loss_fn = lm_loss(t.z_loss, t.loss_chunk)
+    loss_fn = lm_loss(t.z_loss, resolve_loss_chunk(cfg))
     step_fn = make_train_step(
         graphdef,
         loss_fn,
@@ -99,6 +101,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         "final_train_loss": last.get("loss"),
         "tokens_per_s": last.get("tokens_per_s"),
         "mfu": last.get("mfu"),
+        **kernel_choices(cfg, m),
         "loss_plot": plot.name if plot else None,
         "outputs": {"checkpoint": str(checkpoint_dir(run_dir.path)), "tokenizer": str(tok_path)},
     }

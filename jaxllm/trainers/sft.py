@@ -27,10 +27,12 @@ from jaxllm.trainers import data_file
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
+    kernel_choices,
     lm_loss,
     loop_spec,
     make_evaluator,
     param_figures,
+    resolve_loss_chunk,
     restore_or_init,
     stage_tokenizer,
 )
@@ -58,7 +60,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     pi, pc = jax.process_index(), jax.process_count()
     opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc)
     batches = _train_batches(cfg, s, template, opts)
-    loss_fn = lm_loss(t.z_loss, t.loss_chunk)
+    loss_fn = lm_loss(t.z_loss, resolve_loss_chunk(cfg))
     score = _scorer(cfg, s, m, graphdef, shardings, mesh, loss_fn, template, opts)
     before = score(state)  # always the pretrained weights, also when this run resumes
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
@@ -74,6 +76,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     after = score(state)
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = _summary(cfg, start, last, before, after, plot, run_dir, tok_path)
+    summary.update(kernel_choices(cfg, m))
     return {**param_figures(start_point, run_dir.path), **summary}
 
 
