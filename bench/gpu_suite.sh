@@ -16,7 +16,7 @@
 # table, jax against torch in the same run), DIR/log.txt (everything printed).
 # --smoke: tiny shapes on whatever device there is (CPU), for the test suite.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 OUT_DIR="${OUT:-bench_out}"
 BUDGET=480

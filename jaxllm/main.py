@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 from jaxllm.config import load_config
@@ -21,7 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set loader.seq_len=128 (repeatable)",
     )
+    plan = parser.add_argument_group("--plan: memory and FLOPs per device, before a launch")
+    plan.add_argument("--plan", action="store_true", help="report; train nothing")
+    plan.add_argument("--devices", type=int, default=0,
+                      help="plan for N devices, simulated on CPU when this host has another count")  # fmt: skip
+    plan.add_argument("--hardware", default="h100", help="h100, h200, a100, v4, v5e, v5p, ...")
+    plan.add_argument("--mfu", type=float, default=0.4, help="for the step-time estimate")
+    plan.add_argument("--no-compile", action="store_true", help="skip the AOT compile")
     args = parser.parse_args(argv)
+    if args.plan and args.devices and os.environ.get("_JAXLLM_PLAN_DEVICES") != str(args.devices):
+        return _plan_on_simulated_devices(args.devices, argv)
+    if args.plan:
+        return _plan(args)
     try:
         from jaxllm.trainers import check_stage, run_stage
 
@@ -42,6 +54,39 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"done: {cfg.run_dir}/summary.json")
     print(json.dumps(_headline(summary), ensure_ascii=False))
+    return 0
+
+
+def _plan_on_simulated_devices(n: int, argv: list[str] | None) -> int:
+    """Re-runs this command in a process with `n` simulated CPU devices (jax fixes its device
+    count at start-up), unless this host already has exactly `n`."""
+    import jax
+
+    if jax.device_count() == n:
+        os.environ["_JAXLLM_PLAN_DEVICES"] = str(n)
+        return main(argv)
+    env = dict(os.environ, _JAXLLM_PLAN_DEVICES=str(n), JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    args = sys.argv[1:] if argv is None else argv
+    return subprocess.call([sys.executable, "-m", "jaxllm.main", *args], env=env)
+
+
+def _plan(args) -> int:
+    try:
+        from jaxllm.trainers.plan import make_plan, report
+
+        cfg = load_config(args.config, args.set)
+        if cfg.stage != "pretrain":
+            raise JaxllmError(
+                f"--plan: plans stage: pretrain configs, this is '{cfg.stage}' (a stage that "
+                "starts from a checkpoint trains that checkpoint's model: plan its pretrain config)"
+            )
+        p = make_plan(cfg, args.hardware, args.mfu, compile_step=not args.no_compile)
+    except JaxllmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report(p, cfg)))
+    print(json.dumps(p))
     return 0
 
 

@@ -25,6 +25,19 @@ _PUBLISHED = {
 }
 
 
+# name: (dense bf16 FLOP/s per chip, memory bytes per chip), for --plan's targets
+HARDWARE: dict[str, tuple[float, float]] = {
+    "h100": (989e12, 80 * 2**30),
+    "h200": (989e12, 141e9),
+    "a100": (312e12, 80 * 2**30),
+    "l4": (121e12, 24 * 2**30),
+    "v4": (275e12, 32 * 2**30),
+    "v5e": (197e12, 16 * 2**30),
+    "v5p": (459e12, 95 * 2**30),
+    "v6e": (918e12, 32 * 2**30),
+}
+
+
 def published_peak(device: jax.Device) -> float | None:
     kind = getattr(device, "device_kind", "")
     for name, flops in _PUBLISHED.items():

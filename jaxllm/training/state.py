@@ -7,6 +7,7 @@ base weights under LoRA, buffers), the optimizer state, the step and the RNG key
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,42 @@ def state_shardings(abstract: Any, mesh: Mesh, rules: str) -> Any:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """A train state before it exists: its graphdef, shapes, shardings and initialiser."""
+
+    graphdef: nnx.GraphDef
+    abstract: TrainState  # jax.ShapeDtypeStruct leaves
+    shardings: Any
+    init: Callable[[], TrainState]
+
+
+def train_state_spec(
+    model_fn: Callable[[], nnx.Module],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: str,
+    seed: int,
+    trainable: Any = nnx.Param,
+) -> StateSpec:
+    """The abstract state (`jax.eval_shape`: nothing allocated) and its shardings; what
+    `create_train_state` materialises and `--plan` measures."""
+
+    def init() -> TrainState:
+        _, params, frozen = nnx.split(model_fn(), trainable, ...)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    graphdef = nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0]
+    abstract = jax.eval_shape(init)
+    return StateSpec(graphdef, abstract, state_shardings(abstract, mesh, rules), init)
+
+
 def create_train_state(
     model_fn: Callable[[], nnx.Module],
     tx: optax.GradientTransformation,
@@ -54,22 +91,9 @@ def create_train_state(
     Returns `(graphdef, state, shardings)`; the shardings are the jit in/out shardings and the
     checkpoint restore target.
     """
-
-    def init() -> TrainState:
-        _, params, frozen = nnx.split(model_fn(), trainable, ...)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            frozen=frozen,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
-
-    graphdef = nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0]
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings
+    spec = train_state_spec(model_fn, tx, mesh, rules, seed, trainable)
+    state = jax.jit(spec.init, out_shardings=spec.shardings)()
+    return spec.graphdef, state, spec.shardings
 
 
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:

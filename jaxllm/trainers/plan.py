@@ -1,0 +1,201 @@
+"""`--plan`: what a training config will need per device, before anything is allocated.
+
+`python -m jaxllm.main --config C --plan [--devices N] [--hardware h100] [--mfu 0.4]` builds the
+model and the optimizer state abstractly (`jax.eval_shape`: no weights) on the configured mesh
+— on N simulated CPU devices when the target hardware is not here — and reports per device:
+parameter, optimizer-state and gradient bytes from the shardings; the compiled train step's
+arguments, outputs and temporaries from XLA's memory analysis (ahead-of-time compile, unless
+`--no-compile`); model FLOPs per step (`train_flops_per_token`), XLA's own FLOP count, and the
+step time a given MFU implies on the named hardware. It says plainly when the config does not
+fit that hardware's memory and which knobs help.
+
+Compiled on CPU for a GPU/TPU target, the temporaries are an estimate: CPU uses the XLA
+attention path (an [B, N, L, L] probability tensor per layer) where the accelerator would run
+a fused kernel, so for long sequences the figure is an upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxllm.config import Config, ModelConfig, replace
+from jaxllm.errors import ConfigError
+from jaxllm.models.flops import param_count, train_flops_per_token
+from jaxllm.sharding import make_mesh, validate_mesh
+from jaxllm.trainers.lm import lm_loss, model_fn, resolve_loss_chunk
+from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.peak import HARDWARE
+from jaxllm.training.state import batch_sharding, train_state_spec
+from jaxllm.training.step import make_train_step
+
+GiB = 2**30
+
+
+def plan_model(cfg: Config) -> ModelConfig:
+    """The model a config trains: its own `model:` with the vocabulary filled in (the preset's,
+    or the tokenizer's when the config names one that exists)."""
+    m = cfg.model
+    if m.vocab_size:
+        return m
+    tok = cfg.inputs.tokenizer
+    if tok:
+        from pathlib import Path
+
+        if Path(tok).exists():
+            from jaxllm.tokenizer import Tokenizer
+
+            return replace(m, vocab_size=Tokenizer.load(tok).vocab_size)
+    preset_vocab = ModelConfig.PRESETS.get(m.preset, {}).get("vocab_size", 0)
+    if not preset_vocab:
+        raise ConfigError(
+            "config key 'model.vocab_size': --plan needs the vocabulary: set it, or name an "
+            "existing inputs.tokenizer"
+        )
+    return replace(m, vocab_size=preset_vocab)
+
+
+def _bytes_per_device(abstract: Any, shardings: Any) -> int:
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
+        total += math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract_batch(cfg: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    accum = cfg.train.grad_accum
+    lead = (accum,) if accum > 1 else ()
+    shape = (*lead, cfg.loader.batch_size, cfg.loader.seq_len)
+    sharding = batch_sharding(mesh, len(shape), leading=len(lead))
+    dtypes = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32,
+              "positions": np.int32, "loss_mask": np.float32}  # fmt: skip
+    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def _compile(cfg: Config, m: ModelConfig, spec, tx, mesh) -> dict[str, float]:
+    graphdef, abstract, shardings = spec.graphdef, spec.abstract, spec.shardings
+    t = cfg.train
+    step = make_train_step(
+        graphdef, lm_loss(t.z_loss, resolve_loss_chunk(cfg)), tx, lr_schedule(t.optim, t.steps),
+        shardings, mesh, cfg.mesh.rules, t.grad_accum,
+    )  # fmt: skip
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    compiled = step.lower(state, _abstract_batch(cfg, mesh)).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {
+        "argument_bytes": float(mem.argument_size_in_bytes),
+        "output_bytes": float(mem.output_size_in_bytes),
+        "alias_bytes": float(mem.alias_size_in_bytes),
+        "temp_bytes": float(mem.temp_size_in_bytes),
+        "xla_flops_per_device": float((cost or {}).get("flops", 0.0)),
+    }
+
+
+def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_step: bool = True):
+    """The plan as a dict (`report` turns it into lines)."""
+    if hardware not in HARDWARE:
+        raise ConfigError(f"--hardware: unknown '{hardware}' (known: {', '.join(HARDWARE)})")
+    m = plan_model(cfg)
+    n_dev = jax.device_count()
+    validate_mesh(replace(cfg, model=m), n_dev, m.vocab_size)
+    mesh = make_mesh(cfg.mesh)
+    t = cfg.train
+    tx = make_optimizer(t.optim, t.steps)
+    spec = train_state_spec(model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed)
+    tokens = cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum
+    flops = train_flops_per_token(m, cfg.loader.seq_len) * tokens
+    peak, memory = HARDWARE[hardware]
+    out: dict[str, Any] = {
+        "devices": n_dev,
+        "mesh": dict(mesh.shape),
+        "rules": cfg.mesh.rules,
+        "params": param_count(m),
+        "tokens_per_step": tokens,
+        "param_bytes": _bytes_per_device(spec.abstract.params, spec.shardings.params),
+        "optimizer_bytes": _bytes_per_device(spec.abstract.opt_state, spec.shardings.opt_state),
+        "model_flops_per_step": flops,
+        "hardware": hardware,
+        "hardware_memory_bytes": memory,
+        "mfu": mfu,
+        "step_s_at_mfu": flops / (n_dev * peak * mfu),
+    }
+    out["gradient_bytes"] = out["param_bytes"]  # one gradient per trainable weight
+    if compile_step:
+        out.update(_compile(cfg, m, spec, tx, mesh))
+        # donated state aliases the outputs: live = arguments + temporaries + new outputs
+        out["peak_bytes"] = (
+            out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
+        )
+    else:
+        out["peak_bytes"] = 2 * out["param_bytes"] + out["optimizer_bytes"]  # no activations
+    out["fits"] = out["peak_bytes"] <= memory
+    return out
+
+
+def advice(p: dict[str, Any], cfg: Config) -> list[str]:
+    """Which knobs shrink what does not fit."""
+    tips = []
+    if p["param_bytes"] + p["optimizer_bytes"] > 0.5 * p["hardware_memory_bytes"]:
+        tips.append(
+            f"weights + optimizer take {(p['param_bytes'] + p['optimizer_bytes']) / GiB:.1f} GiB "
+            f"per device: shard them wider (mesh.fsdp, now {p['mesh']['fsdp']}; rules fsdp / "
+            "fsdp_tp) or add devices"
+        )
+    if p.get("temp_bytes", 0) > 0.3 * p["hardware_memory_bytes"]:
+        remat = "full" if cfg.model.remat != "full" else None
+        tips.append(
+            f"activations take {p['temp_bytes'] / GiB:.1f} GiB: "
+            + (f"model.remat: {remat} (now {cfg.model.remat}), " if remat else "")
+            + "a smaller loader.batch_size with train.grad_accum to keep the tokens per step, "
+            "or train.loss_chunk to fuse the output layer"
+        )
+    return tips
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:,.2f} s" if seconds >= 1 else f"{seconds * 1e3:,.3g} ms"
+
+
+def report(p: dict[str, Any], cfg: Config) -> list[str]:
+    def g(key):
+        return f"{p[key] / GiB:8.2f} GiB"
+
+    lines = [
+        f"plan: {cfg.name} ({cfg.stage}), {p['params'] / 1e6:,.1f} M params, {p['devices']} "
+        f"devices, mesh {p['mesh']}, rules {p['rules']}; {p['tokens_per_step']:,} tokens/step",
+        f"  per device: parameters {g('param_bytes')}, optimizer {g('optimizer_bytes')}, "
+        f"gradients {g('gradient_bytes')}",
+    ]
+    if "temp_bytes" in p:
+        lines.append(
+            f"  compiled step per device: arguments {g('argument_bytes')}, temporaries "
+            f"{g('temp_bytes')}, outputs {g('output_bytes')}; peak about {g('peak_bytes')}"
+        )
+        lines.append(
+            f"  FLOPs per step: model {p['model_flops_per_step'] / 1e12:,.2f} T "
+            f"(XLA counts {p['xla_flops_per_device'] * p['devices'] / 1e12:,.2f} T over all devices)"
+        )
+    else:
+        lines.append(f"  FLOPs per step: model {p['model_flops_per_step'] / 1e12:,.2f} T")
+    lines.append(
+        f"  on {p['devices']} x {p['hardware']} at {p['mfu']:.0%} MFU: "
+        f"{_duration(p['step_s_at_mfu'])} per step, "
+        f"{p['tokens_per_step'] / p['step_s_at_mfu']:,.0f} tokens/s"
+    )
+    mem = p["hardware_memory_bytes"] / GiB
+    if p["fits"]:
+        lines.append(f"  fits: about {p['peak_bytes'] / GiB:.1f} of {mem:.0f} GiB per device")
+    else:
+        lines.append(
+            f"  DOES NOT FIT: about {p['peak_bytes'] / GiB:.1f} GiB per device, a "
+            f"{p['hardware']} has {mem:.0f} GiB"
+        )
+        lines += [f"  - {tip}" for tip in advice(p, cfg)]
+    return lines
