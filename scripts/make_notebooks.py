@@ -18,7 +18,10 @@ REPO = "jaxllm/jaxllm"  # owner/name of the repository Colab opens (a fork: chan
 SETUP = (
     r"""# Setup. On Colab: clone jaxllm and install it (jax for the runtime's accelerator first, so
 # that installing jaxllm does not replace it with a CPU build). Elsewhere: the installed package.
-import json, os, subprocess, sys
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO_URL = "https://github.com/"""
@@ -35,6 +38,7 @@ if "google.colab" in sys.modules:
     sys.path.insert(0, str(Path("jaxllm").resolve()))
 
 import jax
+
 import jaxllm
 from jaxllm.main import main
 
@@ -139,10 +143,11 @@ def byo_model() -> list:
         new_code_cell(
             'HF_MODEL = os.environ.get("HF_MODEL", "")  # a local HF model directory; empty: a random tiny Llama\n'
             "if not HF_MODEL:\n"
-            "    import torch, transformers\n"
+            "    import torch\n"
+            "    import transformers\n"
             "    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers\n\n"
-            '    texts = [json.loads(l)["response"] for l in (ROOT / "jaxllm/assets/sft/train.jsonl").open()\n'
-            '             if "response" in json.loads(l)][:800]\n'
+            '    rows = [json.loads(line) for line in (ROOT / "jaxllm/assets/sft/train.jsonl").open()]\n'
+            '    texts = [r["response"] for r in rows if "response" in r][:800]\n'
             '    tok = Tokenizer(models.BPE(unk_token="<unk>"))\n'
             "    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)\n"
             "    tok.decoder = decoders.ByteLevel()\n"
@@ -195,8 +200,10 @@ def byo_model() -> list:
             'exp = run("hf_export.yaml", "export", f"inputs.checkpoint={WORK / \'lora\' / \'checkpoints\'}",\n'
             "          f\"hf.out_dir={WORK / 'export' / 'hf'}\")\n"
             'print(sorted(p.name for p in Path(exp["outputs"]["hf"]).iterdir()))\n\n'
-            "import numpy as np, torch, transformers\n"
-            "from flax import nnx\n"
+            "import numpy as np\n"
+            "import torch\n"
+            "import transformers\n"
+            "from flax import nnx\n\n"
             "from jaxllm.config import MeshConfig\n"
             "from jaxllm.sharding import make_mesh\n"
             "from jaxllm.trainers.lm import load_checkpoint_model\n\n"
@@ -265,9 +272,11 @@ def alignment() -> list:
             "import matplotlib.pyplot as plt\n\n"
             'ppo = run("tiny_ppo.yaml", "ppo", SFT, f"inputs.reward_checkpoint={WORK / \'reward\' / \'checkpoints\'}",\n'
             '          f"ppo.iterations={2 if SMOKE else 30}", f"ppo.eval_examples={4 if SMOKE else 64}")\n'
-            'rows = [json.loads(l) for l in (WORK / "ppo" / "metrics.jsonl").read_text().splitlines()]\n'
+            'rows = [json.loads(line) for line in (WORK / "ppo" / "metrics.jsonl").read_text().splitlines()]\n'
             'rows = [r for r in rows if "reward" in r]\n'
-            'plt.plot([r["step"] for r in rows], [r["reward"] for r in rows]); plt.xlabel("iteration"); plt.ylabel("reward")\n'
+            'plt.plot([r["step"] for r in rows], [r["reward"] for r in rows])\n'
+            'plt.xlabel("iteration")\n'
+            'plt.ylabel("reward")\n'
             "plt.show()\n"
             "print({k: v for k, v in ppo.items() if isinstance(v, (int, float))})"
         ),
