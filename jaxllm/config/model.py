@@ -40,6 +40,13 @@ class ModelConfig:
         "tiny": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256),
         "gpt2_124m": dict(_GPT2, d_model=768, n_layers=12, n_heads=12, d_ff=3072),
         "gpt2_350m": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, d_ff=4096),
+        "gpt2_774m": dict(_GPT2, d_model=1280, n_layers=36, n_heads=20, d_ff=5120),
+        "gpt2_1558m": dict(_GPT2, d_model=1600, n_layers=48, n_heads=25, d_ff=6400),
+        # GPT-3 175B's shape (Brown et al. 2020, table 2.1), with dense attention in every
+        # layer (GPT-3 alternated dense and locally banded sparse layers)
+        "gpt3_175b": dict(
+            _GPT2, d_model=12288, n_layers=96, n_heads=96, d_ff=49152, max_seq_len=2048
+        ),  # fmt: skip
         "llama_1b": dict(  # Llama-3.2-1B's shape
             d_model=2048,
             n_layers=16,
@@ -181,8 +188,14 @@ class GenerateConfig:
     stop: tuple[str, ...] = ("</s>",)
     batch_size: int = 8
     add_bos: bool = True
+    # chat: each prompt is a user turn in the chat template (after `system`, if given), the
+    # model answers as the assistant and stops at <|end|>: how an SFT model was trained
+    chat: bool = False
+    system: str = ""
 
     def _validate(self) -> None:
+        if self.system and not self.chat:
+            raise ValueError("system: a system prompt needs chat: true")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
         if self.max_new_tokens < 1:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,6 +260,8 @@ class Attention(nnx.Module):
         v_BLKH = self._project(x_BLD, "v", lora_keys)
         if rope is not None:
             q_BLNH, k_BLKH = apply_rope(q_BLNH, rope), apply_rope(k_BLKH, rope)
+        chex.assert_rank([q_BLNH, k_BLKH, v_BLKH], 4)
+        chex.assert_equal_shape([k_BLKH, v_BLKH])
         if causal and kv is None and self.kernel != "xla":
             opts = {"max_runs": self.max_docs} if self.kernel == "cudnn" else {}
             out_BLNH = ATTENTION[self.kernel](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, **opts)

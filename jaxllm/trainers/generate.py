@@ -9,13 +9,14 @@ from typing import Any
 
 import jax
 
-from jaxllm.config import Config, MeshConfig, resolve_path
+from jaxllm.config import Config, GenerateConfig, MeshConfig, replace, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generation import generate_text
 from jaxllm.interop import load_tokenizer
 from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
+from jaxllm.tokenizer.chat import END_TOKEN, render_text
 from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import load_checkpoint_model
 
@@ -36,6 +37,21 @@ def read_prompts(cfg: Config) -> list[str]:
     return prompts
 
 
+def chat_prompts(prompts: list[str], gen: GenerateConfig) -> tuple[list[str], GenerateConfig]:
+    """With `generate.chat`, each prompt becomes a user turn of the chat template (after the
+    system prompt, if any) ending in the assistant's tag; the template's text carries its
+    own `<s>`, and the answer stops at `<|end|>` as well as at `generate.stop`."""
+    if not gen.chat:
+        return prompts, gen
+    system = [{"role": "system", "content": gen.system}] if gen.system else []
+    texts = [
+        render_text([*system, {"role": "user", "content": p}], add_generation_prompt=True)
+        for p in prompts
+    ]
+    stop = gen.stop if END_TOKEN in gen.stop else (*gen.stop, END_TOKEN)
+    return texts, replace(gen, add_bos=False, stop=stop)
+
+
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
@@ -45,10 +61,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
     tok = load_tokenizer(tok_path)
     prompts = read_prompts(cfg)
+    texts, gen = chat_prompts(prompts, cfg.generate)
     t0 = time.perf_counter()
-    completions = generate_text(
-        graphdef, state, tok, prompts, cfg.generate, key=jax.random.key(cfg.seed)
-    )
+    completions = generate_text(graphdef, state, tok, texts, gen, key=jax.random.key(cfg.seed))
     secs = time.perf_counter() - t0
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     atomic_write_text(

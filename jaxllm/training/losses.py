@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +105,8 @@ def cross_entropy(
     With `z_loss > 0` adds `z_loss * logsumexp(logits)^2` per token (PaLM), which keeps the
     softmax normaliser near 1 and the logits from drifting in low precision.
     """
+    chex.assert_rank(logits_BLV, targets_BL.ndim + 1)
+    chex.assert_equal_shape([logits_BLV[..., 0], targets_BL, mask_BL])
     logits_BLV = logits_BLV.astype(jnp.float32)
     mask_BL = mask_BL.astype(jnp.float32)
     targets_BL = targets_BL.astype(jnp.int32)
@@ -198,6 +201,9 @@ def head_cross_entropy(
     written and read again five times is gone. Differentiable through the loss only (the
     aux sums are metrics). `chunk` must divide L (else the whole length is one chunk).
     """
+    chex.assert_rank([x_BLD, w_VD, targets_BL, mask_BL], [3, 2, 2, 2])
+    chex.assert_equal_shape([x_BLD[..., 0], targets_BL, mask_BL])
+    chex.assert_equal(x_BLD.shape[-1], w_VD.shape[-1])
     if chunk <= 0 or x_BLD.shape[1] % chunk:
         chunk = x_BLD.shape[1]
     return _head_ce(x_BLD, w_VD, targets_BL.astype(jnp.int32), mask_BL.astype(jnp.float32),

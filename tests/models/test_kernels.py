@@ -8,6 +8,7 @@ interpret mode, also sharded over the 8 simulated devices.
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,9 +103,8 @@ def test_splash_matches_xla_with_gqa_and_segments(docs):
     seg = None if docs == "none" else jnp.asarray(packed(2, 128, seed=3))
     ref_out, ref_g = masked_grads(ATTENTION["xla"], q, k, v, seg)
     out, g = masked_grads(ATTENTION["splash"], q, k, v, seg)
-    np.testing.assert_allclose(out, ref_out, atol=2e-5)
-    for a, r in zip(g, ref_g):
-        np.testing.assert_allclose(a, r, atol=5e-5)
+    chex.assert_trees_all_close(out, ref_out, atol=2e-5)
+    chex.assert_trees_all_close(g, ref_g, atol=5e-5)
 
 
 def test_splash_under_a_sharded_mesh_runs_per_device_shards():

@@ -146,3 +146,12 @@ def test_train_step_divides_by_the_true_total_weight(weights):
     np.testing.assert_allclose(float(metrics["big"]), (w * (per_row > 4)).sum() / w.sum())
     grad = (w[:, None] * 2 * (x @ w0)[:, None] * x).sum(0) / w.sum()
     np.testing.assert_allclose(np.asarray(state.params["w"][...]), w0 - 0.1 * grad, rtol=1e-6)
+
+
+def test_loss_inputs_of_the_wrong_shape_fail_at_the_boundary():
+    """chex shape checks: a mask for another batch is refused before any arithmetic."""
+    logits, targets = jnp.zeros((2, 5, 7)), jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(AssertionError, match="shapes"):
+        cross_entropy(logits, targets, jnp.ones((2, 4)))
+    with pytest.raises(AssertionError):
+        head_cross_entropy(jnp.zeros((2, 5, 3)), jnp.zeros((7, 4)), targets, jnp.ones((2, 5)))
