@@ -94,7 +94,9 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", 
 class TokenizerConfig:
     """`stage: tokenizer` — train a sentencepiece model; later stages load it from `path`."""
 
-    model_type: Literal["bpe", "unigram", "char", "word"] = "bpe"
+    # bpe/unigram/char/word: sentencepiece (decoders); wordpiece: BERT's, via HF tokenizers
+    # (encoders; byte_fallback, character_coverage and max_sentence_length are sentencepiece's)
+    model_type: Literal["bpe", "unigram", "char", "word", "wordpiece"] = "bpe"
     vocab_size: int = 8000
     character_coverage: float = 0.9995  # < 1 sends rare characters to byte fallback / <unk>
     byte_fallback: bool = True
@@ -104,8 +106,18 @@ class TokenizerConfig:
     max_sentence_length: int = 16_384  # longest training line in bytes (longer lines are split)
     num_threads: int = 2
     path: str = ""  # an existing tokenizer model; "" = the pipeline's or this run's
+    lowercase: bool = False  # wordpiece: lower-case and strip accents (BERT "uncased")
 
     def _validate(self) -> None:
+        if self.model_type == "wordpiece":
+            if self.normalization == "nmt_nfkc":
+                raise ValueError("normalization: wordpiece takes identity or nfkc")
+            least = 5 + len(self.special_tokens) + 1  # [PAD] [UNK] [CLS] [SEP] [MASK], specials
+            if self.vocab_size < least:
+                raise ValueError(f"vocab_size: must be >= {least}, got {self.vocab_size}")
+            return
+        if self.lowercase:
+            raise ValueError("lowercase: is a wordpiece option (sentencepiece: normalization)")
         # reserved ids, the specials, the 256 byte pieces (with byte fallback), one more piece
         least = 4 + len(self.special_tokens) + (256 if self.byte_fallback else 0) + 1
         if self.vocab_size < least:

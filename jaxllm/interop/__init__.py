@@ -10,9 +10,9 @@ from jaxllm.interop.hf_config import (
     read_hf_config,
     to_model_config,
 )
-from jaxllm.interop.hf_tokenizer import HF_TOKENIZER_FILES, HFTokenizer, load_tokenizer
 from jaxllm.interop.hf_weights import Spec, specs_for
 from jaxllm.interop.safetensors_io import SafetensorsReader, load_hf_params, write_safetensors
+from jaxllm.tokenizer.hf import HF_TOKENIZER_FILES, HFTokenizer, load_tokenizer
 
 __all__ = [
     "FAMILIES",

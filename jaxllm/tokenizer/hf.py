@@ -1,0 +1,163 @@
+"""`HFTokenizer`: a HF `tokenizer.json` (byte-level BPE of GPT-2, Llama 3, Qwen2, ...) behind
+the interface of `jaxllm.tokenizer.Tokenizer`, built on the `tokenizers` library.
+
+Special tokens (bos/eos/pad/unk) come from `tokenizer_config.json` next to the file when it is
+there; encoding never adds them implicitly (`add_bos`/`add_eos` do, as in `Tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxllm.errors import JaxllmError
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer:
+    """A loaded `tokenizer.json`; build it with `HFTokenizer.load(path)`."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self.path = path
+        try:
+            self._tok = _Tok.from_file(str(path))
+        except Exception as e:  # the Rust error types are not importable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise JaxllmError(f"{path}: not a valid tokenizer.json ({first})") from None
+        conf_path = path.parent / "tokenizer_config.json"
+        conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
+        self._ids = {
+            kind: self._id_of(_token_str(conf.get(f"{kind}_token")))
+            for kind in ("bos", "eos", "pad", "unk")
+        }
+        added = self._tok.get_added_tokens_decoder()
+        self.special_ids: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
+        # the chat template's <s> / </s> are the model's own bos / eos, whatever their names
+        for name, kind in (("<s>", "bos"), ("</s>", "eos")):
+            if name not in self.special_ids and self._ids[kind] >= 0:
+                self.special_ids[name] = self._ids[kind]
+
+    def _id_of(self, token: str | None) -> int:
+        tid = self._tok.token_to_id(token) if token else None
+        return -1 if tid is None else tid
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HFTokenizer:
+        """Loads a `tokenizer.json`, or `<dir>/tokenizer.json` when given a directory."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise JaxllmError(f"{p}: tokenizer.json not found")
+        return cls(p)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Copies tokenizer.json (and its config files) into `directory`."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in HF_TOKENIZER_FILES:
+            src = self.path.parent / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+        return out / "tokenizer.json"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids["pad"]
+
+    @property
+    def unk_id(self) -> int:
+        return self._ids["unk"]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def id_to_piece(self, token_id: int) -> str:
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            raise JaxllmError(
+                f"token id {token_id} is out of range for a vocabulary of {len(self)}"
+            )
+        return piece
+
+    def piece_to_id(self, piece: str) -> int:
+        tid = self._tok.token_to_id(piece)
+        return self.unk_id if tid is None else tid
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, num_threads=2
+    ) -> list[list[int]]:
+        """Token ids per text; special-token strings in the text become their ids."""
+        if add_bos and self.bos_id < 0 or add_eos and self.eos_id < 0:
+            raise JaxllmError(f"{self.path}: add_bos/add_eos asked but the tokenizer has none")
+        head = [self.bos_id] if add_bos else []
+        tail = [self.eos_id] if add_eos else []
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [head + e.ids + tail for e in encs]
+
+    def decode(self, ids: Sequence[int] | Any, skip_special: bool = False) -> str:
+        return self.decode_batch([ids], skip_special=skip_special)[0]
+
+    def decode_batch(self, batch: Any, skip_special: bool = False, num_threads=2) -> list[str]:
+        rows = [ids.tolist() if hasattr(ids, "tolist") else list(ids) for ids in batch]
+        return self._tok.decode_batch(rows, skip_special_tokens=skip_special)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """A sentencepiece `Tokenizer` for a `.model` file (or a dir holding tokenizer.model); for
+    a `tokenizer.json` file (or a dir holding one) a `WordPieceTokenizer` when it holds a
+    WordPiece model, else an `HFTokenizer`."""
+    from jaxllm.tokenizer import Tokenizer
+    from jaxllm.tokenizer.wordpiece import WordPieceTokenizer, is_wordpiece
+
+    p = Path(path).expanduser()
+    has_sp = p.is_dir() and (p / "tokenizer.model").is_file()
+    has_json = p.suffix == ".json" or (p.is_dir() and (p / "tokenizer.json").is_file())
+    if not has_json or has_sp:
+        return Tokenizer.load(p)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    return WordPieceTokenizer.load(p) if is_wordpiece(file) else HFTokenizer.load(p)
+
+
+def add_special_tokens(path: str | os.PathLike, tokens: Sequence[str]) -> int:
+    """Adds the `tokens` a `tokenizer.json` lacks as special tokens (new ids after the last
+    one), rewriting the file in place; returns how many were added."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as _Tok
+
+    p = Path(path)
+    tok = _Tok.from_file(str(p))
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        tok.save(str(p))
+    return len(missing)

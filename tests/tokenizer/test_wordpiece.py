@@ -1,0 +1,94 @@
+"""WordPiece (BERT) tokenizer: fixed special ids, one token per Chinese character, round trips
+up to its normalisation, sentence pairs with token types and BERT's truncation, and the same
+ids from transformers' BertTokenizerFast loading the saved files."""
+
+import json
+
+import pytest
+
+from jaxllm.config import TokenizerConfig, from_dict
+from jaxllm.errors import ConfigError
+from jaxllm.tokenizer.hf import load_tokenizer
+from jaxllm.tokenizer.wordpiece import BERT_SPECIALS, WordPieceTokenizer, train_wordpiece
+from tests.sft.conftest import SFT_TRAIN
+
+TEXTS = [json.loads(x)["prompt"] + " " + json.loads(x)["response"]
+         for x in SFT_TRAIN.read_text(encoding="utf-8").splitlines()]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wp(tmp_path_factory):
+    cfg = TokenizerConfig(model_type="wordpiece", vocab_size=3000)
+    path = train_wordpiece(TEXTS[:1500], cfg, tmp_path_factory.mktemp("wp"))
+    return load_tokenizer(path)
+
+
+def test_specials_have_fixed_ids_and_chat_tokens_follow(wp):
+    assert isinstance(wp, WordPieceTokenizer)
+    assert [wp.piece_to_id(t) for t in BERT_SPECIALS] == [0, 1, 2, 3, 4]
+    assert wp.piece_to_id("<|system|>") == 5 and wp.pad_id == 0 and wp.unk_id == 1
+    assert wp.vocab_size <= 3000
+
+
+def test_chinese_characters_are_single_tokens_and_round_trips(wp):
+    text = "除夕夜应该吃什么呢？"
+    pieces = [wp.id_to_piece(i) for i in wp.encode(text)]
+    assert pieces == list(text)  # every character its own token (all seen in training)
+    held_out = TEXTS[1500:1700]
+    known = [t for t in held_out if wp.unk_id not in wp.encode(t)]  # unseen characters: [UNK]
+    assert len(known) >= 0.7 * len(held_out)  # rare classical characters are [UNK]
+    for t in known:
+        assert wp.same_text(wp.decode(wp.encode(t)), t), t
+    assert not wp.same_text("something else", held_out[0])
+
+
+def test_pairs_token_types_and_truncation(wp):
+    ids, types = wp.encode_pair("Hello world", "再见")
+    a, b = wp.encode("Hello world"), wp.encode("再见")
+    assert ids == [2, *a, 3, *b, 3]
+    assert types == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    long_a = "one two three four five six seven eight nine ten"
+    ids, types = wp.encode_pair(long_a, "再见", max_len=9)
+    # BERT's rule: drop from the longer side until the pair fits (9 - 3 specials = 6 tokens)
+    assert ids == [2, *wp.encode(long_a)[:4], 3, *wp.encode("再见"), 3]
+    assert types == [0] * 6 + [1] * 3
+    assert wp.encode_single("再见", max_len=3) == [2, wp.encode("再见")[0], 3]
+
+
+def test_transformers_bert_tokenizer_reads_the_files(wp):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertTokenizerFast.from_pretrained(str(wp.path.parent))
+    enc = hf("Hello world", "再见")
+    assert enc["input_ids"] == wp.encode_pair("Hello world", "再见")[0]
+    assert enc["token_type_ids"] == wp.encode_pair("Hello world", "再见")[1]
+
+
+def test_wordpiece_config_checks():
+    with pytest.raises(ConfigError, match="lowercase.: is a wordpiece option"):
+        from_dict({"stage": "tokenizer", "tokenizer": {"lowercase": True}})
+    with pytest.raises(ConfigError, match="wordpiece takes identity or nfkc"):
+        from_dict({"stage": "tokenizer", "tokenizer": {"model_type": "wordpiece",
+                                                      "normalization": "nmt_nfkc"}})  # fmt: skip
+
+
+def test_tokenizer_stage_trains_wordpiece(tmp_path):
+    from jaxllm.main import main
+    from tests.sft.conftest import ROOT
+
+    data = tmp_path / "data"
+    for split, texts in (("train", TEXTS[:1500]), ("val", TEXTS[1500:1600])):
+        (data / split).mkdir(parents=True)
+        rows = "".join(
+            json.dumps({"text": t, "source": "sft"}, ensure_ascii=False) + "\n" for t in texts
+        )
+        (data / split / "shard-00000.jsonl").write_text(rows, encoding="utf-8")
+    out = tmp_path / "wp"
+    args = ["--config", str(ROOT / "configs/tiny_wordpiece.yaml"), "--set", f"output_dir={out}",
+            "--set", f"inputs.data_dir={data}", "--set", "tokenizer.vocab_size=3000"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model_type"] == "wordpiece" and summary["vocab_size"] <= 3000
+    n, total = map(int, summary["round_trip_exact"].split("/"))
+    assert total == 100 and n >= 70 and summary["tokens_per_char"]["sft"] > 0
+    tok = load_tokenizer(summary["outputs"]["tokenizer"])
+    assert isinstance(tok, WordPieceTokenizer) and tok.piece_to_id("<|user|>") == tok.unk_id
