@@ -29,6 +29,20 @@ _GPT2 = dict(
 )
 
 
+_BERT = dict(
+    arch="encoder",
+    norm="layernorm",
+    norm_eps=1e-12,
+    norm_position="post",
+    mlp="gelu_exact",
+    positions="learned",
+    use_bias=True,
+    tie_embeddings=True,
+    max_seq_len=512,
+    type_vocab_size=2,
+)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer covering the GPT-2 and Llama families.
@@ -47,6 +61,9 @@ class ModelConfig:
         "gpt3_175b": dict(
             _GPT2, d_model=12288, n_layers=96, n_heads=96, d_ff=49152, max_seq_len=2048
         ),  # fmt: skip
+        # BERT encoders (arch: encoder): post-LN, exact GELU, token-type embeddings
+        "bert_tiny": dict(_BERT, d_model=128, n_layers=2, n_heads=2, d_ff=512),
+        "bert_base": dict(_BERT, d_model=768, n_layers=12, n_heads=12, d_ff=3072, vocab_size=30522),
         "llama_1b": dict(  # Llama-3.2-1B's shape
             d_model=2048,
             n_layers=16,
@@ -83,7 +100,7 @@ class ModelConfig:
     max_seq_len: int = 512
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"  # gelu: tanh approx.; exact: BERT's
     positions: Literal["learned", "sinusoidal", "rope"] = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -98,6 +115,10 @@ class ModelConfig:
     # causal attention kernel for training/scoring (models/kernels.py): auto picks cudnn on
     # NVIDIA GPUs and splash on TPUs for 16-bit compute, else the xla einsum path
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    # encoders (models/encoder.py): bidirectional attention over the real tokens
+    arch: Literal["decoder", "encoder"] = "decoder"
+    norm_position: Literal["pre", "post"] = "pre"  # post: BERT's LN(x + f(x)) (encoders)
+    type_vocab_size: int = 0  # encoders: token-type (segment A/B) embeddings; 0: none
     # cudnn with packed rows: documents per row it keeps apart (more are merged, see
     # models/kernels.py); its workspace grows with batch x this x seq_len
     attention_max_docs: int = 16
@@ -113,6 +134,8 @@ class ModelConfig:
             raise ValueError(f"head_dim: RoPE needs an even head size, got {self.head_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.arch == "decoder" and (self.norm_position == "post" or self.type_vocab_size):
+            raise ValueError("arch: norm_position post and token types are encoder options")
         if self.attention_max_docs < 1:
             raise ValueError(f"attention_max_docs: must be >= 1, got {self.attention_max_docs}")
 

@@ -92,6 +92,11 @@ class Decoder(nnx.Module):
             raise ValueError(
                 "model.vocab_size: must be > 0 to build a model (set it from the tokenizer)"
             )
+        if cfg.arch != "decoder":
+            raise ValueError(
+                f"model.arch: this is an {cfg.arch} model (e.g. an encoder checkpoint), and this "
+                "stage trains or runs a decoder"
+            )
         self.cfg = cfg
         self.dtype = compute_dtype(cfg)
         d, pd = cfg.d_model, cfg.param_dtype

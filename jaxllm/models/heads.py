@@ -1,5 +1,7 @@
-"""Heads that later stages put on a decoder backbone: a scalar per token (a PPO critic's
-value) or per sequence (a reward model, read at the last real token).
+"""Heads that later stages put on a backbone. Decoder: a scalar per token (a PPO critic's
+value) or per sequence (a reward model, read at the last real token). Encoder (BERT): the
+masked-LM head tied to the word embeddings, next-sentence prediction and a classifier on the
+pooled `[CLS]`.
 
 `HeadParam` marks a head's weights: a subclass of `nnx.Param`, so full fine-tuning trains it
 like any weight, and under LoRA the trainable filter `nnx.Any(nnx.LoRAParam, HeadParam)`
@@ -12,7 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.config import ModelConfig
 from jaxllm.models.decoder import Decoder
+from jaxllm.models.encoder import Encoder
 
 
 class HeadParam(nnx.Param):
@@ -57,3 +61,76 @@ def last_token_index(segment_ids_BL: jax.Array) -> jax.Array:
     real_BL = segment_ids_BL > 0
     idx_BL = jnp.where(real_BL, jnp.arange(length)[None, :], -1)
     return jnp.maximum(jnp.max(idx_BL, axis=1), 0)
+
+
+# ------------------------------------------------------------------ encoder heads (BERT)
+
+
+def _head_param(rngs: nnx.Rngs, shape: tuple[int, ...], names, std: float) -> HeadParam:
+    init = nnx.initializers.normal(std) if std > 0 else nnx.initializers.zeros
+    return HeadParam(init(rngs.params(), shape, jnp.float32), out_sharding=names)
+
+
+class MLMHead(nnx.Module):
+    """BERT's masked-LM head: dense + GELU + LayerNorm, then the word embedding (tied) and a
+    per-token bias: features [..., D] → logits [..., V] in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.eps = cfg.norm_eps
+        self.kernel = _head_param(rngs, (d, d), ("embed", None), cfg.init_std)
+        self.bias = _head_param(rngs, (d,), (None,), 0.0)
+        self.ln_scale = HeadParam(jnp.ones((d,), jnp.float32), out_sharding=(None,))
+        self.ln_bias = _head_param(rngs, (d,), (None,), 0.0)
+        self.out_bias = _head_param(rngs, (cfg.vocab_size,), ("vocab",), 0.0)
+
+    def __call__(self, x_ND: jax.Array, embedding_VD: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(x_ND.astype(jnp.float32) @ self.kernel[...] + self.bias[...], False)
+        h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        h = h * self.ln_scale[...] + self.ln_bias[...]
+        return h @ embedding_VD.astype(jnp.float32).T + self.out_bias[...]
+
+
+class PooledHead(nnx.Module):
+    """A linear map of the pooled `[CLS]` features to `n` logits (NSP: 2; a classifier: one
+    per label), after dropout when training."""
+
+    def __init__(self, d_model: int, n: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.kernel = _head_param(rngs, (d_model, n), ("embed", None), std)
+        self.bias = _head_param(rngs, (n,), (None,), 0.0)
+
+    def __call__(self, pooled_BD: jax.Array, rate: float = 0.0, key=None) -> jax.Array:
+        from jaxllm.models.layers import dropout
+
+        return dropout(pooled_BD, rate, key) @ self.kernel[...] + self.bias[...]
+
+
+class BertPretrainModel(nnx.Module):
+    """Encoder + MLM head + NSP head (`stage: mlm`); the backbone is `.encoder`."""
+
+    def __init__(self, encoder: Encoder, *, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.mlm = MLMHead(encoder.cfg, rngs=rngs)
+        self.nsp = PooledHead(encoder.cfg.d_model, 2, rngs=rngs, std=encoder.cfg.init_std)
+
+    def __call__(self, tokens_BL: jax.Array, mask_positions_BM: jax.Array, **kw):
+        """(MLM logits [B, M, V] at the gathered positions, NSP logits [B, 2])."""
+        x_BLD = self.encoder(tokens_BL, **kw)
+        picked_BMD = jnp.take_along_axis(x_BLD, mask_positions_BM[..., None], axis=1)
+        mlm_BMV = self.mlm(picked_BMD, self.encoder.embed.embedding[...])
+        return mlm_BMV, self.nsp(self.encoder.pooled(x_BLD))
+
+
+class ClassifierModel(nnx.Module):
+    """Encoder + a classification head on the pooled `[CLS]` (`stage: classify`)."""
+
+    def __init__(self, encoder: Encoder, num_labels: int, *, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.head = PooledHead(encoder.cfg.d_model, num_labels, rngs=rngs, std=encoder.cfg.init_std)
+
+    def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True, key=None, **kw):
+        """Logits [B, num_labels] in float32."""
+        x_BLD = self.encoder(tokens_BL, deterministic=deterministic, key=key, **kw)
+        head_key = None if key is None or deterministic else jax.random.fold_in(key, -1)
+        return self.head(self.encoder.pooled(x_BLD), self.encoder.cfg.dropout, head_key)

@@ -190,7 +190,8 @@ class Norm(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """GPT-2 MLP (`gelu`: tanh-approximated GELU, "gelu_new") or Llama's SwiGLU."""
+    """GPT-2 MLP (`gelu`: tanh-approximated GELU, "gelu_new"; `gelu_exact`: the erf form,
+    BERT's) or Llama's SwiGLU."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
@@ -218,7 +219,7 @@ class MLP(nnx.Module):
             g_BLF = self._proj(x_BLD, "gate", keys[1])
             h_BLF = jax.nn.silu(g_BLF) * h_BLF
         else:
-            h_BLF = jax.nn.gelu(h_BLF, approximate=True)
+            h_BLF = jax.nn.gelu(h_BLF, approximate=self.kind == "gelu")
         h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
         return self._proj(h_BLF, "down", keys[2])
 

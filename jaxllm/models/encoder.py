@@ -1,0 +1,138 @@
+"""The BERT-style encoder as a Flax NNX module: bidirectional self-attention over the real
+tokens of each row, token + position + token-type embeddings, BERT's post-LN blocks (pre-LN
+as an option), and the pooler over `[CLS]`.
+
+Run it functionally like the decoder (`nnx.split` once, `nnx.merge` inside jitted code). It
+reuses the decoder's parts: `Attention` (no causal mask: `attend` with the padding mask, GQA
+and LoRA included), `MLP` (`mlp: gelu_exact` is BERT's GELU), `Norm`, `Embed`, `param`.
+
+Padding: `segment_ids_BL` is 1 on real tokens and 0 on padding (any positive ids: tokens
+attend within equal ids, so packed rows work too); padded positions attend to nothing and
+their features are only defined, not meaningful. Heads (MLM, NSP, classifier) are in
+`models/heads.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.attention import Attention
+from jaxllm.models.layers import MLP, Embed, Norm, compute_dtype, constrain, dropout, param
+
+_RESIDUAL = ("act_batch", "act_length", "act_embed")
+
+
+def bidirectional_mask(segment_ids_BL: jax.Array) -> jax.Array:
+    """[B, L, L] bool: a query sees every key of its own segment; padding (0) sees nothing."""
+    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return same_BLL & (segment_ids_BL != 0)[:, :, None]
+
+
+class EncoderBlock(nnx.Module):
+    """Post-LN (BERT): x = LN(x + attn(x)); x = LN(x + mlp(x)). Pre-LN: as the decoder's."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.post = cfg.norm_position == "post"
+        self.attn = Attention(cfg, rngs=rngs)
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.dropout_rate = cfg.dropout
+
+    def __call__(self, x_BLD: jax.Array, mask_BLL: jax.Array, key: jax.Array | None) -> jax.Array:
+        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        lora_key = None if mlp_key is None else jax.random.fold_in(mlp_key, 1)
+        if self.post:
+            h_BLD = self.attn(x_BLD, mask_BLL, None, key=attn_key)[0]
+            x_BLD = self.attn_norm(x_BLD + h_BLD)
+            h_BLD = dropout(self.mlp(x_BLD, lora_key), self.dropout_rate, mlp_key)
+            return constrain(self.mlp_norm(x_BLD + h_BLD), _RESIDUAL)
+        h_BLD = self.attn(self.attn_norm(x_BLD), mask_BLL, None, key=attn_key)[0]
+        x_BLD = x_BLD + h_BLD
+        h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD), lora_key), self.dropout_rate, mlp_key)
+        return constrain(x_BLD + h_BLD, _RESIDUAL)
+
+
+class Encoder(nnx.Module):
+    """Token ids (+ token types) → contextual features [B, L, D] and the pooled `[CLS]`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError(
+                "model.vocab_size: must be > 0 to build a model (set it from the tokenizer)"
+            )
+        self.cfg = cfg
+        self.dtype = compute_dtype(cfg)
+        d, pd, std = cfg.d_model, cfg.param_dtype, cfg.init_std
+        self.embed = Embed(cfg, rngs=rngs)
+        self.pos_embed = param(rngs, (cfg.max_seq_len, d), (None, "embed"), pd, std)
+        types = max(cfg.type_vocab_size, 1)
+        self.type_embed = param(rngs, (types, d), (None, "embed"), pd, std)
+        self.embed_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "post" else None
+        self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
+        self.pooler = param(rngs, (d, d), ("embed", None), pd, std)
+        self.pooler_bias = param(rngs, (d,), (None,), pd)
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        *,
+        segment_ids_BL: jax.Array | None = None,
+        token_types_BL: jax.Array | None = None,
+        positions_BL: jax.Array | None = None,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Features [B, L, D] in the compute dtype. `segment_ids_BL`: 0 marks padding
+        (default: none); `token_types_BL`: sentence A (0) / B (1); `positions_BL` default
+        0..L-1; dropout (`cfg.dropout`) when `deterministic=False`, which needs `key`."""
+        b, l_ = tokens_BL.shape
+        if l_ > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {l_} tokens is longer than model.max_seq_len {self.cfg.max_seq_len}"
+            )
+        seg_BL = jnp.ones((b, l_), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(l_, dtype=jnp.int32), (b, l_))
+        types_BL = jnp.zeros((b, l_), jnp.int32) if token_types_BL is None else token_types_BL
+        key = None if deterministic else key
+        if key is None and not deterministic and self.cfg.dropout > 0:
+            raise ValueError("Encoder: deterministic=False with dropout needs a `key`")
+        x_BLD = self.embed(tokens_BL)
+        x_BLD = x_BLD + self.pos_embed[...][positions_BL].astype(self.dtype)
+        x_BLD = x_BLD + self.type_embed[...][types_BL].astype(self.dtype)
+        if self.embed_norm is not None:
+            x_BLD = self.embed_norm(x_BLD)
+        emb_key = None if key is None else jax.random.fold_in(key, self.cfg.n_layers)
+        x_BLD = constrain(dropout(x_BLD, self.cfg.dropout, emb_key), _RESIDUAL)
+        mask_BLL = bidirectional_mask(seg_BL)
+        for i, block in enumerate(self.blocks):
+            x_BLD = block(x_BLD, mask_BLL, None if key is None else jax.random.fold_in(key, i))
+        return x_BLD if self.final_norm is None else self.final_norm(x_BLD)
+
+    def pooled(self, x_BLD: jax.Array) -> jax.Array:
+        """BERT's pooler: tanh(W x[CLS] + b) [B, D] in float32 (position 0 holds `[CLS]`)."""
+        cls_BD = x_BLD[:, 0].astype(jnp.float32)
+        w = self.pooler[...].astype(jnp.float32)
+        return jnp.tanh(cls_BD @ w + self.pooler_bias[...].astype(jnp.float32))
+
+
+def make_encoder(cfg: ModelConfig, seed: int = 0) -> Encoder:
+    """An `Encoder` with params from `seed` on the default device (tests, tools)."""
+    with nnx.use_eager_sharding(False):
+        return Encoder(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def encoder_params(cfg: ModelConfig) -> int:
+    """Parameters of `Encoder(cfg)` (BERT's `BertModel`: embeddings, blocks, pooler)."""
+    d, f, dh = cfg.d_model, cfg.d_ff, cfg.head_size
+    q, kv = cfg.n_heads * dh, cfg.kv_heads * dh
+    norm = d * (2 if cfg.use_bias else 1)
+    attn = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if cfg.use_bias else 0)
+    mlp = 2 * d * f + ((f + d) if cfg.use_bias else 0)
+    emb = (cfg.vocab_size + cfg.max_seq_len + max(cfg.type_vocab_size, 1)) * d
+    return emb + norm + cfg.n_layers * (attn + mlp + 2 * norm) + d * d + d

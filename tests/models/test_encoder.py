@@ -1,0 +1,122 @@
+"""The BERT encoder: the published parameter count, bidirectional attention that ignores
+padding, and hidden states / pooled output equal to `transformers`' BertModel given the same
+(random) weights."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxllm.config import from_dict
+from jaxllm.models.encoder import Encoder, encoder_params, make_encoder
+from jaxllm.models.heads import BertPretrainModel, ClassifierModel
+
+
+def preset(name: str, **kw):
+    m = from_dict({"stage": "pretrain", "model": {"preset": name}}).model
+    return dataclasses.replace(m, **kw)
+
+
+def test_bert_base_has_the_published_size():
+    m = preset("bert_base")
+    abstract = nnx.state(nnx.eval_shape(lambda: Encoder(m, rngs=nnx.Rngs(0))), nnx.Param)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    assert n == encoder_params(m) == 109_482_240  # BertModel(bert-base-uncased): "110M"
+
+
+def test_attention_is_bidirectional_and_ignores_padding():
+    m = preset("bert_tiny", vocab_size=100)
+    enc = make_encoder(m)
+    tokens = jnp.array([[2, 10, 11, 12, 3, 0, 0, 0]])
+    seg = (tokens != 0).astype(jnp.int32)
+    base = enc(tokens, segment_ids_BL=seg)
+    later = enc(tokens.at[0, 3].set(50), segment_ids_BL=seg)
+    assert not np.allclose(base[0, 1], later[0, 1])  # an earlier token sees a later one
+    padded = enc(tokens.at[0, 6].set(77), segment_ids_BL=seg)
+    np.testing.assert_allclose(padded[0, :5], base[0, :5], atol=1e-6)  # padding is invisible
+
+
+def load_from_hf(enc: Encoder, hf) -> None:
+    """Copies a transformers BertModel's weights into `enc` (torch Linear is [out, in])."""
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    cfg = enc.cfg
+    n, h = cfg.n_heads, cfg.head_size
+
+    def put(var, value):
+        var[...] = jnp.asarray(value, var[...].dtype).reshape(var[...].shape)
+
+    put(enc.embed.embedding, sd["embeddings.word_embeddings.weight"])
+    put(enc.pos_embed, sd["embeddings.position_embeddings.weight"])
+    put(enc.type_embed, sd["embeddings.token_type_embeddings.weight"])
+    put(enc.embed_norm.scale, sd["embeddings.LayerNorm.weight"])
+    put(enc.embed_norm.bias, sd["embeddings.LayerNorm.bias"])
+    for i, blk in enumerate(enc.blocks):
+        p = f"encoder.layer.{i}."
+        for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+            put(getattr(blk.attn, ours), sd[f"{p}attention.self.{theirs}.weight"].T)
+            put(getattr(blk.attn, f"{ours}_bias"), sd[f"{p}attention.self.{theirs}.bias"])
+        put(blk.attn.o, sd[f"{p}attention.output.dense.weight"].T.reshape(n, h, -1))
+        put(blk.attn.o_bias, sd[f"{p}attention.output.dense.bias"])
+        put(blk.attn_norm.scale, sd[f"{p}attention.output.LayerNorm.weight"])
+        put(blk.attn_norm.bias, sd[f"{p}attention.output.LayerNorm.bias"])
+        put(blk.mlp.up, sd[f"{p}intermediate.dense.weight"].T)
+        put(blk.mlp.up_bias, sd[f"{p}intermediate.dense.bias"])
+        put(blk.mlp.down, sd[f"{p}output.dense.weight"].T)
+        put(blk.mlp.down_bias, sd[f"{p}output.dense.bias"])
+        put(blk.mlp_norm.scale, sd[f"{p}output.LayerNorm.weight"])
+        put(blk.mlp_norm.bias, sd[f"{p}output.LayerNorm.bias"])
+    put(enc.pooler, sd["pooler.dense.weight"].T)
+    put(enc.pooler_bias, sd["pooler.dense.bias"])
+
+
+def test_matches_transformers_bert():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    conf = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=40, type_vocab_size=2,
+                                   initializer_range=0.3)  # large weights: GELU variants differ  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.BertModel(conf).eval()
+    m = preset("bert_tiny", vocab_size=120, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+               max_seq_len=40)  # fmt: skip
+    enc = make_encoder(m)
+    load_from_hf(enc, hf)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 120, (3, 12))
+    types = np.zeros_like(tokens)
+    types[:, 6:] = 1
+    mask = np.ones_like(tokens)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        out = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                 token_type_ids=torch.tensor(types))  # fmt: skip
+    x = enc(
+        jnp.asarray(tokens), segment_ids_BL=jnp.asarray(mask), token_types_BL=jnp.asarray(types)
+    )
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(x)[real], out.last_hidden_state.numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(enc.pooled(x), out.pooler_output.numpy(), atol=1e-4)
+
+
+def test_heads_shapes_and_zero_dropout_without_key():
+    m = preset("bert_tiny", vocab_size=100)
+    rngs = nnx.Rngs(0)
+    model = BertPretrainModel(make_encoder(m), rngs=rngs)
+    tokens = jnp.ones((2, 8), jnp.int32)
+    mlm, nsp = model(tokens, jnp.array([[1, 2], [3, 0]]))
+    assert mlm.shape == (2, 2, 100) and nsp.shape == (2, 2) and mlm.dtype == jnp.float32
+    clf = ClassifierModel(make_encoder(m), 3, rngs=rngs)
+    assert clf(tokens).shape == (2, 3)
+
+
+def test_a_decoder_refuses_an_encoder_config():
+    from jaxllm.models import make_decoder
+
+    with pytest.raises(ValueError, match="model.arch: this is an encoder model"):
+        make_decoder(preset("bert_tiny", vocab_size=100))
