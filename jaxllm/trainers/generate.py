@@ -1,5 +1,6 @@
 """`stage: generate` — sample completions from a checkpoint with the KV-cache engine and write
-`generations.jsonl` (prompt, completion, token count) plus samples in the summary."""
+`generations.jsonl` (prompt, completion, token count) plus samples in the summary. The model
+is loaded on the whole mesh (`mesh:`), each batch of prompts split over its data axes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import jax
 
-from jaxllm.config import Config, MeshConfig, resolve_path
+from jaxllm.config import Config, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generation import generate_text
 from jaxllm.interop import load_tokenizer
@@ -38,8 +39,8 @@ def read_prompts(cfg: Config) -> list[str]:
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    graphdef, state, model_cfg, meta = load_checkpoint_model(ckpt, mesh)
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules  # prompts split over the data axes
+    graphdef, state, model_cfg, meta = load_checkpoint_model(ckpt, mesh, rules)
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     if not tok_path:
         raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
@@ -47,7 +48,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     prompts = read_prompts(cfg)
     t0 = time.perf_counter()
     completions = generate_text(
-        graphdef, state, tok, prompts, cfg.generate, key=jax.random.key(cfg.seed)
+        graphdef,
+        state,
+        tok,
+        prompts,
+        cfg.generate,
+        key=jax.random.key(cfg.seed),
+        mesh=mesh,
+        rules=rules,
     )
     secs = time.perf_counter() - t0
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
