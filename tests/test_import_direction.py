@@ -32,3 +32,18 @@ def test_no_import_against_the_direction(package):
         for f in sorted((ROOT / package).rglob("*.py"))
     }
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_stage_modules_do_not_import_each_other():
+    """What several stages use lives in a shared module (`lm`, `pairs`, `reward_model`,
+    `rollout`, `rl_loop`), never in another stage's module; only `pipeline` runs stages."""
+    from jaxllm.trainers import STAGES
+
+    stages = {m.rsplit(".", 1)[1] for m in STAGES.values()} - {"pipeline"}
+    bad = {}
+    for name in sorted(stages):
+        tree = ast.parse((ROOT / "trainers" / f"{name}.py").read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        used = {m.rsplit(".", 1)[1] for m in mods if m.startswith("jaxllm.trainers.")}
+        bad[name] = sorted(used & stages - {name})
+    assert not {k: v for k, v in bad.items() if v}
