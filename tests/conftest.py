@@ -54,3 +54,30 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tok):
     from tests.sft.test_sft_stage import pretrain
 
     return pretrain(tmp_path_factory.mktemp("tiny"), tok.path)
+
+
+@pytest.fixture
+def prefills(monkeypatch) -> list:
+    """(prompt tokens, weights) of every sampler prefill while the test runs: where the
+    sampler put its rows and the model."""
+    from jaxllm.generation import sampler as sampler_mod
+
+    calls, real = [], sampler_mod._prefill
+
+    def spy(graphdef, state, prompt, *args, **kw):
+        calls.append((prompt[0], state))
+        return real(graphdef, state, prompt, *args, **kw)
+
+    monkeypatch.setattr(sampler_mod, "_prefill", spy)
+    return calls
+
+
+def split_over_devices(tokens_BL, weights=()) -> None:
+    """Rows split over all devices (one block each); the weights on all of them too."""
+    import jax
+
+    n = len(jax.devices())
+    assert isinstance(tokens_BL, jax.Array), "host rows: the batch was never split"
+    assert len(tokens_BL.sharding.device_set) == n
+    assert {s.data.shape[0] for s in tokens_BL.addressable_shards} == {tokens_BL.shape[0] // n}
+    assert all(len(x.sharding.device_set) == n for x in jax.tree.leaves(weights))

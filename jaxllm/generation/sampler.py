@@ -16,22 +16,40 @@ Each generated token comes with its log-prob under the distribution it was drawn
 `log_softmax(logits / temperature)` before top-k / top-p (temperature 1: the raw model's;
 greedy, temperature 0: the raw model's too). RL learners divide their logits by the same
 temperature, so sampler and learner log-probs of a rollout agree.
+
+On a mesh (`Sampler(graphdef, mesh=..., rules=...)`) the batch is split over the rule
+table's `act_batch` axes: each process passes its own rows of the global batch, prompts and
+the KV cache are sharded by row, the rules apply inside prefill and decode (weights stay
+where the train state put them), and the outputs come back row-sharded. Random draws do not
+depend on the layout (partitionable threefry), so a row gets the same tokens on one device
+or many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from jaxllm.config import GenerateConfig
 from jaxllm.generation.sampling import sample_logits, token_logprobs
+from jaxllm.sharding import constrain, use_rules
+from jaxllm.sharding.batch import (
+    batch_shards,
+    local_rows,
+    pad_rows,
+    process_max,
+    process_rows,
+    rows_multiple,
+    rows_to_global,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,23 @@ class SampleResult:
     logprobs: list[list[float]]
     num_tokens: list[int]
     stopped: list[bool]
+
+
+class Generated(NamedTuple):
+    """A sampler call's outputs as (global, row-sharded) arrays: tokens and log-probs
+    [B, G] (zero past each row's end), generated-token counts [B] and stop flags [B]."""
+
+    tokens_BG: jax.Array
+    logprobs_BG: jax.Array
+    num_tokens_B: jax.Array
+    stopped_B: jax.Array
+
+
+class Layout(NamedTuple):
+    """Where a sampler's programs put rows: a mesh and a rule table's name (static)."""
+
+    mesh: Mesh
+    rules: str
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -93,18 +128,48 @@ def _logprobs(logits_BV: jax.Array, tok_B: jax.Array, knobs: tuple, mode: Mode) 
     return token_logprobs(logits_BV, tok_B, 1.0 if mode.greedy else knobs[0])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_size"))
-def _prefill(graphdef, state, prompt, key, knobs, *, mode: Mode, cache_size: int):
+@contextlib.contextmanager
+def _rules(layout: Layout | None) -> Iterator[None]:
+    """The layout's logical-axis rules while tracing (nothing without a layout)."""
+    if layout is None:
+        yield
+        return
+    with use_rules(layout.mesh, layout.rules):
+        yield
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """`x` split by row over the batch axes (under the active rules)."""
+    return constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+
+
+def _cache_rows(cache):
+    """Every cache array split by row: k / v [..., B, K, S, H] also by kv head where the
+    rules split heads; the slot segment ids [B, S] by row; the write index replicated."""
+
+    def place(path, x):
+        if getattr(path[0], "name", None) in ("k", "v"):
+            return constrain(x, (None,) * (x.ndim - 4) + ("act_batch", "act_heads", None, None))
+        return _rows(x) if x.ndim else x
+
+    return jax.tree_util.tree_map_with_path(place, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_size", "layout"))
+def _prefill(graphdef, state, prompt, key_data, knobs, *, mode: Mode, cache_size: int, layout):
     """Runs the padded prompts (tokens, segment ids, positions) into a fresh cache; returns
-    (cache, first token [B], its log-prob [B])."""
+    (cache, first token [B], its log-prob [B]), all split by row."""
     tokens_BP, seg_BP, pos_BP = prompt
-    model = nnx.merge(graphdef, state)
-    cache = model.init_cache(tokens_BP.shape[0], cache_size)
-    logits_B1V, cache = model.extend(
-        tokens_BP, cache, positions_BL=pos_BP, segment_ids_BL=seg_BP, last_only=True
-    )
-    tok_B = _sample(logits_B1V[:, 0], jax.random.fold_in(key, 0), knobs, mode)
-    return cache, tok_B, _logprobs(logits_B1V[:, 0], tok_B, knobs, mode)
+    key = jax.random.wrap_key_data(key_data)
+    with _rules(layout):
+        model = nnx.merge(graphdef, state)
+        cache = _cache_rows(model.init_cache(tokens_BP.shape[0], cache_size))
+        logits_B1V, cache = model.extend(
+            tokens_BP, cache, positions_BL=pos_BP, segment_ids_BL=seg_BP, last_only=True
+        )
+        tok_B = _sample(logits_B1V[:, 0], jax.random.fold_in(key, 0), knobs, mode)
+        logp_B = _logprobs(logits_B1V[:, 0], tok_B, knobs, mode)
+        return _cache_rows(cache), _rows(tok_B), _rows(logp_B)
 
 
 def _decode_init(cache, tok_B, logp_B, pos_B, stop_B, max_new, out_len: int) -> dict:
@@ -117,62 +182,92 @@ def _decode_init(cache, tok_B, logp_B, pos_B, stop_B, max_new, out_len: int) -> 
         done=stop_B | (max_new <= 1),
         stopped=stop_B,
         n=jnp.ones_like(tok_B),
-        out=jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(tok_B),
-        out_logp=jnp.zeros((b, out_len), jnp.float32).at[:, 0].set(logp_B),
+        out=_rows(jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(tok_B)),
+        out_logp=_rows(jnp.zeros((b, out_len), jnp.float32).at[:, 0].set(logp_B)),
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "mode", "out_len"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "mode", "out_len", "layout"), donate_argnames=("cache",)
 )
-def _decode(graphdef, state, cache, first, key, knobs, stop_T, max_new, *, mode, out_len):
+def _decode(graphdef, state, cache, first, key_data, knobs, stop_T, max_new, *, mode, out_len,
+            layout):  # fmt: skip
     """The decode loop, one `lax.while_loop`: feeds each row's last token at the next cache
     slot and samples the next, until every row hit a stop id or `max_new` tokens. `first` is
-    (token, log-prob, position) of the first generated token of each row."""
-    model = nnx.merge(graphdef, state)
-    tok_B, logp_B, pos_B = first
+    (token, log-prob, position) of the first generated token of each row. The cache is
+    donated; every output is split by row."""
+    key = jax.random.wrap_key_data(key_data)
+    with _rules(layout):
+        model = nnx.merge(graphdef, state)
+        tok_B, logp_B, pos_B = first
 
-    def is_stop(t_B):
-        return jnp.any(t_B[:, None] == stop_T[None, :], axis=-1)
+        def is_stop(t_B):
+            return jnp.any(t_B[:, None] == stop_T[None, :], axis=-1)
 
-    def cond(c):
-        return (c["t"] < max_new) & ~jnp.all(c["done"])
+        def cond(c):
+            return (c["t"] < max_new) & ~jnp.all(c["done"])
 
-    def body(c):
-        tok_B1, pos_B1 = c["tok"][:, None], c["pos"][:, None]
-        logits_B1V, cache = model.extend(tok_B1, c["cache"], positions_BL=pos_B1)
-        step_key = jax.random.fold_in(key, c["t"])
-        live_B = ~c["done"]
-        new_B = jnp.where(live_B, _sample(logits_B1V[:, 0], step_key, knobs, mode), 0)
-        logp_B = jnp.where(live_B, _logprobs(logits_B1V[:, 0], new_B, knobs, mode), 0.0)
-        stop_B = live_B & is_stop(new_B)
-        return dict(
-            cache=cache,
-            t=c["t"] + 1,
-            tok=new_B,
-            pos=c["pos"] + 1,
-            done=c["done"] | stop_B | (c["t"] + 1 >= max_new),
-            stopped=c["stopped"] | stop_B,
-            n=c["n"] + live_B.astype(jnp.int32),
-            out=c["out"].at[:, c["t"]].set(new_B),
-            out_logp=c["out_logp"].at[:, c["t"]].set(logp_B),
-        )
+        def body(c):
+            tok_B1, pos_B1 = c["tok"][:, None], c["pos"][:, None]
+            logits_B1V, cache = model.extend(tok_B1, c["cache"], positions_BL=pos_B1)
+            step_key = jax.random.fold_in(key, c["t"])
+            live_B = ~c["done"]
+            new_B = jnp.where(live_B, _sample(logits_B1V[:, 0], step_key, knobs, mode), 0)
+            logp_B = jnp.where(live_B, _logprobs(logits_B1V[:, 0], new_B, knobs, mode), 0.0)
+            stop_B = live_B & is_stop(new_B)
+            return dict(
+                cache=_cache_rows(cache),
+                t=c["t"] + 1,
+                tok=new_B,
+                pos=c["pos"] + 1,
+                done=c["done"] | stop_B | (c["t"] + 1 >= max_new),
+                stopped=c["stopped"] | stop_B,
+                n=c["n"] + live_B.astype(jnp.int32),
+                out=c["out"].at[:, c["t"]].set(new_B),
+                out_logp=c["out_logp"].at[:, c["t"]].set(logp_B),
+            )
 
-    init = _decode_init(cache, tok_B, logp_B, pos_B, is_stop(tok_B), max_new, out_len)
-    c = jax.lax.while_loop(cond, body, init)
-    return c["out"], c["out_logp"], c["n"], c["stopped"], c["cache"]
+        init = _decode_init(cache, tok_B, logp_B, pos_B, is_stop(tok_B), max_new, out_len)
+        c = jax.lax.while_loop(cond, body, init)
+        out = (c["out"], c["out_logp"], c["n"], c["stopped"])
+        return Generated(*(_rows(x) for x in out)), _cache_rows(c["cache"])
 
 
 class Sampler:
-    """Generation for one model architecture (`graphdef`); weights come with each call."""
+    """Generation for one model architecture (`graphdef`); weights come with each call.
+    With a `mesh`, rows are split over the batch axes of `rules` and each process passes
+    (and gets back) its own rows; without one, everything runs where the weights are."""
 
-    def __init__(self, graphdef: nnx.GraphDef, *, gen_multiple: int = 64, min_prompt: int = 16):
+    def __init__(
+        self, graphdef: nnx.GraphDef, *, mesh: Mesh | None = None, rules: str = "dp",
+        gen_multiple: int = 64, min_prompt: int = 16,
+    ):  # fmt: skip
         self.graphdef = graphdef
+        self.layout = None if mesh is None else Layout(mesh, rules)
         self.gen_multiple = gen_multiple
         self.min_prompt = min_prompt
         self._cfg = None  # the model config, read from the first state merged
 
-    def __call__(
+    @property
+    def shards(self) -> int:
+        """How many pieces a batch is split into (a global batch is a multiple of it)."""
+        return 1 if self.layout is None else batch_shards(*self.layout)
+
+    def my_rows(self, n: int) -> slice:
+        """This process's rows of an `n`-row global batch (a multiple of `shards`)."""
+        return slice(0, n) if self.layout is None else process_rows(*self.layout, n)
+
+    def __call__(self, state: nnx.State, prompts: Sequence[Sequence[int]], **kw) -> SampleResult:
+        """Generates for this process's `prompts` (token-id lists of any lengths; any
+        number: padded with copies to split over the mesh). Keywords as `generate`."""
+        if not prompts:
+            raise ValueError("Sampler: no prompts given")
+        multiple = 1 if self.layout is None else rows_multiple(*self.layout)
+        padded, n = pad_rows(np.arange(len(prompts)), multiple)
+        out = self.generate(state, [prompts[i] for i in padded], **kw)
+        return to_result(*(local_rows(x)[:n] for x in out))
+
+    def generate(
         self,
         state: nnx.State,
         prompts: Sequence[Sequence[int]],
@@ -183,28 +278,32 @@ class Sampler:
         top_k: int = 0,
         top_p: float = 1.0,
         stop_ids: Sequence[int] = (),
-    ) -> SampleResult:
-        """Generates up to `max_new_tokens` for each prompt (token-id lists of any lengths)."""
+    ) -> Generated:
+        """Up to `max_new_tokens` for each of this process's `prompts` (on a mesh their
+        number times the processes must be a multiple of `shards`), as global arrays."""
         if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError("need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
         if not prompts:
             raise ValueError("Sampler: no prompts given")
-        longest = max(len(p) for p in prompts)
+        longest = process_max(max(len(p) for p in prompts))  # one bucket on every process
         tokens, seg, pos, lens = pad_prompts(prompts, prompt_bucket(longest, self.min_prompt))
         self._validate(state, tokens, longest, max_new_tokens)
-        bucket = tokens.shape[1]
+        if self.layout is not None:
+            tokens, seg, pos, lens = rows_to_global((tokens, seg, pos, lens), *self.layout)
         gen_len = _round_up(max_new_tokens, self.gen_multiple)
         mode = Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1.0)
-        knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        key_data = _key_data(key)
         cache, tok, logp = _prefill(
-            self.graphdef, state, (tokens, seg, pos), key, knobs,
-            mode=mode, cache_size=bucket + gen_len,
+            self.graphdef, state, (tokens, seg, pos), key_data, knobs, mode=mode,
+            cache_size=tokens.shape[1] + gen_len, layout=self.layout,
         )  # fmt: skip
-        out = _decode(
-            self.graphdef, state, cache, (tok, logp, lens), key, knobs,
-            _stop_array(stop_ids), jnp.int32(max_new_tokens), mode=mode, out_len=gen_len,
+        out, _ = _decode(
+            self.graphdef, state, cache, (tok, logp, lens), key_data, knobs,
+            _stop_array(stop_ids), np.int32(max_new_tokens), mode=mode, out_len=gen_len,
+            layout=self.layout,
         )  # fmt: skip
-        return _to_result(*jax.device_get(out[:4]))
+        return out
 
     def _validate(self, state, tokens: np.ndarray, longest: int, max_new_tokens: int) -> None:
         """Errors before compiling: ids outside the vocabulary, positions past the table."""
@@ -223,13 +322,22 @@ class Sampler:
             )
 
 
-def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
+def _key_data(key: jax.Array) -> np.ndarray:
+    """A key's raw bits on the host (a typed key or a legacy uint32 one): every process
+    passes the same small array, which the programs wrap back into a key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key)
+
+
+def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
     """Stop ids padded with -1 to a multiple of 8, so changing them does not recompile."""
     ids = list(stop_ids)
-    return jnp.asarray(ids + [-1] * (_round_up(max(len(ids), 1), 8) - len(ids)), jnp.int32)
+    return np.asarray(ids + [-1] * (_round_up(max(len(ids), 1), 8) - len(ids)), np.int32)
 
 
-def _to_result(out, out_logp, n, stopped) -> SampleResult:
+def to_result(out, out_logp, n, stopped) -> SampleResult:
+    """Host arrays of generated rows → per-row lists (each cut at its token count)."""
     rows = range(out.shape[0])
     return SampleResult(
         tokens=[out[i, : n[i]].tolist() for i in rows],
@@ -237,49 +345,3 @@ def _to_result(out, out_logp, n, stopped) -> SampleResult:
         num_tokens=[int(x) for x in n],
         stopped=[bool(x) for x in stopped],
     )
-
-
-class TextTokenizer(Protocol):
-    def encode(self, text: str, add_bos: bool = ...) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-def generate_text(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    tokenizer: TextTokenizer,
-    prompts: Sequence[str],
-    cfg: GenerateConfig,
-    *,
-    key: jax.Array,
-    stop_ids: Sequence[int] | None = None,
-) -> list[str]:
-    """Completions (the text after each prompt) with the settings of `cfg`.
-
-    Stop strings in `cfg.stop` that encode to one token become stop ids (unless `stop_ids` is
-    given); every completion is also cut at the first stop string. Prompts run in batches of
-    `cfg.batch_size`, the last padded with copies so every batch reuses one program.
-    """
-    if stop_ids is None:
-        encoded = (tokenizer.encode(s, add_bos=False) for s in cfg.stop)
-        stop_ids = [ids[0] for ids in encoded if len(ids) == 1]
-    sampler = Sampler(graphdef)
-    texts: list[str] = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = list(prompts[start : start + cfg.batch_size])
-        ids = [tokenizer.encode(p, add_bos=cfg.add_bos) for p in chunk]
-        ids += [ids[-1]] * (min(cfg.batch_size, len(prompts)) - len(ids))
-        res = sampler(
-            state, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=stop_ids,
-            key=jax.random.fold_in(key, start),
-        )  # fmt: skip
-        for toks, stopped in zip(res.tokens[: len(chunk)], res.stopped, strict=False):
-            texts.append(_cut(tokenizer.decode(toks[:-1] if stopped else toks), cfg.stop))
-    return texts
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string."""
-    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut]

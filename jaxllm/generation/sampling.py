@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models.logits import temper
+
 _NEG = -jnp.inf
 
 
@@ -64,17 +66,6 @@ def sample_logits(
     if isinstance(temperature, int | float):
         return sampled_B
     return jnp.where(temperature == 0, greedy_B, sampled_B)
-
-
-def temper(logits_V: jax.Array, temperature: float | jax.Array = 1.0) -> jax.Array:
-    """logits / temperature in float32 (the distribution `sample_logits` draws from, before
-    top-k / top-p). A temperature below 1e-6 divides by 1e-6 (0 is greedy: no distribution
-    to speak of); a Python 1.0 returns the logits unchanged, a traced 1.0 divides by 1
-    (exact), so temperature 1 is bit-identical to the raw model's logits either way."""
-    logits_V = logits_V.astype(jnp.float32)
-    if _is_const(temperature, 1.0):
-        return logits_V
-    return logits_V / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
 
 
 def token_logprobs(

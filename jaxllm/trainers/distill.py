@@ -23,13 +23,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, MeshConfig, replace, to_dict
+from jaxllm.config import Config, replace, to_dict
 from jaxllm.config.distill import DistillConfig
 from jaxllm.data.pipeline import make_eval_dataset, make_lm_dataset
 from jaxllm.data.preference import PromptRecords
 from jaxllm.data.sources import cleaned_shards
 from jaxllm.errors import ConfigError
-from jaxllm.generation import Sampler
+from jaxllm.generation import Sampler, response_texts, sample_all
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
@@ -237,12 +237,14 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
 def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     """Writes the teacher's answers to `prompts_file` (and `val_prompts_file`) as SFT records."""
     d = cfg.distill
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    graphdef, state, _, m, meta = load_frozen_model(require_input(cfg, "checkpoint"), mesh)
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules  # the teacher may span every device
+    ckpt = require_input(cfg, "checkpoint")
+    graphdef, state, _, m, meta = load_frozen_model(ckpt, mesh, rules)
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     template = ChatTemplate(load_model_tokenizer(tok_path, m))
     limit = m.max_seq_len if m.positions == "learned" else None
-    answer = _Answerer(Sampler(graphdef), state, template, d, cfg.seed, limit)
+    sampler = Sampler(graphdef, mesh=mesh, rules=rules)
+    answer = _Answerer(sampler, state, template, d, cfg.seed, limit)
     summary: dict[str, Any] = {"outputs": {}}
     splits = [("train", d.prompts_file, "prompts_file", d.max_prompts)]
     if d.val_prompts_file:
@@ -261,7 +263,7 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
 class _Answerer:
     """`(path, cap) -> (sft_rows, figures)`: the teacher's answers to a file's prompts, in
-    batches of `batch_size` (the last padded: one compiled program)."""
+    batches of `batch_size` split over the mesh (the last padded: one compiled program)."""
 
     def __init__(self, sampler, state, template, d: DistillConfig, seed: int, limit) -> None:
         self.sampler, self.state, self.template, self.d = sampler, state, template, d
@@ -299,19 +301,16 @@ class _Answerer:
         return rows, figures
 
     def _generate(self, prompts: list[list[int]]) -> tuple[list[str], list[bool]]:
-        d, texts, stopped = self.d, [], []
-        size = min(d.batch_size, max(len(prompts), 1))
-        for n, start in enumerate(range(0, len(prompts), size)):
-            chunk = prompts[start : start + size]
-            res = self.sampler(
-                self.state, chunk + [chunk[-1]] * (size - len(chunk)),
-                max_new_tokens=d.max_new_tokens, key=jax.random.fold_in(self.key, n),
-                temperature=d.sample_temperature, top_p=d.top_p, stop_ids=self.stops,
-            )  # fmt: skip
-            for toks, stop in zip(res.tokens[: len(chunk)], res.stopped):
-                texts.append(self.template.tok.decode(toks[:-1] if stop else toks))
-                stopped.append(bool(stop))
-        return texts, stopped
+        """Batch n samples with `fold_in(key, n)`; every process gets every answer."""
+        if not prompts:
+            return [], []
+        d = self.d
+        res = sample_all(
+            self.sampler, self.state, prompts, batch_size=d.batch_size,
+            key_for=lambda n: jax.random.fold_in(self.key, n), max_new_tokens=d.max_new_tokens,
+            temperature=d.sample_temperature, top_p=d.top_p, stop_ids=self.stops,
+        )  # fmt: skip
+        return response_texts(self.template.tok, res), list(res.stopped)
 
 
 def _sft_record(r: dict[str, Any], response: str) -> dict[str, Any]:

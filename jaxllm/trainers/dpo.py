@@ -42,7 +42,7 @@ from jaxllm.trainers.lm import (
     restore_or_init,
     stage_tokenizer,
 )
-from jaxllm.trainers.reward import (
+from jaxllm.trainers.pairs import (
     PairPass,
     by_task,
     pair_rows,

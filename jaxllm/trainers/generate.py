@@ -1,5 +1,6 @@
 """`stage: generate` — sample completions from a checkpoint with the KV-cache engine and write
-`generations.jsonl` (prompt, completion, token count) plus samples in the summary."""
+`generations.jsonl` (prompt, completion, token count) plus samples in the summary. The model
+is loaded on the whole mesh (`mesh:`), each batch of prompts split over its data axes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import jax
 
-from jaxllm.config import Config, GenerateConfig, MeshConfig, replace, resolve_path
+from jaxllm.config import Config, GenerateConfig, replace, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.generation import generate_text
 from jaxllm.interop import load_tokenizer
@@ -54,8 +55,8 @@ def chat_prompts(prompts: list[str], gen: GenerateConfig) -> tuple[list[str], Ge
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    graphdef, state, model_cfg, meta = load_checkpoint_model(ckpt, mesh)
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules  # prompts split over the data axes
+    graphdef, state, model_cfg, meta = load_checkpoint_model(ckpt, mesh, rules)
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     if not tok_path:
         raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")
@@ -63,7 +64,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     prompts = read_prompts(cfg)
     texts, gen = chat_prompts(prompts, cfg.generate)
     t0 = time.perf_counter()
-    completions = generate_text(graphdef, state, tok, texts, gen, key=jax.random.key(cfg.seed))
+    completions = generate_text(
+        graphdef, state, tok, texts, gen, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules
+    )
     secs = time.perf_counter() - t0
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     atomic_write_text(

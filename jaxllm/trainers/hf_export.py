@@ -9,8 +9,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from jaxllm.config import Config, MeshConfig
 from jaxllm.interop import HF_TOKENIZER_FILES, infer_family
 from jaxllm.interop.export import export_hf
@@ -24,14 +22,17 @@ from jaxllm.training.state import count_params
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     hf = cfg.hf  # type: ignore[attr-defined]
     out = Path(hf.out_dir).expanduser() if hf.out_dir else Path(run_dir.path) / "hf"
-    return export_checkpoint(require_input(cfg, "checkpoint"), out, hf.dtype)
+    return export_checkpoint(require_input(cfg, "checkpoint"), out, hf.dtype, cfg.mesh)
 
 
-def export_checkpoint(ckpt: Path, out: Path, dtype: str = "float32") -> dict[str, Any]:
-    """Loads the newest checkpoint in `ckpt` on one device (LoRA adapters merged into the
-    weights) and writes it to `out`."""
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    _, state, _, m, meta = load_frozen_model(ckpt, mesh)
+def export_checkpoint(
+    ckpt: Path, out: Path, dtype: str = "float32", mesh_cfg: MeshConfig | None = None
+) -> dict[str, Any]:
+    """Loads the newest checkpoint in `ckpt` on the mesh of `mesh_cfg` (default: every
+    device; with fsdp rules no device holds the whole model), LoRA adapters merged into the
+    weights, and writes it to `out` (each weight gathered to the host in turn)."""
+    mesh_cfg = mesh_cfg or MeshConfig()
+    _, state, _, m, meta = load_frozen_model(ckpt, make_mesh(mesh_cfg), mesh_cfg.rules)
     export_hf(state, m, out, dtype)
     tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
     return {

@@ -9,6 +9,7 @@ time, so the jitted scorer compiles once per bucket; longer inputs are cut to `m
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -20,22 +21,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from jaxllm.config import Config, MeshConfig, resolve_path
+from jaxllm.config import Config, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.interop import load_tokenizer
 from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
-from jaxllm.sharding import make_mesh
+from jaxllm.sharding import make_mesh, use_rules
+from jaxllm.sharding.batch import map_rows
 from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import load_checkpoint_model
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def score_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens_BL, mask_BL) -> jax.Array:
-    """[B, L] float32: log p(token t | tokens < t) at t >= 1 of real tokens, 0 elsewhere."""
-    model = nnx.merge(graphdef, state)
-    logits_BLV = model(tokens_BL, segment_ids_BL=mask_BL.astype(jnp.int32))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
+def score_batch(
+    graphdef: nnx.GraphDef, state: nnx.State, tokens_BL, mask_BL, mesh: Mesh | None = None,
+    rules: str = "dp",
+) -> jax.Array:  # fmt: skip
+    """[B, L] float32: log p(token t | tokens < t) at t >= 1 of real tokens, 0 elsewhere
+    (under the logical-axis `rules` on `mesh` when given)."""
+    with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        model = nnx.merge(graphdef, state)
+        logits_BLV = model(tokens_BL, segment_ids_BL=mask_BL.astype(jnp.int32))
     logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
     picked_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
     picked_BL = jnp.where(mask_BL[:, 1:] > 0, picked_BL, 0.0)
@@ -52,8 +60,12 @@ def score_ids(
     rows: Sequence[Sequence[int]],
     batch_size: int = 8,
     max_len: int = 512,
+    mesh: Mesh | None = None,
+    rules: str = "dp",
 ) -> list[dict[str, Any]]:
-    """Scores token-id rows (in input order): logprobs, total_logprob, num_tokens, ppl."""
+    """Scores token-id rows (in input order): logprobs, total_logprob, num_tokens, ppl. On a
+    `mesh` each batch is split over its data axes (every process passes all rows and gets
+    every result)."""
     rows = [list(r)[:max_len] for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch up
     out: list[dict[str, Any]] = [{} for _ in rows]
@@ -65,10 +77,20 @@ def score_ids(
         for j, i in enumerate(idx):
             tokens[j, : len(rows[i])] = rows[i]
             mask[j, : len(rows[i])] = 1
-        logp = np.asarray(jax.device_get(score_batch(graphdef, state, tokens, mask)))
+        logp = _score_rows(graphdef, state, {"tokens": tokens, "mask": mask}, mesh, rules)
         for j, i in enumerate(idx):
             out[i] = _row_result(logp[j, 1 : len(rows[i])])
     return out
+
+
+def _score_rows(graphdef, state, batch: dict[str, np.ndarray], mesh, rules: str) -> np.ndarray:
+    """`score_batch` of a host batch: split over the mesh, every row back on every process."""
+    if mesh is None:
+        return np.asarray(score_batch(graphdef, state, batch["tokens"], batch["mask"]))
+    return map_rows(
+        lambda b: score_batch(graphdef, state, b["tokens"], b["mask"], mesh, rules),
+        batch, mesh, rules,
+    )  # fmt: skip
 
 
 def _row_result(logp: np.ndarray) -> dict[str, Any]:
@@ -106,12 +128,12 @@ def _parse_record(obj: dict[str, Any], path: Path, i: int) -> dict[str, Any]:
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     sc = cfg.score  # type: ignore[attr-defined]
     ckpt = require_input(cfg, "checkpoint")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    graphdef, state, m, meta = load_checkpoint_model(ckpt, mesh)
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules  # batches split over the data axes
+    graphdef, state, m, meta = load_checkpoint_model(ckpt, mesh, rules)
     items = read_inputs(sc)
     rows = _to_ids(items, cfg.inputs.tokenizer or meta.get("tokenizer", ""), m.vocab_size)
     max_len = min(sc.max_len, m.max_seq_len) if m.positions == "learned" else sc.max_len
-    results = score_ids(graphdef, state, rows, sc.batch_size, max_len)
+    results = score_ids(graphdef, state, rows, sc.batch_size, max_len, mesh, rules)
     lines = [
         json.dumps({**it, **res}, ensure_ascii=False) + "\n" for it, res in zip(items, results)
     ]

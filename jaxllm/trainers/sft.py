@@ -14,12 +14,13 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxllm.config import Config, replace
 from jaxllm.config.sft import SFTConfig
 from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import ConfigError
-from jaxllm.generation import Sampler
+from jaxllm.generation import Sampler, response_texts, sample_all
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import ChatTemplate, split_answer
@@ -118,17 +119,20 @@ def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, 
     if s.eval_examples:
         records = SFTRecords(val_files, s.format)
         limit = m.max_seq_len if m.positions == "learned" else None
-        answers = make_answer_scorer(graphdef, template, records, s, cfg.seed, limit)
+        answers = make_answer_scorer(
+            graphdef, template, records, s, cfg.seed, limit, mesh=mesh, rules=cfg.mesh.rules
+        )
     return _Scorer(evaluate, answers)
 
 
 def make_answer_scorer(
     graphdef, template: ChatTemplate, records: SFTRecords, s: SFTConfig, seed: int,
-    max_len: int | None = None,
+    max_len: int | None = None, *, mesh: Mesh | None = None, rules: str = "dp",
 ):  # fmt: skip
     """`score(state) -> {"exact_match", "exact_match_by_task", "samples"}` on up to
     `s.eval_examples` held-out records, evenly spaced through the file (prompts whose answer
-    would run past `max_len` positions are left out)."""
+    would run past `max_len` positions are left out). Greedy answers run `eval_batch_size`
+    prompts at a time, split over `mesh`; every process gets the same figures."""
     n = len(records)
     picks = np.unique(np.linspace(0, n - 1, min(s.eval_examples, n)).astype(int)).tolist()
     prompts, refs, tasks = [], [], []
@@ -143,11 +147,16 @@ def make_answer_scorer(
     if not prompts:
         raise ConfigError(f"sft.val_file: no held-out prompt fits in {max_len} positions")
     stops = [template.ids["<|end|>"], template.ids["</s>"]]
-    sampler = Sampler(graphdef)
+    sampler = Sampler(graphdef, mesh=mesh, rules=rules)
 
     def score(state: TrainState) -> dict[str, Any]:
         weights = nnx.merge_state(state.params, state.frozen)
-        preds = _greedy(sampler, weights, prompts, template.tok, stops, s, seed)
+        res = sample_all(
+            sampler, weights, prompts, batch_size=s.eval_batch_size,
+            key_for=lambda n: jax.random.key(seed), max_new_tokens=s.eval_max_new_tokens,
+            stop_ids=stops,
+        )  # fmt: skip
+        preds = response_texts(template.tok, res)
         hits = [final_answer(p) == final_answer(r) for p, r in zip(preds, refs)]
         by_task = {
             t: round(float(np.mean([h for h, k in zip(hits, tasks) if k == t])), 4)
@@ -161,21 +170,6 @@ def make_answer_scorer(
         return {"exact_match": acc, "exact_match_by_task": by_task, "samples": samples}
 
     return score
-
-
-def _greedy(sampler, weights, prompts, tok, stops, s: SFTConfig, seed: int) -> list[str]:
-    """Greedy answers in batches of `eval_batch_size` (the last padded: one compiled program)."""
-    out: list[str] = []
-    size = min(s.eval_batch_size, len(prompts))
-    for start in range(0, len(prompts), size):
-        chunk = prompts[start : start + size]
-        res = sampler(
-            weights, chunk + [chunk[-1]] * (size - len(chunk)),
-            max_new_tokens=s.eval_max_new_tokens, key=jax.random.key(seed), stop_ids=stops,
-        )  # fmt: skip
-        for toks, stopped in zip(res.tokens[: len(chunk)], res.stopped):
-            out.append(tok.decode(toks[:-1] if stopped else toks))
-    return out
 
 
 def _summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.generation.sampling import temper
+from jaxllm.models.logits import temper
 
 _CHUNK = 32  # vocab reductions run as [.., V / 32, 32]: see `_chunked`
 

@@ -17,7 +17,8 @@ from jaxllm.models import Decoder
 from jaxllm.models.heads import ScalarModel
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import reward
-from jaxllm.trainers.reward import load_reward_model, pair_rewards, reward_scores
+from jaxllm.trainers.reward import pair_rewards
+from jaxllm.trainers.reward_model import load_reward_model, reward_scores
 
 from .conftest import ROOT, run_stage, stage_config
 

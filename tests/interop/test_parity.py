@@ -174,6 +174,7 @@ def _score_stage(imported, rows, tmp_path):
     path.write_text("".join(json.dumps({"ids": r}) + "\n" for r in rows))
     cfg = types.SimpleNamespace(
         score=ScoreConfig(texts_file=str(path), batch_size=2, max_len=64),
+        mesh=MeshConfig(),  # every device: the stage splits its batches over them
         inputs=types.SimpleNamespace(
             checkpoint=str(imported.dir / "run/checkpoints"), tokenizer=""
         ),

@@ -2,6 +2,7 @@
 plus the invariants RL depends on: sampler and learner log-probs of the same tokens agree,
 the frozen reference stays bit-identical while the policy moves."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,11 +15,11 @@ from jaxllm.config import replace
 from jaxllm.rundir import RunDir
 from jaxllm.trainers import grpo, ppo
 from jaxllm.trainers.lm import load_checkpoint_model
-from jaxllm.trainers.rollout import logprob_gap, sample_rollouts, setup_stage, stop_ids
-from jaxllm.training.optim import lr_schedule
+from jaxllm.trainers.rl_loop import local_scores, rl_iteration, setup_stage
+from jaxllm.trainers.rollout import logprob_gap, sample_rollouts, stop_ids
 from jaxllm.training.state import to_global
-from jaxllm.training.step import make_train_step
 
+from ..conftest import split_over_devices
 from .conftest import rl_config
 
 SMALL = dict(iterations=2, max_new_tokens=6, eval_examples=4, eval_max_new_tokens=4)
@@ -84,28 +85,29 @@ def test_grpo_stage_two_iterations(tmp_path, tiny_ckpt):
     assert sorted(p.name for p in (tmp_path / "grpo/checkpoints").iterdir()) == ["2"]
 
 
-def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt):
+def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt, prefills):
     g = dict(SMALL, prompts_per_iteration=2, group_size=4, minibatch_size=8, epochs=2)
     cfg = rl_config("grpo", tiny_ckpt, tmp_path / "g", **g)
     cfg = replace(cfg, train=replace(cfg.train, optim=replace(cfg.train.optim, lr=1e-2)))
     st = setup_stage(cfg, "grpo", 4)
     sp = st.start
-    step_fn = make_train_step(
-        sp.graphdef, grpo.grpo_loss_fn(0.2, 0.05, "k3"), st.tx, lr_schedule(cfg.train.optim, 4),
-        sp.shardings, st.mesh, cfg.mesh.rules,
-    )  # fmt: skip
+
+    def rewards(texts, recs, batch):  # varies within a group even for an untrained model
+        return {
+            "reward": local_scores([float(len(t)) for t in texts], st.mesh, st.rules),
+            "accuracy": local_scores([0.0] * len(texts), st.mesh, st.rules),
+        }
+
+    algo = dataclasses.replace(grpo.grpo_algorithm(cfg, st, 4), rewards=rewards)
     ref_before = jax.tree.map(np.array, st.ref[1])
     policy_before = jax.tree.map(np.array, sp.state.params)
-
-    def reward(text, record):  # varies within a group even for an untrained model
-        return float(len(text))
-
     state, rng = sp.state, np.random.default_rng(0)
     clock = {"gen": 0.0, "train": 0.0, "tokens": 0}
     for it in (1, 2):  # the second iteration samples with updated weights: still agrees
-        state, row = grpo._iteration(cfg, st, state, step_fn, reward, stop_ids(st.template),
-                                     rng, it, clock)  # fmt: skip
+        state, row = rl_iteration(cfg, st, algo, state, rng, it, clock)
         assert row["logprob_gap"] < 1e-4
+    for tokens, weights in prefills:  # rollouts are data parallel: each device its rows
+        split_over_devices(tokens, weights)
     for a, b in zip(jax.tree.leaves(ref_before), jax.tree.leaves(st.ref[1])):
         np.testing.assert_array_equal(a, np.asarray(b))
     moved = [not np.array_equal(a, np.asarray(b))

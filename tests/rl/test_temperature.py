@@ -13,13 +13,13 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import Decoder
 from jaxllm.trainers.grpo import grpo_loss_fn
 from jaxllm.trainers.ppo import ppo_loss_fn, with_value_head
+from jaxllm.trainers.rl_loop import setup_stage
 from jaxllm.trainers.rollout import (
     StaleRollout,
     logprob_gap,
     make_scoring_pass,
     policy_outputs,
     sample_rollouts,
-    setup_stage,
     stop_ids,
 )
 from jaxllm.training.state import to_global

@@ -1,0 +1,123 @@
+"""What the preference-pair stages (`reward`, `dpo`) share: the held-out pass over pairs
+that gives the same figures on one host or many (`PairPass`), win rates and weighted means
+by task, and the loop + summary after a pair stage's setup (`train_pairs`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxllm.data.preference import PreferenceRecords, make_preference_eval_dataset
+from jaxllm.trainers.lm import checkpoint_dir, loop_spec, param_figures
+from jaxllm.training.loop import run_loop
+from jaxllm.training.metrics import plot_losses
+from jaxllm.training.state import to_global
+
+
+def pair_rows(batch: dict[str, jax.Array], key: str) -> jax.Array:
+    """[B, 2, L] → [2B, L] (rows 2i chosen, 2i + 1 rejected)."""
+    x = batch[key]
+    return x.reshape(x.shape[0] * 2, *x.shape[2:])
+
+
+class PairPass:
+    """One ordered pass over preference files that gives the same figures on one host or
+    many: every process scores its share of the pairs (all with the same number of
+    batches), and `collect` gathers each batch's per-pair outputs to every process, so the
+    figures cover all pairs. Rows are keyed by `pair` (the pair's index in the files) —
+    how `task` is found, and how per-pair tables (DPO's reference log-probs) are indexed."""
+
+    def __init__(self, files: list[Path], template, loader, mesh) -> None:
+        import math
+
+        from jaxllm.data.pipeline import local_batch_size
+
+        self.files, self.template, self.loader, self.mesh = files, template, loader, mesh
+        records = PreferenceRecords(files)
+        self.size = len(records)
+        self.tasks = np.array([records[i].task or "all" for i in range(self.size)])
+        pc = jax.process_count()
+        share = math.ceil(self.size / pc)
+        self.num_batches = math.ceil(share / local_batch_size(loader, pc))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._gather = jax.jit(lambda tree: tree, out_shardings=replicated)
+
+    def collect(self, fn, *args) -> dict[str, np.ndarray]:
+        """Runs `fn(*args, global_batch) -> {name: [B]}` over the batches; the rows of every
+        process with their `weight`, `pair` and `task` (padding rows: weight 0, pair -1)."""
+        batches = make_preference_eval_dataset(
+            self.files, self.template, self.loader, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_batches=self.num_batches,
+        )  # fmt: skip
+        out: dict[str, list] = {}
+        for batch in batches:
+            g = to_global(batch, self.mesh)
+            vals = jax.device_get(self._gather({**fn(*args, g), "weight": g["weight"],
+                                                "pair": g["pair"]}))  # fmt: skip
+            for k, v in vals.items():
+                out.setdefault(k, []).append(np.asarray(v, np.int64 if k == "pair" else np.float64))
+        rows = {k: np.concatenate(v) for k, v in out.items()}
+        rows["task"] = np.where(rows["pair"] >= 0, self.tasks[np.maximum(rows["pair"], 0)], "")
+        return rows
+
+
+def pair_wins(gap: np.ndarray) -> np.ndarray:
+    """1 where the chosen answer scores higher, 0 where lower, 1/2 on a tie (so an untrained,
+    zero-initialised head stands at chance, 0.5)."""
+    return np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0))
+
+
+def by_task(values: np.ndarray, rows: dict[str, np.ndarray]) -> dict:
+    """{task: mean of values over its real pairs} (weight > 0 rows of a `collect`)."""
+    out = {}
+    for t in sorted(set(rows["task"][rows["weight"] > 0])):
+        out[str(t)] = wmean(values, (rows["weight"] > 0) & (rows["task"] == t))
+    return out
+
+
+def wmean(values: np.ndarray, weight: np.ndarray) -> float:
+    return round(float(np.sum(weight * values) / max(np.sum(weight), 1e-9)), 4)
+
+
+def scalar_figures(figures: dict[str, Any]) -> dict[str, float]:
+    """The float entries of an evaluation (what the loop logs as eval_*)."""
+    return {k: v for k, v in figures.items() if isinstance(v, float)}
+
+
+def train_pairs(
+    cfg, start_point, state, start, step_fn, batches, mesh, ckpt, evaluate, before, run_dir,
+    tok_path,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """What the pair stages (reward, dpo) share after their setup: the loop from `start`,
+    the held-out figures after it, the loss plot and the summary (with the parameter
+    figures). Returns `(summary, last logged metrics)`."""
+    eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
+    meta = start_point.checkpoint_meta(cfg, tok_path)
+    spec = loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
+    state, last = run_loop(spec, state, ckpt, run_dir.path)
+    ckpt.close()
+    after = evaluate(state) if evaluate else {}
+    plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
+    summary = stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path)
+    return {**param_figures(start_point, run_dir.path), **summary}, last
+
+
+def stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[str, Any]:
+    """Steps, final train loss, every held-out figure as `<name>_before` / `<name>_after`."""
+    summary: dict[str, Any] = {
+        "steps": cfg.train.steps,
+        "resumed_from_step": start,
+        "final_train_loss": last.get("loss"),
+        "tokens_per_s": last.get("tokens_per_s"),
+    }
+    for key in before:
+        summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
+    summary["loss_plot"] = plot.name if plot else None
+    summary["outputs"] = {
+        "checkpoint": str(checkpoint_dir(run_dir.path)),
+        "tokenizer": str(tok_path),
+    }
+    return summary

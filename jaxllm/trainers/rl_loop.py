@@ -1,0 +1,365 @@
+"""The RL machine PPO and GRPO share: setup (policy, frozen reference, prompts, the sampler
+on the mesh, the jitted scoring pass), one iteration (rollouts → scoring → the stage's
+post-rollout math in one jitted function → epochs of minibatch steps), the resumable outer
+loop, greedy evaluation and the summary. A stage plugs in an `Algorithm`.
+
+Multi-process: every process picks the same prompts (the same seeded generator), samples
+and decodes its own rows of them (`Sampler.my_rows`), scores its texts with the rule
+rewards, and joins rows into global arrays; everything after that (advantages, statistics,
+minibatch gathers, steps) runs on global arrays, and the host reads only replicated scalars.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.errors import ConfigError
+from jaxllm.generation import Sampler
+from jaxllm.sharding.batch import replicated, row_sharding, rows_to_global
+from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.trainers.rollout import (
+    TextScores,
+    check_gap,
+    eval_rows,
+    gap_stats,
+    greedy_eval,
+    load_prompts,
+    make_scoring_pass,
+    minibatches,
+    sample_rollouts,
+    stop_ids,
+)
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    """The final policy (a plain decoder checkpoint, what later stages load)."""
+    return Path(run_dir) / "checkpoints"
+
+
+def resume_path(run_dir: Path) -> Path:
+    """The iteration checkpoints a killed run resumes from (the whole train state)."""
+    return Path(run_dir) / "resume"
+
+
+@dataclass
+class Stage:
+    """What PPO and GRPO both build before their first iteration."""
+
+    start: Any  # lm.StartPoint of the policy
+    tx: Any
+    mesh: Mesh
+    rules: str
+    template: ChatTemplate
+    tok: Any
+    tok_path: str
+    ref: tuple  # (graphdef, state) of the frozen reference
+    rows: list[dict]  # training prompts
+    val: list[dict]  # held-out prompts (greedy before/after)
+    sampler: Sampler
+    score: Callable
+
+
+def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
+    """Policy (from `inputs.checkpoint`, LoRA per `peft:`), frozen reference (the same
+    checkpoint, LoRA merged), tokenizer, prompts, the sampler and the jitted scoring pass."""
+    from jaxllm.sharding import make_mesh
+    from jaxllm.trainers.lm import init_from_checkpoint, load_frozen_model, stage_tokenizer
+    from jaxllm.training.optim import make_optimizer
+
+    s, rules = getattr(cfg, section), cfg.mesh.rules
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.train.optim, total_steps)
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    if s.minibatch_size % shards:
+        raise ConfigError(
+            f"config key '{section}.minibatch_size': {s.minibatch_size} rows do not split over "
+            f"the {shards} data-parallel devices of the mesh"
+        )
+    start = init_from_checkpoint(cfg, tx, mesh, wrap=wrap)
+    if start.model.dtype != "float32":
+        raise ConfigError(
+            f"inputs.checkpoint: model dtype {start.model.dtype}; {section} needs float32 so "
+            "sampler and learner log-probs agree"
+        )
+    tok, tok_path = stage_tokenizer(cfg, start.meta, start.model)
+    template = ChatTemplate(tok)
+    ref_graphdef, ref_state, *_ = load_frozen_model(Path(start.checkpoint), mesh, rules)
+    fit = cfg.loader.seq_len - s.max_new_tokens
+    if start.model.positions == "learned":
+        fit = min(fit, start.model.max_seq_len - s.max_new_tokens)
+    rows = load_prompts(s.prompt_file, f"{section}.prompt_file", template, s.task, fit)
+    val = []
+    if s.val_file and s.eval_examples:
+        val = load_prompts(s.val_file, f"{section}.val_file", template, s.task, fit)
+        val = eval_rows(val, s.eval_examples)
+    graphdef = start.graphdef
+    score = make_scoring_pass(graphdef, ref_graphdef, mesh, rules, s.temperature)
+    return Stage(
+        start, tx, mesh, rules, template, tok, str(tok_path), (ref_graphdef, ref_state), rows,
+        val, Sampler(graphdef, mesh=mesh, rules=rules), score,
+    )  # fmt: skip
+
+
+@dataclass
+class Algorithm:
+    """What a stage plugs into the shared iteration.
+
+    `pick(rng)`: the iteration's prompt rows (global: the same on every process).
+    `rewards(texts, rows, batch)`: this process's decoded responses and prompt rows and the
+    global rollout batch → per-row global arrays [B] (the rewards, any figures).
+    `post(scores, batch, rewards)`: on device → (training fields [B, ...], scalar stats);
+    built with `make_post`. `report(stats)`: the row's stage figures from the host stats."""
+
+    step_fn: Callable
+    pick: Callable[[np.random.Generator], list[dict]]
+    rewards: Callable[[list[str], list[dict], dict], dict[str, jax.Array]]
+    post: Callable[[dict, dict, dict], tuple[dict, dict]]
+    report: Callable[[dict[str, float]], dict[str, float]]
+
+
+def make_post(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn(scores, batch, rewards, *args) -> (fields, stats)` jitted, with the statistics
+    every stage reports added: the sampler/learner log-prob gap, response tokens and the
+    mean response length. The stats come back replicated (every host reads them)."""
+
+    @functools.partial(jax.jit, out_shardings=(None, NamedSharding(mesh, PartitionSpec())))
+    def post(scores, batch, rewards, *args):
+        fields, stats = fn(scores, batch, rewards, *args)
+        gap, gap_max = gap_stats(batch["sampler_logp"], scores["logp"], batch["mask"])
+        tokens = jnp.sum(batch["mask"])
+        return fields, {
+            **stats, "logprob_gap": gap, "logprob_gap_max": gap_max, "tokens": tokens,
+            "response_length": tokens / batch["mask"].shape[0],
+        }  # fmt: skip
+
+    return post
+
+
+def local_scores(values: list[float], mesh: Mesh, rules: str) -> jax.Array:
+    """Per-row host figures of this process's rows → one global f32 array."""
+    return rows_to_global(np.asarray(values, np.float32), mesh, rules)
+
+
+def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: dict):
+    """One iteration: rollouts → scoring → `algo.post` → epochs of minibatch steps."""
+    s = getattr(cfg, cfg.stage)
+    t0 = time.perf_counter()
+    recs = algo.pick(rng)
+    mine = recs[st.sampler.my_rows(len(recs))]
+    ro = sample_rollouts(
+        st.sampler, nnx.merge_state(state.params, state.frozen), [r["ids"] for r in mine],
+        st.tok, seq_len=cfg.loader.seq_len, max_new_tokens=s.max_new_tokens,
+        key=jax.random.fold_in(jax.random.key(cfg.seed), it), temperature=s.temperature,
+        stop_ids=stop_ids(st.template),
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    batch = rows_to_global(ro.batch, st.mesh, st.rules)
+    scores = st.score(state.params, state.frozen, st.ref[1], batch)
+    fields, stats = algo.post(scores, batch, algo.rewards(ro.texts, mine, batch))
+    stats = {k: float(v) for k, v in jax.device_get(stats).items()}  # replicated scalars
+    check_gap(stats["logprob_gap"], stats["logprob_gap_max"], s.logprob_tol)
+    state, row, lr = train_epochs(st, algo.step_fn, state, {**batch, **fields}, rng, s)
+    t2 = time.perf_counter()
+    clock["gen"] += t1 - t0
+    clock["train"] += t2 - t1
+    clock["tokens"] += int(stats["tokens"])
+    row.update(algo.report(stats))
+    for key in ("logprob_gap", "logprob_gap_max", "response_length"):
+        row[key] = stats[key]
+    row["lr"] = lr
+    return state, row
+
+
+def train_epochs(st: Stage, step_fn, state, full: dict, rng, s) -> tuple[Any, dict, float]:
+    """`s.epochs` shuffled passes of minibatch steps over the rollout rows (gathered on
+    device); returns (state, mean step metrics, the last step's lr). Metrics are read once
+    after the epochs: no host sync between steps."""
+    n = len(full["mask"])
+    step_metrics = []
+    for _ in range(s.epochs):
+        for idx in minibatches(n, s.minibatch_size, rng):
+            state, m = step_fn(state, take_rows(full, replicated(idx, st.mesh), st.mesh, st.rules))
+            step_metrics.append(m)
+    sums: dict[str, float] = {}
+    for m in jax.device_get(step_metrics):
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    row = {k: v / len(step_metrics) for k, v in sums.items() if k not in ("weight", "lr")}
+    return state, row, float(m["lr"])
+
+
+def take_rows(tree: dict, idx: jax.Array, mesh: Mesh, rules: str) -> dict:
+    """The rows `idx` of every array, split by row over the mesh like a training batch."""
+    return _gather(row_sharding(mesh, rules))(tree, idx)
+
+
+@functools.cache
+def _gather(sharding) -> Callable:
+    return jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree), out_shardings=sharding)
+
+
+class Resumable(Protocol):
+    """Host-side state of a stage that must survive a restart (PPO's KL controller)."""
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+def run_iterations(
+    cfg, st: Stage, run_dir: Path, iteration: Callable, evaluate: Callable,
+    extra: Resumable | None = None,
+) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, float], int]:  # fmt: skip
+    """The RL outer loop (over iterations, never tokens): `iteration(state, rng, it, clock)
+    -> (state, metrics row)`, one row per iteration to metrics.jsonl, a progress bar with the
+    reward and KL. `evaluate(state)` gives the greedy figures before the first iteration.
+
+    Every `checkpoint_every` iterations and after the last, the train state goes to
+    `resume/<iteration>` with the minibatch RNG, the clock, the last row, the `before`
+    figures and `extra`'s state in its metadata; a killed run started again continues from
+    the newest one and repeats the uninterrupted run's metrics exactly (rollout keys are
+    `fold_in(seed, iteration)`). Returns `(state, last row, before, clock, resumed_from)`;
+    the clock holds generate / train seconds and rollout tokens for `timing`, resumed_from
+    the iteration the run restarted after (0: a fresh run)."""
+    from tqdm import tqdm
+
+    from jaxllm.trainers.lm import restore_latest
+    from jaxllm.training.checkpoint import Checkpointer
+    from jaxllm.training.metrics import MetricsWriter
+
+    s = getattr(cfg, cfg.stage)
+    ckpt = Checkpointer(resume_path(run_dir), cfg.train.keep_checkpoints)
+    state, start, last = st.start.state, 0, {}
+    rng = np.random.default_rng(cfg.seed)
+    clock: dict[str, float] = {"gen": 0.0, "train": 0.0, "tokens": 0}
+    found = restore_latest(ckpt, state, st.start.shardings)
+    if found is None:
+        before = evaluate(state)
+    else:
+        state, start, meta = found
+        rng.bit_generator.state = meta["rng"]
+        clock, last, before = meta["clock"], meta["last"], meta["before"]
+        if extra is not None:
+            extra.set_state(meta["extra"])
+    writer = MetricsWriter(Path(run_dir), resume_step=start)
+    bar = tqdm(total=s.iterations, initial=start, desc=f"{cfg.stage} {cfg.name}",
+               disable=not cfg.progress)  # fmt: skip
+    try:
+        for it in range(start + 1, s.iterations + 1):
+            state, last = iteration(state, rng, it, clock)
+            writer.write(it, last)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
+            if it == s.iterations or (s.checkpoint_every and it % s.checkpoint_every == 0):
+                meta = {  # copies: the save is async and the loop goes on
+                    "iteration": it, "rng": rng.bit_generator.state, "clock": dict(clock),
+                    "last": dict(last), "before": before,
+                    "extra": extra.get_state() if extra is not None else {},
+                }  # fmt: skip
+                ckpt.save(it, state, meta)
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    return state, last, before, clock, start
+
+
+def write_final(directory: Path, keep: int, state: Any, meta: dict[str, Any]) -> None:
+    """Saves the stage's final policy checkpoint at its optimizer step, synchronously; a
+    restarted run that finds it already written (killed before its summary) keeps it."""
+    from jaxllm.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, keep, async_save=False)
+    if ckpt.latest_step() != int(state.step):
+        ckpt.save(int(state.step), state, meta)
+    ckpt.close()
+
+
+def rl_summary(
+    cfg, st: Stage, run_dir: Path, steps: int, last, before, after, clock, resumed_from: int
+) -> dict:
+    """Final figures of an RL stage: the last iteration's metrics, greedy before/after, the
+    generate/train split, parameter counts, the loss plot and the outputs."""
+    from jaxllm.trainers.lm import param_figures
+    from jaxllm.training.metrics import plot_losses
+
+    iterations = getattr(cfg, cfg.stage).iterations
+    out: dict[str, Any] = {
+        "iterations": iterations, "steps": steps, "resumed_from_iteration": resumed_from
+    }  # fmt: skip
+    out.update({f"final_{k}": round(v, 6) for k, v in last.items() if isinstance(v, float)})
+    for key in ("reward", "accuracy"):
+        if key in before:
+            out[f"greedy_{key}_before"] = before[key]
+            out[f"greedy_{key}_after"] = after[key]
+    if "samples" in before:
+        out["samples_before"], out["samples_after"] = before["samples"], after["samples"]
+    out.update(timing(clock["gen"], clock["train"], clock["tokens"]))
+    plot = plot_losses(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png", cfg.name)
+    out["loss_plot"] = plot.name if plot else None
+    out["outputs"] = {"checkpoint": str(checkpoint_path(run_dir)), "tokenizer": st.tok_path}
+    return {**param_figures(st.start, Path(run_dir)), **out}
+
+
+def timing(gen_s: float, train_s: float, tokens: int) -> dict[str, float]:
+    """Share of the iterations spent generating vs training, and rollout tokens/s."""
+    total = max(gen_s + train_s, 1e-9)
+    return {
+        "generate_seconds": round(gen_s, 2),
+        "train_seconds": round(train_s, 2),
+        "generate_share": round(gen_s / total, 4),
+        "rollout_tokens_per_s": round(tokens / max(gen_s, 1e-9), 1),
+    }
+
+
+def run_steps(s, rollouts: int) -> int:
+    """Optimizer steps of a whole run: iterations × epochs × minibatches per rollout batch."""
+    return s.iterations * s.epochs * (rollouts // s.minibatch_size)
+
+
+def make_evaluate(st: Stage, s, scores: TextScores) -> Callable[[Any], dict[str, Any]]:
+    """`evaluate(state)`: greedy answers to the held-out prompts scored by `scores` (no
+    figures without held-out prompts)."""
+
+    def evaluate(state) -> dict[str, Any]:
+        if not st.val:
+            return {}
+        weights = nnx.merge_state(state.params, state.frozen)
+        return greedy_eval(
+            st.sampler, weights, st.val, st.tok, scores, max_new_tokens=s.eval_max_new_tokens,
+            stop_ids=stop_ids(st.template),
+        )  # fmt: skip
+
+    return evaluate
+
+
+def run_rl(
+    cfg, run_dir: Path, st: Stage, algo: Algorithm, scores: TextScores, steps: int,
+    save: Callable[[Any, Path], None], extra: Resumable | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A whole RL stage after its setup: greedy figures before, the iterations (resumable),
+    the final policy through `save(state, directory)`, greedy figures after, the summary
+    (`steps`: the run's optimizer steps)."""
+    s = getattr(cfg, cfg.stage)
+    evaluate = make_evaluate(st, s, scores)
+
+    def iteration(state, rng, it, clock):
+        return rl_iteration(cfg, st, algo, state, rng, it, clock)
+
+    state, last, before, clock, resumed = run_iterations(
+        cfg, st, run_dir, iteration, evaluate, extra
+    )
+    save(state, checkpoint_path(run_dir))
+    after = evaluate(state)
+    return rl_summary(cfg, st, run_dir, steps, last, before, after, clock, resumed)
