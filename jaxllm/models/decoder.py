@@ -22,11 +22,13 @@ from jaxllm.models.attention import Attention, KVCache, make_mask
 from jaxllm.models.layers import (
     LORA_A,
     MLP,
+    RESIDUAL,
     Embed,
     Norm,
     compute_dtype,
     constrain,
     dropout,
+    lookup,
     param,
     project,
     rope_angles,
@@ -34,7 +36,7 @@ from jaxllm.models.layers import (
     sinusoidal_positions,
 )
 
-_RESIDUAL = ("act_batch", "act_length", "act_embed")
+_RESIDUAL = RESIDUAL
 _REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 Rope = tuple[jax.Array, jax.Array] | None
 
@@ -235,7 +237,7 @@ class Decoder(nnx.Module):
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array, key) -> jax.Array:
         x_BLD = self.embed(tokens_BL)
         if self.pos_embed is not None:
-            x_BLD = x_BLD + self.pos_embed[...][positions_BL].astype(x_BLD.dtype)
+            x_BLD = x_BLD + lookup(self.pos_embed[...], positions_BL, None).astype(x_BLD.dtype)
         elif self.cfg.positions == "sinusoidal":
             pos_BLD = sinusoidal_positions(positions_BL, self.cfg.d_model)
             x_BLD = x_BLD + pos_BLD.astype(x_BLD.dtype)
