@@ -92,9 +92,10 @@ class Checkpointer:
         for key, w in want.items():
             h = have.get(key)
             if h is None:
+                hint = " or with another model.scan_layers" if ".blocks." in f".{key}." else ""
                 raise CheckpointMismatch(
                     f"{self.directory}/{step}: checkpoint has no parameter '{key}' "
-                    "(was it written by another model or stage?)"
+                    f"(was it written by another model or stage{hint}?)"
                 )
             if tuple(h.shape) != tuple(w.shape):
                 raise CheckpointMismatch(
