@@ -27,15 +27,18 @@ from jaxllm.training.loop import LoopSpec
 from jaxllm.training.losses import cross_entropy, head_cross_entropy
 from jaxllm.training.state import (
     TrainState,
+    check_training_precision,
     count_params,
     create_train_state,
+    master_weights,
     state_shardings,
     to_global,
 )
 
 
 def resolve_model(cfg: Config, vocab_size: int) -> ModelConfig:
-    """The model config with the tokenizer's vocabulary filled in, checked against the data."""
+    """The model config with the tokenizer's vocabulary filled in, checked against the data
+    and against the training precision rule (`check_training_precision`)."""
     m = cfg.model
     if m.vocab_size and m.vocab_size < vocab_size:
         raise ConfigError(
@@ -43,6 +46,7 @@ def resolve_model(cfg: Config, vocab_size: int) -> ModelConfig:
             f"vocabulary ({vocab_size}); set it to 0 to use the tokenizer's"
         )
     m = replace(m, vocab_size=m.vocab_size or vocab_size)
+    check_training_precision(m)
     if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
         raise ConfigError(
             f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds model.max_seq_len "
@@ -250,9 +254,11 @@ def load_checkpoint_model(
 
 def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
     """A `TrainState` of these variables with a fresh optimizer state, built in its
-    shardings (the inputs may already be sharded). Returns `(state, shardings)`."""
+    shardings (the inputs may already be sharded); trained weights become float32 master
+    weights (`master_weights`). Returns `(state, shardings)`."""
 
     def init(params: nnx.State, frozen: nnx.State) -> TrainState:
+        params = master_weights(params)  # e.g. a bf16 import being fine-tuned
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -313,6 +319,8 @@ def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> Sta
     graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.peft), ...)
     state, shardings = fresh_train_state(params, frozen, tx, mesh, cfg.mesh.rules, cfg.seed)
     trainable = count_params(state.params)
+    if not cfg.peft.enabled:  # every weight trains, as float32 master weights: say so
+        m = replace(m, param_dtype="float32")
     return StartPoint(
         graphdef, state, shardings, m, meta, ckpt_in, trainable, trainable + count_params(frozen)
     )
