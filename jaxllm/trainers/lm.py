@@ -210,18 +210,23 @@ class StartPoint:
         }
 
 
+def check_checkpoint_model(cfg: Config, m: ModelConfig, n_devices: int | None = None) -> None:
+    """A stage that trains a checkpoint's model `m`: its mesh and sequence length must fit."""
+    validate_mesh(replace(cfg, model=m), n_devices or len(jax.devices()), m.vocab_size)
+    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
+            f"max_seq_len ({m.max_seq_len}) of learned positions"
+        )
+
+
 def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> StartPoint:
     """The train state of a stage that starts from `inputs.checkpoint`: its weights (a LoRA
     input merged into plain weights), `wrap`'s head if given, adapters if `peft` asks, and a
     fresh optimizer state over what trains."""
     ckpt_in = str(Path(require_input(cfg, "checkpoint")).absolute())
     graphdef, weights, m, meta = load_checkpoint_model(Path(ckpt_in), mesh, cfg.mesh.rules)
-    validate_mesh(replace(cfg, model=m), len(jax.devices()), m.vocab_size)
-    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
-            f"max_seq_len ({m.max_seq_len}) of learned positions"
-        )
+    check_checkpoint_model(cfg, m)
     model = nnx.merge(graphdef, weights)
     merge_lora(model)
     rngs = nnx.Rngs(params=cfg.seed)

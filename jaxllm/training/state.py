@@ -74,6 +74,30 @@ def state_shardings(abstract: Any, mesh: Mesh, rules: str) -> Any:
     )
 
 
+def train_state_init(
+    model_fn: Callable[[], nnx.Module],
+    tx: optax.GradientTransformation,
+    seed: int,
+    trainable: Any = nnx.Param,
+) -> tuple[nnx.GraphDef, Callable[[], TrainState]]:
+    """`(graphdef, init)`: the model's graphdef (built abstractly) and a function making the
+    fresh train state; `jax.eval_shape(init)` is the state's shapes, with no weight
+    allocated (what config checks and `create_train_state` start from)."""
+
+    def init() -> TrainState:
+        _, params, frozen = nnx.split(model_fn(), trainable, ...)
+        params = master_weights(params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    return nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0], init
+
+
 def create_train_state(
     model_fn: Callable[[], nnx.Module],
     tx: optax.GradientTransformation,
@@ -88,21 +112,8 @@ def create_train_state(
     Returns `(graphdef, state, shardings)`; the shardings are the jit in/out shardings and the
     checkpoint restore target.
     """
-
-    def init() -> TrainState:
-        _, params, frozen = nnx.split(model_fn(), trainable, ...)
-        params = master_weights(params)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            frozen=frozen,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
-
-    graphdef = nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0]
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, mesh, rules)
+    graphdef, init = train_state_init(model_fn, tx, seed, trainable)
+    shardings = state_shardings(jax.eval_shape(init), mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 
