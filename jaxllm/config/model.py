@@ -112,6 +112,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
+    # blocks stacked on a leading `layers` axis and run by lax.scan: one compiled block, so
+    # compile time does not grow with depth (the checkpoint layout differs from unrolled)
+    scan_layers: bool = False
     # causal attention kernel for training/scoring (models/kernels.py): auto picks cudnn on
     # NVIDIA GPUs and splash on TPUs for 16-bit compute, else the xla einsum path
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"

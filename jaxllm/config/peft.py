@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-# Every dense weight of a block (module paths look like "blocks.3.attn.q", "blocks.3.mlp.up").
+# Every dense weight of a block (module paths look like "blocks.3.attn.q", "blocks.3.mlp.up";
+# "blocks.attn.q" with model.scan_layers, whose adapters cover every layer at once).
 DEFAULT_TARGETS = (r"attn\.(q|k|v|o)$", r"mlp\.(up|gate|down)$")
 
 

@@ -3,7 +3,8 @@ transformers' `from_pretrained` loads as `LlamaForCausalLM`, `Qwen2ForCausalLM` 
 `GPT2LMHeadModel`.
 
 Tensors are gathered and written one at a time (`write_safetensors` streams), so the host holds
-one tensor, not the model. Tied embeddings are written once, as HF does.
+one tensor, not the model. Tied embeddings are written once, as HF does. A scanned model's
+stacked block weights (`model.scan_layers`) are sliced per layer as they are written.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _param(flat: dict[tuple, Any], path: tuple) -> Any:
+    """A thunk for our parameter at a Spec path (`blocks.<i>.…`), or None when absent; a
+    scanned model's `blocks.…` holds every layer stacked, so layer i is a slice of it."""
+    if path in flat:
+        return flat[path].get_value
+    stacked = flat.get(("blocks", *path[2:])) if path[:1] == ("blocks",) else None
+    if stacked is None or not isinstance(path[1], int):
+        return None
+    return lambda: stacked.get_value()[path[1]]
+
+
 def export_hf(
     state: nnx.State,
     m: ModelConfig,
@@ -50,11 +62,11 @@ def export_hf(
     family = infer_family(m)
     flat = {tuple(path): var for path, var in nnx.to_flat_state(state)}
     specs = specs_for(family, m)
-    missing = [s.ours for s in specs if s.ours not in flat]
+    missing = [s.ours for s in specs if _param(flat, s.ours) is None]
     if missing:
         name = ".".join(map(str, missing[0]))
         raise InteropError(f"model state has no parameter '{name}' (is it a {family} model?)")
-    tensors = assemble_hf(specs, lambda path: _to_host(flat[path].get_value()))
+    tensors = assemble_hf(specs, lambda path: _to_host(_param(flat, path)()))
     out_dir = Path(out_dir)
     writer = jax.process_index() == 0
     if writer:

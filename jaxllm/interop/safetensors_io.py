@@ -162,8 +162,13 @@ def load_hf_params(hf_dir: Path, family: str, m: Any, abstract: Any, shardings: 
 
     from jaxllm.interop.hf_weights import check_names, check_tensor, detect_prefix, specs_for
 
-    reader = SafetensorsReader(Path(hf_dir))
     where = str(hf_dir)
+    if getattr(m, "scan_layers", False):
+        raise InteropError(
+            f"{where}: HF import builds the unrolled layout (one tensor per layer); load it "
+            "with model.scan_layers: false"
+        )
+    reader = SafetensorsReader(Path(hf_dir))
     specs = specs_for(family, m, detect_prefix(family, reader.names))
     check_names(specs, reader.names, m.tie_embeddings, where)
     for spec in specs:

@@ -46,14 +46,15 @@ _KV_CACHE_AXES = ("act_batch", "act_heads", None, None)
 class KVCache:
     """Keys/values of every layer plus the slot bookkeeping shared by the layers.
 
-    `k[i]`, `v[i]`: layer i's [B, K, S, H] in the compute dtype. `segment_ids` [B, S] int32:
+    `k[i]`, `v[i]`: layer i's [B, K, S, H] in the compute dtype: a tuple of per-layer arrays,
+    or for a scanned model (`cfg.scan_layers`) one stacked [n_layers, B, K, S, H] array each. `segment_ids` [B, S] int32:
     the segment of the token in each slot, 0 for empty or padding slots (never attended).
     `index`: int32 scalar, the next slot to write (the same for every row: the sampler
     left-pads prompts so that rows stay aligned).
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     segment_ids: jax.Array
     index: jax.Array
 
@@ -61,9 +62,15 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, size: int) -> KVCache:
         shape = (batch, cfg.kv_heads, size, cfg.head_size)
         dtype = compute_dtype(cfg)
+
+        def zeros() -> tuple[jax.Array, ...] | jax.Array:  # k and v: distinct buffers
+            if cfg.scan_layers:
+                return jnp.zeros((cfg.n_layers, *shape), dtype)
+            return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+
         return cls(
-            k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            k=zeros(),
+            v=zeros(),
             segment_ids=jnp.zeros((batch, size), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )

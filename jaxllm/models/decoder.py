@@ -7,8 +7,9 @@ Two entry points:
 - `extend(tokens_BL, cache, positions_BL=...) -> (logits_BLV, cache)` appends L tokens to a
   `KVCache` (prefill: L = prompt length; decoding: L = 1) and attends over the whole cache.
 
-Blocks are a Python list (one compiled copy per layer; fine for 4-24 layers), each optionally
-rematerialised (`cfg.remat`).
+Blocks are a Python list (one compiled copy per layer; fine for a few layers) or, with
+`cfg.scan_layers`, one stacked block run by `jax.lax.scan` (models/scan.py: compile time
+independent of depth); either way each block is optionally rematerialised (`cfg.remat`).
 """
 
 from __future__ import annotations
@@ -22,20 +23,22 @@ from jaxllm.models.attention import Attention, KVCache, make_mask
 from jaxllm.models.layers import (
     LORA_A,
     MLP,
+    RESIDUAL,
     Embed,
     Norm,
     compute_dtype,
     constrain,
     dropout,
+    lookup,
     param,
     project,
     rope_angles,
     rope_inv_freq,
     sinusoidal_positions,
 )
+from jaxllm.models.scan import REMAT_POLICY, scan_blocks, scan_extend, stack_modules
 
-_RESIDUAL = ("act_batch", "act_length", "act_embed")
-_REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+_RESIDUAL = RESIDUAL
 Rope = tuple[jax.Array, jax.Array] | None
 
 
@@ -80,7 +83,7 @@ def _remat_block(block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, ke
         block = nnx.merge(graphdef, state)
         return block(x_BLD, mask_BLS, rope, key=key, causal=True, segment_ids_BL=seg_BL)[0]
 
-    policy = _REMAT_POLICY[policy_name]
+    policy = REMAT_POLICY[policy_name]
     return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key, seg_BL)
 
 
@@ -106,7 +109,9 @@ class Decoder(nnx.Module):
             if cfg.positions == "learned"
             else None
         )
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+        # scanned: one Block whose variables are the layers' stacked (the same values)
+        self.blocks = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = Norm(cfg, rngs=rngs)
         self.head = (
             None
@@ -170,16 +175,13 @@ class Decoder(nnx.Module):
         mask_BLL = make_mask(slots_L, segment_ids_BL, slots_L, segment_ids_BL)
         x_BLD = self._embed(tokens_BL, positions_BL, key)
         rope = self._rope(positions_BL)
-        for i, block in enumerate(self.blocks):
-            block_key = None if key is None else jax.random.fold_in(key, i)
-            if self.cfg.remat == "none":
-                x_BLD = block(
-                    x_BLD, mask_BLL, rope, key=block_key, causal=True, segment_ids_BL=kernel_seg_BL
-                )[0]
-            else:
-                x_BLD = _remat_block(
-                    block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key, kernel_seg_BL
-                )
+        if self.cfg.scan_layers:
+            x_BLD = scan_blocks(
+                self.blocks, x_BLD, mask_BLL, rope, key=key, remat=self.cfg.remat,
+                segment_ids_BL=kernel_seg_BL,
+            )  # fmt: skip
+        else:
+            x_BLD = self._unrolled(x_BLD, mask_BLL, rope, key, kernel_seg_BL)
         return self.final_norm(x_BLD)
 
     def extend(
@@ -204,12 +206,16 @@ class Decoder(nnx.Module):
         mask_BLS = make_mask(q_slot_L, segment_ids_BL, jnp.arange(cache.size), seg_BS)
         x_BLD = self._embed(tokens_BL, positions_BL, None)
         rope = self._rope(positions_BL)
-        ks, vs = [], []
-        for block, k, v in zip(self.blocks, cache.k, cache.v, strict=True):
-            x_BLD, (k, v) = block(x_BLD, mask_BLS, rope, kv=(k, v), index=index)
-            ks.append(k)
-            vs.append(v)
-        new_cache = KVCache(k=tuple(ks), v=tuple(vs), segment_ids=seg_BS, index=index + l_)
+        if self.cfg.scan_layers:
+            x_BLD, ks, vs = scan_extend(self.blocks, x_BLD, mask_BLS, rope, cache.k, cache.v, index)
+        else:
+            ks, vs = [], []
+            for block, k, v in zip(self.blocks, cache.k, cache.v, strict=True):
+                x_BLD, (k, v) = block(x_BLD, mask_BLS, rope, kv=(k, v), index=index)
+                ks.append(k)
+                vs.append(v)
+            ks, vs = tuple(ks), tuple(vs)
+        new_cache = KVCache(k=ks, v=vs, segment_ids=seg_BS, index=index + l_)
         if last_only:
             x_BLD = x_BLD[:, -1:]
         return self.logits(self.final_norm(x_BLD)), new_cache
@@ -237,10 +243,24 @@ class Decoder(nnx.Module):
 
     # ----------------------------------------------------------------------- internals
 
+    def _unrolled(self, x_BLD, mask_BLL, rope: Rope, key, seg_BL) -> jax.Array:
+        """The blocks one after another (each its own copy in the compiled program)."""
+        for i, block in enumerate(self.blocks):
+            block_key = None if key is None else jax.random.fold_in(key, i)
+            if self.cfg.remat == "none":
+                x_BLD = block(
+                    x_BLD, mask_BLL, rope, key=block_key, causal=True, segment_ids_BL=seg_BL
+                )[0]
+            else:
+                x_BLD = _remat_block(
+                    block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key, seg_BL
+                )
+        return x_BLD
+
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array, key) -> jax.Array:
         x_BLD = self.embed(tokens_BL)
         if self.pos_embed is not None:
-            x_BLD = x_BLD + self.pos_embed[...][positions_BL].astype(x_BLD.dtype)
+            x_BLD = x_BLD + lookup(self.pos_embed[...], positions_BL, None).astype(x_BLD.dtype)
         elif self.cfg.positions == "sinusoidal":
             pos_BLD = sinusoidal_positions(positions_BL, self.cfg.d_model)
             x_BLD = x_BLD + pos_BLD.astype(x_BLD.dtype)

@@ -64,6 +64,8 @@ class Encoder(nnx.Module):
             raise ValueError(
                 "model.vocab_size: must be > 0 to build a model (set it from the tokenizer)"
             )
+        if cfg.scan_layers:
+            raise ValueError("model.scan_layers: encoders run their blocks unrolled (set false)")
         self.cfg = cfg
         self.dtype = compute_dtype(cfg)
         d, pd, std = cfg.d_model, cfg.param_dtype, cfg.init_std

@@ -38,9 +38,11 @@ __all__ = [
     "Norm",
     "apply_rope",
     "compute_dtype",
+    "RESIDUAL",
     "constrain",
     "dense",
     "dropout",
+    "lookup",
     "param",
     "project",
     "rope_inv_freq",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 Names = tuple[str | None, ...]
+RESIDUAL = ("act_batch", "act_length", "act_embed")  # the residual stream's activation axes
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -233,12 +236,24 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, shape, ("vocab", "embed"), cfg.param_dtype, cfg.init_std)
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-        return self.embedding[...][tokens_BL].astype(self.dtype)
+        return lookup(self.embedding[...], tokens_BL, "vocab").astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Tied logits `x @ E.T`, accumulated and returned in float32."""
         emb_VD = self.embedding[...].astype(self.dtype)
         return dense(x_BLD, emb_VD, w_is_out_in=True, out_dtype=jnp.float32)
+
+
+def lookup(table_RD: jax.Array, ids_BL: jax.Array, row_axis: str | None) -> jax.Array:
+    """`table[ids]` [B, L, D] with the table's `embed` axis gathered first (kept split only
+    along `row_axis`, e.g. vocab over `tensor`) and the output on the activation axes.
+
+    Indexing a table split over `fsdp` with a batch split over (data, fsdp) leaves XLA no
+    efficient plan: it rematerialised the global indices on every device (and a global
+    [B, L, D] gradient in the backward scatter-add). Gathering the weight is FSDP's usual
+    cost; the gradient then leaves as a reduce-scatter of the local scatter-add."""
+    table_RD = constrain(table_RD, (row_axis, None))
+    return constrain(table_RD[ids_BL], RESIDUAL)
 
 
 def sinusoidal_positions(positions_BL: jax.Array, d_model: int) -> jax.Array:

@@ -77,9 +77,9 @@ def build_state(
 
     The params are placed by the loader; `init` adds the rest of the state under jit, so XLA
     drops the random init it never uses and nothing is gathered on one device. The fresh
-    optimizer state (what `load_checkpoint_model` restores into) comes from
-    `fresh_opt_state`, whose zero leaves share buffers: the state is for writing only, and
-    must not be donated to a train step.
+    optimizer state (written so the checkpoint is a complete train state; loading reads only
+    the weights) comes from `fresh_opt_state`, whose zero leaves share buffers: the state is
+    for writing only, and must not be donated to a train step.
     """
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)

@@ -1,6 +1,7 @@
 """Shared wiring for stages that train a decoder LM: model from config or checkpoint, the
 jitted steps, evaluation, and the loop. Pretraining is the plain case; later stages swap the
-loss and the batches, never the loop."""
+loss and the batches, never the loop. Loading a checkpoint's model (weights only) lives in
+`checkpoint_model.py`; its names are re-exported here."""
 
 from __future__ import annotations
 
@@ -11,31 +12,34 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, ModelConfig, PeftConfig, replace, to_dict
+from jaxllm.config import Config, ModelConfig, replace, to_dict
 from jaxllm.errors import ConfigError
-from jaxllm.models import Decoder
-from jaxllm.models.heads import HeadParam
-from jaxllm.models.lora import apply_lora, has_lora, merge_lora
+from jaxllm.models.lora import apply_lora, merge_lora
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
+from jaxllm.trainers.checkpoint_model import Wrap as Wrap
+from jaxllm.trainers.checkpoint_model import fresh_train_state as fresh_train_state
+from jaxllm.trainers.checkpoint_model import load_checkpoint_model as load_checkpoint_model
+from jaxllm.trainers.checkpoint_model import load_frozen_model as load_frozen_model
+from jaxllm.trainers.checkpoint_model import model_fn as model_fn
+from jaxllm.trainers.checkpoint_model import trainable_filter as trainable_filter
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import LoopSpec
 from jaxllm.training.losses import cross_entropy, head_cross_entropy
 from jaxllm.training.state import (
     TrainState,
+    check_training_precision,
     count_params,
-    create_train_state,
-    state_shardings,
     to_global,
 )
 
 
 def resolve_model(cfg: Config, vocab_size: int) -> ModelConfig:
-    """The model config with the tokenizer's vocabulary filled in, checked against the data."""
+    """The model config with the tokenizer's vocabulary filled in, checked against the data
+    and against the training precision rule (`check_training_precision`)."""
     m = cfg.model
     if m.vocab_size and m.vocab_size < vocab_size:
         raise ConfigError(
@@ -43,6 +47,7 @@ def resolve_model(cfg: Config, vocab_size: int) -> ModelConfig:
             f"vocabulary ({vocab_size}); set it to 0 to use the tokenizer's"
         )
     m = replace(m, vocab_size=m.vocab_size or vocab_size)
+    check_training_precision(m)
     if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
         raise ConfigError(
             f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds model.max_seq_len "
@@ -77,10 +82,6 @@ def kernel_choices(cfg: Config, m: ModelConfig) -> dict[str, Any]:
     from jaxllm.models.kernels import resolve_attention
 
     return {"attention": resolve_attention(m), "loss_chunk": resolve_loss_chunk(cfg)}
-
-
-def model_fn(m: ModelConfig, seed: int) -> Callable[[], Decoder]:
-    return lambda: Decoder(m, rngs=nnx.Rngs(seed))
 
 
 def lm_loss(z_loss: float = 0.0, loss_chunk: int = 0):
@@ -186,85 +187,6 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-Wrap = Callable[[nnx.Module, nnx.Rngs], nnx.Module]  # decoder → model with a stage's head
-
-
-def trainable_filter(peft: PeftConfig):
-    """What a stage trains: every weight, or under LoRA the adapters plus any new head."""
-    return nnx.Any(nnx.LoRAParam, HeadParam) if peft.enabled else nnx.Param
-
-
-def load_checkpoint_model(
-    ckpt_dir: Path, mesh, rules: str = "dp", step: int | None = None, wrap: Wrap | None = None
-) -> tuple[nnx.GraphDef, nnx.State, ModelConfig, dict[str, Any]]:
-    """The model (graphdef + full state) of a jaxllm checkpoint directory.
-
-    The model and optimizer configs come from the checkpoint's own metadata, so a later stage
-    needs only the path. A LoRA checkpoint holds only adapters: its base is loaded from the
-    `base_checkpoint` its metadata names (recursively, merged), and the adapters put on it
-    (the returned state holds `nnx.LoRAParam`s; `merge_lora` folds them in). `wrap` rebuilds
-    a stage's head around the decoder (reward/value checkpoints). Returns
-    `(graphdef, state, model_cfg, meta)`.
-    """
-    from jaxllm.config import from_dict  # local: avoids a cycle at import time
-    from jaxllm.training.optim import make_optimizer
-
-    ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"config key 'inputs.checkpoint': no checkpoint in {ckpt_dir}")
-    meta = ckpt.read_meta(step)
-    if "model" not in meta or "config" not in meta:
-        raise ConfigError(f"{ckpt_dir}/{step}: not a jaxllm model checkpoint (no model metadata)")
-    run_cfg = from_dict(meta["config"])
-    m = from_dict({"stage": "generate", "model": meta["model"]}).model
-    tx = make_optimizer(run_cfg.train.optim, run_cfg.train.steps)
-    if run_cfg.peft.enabled:
-        base = meta.get("base_checkpoint")
-        if not base:
-            raise ConfigError(f"{ckpt_dir}/{step}: LoRA checkpoint names no base_checkpoint")
-        if not Path(base).is_dir():
-            raise ConfigError(
-                f"{ckpt_dir}/{step}: the LoRA base checkpoint {base} is gone; move or copy the "
-                "base's run together with this one (base_checkpoint is kept relative to it)"
-            )
-        bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules)
-        model = nnx.merge(bg, bstate)
-        merge_lora(model)
-        model = wrap(model, nnx.Rngs(0)) if wrap else model
-        with nnx.use_eager_sharding(False):
-            apply_lora(model, run_cfg.peft, nnx.Rngs(0))
-        graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
-        state, shardings = fresh_train_state(params, frozen, tx, mesh, rules, 0)
-    else:
-        build = model_fn(m, 0)
-        fn = (lambda: wrap(build(), nnx.Rngs(0))) if wrap else build
-        graphdef, state, shardings = create_train_state(fn, tx, mesh, rules, 0)
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-    )
-    restored, meta = ckpt.restore(step, target)
-    ckpt.close()
-    return graphdef, nnx.merge_state(restored.params, state.frozen), m, meta
-
-
-def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
-    """A `TrainState` of these variables with a fresh optimizer state, built in its
-    shardings (the inputs may already be sharded). Returns `(state, shardings)`."""
-
-    def init(params: nnx.State, frozen: nnx.State) -> TrainState:
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            frozen=frozen,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
-
-    shardings = state_shardings(jax.eval_shape(init, params, frozen), mesh, rules)
-    return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
-
-
 @dataclass
 class StartPoint:
     """A fine-tuning stage's starting train state and what it came from."""
@@ -288,18 +210,23 @@ class StartPoint:
         }
 
 
+def check_checkpoint_model(cfg: Config, m: ModelConfig, n_devices: int | None = None) -> None:
+    """A stage that trains a checkpoint's model `m`: its mesh and sequence length must fit."""
+    validate_mesh(replace(cfg, model=m), n_devices or len(jax.devices()), m.vocab_size)
+    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
+            f"max_seq_len ({m.max_seq_len}) of learned positions"
+        )
+
+
 def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> StartPoint:
     """The train state of a stage that starts from `inputs.checkpoint`: its weights (a LoRA
     input merged into plain weights), `wrap`'s head if given, adapters if `peft` asks, and a
     fresh optimizer state over what trains."""
     ckpt_in = str(Path(require_input(cfg, "checkpoint")).absolute())
     graphdef, weights, m, meta = load_checkpoint_model(Path(ckpt_in), mesh, cfg.mesh.rules)
-    validate_mesh(replace(cfg, model=m), len(jax.devices()), m.vocab_size)
-    if m.positions == "learned" and cfg.loader.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"config key 'loader.seq_len': {cfg.loader.seq_len} exceeds the checkpoint model's "
-            f"max_seq_len ({m.max_seq_len}) of learned positions"
-        )
+    check_checkpoint_model(cfg, m)
     model = nnx.merge(graphdef, weights)
     merge_lora(model)
     rngs = nnx.Rngs(params=cfg.seed)
@@ -313,6 +240,8 @@ def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> Sta
     graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.peft), ...)
     state, shardings = fresh_train_state(params, frozen, tx, mesh, cfg.mesh.rules, cfg.seed)
     trainable = count_params(state.params)
+    if not cfg.peft.enabled:  # every weight trains, as float32 master weights: say so
+        m = replace(m, param_dtype="float32")
     return StartPoint(
         graphdef, state, shardings, m, meta, ckpt_in, trainable, trainable + count_params(frozen)
     )
@@ -368,20 +297,6 @@ def param_figures(start: StartPoint, run_dir: Path) -> dict[str, Any]:
         newest = max(steps, key=lambda p: int(p.name))
         out["checkpoint_bytes"] = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
     return out
-
-
-def load_frozen_model(
-    ckpt_dir: Path, mesh, rules: str = "dp", wrap: Wrap | None = None
-) -> tuple[nnx.GraphDef, nnx.State, Any, ModelConfig, dict[str, Any]]:
-    """A checkpoint's model as plain weights (LoRA merged) for a fixed role — a DPO/PPO
-    reference, a distillation teacher, a reward model — to pass to a step as `consts`.
-    Returns `(graphdef, state, shardings, model_cfg, meta)`."""
-    graphdef, state, m, meta = load_checkpoint_model(Path(ckpt_dir), mesh, rules, wrap=wrap)
-    if has_lora(state):
-        model = nnx.merge(graphdef, state)
-        merge_lora(model)
-        graphdef, state = nnx.split(model)
-    return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta
 
 
 def loop_spec(

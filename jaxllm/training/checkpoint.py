@@ -13,6 +13,7 @@ Checkpoints written before this kept cwd-relative values; those still resolve fr
 A `TrainState`'s `frozen` part (LoRA's base weights, a stage's fixed parts) is never written:
 it is rebuilt from the stage's inputs, so a LoRA checkpoint holds only the adapters (and their
 optimizer state). `restore` returns the state with `frozen=None`; the caller puts it back.
+`restore_params` reads the weights alone, for a model loaded to use rather than to resume.
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out.state, resolve_paths(dict(out.meta), self.directory)
 
+    def restore_params(self, step: int, params: Any) -> tuple[Any, dict[str, Any]]:
+        """Only the saved state's `params` subtree, into `params` (a tree of
+        `jax.ShapeDtypeStruct` with shardings), and the metadata. The optimizer state, step
+        and RNG are not read (orbax partial restore): a model loaded to use or to start
+        from needs its weights alone, and Adam's moments are twice their size."""
+        target = {"params": params}
+        self.check_shapes(step, target)
+        args = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        with ocp.PyTreeCheckpointer() as reader:
+            out = reader.restore(self.directory / str(step) / "state", args=args)
+        return out["params"], self.read_meta(step)
+
     def read_meta(self, step: int) -> dict[str, Any]:
         """The metadata of `step` (`{}` if none), its `PATH_KEYS` resolved to usable paths."""
         path = self.directory / str(step) / "meta" / "metadata"
@@ -92,9 +109,10 @@ class Checkpointer:
         for key, w in want.items():
             h = have.get(key)
             if h is None:
+                hint = " or with another model.scan_layers" if ".blocks." in f".{key}." else ""
                 raise CheckpointMismatch(
                     f"{self.directory}/{step}: checkpoint has no parameter '{key}' "
-                    "(was it written by another model or stage?)"
+                    f"(was it written by another model or stage{hint}?)"
                 )
             if tuple(h.shape) != tuple(w.shape):
                 raise CheckpointMismatch(

@@ -3,6 +3,11 @@
 `TrainState` holds the trainable variables (`params`), everything else of the model (`frozen`:
 base weights under LoRA, buffers), the optimizer state, the step and the RNG key. The model's
 `graphdef` stays outside: compiled code only ever sees this pytree.
+
+Precision rule: trained weights are float32 master weights, so Adam's moments are float32
+too, whatever the compute dtype (every layer casts its weights to `model.dtype` at use). A
+model built from the config must say so (`check_training_precision`); weights that arrive in
+bfloat16 (a bf16 HF import being fine-tuned) are upcast when the state is built.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxllm.config import ModelConfig
+from jaxllm.errors import ConfigError
 from jaxllm.sharding import logical_spec
 from jaxllm.sharding.rules import RULES
 
@@ -30,6 +37,33 @@ class TrainState:
     rng: jax.Array  # uint32 raw key data; per-step keys are fold_in(rng, step)
 
 
+def check_training_precision(m: ModelConfig) -> None:
+    """Refuses the dtypes a trained model must not have: bfloat16 master weights (updates
+    smaller than bf16's resolution round away, in the weights and in Adam's moments) and
+    float16 compute (its gradients underflow without loss scaling, which jaxllm lacks)."""
+    if m.param_dtype != "float32":
+        raise ConfigError(
+            f"config key 'model.param_dtype': {m.param_dtype} would keep the trained weights "
+            "and Adam's moments in 16 bits, where small updates round away; train with "
+            "dtype: bfloat16, param_dtype: float32 (float32 master weights, bf16 compute)"
+        )
+    if m.dtype == "float16":
+        raise ConfigError(
+            "config key 'model.dtype': float16 training needs loss scaling, which jaxllm does "
+            "not implement (small gradients underflow to zero); use dtype: bfloat16 (float32's "
+            "range) with param_dtype: float32"
+        )
+
+
+def master_weights(params: nnx.State) -> nnx.State:
+    """`params` with every floating leaf in float32: the weights the optimizer updates."""
+
+    def up(x: jax.Array) -> jax.Array:
+        return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(up, params)
+
+
 def state_shardings(abstract: Any, mesh: Mesh, rules: str) -> Any:
     """NamedShardings for every leaf from the logical axes the variables carry."""
     table = RULES[rules]
@@ -39,6 +73,30 @@ def state_shardings(abstract: Any, mesh: Mesh, rules: str) -> Any:
         specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def train_state_init(
+    model_fn: Callable[[], nnx.Module],
+    tx: optax.GradientTransformation,
+    seed: int,
+    trainable: Any = nnx.Param,
+) -> tuple[nnx.GraphDef, Callable[[], TrainState]]:
+    """`(graphdef, init)`: the model's graphdef (built abstractly) and a function making the
+    fresh train state; `jax.eval_shape(init)` is the state's shapes, with no weight
+    allocated (what config checks and `create_train_state` start from)."""
+
+    def init() -> TrainState:
+        _, params, frozen = nnx.split(model_fn(), trainable, ...)
+        params = master_weights(params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    return nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0], init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +119,7 @@ def train_state_spec(
 ) -> StateSpec:
     """The abstract state (`jax.eval_shape`: nothing allocated) and its shardings; what
     `create_train_state` materialises and `--plan` measures."""
-
-    def init() -> TrainState:
-        _, params, frozen = nnx.split(model_fn(), trainable, ...)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            frozen=frozen,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
-
-    graphdef = nnx.split(nnx.eval_shape(model_fn), trainable, ...)[0]
+    graphdef, init = train_state_init(model_fn, tx, seed, trainable)
     abstract = jax.eval_shape(init)
     return StateSpec(graphdef, abstract, state_shardings(abstract, mesh, rules), init)
 

@@ -1,0 +1,154 @@
+"""A stage's model from a jaxllm checkpoint directory: its weights only.
+
+A checkpoint holds the whole train state (weights, Adam's moments, step, RNG). A stage that
+loads a model to use or to start from — a DPO/PPO reference, a distillation teacher, a reward
+model, generation, export, a fine-tuning start — needs the weights alone, so only the
+`params` subtree is read (`Checkpointer.restore_params`, an orbax partial restore) and the
+model is built abstractly (`nnx.eval_shape`) as its target: no optimizer state is ever
+allocated or read (Adam's is twice the weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.config import ModelConfig, PeftConfig
+from jaxllm.errors import ConfigError
+from jaxllm.models import Decoder
+from jaxllm.models.heads import HeadParam
+from jaxllm.models.lora import apply_lora, has_lora, merge_lora
+from jaxllm.training.checkpoint import Checkpointer
+from jaxllm.training.state import TrainState, master_weights, state_shardings
+
+Wrap = Callable[[nnx.Module, nnx.Rngs], nnx.Module]  # decoder → model with a stage's head
+
+
+def model_fn(m: ModelConfig, seed: int) -> Callable[[], Decoder]:
+    return lambda: Decoder(m, rngs=nnx.Rngs(seed))
+
+
+def trainable_filter(peft: PeftConfig):
+    """What a stage trains: every weight, or under LoRA the adapters plus any new head."""
+    return nnx.Any(nnx.LoRAParam, HeadParam) if peft.enabled else nnx.Param
+
+
+def restore_params(ckpt: Checkpointer, step: int, params: nnx.State, mesh, rules: str):
+    """`(params, meta)`: the checkpoint's weights in the shapes, dtypes and shardings of
+    `params` (abstract or concrete), and its metadata; nothing else of the state is read."""
+    shardings = state_shardings(params, mesh, rules)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+    )
+    return ckpt.restore_params(step, target)
+
+
+def _materialised_rest(fn: Callable[[], nnx.Module], filt: Any, mesh, rules: str) -> nnx.State:
+    """The model's non-trained variables (buffers; usually none) built in their shardings;
+    XLA drops the weights' random init, which is never returned."""
+
+    def rest() -> nnx.State:
+        return nnx.split(fn(), filt, ...)[2]
+
+    return jax.jit(rest, out_shardings=state_shardings(jax.eval_shape(rest), mesh, rules))()
+
+
+def load_checkpoint_model(
+    ckpt_dir: Path, mesh, rules: str = "dp", step: int | None = None, wrap: Wrap | None = None
+) -> tuple[nnx.GraphDef, nnx.State, ModelConfig, dict[str, Any]]:
+    """The model (graphdef + full state) of a jaxllm checkpoint directory, weights only.
+
+    The model and optimizer configs come from the checkpoint's own metadata, so a later stage
+    needs only the path. A LoRA checkpoint holds only adapters: its base is loaded from the
+    `base_checkpoint` its metadata names (recursively, merged), and the adapters put on it
+    (the returned state holds `nnx.LoRAParam`s; `merge_lora` folds them in). `wrap` rebuilds
+    a stage's head around the decoder (reward/value checkpoints). Returns
+    `(graphdef, state, model_cfg, meta)`.
+    """
+    from jaxllm.config import from_dict  # local: avoids a cycle at import time
+
+    ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"config key 'inputs.checkpoint': no checkpoint in {ckpt_dir}")
+    meta = ckpt.read_meta(step)
+    if "model" not in meta or "config" not in meta:
+        raise ConfigError(f"{ckpt_dir}/{step}: not a jaxllm model checkpoint (no model metadata)")
+    run_cfg = from_dict(meta["config"])
+    m = from_dict({"stage": "generate", "model": meta["model"]}).model
+    filt = trainable_filter(run_cfg.peft)
+    if run_cfg.peft.enabled:
+        graphdef, params, frozen = _lora_model(
+            Path(ckpt_dir), step, meta, run_cfg, mesh, rules, wrap
+        )
+    else:
+        build = model_fn(m, 0)
+        fn = (lambda: wrap(build(), nnx.Rngs(0))) if wrap else build
+        graphdef, params, _ = nnx.split(nnx.eval_shape(fn), filt, ...)
+        frozen = _materialised_rest(fn, filt, mesh, rules)
+    params, meta = restore_params(ckpt, step, params, mesh, rules)
+    ckpt.close()
+    return graphdef, nnx.merge_state(params, frozen), m, meta
+
+
+def _lora_model(
+    ckpt_dir: Path, step: int, meta: dict, run_cfg, mesh, rules: str, wrap: Wrap | None
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, adapters, frozen) of a LoRA checkpoint: its base loaded (merged) with fresh
+    adapters on it, whose values the caller restores."""
+    base = meta.get("base_checkpoint")
+    if not base:
+        raise ConfigError(f"{ckpt_dir}/{step}: LoRA checkpoint names no base_checkpoint")
+    if not Path(base).is_dir():
+        raise ConfigError(
+            f"{ckpt_dir}/{step}: the LoRA base checkpoint {base} is gone; move or copy the "
+            "base's run together with this one (base_checkpoint is kept relative to it)"
+        )
+    bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules)
+    model = nnx.merge(bg, bstate)
+    merge_lora(model)
+    model = wrap(model, nnx.Rngs(0)) if wrap else model
+    with nnx.use_eager_sharding(False):
+        apply_lora(model, run_cfg.peft, nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
+    params = master_weights(params)  # trained adapters were saved as float32
+    return graphdef, params, frozen
+
+
+def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
+    """A `TrainState` of these variables with a fresh optimizer state, built in its
+    shardings (the inputs may already be sharded); trained weights become float32 master
+    weights (`master_weights`). Returns `(state, shardings)`."""
+
+    def init(params: nnx.State, frozen: nnx.State) -> TrainState:
+        params = master_weights(params)  # e.g. a bf16 import being fine-tuned
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    shardings = state_shardings(jax.eval_shape(init, params, frozen), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(params, frozen), shardings
+
+
+def load_frozen_model(
+    ckpt_dir: Path, mesh, rules: str = "dp", wrap: Wrap | None = None
+) -> tuple[nnx.GraphDef, nnx.State, Any, ModelConfig, dict[str, Any]]:
+    """A checkpoint's model as plain weights (LoRA merged) for a fixed role — a DPO/PPO
+    reference, a distillation teacher, a reward model — to pass to a step as `consts`.
+    Only weights are read (`load_checkpoint_model`). Returns
+    `(graphdef, state, shardings, model_cfg, meta)`."""
+    graphdef, state, m, meta = load_checkpoint_model(Path(ckpt_dir), mesh, rules, wrap=wrap)
+    if has_lora(state):
+        model = nnx.merge(graphdef, state)
+        merge_lora(model)
+        graphdef, state = nnx.split(model)
+    return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta
