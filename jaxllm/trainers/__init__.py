@@ -14,7 +14,14 @@ from typing import Any
 
 from jaxllm.config import Config
 from jaxllm.errors import ConfigError
-from jaxllm.rundir import RunDir, check_same_config, is_finished, read_summary
+from jaxllm.rundir import (
+    RunDir,
+    check_same_across_processes,
+    check_same_config,
+    is_finished,
+    primary_decides,
+    read_summary,
+)
 
 STAGES = {
     "data": "jaxllm.trainers.data",
@@ -47,16 +54,27 @@ def run_stage(cfg: Config, reuse_finished: bool = False) -> dict[str, Any]:
     """Runs one stage in its run directory and returns its summary.
 
     With `reuse_finished` (pipelines), a finished run of the same config is not run again:
-    its summary (and so its outputs) is returned as it is.
+    its summary (and so its outputs) is returned as it is. With many processes, they must
+    all have the same config, and process 0's look at the run directory counts for all.
     """
     check_stage(cfg.stage)
-    if reuse_finished and is_finished(cfg.run_dir) and not cfg.overwrite:
-        check_same_config(cfg.run_dir, cfg)
-        return read_summary(cfg.run_dir)
+    check_same_across_processes(cfg)
+    if reuse_finished and not cfg.overwrite:
+        done = primary_decides(_finished_summary, cfg)
+        if done is not None:
+            return done
     run_dir = RunDir.open(cfg)
     module = importlib.import_module(STAGES[cfg.stage])
     summary = module.run(cfg, run_dir)
     return run_dir.finish(summary)
+
+
+def _finished_summary(cfg: Config) -> dict[str, Any] | None:
+    """The summary of a finished run of this config in `cfg.run_dir`, else None."""
+    if not is_finished(cfg.run_dir):
+        return None
+    check_same_config(cfg.run_dir, cfg)
+    return read_summary(cfg.run_dir)
 
 
 def require_input(cfg: Config, key: str) -> Path:

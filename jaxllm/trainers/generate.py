@@ -38,7 +38,9 @@ def read_prompts(cfg: Config) -> list[str]:
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    # every process generates on one of its own devices (the same completions: same seed);
+    # process 0 writes them
+    mesh = make_mesh(MeshConfig(data=1), jax.local_devices()[:1])
     graphdef, state, model_cfg, meta = load_checkpoint_model(ckpt, mesh)
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     if not tok_path:
@@ -51,10 +53,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     )
     secs = time.perf_counter() - t0
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-    atomic_write_text(
-        run_dir.path / "generations.jsonl",
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-    )
+    if jax.process_index() == 0:
+        atomic_write_text(
+            run_dir.path / "generations.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+        )
     return {
         "prompts": len(prompts),
         "checkpoint_step": meta.get("step"),

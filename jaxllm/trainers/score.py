@@ -106,7 +106,7 @@ def _parse_record(obj: dict[str, Any], path: Path, i: int) -> dict[str, Any]:
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     sc = cfg.score  # type: ignore[attr-defined]
     ckpt = require_input(cfg, "checkpoint")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    mesh = make_mesh(MeshConfig(data=1), jax.local_devices()[:1])  # each process: the same
     graphdef, state, m, meta = load_checkpoint_model(ckpt, mesh)
     items = read_inputs(sc)
     rows = _to_ids(items, cfg.inputs.tokenizer or meta.get("tokenizer", ""), m.vocab_size)
@@ -115,7 +115,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     lines = [
         json.dumps({**it, **res}, ensure_ascii=False) + "\n" for it, res in zip(items, results)
     ]
-    atomic_write_text(run_dir.path / "scores.jsonl", "".join(lines))
+    if jax.process_index() == 0:
+        atomic_write_text(run_dir.path / "scores.jsonl", "".join(lines))
     total = sum(r["total_logprob"] for r in results)
     n = sum(r["num_tokens"] for r in results)
     return {
