@@ -35,6 +35,7 @@ from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file, require_input
+from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
@@ -42,7 +43,6 @@ from jaxllm.trainers.lm import (
     load_frozen_model,
     load_model_tokenizer,
     loop_spec,
-    make_evaluator,
     model_fn,
     resolve_loss_chunk,
     resolve_model,
@@ -150,8 +150,11 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if not val_shards:
         raise ConfigError(f"config key 'inputs.data_dir': {data_dir} has no val/ shards")
 
-    def val_batches():
-        return make_eval_dataset(val_shards, tok, cfg.loader, process_index=pi, process_count=pc)
+    def val_batches(num_batches: int | None):
+        return make_eval_dataset(
+            val_shards, tok, cfg.loader, process_index=pi, process_count=pc,
+            num_batches=num_batches,
+        )  # fmt: skip
 
     graphdef, state, shardings, meta_fn = student.init()
     ce_eval = make_eval_step(graphdef, lm_loss(), shardings, mesh, cfg.mesh.rules)
@@ -223,7 +226,8 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
     )  # fmt: skip
     spec = loop_spec(cfg, step, stream, mesh, evaluate, desc=f"baseline {cfg.name}")
     out = run_dir / "baseline"
-    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # its metrics: process 0's, like every run file
+        out.mkdir(parents=True, exist_ok=True)
     _, last = run_loop(spec, state, None, out)
     return {
         "final_train_loss_baseline": last.get("loss"),
@@ -237,7 +241,9 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
 def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     """Writes the teacher's answers to `prompts_file` (and `val_prompts_file`) as SFT records."""
     d = cfg.distill
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    # each process answers on one of its own devices (the same answers: same seed); process 0
+    # writes them
+    mesh = make_mesh(MeshConfig(data=1), jax.local_devices()[:1])
     graphdef, state, _, m, meta = load_frozen_model(require_input(cfg, "checkpoint"), mesh)
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     template = ChatTemplate(load_model_tokenizer(tok_path, m))
@@ -252,7 +258,9 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         if not rows:
             raise ConfigError(f"config key 'distill.{key}': no prompt fits in {limit} positions")
         path = run_dir.path / f"teacher_answers_{split}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if jax.process_index() == 0:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            atomic_write_text(path, text)
         summary.update({f"{k}_{split}": v for k, v in figures.items()})
         summary["outputs"]["sft_data" if split == "train" else "sft_val_data"] = str(path)
         summary[f"samples_{split}"] = rows[:6]
