@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from jaxllm.config import Config, dump_yaml, is_remote, storage_path, to_dict
-from jaxllm.errors import RunDirError
+from jaxllm.errors import JaxllmError, RunDirError
 
 # Keys that may differ between a run and its resumption without changing its results.
 _RESUME_FREE_KEYS = {"overwrite", "progress"}
@@ -78,20 +78,23 @@ def is_primary() -> bool:
 
 
 def primary_decides(fn, *args: Any) -> Any:
-    """Runs `fn(*args)` (JSON in, JSON out) on process 0 only and returns its result on every
-    process; a `RunDirError` it raises is raised on every process, with its message, so no
-    process waits forever for another that has stopped."""
+    """Runs `fn(*args)` (JSON out) on process 0 only and returns its result on every
+    process; an error for people (`JaxllmError`) it raises is raised on every process, with
+    its message, so no process waits forever for one that has stopped."""
     from jaxllm.sharding.multihost import from_primary
 
     out: dict[str, Any] = {}
+    error: JaxllmError | None = None
     if is_primary():
         try:
             out = {"value": fn(*args)}
-        except RunDirError as e:
-            out = {"error": str(e)}
+        except JaxllmError as e:
+            error, out = e, {"error": str(e)}
     out = from_primary(out)
+    if error is not None:
+        raise error
     if "error" in out:
-        raise RunDirError(out["error"])
+        raise (RunDirError if fn is _prepare else JaxllmError)(out["error"])
     return out["value"]
 
 

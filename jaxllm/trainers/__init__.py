@@ -3,6 +3,10 @@
 `run_stage` is the single entry point (used by `main` and by `stage: pipeline`): it opens the
 run directory, runs the stage and writes `summary.json`. Stage modules are imported lazily so
 `stage: data` does not pay for importing jax.
+
+With many processes every stage runs on all of them in step, except the host-only stages
+(`HOST_ONLY`: curating data, training a tokenizer), which process 0 runs alone while the
+others wait for its summary.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ STAGES = {
 }
 
 
+HOST_ONLY = {"data", "tokenizer"}  # no devices: process 0 does the work and writes it
+
+
 def check_stage(name: str) -> None:
     if name not in STAGES:
         close = difflib.get_close_matches(name, list(STAGES), n=1)
@@ -65,7 +72,10 @@ def run_stage(cfg: Config, reuse_finished: bool = False) -> dict[str, Any]:
             return done
     run_dir = RunDir.open(cfg)
     module = importlib.import_module(STAGES[cfg.stage])
-    summary = module.run(cfg, run_dir)
+    if cfg.stage in HOST_ONLY:
+        summary = primary_decides(module.run, cfg, run_dir)
+    else:
+        summary = module.run(cfg, run_dir)
     return run_dir.finish(summary)
 
 

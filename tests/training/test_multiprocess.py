@@ -140,3 +140,24 @@ def pretrain_loader():
     from jaxllm.config import LoaderConfig
 
     return LoaderConfig(seq_len=32, batch_size=8)
+
+
+@pytest.mark.slow
+def test_host_only_stage_runs_on_process_0(data_dir, tmp_path):
+    """`stage: tokenizer` needs no devices: process 0 trains and writes, process 1 waits
+    for its summary; an error there stops both with its message."""
+    out = tmp_path / "tok"
+    sets = {"output_dir": out, "progress": "false", "inputs.data_dir": data_dir,
+            "tokenizer.vocab_size": 1300, "tokenizer.character_coverage": 0.98}  # fmt: skip
+    group = Group(main_args("configs/tiny_tokenizer.yaml", out, sets), tmp_path / "l0")
+    outs = group.wait(timeout=120)
+    heads = [json.loads(o.split("done:")[1].splitlines()[1]) for o in outs]
+    for head in heads:
+        head.pop("seconds")  # each process's own
+    assert heads[0] == heads[1]  # process 0's summary on both
+    assert {"tokenizer.model", "summary.json"} <= run_files(group.writes(0))
+    assert run_files(group.writes(1)) == set()
+    sets.update({"output_dir": tmp_path / "bad", "tokenizer.vocab_size": 500})
+    bad = Group(main_args("configs/tiny_tokenizer.yaml", tmp_path / "bad", sets), tmp_path / "l1")
+    first, second = (o.split("error: ")[1] for o in bad.wait(timeout=120, code=2))
+    assert first == second and first.startswith("sentencepiece could not train")
