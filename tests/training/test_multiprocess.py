@@ -161,3 +161,14 @@ def test_host_only_stage_runs_on_process_0(data_dir, tmp_path):
     bad = Group(main_args("configs/tiny_tokenizer.yaml", tmp_path / "bad", sets), tmp_path / "l1")
     first, second = (o.split("error: ")[1] for o in bad.wait(timeout=120, code=2))
     assert first == second and first.startswith("sentencepiece could not train")
+
+
+def test_partial_distributed_environment_is_refused(monkeypatch):
+    from jaxllm.errors import ConfigError
+    from jaxllm.sharding.multihost import initialize
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert initialize(False) is False  # nothing set: one process, nothing joined
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS"):
+        initialize(False)
