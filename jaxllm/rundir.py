@@ -80,7 +80,8 @@ def is_primary() -> bool:
 def primary_decides(fn, *args: Any) -> Any:
     """Runs `fn(*args)` (JSON out) on process 0 only and returns its result on every
     process; an error for people (`JaxllmError`) it raises is raised on every process, with
-    its message, so no process waits forever for one that has stopped."""
+    its message (as itself on process 0, as a `JaxllmError` elsewhere), so no process waits
+    forever for one that has stopped."""
     from jaxllm.sharding.multihost import from_primary
 
     out: dict[str, Any] = {}
@@ -94,7 +95,7 @@ def primary_decides(fn, *args: Any) -> Any:
     if error is not None:
         raise error
     if "error" in out:
-        raise (RunDirError if fn is _prepare else JaxllmError)(out["error"])
+        raise JaxllmError(out["error"])
     return out["value"]
 
 

@@ -131,8 +131,9 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tg, tstate, tshard, tm, tmeta = load_frozen_model(
         require_input(cfg, "checkpoint"), mesh, cfg.mesh.rules
     )
-    _, tok_path = stage_tokenizer(cfg, tmeta, tm)  # checks the vocabulary against the teacher
-    tok = Tokenizer.load(tok_path)
+    tok, tok_path = stage_tokenizer(cfg, tmeta, tm)  # checks the vocabulary against the teacher
+    if not isinstance(tok, Tokenizer):  # not the kept copy: process 0 may still be writing it
+        tok = Tokenizer.load(tok_path)
     data_dir = require_input(cfg, "data_dir")
     tx = make_optimizer(t.optim, t.steps)
     student = _Student(cfg, tm, tx, mesh)

@@ -101,6 +101,11 @@ class Checkpointer:
         if data is not None and "data" in items:
             data.set_state(slot.state)
         elif data is not None and "data_state" in meta:  # an older checkpoint: process 0's
+            if jax.process_count() > 1:
+                raise CheckpointMismatch(
+                    f"{self.directory}/{step}: holds only process 0's data position (written "
+                    "before per-process data state); resume it on one process"
+                )
             data.set_state(meta["data_state"])
         return out.state, meta
 
@@ -175,12 +180,14 @@ def portable_paths(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
     relative to `directory`, and its absolute form kept as `<key>_absolute` (a bucket
     directory keeps the absolute paths: local files are not relative to it)."""
     out = dict(meta)
-    for key in PATH_KEYS if is_remote(directory) else ():
-        if meta.get(key) and not is_remote(meta[key]):
-            out[key] = os.path.normpath(Path(meta[key]).absolute())
-    for key in PATH_KEYS if not is_remote(directory) else ():
-        if meta.get(key):
-            absolute = os.path.normpath(Path(meta[key]).absolute())
+    for key in PATH_KEYS:
+        value = meta.get(key)
+        if not value or is_remote(value):
+            continue
+        absolute = os.path.normpath(Path(value).absolute())
+        if is_remote(directory):  # local files are not relative to a bucket
+            out[key] = absolute
+        else:
             out[key] = os.path.relpath(absolute, Path(directory).absolute())
             out[f"{key}_absolute"] = absolute
     return out
