@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def primary_decides(fn, *args: Any) -> Any:
+def primary_decides(fn: Callable[..., Any], *args: Any) -> Any:
     """Runs `fn(*args)` (JSON out) on process 0 only and returns its result on every
     process; an error for people (`JaxllmError`) it raises is raised on every process, with
     its message (as itself on process 0, as a `JaxllmError` elsewhere), so no process waits

@@ -136,9 +136,6 @@ class _Merged:
                     for b in group]  # fmt: skip
             yield {k: np.concatenate([b[k] for b in full]) for k in like}
 
-    def batch(self, *args, **kwargs):  # grad_accum > 1 is not merged
-        raise NotImplementedError
-
 
 def as_if_processes(make: Callable, n: int) -> Callable:
     """`make` (a per-process dataset builder taking `process_index`/`process_count`) as a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -87,10 +88,9 @@ def gather_text(text: str) -> list[str]:
     from jax.experimental import multihost_utils
 
     raw = np.frombuffer(text.encode(), np.uint8)
-    size = max_over_processes(len(raw))
-    padded = np.zeros(_bucket(size), np.uint8)
-    padded[: len(raw)] = raw
     lengths = multihost_utils.process_allgather(np.int64(len(raw)))
+    padded = np.zeros(_bucket(int(np.max(lengths))), np.uint8)
+    padded[: len(raw)] = raw
     rows = multihost_utils.process_allgather(padded)
     return [bytes(r[:n]).decode() for r, n in zip(rows, lengths)]
 
@@ -102,9 +102,12 @@ def from_primary(obj: Any) -> Any:
     return json.loads(gather_text(json.dumps(obj) if is_primary() else "null")[0])
 
 
-def check_same(what: str, text: str, explain=None) -> None:
+def check_same(
+    what: str, text: str, explain: Callable[[str, str], str | None] | None = None
+) -> None:
     """Fails on every process, with one line, when the processes hold different `text` (a
-    resolved config, say): `explain(process_0_text, this_text)` names the difference."""
+    resolved config, say): `explain(text_of_process_0, text_of_the_first_other)` names
+    the difference."""
     if jax.process_count() == 1:
         return
     digest = hashlib.sha256(text.encode()).hexdigest()
