@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         check_stage(cfg.stage)
         import jax
 
+        from jaxllm.sharding.multihost import initialize
+
         if cfg.compile_cache:
             jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
-        if cfg.distributed:
-            jax.distributed.initialize()  # coordinator/process ids from the environment
+        # `distributed: true` or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID:
+        # join the other processes before anything touches a device
+        initialize(cfg.distributed)
         summary = run_stage(cfg)
     except JaxllmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,6 +10,12 @@ A run that writes checkpoints holds its tokenizer (`tokenizer.model`, or `tokeni
 LoRA run's base checkpoint, relative to `checkpoints/` (`training.checkpoint.PATH_KEYS`): a run
 directory can be moved, copied or read from any working directory (a LoRA run moves together
 with its base's run).
+
+Many processes, one run directory: process 0 alone decides (finished, resumed, refused),
+removes and writes it — `config.yaml`, `summary.json`, logs, plots — and tells the others its
+decision, so they act on the same one and fail with the same message; checkpoints are written
+by every process (orbax). An `output_dir` such as `gs://bucket/run` is written through
+`etils.epath` (see `config.storage_path`).
 """
 
 from __future__ import annotations
@@ -19,20 +25,27 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jaxllm.config import Config, dump_yaml, to_dict
-from jaxllm.errors import RunDirError
+from jaxllm.config import Config, dump_yaml, is_remote, storage_path, to_dict
+from jaxllm.errors import JaxllmError, RunDirError
 
 # Keys that may differ between a run and its resumption without changing its results.
 _RESUME_FREE_KEYS = {"overwrite", "progress"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes `text` so readers see the old file or the whole new one, never a torn one."""
+    """Writes `text` so readers see the old file or the whole new one, never a torn one
+    (a bucket object is replaced whole by its nature)."""
+    path = storage_path(path)
+    if is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -51,47 +64,107 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def is_finished(path: Path) -> bool:
-    return (Path(path) / "summary.json").is_file()
+    return (storage_path(path) / "summary.json").is_file()
 
 
 def read_summary(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "summary.json").read_text(encoding="utf-8"))
+    return json.loads((storage_path(path) / "summary.json").read_text(encoding="utf-8"))
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files: process 0 (the only one, usually)."""
+    import jax  # local: `import jaxllm.rundir` stays light
+
+    return jax.process_index() == 0
+
+
+def primary_decides(fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs `fn(*args)` (JSON out) on process 0 only and returns its result on every
+    process; an error for people (`JaxllmError`) it raises is raised on every process, with
+    its message (as itself on process 0, as a `JaxllmError` elsewhere), so no process waits
+    forever for one that has stopped."""
+    from jaxllm.sharding.multihost import from_primary
+
+    out: dict[str, Any] = {}
+    error: JaxllmError | None = None
+    if is_primary():
+        try:
+            out = {"value": fn(*args)}
+        except JaxllmError as e:
+            error, out = e, {"error": str(e)}
+    out = from_primary(out)
+    if error is not None:
+        raise error
+    if "error" in out:
+        raise JaxllmError(out["error"])
+    return out["value"]
+
+
+def check_same_across_processes(cfg: Config) -> None:
+    """Fails, on every process, when the processes were given different configs (naming
+    the first key that differs); `progress` may differ."""
+    from jaxllm.sharding.multihost import check_same
+
+    def explain(a: str, b: str) -> str | None:
+        return first_difference(yaml.safe_load(a), yaml.safe_load(b))
+
+    mine = {k: v for k, v in to_dict(cfg).items() if k != "progress"}
+    check_same("config", yaml.safe_dump(mine, sort_keys=True), explain)
 
 
 class RunDir:
     """An opened run directory; `finish(summary)` marks the run done."""
 
     def __init__(self, path: Path, resumed: bool = False) -> None:
-        self.path = Path(path)
+        self.path = storage_path(path)
         self.resumed = resumed
         self.started = time.time()
 
     @classmethod
     def open(cls, cfg: Config) -> RunDir:
-        """Creates or resumes `cfg.run_dir`, refusing to replace another run's outputs."""
-        path = cfg.run_dir
-        resumed = False
-        if is_finished(path):
-            if not cfg.overwrite:
-                raise RunDirError(
-                    f"{path} holds a finished run; set overwrite: true "
-                    "(--set overwrite=true) to replace it, or choose another output_dir"
-                )
-            shutil.rmtree(path)
-        elif path.exists() and any(path.iterdir()):
-            if cfg.overwrite:
-                shutil.rmtree(path)
-            else:
-                check_same_config(path, cfg)
-                resumed = True
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / "config.yaml", dump_yaml(cfg))
-        return cls(path, resumed)
+        """Creates or resumes `cfg.run_dir`, refusing to replace another run's outputs.
+        Process 0 decides and writes; every process returns once it has."""
+        return cls(cfg.run_dir, primary_decides(_prepare, cfg))
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Writes `summary.json` (process 0) and returns the summary once every process is
+        done with the stage, so a next stage never reads a file not yet written."""
         summary = {**summary, "seconds": round(time.time() - self.started, 2)}
-        atomic_write_json(self.path / "summary.json", summary)
+        if is_primary():
+            atomic_write_json(self.path / "summary.json", summary)
+        from jaxllm.sharding.multihost import barrier
+
+        barrier(f"finish {self.path}")
         return summary
+
+
+def _prepare(cfg: Config) -> bool:
+    """Makes `cfg.run_dir` ready (process 0): whether the run resumes."""
+    path = cfg.run_dir
+    resumed = False
+    if is_finished(path):
+        if not cfg.overwrite:
+            raise RunDirError(
+                f"{path} holds a finished run; set overwrite: true "
+                "(--set overwrite=true) to replace it, or choose another output_dir"
+            )
+        _rmtree(path)
+    elif path.exists() and any(path.iterdir()):
+        if cfg.overwrite:
+            _rmtree(path)
+        else:
+            check_same_config(path, cfg)
+            resumed = True
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path / "config.yaml", dump_yaml(cfg))
+    return resumed
+
+
+def _rmtree(path: Path) -> None:
+    if is_remote(path):
+        path.rmtree()
+    else:
+        shutil.rmtree(path)
 
 
 def check_same_config(path: Path, cfg: Config) -> None:

@@ -63,3 +63,55 @@ def test_cli_reports_errors_on_one_line(tmp_path, capsys):
     p.write_text("stage: data\ndata: {sources: [{path: a}], on_eror: fail}\n")
     assert main(["--config", str(p)]) == 2
     assert "did you mean 'data.on_error'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """`gs://bucket/...` served from `tmp_path/bucket` through etils.epath's backend (the
+    way a TPU pod's run writes to a bucket), run from `tmp_path` so a path mangled by
+    pathlib (`gs:/bucket/...`) would show up as a local `gs:` directory."""
+    import os
+
+    from etils.epath import testing
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+
+    def local(p):
+        s = os.fspath(p)
+        return str(root / s[len("gs://bucket/") :]) if s.startswith("gs://bucket") else s
+
+    def redirect(orig, path, *args, **kwargs):
+        return orig(local(path), *[local(a) if isinstance(a, str) else a for a in args], **kwargs)
+
+    names = "copy exists glob isdir listdir makedirs mkdir open remove rename replace rmtree stat"
+    monkeypatch.chdir(tmp_path)
+    with testing.mock_epath(**{n: redirect for n in names.split()} | {"walk": None}):
+        yield root
+    assert not (tmp_path / "gs:").exists()  # nothing went through pathlib
+
+
+def test_run_dir_in_a_bucket(bucket):
+    from jaxllm.training.metrics import MetricsWriter, plot_losses, read_metrics
+
+    cfg = cfg_at("gs://bucket/run")
+    assert str(cfg.run_dir) == "gs://bucket/run"
+    rd = RunDir.open(cfg)
+    writer = MetricsWriter(rd.path, tensorboard=False)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 4.0 - step})
+    writer.close()  # a bucket object is written whole
+    assert [r["step"] for r in read_metrics(rd.path / "metrics.jsonl")] == [1, 2, 3]
+    assert (
+        MetricsWriter(rd.path, resume_step=2, tensorboard=False).lines[-1].startswith('{"step": 2')
+    )  # a resumed run drops what came after its checkpoint
+    assert plot_losses(rd.path / "metrics.jsonl", rd.path / "loss.png").name == "loss.png"
+    rd.finish({"loss": 1.0})
+    assert is_finished(cfg.run_dir)
+    assert sorted(p.name for p in (bucket / "run").iterdir()) == [
+        "config.yaml", "loss.png", "metrics.jsonl", "summary.json"
+    ]  # fmt: skip
+    with pytest.raises(RunDirError, match="gs://bucket/run holds a finished run"):
+        RunDir.open(cfg)
+    RunDir.open(replace(cfg, overwrite=True))
+    assert sorted(p.name for p in (bucket / "run").iterdir()) == ["config.yaml"]

@@ -30,10 +30,12 @@ from jaxllm.config.load import (
     _bad,
     _convert,
     dump_yaml,
+    is_remote,
     read_yaml,
     replace,
     resolve_path,
     set_dotted,
+    storage_path,
     to_dict,
 )
 from jaxllm.config.model import (
@@ -76,11 +78,13 @@ __all__ = [
     "TrainConfig",
     "dump_yaml",
     "from_dict",
+    "is_remote",
     "load_config",
     "read_yaml",
     "replace",
     "resolve_path",
     "set_dotted",
+    "storage_path",
     "to_dict",
 ]
 
@@ -135,7 +139,8 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name or self.stage}")
+        """The run directory: a local `Path`, or an `epath.Path` for a bucket (`gs://...`)."""
+        return storage_path(self.output_dir or f"runs/{self.name or self.stage}")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -97,6 +97,22 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def is_remote(path: Any) -> bool:
+    """Whether `path` names object storage (`gs://`, `s3://`, ...) rather than a local file."""
+    return "://" in str(path)
+
+
+def storage_path(path: Any) -> Any:
+    """Where a run writes: a `pathlib.Path` for a local path (unchanged behaviour) and an
+    `etils.epath.Path` for a bucket URI (`gs://b/run`), which `pathlib` would mangle into
+    `gs:/b/run`; both support `/`, `exists`, `mkdir`, `read_text` and `write_text`."""
+    if not isinstance(path, str | Path) or not is_remote(path):
+        return path if not isinstance(path, str) else Path(path)
+    from etils import epath  # local: only runs that write to buckets pay for it
+
+    return epath.Path(path)
+
+
 # ----------------------------------------------------------------------------- conversion
 
 

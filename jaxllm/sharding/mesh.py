@@ -1,4 +1,9 @@
-"""The device mesh (`data`, `fsdp`, `tensor`) from `MeshConfig`, validated before compiling."""
+"""The device mesh (`data`, `fsdp`, `tensor`) from `MeshConfig`, validated before compiling.
+
+The devices are laid out by `jax.experimental.mesh_utils` (topology-aware on TPU: the
+`tensor` axis, the most talkative, on the nearest chips); when they span several TPU slices
+the `data` axis goes across slices (DCN) and the rest within each slice (ICI).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, MeshConfig
@@ -26,22 +32,51 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     if -1 in sizes:
         if n_devices % known:
             raise ConfigError(
-                f"config key 'mesh': {n_devices} devices are not divisible by {known}"
+                f"config key 'mesh': {_devices(n_devices)} are not divisible by {known}"
             )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
         raise ConfigError(
             f"config key 'mesh': data×fsdp×tensor = {math.prod(sizes)} but there are "
-            f"{n_devices} devices"
+            f"{_devices(n_devices)}"
         )
     return tuple(sizes)  # type: ignore[return-value]
+
+
+def _devices(n: int) -> str:
+    """'8 devices', or '8 devices (2 processes × 4)' when they span processes."""
+    procs = jax.process_count()
+    if procs == 1 or n != jax.device_count():
+        return f"{n} devices"
+    return f"{n} devices ({procs} processes × {jax.local_device_count()})"
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     """A mesh with Auto axis types (GSPMD propagation) over all (or the given) devices."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.array(devices).reshape(shape), AXES)
+    return Mesh(device_grid(shape, devices), AXES)
+
+
+def device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    """The devices as an array of `shape` (data, fsdp, tensor), laid out by mesh_utils; a
+    layout it cannot make for this device set (a few chips of a slice) falls back to the
+    devices in order."""
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) > 1:
+        if shape[0] % len(slices):
+            raise ConfigError(
+                f"config key 'mesh.data': {shape[0]} must be a multiple of the "
+                f"{len(slices)} TPU slices (the data axis spans slices)"
+            )
+        per_slice = (shape[0] // len(slices), *shape[1:])
+        return mesh_utils.create_hybrid_device_mesh(
+            per_slice, (len(slices), 1, 1), devices, allow_split_physical_axes=True
+        )
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return np.array(devices).reshape(shape)
 
 
 def validate_mesh(cfg: Config, n_devices: int, vocab_size: int) -> None:
@@ -53,8 +88,17 @@ def validate_mesh(cfg: Config, n_devices: int, vocab_size: int) -> None:
         raise ConfigError(
             f"config key 'loader.batch_size': {batch} is not divisible by data×fsdp = {data * fsdp}"
         )
-    if batch % jax.process_count():
-        raise ConfigError(f"config key 'loader.batch_size': {batch} not divisible by the processes")
+    procs = jax.process_count()
+    if batch % procs:
+        raise ConfigError(
+            f"config key 'loader.batch_size': {batch} is not divisible by the {procs} "
+            "processes (each feeds an equal share of the rows)"
+        )
+    if (data * fsdp) % procs:
+        raise ConfigError(
+            f"config key 'mesh': data×fsdp = {data * fsdp} is not a multiple of the {procs} "
+            "processes; each process feeds its own rows, so the batch axes must span them"
+        )
     if tensor > 1 and cfg.mesh.rules != "fsdp_tp":
         raise ConfigError("config key 'mesh.rules': a tensor axis > 1 needs rules: fsdp_tp")
     checks = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "model.d_ff": m.d_ff}

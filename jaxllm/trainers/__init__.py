@@ -3,6 +3,10 @@
 `run_stage` is the single entry point (used by `main` and by `stage: pipeline`): it opens the
 run directory, runs the stage and writes `summary.json`. Stage modules are imported lazily so
 `stage: data` does not pay for importing jax.
+
+With many processes every stage runs on all of them in step, except the host-only stages
+(`HOST_ONLY`: curating data, training a tokenizer), which process 0 runs alone while the
+others wait for its summary.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from typing import Any
 
 from jaxllm.config import Config
 from jaxllm.errors import ConfigError
-from jaxllm.rundir import RunDir, check_same_config, is_finished, read_summary
+from jaxllm.rundir import (
+    RunDir,
+    check_same_across_processes,
+    check_same_config,
+    is_finished,
+    primary_decides,
+    read_summary,
+)
 
 STAGES = {
     "data": "jaxllm.trainers.data",
@@ -34,6 +45,9 @@ STAGES = {
 }
 
 
+HOST_ONLY = {"data", "tokenizer"}  # no devices: process 0 does the work and writes it
+
+
 def check_stage(name: str) -> None:
     if name not in STAGES:
         close = difflib.get_close_matches(name, list(STAGES), n=1)
@@ -47,16 +61,30 @@ def run_stage(cfg: Config, reuse_finished: bool = False) -> dict[str, Any]:
     """Runs one stage in its run directory and returns its summary.
 
     With `reuse_finished` (pipelines), a finished run of the same config is not run again:
-    its summary (and so its outputs) is returned as it is.
+    its summary (and so its outputs) is returned as it is. With many processes, they must
+    all have the same config, and process 0's look at the run directory counts for all.
     """
     check_stage(cfg.stage)
-    if reuse_finished and is_finished(cfg.run_dir) and not cfg.overwrite:
-        check_same_config(cfg.run_dir, cfg)
-        return read_summary(cfg.run_dir)
+    check_same_across_processes(cfg)
+    if reuse_finished and not cfg.overwrite:
+        done = primary_decides(_finished_summary, cfg)
+        if done is not None:
+            return done
     run_dir = RunDir.open(cfg)
     module = importlib.import_module(STAGES[cfg.stage])
-    summary = module.run(cfg, run_dir)
+    if cfg.stage in HOST_ONLY:
+        summary = primary_decides(module.run, cfg, run_dir)
+    else:
+        summary = module.run(cfg, run_dir)
     return run_dir.finish(summary)
+
+
+def _finished_summary(cfg: Config) -> dict[str, Any] | None:
+    """The summary of a finished run of this config in `cfg.run_dir`, else None."""
+    if not is_finished(cfg.run_dir):
+        return None
+    check_same_config(cfg.run_dir, cfg)
+    return read_summary(cfg.run_dir)
 
 
 def require_input(cfg: Config, key: str) -> Path:

@@ -35,6 +35,7 @@ from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file, require_input
+from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
@@ -42,7 +43,6 @@ from jaxllm.trainers.lm import (
     load_frozen_model,
     load_model_tokenizer,
     loop_spec,
-    make_evaluator,
     model_fn,
     resolve_loss_chunk,
     resolve_model,
@@ -131,8 +131,9 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tg, tstate, tshard, tm, tmeta = load_frozen_model(
         require_input(cfg, "checkpoint"), mesh, cfg.mesh.rules
     )
-    _, tok_path = stage_tokenizer(cfg, tmeta, tm)  # checks the vocabulary against the teacher
-    tok = Tokenizer.load(tok_path)
+    tok, tok_path = stage_tokenizer(cfg, tmeta, tm)  # checks the vocabulary against the teacher
+    if not isinstance(tok, Tokenizer):  # not the kept copy: process 0 may still be writing it
+        tok = Tokenizer.load(tok_path)
     data_dir = require_input(cfg, "data_dir")
     tx = make_optimizer(t.optim, t.steps)
     student = _Student(cfg, tm, tx, mesh)
@@ -150,8 +151,11 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if not val_shards:
         raise ConfigError(f"config key 'inputs.data_dir': {data_dir} has no val/ shards")
 
-    def val_batches():
-        return make_eval_dataset(val_shards, tok, cfg.loader, process_index=pi, process_count=pc)
+    def val_batches(num_batches: int | None):
+        return make_eval_dataset(
+            val_shards, tok, cfg.loader, process_index=pi, process_count=pc,
+            num_batches=num_batches,
+        )  # fmt: skip
 
     graphdef, state, shardings, meta_fn = student.init()
     ce_eval = make_eval_step(graphdef, lm_loss(), shardings, mesh, cfg.mesh.rules)
@@ -223,7 +227,8 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
     )  # fmt: skip
     spec = loop_spec(cfg, step, stream, mesh, evaluate, desc=f"baseline {cfg.name}")
     out = run_dir / "baseline"
-    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # its metrics: process 0's, like every run file
+        out.mkdir(parents=True, exist_ok=True)
     _, last = run_loop(spec, state, None, out)
     return {
         "final_train_loss_baseline": last.get("loss"),
@@ -254,7 +259,9 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         if not rows:
             raise ConfigError(f"config key 'distill.{key}': no prompt fits in {limit} positions")
         path = run_dir.path / f"teacher_answers_{split}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if jax.process_index() == 0:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            atomic_write_text(path, text)
         summary.update({f"{k}_{split}": v for k, v in figures.items()})
         summary["outputs"]["sft_data" if split == "train" else "sft_val_data"] = str(path)
         summary[f"samples_{split}"] = rows[:6]

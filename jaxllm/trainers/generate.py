@@ -69,10 +69,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     )
     secs = time.perf_counter() - t0
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-    atomic_write_text(
-        run_dir.path / "generations.jsonl",
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-    )
+    if jax.process_index() == 0:
+        atomic_write_text(
+            run_dir.path / "generations.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+        )
     return {
         "prompts": len(prompts),
         "checkpoint_step": meta.get("step"),

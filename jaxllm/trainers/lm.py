@@ -1,21 +1,25 @@
 """Shared wiring for stages that train a decoder LM: model from config or checkpoint, the
-jitted steps, evaluation, and the loop. Pretraining is the plain case; later stages swap the
-loss and the batches, never the loop. Loading a checkpoint's model (weights only) lives in
-`checkpoint_model.py`; its names are re-exported here."""
+jitted steps, and the loop (held-out figures: `held_out.py`). Pretraining is the plain case;
+later stages swap the loss and the batches, never the loop. Loading a checkpoint's model
+(weights only) lives in `checkpoint_model.py`; its names are re-exported here."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, ModelConfig, replace, to_dict
+from jaxllm.config import (
+    Config,
+    ModelConfig,
+    is_remote,
+    replace,
+    storage_path,
+    to_dict,
+)
 from jaxllm.errors import ConfigError
 from jaxllm.models.lora import apply_lora, merge_lora
 from jaxllm.sharding import validate_mesh
@@ -108,44 +112,21 @@ def lm_loss(z_loss: float = 0.0, loss_chunk: int = 0):
     return loss_fn
 
 
-def make_evaluator(
-    eval_step: Callable, batches: Callable[[], Iterable[dict]], mesh, max_batches: int = 0
-) -> Callable[[TrainState], dict[str, float]]:
-    """Loss / perplexity / accuracy over the validation batches, summed exactly then divided."""
-
-    def evaluate(state: TrainState) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for i, batch in enumerate(batches()):
-            if max_batches and i >= max_batches:
-                break
-            out = jax.device_get(eval_step(state, to_global(batch, mesh)))
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        w = totals.get("weight", 0.0) or 1.0  # the true total; 1 only for an empty split
-        loss = totals.get("ce", totals.get("loss", 0.0)) / w
-        return {
-            "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
-            "accuracy": totals.get("correct", 0.0) / w,
-            "tokens": totals.get("weight", 0.0),
-        }
-
-    return evaluate
-
-
 def restore_latest(
-    ckpt: Checkpointer, state: TrainState, shardings: Any
+    ckpt: Checkpointer, state: TrainState, shardings: Any, data_iter: Any = None
 ) -> tuple[TrainState, int, dict[str, Any]] | None:
     """The newest checkpoint in `ckpt` restored into `state`'s shapes and shardings (its
     `frozen` part, never saved, taken from `state`), with its step and metadata; None if the
-    directory holds none."""
+    directory holds none. `data_iter` (with `set_state`) is put back at this process's
+    saved position."""
     step = ckpt.latest_step()
     if step is None:
         return None
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
-    restored, meta = ckpt.restore(step, target)
+    data = data_iter if hasattr(data_iter, "set_state") else None
+    restored, meta = ckpt.restore(step, target, data=data)
     print(f"resumed from {ckpt.directory}/{step}")
     return restored.replace(frozen=state.frozen), step, meta
 
@@ -153,38 +134,17 @@ def restore_latest(
 def restore_or_init(
     ckpt: Checkpointer, state: TrainState, shardings: Any, data_iter: Any
 ) -> tuple[TrainState, int]:
-    """Resumes from the newest checkpoint in `ckpt` (state + data position), if there is one."""
-    found = restore_latest(ckpt, state, shardings)
+    """Resumes from the newest checkpoint in `ckpt` (state + this process's data position),
+    if there is one."""
+    found = restore_latest(ckpt, state, shardings, data_iter)
     if found is None:
         return state, 0
-    restored, step, meta = found
-    if "data_state" in meta and hasattr(data_iter, "set_state"):
-        data_iter.set_state(meta["data_state"])
+    restored, step, _ = found
     return restored, step
 
 
-def unigram_cross_entropy(
-    train_ids: Iterable[list[int]], val_ids: Iterable[list[int]], vocab_size: int
-) -> float:
-    """Validation loss of an add-one-smoothed unigram model fitted on the train tokens.
-
-    Scored on the same positions the LM is scored on (every token but a document's first), so
-    the two losses compare directly.
-    """
-    counts = np.ones(vocab_size, np.float64)
-    for ids in train_ids:
-        counts += np.bincount(np.asarray(ids, np.int64), minlength=vocab_size)[:vocab_size]
-    logp = np.log(counts / counts.sum())
-    total, n = 0.0, 0
-    for ids in val_ids:
-        ids = np.asarray(ids[1:], np.int64)
-        total -= float(logp[ids].sum())
-        n += ids.size
-    return total / max(n, 1)
-
-
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return storage_path(run_dir) / "checkpoints"
 
 
 @dataclass
@@ -273,15 +233,21 @@ def stage_tokenizer(cfg: Config, meta: dict[str, Any], m: ModelConfig) -> tuple[
 def keep_tokenizer(tok: Any, run_dir: Path) -> str:
     """Saves the stage's tokenizer into its run directory (`tokenizer.model`, or `tokenizer/`
     with the `tokenizer.json` files) and returns that path for the checkpoints to record, so
-    the run loads from anywhere once moved; a tokenizer already inside the run stays put."""
+    the run loads from anywhere once moved; a tokenizer already inside the run stays put.
+    Process 0 writes; a run in a bucket records the tokenizer where it is (tokenizers load
+    from local files)."""
     from jaxllm.tokenizer import Tokenizer
 
+    if is_remote(run_dir):
+        return str(Path(tok.path).absolute())
     run = Path(run_dir).absolute()
     if tok.path is not None and Path(tok.path).absolute().is_relative_to(run):
         return str(tok.path)
-    if isinstance(tok, Tokenizer):
-        return str(tok.save(run))
-    return str(tok.save(run / "tokenizer").parent)
+    sp = isinstance(tok, Tokenizer)
+    if jax.process_index() == 0:
+        saved = tok.save(run) if sp else tok.save(run / "tokenizer").parent
+        return str(saved)
+    return str(run / "tokenizer.model") if sp else str(run / "tokenizer")
 
 
 def param_figures(start: StartPoint, run_dir: Path) -> dict[str, Any]:
@@ -291,9 +257,9 @@ def param_figures(start: StartPoint, run_dir: Path) -> dict[str, Any]:
         "total_params": start.total_params,
         "trainable_share": round(start.trainable_params / max(start.total_params, 1), 6),
     }
-    ckpts = checkpoint_dir(Path(run_dir))
-    steps = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.is_dir() else []
-    if steps:
+    ckpts = checkpoint_dir(run_dir)
+    steps = [p for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+    if steps and not is_remote(ckpts):  # sizes of bucket objects: left to the bucket's tools
         newest = max(steps, key=lambda p: int(p.name))
         out["checkpoint_bytes"] = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
     return out

@@ -16,18 +16,17 @@ from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainers import require_input
+from jaxllm.trainers.held_out import make_evaluator, unigram_cross_entropy
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     keep_tokenizer,
     kernel_choices,
     lm_loss,
     loop_spec,
-    make_evaluator,
     model_fn,
     resolve_loss_chunk,
     resolve_model,
     restore_or_init,
-    unigram_cross_entropy,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
@@ -78,8 +77,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
     val_shards = cleaned_shards(data_dir, "val")
 
-    def val_batches():
-        return make_eval_dataset(val_shards, tok, cfg.loader, process_index=pi, process_count=pc)
+    def val_batches(num_batches: int | None):
+        return make_eval_dataset(
+            val_shards, tok, cfg.loader, process_index=pi, process_count=pc,
+            num_batches=num_batches,
+        )  # fmt: skip
 
     evaluate = make_evaluator(eval_step, val_batches, mesh, t.eval_batches)
     tokens_per_step = cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum

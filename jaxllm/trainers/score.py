@@ -137,7 +137,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     lines = [
         json.dumps({**it, **res}, ensure_ascii=False) + "\n" for it, res in zip(items, results)
     ]
-    atomic_write_text(run_dir.path / "scores.jsonl", "".join(lines))
+    if jax.process_index() == 0:
+        atomic_write_text(run_dir.path / "scores.jsonl", "".join(lines))
     total = sum(r["total_logprob"] for r in results)
     n = sum(r["num_tokens"] for r in results)
     return {

@@ -25,13 +25,13 @@ from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import ChatTemplate, split_answer
 from jaxllm.trainers import data_file
+from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
     kernel_choices,
     lm_loss,
     loop_spec,
-    make_evaluator,
     param_figures,
     resolve_loss_chunk,
     restore_or_init,
@@ -111,8 +111,10 @@ def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, 
     val_files = [data_file(s.val_file, "sft.val_file")]
     eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
 
-    def val_batches():  # the answer tokens only, whatever train_on_prompt says
-        return make_sft_eval_dataset(val_files, template, cfg.loader, trace=s.trace, **opts)
+    def val_batches(num_batches: int | None):  # answer tokens only, whatever train_on_prompt
+        return make_sft_eval_dataset(
+            val_files, template, cfg.loader, trace=s.trace, num_batches=num_batches, **opts
+        )
 
     evaluate = make_evaluator(eval_step, val_batches, mesh, cfg.train.eval_batches)
     answers = None

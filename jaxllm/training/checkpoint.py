@@ -1,5 +1,14 @@
 """orbax checkpoints of the whole run: train state, data-iterator state and metadata.
 
+Every process takes part in a save and a restore: each writes its shards of the state and its
+own data-iterator position (item `data`: grain's handler, one `process_<i>-of-<n>.json` per
+process, since each process reads its own slice of the data), and process 0 writes the JSON
+metadata. A resume restores each process's own position, so it needs the same number of
+processes. Checkpoints written before per-process data state kept process 0's in the metadata
+(`data_state`); those still restore, on one process.
+
+The directory may be a bucket (`gs://...`): orbax writes there through `etils.epath`.
+
 Saves are async and atomic (orbax writes to a temporary directory and renames it when the
 save is complete), keeping the newest `keep` steps. A restore checks the saved shapes against
 the model first, so a checkpoint of another model fails with a message naming the parameter.
@@ -20,12 +29,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxllm.config import is_remote, storage_path
 from jaxllm.errors import JaxllmError
 from jaxllm.training.state import TrainState
 
@@ -37,7 +49,7 @@ class CheckpointMismatch(JaxllmError):
 
 
 class Checkpointer:
-    """`save(step, state, data_state, meta)`, `latest_step()`, `restore(step, target)`."""
+    """`save(step, state, meta, data)`, `latest_step()`, `restore(step, target, data)`."""
 
     def __init__(
         self,
@@ -48,13 +60,15 @@ class Checkpointer:
     ) -> None:
         """`save_concurrent_gb` caps the bytes orbax writes at once (its copies of the arrays
         in flight): 1 keeps a one-shot save of a large model (HF import) near 1x its size."""
-        self.directory = Path(directory).absolute()
+        directory = storage_path(directory)
+        self.directory = directory if is_remote(directory) else directory.absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
             "meta": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
@@ -63,22 +77,52 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Starts an async save; `meta` (JSON) carries the data-iterator state and config."""
+    def save(self, step: int, state: Any, meta: dict[str, Any], data: Any = None) -> None:
+        """Starts an async save (every process calls it); `meta` (JSON: config, model, ...)
+        is process 0's, `data` — a grain iterator, or anything with a JSON `get_state` — is
+        each process's own (its state is read now, before the call returns)."""
         state = _without_frozen(state)
         meta = portable_paths(meta, self.directory)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data.get_state()))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores into `target` (a tree of `jax.ShapeDtypeStruct` with shardings)."""
+    def restore(self, step: int, target: Any, data: Any = None) -> tuple[Any, dict[str, Any]]:
+        """Restores into `target` (a tree of `jax.ShapeDtypeStruct` with shardings) and, given
+        `data` (an iterator with `set_state`), puts it back where this process's was."""
         target = _without_frozen(target)
         self.check_shapes(step, target)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        )
-        out = self.manager.restore(step, args=args)
-        return out.state, resolve_paths(dict(out.meta), self.directory)
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        slot = _Snapshot(None)
+        if data is not None and self.check_data(step):
+            items["data"] = grain.checkpoint.CheckpointRestore(slot)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        meta = resolve_paths(dict(out.meta), self.directory)
+        if data is not None and "data" in items:
+            data.set_state(slot.state)
+        elif data is not None and "data_state" in meta:  # an older checkpoint: process 0's
+            if jax.process_count() > 1:
+                raise CheckpointMismatch(
+                    f"{self.directory}/{step}: holds only process 0's data position (written "
+                    "before per-process data state); resume it on one process"
+                )
+            data.set_state(meta["data_state"])
+        return out.state, meta
+
+    def check_data(self, step: int) -> bool:
+        """Whether `step` holds per-process data state (older checkpoints do not); fails,
+        naming both counts, when it was written by another number of processes."""
+        folder = self.directory / str(step) / "data"
+        if not folder.is_dir():
+            return False
+        counts = {int(m[1]) for f in folder.iterdir() if (m := _DATA_FILE.match(f.name))}
+        if counts and counts != {jax.process_count()}:
+            raise CheckpointMismatch(
+                f"{self.directory}/{step}: data-iterator state saved by {min(counts)} "
+                f"processes, this run has {jax.process_count()}; resume with {min(counts)}"
+            )
+        return True
 
     def restore_params(self, step: int, params: Any) -> tuple[Any, dict[str, Any]]:
         """Only the saved state's `params` subtree, into `params` (a tree of
@@ -129,13 +173,39 @@ class Checkpointer:
         self.manager.close()
 
 
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json$")
+
+
+class _Snapshot:
+    """A data-iterator state captured when a save starts (the loop moves on at once) and
+    the slot a restore fills: what grain's checkpoint handler reads and writes, as bytes."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # grain's handler calls it after a restore
+        pass
+
+
 def portable_paths(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
     """`meta` with each `PATH_KEYS` value (a path from the cwd, or absolute) rewritten
-    relative to `directory`, and its absolute form kept as `<key>_absolute`."""
+    relative to `directory`, and its absolute form kept as `<key>_absolute` (a bucket
+    directory keeps the absolute paths: local files are not relative to it)."""
     out = dict(meta)
     for key in PATH_KEYS:
-        if meta.get(key):
-            absolute = os.path.normpath(Path(meta[key]).absolute())
+        value = meta.get(key)
+        if not value or is_remote(value):
+            continue
+        absolute = os.path.normpath(Path(value).absolute())
+        if is_remote(directory):  # local files are not relative to a bucket
+            out[key] = absolute
+        else:
             out[key] = os.path.relpath(absolute, Path(directory).absolute())
             out[f"{key}_absolute"] = absolute
     return out
@@ -147,6 +217,8 @@ def resolve_paths(meta: dict[str, Any], directory: Path) -> dict[str, Any]:
     When none exists, the path relative to `directory` (old: the value) is kept for the
     error message of whoever opens it."""
     out = dict(meta)
+    if is_remote(directory):
+        return out
     for key in PATH_KEYS:
         value, absolute = meta.get(key), meta.get(f"{key}_absolute")
         if not value:

@@ -5,6 +5,9 @@ so the device always has the next step queued. The
 exceptions are checkpoint and eval steps, where the state must be known good before it is
 saved. A non-finite loss stops the run naming the step; the last checkpoint stays the last
 good one.
+
+With many processes every one runs this loop in lock step (the same steps, evals and saves:
+each is a collective); process 0 alone shows progress and writes metrics.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def run_loop(
         total=spec.total_steps,
         initial=start,
         desc=spec.desc,
-        disable=not spec.progress,
+        disable=not spec.progress or jax.process_index() != 0,
         dynamic_ncols=True,
         leave=True,
     )
@@ -104,10 +107,9 @@ def _evaluate(spec: LoopSpec, state: TrainState, step: int, writer: MetricsWrite
 
 
 def _save(spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int) -> None:
-    meta = dict(spec.meta, step=step)
-    if hasattr(spec.batches, "get_state"):
-        meta["data_state"] = spec.batches.get_state()
-    ckpt.save(step, state, meta)
+    """Saves the state, and each process's own data position with it."""
+    data = spec.batches if hasattr(spec.batches, "get_state") else None
+    ckpt.save(step, state, dict(spec.meta, step=step), data=data)
 
 
 class _Clock:

@@ -1,50 +1,75 @@
 """Run metrics: `metrics.jsonl` (one object per logged step), TensorBoard events and a
-loss-curve PNG. Only process 0 writes."""
+loss-curve PNG. Only process 0 writes.
+
+A run directory in a bucket (`gs://...`) cannot be appended to: there `metrics.jsonl` is kept
+in memory and the whole object rewritten at most every `REMOTE_FLUSH_S` seconds and on close.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from jaxllm.config import is_remote, storage_path
 from jaxllm.jsonl import BadLine, parse_line, read_jsonl
+
+REMOTE_FLUSH_S = 60.0
 
 
 class MetricsWriter:
     """Appends step metrics; on resume drops lines past the restored step first."""
 
     def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = storage_path(run_dir) / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
+        self.remote = is_remote(self.path)
+        self.lines: list[str] = []  # a remote file's whole text, line by line
+        self.flushed = time.monotonic()
         self.tb = None
         if not self.enabled:
             return
         self._truncate_after(resume_step)
         if tensorboard:
-            self.tb = _summary_writer(Path(run_dir) / "tensorboard")
+            self.tb = _summary_writer(storage_path(run_dir) / "tensorboard")
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if _step(ln) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln + "\n" for ln in self.path.read_text().splitlines() if _step(ln) <= step]
+        self.path.write_text("".join(keep))
+        self.lines = keep if self.remote else []
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if time.monotonic() - self.flushed > REMOTE_FLUSH_S:
+                self._flush()
+        else:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
+    def _flush(self) -> None:
+        self.path.write_text("".join(self.lines))
+        self.flushed = time.monotonic()
+
     def close(self) -> None:
+        if self.enabled and self.remote:
+            self._flush()
         if self.tb is not None:
             self.tb.close()
 
@@ -67,16 +92,20 @@ def _summary_writer(log_dir: Path):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
+    path = storage_path(path)
     if not path.exists():
         return []
+    if is_remote(path):
+        return [parse_line(ln) for ln in path.read_text().splitlines() if ln.strip()]
     return [row for _, row in read_jsonl(path)]
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
-    """Train loss (and eval loss where logged) against step, as a PNG."""
+    """Train loss (and eval loss where logged) against step, as a PNG (process 0 only)."""
+    if jax.process_index() != 0:
+        return None
     rows = read_metrics(metrics_path)
-    if not rows or jax.process_index() != 0:
+    if not rows:
         return None
     import matplotlib
 
@@ -94,9 +123,15 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    out_png = storage_path(out_png)
+    if is_remote(out_png):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        out_png.write_bytes(buf.getvalue())
+    else:
+        fig.savefig(out_png)
     plt.close(fig)
-    return Path(out_png)
+    return out_png
 
 
 def _step(line: str) -> int:

@@ -179,3 +179,33 @@ def test_compile_cache_is_written_then_read(prepared, tmp_path):
     assert entries["second"] == entries["first"]  # nothing compiled (every miss is written)
     assert hits["second"] == len(entries["first"])  # and every entry read
     assert losses(tmp_path / "second") == losses(tmp_path / "first")
+
+
+def test_checkpoint_keeps_this_process_data_position(tmp_path):
+    """The data position is read when the save starts (the loop moves on at once) and put
+    back by the restore; an older checkpoint's position in the metadata still restores."""
+    import grain
+    import jax.numpy as jnp
+
+    def stream():
+        return iter(grain.MapDataset.range(50).to_iter_dataset())
+
+    state = {"w": jnp.arange(3.0)}
+    target = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    ckpt = Checkpointer(tmp_path / "ck", keep=3)
+    it = stream()
+    for _ in range(7):
+        next(it)
+    ckpt.save(1, state, {"step": 1}, data=it)
+    assert next(it) == 7  # moving on while the save runs
+    ckpt.save(2, state, {"step": 2, "data_state": it.get_state()})  # the older layout
+    ckpt.wait()
+    assert sorted(p.name for p in (tmp_path / "ck/1/data").glob("process_*")) == [
+        "process_0-of-1.json"
+    ]
+    for step, expected in ((1, 7), (2, 8)):
+        fresh = stream()
+        restored, meta = ckpt.restore(step, target, data=fresh)
+        assert next(fresh) == expected and meta["step"] == step
+        np.testing.assert_array_equal(restored["w"], state["w"])
+    ckpt.close()

@@ -1,0 +1,80 @@
+"""Held-out figures of decoder LM stages: loss, perplexity and accuracy over validation
+batches on one process or many, and the unigram baseline a pretraining loss compares to."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+
+from jaxllm.training.state import TrainState, to_global
+
+EvalBatches = Callable[[int | None], Iterable[dict]]  # num_batches (None: as many as there are)
+
+
+def make_evaluator(
+    eval_step: Callable, batches: EvalBatches, mesh, max_batches: int = 0
+) -> Callable[[TrainState], dict[str, float]]:
+    """Loss / perplexity / accuracy over the validation batches, summed exactly then divided.
+
+    `batches(num_batches)` gives this process's validation batches, topped up with
+    all-padding batches to `num_batches` when that is given. Each eval batch is a collective
+    step, so with many processes all must run the same number: their slices of the data pack
+    into different counts, so the first evaluation counts each process's batches (up to
+    `max_batches`) and every evaluation runs the largest count on every process."""
+    count: list[int | None] = []  # the common count, found once
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        if not count:
+            count.append(common_batch_count(batches, max_batches))
+        stream = batches(count[0])
+        limit = count[0] if count[0] is not None else (max_batches or None)
+        totals: dict[str, float] = {}
+        for batch in itertools.islice(stream, limit):
+            out = jax.device_get(eval_step(state, to_global(batch, mesh)))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        w = totals.get("weight", 0.0) or 1.0  # the true total; 1 only for an empty split
+        loss = totals.get("ce", totals.get("loss", 0.0)) / w
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "accuracy": totals.get("correct", 0.0) / w,
+            "tokens": totals.get("weight", 0.0),
+        }
+
+    return evaluate
+
+
+def common_batch_count(batches: EvalBatches, max_batches: int = 0) -> int | None:
+    """The number of eval batches every process runs: the most any process has (capped at
+    `max_batches`); None in a single process, which just runs its batches."""
+    if jax.process_count() == 1:
+        return None
+    from jaxllm.sharding.multihost import max_over_processes
+
+    mine = sum(1 for _ in itertools.islice(batches(None), max_batches or None))
+    return max_over_processes(mine)
+
+
+def unigram_cross_entropy(
+    train_ids: Iterable[list[int]], val_ids: Iterable[list[int]], vocab_size: int
+) -> float:
+    """Validation loss of an add-one-smoothed unigram model fitted on the train tokens.
+
+    Scored on the same positions the LM is scored on (every token but a document's first), so
+    the two losses compare directly.
+    """
+    counts = np.ones(vocab_size, np.float64)
+    for ids in train_ids:
+        counts += np.bincount(np.asarray(ids, np.int64), minlength=vocab_size)[:vocab_size]
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for ids in val_ids:
+        ids = np.asarray(ids[1:], np.int64)
+        total -= float(logp[ids].sum())
+        n += ids.size
+    return total / max(n, 1)
