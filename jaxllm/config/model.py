@@ -193,6 +193,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
+    # pretrain from inputs.checkpoint (continued pretraining): Adam's moments fresh or the
+    # checkpoint's (the step and the schedule start at 0 either way)
+    init_optimizer: Literal["fresh", "checkpoint"] = "fresh"
 
     def _validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:

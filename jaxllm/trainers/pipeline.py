@@ -33,10 +33,13 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
 
 def fill_inputs(cfg: Config, outputs: dict[str, str]) -> Config:
-    """Fills each empty `inputs.<key>` from the outputs of the stages run so far."""
+    """Fills each empty `inputs.<key>` from the outputs of the stages run so far — except a
+    pretrain stage's checkpoint: pretraining starts from fresh weights unless its config names
+    a checkpoint (continued pretraining is asked for, never inherited)."""
+    skip = {"checkpoint"} if cfg.stage == "pretrain" else set()
     changes = {
         f"inputs.{f.name}": outputs[f.name]
         for f in dataclasses.fields(cfg.inputs)
-        if not getattr(cfg.inputs, f.name) and outputs.get(f.name)
+        if not getattr(cfg.inputs, f.name) and outputs.get(f.name) and f.name not in skip
     }
     return replace(cfg, **changes) if changes else cfg

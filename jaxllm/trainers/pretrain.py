@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from jaxllm.config import Config, to_dict
+from jaxllm.config import Config, replace, to_dict
 from jaxllm.data.pipeline import make_eval_dataset, make_lm_dataset
 from jaxllm.data.sources import cleaned_shards, iter_cleaned
 from jaxllm.models.flops import param_count, train_flops_per_token
@@ -16,12 +16,19 @@ from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainers import require_input
+from jaxllm.trainers.continued import (
+    checkpoint_model_config,
+    checkpoint_tokenizer,
+    continued_model,
+    load_into,
+)
 from jaxllm.trainers.held_out import make_evaluator, unigram_cross_entropy
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     keep_tokenizer,
     kernel_choices,
     lm_loss,
+    load_model_tokenizer,
     loop_spec,
     model_fn,
     resolve_loss_chunk,
@@ -38,7 +45,15 @@ from jaxllm.training.step import make_eval_step, make_train_step
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
-    tok = Tokenizer.load(require_input(cfg, "tokenizer"))
+    """From fresh weights, or from `inputs.checkpoint` (continued pretraining: continued.py)."""
+    start_from = cfg.inputs.checkpoint
+    if start_from:
+        ckpt_m = checkpoint_model_config(start_from)
+        cfg = replace(cfg, model=continued_model(cfg, ckpt_m))
+        tok_file = cfg.inputs.tokenizer or checkpoint_tokenizer(start_from)
+        tok = load_model_tokenizer(tok_file, cfg.model)
+    else:
+        tok = Tokenizer.load(require_input(cfg, "tokenizer"))
     tok_path = keep_tokenizer(tok, run_dir.path)  # the run holds its tokenizer: it can move
     data_dir = require_input(cfg, "data_dir")
     m = resolve_model(cfg, tok.vocab_size)
@@ -48,6 +63,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     graphdef, state, shardings = create_train_state(
         model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed
     )
+    if start_from:
+        state = load_into(state, shardings, cfg, mesh)
     pi, pc = jax.process_index(), jax.process_count()
     train_ds = make_lm_dataset(
         cleaned_shards(data_dir, "train"),
@@ -99,6 +116,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         "params_formula": param_count(m),
         "steps": t.steps,
         "resumed_from_step": start,
+        "started_from": start_from or None,
         "tokens_seen": tokens_per_step * t.steps,
         "final_train_loss": last.get("loss"),
         "tokens_per_s": last.get("tokens_per_s"),

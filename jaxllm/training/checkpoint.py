@@ -129,16 +129,21 @@ class Checkpointer:
         `jax.ShapeDtypeStruct` with shardings), and the metadata. The optimizer state, step
         and RNG are not read (orbax partial restore): a model loaded to use or to start
         from needs its weights alone, and Adam's moments are twice their size."""
-        target = {"params": params}
-        self.check_shapes(step, target)
+        return self.restore_subtree(step, "params", params)
+
+    def restore_subtree(self, step: int, name: str, target: Any) -> tuple[Any, dict[str, Any]]:
+        """The saved state's `name` subtree (`params`, `opt_state`) into `target`, and the
+        metadata (orbax partial restore: nothing else is read)."""
+        item = {name: target}
+        self.check_shapes(step, item)
         args = ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True,
         )
         with ocp.PyTreeCheckpointer() as reader:
             out = reader.restore(self.directory / str(step) / "state", args=args)
-        return out["params"], self.read_meta(step)
+        return out[name], self.read_meta(step)
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The metadata of `step` (`{}` if none), its `PATH_KEYS` resolved to usable paths."""
