@@ -39,6 +39,7 @@ from jaxllm.config.load import (
     to_dict,
 )
 from jaxllm.config.model import (
+    EarlyStoppingConfig,
     GenerateConfig,
     MeshConfig,
     ModelConfig,
@@ -60,6 +61,7 @@ __all__ = [
     "DistillConfig",
     "FilterConfig",
     "GRPOConfig",
+    "EarlyStoppingConfig",
     "GenerateConfig",
     "HFConfig",
     "InputsConfig",

@@ -177,6 +177,23 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when the held-out `metric` (a key of the stage's evaluation: loss, accuracy,
+    pair_accuracy, ...) has not improved by more than `min_delta` for `patience`
+    evaluations (0: never stop); `mode` says which way is better. It also defines "best" for
+    `train.keep_best`."""
+
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 0
+    min_delta: float = 0.0
+
+    def _validate(self) -> None:
+        if self.patience < 0 or self.min_delta < 0:
+            raise ValueError("patience: patience and min_delta must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The generic loop: steps, accumulation, logging, eval and checkpoint cadence."""
 
@@ -196,6 +213,8 @@ class TrainConfig:
     # pretrain from inputs.checkpoint (continued pretraining): Adam's moments fresh or the
     # checkpoint's (the step and the schedule start at 0 either way)
     init_optimizer: Literal["fresh", "checkpoint"] = "fresh"
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    keep_best: bool = False  # the best evaluation's weights in best/, handed to later stages
 
     def _validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:

@@ -37,6 +37,7 @@ from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file, require_input
 from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
+    best_figures,
     checkpoint_dir,
     init_from_checkpoint,
     lm_loss,
@@ -44,6 +45,7 @@ from jaxllm.trainers.lm import (
     load_model_tokenizer,
     loop_spec,
     model_fn,
+    output_checkpoint,
     resolve_loss_chunk,
     resolve_model,
     restore_or_init,
@@ -202,7 +204,8 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         summary.update(distill_gain=round(gain, 4), distilled_beats_baseline=gain > 0)
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary["loss_plot"] = plot.name if plot else None
-    summary["outputs"] = {"checkpoint": str(checkpoint_dir(run_dir.path)), "tokenizer": tok_path}
+    summary.update(best_figures(last))
+    summary["outputs"] = {"checkpoint": output_checkpoint(cfg, run_dir.path), "tokenizer": tok_path}
     return summary
 
 

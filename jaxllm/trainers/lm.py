@@ -31,7 +31,7 @@ from jaxllm.trainers.checkpoint_model import load_frozen_model as load_frozen_mo
 from jaxllm.trainers.checkpoint_model import model_fn as model_fn
 from jaxllm.trainers.checkpoint_model import trainable_filter as trainable_filter
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.loop import LoopSpec
+from jaxllm.training.loop import LoopSpec, Watch
 from jaxllm.training.losses import cross_entropy, head_cross_entropy
 from jaxllm.training.state import (
     TrainState,
@@ -145,6 +145,35 @@ def restore_or_init(
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return storage_path(run_dir) / "checkpoints"
+
+
+def best_dir(run_dir: Path) -> Path:
+    return storage_path(run_dir) / "best"
+
+
+def output_checkpoint(cfg: Config, run_dir: Path) -> str:
+    """The checkpoint a stage hands on: the best evaluation's with `train.keep_best`."""
+    return str(best_dir(run_dir) if cfg.train.keep_best else checkpoint_dir(run_dir))
+
+
+def make_watch(cfg: Config) -> Watch | None:
+    """The loop's early-stopping / best-checkpoint tracker, when the config asks for one."""
+    es, t = cfg.train.early_stopping, cfg.train
+    if not (es.patience or t.keep_best):
+        return None
+    if not t.eval_every:
+        raise ConfigError(
+            "config key 'train.eval_every': early stopping and keep_best judge evaluations; "
+            "set eval_every > 0"
+        )
+    best = Checkpointer(best_dir(cfg.run_dir), 1, False) if t.keep_best else None
+    return Watch(es.metric, es.mode, es.patience, es.min_delta, best=best)
+
+
+def best_figures(last: dict[str, Any]) -> dict[str, Any]:
+    """The early-stopping figures a loop returned, for a stage's summary."""
+    keys = ("best_step", "best_value", "stopped_early_at")
+    return {k: last[k] for k in keys if k in last}
 
 
 @dataclass
@@ -282,6 +311,7 @@ def loop_spec(
     pairs). `extra` goes to `LoopSpec` as it is (e.g. `flops_per_step`, `peak_flops`)."""
     t = cfg.train
     tokens = cfg.loader.batch_size * rows_per_example * cfg.loader.seq_len * t.grad_accum
+    extra.setdefault("watch", make_watch(cfg))
     return LoopSpec(
         step_fn=step_fn,
         batches=batches,

@@ -11,7 +11,12 @@ import jax
 import numpy as np
 
 from jaxllm.data.preference import PreferenceRecords, make_preference_eval_dataset
-from jaxllm.trainers.lm import checkpoint_dir, loop_spec, param_figures
+from jaxllm.trainers.lm import (
+    best_figures,
+    loop_spec,
+    output_checkpoint,
+    param_figures,
+)
 from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.state import to_global
@@ -116,8 +121,9 @@ def stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> d
     for key in before:
         summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
     summary["loss_plot"] = plot.name if plot else None
+    summary.update(best_figures(last))
     summary["outputs"] = {
-        "checkpoint": str(checkpoint_dir(run_dir.path)),
+        "checkpoint": output_checkpoint(cfg, run_dir.path),
         "tokenizer": str(tok_path),
     }
     return summary

@@ -24,6 +24,7 @@ from jaxllm.trainers.continued import (
 )
 from jaxllm.trainers.held_out import make_evaluator, unigram_cross_entropy
 from jaxllm.trainers.lm import (
+    best_figures,
     checkpoint_dir,
     keep_tokenizer,
     kernel_choices,
@@ -31,6 +32,7 @@ from jaxllm.trainers.lm import (
     load_model_tokenizer,
     loop_spec,
     model_fn,
+    output_checkpoint,
     resolve_loss_chunk,
     resolve_model,
     restore_or_init,
@@ -123,7 +125,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         "mfu": last.get("mfu"),
         **kernel_choices(cfg, m),
         "loss_plot": plot.name if plot else None,
-        "outputs": {"checkpoint": str(checkpoint_dir(run_dir.path)), "tokenizer": str(tok_path)},
+        **best_figures(last),
+        "outputs": {"checkpoint": output_checkpoint(cfg, run_dir.path), "tokenizer": str(tok_path)},
     }
     if val_shards:
         final = {k: v for k, v in last.items() if k.startswith("eval_")}

@@ -27,11 +27,13 @@ from jaxllm.tokenizer.chat import ChatTemplate, split_answer
 from jaxllm.trainers import data_file
 from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
+    best_figures,
     checkpoint_dir,
     init_from_checkpoint,
     kernel_choices,
     lm_loss,
     loop_spec,
+    output_checkpoint,
     param_figures,
     resolve_loss_chunk,
     restore_or_init,
@@ -188,8 +190,9 @@ def _summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[s
     if "samples" in after:
         summary["samples_before"], summary["samples_after"] = before["samples"], after["samples"]
     summary["loss_plot"] = plot.name if plot else None
+    summary.update(best_figures(last))
     summary["outputs"] = {
-        "checkpoint": str(checkpoint_dir(run_dir.path)),
+        "checkpoint": output_checkpoint(cfg, run_dir.path),
         "tokenizer": str(tok_path),
     }
     return summary

@@ -33,6 +33,48 @@ class TrainingDiverged(JaxllmError):
 
 
 @dataclass
+class Watch:
+    """Tracks one held-out figure across evaluations: stops the run after `patience`
+    evaluations without an improvement over `min_delta` (0: never), and saves each new best
+    state in `best` (a Checkpointer of its own, one step kept). Its counters go into every
+    checkpoint's metadata, so a resumed run stops where the uninterrupted one would."""
+
+    metric: str
+    mode: str = "min"
+    patience: int = 0
+    min_delta: float = 0.0
+    best: Checkpointer | None = None
+    best_value: float | None = None
+    best_step: int = 0
+    since: int = 0  # evaluations since the best one
+
+    def update(self, step: int, figures: dict[str, float]) -> bool:
+        """Takes an evaluation's figures; True when the run should stop."""
+        key = f"eval_{self.metric}"
+        if key not in figures:
+            raise JaxllmError(
+                f"config key 'train.early_stopping.metric': '{self.metric}' is not one of this "
+                f"stage's held-out figures ({', '.join(k[5:] for k in figures)})"
+            )
+        value = figures[key]
+        sign = 1.0 if self.mode == "min" else -1.0
+        if self.best_value is None or sign * (self.best_value - value) > self.min_delta:
+            self.best_value, self.best_step, self.since = value, step, 0
+            return False
+        self.since += 1
+        return 0 < self.patience <= self.since
+
+    def state(self) -> dict[str, Any]:
+        return {"best_value": self.best_value, "best_step": self.best_step, "since": self.since}
+
+    def load(self, saved: dict[str, Any] | None) -> None:
+        if saved:
+            self.best_value, self.best_step, self.since = (
+                saved["best_value"], saved["best_step"], saved["since"]
+            )  # fmt: skip
+
+
+@dataclass
 class LoopSpec:
     """What a stage hands the loop."""
 
@@ -50,6 +92,7 @@ class LoopSpec:
     meta: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
     progress: bool = True
     desc: str = "train"
+    watch: Watch | None = None  # early stopping / the best checkpoint (train.early_stopping)
 
 
 def run_loop(
@@ -69,6 +112,8 @@ def run_loop(
     last: dict[str, Any] = {}
     pending: tuple[int, dict] | None = None
     clock = _Clock(spec)
+    if spec.watch and checkpointer and start:
+        spec.watch.load(checkpointer.read_meta(start).get("watch"))
     try:
         for step in range(start + 1, spec.total_steps + 1):
             batch = spec.to_device(next(spec.batches))
@@ -81,17 +126,35 @@ def run_loop(
             ):
                 last = _log(spec, writer, bar, clock, *pending, force=True) or last
                 pending = None
-                last.update(_evaluate(spec, state, step, writer))
-                if checkpointer and _due(step, spec.checkpoint_every, spec.total_steps):
+                figures = _evaluate(spec, state, step, writer)
+                last.update(figures)
+                stop = _watch(spec, state, step, figures)
+                if checkpointer and (stop or _due(step, spec.checkpoint_every, spec.total_steps)):
                     _save(spec, checkpointer, state, step)
+                if stop:
+                    last["stopped_early_at"] = step
+                    break
         if pending is not None:
             last = _log(spec, writer, bar, clock, *pending, force=True) or last
     finally:
         bar.close()
         writer.close()
-        if checkpointer:
-            checkpointer.wait()
+        for ckpt in (checkpointer, spec.watch and spec.watch.best):
+            if ckpt:
+                ckpt.wait()
+    if spec.watch and spec.watch.best_value is not None:
+        last.update(best_step=spec.watch.best_step, best_value=spec.watch.best_value)
     return state, last
+
+
+def _watch(spec: LoopSpec, state: TrainState, step: int, figures: dict) -> bool:
+    """Early stopping and the best checkpoint after an evaluation; True: stop now."""
+    if spec.watch is None or not figures:
+        return False
+    stop = spec.watch.update(step, figures)
+    if spec.watch.best is not None and spec.watch.best_step == step:
+        spec.watch.best.save(step, state, dict(spec.meta, step=step))
+    return stop
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -109,7 +172,8 @@ def _evaluate(spec: LoopSpec, state: TrainState, step: int, writer: MetricsWrite
 def _save(spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int) -> None:
     """Saves the state, and each process's own data position with it."""
     data = spec.batches if hasattr(spec.batches, "get_state") else None
-    ckpt.save(step, state, dict(spec.meta, step=step), data=data)
+    watch = {"watch": spec.watch.state()} if spec.watch else {}
+    ckpt.save(step, state, dict(spec.meta, step=step, **watch), data=data)
 
 
 class _Clock:
