@@ -1,0 +1,1 @@
+"""Using a model without training it: evaluation tasks, scaling-law fits."""
