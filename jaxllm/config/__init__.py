@@ -49,6 +49,7 @@ from jaxllm.config.model import (
 )
 from jaxllm.config.peft import PeftConfig
 from jaxllm.config.rl import GRPOConfig, PPOConfig
+from jaxllm.config.scaling import ScalingConfig
 from jaxllm.config.sft import SFTConfig
 from jaxllm.errors import ConfigError
 
@@ -135,6 +136,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

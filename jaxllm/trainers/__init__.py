@@ -41,6 +41,7 @@ STAGES = {
     "import": "jaxllm.trainers.hf_import",
     "export": "jaxllm.trainers.hf_export",
     "score": "jaxllm.trainers.score",
+    "scaling": "jaxllm.trainers.scaling",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 

@@ -136,6 +136,10 @@ def run_loop(
                     break
         if pending is not None:
             last = _log(spec, writer, bar, clock, *pending, force=True) or last
+        if start >= spec.total_steps and spec.eval_fn is not None:
+            # resumed from the final checkpoint (the run died before its summary): the final
+            # held-out figures again, so the summary has them (metrics.jsonl already does)
+            last.update({f"eval_{k}": v for k, v in spec.eval_fn(state).items()})
     finally:
         bar.close()
         writer.close()

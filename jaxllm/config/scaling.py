@@ -1,0 +1,37 @@
+"""`stage: scaling` — a sweep of pretraining runs over model sizes × token budgets, the
+scaling-law fits, and a prediction checked on a held-out bigger model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Sizes follow one rule: `n_layers` from `layers`, `d_model = aspect * n_layers`, heads of
+    `head_dim`, `d_ff = 4 d_model` (Kaplan et al.'s fixed aspect ratio). Every size trains on
+    every budget in `tokens` with its own cosine schedule ending at that budget (as Chinchilla
+    requires), the learning rate `lr * lr_width / d_model` (larger for narrow models, a
+    muP-style rule) and `warmup` of the steps. `holdout_layers` is a bigger model trained after
+    the fit on `holdout_tokens`, whose loss the fit predicts first."""
+
+    base: str = "tiny_pretrain.yaml"  # the pretrain config every run starts from
+    layers: tuple[int, ...] = (1, 2, 3, 4, 6)
+    aspect: int = 32
+    head_dim: int = 32
+    tokens: tuple[int, ...] = (250_000, 500_000, 1_000_000)
+    lr: float = 2e-3
+    lr_width: int = 128
+    warmup: float = 0.05
+    holdout_layers: int = 10
+    holdout_tokens: int = 500_000
+    bootstrap: int = 100
+    eval_batches: int = 8
+
+    def _validate(self) -> None:
+        if len(self.layers) < 2 or len(self.tokens) < 1 or min(self.layers) < 1:
+            raise ValueError("layers: need at least two sizes (and one budget)")
+        if self.holdout_layers and self.holdout_layers <= max(self.layers):
+            raise ValueError("holdout_layers: must be bigger than every size in the fit")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup: a fraction of the steps in [0, 1), got {self.warmup}")

@@ -1,0 +1,166 @@
+"""`stage: scaling` — fit scaling laws on a sweep of small pretraining runs, predict a bigger
+model's loss before training it, then train it and check the prediction.
+
+Every run is the real `stage: pretrain` (the `scaling.base` config with the size, budget and
+learning rate the rule gives), in `<run>/runs/L<layers>_T<tokens>/`; a run whose summary
+exists is not run again, so an interrupted sweep resumes. The fits (evaluation/scaling.py):
+Kaplan's L(N) at the largest budget and L(D) at the largest size, Chinchilla's L(N, D) with
+bootstrap intervals, the compute-optimal N*(C), D*(C). The prediction for the held-out model
+is written to `prediction.json` before that model trains. N counts non-embedding parameters
+(Kaplan's); C = 6 N D for the compute-optimal split, and each run's FLOPs are the project's
+own count (6 N + the attention term, over all its tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxllm.config import Config, ModelConfig, load_config, replace
+from jaxllm.errors import ConfigError
+from jaxllm.evaluation.scaling import (
+    bootstrap,
+    chinchilla_loss,
+    chinchilla_start,
+    compute_optimal,
+    fit_chinchilla,
+    fit_power_law,
+)
+from jaxllm.models.flops import param_count, train_flops_per_token
+from jaxllm.rundir import RunDir, atomic_write_text
+from jaxllm.sharding.multihost import is_primary
+from jaxllm.tokenizer.hf import load_tokenizer
+
+
+def size_model(m: ModelConfig, cfg: Config, layers: int) -> ModelConfig:
+    """The sweep's model of `layers` layers: width aspect * layers, heads of head_dim."""
+    s = cfg.scaling
+    d = s.aspect * layers
+    if d % s.head_dim:
+        raise ConfigError(f"config key 'scaling.head_dim': {s.head_dim} does not divide d {d}")
+    return replace(m, preset="", n_layers=layers, d_model=d, n_heads=d // s.head_dim,
+                   n_kv_heads=0, head_dim=0, d_ff=4 * d)  # fmt: skip
+
+
+def run_config(cfg: Config, base: Config, run_dir: Path, layers: int, tokens: int) -> Config:
+    """The pretrain config of one sweep run: its size, its budget's steps, its own schedule."""
+    s, t = cfg.scaling, base.train
+    per_step = base.loader.batch_size * base.loader.seq_len * t.grad_accum
+    steps = max(1, round(tokens / per_step))
+    m = size_model(base.model, cfg, layers)
+    optim = replace(t.optim, lr=s.lr * s.lr_width / m.d_model, schedule="cosine",
+                    warmup_steps=int(s.warmup * steps))  # fmt: skip
+    train = replace(t, steps=steps, optim=optim, eval_every=steps, checkpoint_every=steps,
+                    eval_batches=s.eval_batches, log_every=max(1, steps // 20))  # fmt: skip
+    name = f"L{layers}_T{tokens}"
+    return replace(
+        base, name=name, output_dir=str(run_dir / "runs" / name), model=m, train=train,
+        seed=cfg.seed, progress=cfg.progress, inputs=replace(
+            base.inputs, data_dir=cfg.inputs.data_dir or base.inputs.data_dir,
+            tokenizer=cfg.inputs.tokenizer or base.inputs.tokenizer),
+    )  # fmt: skip
+
+
+def _row(sub: Config, summary: dict[str, Any], vocab: int) -> dict[str, Any]:
+    m = sub.model if sub.model.vocab_size else replace(sub.model, vocab_size=vocab)
+    tokens = summary["tokens_seen"]
+    loss = summary.get("val_loss")
+    if loss is None:
+        raise ConfigError(f"{sub.run_dir}: the run has no validation loss (no val split?)")
+    return {
+        "name": sub.name, "layers": m.n_layers, "d_model": m.d_model,
+        "N": param_count(m, exclude_embeddings=True), "params": summary["params"],
+        "D": tokens, "flops": train_flops_per_token(m, sub.loader.seq_len) * tokens,
+        "lr": sub.train.optim.lr, "val_loss": loss,
+    }  # fmt: skip
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
+    from jaxllm.trainers import run_stage
+
+    s = cfg.scaling
+    base = _base(cfg)
+    vocab = load_tokenizer(cfg.inputs.tokenizer or base.inputs.tokenizer).vocab_size
+    grid = []
+    for layers in s.layers:
+        for tokens in s.tokens:
+            sub = run_config(cfg, base, run_dir.path, layers, tokens)
+            grid.append(_row(sub, run_stage(sub, reuse_finished=True), vocab))
+    fits = _fits(grid, s.bootstrap, cfg.seed)
+    summary: dict[str, Any] = {"runs": grid, **fits}
+    if s.holdout_layers:
+        summary["prediction"] = _holdout(cfg, base, run_dir.path, fits["chinchilla"], vocab)
+    plot = _plot(summary, run_dir.path / "scaling.png")
+    summary["plot"] = plot
+    return summary
+
+
+def _base(cfg: Config) -> Config:
+    path = Path(cfg.scaling.base)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[2] / "configs" / cfg.scaling.base
+    if not path.is_file():
+        raise ConfigError(f"config key 'scaling.base': {cfg.scaling.base} not found")
+    base = load_config(path)
+    if base.stage != "pretrain":
+        raise ConfigError(f"config key 'scaling.base': {path} is stage {base.stage}, not pretrain")
+    return base
+
+
+def _fits(grid: list[dict], n_boot: int, seed: int) -> dict[str, Any]:
+    n, d, loss = (np.array([r[k] for r in grid], float) for k in ("N", "D", "val_loss"))
+    fit = fit_chinchilla(n, d, loss)
+    start = chinchilla_start(fit)
+    ci = bootstrap(lambda *c: fit_chinchilla(*c, starts=[start]), (n, d, loss), n_boot, seed)
+    big_d, big_n = d == d.max(), n == n.max()
+    flops = np.array([r["flops"] for r in grid])
+    budgets = np.geomspace(flops.min(), flops.max() * 100, 5)
+    optimal = compute_optimal(budgets, fit)
+    return {
+        "chinchilla": fit,
+        "chinchilla_ci90": ci,
+        "residuals": [round(float(x), 4) for x in chinchilla_loss(n, d, fit) / loss - 1],
+        "kaplan_N": fit_power_law(n[big_d], loss[big_d]) if big_d.sum() >= 3 else None,
+        "kaplan_D": fit_power_law(d[big_n], loss[big_n]) if big_n.sum() >= 3 else None,
+        "compute_optimal": [
+            {"flops": float(c), "N": float(a), "D": float(b), "tokens_per_param": float(r)}
+            for c, a, b, r in zip(budgets, optimal["N"], optimal["D"], optimal["tokens_per_param"])
+        ],
+    }
+
+
+def _holdout(cfg: Config, base: Config, run_dir: Path, fit: dict, vocab: int) -> dict[str, Any]:
+    """Predicts the held-out model's loss (saved before it trains), trains it, compares."""
+    from jaxllm.trainers import run_stage
+
+    s = cfg.scaling
+    sub = run_config(cfg, base, run_dir, s.holdout_layers, s.holdout_tokens)
+    m = size_model(base.model, cfg, s.holdout_layers)
+    n, d = param_count(m, exclude_embeddings=True), _tokens(sub)
+    path = run_dir / "prediction.json"
+    if path.is_file():
+        pred = json.loads(path.read_text())
+    else:
+        pred = {"name": sub.name, "N": n, "D": d, "predicted": float(chinchilla_loss(n, d, fit))}
+        if is_primary():
+            atomic_write_text(path, json.dumps(pred, indent=1) + "\n")
+    row = _row(sub, run_stage(sub, reuse_finished=True), vocab)
+    pred.update(measured=row["val_loss"], row=row)
+    pred["relative_error"] = round(pred["predicted"] / pred["measured"] - 1, 4)
+    return pred
+
+
+def _tokens(sub: Config) -> int:
+    return sub.train.steps * sub.loader.batch_size * sub.loader.seq_len * sub.train.grad_accum
+
+
+def _plot(summary: dict[str, Any], out: Path) -> str | None:
+    if not is_primary():
+        return None
+    from jaxllm.trainers.scaling_plot import plot_scaling
+
+    plot_scaling(summary, out)
+    return out.name
