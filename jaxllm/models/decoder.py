@@ -26,6 +26,7 @@ from jaxllm.models.layers import (
     RESIDUAL,
     Embed,
     Norm,
+    ParamKeys,
     compute_dtype,
     constrain,
     dropout,
@@ -283,4 +284,4 @@ def make_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
     generation on one host); sharded training builds through `nnx.eval_shape` + jit instead.
     """
     with nnx.use_eager_sharding(False):
-        return Decoder(cfg, rngs=nnx.Rngs(params=seed))
+        return Decoder(cfg, rngs=ParamKeys(seed))

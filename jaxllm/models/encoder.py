@@ -20,7 +20,16 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import Attention
-from jaxllm.models.layers import MLP, Embed, Norm, compute_dtype, constrain, dropout, param
+from jaxllm.models.layers import (
+    MLP,
+    Embed,
+    Norm,
+    ParamKeys,
+    compute_dtype,
+    constrain,
+    dropout,
+    param,
+)
 
 _RESIDUAL = ("act_batch", "act_length", "act_embed")
 
@@ -126,7 +135,7 @@ class Encoder(nnx.Module):
 def make_encoder(cfg: ModelConfig, seed: int = 0) -> Encoder:
     """An `Encoder` with params from `seed` on the default device (tests, tools)."""
     with nnx.use_eager_sharding(False):
-        return Encoder(cfg, rngs=nnx.Rngs(params=seed))
+        return Encoder(cfg, rngs=ParamKeys(seed))
 
 
 def encoder_params(cfg: ModelConfig) -> int:

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - the sharding package is optional for t
 
 __all__ = [
     "MLP",
+    "ParamKeys",
     "Embed",
     "Norm",
     "apply_rope",
@@ -57,8 +58,25 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.dtype)
 
 
+class ParamKeys:
+    """The keys `nnx.Rngs(seed).params()` gives — `fold_in(key(seed), i)` for i = 0, 1, ... —
+    with the counter kept in Python. nnx.Rngs keeps it as a variable, and updating it while a
+    model is built abstractly (`nnx.eval_shape`, jit) costs time proportional to the trace so
+    far (jax builds an error message reading `.sharding` of a tracer): building a 48-layer
+    model took 12 s, 96 layers a minute. Same keys, same weights."""
+
+    def __init__(self, seed: int) -> None:
+        self.key = jax.random.key(seed)
+        self.count = 0
+
+    def params(self) -> jax.Array:
+        key = jax.random.fold_in(self.key, self.count)
+        self.count += 1
+        return key
+
+
 def param(
-    rngs: nnx.Rngs,
+    rngs: nnx.Rngs | ParamKeys,
     shape: tuple[int, ...],
     names: Names,
     dtype: str | jnp.dtype,

@@ -22,6 +22,7 @@ from jaxllm.config import ModelConfig, PeftConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.models.heads import HeadParam
+from jaxllm.models.layers import ParamKeys
 from jaxllm.models.lora import apply_lora, has_lora, merge_lora
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.state import TrainState, master_weights, state_shardings
@@ -30,7 +31,7 @@ Wrap = Callable[[nnx.Module, nnx.Rngs], nnx.Module]  # decoder → model with a 
 
 
 def model_fn(m: ModelConfig, seed: int) -> Callable[[], Decoder]:
-    return lambda: Decoder(m, rngs=nnx.Rngs(seed))
+    return lambda: Decoder(m, rngs=ParamKeys(seed))
 
 
 def trainable_filter(peft: PeftConfig):

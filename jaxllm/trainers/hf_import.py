@@ -26,6 +26,7 @@ from jaxllm.interop import (
 )
 from jaxllm.interop.hf_tokenizer import add_special_tokens
 from jaxllm.models import Decoder
+from jaxllm.models.layers import ParamKeys
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import END_THINK, END_TOKEN, ROLE_TOKENS, THINK
@@ -86,7 +87,7 @@ def build_state(
     hf_m, m = m, replace(m, vocab_size=max(m.vocab_size, grow_to))
 
     def model_fn(m: ModelConfig = m) -> Decoder:
-        return Decoder(m, rngs=nnx.Rngs(cfg.seed))
+        return Decoder(m, rngs=ParamKeys(cfg.seed))
 
     def init(params: nnx.State) -> TrainState:
         _, _, frozen = nnx.split(model_fn(), nnx.Param, ...)

@@ -265,3 +265,19 @@ def test_vocab_size_must_be_set_and_length_checked():
         make_decoder(ModelConfig(), seed=0)
     with pytest.raises(ValueError, match="max_seq_len"):
         forward("gpt2", np.zeros((1, 65), np.int32))
+
+
+def test_param_keys_give_nnx_rngs_weights():
+    """`ParamKeys` (the Python-side key counter models are built with) yields the weights
+    `nnx.Rngs(seed)` would, leaf for leaf."""
+    from flax import nnx
+
+    from jaxllm.models import Decoder
+    from jaxllm.models.layers import ParamKeys
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16)
+    with nnx.use_eager_sharding(False):
+        a = nnx.state(Decoder(cfg, rngs=nnx.Rngs(7)), nnx.Param)
+        b = nnx.state(Decoder(cfg, rngs=ParamKeys(7)), nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
