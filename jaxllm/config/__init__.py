@@ -25,6 +25,7 @@ from jaxllm.config.data import (
     TokenizerConfig,
 )
 from jaxllm.config.distill import DistillConfig
+from jaxllm.config.encoder import ClassifyConfig, MLMConfig
 from jaxllm.config.interop import HFConfig, ScoreConfig
 from jaxllm.config.load import (
     _bad,
@@ -55,6 +56,7 @@ from jaxllm.errors import ConfigError
 
 __all__ = [
     "CHAT_TOKENS",
+    "ClassifyConfig",
     "Config",
     "DPOConfig",
     "DataConfig",
@@ -67,6 +69,7 @@ __all__ = [
     "HFConfig",
     "InputsConfig",
     "LoaderConfig",
+    "MLMConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
@@ -97,7 +100,7 @@ class InputsConfig:
     """What a stage reads from earlier stages; `stage: pipeline` fills the empty ones."""
 
     data_dir: str = ""  # a `stage: data` output directory (train/ and val/ shards)
-    tokenizer: str = ""  # a sentencepiece .model file
+    tokenizer: str = ""  # a sentencepiece .model file, or a tokenizer.json (dir)
     checkpoint: str = ""  # a checkpoint directory
     reward_checkpoint: str = ""  # a `stage: reward` checkpoint (ppo with `reward: model`)
     sft_data: str = ""  # SFT records (e.g. teacher answers); when set, sft trains on it
@@ -137,6 +140,8 @@ class Config:
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

@@ -193,6 +193,14 @@ def fill_rows(batch: Batch, rows: int) -> Batch:
     return out
 
 
+def fill_batch(batch: dict[str, Any], empty: Batch) -> Batch:
+    """A batch of rows (a short last one topped up with `empty`'s rows), in `empty`'s dtypes:
+    for loaders whose rows are not packed (MLM pairs, classification examples)."""
+    k = len(next(iter(batch.values())))
+    return {key: np.concatenate([np.asarray(batch[key], pad.dtype), pad[k:]])
+            for key, pad in empty.items()}  # fmt: skip
+
+
 def _empty_batch(rows: int, length: int) -> Batch:
     """An all-padding batch: contributes nothing to a masked loss."""
     batch = {k: np.zeros((rows, length), np.int32) for k in BATCH_KEYS}

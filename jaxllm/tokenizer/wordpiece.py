@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxllm.config import TokenizerConfig
 from jaxllm.errors import JaxllmError
 from jaxllm.tokenizer.hf import HFTokenizer
@@ -112,16 +114,37 @@ class WordPieceTokenizer(HFTokenizer):
     def encode_pair(self, a: str, b: str, max_len: int = 0) -> tuple[list[int], list[int]]:
         """(`[CLS] a [SEP] b [SEP]`, token types 0…0 1…1); with `max_len`, the longer of a and
         b loses tokens from its end until the pair fits (BERT's truncation)."""
-        ia, ib = self.encode(a), self.encode(b)
-        if max_len:
-            while len(ia) + len(ib) > max_len - 3 and (ia or ib):
-                (ia if len(ia) >= len(ib) else ib).pop()
-        ids = [CLS, *ia, SEP, *ib, SEP]
-        return ids, [0] * (len(ia) + 2) + [1] * (len(ib) + 1)
+        return pair_ids(self.encode(a), self.encode(b), max_len)
+
+    def continuation_mask(self) -> np.ndarray:
+        """[V] bool: True for `##` pieces, which continue the word before them (whole-word
+        masking groups a word start with them; a Chinese character is a word of its own)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        out = np.zeros(self.vocab_size, bool)
+        out[[i for piece, i in vocab.items() if piece.startswith("##")]] = True
+        return out
+
+    def special_mask(self) -> np.ndarray:
+        """[V] bool: True for the special tokens (the five BERT ones and any added)."""
+        out = np.zeros(self.vocab_size, bool)
+        out[[*range(len(BERT_SPECIALS)), *self.special_ids.values()]] = True
+        return out
 
     def same_text(self, decoded: str, text: str) -> bool:
         """Whether `decoded` is `text` up to the normalisation and the spaces between words."""
         return _squash(decoded, False) == _squash(self._tok.normalizer.normalize_str(text), False)
+
+
+def pair_ids(ia: Sequence[int], ib: Sequence[int], max_len: int = 0) -> tuple[list[int], list[int]]:
+    """`[CLS] a [SEP] b [SEP]` of two token lists and the token types (0 for a, 1 for b);
+    with `max_len`, BERT's truncation: the longer list loses tokens from its end until the
+    pair fits (`encode_pair`, and MLM pairs built from pre-tokenized sentences)."""
+    ia, ib = list(ia), list(ib)
+    if max_len:
+        while len(ia) + len(ib) > max_len - 3 and (ia or ib):
+            (ia if len(ia) >= len(ib) else ib).pop()
+    ids = [CLS, *ia, SEP, *ib, SEP]
+    return ids, [0] * (len(ia) + 2) + [1] * (len(ib) + 1)
 
 
 def _squash(text: str, lowercase: bool) -> str:
