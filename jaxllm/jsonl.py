@@ -20,8 +20,10 @@ A UTF-8 byte-order mark at the start of a line is ignored. `read_jsonl` streams 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,16 +88,22 @@ def parse_line(line: bytes | str) -> dict[str, Any]:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for each non-blank line of a JSONL file, read as bytes
-    line by line; the first bad line raises `DataError` naming `file:line`."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if raw.isspace():
-                continue
-            try:
-                yield n, parse_line(raw)
-            except BadLine as e:
-                raise DataError(f"{path}:{n}: {e.what}; fix or remove the line") from None
+    """(1-based line number, object) for each non-blank line of a JSONL file (gzip when the
+    name ends in `.gz`), read as bytes line by line; the first bad line raises `DataError`
+    naming `file:line`, a corrupt gzip stream one naming the file."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    n = 0
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if raw.isspace():
+                    continue
+                try:
+                    yield n, parse_line(raw)
+                except BadLine as e:
+                    raise DataError(f"{path}:{n}: {e.what}; fix or remove the line") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip after line {n} ({e})") from None
 
 
 def _too_deep() -> str:

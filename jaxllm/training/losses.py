@@ -278,3 +278,35 @@ def _head_ce_bwd(z_loss: float, chunk: int, res, g):
 
 
 _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
+
+
+def mlm_nsp_loss(
+    mlm_logits_BMV: jax.Array,
+    targets_BM: jax.Array,
+    weights_BM: jax.Array,
+    nsp_logits_B2: jax.Array,
+    nsp_labels_B: jax.Array,
+    nsp_weights_B: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """BERT's pretraining loss, summed over pairs; `weight` = number of pairs.
+
+    Each pair is one example: its masked-LM term is the mean cross-entropy over its chosen
+    positions, its NSP term the cross-entropy of its label, so loss / weight is the mean
+    MLM loss plus the mean NSP loss (BERT's sum of the two), and it stays a plain sum over
+    rows, exact under gradient accumulation. aux sums: `mlm_loss`, `nsp_loss` (per pair),
+    `mlm_ce` / `mlm_correct` / `mlm_tokens` (over chosen tokens: their ratios are the
+    token-level MLM loss and accuracy), `nsp_accuracy` (correct pairs).
+    """
+    ce_B, mlm_B = jax.vmap(cross_entropy)(mlm_logits_BMV, targets_BM, weights_BM)
+    tokens_B = mlm_B["weight"]
+    mlm = jnp.sum(ce_B / jnp.maximum(tokens_B, 1.0))
+    nsp, nsp_aux = cross_entropy(nsp_logits_B2, nsp_labels_B, nsp_weights_B)
+    return mlm + nsp, {
+        "mlm_loss": mlm,
+        "nsp_loss": nsp,
+        "mlm_ce": jnp.sum(ce_B),
+        "mlm_correct": jnp.sum(mlm_B["correct"]),
+        "mlm_tokens": jnp.sum(tokens_B),
+        "nsp_accuracy": nsp_aux["correct"],
+        "weight": nsp_aux["weight"],
+    }

@@ -1,0 +1,89 @@
+"""The MLM + NSP loss and the classification figures against numpy references."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm.trainers.classify_eval import classification_figures
+from jaxllm.training.losses import cross_entropy, mlm_nsp_loss
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def test_mlm_nsp_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    b, m, v = 4, 5, 37
+    mlm = rng.normal(size=(b, m, v)).astype(np.float32) * 3
+    targets = rng.integers(0, v, (b, m))
+    weights = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [0] * 5], np.float32)
+    nsp = rng.normal(size=(b, 2)).astype(np.float32)
+    labels = np.array([0, 1, 1, 0])
+    rows = np.array([1, 1, 1, 0], np.float32)  # the last row is padding
+    loss, aux = jax.jit(mlm_nsp_loss)(mlm, targets, weights, nsp, labels, rows)
+
+    nll = -np.take_along_axis(log_softmax(mlm), targets[..., None], -1)[..., 0]
+    per_row = (nll * weights).sum(1) / np.maximum(weights.sum(1), 1)
+    nsp_nll = -log_softmax(nsp)[np.arange(b), labels]
+    want = {
+        "mlm_loss": per_row.sum(),
+        "nsp_loss": (nsp_nll * rows).sum(),
+        "mlm_ce": (nll * weights).sum(),
+        "mlm_correct": ((mlm.argmax(-1) == targets) * weights).sum(),
+        "mlm_tokens": weights.sum(),
+        "nsp_accuracy": ((nsp.argmax(-1) == labels) * rows).sum(),
+        "weight": rows.sum(),
+    }
+    assert float(loss) == pytest.approx(want["mlm_loss"] + want["nsp_loss"], rel=1e-5)
+    assert set(aux) == set(want)
+    for k, value in want.items():
+        assert float(aux[k]) == pytest.approx(value, rel=1e-5, abs=1e-6), k
+    # the gradient of the summed loss: softmax - onehot, scaled by each row's 1/n on its tokens
+    grad = jax.grad(lambda x: mlm_nsp_loss(x, targets, weights, nsp, labels, rows)[0])(mlm)
+    onehot = np.eye(v)[targets]
+    scale = weights / np.maximum(weights.sum(1, keepdims=True), 1)
+    np.testing.assert_allclose(grad, (np.exp(log_softmax(mlm)) - onehot) * scale[..., None],
+                               atol=1e-6)  # fmt: skip
+
+
+def test_classification_loss_is_cross_entropy_over_real_rows():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 3)).astype(np.float32)
+    labels = np.array([0, 2, 1, 1, 0])
+    weights = np.array([1, 1, 1, 1, 0], np.float32)
+    loss, aux = cross_entropy(logits, labels, weights)
+    nll = -log_softmax(logits)[np.arange(5), labels]
+    assert float(loss) == pytest.approx((nll * weights).sum(), rel=1e-6)
+    assert float(aux["weight"]) == 4
+
+
+def reference_macro_f1(y: np.ndarray, p: np.ndarray) -> float:
+    """scikit-learn's macro F1: the labels seen in either array, F1 = 2PR / (P + R)."""
+    scores = []
+    for c in sorted(set(y) | set(p)):
+        tp = np.sum((y == c) & (p == c))
+        prec = tp / max(np.sum(p == c), 1)
+        rec = tp / max(np.sum(y == c), 1)
+        scores.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+    return float(np.mean(scores))
+
+
+def test_classification_figures_match_a_reference():
+    rng = np.random.default_rng(2)
+    for n_classes in (2, 3, 5):
+        y = rng.integers(0, n_classes, 200)
+        p = np.where(rng.random(200) < 0.6, y, rng.integers(0, n_classes, 200))
+        f = classification_figures(y, p, n_classes)
+        assert f["accuracy"] == pytest.approx(np.mean(y == p))
+        assert f["macro_f1"] == pytest.approx(reference_macro_f1(y, p))
+        conf = np.array(f["confusion"])
+        assert conf.sum() == 200 and np.trace(conf) == np.sum(y == p)
+        assert conf[1].sum() == np.sum(y == 1) and conf[:, 0].sum() == np.sum(p == 0)
+    # a label never seen nor predicted does not count; one only predicted counts as F1 0
+    f = classification_figures(np.array([0, 0, 1]), np.array([0, 2, 1]), 4)
+    assert f["macro_f1"] == pytest.approx(reference_macro_f1(np.array([0, 0, 1]),
+                                                             np.array([0, 2, 1])))  # fmt: skip
+    assert f["confusion"][0] == [1, 0, 1, 0]
