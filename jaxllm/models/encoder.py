@@ -1,6 +1,9 @@
 """The BERT-style encoder as a Flax NNX module: bidirectional self-attention over the real
 tokens of each row, token + position + token-type embeddings, BERT's post-LN blocks (pre-LN
-as an option), and the pooler over `[CLS]`.
+as an option), and the pooler over `[CLS]`. Positions are BERT's learned table, or
+(`positions: rope`) rotary angles in every attention layer, which see only relative
+positions: a tiny encoder learns to read its neighbours much sooner that way (tiny_mlm.yaml),
+or (`sinusoidal`) fixed sinusoids added to the embeddings.
 
 Run it functionally like the decoder (`nnx.split` once, `nnx.merge` inside jitted code). It
 reuses the decoder's parts: `Attention` (no causal mask: `attend` with the padding mask, GQA
@@ -29,7 +32,12 @@ from jaxllm.models.layers import (
     constrain,
     dropout,
     param,
+    rope_angles,
+    rope_inv_freq,
+    sinusoidal_positions,
 )
+
+Rope = tuple[jax.Array, jax.Array] | None
 
 _RESIDUAL = ("act_batch", "act_length", "act_embed")
 
@@ -51,15 +59,17 @@ class EncoderBlock(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.dropout_rate = cfg.dropout
 
-    def __call__(self, x_BLD: jax.Array, mask_BLL: jax.Array, key: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, x_BLD: jax.Array, mask_BLL: jax.Array, key: jax.Array | None, rope: Rope = None
+    ) -> jax.Array:
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
         lora_key = None if mlp_key is None else jax.random.fold_in(mlp_key, 1)
         if self.post:
-            h_BLD = self.attn(x_BLD, mask_BLL, None, key=attn_key)[0]
+            h_BLD = self.attn(x_BLD, mask_BLL, rope, key=attn_key)[0]
             x_BLD = self.attn_norm(x_BLD + h_BLD)
             h_BLD = dropout(self.mlp(x_BLD, lora_key), self.dropout_rate, mlp_key)
             return constrain(self.mlp_norm(x_BLD + h_BLD), _RESIDUAL)
-        h_BLD = self.attn(self.attn_norm(x_BLD), mask_BLL, None, key=attn_key)[0]
+        h_BLD = self.attn(self.attn_norm(x_BLD), mask_BLL, rope, key=attn_key)[0]
         x_BLD = x_BLD + h_BLD
         h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD), lora_key), self.dropout_rate, mlp_key)
         return constrain(x_BLD + h_BLD, _RESIDUAL)
@@ -79,7 +89,10 @@ class Encoder(nnx.Module):
         self.dtype = compute_dtype(cfg)
         d, pd, std = cfg.d_model, cfg.param_dtype, cfg.init_std
         self.embed = Embed(cfg, rngs=rngs)
-        self.pos_embed = param(rngs, (cfg.max_seq_len, d), (None, "embed"), pd, std)
+        learned = cfg.positions == "learned"
+        self.pos_embed = (
+            param(rngs, (cfg.max_seq_len, d), (None, "embed"), pd, std) if learned else None
+        )
         types = max(cfg.type_vocab_size, 1)
         self.type_embed = param(rngs, (types, d), (None, "embed"), pd, std)
         self.embed_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "post" else None
@@ -114,16 +127,30 @@ class Encoder(nnx.Module):
         if key is None and not deterministic and self.cfg.dropout > 0:
             raise ValueError("Encoder: deterministic=False with dropout needs a `key`")
         x_BLD = self.embed(tokens_BL)
-        x_BLD = x_BLD + self.pos_embed[...][positions_BL].astype(self.dtype)
+        if self.pos_embed is not None:
+            x_BLD = x_BLD + self.pos_embed[...][positions_BL].astype(self.dtype)
+        elif self.cfg.positions == "sinusoidal":
+            pos_BLD = sinusoidal_positions(positions_BL, self.cfg.d_model)
+            x_BLD = x_BLD + pos_BLD.astype(self.dtype)
         x_BLD = x_BLD + self.type_embed[...][types_BL].astype(self.dtype)
         if self.embed_norm is not None:
             x_BLD = self.embed_norm(x_BLD)
         emb_key = None if key is None else jax.random.fold_in(key, self.cfg.n_layers)
         x_BLD = constrain(dropout(x_BLD, self.cfg.dropout, emb_key), _RESIDUAL)
         mask_BLL = bidirectional_mask(seg_BL)
+        rope = self._rope(positions_BL)
         for i, block in enumerate(self.blocks):
-            x_BLD = block(x_BLD, mask_BLL, None if key is None else jax.random.fold_in(key, i))
+            block_key = None if key is None else jax.random.fold_in(key, i)
+            x_BLD = block(x_BLD, mask_BLL, block_key, rope)
         return x_BLD if self.final_norm is None else self.final_norm(x_BLD)
+
+    def _rope(self, positions_BL: jax.Array) -> Rope:
+        """RoPE angles when `positions: rope` (relative positions in attention), else None."""
+        if self.cfg.positions != "rope":
+            return None
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
+        return rope_angles(positions_BL, inv_freq)
 
     def pooled(self, x_BLD: jax.Array) -> jax.Array:
         """BERT's pooler: tanh(W x[CLS] + b) [B, D] in float32 (position 0 holds `[CLS]`)."""
@@ -145,5 +172,6 @@ def encoder_params(cfg: ModelConfig) -> int:
     norm = d * (2 if cfg.use_bias else 1)
     attn = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if cfg.use_bias else 0)
     mlp = 2 * d * f + ((f + d) if cfg.use_bias else 0)
-    emb = (cfg.vocab_size + cfg.max_seq_len + max(cfg.type_vocab_size, 1)) * d
+    positions = cfg.max_seq_len if cfg.positions == "learned" else 0
+    emb = (cfg.vocab_size + positions + max(cfg.type_vocab_size, 1)) * d
     return emb + norm + cfg.n_layers * (attn + mlp + 2 * norm) + d * d + d

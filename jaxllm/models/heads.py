@@ -132,5 +132,7 @@ class ClassifierModel(nnx.Module):
     def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True, key=None, **kw):
         """Logits [B, num_labels] in float32."""
         x_BLD = self.encoder(tokens_BL, deterministic=deterministic, key=key, **kw)
-        head_key = None if key is None or deterministic else jax.random.fold_in(key, -1)
+        # the encoder folds in 0..n_layers (blocks, embeddings): the head's key is the next
+        n = self.encoder.cfg.n_layers + 1
+        head_key = None if key is None or deterministic else jax.random.fold_in(key, n)
         return self.head(self.encoder.pooled(x_BLD), self.encoder.cfg.dropout, head_key)

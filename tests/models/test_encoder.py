@@ -120,3 +120,19 @@ def test_a_decoder_refuses_an_encoder_config():
 
     with pytest.raises(ValueError, match="model.arch: this is an encoder model"):
         make_decoder(preset("bert_tiny", vocab_size=100))
+
+
+def test_rope_encoder_sees_relative_positions_only():
+    """With `positions: rope` there is no position table, and shifting every position by
+    the same amount changes nothing (attention sees only differences)."""
+    # large weights: sharp attention, so positions matter to the output
+    m = preset("bert_tiny", vocab_size=50, positions="rope", max_seq_len=64, init_std=0.3)
+    enc = make_encoder(m)
+    assert enc.pos_embed is None
+    abstract = nnx.state(nnx.eval_shape(lambda: Encoder(m, rngs=nnx.Rngs(0))), nnx.Param)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == encoder_params(m)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(5, 50, (2, 10)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    np.testing.assert_allclose(enc(tokens, positions_BL=pos), enc(tokens, positions_BL=pos + 7),
+                               atol=1e-4)  # fmt: skip
+    assert not np.allclose(enc(tokens), enc(tokens[:, ::-1])[:, ::-1], atol=1e-3)
