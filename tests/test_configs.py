@@ -23,7 +23,8 @@ from flax import nnx
 
 from jaxllm.config import Config, ModelConfig, from_dict, load_config, to_dict
 from jaxllm.models import Decoder
-from jaxllm.models.heads import with_scalar_head
+from jaxllm.models.encoder import Encoder
+from jaxllm.models.heads import BertPretrainModel, ClassifierModel, with_scalar_head
 from jaxllm.models.lora import apply_lora
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import STAGES, check_stage
@@ -33,7 +34,8 @@ from jaxllm.training.state import state_shardings, train_state_init
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
-TRAINS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "distill")
+TRAINS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "distill", "mlm", "classify")
+FRESH = ("pretrain", "mlm")  # stages that build `model:` from a seed
 USES = ("generate", "score", "export")  # a checkpoint's model on one device, not trained
 
 
@@ -55,14 +57,15 @@ def test_config_loads(path):
 
 
 def fresh_model(cfg: Config, vocab: int = 0) -> ModelConfig:
-    """`model:` as pretrain (or distill, for a student) resolves and checks it: vocab 0 is
-    the tokenizer's (or the teacher's `vocab`)."""
-    return resolve_model(cfg, vocab or cfg.tokenizer.vocab_size)
+    """`model:` as pretrain / mlm (or distill, for a student) resolves and checks it: vocab
+    0 is the tokenizer's (or the teacher's `vocab`)."""
+    arch = "encoder" if cfg.stage == "mlm" else "decoder"
+    return resolve_model(cfg, vocab or cfg.tokenizer.vocab_size, arch)
 
 
 def output_model(cfg: Config, prev: ModelConfig | str | None) -> ModelConfig | str | None:
     """The model in the checkpoint `cfg` writes (None: it writes none)."""
-    if cfg.stage == "pretrain":
+    if cfg.stage in FRESH and not cfg.inputs.checkpoint:
         return fresh_model(cfg)
     if cfg.stage not in TRAINS or (cfg.stage == "distill" and cfg.distill.mode == "black_box"):
         return None
@@ -104,7 +107,14 @@ def check_trained(cfg: Config, m: ModelConfig) -> None:
 
     def build() -> nnx.Module:
         rngs = nnx.Rngs(0)
-        model = Decoder(m, rngs=rngs)
+        if m.arch == "encoder":
+            model = Encoder(m, rngs=rngs)
+            if cfg.stage == "mlm":
+                model = BertPretrainModel(model, rngs=rngs)
+            else:
+                model = ClassifierModel(model, max(len(cfg.classify.labels), 2), rngs=rngs)
+        else:
+            model = Decoder(m, rngs=rngs)
         model = with_scalar_head(model, rngs) if cfg.stage == "reward" else model
         if cfg.peft.enabled:
             with nnx.use_eager_sharding(False):
@@ -120,13 +130,14 @@ def check_stage_model(cfg: Config, prev: ModelConfig | str | None) -> str | None
     """Checks the model(s) of one stage; returns why it has none to check, else None."""
     if cfg.stage not in TRAINS + USES:
         return f"stage {cfg.stage} has no model"
-    if cfg.stage == "pretrain":
+    if cfg.stage in FRESH and not cfg.inputs.checkpoint:
         check_trained(cfg, fresh_model(cfg))
         return None
     source = checkpoint_model(cfg.inputs.checkpoint, prev)
     if isinstance(source, str):
         return f"{cfg.name}: {source}"
-    nnx.eval_shape(lambda: Decoder(source, rngs=nnx.Rngs(0)))  # the checkpoint's model
+    built = Encoder if source.arch == "encoder" else Decoder
+    nnx.eval_shape(lambda: built(source, rngs=nnx.Rngs(0)))  # the checkpoint's model
     if cfg.stage in USES or (cfg.stage == "distill" and cfg.distill.mode == "black_box"):
         return None  # used on one device, not trained
     if cfg.stage == "distill":  # the teacher teaches a fresh student

@@ -42,6 +42,8 @@ STAGES = {
     "export": "jaxllm.trainers.hf_export",
     "score": "jaxllm.trainers.score",
     "scaling": "jaxllm.trainers.scaling",
+    "mlm": "jaxllm.trainers.mlm",
+    "classify": "jaxllm.trainers.classify",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 

@@ -82,6 +82,7 @@ def load_checkpoint_model(
         raise ConfigError(f"{ckpt_dir}/{step}: not a jaxllm model checkpoint (no model metadata)")
     run_cfg = from_dict(meta["config"])
     m = from_dict({"stage": "generate", "model": meta["model"]}).model
+    check_arch(m, "decoder", f"{ckpt_dir}/{step}", run_cfg.stage)
     filt = trainable_filter(run_cfg.peft)
     if run_cfg.peft.enabled:
         graphdef, params, frozen = _lora_model(
@@ -95,6 +96,22 @@ def load_checkpoint_model(
     params, meta = restore_params(ckpt, step, params, mesh, rules)
     ckpt.close()
     return graphdef, nnx.merge_state(params, frozen), m, meta
+
+
+def check_arch(m: ModelConfig, want: str, where: str, stage: str) -> None:
+    """A checkpoint's model must be the kind the stage runs (`model.arch`): a decoder stage
+    given an encoder's checkpoint (or the reverse) stops here with one line, not deep inside
+    the model's constructor."""
+    if m.arch != want:
+        runs = "mlm, classify" if want == "encoder" else "pretrain, sft, ..."
+        raise ConfigError(
+            f"{where}: holds {_a(m.arch)} (model.arch: {m.arch}, written by stage {stage}), "
+            f"and this stage runs {_a(want)}; give it a checkpoint of {_a(want)} stage ({runs})"
+        )
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _lora_model(

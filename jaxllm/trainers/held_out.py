@@ -1,5 +1,6 @@
-"""Held-out figures of decoder LM stages: loss, perplexity and accuracy over validation
-batches on one process or many, and the unigram baseline a pretraining loss compares to."""
+"""Held-out figures of stages that train with `run_loop`: summed aux figures over validation
+batches on one process or many (`make_totals`), the LM figures from them (loss, perplexity,
+accuracy) and the unigram baseline a pretraining loss compares to."""
 
 from __future__ import annotations
 
@@ -15,28 +16,41 @@ from jaxllm.training.state import TrainState, to_global
 EvalBatches = Callable[[int | None], Iterable[dict]]  # num_batches (None: as many as there are)
 
 
-def make_evaluator(
+def make_totals(
     eval_step: Callable, batches: EvalBatches, mesh, max_batches: int = 0
 ) -> Callable[[TrainState], dict[str, float]]:
-    """Loss / perplexity / accuracy over the validation batches, summed exactly then divided.
+    """`totals(state)`: every aux sum of `eval_step` added up over the validation batches.
 
     `batches(num_batches)` gives this process's validation batches, topped up with
     all-padding batches to `num_batches` when that is given. Each eval batch is a collective
-    step, so with many processes all must run the same number: their slices of the data pack
-    into different counts, so the first evaluation counts each process's batches (up to
-    `max_batches`) and every evaluation runs the largest count on every process."""
+    step, so with many processes all must run the same number: their slices of the data
+    give different counts, so the first call counts each process's batches (up to
+    `max_batches`) and every call runs the largest count on every process."""
     count: list[int | None] = []  # the common count, found once
 
-    def evaluate(state: TrainState) -> dict[str, float]:
+    def totals(state: TrainState) -> dict[str, float]:
         if not count:
             count.append(common_batch_count(batches, max_batches))
         stream = batches(count[0])
         limit = count[0] if count[0] is not None else (max_batches or None)
-        totals: dict[str, float] = {}
+        out: dict[str, float] = {}
         for batch in itertools.islice(stream, limit):
-            out = jax.device_get(eval_step(state, to_global(batch, mesh)))
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+            for k, v in jax.device_get(eval_step(state, to_global(batch, mesh))).items():
+                out[k] = out.get(k, 0.0) + float(v)
+        return out
+
+    return totals
+
+
+def make_evaluator(
+    eval_step: Callable, batches: EvalBatches, mesh, max_batches: int = 0
+) -> Callable[[TrainState], dict[str, float]]:
+    """Loss / perplexity / accuracy over the validation batches, summed exactly then divided
+    (the sums of `make_totals`: the same batch count on every process)."""
+    sums = make_totals(eval_step, batches, mesh, max_batches)
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        totals = sums(state)
         w = totals.get("weight", 0.0) or 1.0  # the true total; 1 only for an empty split
         loss = totals.get("ce", totals.get("loss", 0.0)) / w
         return {

@@ -41,10 +41,17 @@ from jaxllm.training.state import (
 )
 
 
-def resolve_model(cfg: Config, vocab_size: int) -> ModelConfig:
-    """The model config with the tokenizer's vocabulary filled in, checked against the data
-    and against the training precision rule (`check_training_precision`)."""
+def resolve_model(cfg: Config, vocab_size: int, arch: str = "decoder") -> ModelConfig:
+    """The model config with the tokenizer's vocabulary filled in, checked against the data,
+    the stage's kind of model (`arch`) and the training precision rule
+    (`check_training_precision`)."""
     m = cfg.model
+    if m.arch != arch:
+        raise ConfigError(
+            f"config key 'model.arch': {m.arch} (preset {m.preset or 'none'}), but stage "
+            f"{cfg.stage} trains an {arch}; pick an {arch} model"
+            + (" (e.g. preset: bert_tiny)" if arch == "encoder" else " (e.g. preset: tiny)")
+        )
     if m.vocab_size and m.vocab_size < vocab_size:
         raise ConfigError(
             f"config key 'model.vocab_size': {m.vocab_size} is smaller than the tokenizer's "
@@ -220,6 +227,15 @@ def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> Sta
     merge_lora(model)
     rngs = nnx.Rngs(params=cfg.seed)
     model = wrap(model, rngs) if wrap else model
+    return start_from_model(cfg, model, m, meta, ckpt_in, tx, mesh, rngs)
+
+
+def start_from_model(
+    cfg: Config, model: nnx.Module, m: ModelConfig, meta: dict[str, Any], ckpt_in: str, tx,
+    mesh, rngs: nnx.Rngs,
+) -> StartPoint:  # fmt: skip
+    """The `StartPoint` of a built model (weights loaded, a stage's head on): adapters if
+    `peft` asks, and a fresh optimizer state over what trains."""
     if cfg.peft.enabled:
         try:
             with nnx.use_eager_sharding(False):

@@ -1,0 +1,158 @@
+"""`stage: mlm` and `stage: classify` end to end with a tiny encoder (a few steps each):
+summaries, checkpoints that say `arch: encoder`, an exact resume, the classifier starting
+from the pretrained encoder (its weights, not the MLM head's) or from random init, LoRA with
+a training head, and `predictions.jsonl`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import from_dict, read_yaml
+from jaxllm.main import main
+from jaxllm.rundir import RunDir
+from jaxllm.sharding import make_mesh
+from jaxllm.trainers import classify
+from jaxllm.trainers.encoder import EncoderCheckpoint
+from jaxllm.training.checkpoint import Checkpointer
+
+from .conftest import ROOT, gz_rows, mlm_sets
+
+SENTIMENT = ROOT / "jaxllm" / "assets" / "sentiment"
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_mlm_stage_summary_checkpoint_and_exact_resume(mlm_run, wp_tok, enc_data):
+    s = summary(mlm_run)
+    for key in ("mlm_accuracy", "nsp_accuracy", "mlm_loss", "nsp_loss"):
+        assert s[f"val_{key}_before"] >= 0 and s[f"val_{key}_after"] >= 0
+    assert s["val_mlm_loss_after"] < s["val_mlm_loss_before"]  # learns the unigram at least
+    assert 0 <= s["val_unigram_mlm_accuracy"] < 1 and s["val_pairs"] == 16  # 2 eval batches
+    meta = Checkpointer(mlm_run / "checkpoints", async_save=False).read_meta(4)
+    assert meta["model"]["arch"] == "encoder" and meta["head"] == {"kind": "mlm"}
+    assert Path(meta["tokenizer"]) == mlm_run / "tokenizer"  # kept in the run
+    assert from_dict(meta["config"]).stage == "mlm"
+    rows = [json.loads(x) for x in (mlm_run / "metrics.jsonl").read_text().splitlines()]
+    assert {"mlm_loss", "nsp_accuracy", "mlm_correct"} <= set(rows[0])
+    # killed after step 2: the run resumes there and reproduces steps 3-4 exactly
+    shutil.rmtree(mlm_run / "checkpoints" / "4")
+    (mlm_run / "summary.json").unlink()
+    args = mlm_sets(mlm_run, enc_data, wp_tok.path)
+    assert main(["--config", str(ROOT / "configs/tiny_mlm.yaml"), *args]) == 0
+    again = summary(mlm_run)
+    assert again["resumed_from_step"] == 2
+    assert again["final_train_loss"] == s["final_train_loss"]
+    assert again["val_mlm_accuracy_after"] == s["val_mlm_accuracy_after"]
+
+
+def sentiment_cut(tmp_path: Path, n: int = 48) -> dict[str, str]:
+    """Small train/val/test files cut from the shipped sentiment set."""
+    files = {}
+    for split, count in (("train", n), ("val", 20), ("test", 18)):
+        rows = gz_rows(SENTIMENT / f"{split}.jsonl.gz", count)
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        files[f"classify.{split}_file"] = str(path)
+    return files
+
+
+def classify_config(ckpt: Path, out: Path, files: dict, **sets):
+    raw = read_yaml(ROOT / "configs/tiny_classify.yaml")
+    raw.update(name="cls", output_dir=str(out), progress=False)
+    raw["inputs"]["checkpoint"] = str(ckpt)
+    raw["loader"] = {"seq_len": 32, "batch_size": 8}
+    raw["train"].update(steps=4, eval_every=4, checkpoint_every=2, log_every=1)
+    cfg = from_dict(raw)
+    from jaxllm.config import replace
+
+    return replace(cfg, **files, **sets)
+
+
+def run_classify(cfg) -> dict:
+    run_dir = RunDir.open(cfg)
+    return run_dir.finish(classify.run(cfg, run_dir))
+
+
+def encoder_weights(ckpt: Path) -> dict:
+    src = EncoderCheckpoint(ckpt)
+    enc = src.restore(src.model, make_mesh(from_dict({"stage": "mlm"}).mesh), "dp")
+    return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(enc))}
+
+
+def test_classify_from_the_pretrained_encoder(mlm_run, tmp_path):
+    files = sentiment_cut(tmp_path)
+    s = run_classify(classify_config(mlm_run / "checkpoints", tmp_path / "c", files))
+    assert s["labels"] == ["negative", "positive"] and s["examples"] == {
+        "train": 48, "val": 20, "test": 18
+    }  # fmt: skip
+    for key in ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1"):
+        assert 0.0 <= s[key] <= 1.0
+    assert np.sum(s["test_confusion"]) == 18 and len(s["val_confusion"]) == 2
+    assert s["trainable_params"] == s["total_params"]
+    preds = [json.loads(x) for x in (tmp_path / "c/predictions.jsonl").read_text().splitlines()]
+    assert [p["split"] for p in preds] == ["val"] * 20 + ["test"] * 18
+    assert preds[0]["line"] == 1 and set(preds[0]["probabilities"]) == {"negative", "positive"}
+    test_acc = np.mean([p["label"] == p["prediction"] for p in preds if p["split"] == "test"])
+    assert test_acc == s["test_accuracy"]
+    # the classifier's encoder started from the MLM run's encoder: same weights at step 0
+    meta = Checkpointer(tmp_path / "c/checkpoints", async_save=False).read_meta(4)
+    assert meta["head"]["labels"] == ["negative", "positive"]
+    assert meta["base_checkpoint"] == str(mlm_run / "checkpoints")
+    pre, tuned = (
+        encoder_weights(mlm_run / "checkpoints"),
+        encoder_weights(tmp_path / "c/checkpoints"),
+    )
+    assert pre.keys() == tuned.keys() and any(not np.array_equal(pre[k], tuned[k]) for k in pre)
+
+
+def saved_leaf(ckpt: Path, step: int, *path: str) -> np.ndarray:
+    """One saved weight (e.g. "head", "kernel") read alone from a checkpoint."""
+    c = Checkpointer(ckpt, async_save=False)
+    meta = c.manager.item_metadata(step)["state"]["params"]
+    for p in path:
+        meta = meta[p]
+    sds = jax.ShapeDtypeStruct(
+        tuple(meta["value"].shape),
+        meta["value"].dtype,
+        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    )
+    target: dict = {"value": sds}
+    for p in reversed(path):
+        target = {p: target}
+    out = c.restore_params(step, target)[0]
+    for p in path:
+        out = out[p]
+    return np.asarray(out["value"])
+
+
+def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
+    files = sentiment_cut(tmp_path, 24)
+    cfg = classify_config(mlm_run / "checkpoints", tmp_path / "r", files,
+                          **{"classify.init": "random", "seed": 1})  # fmt: skip
+    s = run_classify(cfg)
+    assert s["init"] == "random"
+    meta = Checkpointer(tmp_path / "r/checkpoints", async_save=False).read_meta(4)
+    assert not meta.get("base_checkpoint") and meta["model"]["d_model"] == 32
+    pre = encoder_weights(mlm_run / "checkpoints")
+    fresh = encoder_weights(tmp_path / "r/checkpoints")
+    key = ("embed", "embedding")
+    assert not np.allclose(pre[key], fresh[key], atol=0.01)  # not the pretrained weights
+    # (with the mlm run's seed, init: random starts where pretraining started)
+    lora = {"peft.method": "lora", "peft.rank": 2, "peft.targets": (r"attn\.(q|v)$",)}
+    s = run_classify(classify_config(mlm_run / "checkpoints", tmp_path / "l", files, **lora))
+    assert 0 < s["trainable_params"] < s["total_params"]
+    saved = Checkpointer(tmp_path / "l/checkpoints", async_save=False).manager
+    params = saved.item_metadata(4)["state"]["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params["encoder"])[0]
+    names = {str(path[-2].key) for path, _ in leaves}
+    assert names == {"q_lora_a", "q_lora_b", "v_lora_a", "v_lora_b"}  # only adapters...
+    assert set(params["head"]) == {"kernel", "bias"}  # ...and the head, which trains
+    ckpt = tmp_path / "l/checkpoints"
+    assert not np.array_equal(saved_leaf(ckpt, 2, "head", "kernel"),
+                              saved_leaf(ckpt, 4, "head", "kernel"))  # fmt: skip
