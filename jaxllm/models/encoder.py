@@ -115,7 +115,7 @@ class Encoder(nnx.Module):
         (default: none); `token_types_BL`: sentence A (0) / B (1); `positions_BL` default
         0..L-1; dropout (`cfg.dropout`) when `deterministic=False`, which needs `key`."""
         b, l_ = tokens_BL.shape
-        if l_ > self.cfg.max_seq_len:
+        if self.pos_embed is not None and l_ > self.cfg.max_seq_len:  # the table's length
             raise ValueError(
                 f"sequence of {l_} tokens is longer than model.max_seq_len {self.cfg.max_seq_len}"
             )
