@@ -114,9 +114,11 @@ def choose_masks(
     max_predictions: int,
     special_V: np.ndarray,
     continuation_V: np.ndarray | None = None,
+    mask_id: int = MASK,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(input ids, chosen positions (sorted), their original ids)` of one row.
-    `continuation_V` (whole-word masking) marks `##` pieces, which join the word before."""
+    `continuation_V` (whole-word masking) marks `##` pieces, which join the word before;
+    `mask_id`: the tokenizer's `[MASK]`."""
     ids_L = np.asarray(ids, np.int32)
     cand = np.flatnonzero(~special_V[ids_L])
     starts = np.ones(len(cand), bool)
@@ -134,7 +136,7 @@ def choose_masks(
     targets = ids_L[positions]
     draw = rng.random(len(positions))
     out = ids_L.copy()
-    out[positions[draw < 0.8]] = MASK
+    out[positions[draw < 0.8]] = mask_id
     swap = positions[(draw >= 0.8) & (draw < 0.9)]
     normal = np.flatnonzero(~special_V)
     out[swap] = rng.choice(normal, size=len(swap)).astype(np.int32)
@@ -193,10 +195,11 @@ class PairMaker:
         return None
 
     def _row(self, a: list[int], b: list[int], label: int, rng) -> dict[str, np.ndarray]:
-        ids, types = pair_ids(a, b, self.seq_len)
+        ids, types = pair_ids(a, b, self.seq_len, self.tok.cls_id, self.tok.sep_id)
         masked, positions, targets = choose_masks(
             ids, rng, mask_prob=self.cfg.mask_prob, max_predictions=self.m,
             special_V=self.special_V, continuation_V=self.continuation_V,
+            mask_id=self.tok.mask_id,
         )  # fmt: skip
         n, k, pad = len(ids), len(positions), self.seq_len - len(ids)
         return {

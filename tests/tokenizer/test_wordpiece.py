@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jaxllm.config import TokenizerConfig, from_dict
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, JaxllmError
 from jaxllm.tokenizer.hf import load_tokenizer
 from jaxllm.tokenizer.wordpiece import BERT_SPECIALS, WordPieceTokenizer, train_wordpiece
 from tests.sft.conftest import SFT_TRAIN
@@ -92,3 +92,27 @@ def test_tokenizer_stage_trains_wordpiece(tmp_path):
     assert total == 100 and n >= 70 and summary["tokens_per_char"]["sft"] > 0
     tok = load_tokenizer(summary["outputs"]["tokenizer"])
     assert isinstance(tok, WordPieceTokenizer) and tok.piece_to_id("<|user|>") == tok.unk_id
+
+
+def test_tokenizer_from_a_bert_vocab_keeps_its_special_ids(tmp_path):
+    """A vocab.txt laid out like Google's ([UNK] [CLS] [SEP] [MASK] not at 1-4) keeps its ids;
+    tokenizer_config.json picks casing and may rename the special tokens."""
+    from jaxllm.tokenizer.wordpiece import wordpiece_from_vocab
+
+    vocab = ["<pad>", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "Hello",
+             "world", "##s", ","]  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (src / "tokenizer_config.json").write_text('{"do_lower_case": false, "pad_token": "<pad>"}')
+    tok = load_tokenizer(wordpiece_from_vocab(src / "vocab.txt", tmp_path / "tok"))
+    assert isinstance(tok, WordPieceTokenizer) and tok.vocab_size == len(vocab)
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 2, 3, 4, 5)
+    assert tok.encode_single("Hello worlds, hello!") == [3, 7, 8, 9, 10, 6, 2, 4]  # cased
+    assert tok.encode_pair("hello", "world") == ([3, 6, 4, 8, 4], [0, 0, 0, 1, 1])
+    assert tok.decode(tok.encode_single("hello [MASK]"), skip_special=True) == "hello"
+    tok.save_vocab(tmp_path)
+    assert (tmp_path / "vocab.txt").read_text().splitlines() == vocab
+    (src / "tokenizer_config.json").write_text('{"pad_token": "<pad>", "mask_token": "<mask>"}')
+    with pytest.raises(JaxllmError, match="vocab.txt: no special token '<mask>'"):
+        wordpiece_from_vocab(src / "vocab.txt", tmp_path / "bad")
