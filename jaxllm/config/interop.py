@@ -1,4 +1,5 @@
-"""Config sections of the HF interop stages (`import`, `export`) and of `stage: score`."""
+"""Config sections of the HF interop stages (`import`, `export`), `stage: score` and
+`stage: embed`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class HFConfig:
     # head) by as many rows, initialised to the mean row, so that sft/dpo/... can use the
     # chat template on the imported model.
     chat_tokens: bool = False
+    # export: the transformers class to write an encoder checkpoint as (empty: the one its
+    # heads hold, or the class it was imported from); a decoder checkpoint is refused
+    architecture: Literal[
+        "", "BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"
+    ] = ""
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,23 @@ class ScoreConfig:
     texts_file: str = ""
     batch_size: int = 8
     max_len: int = 512  # longer inputs are cut
+
+    def _validate(self) -> None:
+        if self.batch_size < 1 or self.max_len < 2:
+            raise ValueError("batch_size: need batch_size >= 1 and max_len >= 2")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Texts to embed (and/or a JSONL file with a "text" key, optionally an "id", per line)
+    with an encoder: `[CLS] text [SEP]`, pooled over its real tokens."""
+
+    texts: tuple[str, ...] = ()
+    texts_file: str = ""
+    pooling: Literal["mean", "cls"] = "mean"  # mean: every real token's features; cls: [CLS]'s
+    normalize: bool = True  # L2-normalise each vector (cosine similarity = dot product)
+    batch_size: int = 32
+    max_len: int = 512  # longer texts are cut (to the model's max_seq_len at most)
 
     def _validate(self) -> None:
         if self.batch_size < 1 or self.max_len < 2:

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.interop.hf_config import InteropError, from_model_config, infer_family
-from jaxllm.interop.hf_weights import assemble_hf, specs_for
+from jaxllm.interop.hf_weights import Spec, assemble_hf, specs_for
 from jaxllm.interop.safetensors_io import SINGLE, write_safetensors
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
@@ -57,21 +57,32 @@ def export_hf(
     `state` is the model's variables (e.g. from `load_checkpoint_model`); `extra_config` adds
     keys to config.json (bos/eos token ids). Every process gathers; process 0 writes.
     """
+    family = infer_family(m)
+    specs = specs_for(family, m)
+    config = {**from_model_config(m, dtype), **(extra_config or {})}
+    return write_hf(state, specs, config, out_dir, dtype, f"is it a {family} model?")
+
+
+def write_hf(
+    state: nnx.State, specs: list[Spec], config: dict[str, Any], out_dir: Path, dtype: str,
+    hint: str = "",
+) -> Path:  # fmt: skip
+    """Writes `config` as config.json and the tensors of `specs`, read from `state`, as
+    model.safetensors into `out_dir`; returns it. Every process gathers; process 0 writes."""
     if dtype not in _NP_DTYPES:
         raise InteropError(f"export dtype '{dtype}' unsupported (float32, bfloat16, float16)")
-    family = infer_family(m)
     flat = {tuple(path): var for path, var in nnx.to_flat_state(state)}
-    specs = specs_for(family, m)
     missing = [s.ours for s in specs if _param(flat, s.ours) is None]
     if missing:
         name = ".".join(map(str, missing[0]))
-        raise InteropError(f"model state has no parameter '{name}' (is it a {family} model?)")
+        raise InteropError(
+            f"model state has no parameter '{name}'" + (f" ({hint})" if hint else "")
+        )
     tensors = assemble_hf(specs, lambda path: _to_host(_param(flat, path)()))
     out_dir = Path(out_dir)
     writer = jax.process_index() == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = {**from_model_config(m, dtype), **(extra_config or {})}
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     np_dtype = _NP_DTYPES[dtype]
     order = [(name, shape, np_dtype) for name, (shape, _) in tensors.items()]

@@ -38,7 +38,7 @@ def family_of(hf: dict[str, Any], where: str = "config.json") -> str:
     family = hf.get("model_type", "")
     if family not in FAMILIES:
         raise InteropError(
-            f"{where}: unsupported model_type '{family}' (supported: {', '.join(FAMILIES)})"
+            f"{where}: unsupported model_type '{family}' (supported: {', '.join(FAMILIES)}, bert)"
         )
     return family
 

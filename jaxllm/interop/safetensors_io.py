@@ -158,9 +158,7 @@ def load_hf_params(hf_dir: Path, family: str, m: Any, abstract: Any, shardings: 
     `jax.make_array_from_callback`: every device's shard is sliced from the memory-mapped
     tensor, so a host reads only the bytes its own devices hold.
     """
-    import jax  # local: reading and writing files works without jax
-
-    from jaxllm.interop.hf_weights import check_names, check_tensor, detect_prefix, specs_for
+    from jaxllm.interop.hf_weights import check_names, detect_prefix, specs_for
 
     where = str(hf_dir)
     if getattr(m, "scan_layers", False):
@@ -171,13 +169,33 @@ def load_hf_params(hf_dir: Path, family: str, m: Any, abstract: Any, shardings: 
     reader = SafetensorsReader(Path(hf_dir))
     specs = specs_for(family, m, detect_prefix(family, reader.names))
     check_names(specs, reader.names, m.tie_embeddings, where)
+    return load_params(reader, specs, abstract, shardings, where)
+
+
+def load_params(
+    reader: SafetensorsReader,
+    specs: list,
+    abstract: Any,
+    shardings: Any,
+    where: str,
+    fresh: dict[tuple, Any] | None = None,
+) -> Any:
+    """The tree of `abstract` with each leaf read from its Spec's tensor (in the leaf's dtype,
+    placed on its sharding from `shardings`), or taken from `fresh` (path → array) for the
+    parameters no tensor holds. Shapes and dtypes are checked before any data is read."""
+    import jax  # local: reading and writing files works without jax
+
+    from jaxllm.interop.hf_weights import check_tensor
+
     for spec in specs:
         check_tensor(spec, *reader.info(spec.hf), where=where)
     by_path = {tuple(s.ours): s for s in specs}
-    target = np.dtype(m.param_dtype)
+    fresh = fresh or {}
 
     def load(path: tuple, leaf: Any, sharding: Any) -> jax.Array:
-        key = _path_key(path)
+        key = path_key(path)
+        if key in fresh:
+            return fresh[key]
         if key not in by_path:
             raise InteropError(f"{where}: no HF tensor maps to parameter '{_dotted(key)}'")
         arr = by_path[key].to_ours(reader.get(by_path[key].hf))
@@ -185,6 +203,7 @@ def load_hf_params(hf_dir: Path, family: str, m: Any, abstract: Any, shardings: 
             raise InteropError(
                 f"{where}: parameter '{_dotted(key)}' is {leaf.shape}, got {arr.shape}"
             )
+        target = np.dtype(leaf.dtype)
         return jax.make_array_from_callback(
             arr.shape, sharding, lambda idx: np.asarray(arr[idx], dtype=target)
         )
@@ -192,7 +211,8 @@ def load_hf_params(hf_dir: Path, family: str, m: Any, abstract: Any, shardings: 
     return jax.tree_util.tree_map_with_path(load, abstract, shardings)
 
 
-def _path_key(path: tuple) -> tuple:
+def path_key(path: tuple) -> tuple:
+    """A jax tree path as our parameter path (`('blocks', 0, 'attn', 'q')`)."""
     out = []
     for k in path:
         key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))

@@ -21,6 +21,7 @@ from flax import nnx
 from jaxllm.config import ModelConfig, PeftConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
+from jaxllm.models.encoder import Encoder
 from jaxllm.models.heads import HeadParam
 from jaxllm.models.layers import ParamKeys
 from jaxllm.models.lora import apply_lora, has_lora, merge_lora
@@ -30,8 +31,10 @@ from jaxllm.training.state import TrainState, master_weights, state_shardings
 Wrap = Callable[[nnx.Module, nnx.Rngs], nnx.Module]  # decoder → model with a stage's head
 
 
-def model_fn(m: ModelConfig, seed: int) -> Callable[[], Decoder]:
-    return lambda: Decoder(m, rngs=ParamKeys(seed))
+def model_fn(m: ModelConfig, seed: int) -> Callable[[], nnx.Module]:
+    """Builds the model of `m`: a `Decoder`, or an `Encoder` for `model.arch: encoder`."""
+    cls = Encoder if m.arch == "encoder" else Decoder
+    return lambda: cls(m, rngs=ParamKeys(seed))
 
 
 def trainable_filter(peft: PeftConfig):
@@ -60,7 +63,12 @@ def _materialised_rest(fn: Callable[[], nnx.Module], filt: Any, mesh, rules: str
 
 
 def load_checkpoint_model(
-    ckpt_dir: Path, mesh, rules: str = "dp", step: int | None = None, wrap: Wrap | None = None
+    ckpt_dir: Path,
+    mesh,
+    rules: str = "dp",
+    step: int | None = None,
+    wrap: Wrap | None = None,
+    arch: str = "decoder",
 ) -> tuple[nnx.GraphDef, nnx.State, ModelConfig, dict[str, Any]]:
     """The model (graphdef + full state) of a jaxllm checkpoint directory, weights only.
 
@@ -68,7 +76,8 @@ def load_checkpoint_model(
     needs only the path. A LoRA checkpoint holds only adapters: its base is loaded from the
     `base_checkpoint` its metadata names (recursively, merged), and the adapters put on it
     (the returned state holds `nnx.LoRAParam`s; `merge_lora` folds them in). `wrap` rebuilds
-    a stage's head around the decoder (reward/value checkpoints). Returns
+    a stage's head around the decoder (reward/value checkpoints). `arch`: the kind of model
+    the caller runs; a checkpoint of the other kind is refused in one line. Returns
     `(graphdef, state, model_cfg, meta)`.
     """
     from jaxllm.config import from_dict  # local: avoids a cycle at import time
@@ -82,11 +91,11 @@ def load_checkpoint_model(
         raise ConfigError(f"{ckpt_dir}/{step}: not a jaxllm model checkpoint (no model metadata)")
     run_cfg = from_dict(meta["config"])
     m = from_dict({"stage": "generate", "model": meta["model"]}).model
-    check_arch(m, "decoder", f"{ckpt_dir}/{step}", run_cfg.stage)
+    check_arch(m, arch, f"{ckpt_dir}/{step}", run_cfg.stage)
     filt = trainable_filter(run_cfg.peft)
     if run_cfg.peft.enabled:
         graphdef, params, frozen = _lora_model(
-            Path(ckpt_dir), step, meta, run_cfg, mesh, rules, wrap
+            Path(ckpt_dir), step, meta, run_cfg, mesh, rules, wrap, arch
         )
     else:
         build = model_fn(m, 0)
@@ -115,8 +124,9 @@ def _a(word: str) -> str:
 
 
 def _lora_model(
-    ckpt_dir: Path, step: int, meta: dict, run_cfg, mesh, rules: str, wrap: Wrap | None
-) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    ckpt_dir: Path, step: int, meta: dict, run_cfg, mesh, rules: str, wrap: Wrap | None,
+    arch: str = "decoder",
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:  # fmt: skip
     """(graphdef, adapters, frozen) of a LoRA checkpoint: its base loaded (merged) with fresh
     adapters on it, whose values the caller restores."""
     base = meta.get("base_checkpoint")
@@ -127,7 +137,7 @@ def _lora_model(
             f"{ckpt_dir}/{step}: the LoRA base checkpoint {base} is gone; move or copy the "
             "base's run together with this one (base_checkpoint is kept relative to it)"
         )
-    bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules)
+    bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules, arch=arch)
     model = nnx.merge(bg, bstate)
     merge_lora(model)
     model = wrap(model, nnx.Rngs(0)) if wrap else model

@@ -1,7 +1,8 @@
 """`stage: export` — a jaxllm checkpoint (`inputs.checkpoint`) → a HF model directory
 (`hf.out_dir`, default `<run_dir>/hf`) that transformers' `from_pretrained` loads (a LoRA
 checkpoint is merged into plain weights first); the
-checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`."""
+checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`.
+Encoder checkpoints (and `hf.architecture: Bert*`) go to `bert_interop`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from jaxllm.interop.export import export_hf
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
+from jaxllm.trainers.bert_interop import export_bert_checkpoint
+from jaxllm.trainers.encoder_model import checkpoint_arch
 from jaxllm.trainers.lm import load_frozen_model
 from jaxllm.training.state import count_params
 
@@ -22,7 +25,10 @@ from jaxllm.training.state import count_params
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     hf = cfg.hf  # type: ignore[attr-defined]
     out = Path(hf.out_dir).expanduser() if hf.out_dir else Path(run_dir.path) / "hf"
-    return export_checkpoint(require_input(cfg, "checkpoint"), out, hf.dtype, cfg.mesh)
+    ckpt = require_input(cfg, "checkpoint")
+    if hf.architecture or checkpoint_arch(ckpt) == "encoder":
+        return export_bert_checkpoint(ckpt, out, hf.dtype, cfg.mesh, hf.architecture)
+    return export_checkpoint(ckpt, out, hf.dtype, cfg.mesh)
 
 
 def export_checkpoint(

@@ -1,7 +1,8 @@
 """`stage: import` — a HF model directory (config.json + safetensors) → a jaxllm checkpoint at
 step 0 in `<run_dir>/checkpoints`, loadable by `load_checkpoint_model` and `stage: generate`,
 plus the model's tokenizer next to it (sentencepiece `tokenizer.model` copied as is, or the
-`tokenizers` files of a `tokenizer.json` model in `<run_dir>/tokenizer/`)."""
+`tokenizers` files of a `tokenizer.json` model in `<run_dir>/tokenizer/`). BERT checkpoints
+(`model_type: bert`) go to `bert_interop.import_bert`."""
 
 from __future__ import annotations
 
@@ -49,7 +50,14 @@ def import_hf(hf_dir: Path, out: Path, cfg: Config, dtype: str = "float32") -> d
         raise ConfigError(f"config key 'hf.path': {hf_dir} is not a directory")
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'hf.dtype': expected float32 or bfloat16, got '{dtype}'")
-    family, m = to_model_config(read_hf_config(hf_dir), dtype, where=str(hf_dir / "config.json"))
+    hf = read_hf_config(hf_dir)
+    if hf.get("model_type") == "bert":
+        if cfg.hf.chat_tokens:
+            raise ConfigError("config key 'hf.chat_tokens': BERT models take no chat template")
+        from jaxllm.trainers.bert_interop import import_bert
+
+        return import_bert(hf_dir, out, cfg, hf, dtype)
+    family, m = to_model_config(hf, dtype, where=str(hf_dir / "config.json"))
     tok_path = copy_tokenizer(hf_dir, out)
     added, vocab = add_chat_tokens(tok_path) if cfg.hf.chat_tokens else (0, 0)
     state, m = build_state(hf_dir, family, m, cfg, grow_to=vocab)

@@ -151,6 +151,12 @@ class Checkpointer:
         meta = json.loads(path.read_text()) if path.is_file() else {}
         return resolve_paths(meta, self.directory)
 
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """Dotted path → shape of every array saved at `step` (`params.embed.embedding`, ...),
+        from orbax's metadata: which model wrote a checkpoint, without reading it."""
+        saved = self.manager.item_metadata(step)["state"]
+        return {key: tuple(leaf.shape) for key, leaf in _flat(saved)}
+
     def check_shapes(self, step: int, target: Any) -> None:
         saved = self.manager.item_metadata(step)["state"]
         want = dict(_flat(target))

@@ -41,36 +41,17 @@ def test_attention_is_bidirectional_and_ignores_padding():
 
 
 def load_from_hf(enc: Encoder, hf) -> None:
-    """Copies a transformers BertModel's weights into `enc` (torch Linear is [out, in])."""
+    """Copies a transformers BertModel's weights into `enc` with the interop's mapping
+    (`jaxllm/interop/bert.py`, what `stage: import` uses)."""
+    from jaxllm.interop.bert import bert_specs
+
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    cfg = enc.cfg
-    n, h = cfg.n_heads, cfg.head_size
-
-    def put(var, value):
-        var[...] = jnp.asarray(value, var[...].dtype).reshape(var[...].shape)
-
-    put(enc.embed.embedding, sd["embeddings.word_embeddings.weight"])
-    put(enc.pos_embed, sd["embeddings.position_embeddings.weight"])
-    put(enc.type_embed, sd["embeddings.token_type_embeddings.weight"])
-    put(enc.embed_norm.scale, sd["embeddings.LayerNorm.weight"])
-    put(enc.embed_norm.bias, sd["embeddings.LayerNorm.bias"])
-    for i, blk in enumerate(enc.blocks):
-        p = f"encoder.layer.{i}."
-        for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
-            put(getattr(blk.attn, ours), sd[f"{p}attention.self.{theirs}.weight"].T)
-            put(getattr(blk.attn, f"{ours}_bias"), sd[f"{p}attention.self.{theirs}.bias"])
-        put(blk.attn.o, sd[f"{p}attention.output.dense.weight"].T.reshape(n, h, -1))
-        put(blk.attn.o_bias, sd[f"{p}attention.output.dense.bias"])
-        put(blk.attn_norm.scale, sd[f"{p}attention.output.LayerNorm.weight"])
-        put(blk.attn_norm.bias, sd[f"{p}attention.output.LayerNorm.bias"])
-        put(blk.mlp.up, sd[f"{p}intermediate.dense.weight"].T)
-        put(blk.mlp.up_bias, sd[f"{p}intermediate.dense.bias"])
-        put(blk.mlp.down, sd[f"{p}output.dense.weight"].T)
-        put(blk.mlp.down_bias, sd[f"{p}output.dense.bias"])
-        put(blk.mlp_norm.scale, sd[f"{p}output.LayerNorm.weight"])
-        put(blk.mlp_norm.bias, sd[f"{p}output.LayerNorm.bias"])
-    put(enc.pooler, sd["pooler.dense.weight"].T)
-    put(enc.pooler_bias, sd["pooler.dense.bias"])
+    state = nnx.state(enc, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    for spec in bert_specs(enc.cfg, "BertModel"):
+        var = flat[spec.ours]
+        var.set_value(jnp.asarray(spec.to_ours(sd[spec.hf]), var.get_value().dtype))
+    nnx.update(enc, state)
 
 
 def test_matches_transformers_bert():
