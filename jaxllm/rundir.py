@@ -41,16 +41,21 @@ _RESUME_FREE_KEYS = {"overwrite", "progress"}
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes `text` so readers see the old file or the whole new one, never a torn one
     (a bucket object is replaced whole by its nature)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (e.g. an `.npy` file)."""
     path = storage_path(path)
     if is_remote(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_bytes(data)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -26,7 +26,7 @@ from jaxllm.config.data import (
 )
 from jaxllm.config.distill import DistillConfig
 from jaxllm.config.encoder import ClassifyConfig, MLMConfig
-from jaxllm.config.interop import HFConfig, ScoreConfig
+from jaxllm.config.interop import EmbedConfig, HFConfig, ScoreConfig
 from jaxllm.config.load import (
     _bad,
     _convert,
@@ -62,6 +62,7 @@ __all__ = [
     "DataConfig",
     "DedupConfig",
     "DistillConfig",
+    "EmbedConfig",
     "FilterConfig",
     "GRPOConfig",
     "EarlyStoppingConfig",
@@ -142,6 +143,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

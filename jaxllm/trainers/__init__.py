@@ -44,6 +44,7 @@ STAGES = {
     "scaling": "jaxllm.trainers.scaling",
     "mlm": "jaxllm.trainers.mlm",
     "classify": "jaxllm.trainers.classify",
+    "embed": "jaxllm.trainers.embed",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 
