@@ -258,21 +258,28 @@ def base_prefix(names: set[str], where: str) -> str:
     )
 
 
-def fit_to_checkpoint(
-    specs: list[Spec], names: set[str], hf: dict[str, Any], where: str
-) -> list[Spec]:
-    """The specs as this checkpoint spells them: the MLM bias may be saved only as its alias
-    `cls.predictions.decoder.bias`; a BertModel may come without its pooler (sentence
-    embedding models), which then starts fresh."""
+def checkpoint_specs(
+    m: ModelConfig, architecture: str, num_labels: int, names: set[str], hf: dict[str, Any],
+    where: str,
+) -> list[Spec]:  # fmt: skip
+    """The specs of the tensors this checkpoint holds for `architecture`'s model, as it spells
+    them: the MLM bias may be saved only as `cls.predictions.decoder.bias`, LayerNorms as TF's
+    `gamma`/`beta` (Google's converted checkpoints, bert-base-uncased's among them). A
+    BertForMaskedLM's pooler and NSP head are read when saved (Google's checkpoints keep
+    them), a BertModel's pooler likewise (sentence-transformers' may lack it); absent, those
+    parameters start fresh."""
+    kind = ARCHITECTURES[architecture]
+    full = "BertForPreTraining" if kind == "pretrain" else architecture
+    optional = {"pretrain": ("pooler", "pooler_bias", "nsp"), "encoder": ("pooler", "pooler_bias")}
     out = []
-    for s in specs:
-        if s.hf == "cls.predictions.bias" and s.hf not in names:
-            s = Spec(s.ours, s.shape, "cls.predictions.decoder.bias", s.hf_shape)
-        optional = s.ours in (("pooler",), ("pooler_bias",))  # a bare encoder's pooler
-        if optional and s.hf not in names:
+    for s in bert_specs(m, full, num_labels, base_prefix(names, where)):
+        if s.hf not in names and _alias(s.hf) in names:
+            s = Spec(s.ours, s.shape, _alias(s.hf), s.hf_shape, s.transpose)
+        tail = s.ours[0] if s.ours[0] == "nsp" else s.ours[-1]
+        if s.hf not in names and tail in optional.get(kind, ()):
             continue
         out.append(s)
-    if any(s.ours[0] == "mlm" for s in out) and hf.get("tie_word_embeddings") is False:
+    if kind == "pretrain" and hf.get("tie_word_embeddings") is False:
         raise InteropError(
             f"{where}: tie_word_embeddings: false is not supported (the MLM decoder is "
             "the word embedding)"
@@ -280,8 +287,24 @@ def fit_to_checkpoint(
     return out
 
 
+def _alias(name: str) -> str:
+    """Another spelling of tensor `name` that older checkpoints use."""
+    if name == "cls.predictions.bias":
+        return "cls.predictions.decoder.bias"
+    for new, old in (
+        (".LayerNorm.weight", ".LayerNorm.gamma"),
+        (".LayerNorm.bias", ".LayerNorm.beta"),
+    ):
+        if name.endswith(new):
+            return name[: -len(new)] + old
+    return name
+
+
 def ignored(name: str, specs: list[Spec]) -> bool:
     """A tensor the checkpoint may hold that no parameter needs."""
     if name.endswith(_IGNORED):
         return True
-    return name == "cls.predictions.decoder.bias" and any(s.ours[:1] == ("mlm",) for s in specs)
+    # both spellings of the MLM bias saved (transformers ties them): the spec reads one
+    return name == "cls.predictions.decoder.bias" and any(
+        s.hf == "cls.predictions.bias" for s in specs
+    )

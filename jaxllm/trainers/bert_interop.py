@@ -27,12 +27,11 @@ from jaxllm.interop.bert import (
     ARCHITECTURES,
     DEFAULT_ARCHITECTURE,
     architecture_of,
-    base_prefix,
     bert_config_json,
     bert_model_config,
     bert_specs,
     check_exportable,
-    fit_to_checkpoint,
+    checkpoint_specs,
     ignored,
     labels_of,
 )
@@ -67,8 +66,7 @@ def import_bert(hf_dir: Path, out: Path, cfg: Config, hf: dict, dtype: str) -> d
     n_labels = reader.info("classifier.weight")[0][0] if "classifier.weight" in names else 0
     if kind == "classifier" and not n_labels:
         raise InteropError(f"{hf_dir}: missing tensor 'classifier.weight' ({arch})")
-    specs = bert_specs(m, arch, n_labels, base_prefix(names, str(hf_dir)))
-    specs = fit_to_checkpoint(specs, names, hf, where)
+    specs = checkpoint_specs(m, arch, n_labels, names, hf, str(hf_dir))
     check_names(specs, {n for n in names if not ignored(n, specs)}, False, str(hf_dir))
     tok_path = copy_bert_tokenizer(hf_dir, out, m.vocab_size)
     state, fresh = _build_state(

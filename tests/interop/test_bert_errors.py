@@ -113,6 +113,43 @@ def test_round_trip_without_torch(bert_dir, tmp_path):
     assert "encoder checkpoint cannot be written as BertForSequenceClassification" in msg
 
 
+def test_legacy_tensor_names(bert_dir, tmp_path):
+    """TF-era names (LayerNorm gamma/beta, the MLM bias as `cls.predictions.decoder.bias`)
+    import as their modern spellings do."""
+
+    def legacy(t: dict) -> dict:
+        out = {}
+        for k, v in t.items():
+            k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+                "LayerNorm.bias", "LayerNorm.beta"
+            )
+            out["bert." + k] = v
+        d = out["bert.embeddings.word_embeddings.weight"].shape[1]
+        rng = np.random.default_rng(0)
+        for name, shape in (("dense.weight", (d, d)), ("dense.bias", (d,)),
+                            ("LayerNorm.gamma", (d,)), ("LayerNorm.beta", (d,))):  # fmt: skip
+            out[f"cls.predictions.transform.{name}"] = rng.normal(size=shape).astype("f4")
+        out["cls.predictions.decoder.bias"] = rng.normal(size=117).astype("f4")
+        out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
+        return out
+
+    conf = {"architectures": ["BertForMaskedLM"]}
+    d = _copy_with(bert_dir, tmp_path / "legacy", legacy, conf)
+    summary = import_hf(d, tmp_path / "run", from_dict({"stage": "import"}))
+    assert summary["architecture"] == "BertForMaskedLM"
+    out = tmp_path / "out"
+    export_bert_checkpoint(Path(summary["outputs"]["checkpoint"]), out)
+    a, b = SafetensorsReader(d), SafetensorsReader(out)
+    assert summary["fresh"] == ["nsp.bias", "nsp.kernel"]  # the pooler was saved, NSP not
+    assert "cls.predictions.bias" in b.names and "cls.seq_relationship.bias" not in b.names
+    for name in b.names:
+        old = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        )
+        old = "cls.predictions.decoder.bias" if name == "cls.predictions.bias" else old
+        np.testing.assert_array_equal(a.get(old), b.get(name), err_msg=name)
+
+
 def test_decoder_checkpoint_to_bert_export_and_embed(tmp_path, capsys):
     """A decoder checkpoint is refused by BERT export and by stage embed, in one line."""
     hf = export_hf(nnx.state(make_decoder(TINY_LLAMA, seed=1)), TINY_LLAMA, tmp_path / "llama")
