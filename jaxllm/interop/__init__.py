@@ -1,5 +1,6 @@
-"""HF interop: safetensors import/export for the llama, qwen2 and gpt2 families, and a
-`tokenizers`-backed tokenizer for models that ship `tokenizer.json`."""
+"""HF interop: safetensors import/export for the llama, qwen2 and gpt2 families and BERT
+(`interop/bert.py`), and a `tokenizers`-backed tokenizer for models that ship
+`tokenizer.json`."""
 
 from jaxllm.interop.hf_config import (
     FAMILIES,

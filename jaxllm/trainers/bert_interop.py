@@ -89,7 +89,7 @@ def import_bert(hf_dir: Path, out: Path, cfg: Config, hf: dict, dtype: str) -> d
         "dtype": dtype,
         "vocab_size": m.vocab_size,
         "num_labels": n_labels,
-        "fresh": fresh,  # parameters the HF checkpoint has none of, initialised here
+        "fresh_params": fresh,  # parameters the HF checkpoint has none of, initialised here
         "outputs": {"checkpoint": str(checkpoint_dir(out)), "tokenizer": tok_path},
     }
 

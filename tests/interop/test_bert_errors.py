@@ -98,7 +98,7 @@ def test_vocab_without_a_special_token(bert_dir, tmp_path):
 def test_round_trip_without_torch(bert_dir, tmp_path):
     """import → export gives back every tensor exactly, tokenizer files included."""
     summary = import_hf(bert_dir, tmp_path / "run", from_dict({"stage": "import"}))
-    assert summary["architecture"] == "BertModel" and summary["fresh"] == []
+    assert summary["architecture"] == "BertModel" and summary["fresh_params"] == []
     out = tmp_path / "out"
     export_bert_checkpoint(Path(summary["outputs"]["checkpoint"]), out)
     a, b = SafetensorsReader(bert_dir), SafetensorsReader(out)
@@ -140,7 +140,7 @@ def test_legacy_tensor_names(bert_dir, tmp_path):
     out = tmp_path / "out"
     export_bert_checkpoint(Path(summary["outputs"]["checkpoint"]), out)
     a, b = SafetensorsReader(d), SafetensorsReader(out)
-    assert summary["fresh"] == ["nsp.bias", "nsp.kernel"]  # the pooler was saved, NSP not
+    assert summary["fresh_params"] == ["nsp.bias", "nsp.kernel"]  # the pooler was saved, NSP not
     assert "cls.predictions.bias" in b.names and "cls.seq_relationship.bias" not in b.names
     for name in b.names:
         old = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(

@@ -115,7 +115,7 @@ def test_sentence_transformers_style_bert_matches_transformers_mean_pooling(tmp_
     (st / "1_Pooling").mkdir()
     (st / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     summary = import_hf(st, tmp_path / "run", from_dict({"stage": "import"}))
-    assert summary["fresh"] == ["pooler", "pooler_bias"]  # saved without a pooler
+    assert summary["fresh_params"] == ["pooler", "pooler_bias"]  # saved without a pooler
     _stage(tmp_path / "run", tmp_path / "e", texts=TEXTS, batch_size=2)
     ours = np.load(tmp_path / "e/embeddings.npy")
     tok = transformers.AutoTokenizer.from_pretrained(st)
