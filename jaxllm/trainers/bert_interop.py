@@ -116,18 +116,18 @@ def _build_state(
 
     abstract = nnx.split(nnx.eval_shape(fn), nnx.Param, ...)[1]
     shardings = state_shardings(jax.eval_shape(init, abstract), mesh, cfg.mesh.rules)
-    where_of = {
+    sharding_of = {
         path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings.params)[0]
     }
     have = {tuple(s.ours) for s in specs}
-    missing = [k for k in where_of if k not in have]
+    missing = [k for k in sharding_of if k not in have]
 
     def init_missing() -> list[jax.Array]:
         params = nnx.split(fn(), nnx.Param, ...)[1]
         flat = {path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
         return [flat[k] for k in missing]
 
-    made = jax.jit(init_missing, out_shardings=[where_of[k] for k in missing])()
+    made = jax.jit(init_missing, out_shardings=[sharding_of[k] for k in missing])()
     params = load_params(reader, specs, abstract, shardings.params, where, dict(zip(missing, made)))
     opt_state = fresh_opt_state(tx, params, shardings.opt_state)
     rest = shardings.replace(opt_state=None)
