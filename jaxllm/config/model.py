@@ -139,6 +139,11 @@ class ModelConfig:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.arch == "decoder" and (self.norm_position == "post" or self.type_vocab_size):
             raise ValueError("arch: norm_position post and token types are encoder options")
+        if self.arch == "encoder" and self.scan_layers:
+            raise ValueError(
+                "scan_layers: encoders (arch: encoder) run their blocks unrolled, and imported "
+                "BERT checkpoints are laid out per layer; set model.scan_layers: false"
+            )
         if self.attention_max_docs < 1:
             raise ValueError(f"attention_max_docs: must be >= 1, got {self.attention_max_docs}")
 

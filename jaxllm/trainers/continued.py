@@ -20,7 +20,7 @@ from flax import nnx
 from jaxllm.config import Config, ModelConfig, from_dict, replace
 from jaxllm.errors import ConfigError
 from jaxllm.models.lora import merge_lora
-from jaxllm.trainers.checkpoint_model import load_checkpoint_model
+from jaxllm.trainers.checkpoint_model import check_arch, load_checkpoint_model
 from jaxllm.training.checkpoint import Checkpointer, CheckpointMismatch
 from jaxllm.training.state import TrainState
 
@@ -39,7 +39,10 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
     ckpt.close()
     if "model" not in meta:
         raise ConfigError(f"{path}/{step}: not a jaxllm model checkpoint (no model metadata)")
-    return from_dict({"stage": "generate", "model": meta["model"]}).model
+    m = from_dict({"stage": "generate", "model": meta["model"]}).model
+    stage = meta.get("config", {}).get("stage", "?")
+    check_arch(m, "decoder", f"{Path(path).absolute()}/{step}", stage)  # before the shape keys
+    return m
 
 
 def checkpoint_tokenizer(path: str | Path) -> str:

@@ -7,6 +7,7 @@ An encoder checkpoint is a run of `stage: mlm` or `stage: classify`: its metadat
 a bare `Encoder` tree is read as well) and `head` says which heads are beside it. Only the
 encoder's subtree is read (an orbax partial restore), so a head of another shape (an MLM
 head, a classifier with other labels) never has to be rebuilt to load its backbone.
+(`encoder_model.py` loads a checkpoint whole, heads included: export and embed.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from jaxllm.config import Config, ModelConfig, from_dict, replace
 from jaxllm.errors import ConfigError
 from jaxllm.models.encoder import Encoder
+from jaxllm.models.layers import ParamKeys
 from jaxllm.tokenizer.wordpiece import WordPieceTokenizer
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import check_arch
@@ -87,7 +89,7 @@ class EncoderCheckpoint:
     def restore(self, m: ModelConfig, mesh, rules: str) -> Encoder:
         """The checkpoint's encoder weights in an `Encoder(m)` (`m`: its model config, with
         e.g. another dropout), built in their shardings; heads are not read."""
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: Encoder(m, rngs=nnx.Rngs(0))))
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Encoder(m, rngs=ParamKeys(0))))
         shardings = state_shardings(params, mesh, rules)
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
@@ -109,9 +111,9 @@ def init_encoder(m: ModelConfig, seed: int, mesh, rules: str) -> Encoder:
     on one device first)."""
 
     def build() -> nnx.State:
-        return nnx.split(Encoder(m, rngs=nnx.Rngs(params=seed)))[1]
+        return nnx.split(Encoder(m, rngs=ParamKeys(seed)))[1]
 
-    graphdef = nnx.split(nnx.eval_shape(lambda: Encoder(m, rngs=nnx.Rngs(params=seed))))[0]
+    graphdef = nnx.split(nnx.eval_shape(lambda: Encoder(m, rngs=ParamKeys(seed))))[0]
     shardings = state_shardings(jax.eval_shape(build), mesh, rules)
     return nnx.merge(graphdef, jax.jit(build, out_shardings=shardings)())
 

@@ -30,7 +30,7 @@ KINDS = ("encoder", "pretrain", "classifier")
 
 
 @dataclass
-class EncoderCheckpoint:
+class LoadedEncoder:
     """A loaded encoder checkpoint: the whole model (graphdef + state), its config, metadata,
     which of `KINDS` it is and, for a classifier, how many labels."""
 
@@ -90,7 +90,7 @@ def checkpoint_arch(ckpt_dir: Path) -> str:
     return str(meta.get("model", {}).get("arch", "decoder"))
 
 
-def load_encoder_model(ckpt_dir: Path, mesh, rules: str = "dp", why: str = "") -> EncoderCheckpoint:
+def load_encoder_model(ckpt_dir: Path, mesh, rules: str = "dp", why: str = "") -> LoadedEncoder:
     """The newest checkpoint of `ckpt_dir` with the heads it was saved with (weights only);
     a decoder checkpoint is refused, saying `why` an encoder is needed."""
     if checkpoint_arch(ckpt_dir) != "encoder":
@@ -101,8 +101,14 @@ def load_encoder_model(ckpt_dir: Path, mesh, rules: str = "dp", why: str = "") -
     ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
     step = ckpt.latest_step()
     kind, n = kind_of(ckpt.saved_shapes(step))
+    peft = ckpt.read_meta(step).get("config", {}).get("peft", {}).get("method", "none")
     ckpt.close()
+    if peft not in ("none", "", None):
+        raise ConfigError(
+            f"config key 'inputs.checkpoint': {ckpt_dir} is a {peft} run's checkpoint (its "
+            f"adapters only); {why or 'this'} needs a full encoder checkpoint"
+        )
     graphdef, state, m, meta = load_checkpoint_model(
         Path(ckpt_dir), mesh, rules, step, wrap=wrap_for(kind, n), arch="encoder"
     )
-    return EncoderCheckpoint(graphdef, state, m, meta, kind, n)
+    return LoadedEncoder(graphdef, state, m, meta, kind, n)

@@ -28,6 +28,7 @@ from jaxllm.data.sources import cleaned_shards, iter_cleaned
 from jaxllm.errors import ConfigError
 from jaxllm.models.encoder import Encoder
 from jaxllm.models.heads import BertPretrainModel
+from jaxllm.models.layers import ParamKeys
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.wordpiece import WordPieceTokenizer
@@ -115,8 +116,8 @@ def _initial_state(cfg: Config, tok: WordPieceTokenizer, tx, mesh):
         m = resolve_model(cfg, tok.vocab_size, arch="encoder")
 
         def build() -> BertPretrainModel:
-            rngs = nnx.Rngs(cfg.seed)
-            return BertPretrainModel(Encoder(m, rngs=rngs), rngs=rngs)
+            keys = ParamKeys(cfg.seed)  # one key sequence: the heads' keys follow the encoder's
+            return BertPretrainModel(Encoder(m, rngs=keys), rngs=keys)
 
         return (*create_train_state(build, tx, mesh, rules, cfg.seed), m, "")
     encoder, m, _, source = checkpoint_encoder(cfg, mesh)

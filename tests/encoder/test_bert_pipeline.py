@@ -4,12 +4,15 @@ outputs on."""
 
 import json
 
+import pytest
+
 from jaxllm.main import main
 
 from .conftest import ROOT, TINY_ENCODER
 from .test_encoder_stages import sentiment_cut
 
 
+@pytest.mark.slow  # ~60 s: five stages through the CLI
 def test_tiny_bert_pipeline_few_steps(tmp_path):
     out = tmp_path / "bert"
     files = sentiment_cut(tmp_path, 16)

@@ -107,10 +107,12 @@ def test_a_decoder_checkpoint_is_refused_by_the_encoder_stages(capsys, tmp_path,
 
 def test_an_encoder_checkpoint_is_refused_by_the_decoder_stages(capsys, tmp_path, tok, enc_data):
     ckpt = fake_checkpoint(tmp_path / "enc", "mlm")
-    for config in ("tiny_sft.yaml", "tiny_generate.yaml"):
+    continued = {"inputs.data_dir": enc_data, "inputs.tokenizer": tok.path}
+    for config, extra in (("tiny_sft.yaml", {}), ("tiny_generate.yaml", {}),
+                          ("tiny_pretrain.yaml", continued)):  # fmt: skip
         out = tmp_path / config
         err = cli(capsys, config, {"output_dir": out, "progress": "false",
-                                   "inputs.checkpoint": ckpt})  # fmt: skip
+                                   "inputs.checkpoint": ckpt, **extra})  # fmt: skip
         assert "holds an encoder (model.arch: encoder, written by stage mlm)" in err
         assert "and this stage runs a decoder" in err
         nothing_written(out)
@@ -122,4 +124,13 @@ def test_an_encoder_checkpoint_is_refused_by_the_decoder_stages(capsys, tmp_path
         **{f"model.{k}": v for k, v in TINY_ENCODER.items()},
     })  # fmt: skip
     assert "config key 'model.arch': encoder (preset bert_tiny)" in err
+    nothing_written(out)
+
+
+def test_scan_layers_is_refused_for_encoders(capsys, tmp_path, wp_tok, enc_data):
+    out = tmp_path / "mlm"
+    sets = {"output_dir": out, "progress": "false", "inputs.data_dir": enc_data,
+            "inputs.tokenizer": wp_tok.path, "model.scan_layers": "true"}  # fmt: skip
+    err = cli(capsys, "tiny_mlm.yaml", sets)
+    assert "config key 'model.scan_layers': encoders (arch: encoder) run their blocks" in err
     nothing_written(out)
