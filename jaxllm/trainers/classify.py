@@ -50,10 +50,14 @@ from jaxllm.trainers.encoder import (
 )
 from jaxllm.trainers.lm import (
     StartPoint,
+    best_dir,
+    best_figures,
     checkpoint_dir,
     loop_spec,
+    output_checkpoint,
     param_figures,
     resolve_model,
+    restore_latest,
     restore_or_init,
     start_from_model,
 )
@@ -155,15 +159,28 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     state, last = run_loop(loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta), state, ckpt,
                            run_dir.path)  # fmt: skip
     ckpt.close()
+    state = _best_state(cfg, run_dir.path, state, shardings)
     final = {s: predict(state, s) for s in passes}  # val: the loop's last pass, reused
     after = {s: split_figures(final[s], splits[s]) for s in final}
     _write_predictions(run_dir.path / "predictions.jsonl", final, splits, labels)
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = _summary(cfg, labels, pairs, start, last, before, after, splits)
     summary["loss_plot"] = plot.name if plot else None
-    summary["outputs"] = {"checkpoint": str(checkpoint_dir(run_dir.path)),
+    summary.update(best_figures(last))
+    summary["outputs"] = {"checkpoint": output_checkpoint(cfg, run_dir.path),
                           "tokenizer": str(tok_path)}  # fmt: skip
     return {**param_figures(start_point, run_dir.path), **summary}
+
+
+def _best_state(cfg: Config, run_dir: Path, state, shardings):
+    """With `train.keep_best`, the best evaluation's state (the final figures and the
+    predictions are the checkpoint's the stage hands on); else `state`."""
+    if not cfg.train.keep_best:
+        return state
+    best = Checkpointer(best_dir(run_dir), async_save=False)
+    found = restore_latest(best, state, shardings)
+    best.close()
+    return state if found is None else found[0]
 
 
 def _scalars(evaluate):

@@ -13,7 +13,6 @@ and its cross-entropy, fitted on the train split). Checkpoints record `arch: enc
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +36,11 @@ from jaxllm.trainers.checkpoint_model import fresh_train_state
 from jaxllm.trainers.encoder import checkpoint_encoder, encoder_inputs, load_wordpiece
 from jaxllm.trainers.held_out import make_totals
 from jaxllm.trainers.lm import (
+    best_figures,
     checkpoint_dir,
     keep_tokenizer,
     loop_spec,
+    output_checkpoint,
     resolve_model,
     restore_or_init,
 )
@@ -80,12 +81,14 @@ def with_unigram(loss_fn, logp_V: np.ndarray):
 
 
 def unigram_log_probs(tok: WordPieceTokenizer, data_dir: Path) -> np.ndarray:
-    """[V] add-one smoothed unigram log-probabilities of the non-special tokens of the first
-    `_UNIGRAM_DOCS` train documents (specials: -inf, never a target)."""
-    texts = (" ".join(split_sentences(r["text"])) for r in iter_cleaned(data_dir, "train"))
+    """[V] add-one smoothed unigram log-probabilities of the non-special tokens of
+    `_UNIGRAM_DOCS` train documents spread evenly over the split (shards hold sources in
+    turn: the first documents would be one source's), specials -inf (never a target)."""
+    texts = [r["text"] for r in iter_cleaned(data_dir, "train")]
+    texts = [" ".join(split_sentences(t)) for t in texts[:: max(1, len(texts) // _UNIGRAM_DOCS)]]
     special = tok.special_mask()
     counts = np.where(special, 0.0, 1.0)
-    for ids in tok.encode_batch(list(itertools.islice(texts, _UNIGRAM_DOCS))):
+    for ids in tok.encode_batch(texts):
         counts += np.bincount(np.asarray(ids, np.int64), minlength=len(counts))[: len(counts)]
     counts[special] = 0.0
     with np.errstate(divide="ignore"):
@@ -209,5 +212,6 @@ def _summary(cfg, state, start, last, before, after, plot, run_dir, tok_path) ->
         if key in after:
             summary[f"val_{key}"] = round(after[key], 4)
     summary["loss_plot"] = plot.name if plot else None
-    summary["outputs"] = {"checkpoint": str(checkpoint_dir(run_dir.path)), "tokenizer": tok_path}
+    summary.update(best_figures(last))  # train.keep_best hands on the best evaluation's
+    summary["outputs"] = {"checkpoint": output_checkpoint(cfg, run_dir.path), "tokenizer": tok_path}
     return summary

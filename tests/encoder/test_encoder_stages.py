@@ -156,3 +156,20 @@ def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
     ckpt = tmp_path / "l/checkpoints"
     assert not np.array_equal(saved_leaf(ckpt, 2, "head", "kernel"),
                               saved_leaf(ckpt, 4, "head", "kernel"))  # fmt: skip
+
+
+def test_classify_keep_best_scores_and_hands_on_the_best_evaluation(mlm_run, tmp_path):
+    from jaxllm.config import replace
+
+    files = sentiment_cut(tmp_path, 16)
+    cfg = classify_config(mlm_run / "checkpoints", tmp_path / "b", files)
+    es = replace(cfg.train.early_stopping, metric="loss", mode="min")
+    cfg = replace(cfg, **{"train.keep_best": True, "train.eval_every": 1,
+                          "train.early_stopping": es, "train.optim.lr": 0.05})  # fmt: skip
+    s = run_classify(cfg)
+    evals = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    losses = {e["step"]: e["eval_loss"] for e in evals if "eval_loss" in e}
+    best = min(losses, key=losses.get)
+    assert s["best_step"] == best and s["outputs"]["checkpoint"].endswith("/b/best")
+    # the summary's val figures are the best state's, not the last step's
+    assert abs(s["val_loss"] - losses[best]) < 1e-4
