@@ -31,11 +31,11 @@ def test_tiny_bert_pipeline_few_steps(tmp_path):
     assert main(["--config", str(ROOT / "configs/tiny_bert.yaml"), *args]) == 0
     mlm = json.loads((out / "3-tiny_mlm/summary.json").read_text())
     pre = json.loads((out / "4-tiny_classify/summary.json").read_text())
-    rnd = json.loads((out / "5-tiny_classify_random/summary.json").read_text())
+    rnd = json.loads((out / "5-tiny_classify_scratch/summary.json").read_text())
     assert mlm["steps"] == 2 and "val_nsp_accuracy_after" in mlm
     assert pre["init"] == "checkpoint" and rnd["init"] == "random"
     assert pre["examples"] == rnd["examples"] == {"train": 16, "val": 20, "test": 18}
     resolved = (out / "4-tiny_classify/config.yaml").read_text()
     assert str(out / "3-tiny_mlm/checkpoints") in resolved
     assert str(out / "2-tiny_wordpiece") in (out / "3-tiny_mlm/config.yaml").read_text()
-    assert (out / "5-tiny_classify_random/predictions.jsonl").is_file()
+    assert (out / "5-tiny_classify_scratch/predictions.jsonl").is_file()
