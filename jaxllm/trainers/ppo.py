@@ -31,6 +31,7 @@ from jaxllm.config.rl import PPOConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models.heads import ScalarHead, ScalarModel
 from jaxllm.models.lora import merge_lora
+from jaxllm.models.peft import peft_method
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
 from jaxllm.trainers.lm import fresh_train_state
@@ -218,6 +219,11 @@ def sequence_rewards(cfg: Config, st: Stage) -> tuple[Any, TextScores]:
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     p = cfg.ppo
+    if cfg.peft.enabled and not peft_method(cfg.peft.method).mergeable:
+        raise ConfigError(
+            f"config key 'peft.method': ppo saves its policy as plain weights, and "
+            f"{cfg.peft.method} cannot be merged into them; use lora (or grpo)"
+        )
     total = run_steps(p, p.rollout_batch)
     wrap = functools.partial(with_value_head, separate=p.critic == "separate")
     st = setup_stage(cfg, "ppo", total, wrap=wrap)

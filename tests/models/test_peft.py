@@ -141,7 +141,9 @@ def greedy_no_cache(model, prompt: list[int], n: int, length: int = 16) -> list[
 
 
 @pytest.mark.parametrize(
-    "m, name", [(LLAMA, "prefix"), (LLAMA, "prompt"), (GPT2, "prefix"), (GPT2, "prompt_mlp")]
+    "m, name",
+    [(LLAMA, "prefix"), (LLAMA, "prompt"), (GPT2, "prefix"), (GPT2, "prompt_mlp")],
+    ids=["rope-prefix", "rope-prompt", "learned-prefix", "learned-prompt_mlp"],
 )
 def test_greedy_generation_equals_the_no_cache_forward(m, name):
     model = adapted(m, name)
@@ -166,6 +168,8 @@ def test_each_packed_document_sees_the_virtual_slots_and_padding_is_unseen(m, na
     assert packed.shape == (1, 11, 64)  # the real columns only
     np.testing.assert_allclose(packed[0, :5], fwd(model, a[None])[0], atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(packed[0, 5:9], fwd(model, b[None])[0], atol=2e-5, rtol=2e-5)
+    base_b = fwd(make_decoder(m), b[None])[0]
+    assert float(jnp.abs(packed[0, 5:9] - base_b).max()) > 1e-3  # and they do see them
 
 
 @pytest.mark.parametrize("name", ["adapter", "prefix", "prompt"])
