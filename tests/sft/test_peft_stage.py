@@ -65,7 +65,11 @@ def greedy_answers(cfg, graphdef, state, tok) -> list[str]:
     return [x["answer"] for x in samples]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(  # prefix (MLP, fold, refusals) in the fast suite; each ~15 s CPU
+    "name",
+    [pytest.param("adapter", marks=pytest.mark.slow), "prefix",
+     pytest.param("prompt", marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_peft_sft_trains_and_saves_only_its_variables(tmp_path, tok, tiny_ckpt, name):
     peft, want_params, at_2, at_4 = CASES[name]
     cfg = sft_config(tiny_ckpt, tmp_path / name)
