@@ -14,8 +14,9 @@ from flax import nnx
 from jaxllm.config import ModelConfig, PeftConfig, replace
 from jaxllm.generation import Sampler
 from jaxllm.models import make_decoder
+from jaxllm.models.layers import ParamKeys
 from jaxllm.models.peft import PEFT_METHODS, apply_peft, fold_reparameterisations
-from jaxllm.models.scan import stack_layers
+from jaxllm.models.scan import is_stacked, stack_layers
 from jaxllm.trainers.lm import trainable_filter
 
 N = 2
@@ -106,7 +107,7 @@ def test_adapters_start_exactly_at_the_base_model_and_prefix_prompt_do_not():
         assert float(jnp.abs(fwd(adapted(LLAMA, name), TOKENS) - base).max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["prefix", "prompt_mlp"])
+@pytest.mark.parametrize("name", ["adapter", "prefix", "prompt_mlp"])
 @pytest.mark.parametrize("m", [LLAMA, replace(GPT2, scan_layers=True)], ids=["rope", "scan"])
 def test_kv_cache_path_matches_the_full_forward(m, name):
     model = adapted(m, name)
@@ -124,7 +125,7 @@ def test_kv_cache_path_matches_the_full_forward(m, name):
         return jnp.concatenate([first, rest], 1), cache.index
 
     got, index = cached(state)
-    assert int(index) == P + 11  # the virtual slots come first
+    assert int(index) == (0 if name == "adapter" else P) + 11  # the virtual slots come first
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -181,6 +182,38 @@ def test_scanned_layers_equal_unrolled(name):
     scanned = adapted(replace(m, scan_layers=True), name)
     nnx.update(scanned, stack_layers(nnx.state(unrolled), N))
     np.testing.assert_allclose(fwd(scanned, TOKENS), fwd(unrolled, TOKENS), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["adapter", "prefix", "prompt"])
+def test_scanned_models_hold_the_variables_stacked_per_layer(name):
+    """With scan_layers a block's adapters carry the block weights' leading `layers` axis (N
+    rows, logical axis LAYERS, so the scan slices them with the block), the prefixes are
+    [N, P, K, H] (scanned alongside), and the counts equal the unrolled model's."""
+    peft = METHODS[name]
+    method = PEFT_METHODS[peft.method]
+    scanned, unrolled = adapted(replace(GPT2, scan_layers=True), name), adapted(GPT2, name)
+    count = n_params(scanned, method.variable)
+    assert count == n_params(unrolled, method.variable) == method.count(scanned, peft)
+    flat = nnx.to_flat_state(nnx.state(scanned, method.variable))
+    in_blocks = [v for path, v in flat if path[0] == "blocks"]
+    assert len(in_blocks) == (8 if name == "adapter" else 0)  # 2 adapters x 4 weights
+    assert all(is_stacked(v) and v.shape[0] == N for v in in_blocks)
+    if name == "prefix":
+        assert [x.shape for x in scanned.prefix()] == [(N, P, 4, 8)] * 2
+
+
+@pytest.mark.parametrize("name", ["adapter", "prefix_mlp", "prompt_mlp"])
+def test_param_keys_and_nnx_rngs_attach_the_same_variables(name):
+    """Models are built with ParamKeys (models/layers.py); a method attached with them draws
+    the same values as with nnx.Rngs of the same seed."""
+    variable = PEFT_METHODS[METHODS[name].method].variable
+    with_rngs, with_keys = make_decoder(GPT2), make_decoder(GPT2)
+    with nnx.use_eager_sharding(False):
+        apply_peft(with_rngs, METHODS[name], nnx.Rngs(params=3))
+        apply_peft(with_keys, METHODS[name], ParamKeys(3))
+    a, b = nnx.state(with_rngs, variable), nnx.state(with_keys, variable)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("name, plain", [("prefix_mlp", "prefix"), ("prompt_mlp", "prompt")])

@@ -21,6 +21,7 @@ import jax
 from flax import nnx
 
 from jaxllm.config import ModelConfig, PeftConfig
+from jaxllm.models.layers import ParamKeys
 from jaxllm.models.peft.adapter import AdapterParam, adapter_count, apply_adapters, strip_adapters
 from jaxllm.models.peft.lora import TARGETABLE, apply_lora, lora_targets, merge_lora
 from jaxllm.models.peft.prefix import PrefixParam, apply_prefix, prefix_count
@@ -36,7 +37,7 @@ class PeftMethod:
 
     name: str
     variable: type[nnx.Param]
-    apply: Callable[[nnx.Module, PeftConfig, nnx.Rngs], list[str]]
+    apply: Callable[[nnx.Module, PeftConfig, nnx.Rngs | ParamKeys], list[str]]
     merge_or_strip: Callable[[nnx.Module], int]
     mergeable: bool  # merge_or_strip keeps the outputs (plain weights, HF export)
     count: Callable[[nnx.Module, PeftConfig], int]
@@ -53,7 +54,7 @@ def backbones(model: nnx.Module) -> Backbones:
     return sorted(found, key=lambda x: x[0])
 
 
-def _on_backbones(fn: Callable[[Backbones, PeftConfig, nnx.Rngs], list[str]]):
+def _on_backbones(fn: Callable[[Backbones, PeftConfig, nnx.Rngs | ParamKeys], list[str]]):
     return lambda model, cfg, rngs: fn(backbones(model), cfg, rngs)
 
 
@@ -119,7 +120,7 @@ def peft_method(name: str) -> PeftMethod:
     return PEFT_METHODS[name]
 
 
-def apply_peft(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> list[str]:
+def apply_peft(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs | ParamKeys) -> list[str]:
     """Attaches `cfg.method` in place (call under `nnx.use_eager_sharding(False)`);
     returns what it attached. Errors (ValueError) when it finds nothing to attach to."""
     paths = peft_method(cfg.method).apply(model, cfg, rngs)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import PeftConfig
-from jaxllm.models.layers import dense
+from jaxllm.models.layers import ParamKeys, dense
 from jaxllm.models.scan import LAYERS
 
 SUBLAYERS = ("attn_adapter", "mlp_adapter")
@@ -34,7 +34,13 @@ class Bottleneck(nnx.Module):
     every weight has a leading `layers` axis (a scanned model's stacked block)."""
 
     def __init__(
-        self, d: int, m: int, dtype: jnp.dtype, rngs: nnx.Rngs, *, layers: int | None = None
+        self,
+        d: int,
+        m: int,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs | ParamKeys,
+        *,
+        layers: int | None = None,
     ):
         lead, ax = ((), ()) if layers is None else ((layers,), (LAYERS,))
         std = 1.0 / math.sqrt(d)  # unit-variance bottleneck activations for unit-scale h
@@ -52,7 +58,7 @@ class Bottleneck(nnx.Module):
 
 
 def apply_adapters(
-    backbones: list[tuple[str, nnx.Module]], cfg: PeftConfig, rngs: nnx.Rngs
+    backbones: list[tuple[str, nnx.Module]], cfg: PeftConfig, rngs: nnx.Rngs | ParamKeys
 ) -> list[str]:
     """Puts an adapter after each attention and MLP sublayer of every block, in place;
     returns their module paths."""

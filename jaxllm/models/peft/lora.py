@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import PeftConfig
-from jaxllm.models.layers import LORA_A, LORA_B
+from jaxllm.models.layers import LORA_A, LORA_B, ParamKeys
 from jaxllm.models.scan import is_stacked
 
 # weight attribute → number of leading input axes (the rest are output axes)
@@ -47,7 +47,7 @@ def lora_targets(
                 yield full, module, name
 
 
-def apply_lora(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> list[str]:
+def apply_lora(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs | ParamKeys) -> list[str]:
     """Attaches adapters in place; returns the adapted weights' paths (errors if none)."""
     matched = []
     for full, module, name in list(lora_targets(model, cfg.targets)):
@@ -69,7 +69,7 @@ def apply_lora(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs) -> list[str]:
 
 
 def _adapters(
-    w: nnx.Param, n_in: int, rank: int, rngs: nnx.Rngs
+    w: nnx.Param, n_in: int, rank: int, rngs: nnx.Rngs | ParamKeys
 ) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
     """A [*lead, *in, rank] and B [*lead, rank, *out] for weight `w` [*lead, *in, *out]
     (`lead`: the `layers` axis of a scanned model, else nothing)."""

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import PeftConfig
+from jaxllm.models.layers import ParamKeys
 
 
 class PrefixParam(nnx.Param):
@@ -41,7 +42,9 @@ def _p(x: jax.Array, axes: tuple) -> PrefixParam:
 class Prefix(nnx.Module):
     """Every layer's prefix keys and values: `prefix() -> (k, v)`, each [N, P, K, H]."""
 
-    def __init__(self, init_N2PKH: jax.Array, x_PD: jax.Array, hidden: int, rngs: nnx.Rngs):
+    def __init__(
+        self, init_N2PKH: jax.Array, x_PD: jax.Array, hidden: int, rngs: nnx.Rngs | ParamKeys
+    ):
         self.n_virtual = init_N2PKH.shape[2]
         self.shape = tuple(init_N2PKH.shape)
         if not hidden:
@@ -78,7 +81,7 @@ class Prefix(nnx.Module):
         return True
 
 
-def real_word_inputs(model: nnx.Module, p: int, rngs: nnx.Rngs) -> jax.Array:
+def real_word_inputs(model: nnx.Module, p: int, rngs: nnx.Rngs | ParamKeys) -> jax.Array:
     """[P, D] float32: P random vocabulary embeddings scaled to unit RMS."""
     table_VD = model.embed.embedding[...].astype(jnp.float32)
     ids = jax.random.randint(rngs.params(), (p,), 0, table_VD.shape[0])
@@ -105,7 +108,7 @@ def layer_keys_values(model: nnx.Module, x_PD: jax.Array) -> jax.Array:
 
 
 def apply_prefix(
-    backbones: list[tuple[str, nnx.Module]], cfg: PeftConfig, rngs: nnx.Rngs
+    backbones: list[tuple[str, nnx.Module]], cfg: PeftConfig, rngs: nnx.Rngs | ParamKeys
 ) -> list[str]:
     """Attaches a `Prefix` to every backbone (decoder or encoder), in place."""
     paths = []

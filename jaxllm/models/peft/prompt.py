@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxllm.config import PeftConfig
 from jaxllm.models.attention import Attention
+from jaxllm.models.layers import ParamKeys
 
 
 class PromptParam(nnx.Param):
@@ -38,7 +39,7 @@ def _p(x: jax.Array, axes: tuple) -> PromptParam:
 class Prompt(nnx.Module):
     """The virtual tokens' input embeddings: `prompt() -> [P, D]` (float32)."""
 
-    def __init__(self, init_PD: jax.Array, hidden: int, rngs: nnx.Rngs):
+    def __init__(self, init_PD: jax.Array, hidden: int, rngs: nnx.Rngs | ParamKeys):
         self.n_virtual, d = init_PD.shape
         self.embedding = _p(init_PD, (None, "embed"))
         self.encoded = bool(hidden)
@@ -69,7 +70,7 @@ class Prompt(nnx.Module):
 
 
 def apply_prompt(
-    backbones: list[tuple[str, nnx.Module]], cfg: PeftConfig, rngs: nnx.Rngs
+    backbones: list[tuple[str, nnx.Module]], cfg: PeftConfig, rngs: nnx.Rngs | ParamKeys
 ) -> list[str]:
     """Attaches a `Prompt` to every backbone (decoder or encoder), in place. The fused
     attention kernels take no virtual slots, so the backbone's attention runs `xla`."""
