@@ -1,5 +1,5 @@
 """Config section `peft:` — parameter-efficient fine-tuning, for any stage that starts from a
-checkpoint (sft, reward, dpo, distill; ppo/grpo with lora) and for the encoder stages."""
+checkpoint (sft, reward, dpo, distill, grpo; ppo with lora only) and for the encoder stages."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ class PeftConfig:
     bottlenecks `h + up(gelu(down(h)))` of width `adapter_dim` after the attention and MLP
     sublayers (up starts at zero). `prefix`: `num_virtual_tokens` trainable keys/values per
     layer seen by every query (optionally produced by an MLP, `prefix_projection`, of width
-    `prefix_hidden`, folded into plain prefixes when the run saves its last step). `prompt`:
-    `num_virtual_tokens` trainable input embeddings before the tokens (`prompt_encoder: mlp`:
-    P-tuning's MLP of width `prompt_hidden` in front, folded the same way). Only the
-    method's variables (and a stage's new heads) train; checkpoints hold only them, and name
-    the base checkpoint they apply to. Widths of 0 mean the model's `d_model`."""
+    `prefix_hidden`, folded into plain prefixes when the run saves its last step, stops early
+    or keeps its best). `prompt`: `num_virtual_tokens` trainable input embeddings before the
+    tokens (`prompt_encoder: mlp`: P-tuning's MLP of width `prompt_hidden` in front, folded
+    the same way). Only the method's variables (and a stage's new heads) train; checkpoints
+    hold only them, and name the base checkpoint they apply to. Widths of 0 mean the model's
+    `d_model`."""
 
     method: Literal["none", "lora", "adapter", "prefix", "prompt"] = "none"
     rank: int = 8

@@ -125,9 +125,9 @@ def restore_latest(
         return None
     if ckpt.read_meta(step).get("peft_folded"):
         raise ConfigError(
-            f"{ckpt.directory}/{step}: this run finished (its last step or an early "
-            "stop) and saved only the folded PEFT prefixes/prompts there (no reparameterisation MLP, no optimizer "
-            "state), so it cannot resume; load it as an input, or start a new run"
+            f"{ckpt.directory}/{step}: this run finished (its last step or an early stop) and "
+            "saved only the folded PEFT prefixes/prompts there (no reparameterisation MLP, no "
+            "optimizer state), so it cannot resume; load it as an input, or start a new run"
         )
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings

@@ -1,7 +1,8 @@
 """Adapters, prefix tuning and prompt tuning through `stage: sft`: only the method's
 variables train and are saved (a reparameterisation MLP only until the last step), the
 base stays bit-identical, the checkpoint restored onto its base gives the trained greedy
-answers, and export / a later training stage refuse what cannot be merged."""
+answers, and export / a later training stage refuse what cannot be merged; an early stop
+and the best checkpoint hold folded prefixes too."""
 
 from types import SimpleNamespace
 
@@ -14,10 +15,11 @@ from jaxllm.config import replace
 from jaxllm.config.peft import PeftConfig
 from jaxllm.data.sft import SFTRecords
 from jaxllm.errors import ConfigError
-from jaxllm.models.peft import PEFT_METHODS
+from jaxllm.models.peft import PEFT_METHODS, fold_reparameterisations
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file
+from jaxllm.trainers.continued import checkpoint_model_config
 from jaxllm.trainers.hf_export import export_checkpoint
 from jaxllm.trainers.lm import init_from_checkpoint, load_checkpoint_model, restore_latest
 from jaxllm.trainers.sft import make_answer_scorer
@@ -106,3 +108,34 @@ def test_peft_sft_trains_and_saves_only_its_variables(tmp_path, tok, tiny_ckpt, 
         later = sft_config(ckpts, tmp_path / "later")
         with pytest.raises(ConfigError, match="cannot be merged"):
             init_from_checkpoint(later, make_optimizer(later.train.optim, 4), mesh)
+        with pytest.raises(ConfigError, match="cannot be merged into plain weights to continue"):
+            checkpoint_model_config(ckpts)  # nor continued pretraining
+
+
+def test_an_early_stop_and_the_best_checkpoint_hold_the_folded_prefixes(tmp_path, tiny_ckpt):
+    """`train.early_stopping` + `keep_best` with a reparameterised method: the stop's
+    checkpoint and `best/` hold plain prefixes, those the MLP of the best step gives."""
+    cfg = sft_config(tiny_ckpt, tmp_path / "es")
+    t = cfg.train
+    es = replace(t.early_stopping, patience=1, min_delta=100.0)  # the 2nd evaluation stops
+    t = replace(t, eval_every=1, checkpoint_every=1, keep_checkpoints=5, keep_best=True,
+                early_stopping=es, optim=replace(t.optim, lr=1e-2))  # fmt: skip
+    cfg = replace(cfg, peft=CASES["prefix"][0], train=t)
+    summary = run_sft(cfg)
+    assert summary["stopped_early_at"] == 2 and summary["best_step"] == 1
+    ckpts, best = tmp_path / "es/checkpoints", tmp_path / "es/best"
+    assert saved(ckpts, 1) == (CASES["prefix"][2], {"opt_state", "rng", "step"})
+    assert saved(ckpts, 2) == saved(best, 1) == ({"prefix.kv"}, {"step"})
+    with pytest.raises(ConfigError, match="early stop"):
+        restore_latest(Checkpointer(ckpts, async_save=False), None, None)
+    mesh = make_mesh(cfg.mesh)
+    graphdef, at_1, _, _ = load_checkpoint_model(ckpts, mesh, step=1)  # the MLP, unfolded
+    model = nnx.merge(graphdef, at_1)
+    assert fold_reparameterisations(model) == 1
+    _, kept, _, _ = load_checkpoint_model(best, mesh)
+    np.testing.assert_allclose(
+        np.asarray(kept["prefix"]["kv"][...]),
+        np.asarray(model.prefix.kv[...]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
