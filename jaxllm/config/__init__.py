@@ -25,6 +25,7 @@ from jaxllm.config.data import (
     TokenizerConfig,
 )
 from jaxllm.config.distill import DistillConfig
+from jaxllm.config.eval import ChatConfig, EvalConfig, EvalModelConfig
 from jaxllm.config.interop import HFConfig, ScoreConfig
 from jaxllm.config.load import (
     _bad,
@@ -55,11 +56,14 @@ from jaxllm.errors import ConfigError
 
 __all__ = [
     "CHAT_TOKENS",
+    "ChatConfig",
     "Config",
     "DPOConfig",
     "DataConfig",
     "DedupConfig",
     "DistillConfig",
+    "EvalConfig",
+    "EvalModelConfig",
     "FilterConfig",
     "GRPOConfig",
     "EarlyStoppingConfig",
@@ -137,6 +141,8 @@ class Config:
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

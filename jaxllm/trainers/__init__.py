@@ -42,6 +42,7 @@ STAGES = {
     "export": "jaxllm.trainers.hf_export",
     "score": "jaxllm.trainers.score",
     "scaling": "jaxllm.trainers.scaling",
+    "eval": "jaxllm.trainers.eval",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 
