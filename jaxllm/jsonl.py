@@ -20,6 +20,7 @@ A UTF-8 byte-order mark at the start of a line is ignored. `read_jsonl` streams 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from collections.abc import Iterator
@@ -87,8 +88,10 @@ def parse_line(line: bytes | str) -> dict[str, Any]:
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for each non-blank line of a JSONL file, read as bytes
-    line by line; the first bad line raises `DataError` naming `file:line`."""
-    with open(path, "rb") as f:
+    line by line (gzip-compressed when the name ends `.gz`); the first bad line raises
+    `DataError` naming `file:line`."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if raw.isspace():
                 continue

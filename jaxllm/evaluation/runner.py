@@ -7,6 +7,7 @@ request of a task in one batched call: no per-example loop over the model here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -14,8 +15,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from jaxllm.errors import DataError
-from jaxllm.evaluation import metrics
-from jaxllm.evaluation.tasks import Task, fill
+from jaxllm.evaluation import metrics, retrieval
+from jaxllm.evaluation.tasks import Task, fill, resolve_data
 from jaxllm.evaluation.templates import build_prompt, choices_and_gold, continuation
 from jaxllm.tokenizer.chat import END_TOKEN
 
@@ -60,6 +61,7 @@ class Backend(Protocol):
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]: ...
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[Rolled]: ...
     def generate(self, prompts: Sequence[str], opts: GenOptions) -> list[Generation]: ...
+    def fits(self, text: str, reserve: int) -> bool: ...
 
 
 @dataclass
@@ -69,6 +71,7 @@ class TaskResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     truncated: int = 0
+    passages_dropped: int = 0  # retrieved passages left out of prompts to fit the context
 
     def add(self, k: int | None, metric: str, values: Sequence[float]) -> None:
         self.rows.append({
@@ -103,7 +106,7 @@ def run_multiple_choice(task: Task, backend: Backend, ks: Sequence[int]) -> Task
             for name, v in figures.items():
                 accs[name].append(v)
             res.truncated += any(s.truncated for s in got)
-            res.samples.append({"example": task.examples[i][0], "num_fewshot": k, "prompt": p.text,
+            res.samples.append({"example": task.examples[i][0], "index": i, "num_fewshot": k, "prompt": p.text,
                                 "choices": choices, "gold": gold,
                                 "logprobs": [s.logprob for s in got], **figures})  # fmt: skip
         for name, values in accs.items():
@@ -134,7 +137,7 @@ def run_generate(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
             for j in spec.pass_at:
                 passes[j].append(metrics.pass_at_k(spec.samples, sum(correct), j))
             res.truncated += outs[0].truncated
-            res.samples.append({"example": record[0], "num_fewshot": k, "prompt": prompts[i],
+            res.samples.append({"example": record[0], "index": i, "num_fewshot": k, "prompt": prompts[i],
                                 "completions": [g.text for g in outs], "answers": answers,
                                 "references": refs, "correct": correct})  # fmt: skip
         res.add(k, "exact_match" if spec.match == "exact" else "contains", rates)
@@ -168,8 +171,8 @@ def run_perplexity(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResul
     for name, v in figures.items():
         res.rows.append({"num_fewshot": None, "metric": name, "value": v, "n": len(texts),
                          "stderr": None})  # fmt: skip
-    res.samples = [{"example": r[0], "logprob": x.logprob, "tokens": x.tokens}
-                   for r, x in zip(task.examples, rolled)]  # fmt: skip
+    res.samples = [{"example": r[0], "index": i, "logprob": x.logprob, "tokens": x.tokens}
+                   for i, (r, x) in enumerate(zip(task.examples, rolled))]  # fmt: skip
     return res
 
 
@@ -185,4 +188,47 @@ def evaluate(task: Task, backend: Backend, num_fewshot: int = -1) -> TaskResult:
     ks = task.spec.num_fewshot if num_fewshot < 0 else (num_fewshot,)
     if task.spec.kind == "perplexity":
         ks = (0,)
-    return KINDS[task.spec.kind](task, backend, ks)
+    if task.spec.retrieval is None:
+        return KINDS[task.spec.kind](task, backend, ks)
+    task, found = retrieve(task, backend, max(ks))
+    res = KINDS[task.spec.kind](task, backend, ks)
+    res.rows += found.rows
+    res.passages_dropped = found.passages_dropped
+    for s in res.samples:
+        s["retrieved"] = found.samples[int(s.get("index", 0))]["retrieved"]
+    return res
+
+
+def retrieve(task: Task, backend: Backend, shots: int) -> tuple[Task, TaskResult]:
+    """The task with each record's `context` field holding its top-k passages (as many as
+    fit the context with `shots` demonstrations and the answer's room), and a result with
+    recall@1 / recall@k and the retrieved ids."""
+    r, found = task.spec.retrieval, TaskResult()
+    if r.k == 0:  # closed book
+        examples = [(w, {**obj, "context": ""}) for w, obj in task.examples]
+        found.samples = [{"retrieved": []} for _ in examples]
+        return dataclasses.replace(task, examples=examples), found
+    path = resolve_data(r.passages, task.path, "retrieval.passages")
+    index = retrieval.cached_index(str(path), r.id_field, r.text_field)
+    top = index.search([fill(r.query, rec) for rec in task.examples], r.k)
+    reserve = task.spec.max_new_tokens if task.spec.kind == "generate" else 16
+    examples = list(task.examples)
+    for i, (where, obj) in enumerate(task.examples):
+        texts = [index.texts[j][: r.passage_chars or None] for j in top[i]]
+        passages = [
+            r.passage_template.format(text=t, id=index.ids[j]) for t, j in zip(texts, top[i])
+        ]
+
+        def render(ctx: str, i: int = i, where: str = where, obj: dict = obj) -> str:
+            examples[i] = (where, {**obj, "context": ctx})
+            return build_prompt(dataclasses.replace(task, examples=examples), i, shots).text
+
+        _, dropped = retrieval.place_passages(passages, render, lambda p: backend.fits(p, reserve))
+        found.passages_dropped += dropped
+        found.samples.append({"retrieved": [index.ids[j] for j in top[i]]})
+    if r.gold:
+        gold = [str(obj.get(r.gold)) for _, obj in task.examples]
+        ids = [s["retrieved"] for s in found.samples]
+        for k in sorted({1, r.k}):
+            found.add(None, f"recall@{k}", retrieval.recall_at_k(ids, gold, k))
+    return dataclasses.replace(task, examples=examples), found

@@ -43,6 +43,26 @@ class CotSpec:
 
 
 @dataclass(frozen=True)
+class RetrievalSpec:
+    """Retrieval-augmented prompts: the top-k BM25 passages for each example's `query` fill
+    the `{context}` field of its template (as many as fit the model's context, in rank
+    order). `name:closed` is the same task with no passages (closed book)."""
+
+    passages: str  # JSONL (gzip ok) of {"id", "text"}; relative to the task file or asset:
+    k: int = 1
+    query: str = "{question}"  # what is searched for
+    passage_template: str = "Passage: {text}\n"  # one passage in the context
+    gold: str = ""  # a record field with the gold passage id: recall@k is reported
+    passage_chars: int = 0  # each passage cut to this many characters (0: whole)
+    id_field: str = "id"
+    text_field: str = "text"
+
+    def _validate(self) -> None:
+        if self.k < 0 or self.passage_chars < 0:
+            raise ValueError(f"k: need k >= 0 and passage_chars >= 0, got {self.k}")
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One task file. Field names in templates are keys of the data's JSON records."""
 
@@ -75,6 +95,7 @@ class TaskSpec:
     chat: bool = False  # prompts as user turns of the chat template, demonstrations as turns
     system: str = ""  # with chat: a system prompt
     cot: CotSpec | None = None
+    retrieval: RetrievalSpec | None = None
 
     def _validate(self) -> None:
         if min(self.num_fewshot, default=0) < 0 or not self.num_fewshot:
@@ -127,6 +148,8 @@ def load_task(name: str, limit: int = 0) -> Task:
         else []
     )
     label = spec.name + (f":{variant}" if variant else "")
+    if spec.retrieval is not None:  # the store must exist whatever k is
+        resolve_data(spec.retrieval.passages, path, "retrieval.passages")
     return Task(label, spec, path, examples, fewshot)
 
 
@@ -147,11 +170,17 @@ def read_spec(path: Path) -> TaskSpec:
 
 
 def with_variant(spec: TaskSpec, variant: str, path: Path) -> TaskSpec:
-    """The spec with a named variant applied (only `cot` exists)."""
+    """The spec with a named variant applied: `cot` (its `cot:` block) or `closed` (its
+    `retrieval:` block with no passages)."""
     if not variant:
         return spec
+    if variant == "closed" and spec.retrieval is not None:
+        return dataclasses.replace(spec, retrieval=dataclasses.replace(spec.retrieval, k=0))
     if variant != "cot" or spec.cot is None:
-        raise ConfigError(f"task file {path}: no variant '{variant}' (a `cot:` block makes 'cot')")
+        raise ConfigError(
+            f"task file {path}: no variant '{variant}' (a `cot:` block makes 'cot', a "
+            "`retrieval:` block 'closed')"
+        )
     c = spec.cot
     keys = {"template": c.template, "target": c.target, "instruction": c.instruction}
     return dataclasses.replace(

@@ -70,7 +70,9 @@ def task_summary(task: Task, by_model: dict[str, TaskResult]) -> dict[str, Any]:
         "examples": len(task.examples),
         "rows": [{"model": name, **row} for name, r in by_model.items() for row in r.rows],
         "truncated": {name: r.truncated for name, r in by_model.items()},
-    }
+        **({"passages_dropped": {name: r.passages_dropped for name, r in by_model.items()}}
+           if task.spec.retrieval is not None else {}),
+    }  # fmt: skip
 
 
 def markdown(task: Task, by_model: dict[str, TaskResult]) -> str:

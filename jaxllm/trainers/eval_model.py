@@ -84,6 +84,10 @@ class EvalModel:
         ctx = self.encode_context(context)
         return ctx, whole[len(ctx) :]
 
+    def fits(self, text: str, reserve: int) -> bool:
+        """Whether a prompt and `reserve` more tokens fit the context."""
+        return len(self.encode_context(text)) + reserve <= self.max_len
+
     def _fit(self, i: int, ctx: list[int], room: int) -> tuple[list[int], bool]:
         """The context cut to `room` tokens from the left, or `TooLong`."""
         if room < 1:
