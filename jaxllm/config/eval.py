@@ -57,11 +57,12 @@ class ChatConfig:
     top_k: int = 40
     top_p: float = 0.95
     max_turns: int = 0  # stop after this many answers (0: until `exit` or end of input)
+    stream: int = 8  # tokens sampled per call, printed as each call returns
 
     def _validate(self) -> None:
         if self.system and self.prompt:
             raise ValueError("system: give a system prompt or a library prompt, not both")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
-        if self.max_new_tokens < 1 or self.max_turns < 0:
-            raise ValueError("max_new_tokens: must be >= 1 (and max_turns >= 0)")
+        if self.max_new_tokens < 1 or self.max_turns < 0 or self.stream < 1:
+            raise ValueError("max_new_tokens: must be >= 1 (and max_turns >= 0, stream >= 1)")

@@ -43,6 +43,7 @@ STAGES = {
     "score": "jaxllm.trainers.score",
     "scaling": "jaxllm.trainers.scaling",
     "eval": "jaxllm.trainers.eval",
+    "chat": "jaxllm.trainers.chat",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 
