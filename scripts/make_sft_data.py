@@ -6,8 +6,11 @@ Rules, each record `{"prompt", "response", "task"}`:
   math    "What is 17 + 25?" → "42"
   qa      everyday Chinese questions (a few paraphrases each) → short answers
   service customer-service questions (the questions of make_preference_data.py) → noisy
-          demonstrations: per paraphrase one polite, helpful answer and one evasive one, so
-          the SFT model answers in both styles and a reward model + PPO has something to fix
+          demonstrations: per paraphrase every polite wording (with the helpful fact) and
+          every evasive one, so the SFT model answers in both styles (its greedy answers
+          mostly evasive: they are shorter and need no fact) and a reward model + PPO has
+          something to fix. All wordings, not one of each: the tiny model needs that many
+          service examples to answer fluently after the demo's 200 steps
 Held out by source item: a chapter, a poem, a pair of numbers (in either order) or a question
 (all its paraphrases) is entirely in train or entirely in val, chosen by a hash of its key.
 
@@ -105,14 +108,13 @@ def qa() -> list[tuple[str, dict]]:
     return [(qs[0], {"prompt": q, "response": ans}) for qs, ans in QA for q in qs]
 
 
-def service(rng: random.Random) -> list[tuple[str, dict]]:
+def service() -> list[tuple[str, dict]]:
     from make_preference_data import EVASIVE, POLITE, SERVICE
 
     out = []
     for questions, fact in SERVICE:
-        for q in questions:
-            for answer in (rng.choice(POLITE).format(fact=fact), rng.choice(EVASIVE)):
-                out.append((questions[0], {"prompt": q, "response": answer}))
+        answers = [t.format(fact=fact) for t in POLITE] + EVASIVE
+        out += [(questions[0], {"prompt": q, "response": a}) for q in questions for a in answers]
     return out
 
 
@@ -133,7 +135,7 @@ def main() -> None:
     rng = random.Random(0)
     train, val = [], []
     tasks = [("bible", bible()), ("poem", poems()), ("math", math()), ("qa", qa())]
-    for task, items in [*tasks, ("service", service(random.Random(1)))]:
+    for task, items in [*tasks, ("service", service())]:
         t, v = split(task, items, rng)
         train += t
         val += v

@@ -36,8 +36,10 @@ class PPOConfig:
     a value head (critic), per-token KL penalty to the reference, reward at the last token.
 
     `reward` is a rule name from `jaxllm.trainers.rewards.REWARDS` or `model` (a trained
-    reward model at `reward_checkpoint`). Prompt files are JSONL read by `PromptRecords`
-    (`answer`, or an SFT record's `response`, is the reference); `task` keeps one task only.
+    reward model at `reward_checkpoint`); `eval_rules` names rules of that registry whose
+    rates on the greedy held-out answers are reported beside it. Prompt files are JSONL read
+    by `PromptRecords` (`answer`, or an SFT record's `response`, is the reference); `task`
+    keeps one task only.
     """
 
     prompt_file: str = "asset:sft/train.jsonl"
@@ -66,6 +68,7 @@ class PPOConfig:
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
+    eval_rules: tuple[str, ...] = ()  # rule rates of the greedy answers and the rollouts
     logprob_tol: float = 1e-4  # mean |sampler - learner| log-prob before the run stops
     checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
@@ -86,7 +89,7 @@ class PPOConfig:
 class GRPOConfig:
     """`stage: grpo` — `group_size` sampled completions per prompt scored by weighted rule
     rewards (`rewards`, `reward_weights`), group-relative advantages, the clipped objective
-    and an optional KL term to the frozen reference (`beta`)."""
+    and an optional KL term to the frozen reference (`beta`). `eval_rules` as PPO's."""
 
     prompt_file: str = "asset:sft/train.jsonl"
     val_file: str = "asset:sft/val.jsonl"
@@ -106,6 +109,7 @@ class GRPOConfig:
     reward_weights: tuple[float, ...] = (1.0,)
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
+    eval_rules: tuple[str, ...] = ()  # rule rates of the greedy answers and the rollouts
     logprob_tol: float = 1e-4  # mean |sampler - learner| log-prob before the run stops
     checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
