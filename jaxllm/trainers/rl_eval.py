@@ -124,7 +124,7 @@ def comparison_lines(summary: dict[str, Any]) -> list[str]:
             f"    after:  {row['after']}",
         ]
     figures = [
-        f"{label} {rl[f'greedy_{key}_before']:g} → {rl[f'greedy_{key}_after']:g}"
+        f"{label} {rl[f'greedy_{key}_before']:.3g} → {rl[f'greedy_{key}_after']:.3g}"
         for key, label in _SHOWN
         if f"greedy_{key}_before" in rl
     ]

@@ -7,11 +7,14 @@ Multi-process: every process picks the same prompts (the same seeded generator),
 and decodes its own rows of them (`Sampler.my_rows`), scores its texts with the rule
 rewards, and joins rows into global arrays; everything after that (advantages, statistics,
 minibatch gathers, steps) runs on global arrays, and the host reads only replicated scalars.
+The rollouts' texts are gathered once per iteration for the row's text figures (rule rates,
+degeneration: `rl_eval.text_figures`), so every process reports all of them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler
 from jaxllm.sharding.batch import map_rows, replicated, row_sharding, rows_to_global
+from jaxllm.sharding.multihost import gather_text
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers.rewards import Reward, get_reward
 from jaxllm.trainers.rl_eval import (
@@ -34,6 +38,7 @@ from jaxllm.trainers.rl_eval import (
     greedy_eval,
     make_kl_pass,
     side_by_side,
+    text_figures,
 )
 from jaxllm.trainers.rollout import (
     TextScores,
@@ -161,7 +166,8 @@ def local_scores(values: list[float], mesh: Mesh, rules: str) -> jax.Array:
 
 
 def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: dict):
-    """One iteration: rollouts → scoring → `algo.post` → epochs of minibatch steps."""
+    """One iteration: rollouts → scoring → `algo.post` → epochs of minibatch steps. The
+    metrics row holds the rollouts' text figures too (`eval_rules` rates, degeneration)."""
     s = getattr(cfg, cfg.stage)
     t0 = time.perf_counter()
     recs = algo.pick(rng)
@@ -187,7 +193,16 @@ def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: di
     for key in ("logprob_gap", "logprob_gap_max", "response_length"):
         row[key] = stats[key]
     row["lr"] = lr
+    texts = all_texts(ro.texts, st.sampler.my_rows(len(recs)))
+    row.update(text_figures(texts, recs, st.eval_rules))
     return state, row
+
+
+def all_texts(texts: list[str], mine: slice) -> list[str]:
+    """Every process's decoded rollouts in global row order (this process's `texts` are
+    the rows `mine`); no collective in one process."""
+    blocks = [json.loads(b) for b in gather_text(json.dumps([mine.start, texts]))]
+    return [t for _, block in sorted(blocks, key=lambda b: b[0]) for t in block]
 
 
 def train_epochs(st: Stage, step_fn, state, full: dict, rng, s) -> tuple[Any, dict, float]:

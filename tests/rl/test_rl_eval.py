@@ -1,6 +1,8 @@
 """Held-out evaluation of RL stages: the exact KL of a moved policy's greedy answers against
 numpy, its figures and the console comparison."""
 
+import json
+
 import jax
 import numpy as np
 from flax import nnx
@@ -100,3 +102,12 @@ def test_side_by_side_and_console_lines():
     assert lines[-1] == "  reward -1.5 → 2 · polite 0.1 → 0.9"
     assert comparison_lines({"stages": [{"summary": {"steps": 3}}]}) == []
     assert comparison_lines(ppo) == lines
+
+
+def test_rollout_texts_of_every_process_join_in_row_order(monkeypatch):
+    from jaxllm.trainers import rl_loop
+
+    assert rl_loop.all_texts(["x", "y"], slice(0, 2)) == ["x", "y"]  # one process
+    gathered = [json.dumps([2, ["c", "d"]]), json.dumps([0, ["a", "b"]])]  # process order
+    monkeypatch.setattr(rl_loop, "gather_text", lambda text: gathered)
+    assert rl_loop.all_texts(["c", "d"], slice(2, 4)) == ["a", "b", "c", "d"]

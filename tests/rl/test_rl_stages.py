@@ -48,6 +48,8 @@ def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     rows = _finite_metrics(tmp_path / "ppo/metrics.jsonl")
     for key in ("reward", "kl", "clip_frac", "value_loss", "entropy", "response_length"):
         assert key in rows[-1]
+    for key in ("polite", "arithmetic", "repeat_3gram", "distinct_2", "well_formed"):
+        assert 0 <= rows[-1][key] <= 1, key  # the rollouts' rule rates and degeneration
     assert summary["steps"] == 8 and 0 < summary["generate_share"] < 1
     assert summary["rollout_tokens_per_s"] > 0 and "greedy_reward_after" in summary
     assert summary["final_kl_coef"] != rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adapting
