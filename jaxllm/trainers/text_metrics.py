@@ -1,9 +1,8 @@
 """Degeneration measures of generated answers, on whitespace words (tokenizer-independent):
-the share of repeated n-grams within an answer, distinct-n, and a well-formed test. An RL
-policy that games its reward model drifts into repetition ("not not not ..."), which these
-catch without a model. Pure Python; each answer is scored alone and the figures averaged
-over answers (distinct-n per answer, not Li et al.'s corpus-level ratio, so that many
-answers sharing one polite opening do not read as degeneration).
+the share of repeated n-grams within an answer, distinct-n and a well-formed test. An RL
+policy that games its reward model drifts into repetition within an answer ("not not not
+..."), measured per answer and averaged, or into one answer for every prompt, which
+distinct-n over all answers together (Li et al., 2016) shows. Pure Python.
 """
 
 from __future__ import annotations
@@ -34,6 +33,13 @@ def distinct_n(words: Sequence[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+def corpus_distinct_n(answers: Sequence[Sequence[str]], n: int = 2) -> float:
+    """Distinct n-grams over all answers / all their n-grams (1 when there is none): low
+    when answers repeat themselves or one another."""
+    grams = [g for words in answers for g in ngrams(words, n)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def well_formed(text: str) -> bool:
     """A non-empty answer that ends a sentence (. ! ? or their CJK forms) and repeats no
     word 3-gram: what a fluent short answer looks like, and what a truncated or looping
@@ -47,14 +53,15 @@ def has_repeat(words: Sequence[str], n: int = 3) -> bool:
 
 
 def answer_quality(texts: Sequence[str]) -> dict[str, float]:
-    """Means over answers: `repeat_3gram` (repeated word 3-gram share), `distinct_2`
-    (distinct word bigram share) and `well_formed` (share of well-formed answers)."""
+    """`repeat_3gram` (repeated word 3-gram share within an answer, mean over answers),
+    `distinct_2` (distinct word bigrams over all answers together) and `well_formed` (the
+    share of well-formed answers)."""
     if not texts:
         return {}
     words = [t.split() for t in texts]
     n = len(texts)
     return {
         "repeat_3gram": round(sum(repeated_ngram_share(w, 3) for w in words) / n, 4),
-        "distinct_2": round(sum(distinct_n(w, 2) for w in words) / n, 4),
+        "distinct_2": round(corpus_distinct_n(words, 2), 4),
         "well_formed": round(sum(well_formed(t) for t in texts) / n, 4),
     }

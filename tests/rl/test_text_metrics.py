@@ -15,6 +15,7 @@ from jaxllm.trainers.rewards import (
 )
 from jaxllm.trainers.text_metrics import (
     answer_quality,
+    corpus_distinct_n,
     distinct_n,
     ngrams,
     repeated_ngram_share,
@@ -67,6 +68,21 @@ def test_against_numpy_on_random_sequences(n):
         assert distinct_n(words, n) == pytest.approx(np_distinct(ids, n))
 
 
+def test_corpus_distinct_sees_one_answer_for_every_prompt():
+    same = [["Good", "question.", "Open", "My", "Orders."]] * 4  # 4 bigrams each, all alike
+    assert [distinct_n(w, 2) for w in same] == [1.0] * 4
+    assert corpus_distinct_n(same, 2) == pytest.approx(4 / 16)
+    assert corpus_distinct_n([["a", "b"], ["b", "a"]], 2) == 1.0
+    assert corpus_distinct_n([], 2) == 1.0 and corpus_distinct_n([["a"]], 2) == 1.0
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 3, size=k) for k in (0, 1, 4, 9)]
+    flat = np.concatenate(
+        [np.lib.stride_tricks.sliding_window_view(x, 2) for x in seqs if len(x) > 1]
+    )
+    want = len(np.unique(flat, axis=0)) / len(flat)
+    assert corpus_distinct_n([[str(i) for i in x] for x in seqs], 2) == pytest.approx(want)
+
+
 def test_well_formed_and_quality_means():
     assert well_formed("I'm not sure, maybe check later.")
     assert well_formed("下一句。")
@@ -75,7 +91,7 @@ def test_well_formed_and_quality_means():
     assert not well_formed("And the be not not not not not.")  # loops
     q = answer_quality(["Sure, here is how.", "not not not not not", ""])
     assert q["repeat_3gram"] == pytest.approx(round((0 + 2 / 3 + 0) / 3, 4))
-    assert q["distinct_2"] == pytest.approx(round((1 + 1 / 4 + 1) / 3, 4))
+    assert q["distinct_2"] == pytest.approx(round((3 + 1) / (3 + 4), 4))  # over all answers
     assert q["well_formed"] == pytest.approx(round(1 / 3, 4))
     assert answer_quality([]) == {}
 
