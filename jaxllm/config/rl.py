@@ -63,6 +63,7 @@ class PPOConfig:
     adaptive_kl: bool = False  # Ziegler et al. controller towards kl_target
     kl_target: float = 0.1  # per-sequence KL the adaptive controller aims at
     kl_horizon: int = 10000
+    kl_coef_min: float = 0.0  # the adaptive coefficient never drops below it
     critic: Literal["shared", "separate"] = "shared"
     reward: str = "arithmetic"  # a rule name, or "model"
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
@@ -83,6 +84,10 @@ class PPOConfig:
             raise ValueError("gamma, lam: must be in [0, 1]")
         if self.kl_coef < 0 or self.kl_target <= 0 or self.kl_horizon < 1:
             raise ValueError("kl_coef >= 0, kl_target > 0 and kl_horizon >= 1 are required")
+        if not 0 <= self.kl_coef_min <= self.kl_coef:
+            raise ValueError(
+                f"kl_coef_min: must be in [0, kl_coef = {self.kl_coef}], got {self.kl_coef_min}"
+            )
 
 
 @dataclass(frozen=True)
