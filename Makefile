@@ -16,11 +16,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,parity]"
+	$(BIN)/pip install -q -e ".[dev,parity,lm_eval]"
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,parity,bench]"
+	$(BIN)/pip install -q -e ".[dev,parity,lm_eval,bench]"
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
 
 demo: $(VENV)/.installed

@@ -4,14 +4,13 @@
 #   bench/gpu_suite.sh [--out DIR] [--budget SECONDS] [--smoke] [--only NAME,NAME...]
 #
 # Runs, each in its own process with its own time limit, in priority order, skipping what no
-# longer fits in --budget (default 480 s of wall time):
-#   1. attention kernels: cudnn vs xla agreement and fwd+bwd time (bench/attention.py)
-#   2. gpt2_124m train step, bf16, 64 x 1024 tokens, cudnn attention (bench/mfu.py)
-#   3. the torch.compile nanoGPT step of the same shape (bench/torch_train.py)
-#   4. gpt2_124m with no document masking, then with the xla attention path
-#   5. gpt2_350m, llama_1b (cudnn)
-#   6. KV-cache decode, gpt2_124m bf16, batch 1 and 64 (bench/decode.py)
-#   7. gpt2_124m with the fused loss (train.loss_chunk) and with the XLA flags for GPUs
+# longer fits in --budget (default 480 s of wall time): gpt2_124m's train step at 16 x 1024
+# (bf16, auto attention = cudnn on GPUs; scanned, unrolled, without document masking), the
+# torch.compile nanoGPT step of the same shape (bench/torch_train.py), ablations (fused loss,
+# no z-loss, no Triton GEMMs), 64 x 1024 (llm.c's batch) for both, gpt2_350m for both, the xla
+# attention path, KV-cache decode (batch 1 and 64), llama_1b, the attention kernels alone.
+# Missing Python packages on the machine (grain, tensorboardX): bench/gpu_wheels.sh fetches
+# them here into .gpu_wheels/, which this script installs when present.
 # Results: DIR/results.jsonl (one JSON object per measurement), DIR/table.md (the same as a
 # table, jax against torch in the same run), DIR/log.txt (everything printed).
 # --smoke: tiny shapes on whatever device there is (CPU), for the test suite.
@@ -70,6 +69,10 @@ if [ "$SMOKE" = 0 ] && ! "$PY" -c "import jax; assert jax.default_backend() == '
   log "no CUDA jax here: installing jax[cuda12]"
   "$PY" -m pip install -q -U "jax[cuda12]" >>"$LOG" 2>&1 || log "install failed: the jobs below run on $("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null)"
 fi
+if [ -d .gpu_wheels ] && ! "$PY" -c "import grain" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/jaxllm-site .gpu_wheels/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH="/tmp/jaxllm-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib
 for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch"):
@@ -86,24 +89,37 @@ if [ "$SMOKE" = 1 ]; then
   TINY=(--config configs/tiny_pretrain.yaml --vocab 512 --steps 2 --set loader.batch_size=4 --set loader.seq_len=64)
   job attention 120 "$PY" bench/attention.py --smoke --repeats 2 --json "$RES"
   job mfu-tiny 120 "$PY" "${MFU[@]}" "${TINY[@]}" --label tiny-one
-  job mfu-tiny-packed 120 "$PY" "${MFU[@]}" "${TINY[@]}" --docs packed --doc-len 16 --label tiny-packed
+  job mfu-tiny-packed 120 "$PY" "${MFU[@]}" "${TINY[@]}" --quick-init --docs packed --doc-len 16 --label tiny-packed
   job torch-tiny 120 "$PY" bench/torch_train.py --preset tiny --vocab 512 --batch 4 --seq 64 --steps 2 --no-compile --json "$RES" --label tiny
   job decode-tiny 120 "$PY" bench/decode.py --preset tiny --vocab 512 --new 8 --batches 1 4 --no-uncached --json "$RES"
 else
-  G124=(--config configs/gpt2_124m.yaml --set train.grad_accum=1 --steps 8)
-  G350=(--config configs/gpt2_124m.yaml --set model.preset=gpt2_350m --set train.grad_accum=1 --steps 6)
-  L1B=(--config configs/llama_1b.yaml --vocab 128256 --set train.grad_accum=1 --set train.loss_chunk=256 --steps 4)
-  job attention 90 "$PY" bench/attention.py --repeats 5 --json "$RES"
-  job gpt2_124m-cudnn 120 "$PY" "${MFU[@]}" "${G124[@]}" --label gpt2_124m-cudnn
-  job torch-gpt2_124m 150 "$PY" bench/torch_train.py --preset gpt2_124m --batch 64 --seq 1024 --json "$RES" --label gpt2_124m
-  job gpt2_124m-nomask 100 "$PY" "${MFU[@]}" "${G124[@]}" --docs none --label gpt2_124m-cudnn-nomask
-  job gpt2_124m-xla 120 "$PY" "${MFU[@]}" "${G124[@]}" --set model.attention=xla --label gpt2_124m-xla
-  job gpt2_350m-cudnn 150 "$PY" "${MFU[@]}" "${G350[@]}" --label gpt2_350m-cudnn
-  job llama_1b-cudnn 150 "$PY" "${MFU[@]}" "${L1B[@]}" --label llama_1b-cudnn
+  # Persistent compile cache: a job whose program an earlier job compiled starts at once.
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxllm-xla-cache}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+  # --quick-init: no random initialisers to compile (unrolled, they took over a minute on the
+  # H200 on 2026-12-04); the step is the same program.
+  Q=(--quick-init --config configs/gpt2_124m.yaml --set train.grad_accum=1 --steps 10)
+  B16=(--set loader.batch_size=16)
+  U=(--set model.scan_layers=false)
+  L1B=(--quick-init --config configs/llama_1b.yaml --vocab 128256 --set train.grad_accum=1 --set train.loss_chunk=256 --steps 4)
+  # 2026-12-04: scanned, cudnn, 16 x 1024: 272,602 tokens/s (no masking 286k) against
+  # torch.compile's 387,148. First the ablations that say where the rest goes.
+  job gpt2_124m-b16 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --label gpt2_124m-b16
+  job gpt2_124m-b16-unrolled 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --label gpt2_124m-b16-unrolled
+  job gpt2_124m-b16-unrolled-nomask 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --docs none --label gpt2_124m-b16-unrolled-nomask
+  job torch-gpt2_124m-b16 90 "$PY" bench/torch_train.py --preset gpt2_124m --batch 16 --seq 1024 --json "$RES" --label gpt2_124m-b16
+  job gpt2_124m-b16-loss_chunk 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --set train.loss_chunk=256 --label gpt2_124m-b16-unrolled-loss_chunk256
+  job gpt2_124m-b16-noz 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --set train.z_loss=0 --label gpt2_124m-b16-unrolled-no-z_loss
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+    job gpt2_124m-b16-notriton 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --label gpt2_124m-b16-unrolled-no-triton-gemm
+  job gpt2_124m-b64 90 "$PY" "${MFU[@]}" "${Q[@]}" "${U[@]}" --label gpt2_124m-b64-unrolled
+  job torch-gpt2_124m 100 "$PY" bench/torch_train.py --preset gpt2_124m --batch 64 --seq 1024 --json "$RES" --label gpt2_124m
+  job gpt2_350m-b16 90 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --set model.preset=gpt2_350m --label gpt2_350m-b16-unrolled
+  job torch-gpt2_350m-b16 90 "$PY" bench/torch_train.py --preset gpt2_350m --batch 16 --seq 1024 --json "$RES" --label gpt2_350m-b16
+  job gpt2_124m-xla-b16 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set model.attention=xla --label gpt2_124m-xla-b16
   job decode-gpt2_124m 100 "$PY" bench/decode.py --preset gpt2_124m --dtype bfloat16 --batches 1 64 --no-uncached --json "$RES"
-  job gpt2_124m-fused-loss 100 "$PY" "${MFU[@]}" "${G124[@]}" --set train.loss_chunk=256 --label gpt2_124m-cudnn-loss_chunk256
-  XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
-    job gpt2_124m-flags 100 "$PY" "${MFU[@]}" "${G124[@]}" --label gpt2_124m-cudnn-flags
+  job llama_1b 150 "$PY" "${MFU[@]}" "${L1B[@]}" --label llama_1b
+  job attention 90 "$PY" bench/attention.py --repeats 5 --json "$RES"
 fi
 
 "$PY" bench/suite_table.py "$RES" >"$OUT_DIR/table.md" 2>>"$LOG"

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run can be resumed with the same command", file=sys.stderr)
         return 130
-    print(f"done: {cfg.run_dir}/summary.json")
+    from jaxllm.trainers.rl_eval import comparison_lines
+
+    print("\n".join(comparison_lines(summary) + [f"done: {cfg.run_dir}/summary.json"]))
     print(json.dumps(_headline(summary), ensure_ascii=False))
     return 0
 

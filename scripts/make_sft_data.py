@@ -6,8 +6,11 @@ Rules, each record `{"prompt", "response", "task"}`:
   math    "What is 17 + 25?" → "42"
   qa      everyday Chinese questions (a few paraphrases each) → short answers
   service customer-service questions (the questions of make_preference_data.py) → noisy
-          demonstrations: per paraphrase one polite, helpful answer and one evasive one, so
-          the SFT model answers in both styles and a reward model + PPO has something to fix
+          demonstrations: per paraphrase 3 polite wordings (with the helpful fact; the 6
+          wordings alternate between paraphrases) and all 6 evasive ones, so the SFT model
+          can answer in both styles but greedily answers evasively, and a reward model + PPO
+          has something to fix. Many wordings, not one of each: with one polite and one
+          evasive answer per paraphrase the tiny model's answers stayed garbled ("I't sure.")
 Held out by source item: a chapter, a poem, a pair of numbers (in either order) or a question
 (all its paraphrases) is entirely in train or entirely in val, chosen by a hash of its key.
 
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "jaxllm" / "assets" / "corpus"
 MAX_VERSE_CHARS = 110  # keeps a prompt + answer within the tiny model's 128 tokens
 LIMITS = {"bible": (1600, 120), "poem": (1400, 120), "math": (900, 100)}  # (train, val) caps
+POLITE_PER_PROMPT = 3  # polite service demonstrations per paraphrase (evasive: all 6)
 
 # question paraphrases → answer (everyday knowledge; short, unambiguous answers)
 QA = [
@@ -105,14 +109,15 @@ def qa() -> list[tuple[str, dict]]:
     return [(qs[0], {"prompt": q, "response": ans}) for qs, ans in QA for q in qs]
 
 
-def service(rng: random.Random) -> list[tuple[str, dict]]:
+def service() -> list[tuple[str, dict]]:
     from make_preference_data import EVASIVE, POLITE, SERVICE
 
-    out = []
+    out, k = [], POLITE_PER_PROMPT
     for questions, fact in SERVICE:
-        for q in questions:
-            for answer in (rng.choice(POLITE).format(fact=fact), rng.choice(EVASIVE)):
-                out.append((questions[0], {"prompt": q, "response": answer}))
+        for i, q in enumerate(questions):
+            polite = [POLITE[(i * k + j) % len(POLITE)] for j in range(k)]
+            answers = [t.format(fact=fact) for t in polite] + EVASIVE
+            out += [(questions[0], {"prompt": q, "response": a}) for a in answers]
     return out
 
 
@@ -133,7 +138,7 @@ def main() -> None:
     rng = random.Random(0)
     train, val = [], []
     tasks = [("bible", bible()), ("poem", poems()), ("math", math()), ("qa", qa())]
-    for task, items in [*tasks, ("service", service(random.Random(1)))]:
+    for task, items in [*tasks, ("service", service())]:
         t, v = split(task, items, rng)
         train += t
         val += v

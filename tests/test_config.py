@@ -64,6 +64,11 @@ def test_wrong_values_name_key_type_and_value(raw, expect):
         ("grpo", {"temperature": 0}, "config key 'grpo.temperature': training rollouts sample"),
         ("ppo", {"temperature": 0.0}, "config key 'ppo.temperature': training rollouts sample"),
         ("ppo", {"temperature": -1.0}, "must be > 0, got -1.0"),
+        (
+            "ppo",
+            {"kl_coef": 0.2, "kl_coef_min": 0.3},
+            "config key 'ppo.kl_coef_min': must be in [0, kl_coef = 0.2], got 0.3",
+        ),
     ],
 )
 def test_rl_sections_reject_k1_in_grpo_and_greedy_rollouts(stage, section, expect):

@@ -26,6 +26,7 @@ from jaxllm.config.data import (
 )
 from jaxllm.config.distill import DistillConfig
 from jaxllm.config.encoder import ClassifyConfig, MLMConfig
+from jaxllm.config.eval import ChatConfig, EvalConfig, EvalModelConfig
 from jaxllm.config.interop import EmbedConfig, HFConfig, ScoreConfig
 from jaxllm.config.load import (
     _bad,
@@ -57,12 +58,15 @@ from jaxllm.errors import ConfigError
 __all__ = [
     "CHAT_TOKENS",
     "ClassifyConfig",
+    "ChatConfig",
     "Config",
     "DPOConfig",
     "DataConfig",
     "DedupConfig",
     "DistillConfig",
     "EmbedConfig",
+    "EvalConfig",
+    "EvalModelConfig",
     "FilterConfig",
     "GRPOConfig",
     "EarlyStoppingConfig",
@@ -144,6 +148,8 @@ class Config:
     mlm: MLMConfig = field(default_factory=MLMConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

@@ -1,5 +1,5 @@
 """Config section `peft:` — parameter-efficient fine-tuning, for any stage that starts from a
-checkpoint (sft, reward, dpo, ppo, grpo, distill)."""
+checkpoint (sft, reward, dpo, distill, grpo; ppo with lora only) and for the encoder stages."""
 
 from __future__ import annotations
 
@@ -10,21 +10,37 @@ from typing import Literal
 # Every dense weight of a block (module paths look like "blocks.3.attn.q", "blocks.3.mlp.up";
 # "blocks.attn.q" with model.scan_layers, whose adapters cover every layer at once).
 DEFAULT_TARGETS = (r"attn\.(q|k|v|o)$", r"mlp\.(up|gate|down)$")
+METHODS = ("none", "lora", "adapter", "prefix", "prompt")
 
 
 @dataclass(frozen=True)
 class PeftConfig:
-    """`method: lora` adds low-rank adapters `A [in, rank]`, `B [rank, out]` (B starts at zero,
-    so training starts from the base model exactly) to every weight whose module path matches
-    one of `targets` (regular expressions, `re.search`); the output becomes
-    `x W + (alpha / rank) * dropout(x) A B`. Only adapters (and a stage's new heads) train;
-    checkpoints hold only them, and name the base checkpoint they apply to."""
+    """What trains on top of a frozen base (models/peft, one table of methods).
 
-    method: Literal["none", "lora"] = "none"
+    `lora` adds low-rank adapters `A [in, rank]`, `B [rank, out]` (B starts at zero) to every
+    weight whose module path matches one of `targets` (regular expressions, `re.search`);
+    the output becomes `x W + (alpha / rank) * dropout(x) A B`. `adapter`: Houlsby
+    bottlenecks `h + up(gelu(down(h)))` of width `adapter_dim` after the attention and MLP
+    sublayers (up starts at zero). `prefix`: `num_virtual_tokens` trainable keys/values per
+    layer seen by every query (optionally produced by an MLP, `prefix_projection`, of width
+    `prefix_hidden`, folded into plain prefixes when the run saves its last step, stops early
+    or keeps its best). `prompt`: `num_virtual_tokens` trainable input embeddings before the
+    tokens (`prompt_encoder: mlp`: P-tuning's MLP of width `prompt_hidden` in front, folded
+    the same way). Only the method's variables (and a stage's new heads) train; checkpoints
+    hold only them, and name the base checkpoint they apply to. Widths of 0 mean the model's
+    `d_model`."""
+
+    method: Literal["none", "lora", "adapter", "prefix", "prompt"] = "none"
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0  # on the adapters' input, training only
+    dropout: float = 0.0  # on the LoRA adapters' input, training only
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    adapter_dim: int = 64
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    prefix_hidden: int = 0
+    prompt_encoder: Literal["none", "mlp"] = "none"
+    prompt_hidden: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -50,3 +66,9 @@ class PeftConfig:
                 raise ValueError(
                     f"targets: {pattern!r} is not a regular expression ({e})"
                 ) from None
+        for key in ("adapter_dim", "num_virtual_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("prefix_hidden", "prompt_hidden"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0 (0: the model's d_model)")

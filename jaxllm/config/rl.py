@@ -36,8 +36,10 @@ class PPOConfig:
     a value head (critic), per-token KL penalty to the reference, reward at the last token.
 
     `reward` is a rule name from `jaxllm.trainers.rewards.REWARDS` or `model` (a trained
-    reward model at `reward_checkpoint`). Prompt files are JSONL read by `PromptRecords`
-    (`answer`, or an SFT record's `response`, is the reference); `task` keeps one task only.
+    reward model at `reward_checkpoint`); `eval_rules` names rules of that registry whose
+    rates on the greedy held-out answers are reported beside it. Prompt files are JSONL read
+    by `PromptRecords` (`answer`, or an SFT record's `response`, is the reference); `task`
+    keeps one task only.
     """
 
     prompt_file: str = "asset:sft/train.jsonl"
@@ -61,11 +63,13 @@ class PPOConfig:
     adaptive_kl: bool = False  # Ziegler et al. controller towards kl_target
     kl_target: float = 0.1  # per-sequence KL the adaptive controller aims at
     kl_horizon: int = 10000
+    kl_coef_min: float = 0.0  # the adaptive coefficient never drops below it
     critic: Literal["shared", "separate"] = "shared"
     reward: str = "arithmetic"  # a rule name, or "model"
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
+    eval_rules: tuple[str, ...] = ()  # rule rates of the greedy answers and the rollouts
     logprob_tol: float = 1e-4  # mean |sampler - learner| log-prob before the run stops
     checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 
@@ -80,13 +84,17 @@ class PPOConfig:
             raise ValueError("gamma, lam: must be in [0, 1]")
         if self.kl_coef < 0 or self.kl_target <= 0 or self.kl_horizon < 1:
             raise ValueError("kl_coef >= 0, kl_target > 0 and kl_horizon >= 1 are required")
+        if not 0 <= self.kl_coef_min <= self.kl_coef:
+            raise ValueError(
+                f"kl_coef_min: must be in [0, kl_coef = {self.kl_coef}], got {self.kl_coef_min}"
+            )
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
     """`stage: grpo` — `group_size` sampled completions per prompt scored by weighted rule
     rewards (`rewards`, `reward_weights`), group-relative advantages, the clipped objective
-    and an optional KL term to the frozen reference (`beta`)."""
+    and an optional KL term to the frozen reference (`beta`). `eval_rules` as PPO's."""
 
     prompt_file: str = "asset:sft/train.jsonl"
     val_file: str = "asset:sft/val.jsonl"
@@ -106,6 +114,7 @@ class GRPOConfig:
     reward_weights: tuple[float, ...] = (1.0,)
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
+    eval_rules: tuple[str, ...] = ()  # rule rates of the greedy answers and the rollouts
     logprob_tol: float = 1e-4  # mean |sampler - learner| log-prob before the run stops
     checkpoint_every: int = 5  # iterations between resume checkpoints (0: after the last only)
 

@@ -315,12 +315,14 @@ def _prompt_record(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def prompt_rows(records: PromptRecords, template: ChatTemplate) -> list[dict[str, Any]]:
-    """Every record as `ids` (the rendered prompt ending with `<|assistant|>`), `answer`,
-    `task` and `chosen` when present: the inputs of generation for RL stages."""
+    """Every record as `ids` (the rendered prompt ending with `<|assistant|>`), `prompt`
+    (the last user turn's text, for display), `answer`, `task` and `chosen` when present:
+    the inputs of generation for RL stages."""
     rows = []
     for i in range(len(records)):
         r = records[i]
         row = {k: v for k, v in r.items() if k != "messages"}
         row["ids"] = template.render(r["messages"], add_generation_prompt=True).ids
+        row["prompt"] = r["messages"][-1]["content"]
         rows.append(row)
     return rows

@@ -40,6 +40,8 @@ from jaxllm.models.layers import apply_rope, compute_dtype, constrain, dropout, 
 
 _QKV_AXES = ("act_batch", "act_length", "act_heads", None)
 _KV_CACHE_AXES = ("act_batch", "act_heads", None, None)
+GLOBAL_SEGMENT = -1  # slots every real query sees: PEFT prefixes and virtual tokens
+Prefix = tuple[jax.Array, jax.Array] | None  # prefix-tuning keys, values [(N,) P, K, H]
 
 
 @struct.dataclass
@@ -79,15 +81,60 @@ class KVCache:
     def size(self) -> int:
         return self.segment_ids.shape[1]
 
+    def with_prefix(self, k_NPKH: jax.Array, v_NPKH: jax.Array) -> KVCache:
+        """The cache with prefix-tuning keys/values (N layers, P slots) written at the next
+        P slots, segment `GLOBAL_SEGMENT`: every later query sees them."""
+        n, p, kh, h = k_NPKH.shape
+        b = self.segment_ids.shape[0]
+
+        def put(cache, x_NPKH: jax.Array):
+            x_NBKPH = jnp.broadcast_to(jnp.swapaxes(x_NPKH, 1, 2)[:, None], (n, b, kh, p, h))
+            if not isinstance(cache, tuple):  # stacked layers
+                x_NBKPH = x_NBKPH.astype(cache.dtype)
+                return jax.lax.dynamic_update_slice(cache, x_NBKPH, (0, 0, 0, self.index, 0))
+            at = (0, 0, self.index, 0)
+            return tuple(
+                jax.lax.dynamic_update_slice(c, x_NBKPH[i].astype(c.dtype), at)
+                for i, c in enumerate(cache)
+            )
+
+        seg_BP = jnp.full((b, p), GLOBAL_SEGMENT, jnp.int32)
+        return KVCache(
+            k=put(self.k, k_NPKH),
+            v=put(self.v, v_NPKH),
+            segment_ids=jax.lax.dynamic_update_slice(self.segment_ids, seg_BP, (0, self.index)),
+            index=self.index + p,
+        )
+
 
 def make_mask(
     q_slot_L: jax.Array, q_seg_BL: jax.Array, kv_slot_S: jax.Array, kv_seg_BS: jax.Array
 ) -> jax.Array:
-    """[B, L, S] bool: a query sees keys at earlier-or-equal slots of its own segment; segment
-    0 (padding) sees and is seen by nothing."""
+    """[B, L, S] bool: a query sees keys at earlier-or-equal slots of its own segment or of
+    `GLOBAL_SEGMENT` (a prefix before slot 0, seen by every document of a packed row);
+    segment 0 (padding) sees and is seen by nothing."""
     causal_LS = kv_slot_S[None, :] <= q_slot_L[:, None]
     same_BLS = q_seg_BL[:, :, None] == kv_seg_BS[:, None, :]
+    same_BLS = same_BLS | (kv_seg_BS == GLOBAL_SEGMENT)[:, None, :]
     return causal_LS[None] & same_BLS & (q_seg_BL != 0)[:, :, None]
+
+
+def prefixed_mask(segment_ids_BL: jax.Array, n_prefix: int) -> jax.Array:
+    """[B, L, P + L] causal mask of L tokens after `n_prefix` (P) global slots, which every
+    real token sees (prefix tuning's keys/values). P = 0: the plain causal mask."""
+    b, l_ = segment_ids_BL.shape
+    kv_seg_BS = jnp.concatenate(
+        [jnp.full((b, n_prefix), GLOBAL_SEGMENT, jnp.int32), segment_ids_BL], axis=1
+    )
+    slots_S = jnp.arange(n_prefix + l_)
+    return make_mask(slots_S[n_prefix:], segment_ids_BL, slots_S, kv_seg_BS)
+
+
+def _with_prefix(x_BKLH: jax.Array, p_PKH: jax.Array) -> jax.Array:
+    """Prefix keys or values [P, K, H] (one layer's) put before slot 0 of every row."""
+    b, k, _, h = x_BKLH.shape
+    p_BKPH = jnp.broadcast_to(jnp.swapaxes(p_PKH, 0, 1)[None], (b, k, p_PKH.shape[0], h))
+    return jnp.concatenate([p_BKPH.astype(x_BKLH.dtype), x_BKLH], axis=2)
 
 
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -252,8 +299,11 @@ class Attention(nnx.Module):
         key: jax.Array | None = None,
         causal: bool = False,
         segment_ids_BL: jax.Array | None = None,
+        prefix: Prefix = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Returns (out_BLD, kv). Without a cache `mask_BLS` is [B, L, L]; with `kv` (this
+        """Returns (out_BLD, kv). Without a cache `mask_BLS` is [B, L, L] ([B, L, P + L] with
+        `prefix`, this layer's prefix-tuning keys and values [P, K, H] put before slot 0;
+        with a cache the prefix already sits in its first slots); with `kv` (this
         layer's cached k, v [B, K, S, H]) the new k/v are written at slot `index` and
         `mask_BLS` is [B, L, S] over the whole cache. `key` enables dropout. `causal=True`
         (no cache only) promises that the mask is the causal one within the segments
@@ -269,11 +319,13 @@ class Attention(nnx.Module):
             q_BLNH, k_BLKH = apply_rope(q_BLNH, rope), apply_rope(k_BLKH, rope)
         chex.assert_rank([q_BLNH, k_BLKH, v_BLKH], 4)
         chex.assert_equal_shape([k_BLKH, v_BLKH])
-        if causal and kv is None and self.kernel != "xla":
+        if causal and kv is None and prefix is None and self.kernel != "xla":
             opts = {"max_runs": self.max_docs} if self.kernel == "cudnn" else {}
             out_BLNH = ATTENTION[self.kernel](q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, **opts)
             return self._output(out_BLNH, key, lora_keys), None
         k_BKSH, v_BKSH = jnp.swapaxes(k_BLKH, 1, 2), jnp.swapaxes(v_BLKH, 1, 2)
+        if prefix is not None and kv is None:
+            k_BKSH, v_BKSH = _with_prefix(k_BKSH, prefix[0]), _with_prefix(v_BKSH, prefix[1])
         if kv is not None:
             start = (0, 0, index, 0)
             k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKSH.astype(kv[0].dtype), start)

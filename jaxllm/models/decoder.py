@@ -10,6 +10,14 @@ Two entry points:
 Blocks are a Python list (one compiled copy per layer; fine for a few layers) or, with
 `cfg.scan_layers`, one stacked block run by `jax.lax.scan` (models/scan.py: compile time
 independent of depth); either way each block is optionally rematerialised (`cfg.remat`).
+
+PEFT methods (models/peft) attach modules here: bottleneck adapters (`Block.attn_adapter`,
+`Block.mlp_adapter`), prefix-tuning keys/values (`Decoder.prefix`: before slot 0 of every
+layer) and prompt-tuning virtual tokens (`Decoder.prompt`: embeddings before the first
+token, RoPE positions -P..-1, no learned/sinusoidal position). Both kinds of virtual slots
+are seen by every real token (`GLOBAL_SEGMENT`), so each document of a packed row sees them
+as if they came right before it; `features` returns the real tokens' columns only, and
+`init_cache` fills the virtual slots, so generation starts after them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import Attention, KVCache, make_mask
+from jaxllm.models.attention import (
+    GLOBAL_SEGMENT,
+    Attention,
+    KVCache,
+    Prefix,
+    make_mask,
+    prefixed_mask,
+)
 from jaxllm.models.layers import (
     LORA_A,
     MLP,
@@ -27,6 +42,7 @@ from jaxllm.models.layers import (
     Embed,
     Norm,
     ParamKeys,
+    adapted,
     compute_dtype,
     constrain,
     dropout,
@@ -52,6 +68,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
         self.dropout_rate = cfg.dropout
+        self.attn_adapter = nnx.data(None)  # PEFT bottleneck adapters (models/peft/adapter.py)
+        self.mlp_adapter = nnx.data(None)
 
     def __call__(
         self,
@@ -64,28 +82,33 @@ class Block(nnx.Module):
         key: jax.Array | None = None,
         causal: bool = False,
         segment_ids_BL: jax.Array | None = None,
+        prefix: Prefix = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
         h_BLD, kv = self.attn(
             self.attn_norm(x_BLD), mask_BLS, rope, kv=kv, index=index, key=attn_key,
-            causal=causal, segment_ids_BL=segment_ids_BL,
+            causal=causal, segment_ids_BL=segment_ids_BL, prefix=prefix,
         )  # fmt: skip
-        x_BLD = constrain(x_BLD + h_BLD, _RESIDUAL)
+        x_BLD = constrain(x_BLD + adapted(self.attn_adapter, h_BLD), _RESIDUAL)
         lora_key = None if mlp_key is None else jax.random.fold_in(mlp_key, 1)
         h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD), lora_key), self.dropout_rate, mlp_key)
-        return constrain(x_BLD + h_BLD, _RESIDUAL), kv
+        return constrain(x_BLD + adapted(self.mlp_adapter, h_BLD), _RESIDUAL), kv
 
 
-def _remat_block(block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key, seg_BL):
+def _remat_block(
+    block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key, seg_BL, prefix: Prefix
+):
     """Runs `block` under `jax.checkpoint`, through a pure split/merge function."""
     graphdef, state = nnx.split(block)
 
-    def run(state, x_BLD, mask_BLS, rope, key, seg_BL):
+    def run(state, x_BLD, mask_BLS, rope, key, seg_BL, prefix):
         block = nnx.merge(graphdef, state)
-        return block(x_BLD, mask_BLS, rope, key=key, causal=True, segment_ids_BL=seg_BL)[0]
+        return block(
+            x_BLD, mask_BLS, rope, key=key, causal=True, segment_ids_BL=seg_BL, prefix=prefix
+        )[0]
 
     policy = REMAT_POLICY[policy_name]
-    return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key, seg_BL)
+    return jax.checkpoint(run, policy=policy)(state, x_BLD, mask_BLS, rope, key, seg_BL, prefix)
 
 
 class Decoder(nnx.Module):
@@ -119,6 +142,8 @@ class Decoder(nnx.Module):
             if cfg.tie_embeddings
             else param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), pd, cfg.init_std)
         )
+        self.prefix = nnx.data(None)  # PEFT virtual slots (models/peft/prefix.py, prompt.py)
+        self.prompt = nnx.data(None)
 
     # ----------------------------------------------------------------- public entry points
 
@@ -172,18 +197,23 @@ class Decoder(nnx.Module):
             key = None
         elif key is None and self.cfg.dropout > 0:
             raise ValueError("Decoder: deterministic=False with dropout needs a `key`")
-        slots_L = jnp.arange(l_)
-        mask_BLL = make_mask(slots_L, segment_ids_BL, slots_L, segment_ids_BL)
         x_BLD = self._embed(tokens_BL, positions_BL, key)
+        x_BLD, positions_BL, segment_ids_BL = self._prepend_prompt(
+            x_BLD, positions_BL, segment_ids_BL
+        )
+        n_virtual = x_BLD.shape[1] - l_
+        kernel_seg_BL = segment_ids_BL if n_virtual else kernel_seg_BL
+        prefix = None if self.prefix is None else self.prefix()
+        mask_BLS = prefixed_mask(segment_ids_BL, 0 if prefix is None else prefix[0].shape[1])
         rope = self._rope(positions_BL)
         if self.cfg.scan_layers:
             x_BLD = scan_blocks(
-                self.blocks, x_BLD, mask_BLL, rope, key=key, remat=self.cfg.remat,
-                segment_ids_BL=kernel_seg_BL,
+                self.blocks, x_BLD, mask_BLS, rope, key=key, remat=self.cfg.remat,
+                segment_ids_BL=kernel_seg_BL, prefix=prefix,
             )  # fmt: skip
         else:
-            x_BLD = self._unrolled(x_BLD, mask_BLL, rope, key, kernel_seg_BL)
-        return self.final_norm(x_BLD)
+            x_BLD = self._unrolled(x_BLD, mask_BLS, rope, key, kernel_seg_BL, prefix)
+        return self.final_norm(x_BLD[:, n_virtual:])
 
     def extend(
         self,
@@ -198,14 +228,23 @@ class Decoder(nnx.Module):
         the last column's, [B, 1, V], with `last_only`) and the new cache. A token attends to
         earlier-or-equal slots of its own segment (padding slots have segment 0).
         Inference only: no dropout, no remat."""
-        b, l_ = tokens_BL.shape
+        x_BLD = self._embed(tokens_BL, positions_BL, None)
+        x_BLD, new_cache = self._extend(x_BLD, cache, positions_BL, segment_ids_BL)
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
+        return self.logits(self.final_norm(x_BLD)), new_cache
+
+    def _extend(
+        self, x_BLD: jax.Array, cache: KVCache, positions_BL: jax.Array, segment_ids_BL
+    ) -> tuple[jax.Array, KVCache]:
+        """The blocks over L embedded inputs written at slots [index, index + L)."""
+        b, l_ = x_BLD.shape[:2]
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((b, l_), jnp.int32)
         index = cache.index
         seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL, (0, index))
         q_slot_L = index + jnp.arange(l_)
         mask_BLS = make_mask(q_slot_L, segment_ids_BL, jnp.arange(cache.size), seg_BS)
-        x_BLD = self._embed(tokens_BL, positions_BL, None)
         rope = self._rope(positions_BL)
         if self.cfg.scan_layers:
             x_BLD, ks, vs = scan_extend(self.blocks, x_BLD, mask_BLS, rope, cache.k, cache.v, index)
@@ -216,14 +255,23 @@ class Decoder(nnx.Module):
                 ks.append(k)
                 vs.append(v)
             ks, vs = tuple(ks), tuple(vs)
-        new_cache = KVCache(k=ks, v=vs, segment_ids=seg_BS, index=index + l_)
-        if last_only:
-            x_BLD = x_BLD[:, -1:]
-        return self.logits(self.final_norm(x_BLD)), new_cache
+        return x_BLD, KVCache(k=ks, v=vs, segment_ids=seg_BS, index=index + l_)
 
     def init_cache(self, batch: int, size: int) -> KVCache:
-        """An empty cache of `size` slots per row."""
-        return KVCache.empty(self.cfg, batch, size)
+        """A cache of `size` free slots per row, after the PEFT virtual slots (prefix keys and
+        values, or the virtual tokens run through the blocks) when the model has them."""
+        n = sum(m.n_virtual for m in (self.prefix, self.prompt) if m is not None)
+        cache = KVCache.empty(self.cfg, batch, size + n)
+        if self.prefix is not None:
+            cache = cache.with_prefix(*self.prefix())
+        if self.prompt is not None:
+            x_BPD, pos_BP, seg_BP = self._prepend_prompt(
+                jnp.zeros((batch, 0, self.cfg.d_model), self.dtype),
+                jnp.zeros((batch, 0), jnp.int32),
+                jnp.zeros((batch, 0), jnp.int32),
+            )
+            cache = self._extend(x_BPD, cache, pos_BP, seg_BP)[1]
+        return cache
 
     def output_weight(self) -> jax.Array | None:
         """The output layer as [V, D] (the embedding when tied), for a loss that fuses it
@@ -244,19 +292,37 @@ class Decoder(nnx.Module):
 
     # ----------------------------------------------------------------------- internals
 
-    def _unrolled(self, x_BLD, mask_BLL, rope: Rope, key, seg_BL) -> jax.Array:
+    def _unrolled(self, x_BLD, mask_BLS, rope: Rope, key, seg_BL, prefix: Prefix) -> jax.Array:
         """The blocks one after another (each its own copy in the compiled program)."""
         for i, block in enumerate(self.blocks):
             block_key = None if key is None else jax.random.fold_in(key, i)
+            layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
             if self.cfg.remat == "none":
                 x_BLD = block(
-                    x_BLD, mask_BLL, rope, key=block_key, causal=True, segment_ids_BL=seg_BL
-                )[0]
+                    x_BLD, mask_BLS, rope, key=block_key, causal=True, segment_ids_BL=seg_BL,
+                    prefix=layer_prefix,
+                )[0]  # fmt: skip
             else:
                 x_BLD = _remat_block(
-                    block, self.cfg.remat, x_BLD, mask_BLL, rope, block_key, seg_BL
+                    block, self.cfg.remat, x_BLD, mask_BLS, rope, block_key, seg_BL, layer_prefix
                 )
         return x_BLD
+
+    def _prepend_prompt(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL):
+        """(x, positions, segment ids) with prompt tuning's P virtual tokens in front (RoPE
+        positions -P..-1, segment `GLOBAL_SEGMENT`); unchanged without a prompt."""
+        if self.prompt is None:
+            return x_BLD, positions_BL, segment_ids_BL
+        virtual_PD = self.prompt().astype(x_BLD.dtype)
+        (b, _, d), p = x_BLD.shape, virtual_PD.shape[0]
+        x_BLD = jnp.concatenate([jnp.broadcast_to(virtual_PD, (b, p, d)), x_BLD], axis=1)
+        pos_BP = jnp.broadcast_to(jnp.arange(-p, 0, dtype=jnp.int32), (b, p))
+        seg_BP = jnp.full((b, p), GLOBAL_SEGMENT, jnp.int32)
+        return (
+            constrain(x_BLD, _RESIDUAL),
+            jnp.concatenate([pos_BP, positions_BL.astype(jnp.int32)], axis=1),
+            jnp.concatenate([seg_BP, segment_ids_BL.astype(jnp.int32)], axis=1),
+        )
 
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array, key) -> jax.Array:
         x_BLD = self.embed(tokens_BL)

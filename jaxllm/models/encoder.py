@@ -13,6 +13,17 @@ Padding: `segment_ids_BL` is 1 on real tokens and 0 on padding (any positive ids
 attend within equal ids, so packed rows work too); padded positions attend to nothing and
 their features are only defined, not meaningful. Heads (MLM, NSP, classifier) are in
 `models/heads.py`.
+
+PEFT methods (models/peft) attach as in the decoder: bottleneck adapters after each
+sublayer (before the post-LN LayerNorm, as Houlsby et al. place them), prefix keys/values
+seen by every real token, and prompt-tuning virtual tokens before `[CLS]` (embedding
+LayerNorm, no position or token-type embedding: the real tokens keep theirs; with
+`positions: rope` the virtual tokens sit at -P..-1, as in the decoder, so real tokens keep
+their positions 0..L-1). Prefix keys are learned as they are used: RoPE rotates the real
+tokens' keys only, never the prefix's (as a cached key, it is not rotated again). Virtual tokens
+attend to every real token of their row (BERT's full attention), so with several documents
+packed in a row they would mix them: the encoder stages do not pack. The outputs cover the
+real tokens only (`[CLS]` stays at column 0).
 """
 
 from __future__ import annotations
@@ -22,12 +33,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import Attention
+from jaxllm.models.attention import GLOBAL_SEGMENT, Attention, Prefix
 from jaxllm.models.layers import (
     MLP,
     Embed,
     Norm,
     ParamKeys,
+    adapted,
     compute_dtype,
     constrain,
     dropout,
@@ -42,10 +54,17 @@ Rope = tuple[jax.Array, jax.Array] | None
 _RESIDUAL = ("act_batch", "act_length", "act_embed")
 
 
-def bidirectional_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """[B, L, L] bool: a query sees every key of its own segment; padding (0) sees nothing."""
-    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    return same_BLL & (segment_ids_BL != 0)[:, :, None]
+def bidirectional_mask(segment_ids_BL: jax.Array, n_prefix: int = 0) -> jax.Array:
+    """[B, L, P + L] bool over P prefix slots and the L tokens: a query sees every key of its
+    own segment and every `GLOBAL_SEGMENT` key (prefixes, virtual tokens); a virtual token
+    sees every non-padding key of its row; padding (0) sees nothing."""
+    b = segment_ids_BL.shape[0]
+    prefix_BP = jnp.full((b, n_prefix), GLOBAL_SEGMENT, segment_ids_BL.dtype)
+    kv_BS = jnp.concatenate([prefix_BP, segment_ids_BL], axis=1)[:, None, :]
+    q_BL1 = segment_ids_BL[:, :, None]
+    sees_BLS = (q_BL1 == kv_BS) | (kv_BS == GLOBAL_SEGMENT)
+    sees_BLS = sees_BLS | ((q_BL1 == GLOBAL_SEGMENT) & (kv_BS != 0))
+    return sees_BLS & (q_BL1 != 0)
 
 
 class EncoderBlock(nnx.Module):
@@ -58,21 +77,28 @@ class EncoderBlock(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.dropout_rate = cfg.dropout
+        self.attn_adapter = nnx.data(None)  # PEFT bottleneck adapters (models/peft/adapter.py)
+        self.mlp_adapter = nnx.data(None)
 
     def __call__(
-        self, x_BLD: jax.Array, mask_BLL: jax.Array, key: jax.Array | None, rope: Rope = None
+        self,
+        x_BLD: jax.Array,
+        mask_BLS: jax.Array,
+        key: jax.Array | None,
+        rope: Rope = None,
+        prefix: Prefix = None,
     ) -> jax.Array:
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
         lora_key = None if mlp_key is None else jax.random.fold_in(mlp_key, 1)
         if self.post:
-            h_BLD = self.attn(x_BLD, mask_BLL, rope, key=attn_key)[0]
-            x_BLD = self.attn_norm(x_BLD + h_BLD)
+            h_BLD = self.attn(x_BLD, mask_BLS, rope, key=attn_key, prefix=prefix)[0]
+            x_BLD = self.attn_norm(x_BLD + adapted(self.attn_adapter, h_BLD))
             h_BLD = dropout(self.mlp(x_BLD, lora_key), self.dropout_rate, mlp_key)
-            return constrain(self.mlp_norm(x_BLD + h_BLD), _RESIDUAL)
-        h_BLD = self.attn(self.attn_norm(x_BLD), mask_BLL, rope, key=attn_key)[0]
-        x_BLD = x_BLD + h_BLD
+            return constrain(self.mlp_norm(x_BLD + adapted(self.mlp_adapter, h_BLD)), _RESIDUAL)
+        h_BLD = self.attn(self.attn_norm(x_BLD), mask_BLS, rope, key=attn_key, prefix=prefix)[0]
+        x_BLD = x_BLD + adapted(self.attn_adapter, h_BLD)
         h_BLD = dropout(self.mlp(self.mlp_norm(x_BLD), lora_key), self.dropout_rate, mlp_key)
-        return constrain(x_BLD + h_BLD, _RESIDUAL)
+        return constrain(x_BLD + adapted(self.mlp_adapter, h_BLD), _RESIDUAL)
 
 
 class Encoder(nnx.Module):
@@ -100,6 +126,8 @@ class Encoder(nnx.Module):
         self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
         self.pooler = param(rngs, (d, d), ("embed", None), pd, std)
         self.pooler_bias = param(rngs, (d,), (None,), pd)
+        self.prefix = nnx.data(None)  # PEFT virtual slots (models/peft/prefix.py, prompt.py)
+        self.prompt = nnx.data(None)
 
     def __call__(
         self,
@@ -137,11 +165,15 @@ class Encoder(nnx.Module):
             x_BLD = self.embed_norm(x_BLD)
         emb_key = None if key is None else jax.random.fold_in(key, self.cfg.n_layers)
         x_BLD = constrain(dropout(x_BLD, self.cfg.dropout, emb_key), _RESIDUAL)
-        mask_BLL = bidirectional_mask(seg_BL)
+        x_BLD, positions_BL, seg_BL = self._prepend_prompt(x_BLD, positions_BL, seg_BL)
+        prefix = None if self.prefix is None else self.prefix()
+        mask_BLS = bidirectional_mask(seg_BL, 0 if prefix is None else prefix[0].shape[1])
         rope = self._rope(positions_BL)
         for i, block in enumerate(self.blocks):
             block_key = None if key is None else jax.random.fold_in(key, i)
-            x_BLD = block(x_BLD, mask_BLL, block_key, rope)
+            layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
+            x_BLD = block(x_BLD, mask_BLS, block_key, rope, layer_prefix)
+        x_BLD = x_BLD[:, x_BLD.shape[1] - l_ :]  # the real tokens' columns
         return x_BLD if self.final_norm is None else self.final_norm(x_BLD)
 
     def _rope(self, positions_BL: jax.Array) -> Rope:
@@ -151,6 +183,28 @@ class Encoder(nnx.Module):
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
         return rope_angles(positions_BL, inv_freq)
+
+    def _prepend_prompt(
+        self, x_BLD: jax.Array, positions_BL: jax.Array, seg_BL: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(x, positions, segment ids) with prompt tuning's P virtual tokens (through the
+        embedding LayerNorm) before the tokens: RoPE positions -P..-1 as in the decoder (the
+        real tokens keep 0..L-1, so their relative offsets are the base model's), segment
+        `GLOBAL_SEGMENT`; unchanged without a prompt."""
+        if self.prompt is None:
+            return x_BLD, positions_BL, seg_BL
+        virtual_PD = self.prompt().astype(self.dtype)
+        if self.embed_norm is not None:
+            virtual_PD = self.embed_norm(virtual_PD)
+        (b, _, d), p = x_BLD.shape, virtual_PD.shape[0]
+        x_BLD = jnp.concatenate([jnp.broadcast_to(virtual_PD, (b, p, d)), x_BLD], axis=1)
+        pos_BP = jnp.broadcast_to(jnp.arange(-p, 0, dtype=jnp.int32), (b, p))
+        seg_BP = jnp.full((b, p), GLOBAL_SEGMENT, jnp.int32)
+        return (
+            constrain(x_BLD, _RESIDUAL),
+            jnp.concatenate([pos_BP, positions_BL.astype(jnp.int32)], axis=1),
+            jnp.concatenate([seg_BP, seg_BL.astype(jnp.int32)], axis=1),
+        )
 
     def pooled(self, x_BLD: jax.Array) -> jax.Array:
         """BERT's pooler: tanh(W x[CLS] + b) [B, D] in float32 (position 0 holds `[CLS]`)."""

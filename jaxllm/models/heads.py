@@ -4,8 +4,9 @@ masked-LM head tied to the word embeddings, next-sentence prediction and a class
 pooled `[CLS]`.
 
 `HeadParam` marks a head's weights: a subclass of `nnx.Param`, so full fine-tuning trains it
-like any weight, and under LoRA the trainable filter `nnx.Any(nnx.LoRAParam, HeadParam)`
-trains it next to the adapters (a new head must learn, whatever else is frozen).
+like any weight, and under PEFT the trainable filter `nnx.Any(<the method's variable type>,
+HeadParam)` trains it next to the method's variables (a new head must learn, whatever else
+is frozen).
 """
 
 from __future__ import annotations

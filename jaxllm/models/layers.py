@@ -40,6 +40,7 @@ __all__ = [
     "apply_rope",
     "compute_dtype",
     "RESIDUAL",
+    "adapted",
     "constrain",
     "dense",
     "dropout",
@@ -178,6 +179,11 @@ def project(
     h = dense(dropout(x, module.lora_dropout, key), a[...].astype(dtype), n_in)
     delta = dense(h, b[...].astype(dtype), 1, out_dtype=out_dtype) * module.lora_scale
     return y + delta.astype(y.dtype)
+
+
+def adapted(adapter: nnx.Module | None, h_BLD: jax.Array) -> jax.Array:
+    """A sublayer's output through its PEFT bottleneck adapter, when one is attached."""
+    return h_BLD if adapter is None else adapter(h_BLD)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -105,24 +105,28 @@ def scan_blocks(
     key: jax.Array | None,
     remat: str,
     segment_ids_BL: jax.Array | None,
+    prefix: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """The training/scoring forward through the stacked blocks (causal, no cache)."""
+    """The training/scoring forward through the stacked blocks (causal, no cache);
+    `prefix`: prefix-tuning keys and values [n_layers, P, K, H], scanned with the blocks."""
     graphdef, state = nnx.split(blocks)
 
-    def layer(state_i, x_BLD, mask_BLL, rope, key, seg_BL):
+    def layer(state_i, x_BLD, mask_BLL, rope, key, seg_BL, prefix_i):
         block = nnx.merge(graphdef, state_i)
-        return block(x_BLD, mask_BLL, rope, key=key, causal=True, segment_ids_BL=seg_BL)[0]
+        return block(
+            x_BLD, mask_BLL, rope, key=key, causal=True, segment_ids_BL=seg_BL, prefix=prefix_i
+        )[0]
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICY[remat], prevent_cse=False)
 
     def body(x_BLD: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
-        state_i, i = xs
+        state_i, i, prefix_i = xs
         layer_key = None if key is None else jax.random.fold_in(key, i)
-        return layer(state_i, x_BLD, mask_BLL, rope, layer_key, segment_ids_BL), None
+        return layer(state_i, x_BLD, mask_BLL, rope, layer_key, segment_ids_BL, prefix_i), None
 
     n = jax.tree.leaves(state)[0].shape[0]
-    return jax.lax.scan(body, x_BLD, (state, jnp.arange(n)))[0]
+    return jax.lax.scan(body, x_BLD, (state, jnp.arange(n), prefix))[0]
 
 
 def scan_extend(

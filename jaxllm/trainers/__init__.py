@@ -45,6 +45,8 @@ STAGES = {
     "mlm": "jaxllm.trainers.mlm",
     "classify": "jaxllm.trainers.classify",
     "embed": "jaxllm.trainers.embed",
+    "eval": "jaxllm.trainers.eval",
+    "chat": "jaxllm.trainers.chat",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 

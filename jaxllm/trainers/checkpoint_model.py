@@ -24,7 +24,13 @@ from jaxllm.models import Decoder
 from jaxllm.models.encoder import Encoder
 from jaxllm.models.heads import HeadParam
 from jaxllm.models.layers import ParamKeys
-from jaxllm.models.lora import apply_lora, has_lora, merge_lora
+from jaxllm.models.peft import (
+    apply_peft,
+    fold_reparameterisations,
+    merge_peft,
+    methods_in,
+    peft_method,
+)
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.state import TrainState, master_weights, state_shardings
 
@@ -38,8 +44,11 @@ def model_fn(m: ModelConfig, seed: int) -> Callable[[], nnx.Module]:
 
 
 def trainable_filter(peft: PeftConfig):
-    """What a stage trains: every weight, or under LoRA the adapters plus any new head."""
-    return nnx.Any(nnx.LoRAParam, HeadParam) if peft.enabled else nnx.Param
+    """What a stage trains: every weight, or under PEFT the method's variables (its own type,
+    models/peft) plus any new head."""
+    if not peft.enabled:
+        return nnx.Param
+    return nnx.Any(peft_method(peft.method).variable, HeadParam)
 
 
 def restore_params(ckpt: Checkpointer, step: int, params: nnx.State, mesh, rules: str):
@@ -73,9 +82,11 @@ def load_checkpoint_model(
     """The model (graphdef + full state) of a jaxllm checkpoint directory, weights only.
 
     The model and optimizer configs come from the checkpoint's own metadata, so a later stage
-    needs only the path. A LoRA checkpoint holds only adapters: its base is loaded from the
-    `base_checkpoint` its metadata names (recursively, merged), and the adapters put on it
-    (the returned state holds `nnx.LoRAParam`s; `merge_lora` folds them in). `wrap` rebuilds
+    needs only the path. A PEFT checkpoint holds only the method's variables: its base is
+    loaded from the `base_checkpoint` its metadata names (recursively, merged), and the
+    method put on it (the returned state holds its variables; `merge_peft` folds LoRA in,
+    the other methods stay). A final checkpoint written with `peft_folded` in its metadata
+    holds prefixes / prompts without their training-only MLP. `wrap` rebuilds
     a stage's head around the decoder (reward/value checkpoints). `arch`: the kind of model
     the caller runs; a checkpoint of the other kind is refused in one line. Returns
     `(graphdef, state, model_cfg, meta)`.
@@ -94,7 +105,7 @@ def load_checkpoint_model(
     check_arch(m, arch, f"{ckpt_dir}/{step}", run_cfg.stage)
     filt = trainable_filter(run_cfg.peft)
     if run_cfg.peft.enabled:
-        graphdef, params, frozen = _lora_model(
+        graphdef, params, frozen = _peft_model(
             Path(ckpt_dir), step, meta, run_cfg, mesh, rules, wrap, arch
         )
     else:
@@ -123,29 +134,49 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
-def _lora_model(
+def _peft_model(
     ckpt_dir: Path, step: int, meta: dict, run_cfg, mesh, rules: str, wrap: Wrap | None,
     arch: str = "decoder",
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:  # fmt: skip
-    """(graphdef, adapters, frozen) of a LoRA checkpoint: its base loaded (merged) with fresh
-    adapters on it, whose values the caller restores."""
+    """(graphdef, method variables, frozen) of a PEFT checkpoint: its base loaded (merged)
+    with the method freshly put on it, whose values the caller restores."""
+    name = run_cfg.peft.method
     base = meta.get("base_checkpoint")
     if not base:
-        raise ConfigError(f"{ckpt_dir}/{step}: LoRA checkpoint names no base_checkpoint")
+        raise ConfigError(f"{ckpt_dir}/{step}: {name} checkpoint names no base_checkpoint")
     if not Path(base).is_dir():
         raise ConfigError(
-            f"{ckpt_dir}/{step}: the LoRA base checkpoint {base} is gone; move or copy the "
+            f"{ckpt_dir}/{step}: the {name} base checkpoint {base} is gone; move or copy the "
             "base's run together with this one (base_checkpoint is kept relative to it)"
         )
     bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules, arch=arch)
     model = nnx.merge(bg, bstate)
-    merge_lora(model)
+    left = merge_peft(model)
+    if left:
+        raise ConfigError(f"{ckpt_dir}/{step}: its base {base} is itself a {left[0]} run")
     model = wrap(model, nnx.Rngs(0)) if wrap else model
     with nnx.use_eager_sharding(False):
-        apply_lora(model, run_cfg.peft, nnx.Rngs(0))
+        apply_peft(model, run_cfg.peft, nnx.Rngs(0))
+    if meta.get("peft_folded"):
+        fold_reparameterisations(model)
     graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
-    params = master_weights(params)  # trained adapters were saved as float32
+    params = master_weights(params)  # trained variables were saved as float32
     return graphdef, params, frozen
+
+
+def folded_final_save(graphdef: nnx.GraphDef, filt: Any) -> Callable[[TrainState], tuple]:
+    """`state -> (tree, meta)`: what a run's last checkpoint holds instead of the whole
+    train state: `{"params", "step"}` with the PEFT reparameterisations (prefix MLP, prompt
+    encoder) folded into the values they produce, and `{"peft_folded": True}` for its
+    metadata. (Earlier checkpoints keep the MLP and its optimizer state, to resume.)"""
+
+    @jax.jit
+    def fold(state: TrainState) -> dict[str, Any]:
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        fold_reparameterisations(model)
+        return {"params": nnx.state(model, filt), "step": state.step}
+
+    return lambda state: (fold(state), {"peft_folded": True})
 
 
 def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
@@ -170,13 +201,13 @@ def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str
 def load_frozen_model(
     ckpt_dir: Path, mesh, rules: str = "dp", wrap: Wrap | None = None
 ) -> tuple[nnx.GraphDef, nnx.State, Any, ModelConfig, dict[str, Any]]:
-    """A checkpoint's model as plain weights (LoRA merged) for a fixed role — a DPO/PPO
-    reference, a distillation teacher, a reward model — to pass to a step as `consts`.
-    Only weights are read (`load_checkpoint_model`). Returns
-    `(graphdef, state, shardings, model_cfg, meta)`."""
+    """A checkpoint's model for a fixed role — a DPO/PPO reference, a distillation teacher, a
+    reward model, export — to pass to a step as `consts`: LoRA merged into plain weights,
+    the other PEFT methods kept (they cannot be merged). Only weights are read
+    (`load_checkpoint_model`). Returns `(graphdef, state, shardings, model_cfg, meta)`."""
     graphdef, state, m, meta = load_checkpoint_model(Path(ckpt_dir), mesh, rules, wrap=wrap)
-    if has_lora(state):
+    if any(method.mergeable for method in methods_in(state)):
         model = nnx.merge(graphdef, state)
-        merge_lora(model)
+        merge_peft(model)
         graphdef, state = nnx.split(model)
     return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta

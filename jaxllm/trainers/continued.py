@@ -3,9 +3,10 @@
 The model's shape comes from the checkpoint and must equal the config's `model:` (a differing
 key is an error naming it, never ignored); its runtime knobs (dtype, remat, dropout, attention
 kernel) are the config's. The weights are the checkpoint's (a LoRA checkpoint's adapters
-merged), as float32 master weights; the optimizer starts fresh (`train.init_optimizer:
-fresh`, the usual choice with a new learning-rate schedule) or from the checkpoint's Adam
-moments (`checkpoint`). The step counter, and so the schedule, starts at 0 either way.
+merged; an adapter, prefix or prompt checkpoint is refused: it cannot become plain weights),
+as float32 master weights; the optimizer starts fresh (`train.init_optimizer: fresh`, the
+usual choice with a new learning-rate schedule) or from the checkpoint's Adam moments
+(`checkpoint`). The step counter, and so the schedule, starts at 0 either way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flax import nnx
 
 from jaxllm.config import Config, ModelConfig, from_dict, replace
 from jaxllm.errors import ConfigError
-from jaxllm.models.lora import merge_lora
+from jaxllm.models.peft import merge_peft, peft_method
 from jaxllm.trainers.checkpoint_model import check_arch, load_checkpoint_model
 from jaxllm.training.checkpoint import Checkpointer, CheckpointMismatch
 from jaxllm.training.state import TrainState
@@ -42,6 +43,9 @@ def checkpoint_model_config(path: str | Path) -> ModelConfig:
     m = from_dict({"stage": "generate", "model": meta["model"]}).model
     stage = meta.get("config", {}).get("stage", "?")
     check_arch(m, "decoder", f"{Path(path).absolute()}/{step}", stage)  # before the shape keys
+    method = meta.get("config", {}).get("peft", {}).get("method", "none")
+    if method != "none" and not peft_method(method).mergeable:
+        _unmergeable(path, method)
     return m
 
 
@@ -76,7 +80,9 @@ def load_into(state: TrainState, shardings: Any, cfg: Config, mesh) -> TrainStat
     path = Path(cfg.inputs.checkpoint)
     graphdef, weights, _, meta = load_checkpoint_model(path, mesh, cfg.mesh.rules)
     model = nnx.merge(graphdef, weights)
-    merge_lora(model)
+    left = merge_peft(model)
+    if left:
+        _unmergeable(path, left[0])
     params = nnx.split(model, nnx.Param, ...)[1]
     try:
         params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
@@ -91,10 +97,18 @@ def load_into(state: TrainState, shardings: Any, cfg: Config, mesh) -> TrainStat
     return state
 
 
+def _unmergeable(path: str | Path, method: str) -> None:
+    raise ConfigError(
+        f"config key 'inputs.checkpoint': {path} was trained with peft.method {method}, which "
+        "cannot be merged into plain weights to continue pretraining; start from its base "
+        "checkpoint, or train that run with lora"
+    )
+
+
 def _optimizer(path: Path, meta: dict, state: TrainState, shardings: Any) -> Any:
     if from_dict(meta["config"]).peft.enabled:
         raise ConfigError(
-            "config key 'train.init_optimizer': a LoRA checkpoint's optimizer moments are its "
+            "config key 'train.init_optimizer': a PEFT checkpoint's optimizer moments are its "
             "adapters'; continue from it with init_optimizer: fresh"
         )
     ckpt = Checkpointer(path, async_save=False)

@@ -1,6 +1,7 @@
 """`stage: export` — a jaxllm checkpoint (`inputs.checkpoint`) → a HF model directory
 (`hf.out_dir`, default `<run_dir>/hf`) that transformers' `from_pretrained` loads (a LoRA
-checkpoint is merged into plain weights first); the
+checkpoint is merged into plain weights first; adapter, prefix and prompt checkpoints are
+refused: a HF causal-LM directory has no place for them, and they cannot be merged); the
 checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`.
 Encoder checkpoints (and `hf.architecture: Bert*`) go to `bert_interop`."""
 
@@ -11,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm.config import Config, MeshConfig
+from jaxllm.errors import ConfigError
 from jaxllm.interop import HF_TOKENIZER_FILES, infer_family
 from jaxllm.interop.export import export_hf
+from jaxllm.models.peft import methods_in
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
@@ -39,6 +42,13 @@ def export_checkpoint(
     weights, and writes it to `out` (each weight gathered to the host in turn)."""
     mesh_cfg = mesh_cfg or MeshConfig()
     _, state, _, m, meta = load_frozen_model(ckpt, make_mesh(mesh_cfg), mesh_cfg.rules)
+    left = [method.name for method in methods_in(state)]  # what merging could not fold in
+    if left:
+        raise ConfigError(
+            f"config key 'inputs.checkpoint': {ckpt} was trained with peft.method {left[0]}, "
+            "which cannot be merged into plain weights, so a HF model directory cannot hold "
+            "it; export its base checkpoint, or fine-tune with lora (merged on export)"
+        )
     export_hf(state, m, out, dtype)
     tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
     return {

@@ -21,10 +21,11 @@ from jaxllm.config import (
     to_dict,
 )
 from jaxllm.errors import ConfigError
-from jaxllm.models.lora import apply_lora, merge_lora
+from jaxllm.models.peft import apply_peft, merge_peft, peft_method
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import Wrap as Wrap
+from jaxllm.trainers.checkpoint_model import folded_final_save
 from jaxllm.trainers.checkpoint_model import fresh_train_state as fresh_train_state
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model as load_checkpoint_model
 from jaxllm.trainers.checkpoint_model import load_frozen_model as load_frozen_model
@@ -129,6 +130,12 @@ def restore_latest(
     step = ckpt.latest_step()
     if step is None:
         return None
+    if ckpt.read_meta(step).get("peft_folded"):
+        raise ConfigError(
+            f"{ckpt.directory}/{step}: this run finished (its last step or an early stop) and "
+            "saved only the folded PEFT prefixes/prompts there (no reparameterisation MLP, no "
+            "optimizer state), so it cannot resume; load it as an input, or start a new run"
+        )
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
@@ -192,9 +199,11 @@ class StartPoint:
     shardings: Any
     model: ModelConfig
     meta: dict[str, Any]  # the input checkpoint's metadata (config, tokenizer, ...)
-    checkpoint: str  # the input checkpoint directory (a LoRA run's base)
+    checkpoint: str  # the input checkpoint directory (a PEFT run's base)
     trainable_params: int
     total_params: int
+    # what the last step saves instead of the train state (PEFT reparameterisations folded)
+    final_save: Any = None
 
     def checkpoint_meta(self, cfg: Config, tokenizer: str) -> dict[str, Any]:
         """What this stage's checkpoints carry so later stages can load them by path."""
@@ -218,13 +227,19 @@ def check_checkpoint_model(cfg: Config, m: ModelConfig, n_devices: int | None = 
 
 def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> StartPoint:
     """The train state of a stage that starts from `inputs.checkpoint`: its weights (a LoRA
-    input merged into plain weights), `wrap`'s head if given, adapters if `peft` asks, and a
-    fresh optimizer state over what trains."""
+    input merged into plain weights), `wrap`'s head if given, the `peft` method if one is
+    asked for (models/peft), and a fresh optimizer state over what trains."""
     ckpt_in = str(Path(require_input(cfg, "checkpoint")).absolute())
     graphdef, weights, m, meta = load_checkpoint_model(Path(ckpt_in), mesh, cfg.mesh.rules)
     check_checkpoint_model(cfg, m)
     model = nnx.merge(graphdef, weights)
-    merge_lora(model)
+    left = merge_peft(model)
+    if left:
+        raise ConfigError(
+            f"config key 'inputs.checkpoint': {ckpt_in} was trained with peft.method "
+            f"{left[0]}, which cannot be merged into plain weights to train on; start from "
+            "its base checkpoint, or train the earlier run with lora"
+        )
     rngs = nnx.Rngs(params=cfg.seed)
     model = wrap(model, rngs) if wrap else model
     return start_from_model(cfg, model, m, meta, ckpt_in, tx, mesh, rngs)
@@ -239,17 +254,21 @@ def start_from_model(
     if cfg.peft.enabled:
         try:
             with nnx.use_eager_sharding(False):
-                apply_lora(model, cfg.peft, rngs)
+                apply_peft(model, cfg.peft, rngs)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    graphdef, params, frozen = nnx.split(model, trainable_filter(cfg.peft), ...)
+    filt = trainable_filter(cfg.peft)
+    graphdef, params, frozen = nnx.split(model, filt, ...)
     state, shardings = fresh_train_state(params, frozen, tx, mesh, cfg.mesh.rules, cfg.seed)
     trainable = count_params(state.params)
     if not cfg.peft.enabled:  # every weight trains, as float32 master weights: say so
         m = replace(m, param_dtype="float32")
+    reparameterised = cfg.peft.enabled and peft_method(cfg.peft.method).reparameterised(cfg.peft)
+    final = folded_final_save(graphdef, filt) if reparameterised else None
     return StartPoint(
-        graphdef, state, shardings, m, meta, ckpt_in, trainable, trainable + count_params(frozen)
-    )
+        graphdef, state, shardings, m, meta, ckpt_in, trainable,
+        trainable + count_params(frozen), final,
+    )  # fmt: skip
 
 
 def load_model_tokenizer(path: str | Path, m: ModelConfig) -> Any:

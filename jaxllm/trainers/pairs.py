@@ -101,7 +101,10 @@ def train_pairs(
     figures). Returns `(summary, last logged metrics)`."""
     eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
     meta = start_point.checkpoint_meta(cfg, tok_path)
-    spec = loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2)
+    spec = loop_spec(
+        cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2,
+        final_save=start_point.final_save,
+    )  # fmt: skip
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = evaluate(state) if evaluate else {}

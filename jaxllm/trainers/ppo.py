@@ -31,6 +31,7 @@ from jaxllm.config.rl import PPOConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models.heads import ScalarHead, ScalarModel
 from jaxllm.models.lora import merge_lora
+from jaxllm.models.peft import peft_method
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
 from jaxllm.trainers.lm import fresh_train_state
@@ -110,10 +111,16 @@ def ppo_loss_fn(
 
 
 class AdaptiveKL:
-    """Ziegler et al. (2019): coef *= 1 + clip(KL / target - 1, ±0.2) * n / horizon."""
+    """Ziegler et al. (2019): coef *= 1 + clip(KL / target - 1, ±0.2) * n / horizon, never
+    below `floor`. The floor matters because the KL starts at 0: without one the first
+    iterations only shrink the coefficient (0.8x per iteration at n / horizon = 1), and the
+    policy then runs far past the target before the coefficient has grown back."""
 
-    def __init__(self, coef: float, target: float, horizon: int, adaptive: bool) -> None:
+    def __init__(
+        self, coef: float, target: float, horizon: int, adaptive: bool, floor: float = 0.0
+    ) -> None:
         self.coef, self.target, self.horizon, self.adaptive = coef, target, horizon, adaptive
+        self.floor = floor
 
     def get_state(self) -> dict[str, float]:
         return {"coef": self.coef}
@@ -124,7 +131,7 @@ class AdaptiveKL:
     def update(self, kl: float, n_steps: int) -> None:
         if self.adaptive:
             err = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
-            self.coef *= 1.0 + err * n_steps / self.horizon
+            self.coef = max(self.coef * (1.0 + err * n_steps / self.horizon), self.floor)
 
 
 def shaped_rewards(score_B, logp_BL, ref_logp_BL, mask_BL, kl_coef, kind: str):
@@ -218,11 +225,16 @@ def sequence_rewards(cfg: Config, st: Stage) -> tuple[Any, TextScores]:
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     p = cfg.ppo
+    if cfg.peft.enabled and not peft_method(cfg.peft.method).mergeable:
+        raise ConfigError(
+            f"config key 'peft.method': ppo saves its policy as plain weights, and "
+            f"{cfg.peft.method} cannot be merged into them; use lora (or grpo)"
+        )
     total = run_steps(p, p.rollout_batch)
     wrap = functools.partial(with_value_head, separate=p.critic == "separate")
     st = setup_stage(cfg, "ppo", total, wrap=wrap)
     rewards, scores = sequence_rewards(cfg, st)
-    kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon, p.adaptive_kl)
+    kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon, p.adaptive_kl, p.kl_coef_min)
     algo = ppo_algorithm(cfg, st, total, kl_ctl, rewards)
     save = functools.partial(save_policy, cfg, st)
     summary = run_rl(cfg, run_dir.path, st, algo, scores, total, save, extra=kl_ctl)

@@ -1,7 +1,7 @@
 """Named rule rewards for RL on verifiable answers: `reward(response_text, record) -> float`.
 
 `record` is a prompt row (`answer` = the reference string). A registry by name lets configs
-pick and weight them (`grpo.rewards`, `ppo.reward`).
+pick and weight them (`grpo.rewards`, `ppo.reward`, `ppo.eval_rules`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,23 @@ from jaxllm.errors import ConfigError
 Reward = Callable[[str, dict[str, Any]], float]
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*\S", re.DOTALL)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+# The fixed sentences of the shipped preference set's answer templates
+# (scripts/make_preference_data.py: POLITE, and EVASIVE + RUDE), as `template_phrases` gives
+# them; tests/rl/test_rewards.py checks they still match the generator.
+POLITE_PHRASES = (
+    "happy to help", "thanks for asking", "of course", "anything else i can do",
+    "good question", "sure, here is how", "hope that helps",
+)  # fmt: skip
+IMPOLITE_PHRASES = (
+    "i'm not sure, maybe check later", "hard to say", "try again some other time",
+    "i don't really know about that", "it depends, i guess", "maybe ask again later",
+    "not sure", "it might work, it might not", "could be",
+    "i can't say for certain right now", "figure it out yourself", "not my problem",
+    "stop asking me that", "read the website, it's not hard", "why would i know",
+    "go away", "ugh, that is a silly question",
+)  # fmt: skip
 
 
 def final_answer(text: str) -> str:
@@ -46,7 +63,39 @@ def digits(text: str, record: dict[str, Any]) -> float:
     return sum(a == b for a, b in zip(ans[::-1], ref[::-1])) / len(ref)
 
 
-REWARDS: dict[str, Reward] = {"arithmetic": arithmetic, "format": format_reward, "digits": digits}
+def _normal(text: str) -> str:
+    """Lower case, one space between words, no sentence-final punctuation."""
+    return " ".join(text.lower().split()).rstrip(".!?")
+
+
+def template_phrases(templates: Sequence[str]) -> tuple[str, ...]:
+    """The fixed sentences of answer templates (`{fact}` cut out), normalised, in order and
+    without repeats: "Of course! {fact} Anything else I can do?" → "of course",
+    "anything else i can do"."""
+    out: list[str] = []
+    for template in templates:
+        for part in template.split("{fact}"):
+            for sentence in _SENTENCE_END.split(part.strip()):
+                phrase = _normal(sentence)
+                if phrase and phrase not in out:
+                    out.append(phrase)
+    return tuple(out)
+
+
+def polite(text: str, record: dict[str, Any] | None = None) -> float:
+    """1 when the answer carries a polite template's phrasing ("Happy to help!", "Hope that
+    helps!", ...) and no sentence of an evasive or rude one, else 0: the rule behind the
+    preference set's ranking (polite > evasive > rude), for judging a policy without the
+    reward model it was trained against."""
+    sentences = {_normal(s) for s in _SENTENCE_END.split(text.strip())}
+    flat = _normal(text)
+    has_polite = any(p in flat for p in POLITE_PHRASES)
+    return float(has_polite and not sentences & set(IMPOLITE_PHRASES))
+
+
+REWARDS: dict[str, Reward] = {
+    "arithmetic": arithmetic, "format": format_reward, "digits": digits, "polite": polite,
+}  # fmt: skip
 
 
 def get_reward(name: str, key: str = "grpo.rewards") -> Reward:

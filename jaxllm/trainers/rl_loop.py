@@ -7,11 +7,14 @@ Multi-process: every process picks the same prompts (the same seeded generator),
 and decodes its own rows of them (`Sampler.my_rows`), scores its texts with the rule
 rewards, and joins rows into global arrays; everything after that (advantages, statistics,
 minibatch gathers, steps) runs on global arrays, and the host reads only replicated scalars.
+The rollouts' texts are gathered once per iteration for the row's text figures (rule rates,
+degeneration: `rl_eval.text_figures`), so every process reports all of them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +29,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler
-from jaxllm.sharding.batch import replicated, row_sharding, rows_to_global
+from jaxllm.sharding.batch import map_rows, replicated, row_sharding, rows_to_global
+from jaxllm.sharding.multihost import gather_text
 from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.trainers.rewards import Reward, get_reward
+from jaxllm.trainers.rl_eval import (
+    SIDE_BY_SIDE,
+    greedy_eval,
+    make_kl_pass,
+    side_by_side,
+    text_figures,
+)
 from jaxllm.trainers.rollout import (
     TextScores,
     check_gap,
     eval_rows,
     gap_stats,
-    greedy_eval,
     load_prompts,
     make_scoring_pass,
     minibatches,
@@ -65,9 +76,10 @@ class Stage:
     tok_path: str
     ref: tuple  # (graphdef, state) of the frozen reference
     rows: list[dict]  # training prompts
-    val: list[dict]  # held-out prompts (greedy before/after)
+    val: list[dict]  # held-out prompts, each once (greedy before/after)
     sampler: Sampler
     score: Callable
+    eval_rules: dict[str, Reward]  # rule rates beside the stage's own score
 
 
 def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
@@ -95,19 +107,21 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
     tok, tok_path = stage_tokenizer(cfg, start.meta, start.model)
     template = ChatTemplate(tok)
     ref_graphdef, ref_state, *_ = load_frozen_model(Path(start.checkpoint), mesh, rules)
-    fit = cfg.loader.seq_len - s.max_new_tokens
+    new_tokens = max(s.max_new_tokens, s.eval_max_new_tokens)  # rollouts and greedy answers
+    fit = cfg.loader.seq_len - new_tokens
     if start.model.positions == "learned":
-        fit = min(fit, start.model.max_seq_len - s.max_new_tokens)
+        fit = min(fit, start.model.max_seq_len - new_tokens)
     rows = load_prompts(s.prompt_file, f"{section}.prompt_file", template, s.task, fit)
     val = []
     if s.val_file and s.eval_examples:
         val = load_prompts(s.val_file, f"{section}.val_file", template, s.task, fit)
-        val = eval_rows(val, s.eval_examples)
+        val = eval_rows(val, s.eval_examples)  # each held-out prompt once
     graphdef = start.graphdef
     score = make_scoring_pass(graphdef, ref_graphdef, mesh, rules, s.temperature)
+    eval_rules = {name: get_reward(name, f"{section}.eval_rules") for name in s.eval_rules}
     return Stage(
         start, tx, mesh, rules, template, tok, str(tok_path), (ref_graphdef, ref_state), rows,
-        val, Sampler(graphdef, mesh=mesh, rules=rules), score,
+        val, Sampler(graphdef, mesh=mesh, rules=rules), score, eval_rules,
     )  # fmt: skip
 
 
@@ -152,7 +166,8 @@ def local_scores(values: list[float], mesh: Mesh, rules: str) -> jax.Array:
 
 
 def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: dict):
-    """One iteration: rollouts → scoring → `algo.post` → epochs of minibatch steps."""
+    """One iteration: rollouts → scoring → `algo.post` → epochs of minibatch steps. The
+    metrics row holds the rollouts' text figures too (`eval_rules` rates, degeneration)."""
     s = getattr(cfg, cfg.stage)
     t0 = time.perf_counter()
     recs = algo.pick(rng)
@@ -178,7 +193,16 @@ def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: di
     for key in ("logprob_gap", "logprob_gap_max", "response_length"):
         row[key] = stats[key]
     row["lr"] = lr
+    texts = all_texts(ro.texts, st.sampler.my_rows(len(recs)))
+    row.update(text_figures(texts, recs, st.eval_rules))
     return state, row
+
+
+def all_texts(texts: list[str], mine: slice) -> list[str]:
+    """Every process's decoded rollouts in global row order (this process's `texts` are
+    the rows `mine`); no collective in one process."""
+    blocks = [json.loads(b) for b in gather_text(json.dumps([mine.start, texts]))]
+    return [t for _, block in sorted(blocks, key=lambda b: b[0]) for t in block]
 
 
 def train_epochs(st: Stage, step_fn, state, full: dict, rng, s) -> tuple[Any, dict, float]:
@@ -289,8 +313,10 @@ def write_final(directory: Path, keep: int, state: Any, meta: dict[str, Any]) ->
 def rl_summary(
     cfg, st: Stage, run_dir: Path, steps: int, last, before, after, clock, resumed_from: int
 ) -> dict:
-    """Final figures of an RL stage: the last iteration's metrics, greedy before/after, the
-    generate/train split, parameter counts, the loss plot and the outputs."""
+    """Final figures of an RL stage: the last iteration's metrics, greedy before/after
+    (`greedy_<figure>_before/after`: score, accuracy, rule rates, degeneration, KL; a few
+    answers side by side), the generate/train split, parameter counts, the loss plot and
+    the outputs."""
     from jaxllm.trainers.lm import param_figures
     from jaxllm.training.metrics import plot_losses
 
@@ -299,12 +325,14 @@ def rl_summary(
         "iterations": iterations, "steps": steps, "resumed_from_iteration": resumed_from
     }  # fmt: skip
     out.update({f"final_{k}": round(v, 6) for k, v in last.items() if isinstance(v, float)})
-    for key in ("reward", "accuracy"):
-        if key in before:
-            out[f"greedy_{key}_before"] = before[key]
-            out[f"greedy_{key}_after"] = after[key]
+    for key, value in before.items():
+        if isinstance(value, float) and key in after:
+            out[f"greedy_{key}_before"], out[f"greedy_{key}_after"] = value, after[key]
     if "samples" in before:
         out["samples_before"], out["samples_after"] = before["samples"], after["samples"]
+    pairs = side_by_side(st.val, before.get("answers", []), after.get("answers", []), SIDE_BY_SIDE)
+    if pairs:
+        out["side_by_side"] = pairs
     out.update(timing(clock["gen"], clock["train"], clock["tokens"]))
     plot = plot_losses(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png", cfg.name)
     out["loss_plot"] = plot.name if plot else None
@@ -328,17 +356,26 @@ def run_steps(s, rollouts: int) -> int:
     return s.iterations * s.epochs * (rollouts // s.minibatch_size)
 
 
-def make_evaluate(st: Stage, s, scores: TextScores) -> Callable[[Any], dict[str, Any]]:
-    """`evaluate(state)`: greedy answers to the held-out prompts scored by `scores` (no
-    figures without held-out prompts)."""
+def make_evaluate(
+    st: Stage, s, scores: TextScores, seq_len: int
+) -> Callable[[Any], dict[str, Any]]:
+    """`evaluate(state)`: greedy answers to the held-out prompts scored by `scores`, the
+    stage's `eval_rules`, the degeneration measures and the exact KL to the frozen reference
+    (`rl_eval.greedy_eval`; no figures without held-out prompts)."""
+    kl_pass = make_kl_pass(st.start.graphdef, st.ref[0], st.mesh, st.rules, s.temperature)
 
     def evaluate(state) -> dict[str, Any]:
         if not st.val:
             return {}
+
+        def kl(batch):
+            fn = lambda b: kl_pass(state.params, state.frozen, st.ref[1], b)  # noqa: E731
+            return map_rows(fn, batch, st.mesh, st.rules)
+
         weights = nnx.merge_state(state.params, state.frozen)
         return greedy_eval(
             st.sampler, weights, st.val, st.tok, scores, max_new_tokens=s.eval_max_new_tokens,
-            stop_ids=stop_ids(st.template),
+            stop_ids=stop_ids(st.template), rules=st.eval_rules, kl=kl, seq_len=seq_len,
         )  # fmt: skip
 
     return evaluate
@@ -352,7 +389,7 @@ def run_rl(
     the final policy through `save(state, directory)`, greedy figures after, the summary
     (`steps`: the run's optimizer steps)."""
     s = getattr(cfg, cfg.stage)
-    evaluate = make_evaluate(st, s, scores)
+    evaluate = make_evaluate(st, s, scores, cfg.loader.seq_len)
 
     def iteration(state, rng, it, clock):
         return rl_iteration(cfg, st, algo, state, rng, it, clock)

@@ -1,6 +1,7 @@
 """Batched rollouts for RL stages: prompts → sampled responses through the jitted KV-cache
 `Sampler`, laid out as fixed-shape [B, L] arrays of prompt + response ready for one learner
-forward pass; the jitted scoring pass, the log-prob agreement check and greedy evaluation.
+forward pass; the jitted scoring pass and the log-prob agreement check (`rl_eval` scores
+held-out prompts).
 
 Layout (right-padded, one sequence per row): `tokens_BL` = prompt + response, `targets_BL`
 = tokens shifted left, `mask_BL` = 1 where the target is a response token (the stop token
@@ -28,7 +29,7 @@ from flax import nnx
 
 from jaxllm.data.preference import PromptRecords, prompt_rows
 from jaxllm.errors import ConfigError, JaxllmError
-from jaxllm.generation import Sampler, response_texts, sample_all
+from jaxllm.generation import Sampler, SampleResult, response_texts
 from jaxllm.sharding import use_rules
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.training.losses import token_entropy, token_logprobs
@@ -82,6 +83,14 @@ def sample_rollouts(
         weights, prompts, max_new_tokens=max_new_tokens, key=key,
         temperature=temperature, stop_ids=stop_ids,
     )  # fmt: skip
+    return layout_rollouts(prompts, res, tok, seq_len)
+
+
+def layout_rollouts(
+    prompts: Sequence[Sequence[int]], res: SampleResult, tok: Any, seq_len: int
+) -> Rollouts:
+    """Prompts + the sampler's responses as fixed [B, seq_len] host arrays (the module
+    docstring's layout) and the decoded responses (stop token dropped)."""
     b = len(prompts)
     tokens = np.zeros((b, seq_len), np.int32)
     seg = np.zeros((b, seq_len), np.int32)
@@ -179,40 +188,20 @@ def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]
 TextScores = Callable[[list[str], list[dict]], np.ndarray]
 
 
-def greedy_eval(
-    sampler: Sampler, weights: nnx.State, rows: list[dict], tok: Any, scores: TextScores,
-    *, max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 32,
-) -> dict[str, Any]:  # fmt: skip
-    """Greedy answers to held-out prompts: mean of `scores(texts, rows)`, exact-match
-    accuracy and samples (the same figures on every process)."""
-    from jaxllm.trainers.rewards import arithmetic
-
-    res = sample_all(
-        sampler, weights, [r["ids"] for r in rows], batch_size=batch_size,
-        key_for=lambda n: jax.random.key(0), max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-    )  # fmt: skip
-    texts = response_texts(tok, res)
-    hits = [arithmetic(t, r) for t, r in zip(texts, rows)]
-    samples = [
-        {"prompt": tok.decode(r["ids"]), "reference": r.get("answer"), "answer": t}
-        for r, t in list(zip(rows, texts))[:6]
-    ]
-    return {
-        "reward": round(float(np.mean(scores(texts, rows))), 4),
-        "accuracy": round(float(np.mean(hits)), 4),
-        "samples": samples,
-    }
-
-
 def rule_scores(reward: Callable[[str, dict], float]) -> TextScores:
     """A per-text rule reward as a `TextScores` (the texts' scores as float64)."""
     return lambda texts, rows: np.array([reward(t, r) for t, r in zip(texts, rows)], np.float64)
 
 
 def eval_rows(rows: list[dict], n: int) -> list[dict]:
-    """Up to `n` rows evenly spaced through the list."""
-    picks = np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int))
-    return [rows[i] for i in picks]
+    """Up to `n` rows evenly spaced through the list, each prompt once (a ranking set holds
+    a prompt several times, with other answers; its greedy answer is the same each time)."""
+    first: dict[tuple, dict] = {}
+    for r in rows:
+        first.setdefault(tuple(r["ids"]), r)
+    unique = list(first.values())
+    picks = np.unique(np.linspace(0, len(unique) - 1, min(n, len(unique))).astype(int))
+    return [unique[i] for i in picks]
 
 
 def stop_ids(template: ChatTemplate) -> list[int]:

@@ -9,8 +9,6 @@ time, so the jitted scorer compiles once per bucket; longer inputs are cut to `m
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 from collections.abc import Sequence
@@ -18,40 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.config import Config, resolve_path
 from jaxllm.errors import ConfigError, DataError
+from jaxllm.generation.scoring import bucket_len, score_batch
 from jaxllm.interop import load_tokenizer
 from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
-from jaxllm.sharding import make_mesh, use_rules
+from jaxllm.sharding import make_mesh
 from jaxllm.sharding.batch import map_rows
 from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import load_checkpoint_model
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
-def score_batch(
-    graphdef: nnx.GraphDef, state: nnx.State, tokens_BL, mask_BL, mesh: Mesh | None = None,
-    rules: str = "dp",
-) -> jax.Array:  # fmt: skip
-    """[B, L] float32: log p(token t | tokens < t) at t >= 1 of real tokens, 0 elsewhere
-    (under the logical-axis `rules` on `mesh` when given)."""
-    with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
-        model = nnx.merge(graphdef, state)
-        logits_BLV = model(tokens_BL, segment_ids_BL=mask_BL.astype(jnp.int32))
-    logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
-    picked_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
-    picked_BL = jnp.where(mask_BL[:, 1:] > 0, picked_BL, 0.0)
-    return jnp.pad(picked_BL, ((0, 0), (1, 0)))
-
-
-def bucket_len(n: int, max_len: int, minimum: int = 16) -> int:
-    return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
 
 
 def score_ids(

@@ -73,7 +73,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     meta = start_point.checkpoint_meta(cfg, tok_path)
-    spec = loop_spec(cfg, step_fn, batches, mesh, score.val_loss, meta)
+    spec = loop_spec(
+        cfg, step_fn, batches, mesh, score.val_loss, meta, final_save=start_point.final_save
+    )
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
     after = score(state)

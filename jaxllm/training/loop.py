@@ -90,6 +90,9 @@ class LoopSpec:
     flops_per_step: float = 0.0  # for MFU
     peak_flops: float = 0.0  # per-process peak used for MFU (0: no MFU)
     meta: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
+    # `state -> (tree, extra meta)` the last step saves instead of the state (e.g. a PEFT
+    # run's reparameterisation folded away); None: the state, like every other step
+    final_save: Callable[[TrainState], tuple[Any, dict[str, Any]]] | None = None
     progress: bool = True
     desc: str = "train"
     watch: Watch | None = None  # early stopping / the best checkpoint (train.early_stopping)
@@ -130,7 +133,7 @@ def run_loop(
                 last.update(figures)
                 stop = _watch(spec, state, step, figures)
                 if checkpointer and (stop or _due(step, spec.checkpoint_every, spec.total_steps)):
-                    _save(spec, checkpointer, state, step)
+                    _save(spec, checkpointer, state, step, final=stop)
                 if stop:
                     last["stopped_early_at"] = step
                     break
@@ -157,7 +160,9 @@ def _watch(spec: LoopSpec, state: TrainState, step: int, figures: dict) -> bool:
         return False
     stop = spec.watch.update(step, figures)
     if spec.watch.best is not None and spec.watch.best_step == step:
-        spec.watch.best.save(step, state, dict(spec.meta, step=step))
+        # what a later stage loads, never resumed from: folded like a last checkpoint
+        tree, extra = spec.final_save(state) if spec.final_save else (state, {})
+        spec.watch.best.save(step, tree, dict(spec.meta, step=step, **extra))
     return stop
 
 
@@ -173,11 +178,17 @@ def _evaluate(spec: LoopSpec, state: TrainState, step: int, writer: MetricsWrite
     return figures
 
 
-def _save(spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int) -> None:
-    """Saves the state, and each process's own data position with it."""
+def _save(
+    spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int, final: bool = False
+) -> None:
+    """Saves the state (or at the last step, or a `final` one such as an early stop, what
+    `final_save` makes of it), and each process's own data position with it."""
     data = spec.batches if hasattr(spec.batches, "get_state") else None
+    tree, extra = state, {}
+    if spec.final_save is not None and (final or step == spec.total_steps):
+        tree, extra = spec.final_save(state)
     watch = {"watch": spec.watch.state()} if spec.watch else {}
-    ckpt.save(step, state, dict(spec.meta, step=step, **watch), data=data)
+    ckpt.save(step, tree, dict(spec.meta, step=step, **watch, **extra), data=data)
 
 
 class _Clock:

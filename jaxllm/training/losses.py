@@ -154,6 +154,17 @@ def token_entropy(logits_BLV: jax.Array, temperature: float = 1.0) -> jax.Array:
     return -jnp.sum(_plogq(jnp.exp(logp_BLV), logp_BLV), axis=-1)
 
 
+def token_kl(
+    logits_BLV: jax.Array, ref_logits_BLV: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    """Exact KL(pi || ref) per position in f32 (nats), summed over the whole vocabulary, of
+    softmax(logits / temperature) against the reference's: how far a policy's next-token
+    distributions have moved along a given text (no sampling noise, unlike k1/k2/k3)."""
+    logp_BLV = jax.nn.log_softmax(_tempered(logits_BLV, temperature), axis=-1)
+    ref_logp_BLV = jax.nn.log_softmax(_tempered(ref_logits_BLV, temperature), axis=-1)
+    return jnp.sum(_plogq(jnp.exp(logp_BLV), logp_BLV - ref_logp_BLV), axis=-1)
+
+
 def distill_loss(
     student_BLV: jax.Array,
     teacher_BLV: jax.Array,

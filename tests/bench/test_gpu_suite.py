@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +46,11 @@ def test_suite_smoke_runs_every_bench(tmp_path):
     for r in rows:
         if r["bench"] == "attention":  # splash (interpret mode) against xla, bf16 inputs
             assert max(v for k, v in r.items() if k.startswith("rel_err_")) < 0.02
-        if r["bench"] == "mfu":
-            assert r["tokens_per_s"] > 0 and abs(r["first_loss"] - 6.24) < 0.3  # ~ ln 512
+        if r["bench"] == "mfu" and not r["quick_init"]:  # random init: ~ ln 512
+            assert r["tokens_per_s"] > 0 and abs(r["first_loss"] - 6.24) < 0.3
+        if r["bench"] == "mfu" and r["quick_init"]:  # the pattern's weights: finite, not random
+            assert r["tokens_per_s"] > 0 and np.isfinite(r["first_loss"])
+            assert abs(r["first_loss"] - 6.24) > 0.3
     text = (tmp_path / "table.md").read_text()
     assert "tiny-packed" in text and "vs torch" in text
     assert "gpu_suite.sh done" in (tmp_path / "log.txt").read_text()

@@ -220,6 +220,7 @@ def test_prompt_rows_for_rl(tmp_path, pref_template):
     user = [{"role": "user", "content": records[0]["prompt"]}]
     assert rows[0]["ids"] == pref_template.tok.encode(render_text(user, add_generation_prompt=True))
     assert (rows[0]["answer"], rows[0]["task"], "chosen" in rows[0]) == ("8", "reasoning", False)
+    assert rows[0]["prompt"] == records[0]["prompt"] and rows[3]["prompt"] == "Hi?"
     assert rows[1]["chosen"] == "Happy to help! Check My Orders." and rows[1]["answer"] is None
     assert rows[2]["chosen"] == "42"
     hi = [{"role": "user", "content": "Hi?"}]

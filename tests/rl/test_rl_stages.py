@@ -42,14 +42,27 @@ def _finite_metrics(path) -> list[dict]:
 def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     sec = dict(SMALL, rollout_batch=16, minibatch_size=8, epochs=2, reward="digits")
     sec.update(checkpoint_every=1, adaptive_kl=True, kl_target=0.01, kl_horizon=16)
+    sec.update(eval_examples=5, eval_rules=["polite", "arithmetic"])  # 5: not a multiple of 8
     cfg = rl_config("ppo", tiny_ckpt, tmp_path / "ppo", **sec)
     summary = _run(ppo, cfg)
     rows = _finite_metrics(tmp_path / "ppo/metrics.jsonl")
     for key in ("reward", "kl", "clip_frac", "value_loss", "entropy", "response_length"):
         assert key in rows[-1]
+    for key in ("polite", "arithmetic", "repeat_3gram", "distinct_2", "well_formed"):
+        assert 0 <= rows[-1][key] <= 1, key  # the rollouts' rule rates and degeneration
     assert summary["steps"] == 8 and 0 < summary["generate_share"] < 1
     assert summary["rollout_tokens_per_s"] > 0 and "greedy_reward_after" in summary
     assert summary["final_kl_coef"] != rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adapting
+    # held-out figures before/after: rule rates, degeneration, exact KL to the reference
+    for key in ("polite", "arithmetic", "repeat_3gram", "distinct_2", "well_formed", "kl"):
+        assert f"greedy_{key}_before" in summary and f"greedy_{key}_after" in summary, key
+    assert summary["greedy_arithmetic_after"] == summary["greedy_accuracy_after"]
+    # (the digits reward is 0 on these prompts, so the policy need not move: test_rl_eval.py
+    # checks the KL of a moved policy)
+    assert abs(summary["greedy_kl_before"]) < 1e-4 and summary["greedy_kl_after"] >= 0
+    pairs = summary["side_by_side"]
+    assert len(pairs) == 4 and all(set(p) == {"prompt", "before", "after"} for p in pairs)
+    assert all(p["prompt"] and "<|user|>" not in p["prompt"] for p in pairs)
     # the final checkpoint is a plain decoder in the standard format (generate/export load it)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     _, state, m, meta = load_checkpoint_model(tmp_path / "ppo/checkpoints", mesh)
@@ -66,6 +79,7 @@ def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     assert rows_again[1]["loss"] == rows[1]["loss"] and rows_again[1]["kl"] == rows[1]["kl"]
     for key in ("final_kl_coef", "greedy_reward_before", "greedy_reward_after", "final_loss"):
         assert again[key] == summary[key], key
+    assert again["side_by_side"] == summary["side_by_side"]  # the before answers resume too
 
 
 def test_grpo_stage_two_iterations(tmp_path, tiny_ckpt):

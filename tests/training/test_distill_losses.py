@@ -1,4 +1,4 @@
-"""token_logprobs, token_entropy and distill_loss against independent numpy references."""
+"""token_logprobs, token_entropy, token_kl and distill_loss against independent numpy references."""
 
 import math
 
@@ -12,6 +12,7 @@ from jaxllm.training import losses
 # Jitted once per shape: eager op-by-op dispatch compiles every primitive and is much slower.
 token_logprobs = jax.jit(losses.token_logprobs)
 token_entropy = jax.jit(losses.token_entropy)
+token_kl = jax.jit(losses.token_kl, static_argnames="temperature")
 distill_loss = jax.jit(losses.distill_loss, static_argnames=("temperature", "kind"))
 
 
@@ -75,6 +76,27 @@ def test_token_entropy_matches_numpy_and_handles_banned_tokens():
     np.testing.assert_allclose(np.asarray(token_entropy(banned)), [[math.log(2)]], rtol=1e-6)
     g = jax.jit(jax.grad(lambda x: jnp.sum(losses.token_entropy(x))))(banned)
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("t", [1.0, 0.7])
+def test_token_kl_matches_the_loop_reference(t):
+    rng = np.random.default_rng(2)
+    p = (rng.normal(size=(2, 3, 9)) * 2).astype(np.float32)
+    q = (rng.normal(size=(2, 3, 9)) * 2).astype(np.float32)
+    got = np.asarray(token_kl(jnp.asarray(p), jnp.asarray(q), temperature=t))
+    assert got.shape == (2, 3) and np.all(got >= 0)
+    for i in range(2):
+        for j in range(3):
+            one = np.zeros((1, 1), bool)
+            one[0, 0] = True
+            want = np_kl_loop(p[i : i + 1, j : j + 1], q[i : i + 1, j : j + 1], one, t)
+            np.testing.assert_allclose(got[i, j], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(token_kl(jnp.asarray(p), jnp.asarray(p))), 0, atol=1e-6)
+    # a token the policy bans adds nothing (0 log 0 = 0): KL([.5 .5 0] || [1/3 1/3 1/3]) = log 1.5
+    banned = jnp.array([[[0.0, 0.0, -jnp.inf]]])
+    np.testing.assert_allclose(
+        np.asarray(token_kl(banned, jnp.zeros((1, 1, 3)))), [[math.log(1.5)]], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["forward", "reverse"])

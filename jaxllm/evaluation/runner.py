@@ -1,0 +1,234 @@
+"""Task kinds, looked up by name in one table (`KINDS`): each turns a task into batched
+requests to a `Backend` — log-likelihoods of continuations, rolling log-likelihoods of whole
+texts, or completions — and the answers into a table of (num_fewshot, metric, value, n,
+stderr) rows. The backend (`jaxllm/trainers/eval_model.py` for a checkpoint) runs every
+request of a task in one batched call: no per-example loop over the model here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from jaxllm.errors import DataError
+from jaxllm.evaluation import metrics, retrieval
+from jaxllm.evaluation.tasks import Task, fill, resolve_data
+from jaxllm.evaluation.templates import build_prompt, choices_and_gold, continuation
+from jaxllm.tokenizer.chat import END_TOKEN
+
+
+class Scored(NamedTuple):
+    logprob: float  # sum of the continuation's token log-probs
+    greedy: bool  # every continuation token is the argmax
+    truncated: bool  # the context lost its start to fit
+
+
+class Rolled(NamedTuple):
+    logprob: float  # sum over every token of the text
+    tokens: int
+
+
+class Generation(NamedTuple):
+    text: str  # the completion, cut at the first stop string
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    max_new_tokens: int
+    until: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class TooLong(Exception):
+    """Request `index` does not fit the context (its size and the limit in the message)."""
+
+    def __init__(self, index: int, what: str) -> None:
+        super().__init__(what)
+        self.index, self.what = index, what
+
+
+class Backend(Protocol):
+    """A model answering requests in batches (texts in; BOS and truncation its own)."""
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]: ...
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[Rolled]: ...
+    def generate(self, prompts: Sequence[str], opts: GenOptions) -> list[Generation]: ...
+    def fits(self, text: str, reserve: int) -> bool: ...
+
+
+@dataclass
+class TaskResult:
+    """A task's table, its per-example records and how many prompts were cut."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0
+    passages_dropped: int = 0  # retrieved passages left out of prompts to fit the context
+
+    def add(self, k: int | None, metric: str, values: Sequence[float]) -> None:
+        self.rows.append({
+            "num_fewshot": k, "metric": metric, "value": float(np.mean(values)),
+            "n": len(values), "stderr": metrics.mean_stderr(values),
+        })  # fmt: skip
+
+
+def _call(fn: Callable[..., Any], args: tuple, task: Task, owners: Sequence[int]) -> Any:
+    """`fn(*args)`, a backend call; a request that does not fit names its example's file:line."""
+    try:
+        return fn(*args)
+    except TooLong as e:
+        raise DataError(f"{task.examples[owners[e.index]][0]}: {e.what}") from None
+
+
+def run_multiple_choice(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
+    """acc and acc_norm (lm-eval's definitions, `metrics.choice_accuracy`) for each k."""
+    res = TaskResult()
+    for k in ks:
+        prompts = [build_prompt(task, i, k) for i in range(len(task.examples))]
+        items = [choices_and_gold(task, r) for r in task.examples]
+        pairs, owners = [], []
+        for i, (p, (choices, _)) in enumerate(zip(prompts, items)):
+            pairs += [(p.text, continuation(task, p, c)) for c in choices]
+            owners += [i] * len(choices)
+        scored = iter(_call(backend.loglikelihood, (pairs,), task, owners))
+        accs = {"acc": [], "acc_norm": []}
+        for i, (p, (choices, gold)) in enumerate(zip(prompts, items)):
+            got = [next(scored) for _ in choices]
+            figures = metrics.choice_accuracy([s.logprob for s in got], choices, gold)
+            for name, v in figures.items():
+                accs[name].append(v)
+            res.truncated += any(s.truncated for s in got)
+            res.samples.append({"example": task.examples[i][0], "index": i, "num_fewshot": k, "prompt": p.text,
+                                "choices": choices, "gold": gold,
+                                "logprobs": [s.logprob for s in got], **figures})  # fmt: skip
+        for name, values in accs.items():
+            res.add(k, name, values)
+    return res
+
+
+def run_generate(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
+    """Match rate of every sample (`exact_match` / `contains`) and pass@k over `samples`
+    completions per example, for each k (number of demonstrations)."""
+    spec, res = task.spec, TaskResult()
+    until = tuple(dict.fromkeys((*spec.until, "</s>", *([END_TOKEN] if spec.chat else []))))
+    opts = GenOptions(spec.max_new_tokens, until, spec.temperature, spec.top_k, spec.top_p,
+                      spec.seed)  # fmt: skip
+    match = metrics.MATCHES[spec.match]
+    for k in ks:
+        prompts = [build_prompt(task, i, k).text for i in range(len(task.examples))]
+        owners = [i for i in range(len(prompts)) for _ in range(spec.samples)]
+        gens = _call(backend.generate, ([prompts[i] for i in owners], opts), task, owners)
+        rates, passes = [], {j: [] for j in spec.pass_at}
+        for i, record in enumerate(task.examples):
+            refs = _references(task, record)
+            outs = gens[i * spec.samples : (i + 1) * spec.samples]
+            answers = [metrics.extract(g.text, spec.extract) if spec.extract else g.text
+                       for g in outs]  # fmt: skip
+            correct = [a is not None and match(a, refs) for a in answers]
+            rates += [float(c) for c in correct]
+            for j in spec.pass_at:
+                passes[j].append(metrics.pass_at_k(spec.samples, sum(correct), j))
+            res.truncated += outs[0].truncated
+            res.samples.append({"example": record[0], "index": i, "num_fewshot": k, "prompt": prompts[i],
+                                "completions": [g.text for g in outs], "answers": answers,
+                                "references": refs, "correct": correct})  # fmt: skip
+        res.add(k, "exact_match" if spec.match == "exact" else "contains", rates)
+        for j, values in passes.items():
+            res.add(k, f"pass@{j}", values)
+    return res
+
+
+def _references(task: Task, record) -> list[str]:
+    where, obj = record
+    ref = obj.get(task.spec.answer)
+    refs = [ref] if isinstance(ref, str | int) else ref
+    if not isinstance(refs, list) or not refs:
+        raise DataError(f"{where}: field '{task.spec.answer}' must be an answer or a list of them")
+    return [str(r) for r in refs]
+
+
+def run_perplexity(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
+    """Token perplexity, bits per byte / per character and byte perplexity of the texts,
+    each text scored whole (rolling windows past the context)."""
+    texts = [fill(f"{{{task.spec.text}}}", r) for r in task.examples]
+    if not all(texts):
+        raise DataError(f"{task.examples[texts.index('')][0]}: empty text")
+    rolled = _call(backend.loglikelihood_rolling, (texts,), task, range(len(texts)))
+    total = sum(r.logprob for r in rolled)
+    figures = metrics.perplexity_figures(
+        total, sum(r.tokens for r in rolled), sum(len(t) for t in texts),
+        sum(len(t.encode("utf-8")) for t in texts),
+    )  # fmt: skip
+    res = TaskResult()
+    for name, v in figures.items():
+        res.rows.append({"num_fewshot": None, "metric": name, "value": v, "n": len(texts),
+                         "stderr": None})  # fmt: skip
+    res.samples = [{"example": r[0], "index": i, "logprob": x.logprob, "tokens": x.tokens}
+                   for i, (r, x) in enumerate(zip(task.examples, rolled))]  # fmt: skip
+    return res
+
+
+KINDS: dict[str, Callable[[Task, Backend, Sequence[int]], TaskResult]] = {
+    "multiple_choice": run_multiple_choice,
+    "generate": run_generate,
+    "perplexity": run_perplexity,
+}
+
+
+def evaluate(task: Task, backend: Backend, num_fewshot: int = -1) -> TaskResult:
+    """The task's table on `backend`: every k of the task (or `num_fewshot` when >= 0)."""
+    ks = task.spec.num_fewshot if num_fewshot < 0 else (num_fewshot,)
+    if task.spec.kind == "perplexity":
+        ks = (0,)
+    if task.spec.retrieval is None:
+        return KINDS[task.spec.kind](task, backend, ks)
+    task, found = retrieve(task, backend, max(ks))
+    res = KINDS[task.spec.kind](task, backend, ks)
+    res.rows += found.rows
+    res.passages_dropped = found.passages_dropped
+    for s in res.samples:
+        s["retrieved"] = found.samples[int(s.get("index", 0))]["retrieved"]
+    return res
+
+
+def retrieve(task: Task, backend: Backend, shots: int) -> tuple[Task, TaskResult]:
+    """The task with each record's `context` field holding its top-k passages (as many as
+    fit the context with `shots` demonstrations and the answer's room), and a result with
+    recall@1 / recall@k and the retrieved ids."""
+    r, found = task.spec.retrieval, TaskResult()
+    if r.k == 0:  # closed book
+        examples = [(w, {**obj, "context": ""}) for w, obj in task.examples]
+        found.samples = [{"retrieved": []} for _ in examples]
+        return dataclasses.replace(task, examples=examples), found
+    path = resolve_data(r.passages, task.path, "retrieval.passages")
+    index = retrieval.cached_index(str(path), r.id_field, r.text_field)
+    top = index.search([fill(r.query, rec) for rec in task.examples], r.k)
+    reserve = task.spec.max_new_tokens if task.spec.kind == "generate" else 16
+    examples = list(task.examples)
+    for i, (where, obj) in enumerate(task.examples):
+        texts = [index.texts[j][: r.passage_chars or None] for j in top[i]]
+        passages = [
+            r.passage_template.format(text=t, id=index.ids[j]) for t, j in zip(texts, top[i])
+        ]
+
+        def render(ctx: str, i: int = i, where: str = where, obj: dict = obj) -> str:
+            examples[i] = (where, {**obj, "context": ctx})
+            return build_prompt(dataclasses.replace(task, examples=examples), i, shots).text
+
+        _, dropped = retrieval.place_passages(passages, render, lambda p: backend.fits(p, reserve))
+        found.passages_dropped += dropped
+        found.samples.append({"retrieved": [index.ids[j] for j in top[i]]})
+    if r.gold:
+        gold = [str(obj.get(r.gold)) for _, obj in task.examples]
+        ids = [s["retrieved"] for s in found.samples]
+        for k in sorted({1, r.k}):
+            found.add(None, f"recall@{k}", retrieval.recall_at_k(ids, gold, k))
+    return dataclasses.replace(task, examples=examples), found

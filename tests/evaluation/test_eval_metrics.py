@@ -1,0 +1,112 @@
+"""Evaluation metrics against brute-force references, and task/prompt loading errors that
+name the file, line or key."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.evaluation import metrics
+from jaxllm.evaluation.tasks import load_task, registry
+from jaxllm.evaluation.templates import build_prompt, draw_fewshot
+
+
+def test_acc_and_acc_norm_follow_lm_eval():
+    # choice 1 is likelier in total, choice 0 per character: acc picks 1, acc_norm picks 0
+    lls, choices = [-6.0, -5.0], ["abcdefgh", "xy"]
+    assert metrics.choice_accuracy(lls, choices, gold=0) == {"acc": 0.0, "acc_norm": 1.0}
+    assert metrics.choice_accuracy([-1.0, -1.0], ["a", "b"], gold=0)["acc"] == 1.0  # tie: first
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 3), (6, 0, 2), (4, 4, 4), (7, 3, 5)])
+def test_pass_at_k_is_the_probability_over_subsets(n, c, k):
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    expected = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert metrics.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mean_stderr_and_extract():
+    v = [1.0, 0.0, 1.0, 1.0]
+    assert metrics.mean_stderr(v) == pytest.approx(np.std(v, ddof=1) / 2)
+    assert metrics.mean_stderr([1.0]) is None
+    assert metrics.extract("<think>7 + 5 = 12</think> 12 apples", r"</think>\s*(-?\d+)") == "12"
+    assert metrics.extract("no answer", r"(\d+)") is None
+    assert metrics.extract("1 then 2", r"\d") == "2"  # the last match, no group: whole match
+
+
+def test_rolling_windows_score_every_token_once():
+    ids = list(range(10, 47))
+    for max_len in (4, 8, 16, 64):
+        wins = metrics.rolling_windows(ids, prefix=2, max_len=max_len)
+        assert sum((cont for _, cont in wins), []) == ids
+        for ctx, cont in wins:
+            assert len(ctx) >= 1 and len(ctx) + len(cont) <= max_len
+            full = [2, *ids]
+            start = full.index(cont[0])
+            assert full[start - len(ctx) : start] == ctx  # the text right before it
+
+
+def test_perplexity_figures():
+    f = metrics.perplexity_figures(-10.0, tokens=5, chars=8, nbytes=10)
+    assert f["token_perplexity"] == pytest.approx(math.exp(2.0))
+    assert f["bits_per_byte"] == pytest.approx(1.0 / math.log(2))
+
+
+def test_every_shipped_task_loads_and_renders():
+    for name in registry():
+        task = load_task(name, limit=3)
+        if task.spec.kind == "perplexity" or task.spec.retrieval:  # rag: test_rag.py
+            continue
+        for k in task.spec.num_fewshot:
+            assert build_prompt(task, 0, k).text
+    cot = load_task("sums:cot", limit=2)
+    assert "</think>" in build_prompt(cot, 0, 1).text and cot.spec.max_new_tokens == 48
+
+
+def write_task(tmp_path, spec: dict, rows: list[dict], fewshot: list[dict] | None = None):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if fewshot is not None:
+        (tmp_path / "f.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fewshot))
+        spec = {"fewshot_data": "f.jsonl", **spec}
+    path = tmp_path / "t.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"name": "t", "data": "d.jsonl", **spec}))
+    return path
+
+
+def test_fewshot_layout_and_draws(tmp_path):
+    rows = [{"q": f"q{i}", "a": f"a{i}"} for i in range(3)]
+    pool = [{"q": f"d{i}", "a": f"b{i}"} for i in range(6)] + [rows[0]]  # a copy of example 0
+    path = write_task(tmp_path, {"kind": "generate", "template": "Q: {q}", "target": "{a}",
+                                 "instruction": "Answer.", "target_delimiter": " A: ",
+                                 "fewshot_delimiter": "\n"}, rows, pool)  # fmt: skip
+    task = load_task(str(path))
+    text = build_prompt(task, 0, 2).text
+    lines = text.split("\n")
+    assert lines[0] == "Answer." and lines[-1] == "Q: q0" and len(lines) == 4
+    assert all(line.startswith("Q: d") and " A: b" in line for line in lines[1:3])
+    assert draw_fewshot(task, 0, 6) == draw_fewshot(task, 0, 6)  # seeded per example
+    assert rows[0] not in [r for _, r in draw_fewshot(task, 0, 6)]  # never the example itself
+    with pytest.raises(ConfigError, match=r"num_fewshot.*7 demonstrations.*has 6"):
+        build_prompt(task, 0, 7)
+
+
+def test_bad_task_files_name_the_place(tmp_path):
+    path = write_task(tmp_path, {"kind": "generate", "template": "{question}"}, [{"q": "x"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: .*names field 'question'"):
+        build_prompt(load_task(str(path)), 0, 0)
+    path = write_task(tmp_path, {"kind": "generate", "tempalte": "{q}"}, [{"q": "x"}])
+    with pytest.raises(ConfigError, match=r"t.yaml: unknown key 'tempalte'.*did you mean"):
+        load_task(str(path))
+    path = write_task(tmp_path, {"kind": "multiple_choice"}, [{"question": "x", "gold": 0}])
+    with pytest.raises(ConfigError, match="t.yaml: key 'num_fewshot'"):
+        build_prompt(load_task(str(path)), 0, 1)
+    with pytest.raises(ConfigError, match="no task 'nope'"):
+        load_task("nope")
+    with pytest.raises(ConfigError, match="no variant 'cot'"):
+        load_task("arith_mc:cot")
