@@ -123,3 +123,83 @@ def test_training_moves_only_the_method_and_restores_onto_a_fresh_base(tmp_path,
     ckpt.close()
     nnx.update(fresh, restored)
     np.testing.assert_array_equal(logits(fresh), logits(model))
+
+
+# A rope encoder (no position table): the merge of the encoder's positions with PEFT.
+ROPE = dataclasses.replace(BERT, positions="rope", init_std=0.2)
+ROPE_METHODS = {"lora": PeftConfig("lora", rank=2, alpha=4.0), **METHODS}
+
+
+def rope_classifier(peft: PeftConfig | None, seed: int = 1) -> ClassifierModel:
+    model = ClassifierModel(make_encoder(ROPE), 3, rngs=nnx.Rngs(0))
+    if peft is not None:
+        with nnx.use_eager_sharding(False):
+            apply_peft(model, peft, nnx.Rngs(seed))
+    return model
+
+
+@pytest.mark.parametrize("name", ["lora", "adapter"])
+def test_zero_init_methods_start_exactly_at_a_rope_encoder(name):
+    want = rope_classifier(None)(TOKENS, segment_ids_BL=SEG)  # eager, as above
+    got = rope_classifier(ROPE_METHODS[name])(TOKENS, segment_ids_BL=SEG)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_rope_prompt_tokens_sit_at_minus_p_like_the_decoder():
+    """Prompt tuning on a rope encoder equals the base encoder run on the virtual tokens as
+    real tokens at positions -P..-1 before the row (type embedding 0 zeroed, so the only
+    difference left would be the positions): the real tokens keep 0..L-1."""
+    model = rope_classifier(METHODS["prompt"])
+    enc = model.encoder
+    enc.type_embed[...] = enc.type_embed[...].at[0].set(0.0)
+    virtual = jnp.array([40, 41, 42])
+    enc.prompt.embedding[...] = enc.embed.embedding[...][virtual]
+    tokens = TOKENS[:, :4]  # no padding: the virtual tokens see every column either way
+    got = enc(tokens)
+    p = virtual.shape[0]
+    row = jnp.concatenate([jnp.broadcast_to(virtual, (2, p)), tokens], axis=1)
+    pos = jnp.broadcast_to(jnp.arange(-p, 4, dtype=jnp.int32), (2, p + 4))
+    prompt, enc.prompt = enc.prompt, None
+    want = enc(row, positions_BL=pos)[:, p:]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    shifted = enc(row, positions_BL=pos + p)[:, p:]  # the virtual tokens at 0..P-1 instead
+    assert float(jnp.abs(got - shifted).max()) < 1e-4  # rope: only differences matter
+    enc.prompt = prompt
+    real_at_p = enc(tokens, positions_BL=jnp.broadcast_to(jnp.arange(p, p + 4), (2, 4)))
+    assert float(jnp.abs(got - real_at_p).max()) > 1e-3  # so positions are not ignored
+
+
+def test_rope_prefix_keys_are_not_rotated(monkeypatch):
+    """RoPE turns the real tokens' queries and keys only: the prefix keys enter the scores as
+    stored (as in the decoder, and as a HF cache's keys), so they sit at RoPE's position 0
+    and a common shift of the real positions changes what the tokens see of them."""
+    from jaxllm.models import attention
+
+    rotated = []
+    real = attention.apply_rope
+    monkeypatch.setattr(
+        attention, "apply_rope", lambda x, rope: rotated.append(x.shape) or real(x, rope)
+    )
+    enc = rope_classifier(METHODS["prefix"]).encoder
+    a = enc(TOKENS, segment_ids_BL=SEG)
+    assert rotated and all(shape[1] == TOKENS.shape[1] for shape in rotated)  # L, never P + L
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    b = enc(TOKENS, segment_ids_BL=SEG, positions_BL=pos + 5)
+    assert float(jnp.abs(a - b).max()) > 1e-4
+    base = rope_classifier(None).encoder  # without the prefix a shift changes nothing
+    np.testing.assert_allclose(
+        base(TOKENS, segment_ids_BL=SEG), base(TOKENS, segment_ids_BL=SEG, positions_BL=pos + 5),
+        atol=1e-4,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["lora", "adapter", "prefix", "prompt"])
+def test_training_a_rope_encoder_moves_only_the_method(name):
+    peft = ROPE_METHODS[name]
+    base = nnx.state(rope_classifier(None).encoder)
+    model, losses = train(rope_classifier(peft), peft)
+    assert losses[-1] < losses[0]
+    kept = nnx.state(model.encoder, nnx.Not(PEFT_METHODS[peft.method].variable))
+    for (pa, a), (pb, b) in zip(nnx.to_flat_state(kept), nnx.to_flat_state(base), strict=True):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
