@@ -179,6 +179,30 @@ def folded_final_save(graphdef: nnx.GraphDef, filt: Any) -> Callable[[TrainState
     return lambda state: (fold(state), {"peft_folded": True})
 
 
+def restore_folded(
+    ckpt: Checkpointer, step: int, graphdef: nnx.GraphDef, state: TrainState, filt: Any,
+    mesh, rules: str,
+) -> tuple[nnx.GraphDef, TrainState, Any]:  # fmt: skip
+    """The inverse of `folded_final_save`: `(graphdef, state, shardings)` of the folded model
+    (prefixes / prompts as values, no MLP) built from a run's live `state`, its trained
+    variables read from the folded checkpoint `step` (weights only: no optimizer state)."""
+    built: dict[str, nnx.GraphDef] = {}
+
+    def fold(params: nnx.State, frozen: nnx.State) -> tuple[nnx.State, nnx.State]:
+        model = nnx.merge(graphdef, params, frozen)
+        fold_reparameterisations(model)
+        built["graphdef"], params, rest = nnx.split(model, filt, ...)
+        return params, rest
+
+    params, frozen = jax.jit(fold)(state.params, state.frozen)
+    params, _ = restore_params(ckpt, step, params, mesh, rules)
+    folded = state.replace(
+        step=jnp.asarray(step, jnp.int32), params=params, frozen=frozen, opt_state=()
+    )
+    shardings = state_shardings(folded, mesh, rules)
+    return built["graphdef"], jax.device_put(folded, shardings), shardings
+
+
 def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str, seed: int):
     """A `TrainState` of these variables with a fresh optimizer state, built in its
     shardings (the inputs may already be sharded); trained weights become float32 master

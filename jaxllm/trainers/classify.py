@@ -4,8 +4,10 @@ The same loop as every stage: the model is the encoder of `inputs.checkpoint` (a
 run; its MLM/NSP heads are never read) with a `ClassifierModel` head on the pooled `[CLS]`,
 or with `classify.init: random` the same encoder shape from a fresh init (the comparison that
 says what pretraining is worth). The batches are labelled texts or sentence pairs
-(`data/classify.py`), the loss the cross-entropy of the label, and `peft:` LoRA works as in the
-decoder stages (the head is a `HeadParam`: it trains next to the adapters).
+(`data/classify.py`), the loss the cross-entropy of the label, and `peft.method` (lora,
+adapter, prefix, prompt) works as in the decoder stages: the head is a `HeadParam`, so it
+trains next to the method's variables; a reparameterised prefix/prompt run's last (and best)
+checkpoint holds the folded values (the loop's `final_save`, as in sft).
 
 Every file is read and checked before anything trains. Held-out figures come from one
 batched, jitted pass per split on one host or many (`classify_eval.py`): accuracy, macro-F1
@@ -35,6 +37,7 @@ from jaxllm.models.heads import ClassifierModel
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import data_file, require_input
+from jaxllm.trainers.checkpoint_model import restore_folded
 from jaxllm.trainers.classify_eval import (
     ClassifierPass,
     make_logits_fn,
@@ -60,6 +63,7 @@ from jaxllm.trainers.lm import (
     restore_latest,
     restore_or_init,
     start_from_model,
+    trainable_filter,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
@@ -156,10 +160,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     meta = start_point.checkpoint_meta(cfg, tok_path)
     meta["head"] = {"kind": "classify", "labels": list(labels), "pairs": pairs}
     eval_fn = _scalars(evaluate) if "val" in passes else None
-    state, last = run_loop(loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta), state, ckpt,
-                           run_dir.path)  # fmt: skip
+    spec = loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta, final_save=start_point.final_save)
+    state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
-    state = _best_state(cfg, run_dir.path, state, shardings)
+    state, folded_logits = _best_state(cfg, run_dir.path, start_point, state, mesh)
+    if folded_logits is not None:  # best/ holds folded prefixes/prompts: score that model
+        passes = {s: ClassifierPass(splits[s], tok, cfg.loader, mesh, folded_logits)
+                  for s in passes}  # fmt: skip
+        probs.clear()
     final = {s: predict(state, s) for s in passes}  # val: the loop's last pass, reused
     after = {s: split_figures(final[s], splits[s]) for s in final}
     _write_predictions(run_dir.path / "predictions.jsonl", final, splits, labels)
@@ -172,15 +180,26 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     return {**param_figures(start_point, run_dir.path), **summary}
 
 
-def _best_state(cfg: Config, run_dir: Path, state, shardings):
-    """With `train.keep_best`, the best evaluation's state (the final figures and the
-    predictions are the checkpoint's the stage hands on); else `state`."""
+def _best_state(cfg: Config, run_dir: Path, start: StartPoint, state, mesh):
+    """`(state, logits_fn)`: with `train.keep_best`, the best evaluation's state (the final
+    figures and the predictions are the checkpoint's the stage hands on), else `state`. A
+    reparameterised PEFT run's best/ holds the folded prefixes/prompts: then the folded
+    model's state and `logits_fn` (else None: the run's own)."""
     if not cfg.train.keep_best:
-        return state
+        return state, None
     best = Checkpointer(best_dir(run_dir), async_save=False)
-    found = restore_latest(best, state, shardings)
-    best.close()
-    return state if found is None else found[0]
+    try:
+        step = best.latest_step()
+        if step is not None and best.read_meta(step).get("peft_folded"):
+            rules, filt = cfg.mesh.rules, trainable_filter(cfg.peft)
+            graphdef, folded, shardings = restore_folded(
+                best, step, start.graphdef, state, filt, mesh, rules
+            )
+            return folded, make_logits_fn(graphdef, shardings, mesh, rules)
+        found = restore_latest(best, state, start.shardings)
+        return (state if found is None else found[0]), None
+    finally:
+        best.close()
 
 
 def _scalars(evaluate):

@@ -173,3 +173,37 @@ def test_classify_keep_best_scores_and_hands_on_the_best_evaluation(mlm_run, tmp
     assert s["best_step"] == best and s["outputs"]["checkpoint"].endswith("/b/best")
     # the summary's val figures are the best state's, not the last step's
     assert abs(s["val_loss"] - losses[best]) < 1e-4
+
+
+def saved_names(ckpt: Path, step: int) -> set[str]:
+    params = Checkpointer(ckpt, async_save=False).manager.item_metadata(step)["state"]["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {".".join(str(p.key) for p in path[:-1]) for path, _ in leaves}
+
+
+def test_classify_prefix_tuning_folds_its_mlp_and_keeps_the_best(mlm_run, tmp_path):
+    """peft.method prefix through its MLP: the head trains with the prefixes, the last and
+    the best checkpoints hold the folded prefixes (no MLP), and the summary's val figures
+    are the best evaluation's, scored through the folded model."""
+    from jaxllm.config import replace
+
+    files = sentiment_cut(tmp_path, 16)
+    cfg = classify_config(mlm_run / "checkpoints", tmp_path / "p", files)
+    es = replace(cfg.train.early_stopping, metric="loss", mode="min")
+    cfg = replace(cfg, **{
+        "train.keep_best": True, "train.eval_every": 1, "train.early_stopping": es,
+        "train.optim.lr": 0.05, "peft.method": "prefix", "peft.num_virtual_tokens": 2,
+        "peft.prefix_projection": True, "peft.prefix_hidden": 8,
+    })  # fmt: skip
+    s = run_classify(cfg)
+    assert 0 < s["trainable_params"] < s["total_params"]
+    ckpts = tmp_path / "p/checkpoints"
+    assert saved_names(ckpts, 2) >= {"encoder.prefix.w1", "head.kernel"}  # resumable: the MLP
+    assert saved_names(ckpts, 4) == {"encoder.prefix.kv", "head.kernel", "head.bias"}
+    assert Checkpointer(ckpts, async_save=False).read_meta(4)["peft_folded"]
+    best = Path(s["outputs"]["checkpoint"])
+    step = Checkpointer(best, async_save=False).latest_step()
+    assert step == s["best_step"] and saved_names(best, step) == saved_names(ckpts, 4)
+    evals = [json.loads(x) for x in (tmp_path / "p/metrics.jsonl").read_text().splitlines()]
+    losses = {e["step"]: e["eval_loss"] for e in evals if "eval_loss" in e}
+    assert abs(s["val_loss"] - losses[s["best_step"]]) < 1e-4
