@@ -1,5 +1,5 @@
 """Config section `peft:` — parameter-efficient fine-tuning, for any stage that starts from a
-checkpoint (sft, reward, dpo, distill, grpo; ppo with lora only) and for the encoder stages."""
+checkpoint (sft, reward, dpo, distill, grpo; ppo with lora only) and for stage classify (its head always trains)."""
 
 from __future__ import annotations
 
