@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxllm.config import from_dict, read_yaml
@@ -181,6 +182,7 @@ def saved_names(ckpt: Path, step: int) -> set[str]:
     return {".".join(str(p.key) for p in path[:-1]) for path, _ in leaves}
 
 
+@pytest.mark.slow  # ~25 s under load: an evaluation per step
 def test_classify_prefix_tuning_folds_its_mlp_and_keeps_the_best(mlm_run, tmp_path):
     """peft.method prefix through its MLP: the head trains with the prefixes, the last and
     the best checkpoints hold the folded prefixes (no MLP), and the summary's val figures
@@ -192,6 +194,7 @@ def test_classify_prefix_tuning_folds_its_mlp_and_keeps_the_best(mlm_run, tmp_pa
     es = replace(cfg.train.early_stopping, metric="loss", mode="min")
     cfg = replace(cfg, **{
         "train.keep_best": True, "train.eval_every": 1, "train.early_stopping": es,
+        "train.steps": 3, "train.checkpoint_every": 2,
         "train.optim.lr": 0.05, "peft.method": "prefix", "peft.num_virtual_tokens": 2,
         "peft.prefix_projection": True, "peft.prefix_hidden": 8,
     })  # fmt: skip
@@ -199,11 +202,36 @@ def test_classify_prefix_tuning_folds_its_mlp_and_keeps_the_best(mlm_run, tmp_pa
     assert 0 < s["trainable_params"] < s["total_params"]
     ckpts = tmp_path / "p/checkpoints"
     assert saved_names(ckpts, 2) >= {"encoder.prefix.w1", "head.kernel"}  # resumable: the MLP
-    assert saved_names(ckpts, 4) == {"encoder.prefix.kv", "head.kernel", "head.bias"}
-    assert Checkpointer(ckpts, async_save=False).read_meta(4)["peft_folded"]
+    assert saved_names(ckpts, 3) == {"encoder.prefix.kv", "head.kernel", "head.bias"}
+    assert Checkpointer(ckpts, async_save=False).read_meta(3)["peft_folded"]
     best = Path(s["outputs"]["checkpoint"])
     step = Checkpointer(best, async_save=False).latest_step()
-    assert step == s["best_step"] and saved_names(best, step) == saved_names(ckpts, 4)
+    assert step == s["best_step"] and saved_names(best, step) == saved_names(ckpts, 3)
     evals = [json.loads(x) for x in (tmp_path / "p/metrics.jsonl").read_text().splitlines()]
     losses = {e["step"]: e["eval_loss"] for e in evals if "eval_loss" in e}
     assert abs(s["val_loss"] - losses[s["best_step"]]) < 1e-4
+
+
+@pytest.mark.slow  # ~12 s under load
+def test_classify_adapters_train_only_themselves_and_the_head(mlm_run, tmp_path):
+    files = sentiment_cut(tmp_path, 16)
+    sets = {"peft.method": "adapter", "peft.adapter_dim": 4}
+    s = run_classify(classify_config(mlm_run / "checkpoints", tmp_path / "a", files, **sets))
+    assert 0 < s["trainable_params"] < s["total_params"]
+    rest = saved_names(tmp_path / "a/checkpoints", 4) - {"head.kernel", "head.bias"}
+    assert rest and all("_adapter." in n for n in rest)  # no base weight is saved
+
+
+def test_classify_p_tuning_saves_the_folded_prompt_last(mlm_run, tmp_path):
+    """peft.method prompt through P-tuning's MLP: the head trains with it; step 2 keeps the
+    MLP (to resume), the last step holds the folded prompt embeddings (the loop's
+    final_save, as in sft)."""
+    files = sentiment_cut(tmp_path, 16)
+    sets = {"peft.method": "prompt", "peft.num_virtual_tokens": 3,
+            "peft.prompt_encoder": "mlp", "peft.prompt_hidden": 8}  # fmt: skip
+    s = run_classify(classify_config(mlm_run / "checkpoints", tmp_path / "a", files, **sets))
+    assert 0 < s["trainable_params"] < s["total_params"]
+    ckpts = tmp_path / "a/checkpoints"
+    assert saved_names(ckpts, 2) >= {"encoder.prompt.w1", "encoder.prompt.embedding"}
+    assert saved_names(ckpts, 4) == {"encoder.prompt.embedding", "head.kernel", "head.bias"}
+    assert Checkpointer(ckpts, async_save=False).read_meta(4)["peft_folded"]
