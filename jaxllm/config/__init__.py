@@ -49,6 +49,7 @@ from jaxllm.config.model import (
     TrainConfig,
 )
 from jaxllm.config.peft import PeftConfig
+from jaxllm.config.quant import QuantizeConfig
 from jaxllm.config.rl import GRPOConfig, PPOConfig
 from jaxllm.config.scaling import ScalingConfig
 from jaxllm.config.sft import SFTConfig
@@ -76,6 +77,7 @@ __all__ = [
     "OptimConfig",
     "PPOConfig",
     "PeftConfig",
+    "QuantizeConfig",
     "RewardConfig",
     "RopeScalingConfig",
     "SFTConfig",
@@ -138,6 +140,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)

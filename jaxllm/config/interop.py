@@ -19,6 +19,9 @@ class HFConfig:
     # head) by as many rows, initialised to the mean row, so that sft/dpo/... can use the
     # chat template on the imported model.
     chat_tokens: bool = False
+    # export: a quantised checkpoint (stage quantize, or a QLoRA run's int base) is refused
+    # unless this is set; then its weights are dequantised (scale * int) into `hf.dtype`.
+    dequantize: bool = False
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from jaxllm.models.attention import (
 from jaxllm.models.layers import (
     LORA_A,
     MLP,
+    QUANT_SCALE,
     RESIDUAL,
     Embed,
     Norm,
@@ -52,6 +53,7 @@ from jaxllm.models.layers import (
     rope_angles,
     rope_inv_freq,
     sinusoidal_positions,
+    weight_value,
 )
 from jaxllm.models.scan import REMAT_POLICY, scan_blocks, scan_extend, stack_modules
 
@@ -280,6 +282,8 @@ class Decoder(nnx.Module):
             return self.embed.embedding[...]
         if getattr(self, "head" + LORA_A, None) is not None:
             return None
+        if getattr(self, "head" + QUANT_SCALE, None) is not None:  # dequantised, float32
+            return weight_value(self, "head", jnp.float32).T
         return self.head[...].T
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ STAGES = {
     "import": "jaxllm.trainers.hf_import",
     "export": "jaxllm.trainers.hf_export",
     "score": "jaxllm.trainers.score",
+    "quantize": "jaxllm.trainers.quantize",
     "scaling": "jaxllm.trainers.scaling",
     "eval": "jaxllm.trainers.eval",
     "chat": "jaxllm.trainers.chat",
