@@ -140,6 +140,7 @@ def hf_llama(tmp: Path, tok_path: str) -> Path:
     LlamaForCausalLM(hf_cfg).save_pretrained(tmp / "hf", safe_serialization=True)
     shutil.copyfile(tok_path, tmp / "hf" / "tokenizer.model")
     cfg = from_dict({"stage": "import", "hf": {"path": str(tmp / "hf")}})
+    (tmp / "imported").mkdir()
     import_hf(tmp / "hf", tmp / "imported", cfg)
     return tmp / "imported" / "checkpoints"
 
@@ -173,13 +174,15 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--hf-llama", action="store_true")
     ap.add_argument("--train-state", action="store_true")
+    ap.add_argument("--no-tiny", action="store_true", help="skip --checkpoint's figures")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x {len(jax.devices())}")
     _, _, _, meta = load_checkpoint_model(Path(args.checkpoint), make_mesh(MeshConfig()))
     tok = load_tokenizer(meta["tokenizer"])
     rows = val_rows(Path(args.data), tok, args.seq, args.rows)
-    tiny = measure(Path(args.checkpoint), rows, args.group, args.new, args.batches)
-    report(f"{args.checkpoint}: ratios vs float in this run", tiny, args.batches)
+    if not args.no_tiny:
+        tiny = measure(Path(args.checkpoint), rows, args.group, args.new, args.batches)
+        report(f"{args.checkpoint}: ratios vs float in this run", tiny, args.batches)
     if args.hf_llama:
         with tempfile.TemporaryDirectory() as d:
             ckpt = hf_llama(Path(d), meta["tokenizer"])
