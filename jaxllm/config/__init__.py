@@ -52,6 +52,7 @@ from jaxllm.config.peft import PeftConfig
 from jaxllm.config.quant import QuantizeConfig
 from jaxllm.config.rl import GRPOConfig, PPOConfig
 from jaxllm.config.scaling import ScalingConfig
+from jaxllm.config.serve import ServeConfig
 from jaxllm.config.sft import SFTConfig
 from jaxllm.errors import ConfigError
 
@@ -82,6 +83,7 @@ __all__ = [
     "RopeScalingConfig",
     "SFTConfig",
     "ScoreConfig",
+    "ServeConfig",
     "SourceConfig",
     "TokenizerConfig",
     "TrainConfig",
@@ -146,6 +148,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

@@ -45,6 +45,7 @@ STAGES = {
     "scaling": "jaxllm.trainers.scaling",
     "eval": "jaxllm.trainers.eval",
     "chat": "jaxllm.trainers.chat",
+    "serve": "jaxllm.trainers.serve",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 
