@@ -21,18 +21,18 @@ from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.serving import Backend, Server
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
-from jaxllm.trainers.checkpoint_model import load_frozen_model
+from jaxllm.trainers.checkpoint_model import load_frozen_model, quantize_state
 
 
 def load_served_model(cfg: Config):
-    """(graphdef, state, model_cfg, meta) of `inputs.checkpoint`, LoRA merged.
-
-    The one place weights are prepared for serving: a weight transform (e.g. the
-    `quantize:` section's, when it exists) goes here; the engine takes any (graphdef,
-    state) whose merged model has `init_cache` and `extend`."""
+    """(graphdef, state, model_cfg, meta) of `inputs.checkpoint`, LoRA merged, its weights
+    quantised by the `quantize:` section (int8/int4; a quantised checkpoint is served as it
+    is). The engine takes any (graphdef, state) whose merged model has `init_cache` and
+    `extend`."""
     ckpt = require_input(cfg, "checkpoint")
     mesh = make_mesh(cfg.mesh)
     graphdef, state, _, m, meta = load_frozen_model(ckpt, mesh, cfg.mesh.rules)
+    graphdef, state = quantize_state(graphdef, state, cfg.quantize, mesh, cfg.mesh.rules)
     return graphdef, state, m, meta
 
 

@@ -24,9 +24,9 @@ MODEL = "tiny-test"
 PROMPTS = ["2 + 3 =", "The LORD is", "hacker: n.", "What is 7 + 5?", "Hello", "a b c d", "x", "9"]
 
 
-def serve_config(ckpt, **serve):
+def serve_config(ckpt, root=None, **serve):
     return from_dict({
-        "stage": "serve", "inputs": {"checkpoint": str(ckpt)},
+        "stage": "serve", "inputs": {"checkpoint": str(ckpt)}, **(root or {}),
         "serve": {"model_name": MODEL, "slots": 8, "max_len": 64, "max_queue": 64, **serve},
     })  # fmt: skip
 
@@ -44,9 +44,9 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
 
 
-def generated(tmp_path, ckpt, prompts, n, **gen):
+def generated(tmp_path, ckpt, prompts, n, root=None, **gen):
     cfg = from_dict({
-        "stage": "generate", "output_dir": str(tmp_path / "g"), "progress": False,
+        "stage": "generate", "output_dir": str(tmp_path / "g"), "progress": False, **(root or {}),
         "inputs": {"checkpoint": str(ckpt)},
         "generate": {"prompts": prompts, "max_new_tokens": n, "temperature": 0, **gen},
     })  # fmt: skip
@@ -215,3 +215,18 @@ def test_full_queue_is_429_and_api_key(client, server, monkeypatch):
     keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0)
     assert_alive(keyed)
     assert call(server, "GET", "/health")[0] == 200  # health needs no key
+
+
+def test_quantised_serving_equals_quantised_generate(tmp_path, tiny_ckpt):
+    """The `quantize:` section applies to the served weights as to stage generate's."""
+    root = {"quantize": {"method": "int8"}}
+    backend, _ = make_backend(serve_config(tiny_ckpt, root=root))
+    srv = Server(backend).start()
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        want = generated(tmp_path, tiny_ckpt, PROMPTS[:3], 8, root=root)
+        for prompt, text in zip(PROMPTS[:3], want, strict=True):
+            out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+            assert out.choices[0].text == text
+    finally:
+        srv.stop()
