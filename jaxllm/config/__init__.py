@@ -50,8 +50,10 @@ from jaxllm.config.model import (
     TrainConfig,
 )
 from jaxllm.config.peft import PeftConfig
+from jaxllm.config.quant import QuantizeConfig
 from jaxllm.config.rl import GRPOConfig, PPOConfig
 from jaxllm.config.scaling import ScalingConfig
+from jaxllm.config.serve import ServeConfig
 from jaxllm.config.sft import SFTConfig
 from jaxllm.errors import ConfigError
 
@@ -80,10 +82,12 @@ __all__ = [
     "OptimConfig",
     "PPOConfig",
     "PeftConfig",
+    "QuantizeConfig",
     "RewardConfig",
     "RopeScalingConfig",
     "SFTConfig",
     "ScoreConfig",
+    "ServeConfig",
     "SourceConfig",
     "TokenizerConfig",
     "TrainConfig",
@@ -142,6 +146,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     hf: HFConfig = field(default_factory=HFConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -150,6 +155,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # `stage: pipeline`: each entry is a config path, or a mapping with an optional `config:`
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()

@@ -25,6 +25,9 @@ class HFConfig:
     architecture: Literal[
         "", "BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"
     ] = ""
+    # export: a quantised checkpoint (stage quantize, or a QLoRA run's int base) is refused
+    # unless this is set; then its weights are dequantised (scale * int) into `hf.dtype`.
+    dequantize: bool = False
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ class KVCache:
     or for a scanned model (`cfg.scan_layers`) one stacked [n_layers, B, K, S, H] array each. `segment_ids` [B, S] int32:
     the segment of the token in each slot, 0 for empty or padding slots (never attended).
     `index`: int32 scalar, the next slot to write (the same for every row: the sampler
-    left-pads prompts so that rows stay aligned).
+    left-pads prompts so that rows stay aligned), or [B] int32, each row's own next slot
+    (the serving engine's slots, each at its own length: `with_row_index`).
     """
 
     k: tuple[jax.Array, ...] | jax.Array
@@ -81,6 +82,11 @@ class KVCache:
     def size(self) -> int:
         return self.segment_ids.shape[1]
 
+    def with_row_index(self) -> KVCache:
+        """The cache with a per-row write index [B] (each row starting where all are now)."""
+        b = self.segment_ids.shape[0]
+        return self.replace(index=jnp.broadcast_to(self.index, (b,)).astype(jnp.int32))
+
     def with_prefix(self, k_NPKH: jax.Array, v_NPKH: jax.Array) -> KVCache:
         """The cache with prefix-tuning keys/values (N layers, P slots) written at the next
         P slots, segment `GLOBAL_SEGMENT`: every later query sees them."""
@@ -107,16 +113,26 @@ class KVCache:
         )
 
 
+def write_slots(cache_BKSH: jax.Array, new_BKLH: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` written at slots [index, index + L): one slice for a scalar index, or each row
+    at its own index [B] (rows at different lengths)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache_BKSH, new_BKLH, (0, 0, index, 0))
+    row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (0, i, 0))  # noqa: E731
+    return jax.vmap(row)(cache_BKSH, new_BKLH, index)
+
+
 def make_mask(
     q_slot_L: jax.Array, q_seg_BL: jax.Array, kv_slot_S: jax.Array, kv_seg_BS: jax.Array
 ) -> jax.Array:
     """[B, L, S] bool: a query sees keys at earlier-or-equal slots of its own segment or of
     `GLOBAL_SEGMENT` (a prefix before slot 0, seen by every document of a packed row);
-    segment 0 (padding) sees and is seen by nothing."""
-    causal_LS = kv_slot_S[None, :] <= q_slot_L[:, None]
+    segment 0 (padding) sees and is seen by nothing. `q_slot_L` may be [B, L] (per-row slots)."""
+    causal_LS = kv_slot_S[None, :] <= q_slot_L[..., None]
     same_BLS = q_seg_BL[:, :, None] == kv_seg_BS[:, None, :]
     same_BLS = same_BLS | (kv_seg_BS == GLOBAL_SEGMENT)[:, None, :]
-    return causal_LS[None] & same_BLS & (q_seg_BL != 0)[:, :, None]
+    causal_BLS = causal_LS if causal_LS.ndim == 3 else causal_LS[None]
+    return causal_BLS & same_BLS & (q_seg_BL != 0)[:, :, None]
 
 
 def prefixed_mask(segment_ids_BL: jax.Array, n_prefix: int) -> jax.Array:
@@ -327,9 +343,8 @@ class Attention(nnx.Module):
         if prefix is not None and kv is None:
             k_BKSH, v_BKSH = _with_prefix(k_BKSH, prefix[0]), _with_prefix(v_BKSH, prefix[1])
         if kv is not None:
-            start = (0, 0, index, 0)
-            k_BKSH = jax.lax.dynamic_update_slice(kv[0], k_BKSH.astype(kv[0].dtype), start)
-            v_BKSH = jax.lax.dynamic_update_slice(kv[1], v_BKSH.astype(kv[1].dtype), start)
+            k_BKSH = write_slots(kv[0], k_BKSH.astype(kv[0].dtype), index)
+            v_BKSH = write_slots(kv[1], v_BKSH.astype(kv[1].dtype), index)
             k_BKSH = constrain(k_BKSH, _KV_CACHE_AXES)
             v_BKSH = constrain(v_BKSH, _KV_CACHE_AXES)
             kv = (k_BKSH, v_BKSH)

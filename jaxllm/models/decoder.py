@@ -34,10 +34,12 @@ from jaxllm.models.attention import (
     Prefix,
     make_mask,
     prefixed_mask,
+    write_slots,
 )
 from jaxllm.models.layers import (
     LORA_A,
     MLP,
+    QUANT_SCALE,
     RESIDUAL,
     Embed,
     Norm,
@@ -52,6 +54,7 @@ from jaxllm.models.layers import (
     rope_angles,
     rope_inv_freq,
     sinusoidal_positions,
+    weight_value,
 )
 from jaxllm.models.scan import REMAT_POLICY, scan_blocks, scan_extend, stack_modules
 
@@ -223,15 +226,19 @@ class Decoder(nnx.Module):
         positions_BL: jax.Array,
         segment_ids_BL: jax.Array | None = None,
         last_only: bool = False,
+        at_B: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Writes L tokens at cache slots [index, index + L) and returns their logits (only
-        the last column's, [B, 1, V], with `last_only`) and the new cache. A token attends to
-        earlier-or-equal slots of its own segment (padding slots have segment 0).
-        Inference only: no dropout, no remat."""
+        the last column's, [B, 1, V], with `last_only`; only column `at_B[b]` of each row
+        with `at_B`: right-padded rows) and the new cache. A token attends to
+        earlier-or-equal slots of its own segment (padding slots have segment 0). The
+        cache's index may be per row ([B]). Inference only: no dropout, no remat."""
         x_BLD = self._embed(tokens_BL, positions_BL, None)
         x_BLD, new_cache = self._extend(x_BLD, cache, positions_BL, segment_ids_BL)
         if last_only:
             x_BLD = x_BLD[:, -1:]
+        elif at_B is not None:
+            x_BLD = jnp.take_along_axis(x_BLD, at_B[:, None, None].astype(jnp.int32), axis=1)
         return self.logits(self.final_norm(x_BLD)), new_cache
 
     def _extend(
@@ -242,8 +249,9 @@ class Decoder(nnx.Module):
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((b, l_), jnp.int32)
         index = cache.index
-        seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BL, (0, index))
-        q_slot_L = index + jnp.arange(l_)
+        seg_BS = write_slots(cache.segment_ids[:, None, :, None], segment_ids_BL[:, None, :, None],
+                             index)[:, 0, :, 0]  # fmt: skip
+        q_slot_L = (index[:, None] if index.ndim else index) + jnp.arange(l_)
         mask_BLS = make_mask(q_slot_L, segment_ids_BL, jnp.arange(cache.size), seg_BS)
         rope = self._rope(positions_BL)
         if self.cfg.scan_layers:
@@ -280,6 +288,8 @@ class Decoder(nnx.Module):
             return self.embed.embedding[...]
         if getattr(self, "head" + LORA_A, None) is not None:
             return None
+        if getattr(self, "head" + QUANT_SCALE, None) is not None:  # dequantised, float32
+            return weight_value(self, "head", jnp.float32).T
         return self.head[...].T
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:

@@ -47,6 +47,7 @@ __all__ = [
     "lookup",
     "param",
     "project",
+    "weight_value",
     "rope_inv_freq",
     "sinusoidal_positions",
 ]
@@ -156,6 +157,19 @@ def dense(
 
 
 LORA_A, LORA_B = "_lora_a", "_lora_b"  # adapter attribute suffixes (see models/lora.py)
+QUANT_SCALE = "_qscale"  # a quantised weight's scales (see models/quant.py)
+
+
+def weight_value(module: nnx.Module, name: str, dtype) -> jax.Array:
+    """`module.<name>` in `dtype`; a quantised weight (int values with `<name>_qscale`
+    beside it) is dequantised first, in float32 (qwix: scale * values per group)."""
+    w = getattr(module, name)[...]
+    scale = getattr(module, name + QUANT_SCALE, None)
+    if scale is None:
+        return w.astype(dtype)
+    import qwix  # local: only quantised models need it
+
+    return qwix.dequantize(qwix.QArray(w, scale[...].astype(jnp.float32))).astype(dtype)
 
 
 def project(
@@ -167,11 +181,11 @@ def project(
     key: jax.Array | None = None,
     out_dtype=None,
 ) -> jax.Array:
-    """`dense(x, module.<name>)` in the module's compute dtype, plus the weight's LoRA adapter
+    """`dense(x, module.<name>)` in the module's compute dtype (dequantised when quantised), plus the weight's LoRA adapter
     `scale * dropout(x) A B` when one is attached (`<name>_lora_a`, `<name>_lora_b`): two thin
     matmuls, never the [in, out] product, so the backward pass costs rank-sized work."""
     dtype = module.dtype
-    y = dense(x, getattr(module, name)[...].astype(dtype), n_in, out_dtype=out_dtype)
+    y = dense(x, weight_value(module, name, dtype), n_in, out_dtype=out_dtype)
     a = getattr(module, name + LORA_A, None)
     if a is None:
         return y

@@ -41,12 +41,14 @@ STAGES = {
     "import": "jaxllm.trainers.hf_import",
     "export": "jaxllm.trainers.hf_export",
     "score": "jaxllm.trainers.score",
+    "quantize": "jaxllm.trainers.quantize",
     "scaling": "jaxllm.trainers.scaling",
     "mlm": "jaxllm.trainers.mlm",
     "classify": "jaxllm.trainers.classify",
     "embed": "jaxllm.trainers.embed",
     "eval": "jaxllm.trainers.eval",
     "chat": "jaxllm.trainers.chat",
+    "serve": "jaxllm.trainers.serve",
     "pipeline": "jaxllm.trainers.pipeline",
 }
 

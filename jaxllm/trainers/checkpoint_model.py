@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.config import ModelConfig, PeftConfig
+from jaxllm.config import ModelConfig, PeftConfig, QuantizeConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.models.encoder import Encoder
@@ -31,6 +31,7 @@ from jaxllm.models.peft import (
     methods_in,
     peft_method,
 )
+from jaxllm.models.quant import is_quantized, quantize_model
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.state import TrainState, master_weights, state_shardings
 
@@ -111,6 +112,8 @@ def load_checkpoint_model(
     else:
         build = model_fn(m, 0)
         fn = (lambda: wrap(build(), nnx.Rngs(0))) if wrap else build
+        if meta.get("quantize"):  # written by stage quantize: int weights + scales
+            fn = _quantized_fn(fn, from_dict({"stage": "quantize", "quantize": meta["quantize"]}))
         graphdef, params, _ = nnx.split(nnx.eval_shape(fn), filt, ...)
         frozen = _materialised_rest(fn, filt, mesh, rules)
     params, meta = restore_params(ckpt, step, params, mesh, rules)
@@ -155,6 +158,8 @@ def _peft_model(
     if left:
         raise ConfigError(f"{ckpt_dir}/{step}: its base {base} is itself a {left[0]} run")
     model = wrap(model, nnx.Rngs(0)) if wrap else model
+    if run_cfg.quantize.enabled and not is_quantized(bstate):  # QLoRA on a float base
+        model = quantize_loaded(model, run_cfg.quantize, mesh, rules)
     with nnx.use_eager_sharding(False):
         apply_peft(model, run_cfg.peft, nnx.Rngs(0))
     if meta.get("peft_folded"):
@@ -162,6 +167,49 @@ def _peft_model(
     graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
     params = master_weights(params)  # trained variables were saved as float32
     return graphdef, params, frozen
+
+
+def _quantized_fn(fn: Callable[[], nnx.Module], cfg) -> Callable[[], nnx.Module]:
+    def build() -> nnx.Module:
+        model = fn()
+        with nnx.use_eager_sharding(False):
+            quantize_model(model, cfg.quantize)
+        return model
+
+    return build
+
+
+def quantize_loaded(model: nnx.Module, q: QuantizeConfig, mesh, rules: str) -> nnx.Module:
+    """A loaded model with its `q.scope` weights quantised (models/quant.py), computed
+    under jit straight into the quantised weights' shardings."""
+    graphdef, state = nnx.split(model)
+    graphdef, state = quantize_state(graphdef, state, q, mesh, rules)
+    return nnx.merge(graphdef, state)
+
+
+def quantize_state(
+    graphdef: nnx.GraphDef, state: nnx.State, q: QuantizeConfig, mesh, rules: str = "dp"
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """`(graphdef, state)` of a loaded model with the weights `q.scope` matches quantised
+    (`q.method`: int8 / int4; a state already quantised, or `method: none`, comes back as
+    it is). What generate, score, eval and a server call on a model they loaded; errors
+    name the `quantize.*` key."""
+    if not q.enabled or is_quantized(state):
+        return graphdef, state
+
+    def quantized(state: nnx.State) -> nnx.Module:
+        model = nnx.merge(graphdef, state)
+        with nnx.use_eager_sharding(False):
+            quantize_model(model, q)
+        return model
+
+    try:
+        new_graphdef, abstract = nnx.split(nnx.eval_shape(lambda: quantized(state)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shardings = state_shardings(abstract, mesh, rules)
+    new = jax.jit(lambda s: nnx.state(quantized(s)), out_shardings=shardings)(state)
+    return new_graphdef, new
 
 
 def folded_final_save(graphdef: nnx.GraphDef, filt: Any) -> Callable[[TrainState], tuple]:
@@ -230,7 +278,8 @@ def load_frozen_model(
     the other PEFT methods kept (they cannot be merged). Only weights are read
     (`load_checkpoint_model`). Returns `(graphdef, state, shardings, model_cfg, meta)`."""
     graphdef, state, m, meta = load_checkpoint_model(Path(ckpt_dir), mesh, rules, wrap=wrap)
-    if any(method.mergeable for method in methods_in(state)):
+    # QLoRA: int base weights cannot take the merged update, the adapters stay beside them
+    if any(method.mergeable for method in methods_in(state)) and not is_quantized(state):
         model = nnx.merge(graphdef, state)
         merge_peft(model)
         graphdef, state = nnx.split(model)

@@ -48,7 +48,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     for m in models_of(cfg):
         backend = EvalModel.load(
             m.checkpoint, tokenizer=cfg.inputs.tokenizer, mesh=cfg.mesh, max_len=ev.max_len,
-            batch_size=ev.batch_size, truncation=ev.truncation,
+            batch_size=ev.batch_size, truncation=ev.truncation, quantize=cfg.quantize,
         )  # fmt: skip
         for task in tasks:
             t0 = time.perf_counter()

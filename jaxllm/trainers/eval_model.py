@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllm.config import MeshConfig
+from jaxllm.config import MeshConfig, QuantizeConfig
 from jaxllm.errors import ConfigError
 from jaxllm.evaluation.metrics import rolling_windows
 from jaxllm.evaluation.runner import Generation, GenOptions, Rolled, Scored, TooLong
@@ -33,7 +33,7 @@ from jaxllm.generation.batched import response_texts, sample_all
 from jaxllm.generation.scoring import score_continuations
 from jaxllm.interop import load_tokenizer
 from jaxllm.sharding import make_mesh
-from jaxllm.trainers.checkpoint_model import load_checkpoint_model
+from jaxllm.trainers.checkpoint_model import load_checkpoint_model, quantize_state
 
 
 class EvalModel:
@@ -54,13 +54,17 @@ class EvalModel:
     def load(
         cls, checkpoint: str | Path, *, tokenizer: str = "", mesh: MeshConfig | None = None,
         max_len: int = 0, batch_size: int = 16, truncation: str = "left",
+        quantize: QuantizeConfig | None = None,
     ) -> EvalModel:  # fmt: skip
-        """A checkpoint directory (jaxllm, LoRA or imported) loaded onto the mesh."""
+        """A checkpoint directory (jaxllm, LoRA, quantised or imported) loaded onto the
+        mesh, its weights quantised by `quantize` when given."""
         mesh_cfg = mesh or MeshConfig()
         m = make_mesh(mesh_cfg)
         graphdef, state, model_cfg, meta = load_checkpoint_model(
             Path(checkpoint), m, mesh_cfg.rules
         )
+        if quantize is not None:
+            graphdef, state = quantize_state(graphdef, state, quantize, m, mesh_cfg.rules)
         tok_path = tokenizer or meta.get("tokenizer", "")
         if not tok_path:
             raise ConfigError(

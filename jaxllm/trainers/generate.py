@@ -19,7 +19,7 @@ from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import END_TOKEN, render_text
 from jaxllm.trainers import require_input
-from jaxllm.trainers.lm import load_checkpoint_model
+from jaxllm.trainers.lm import load_checkpoint_model, quantize_state
 
 
 def read_prompts(cfg: Config) -> list[str]:
@@ -57,6 +57,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules  # prompts split over the data axes
     graphdef, state, model_cfg, meta = load_checkpoint_model(ckpt, mesh, rules)
+    graphdef, state = quantize_state(graphdef, state, cfg.quantize, mesh, rules)
     tok_path = cfg.inputs.tokenizer or meta.get("tokenizer", "")
     if not tok_path:
         raise ConfigError("config key 'inputs.tokenizer' is empty and the checkpoint names none")

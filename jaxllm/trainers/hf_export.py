@@ -11,11 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from jaxllm.config import Config, MeshConfig
 from jaxllm.errors import ConfigError
 from jaxllm.interop import HF_TOKENIZER_FILES, infer_family
 from jaxllm.interop.export import export_hf
-from jaxllm.models.peft import methods_in
+from jaxllm.models.peft import merge_peft, methods_in
+from jaxllm.models.quant import dequantize_model, is_quantized
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
@@ -31,17 +34,30 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
     if hf.architecture or checkpoint_arch(ckpt) == "encoder":
         return export_bert_checkpoint(ckpt, out, hf.dtype, cfg.mesh, hf.architecture)
-    return export_checkpoint(ckpt, out, hf.dtype, cfg.mesh)
+    return export_checkpoint(ckpt, out, hf.dtype, cfg.mesh, dequantize=hf.dequantize)
 
 
 def export_checkpoint(
-    ckpt: Path, out: Path, dtype: str = "float32", mesh_cfg: MeshConfig | None = None
-) -> dict[str, Any]:
+    ckpt: Path, out: Path, dtype: str = "float32", mesh_cfg: MeshConfig | None = None,
+    dequantize: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Loads the newest checkpoint in `ckpt` on the mesh of `mesh_cfg` (default: every
     device; with fsdp rules no device holds the whole model), LoRA adapters merged into the
-    weights, and writes it to `out` (each weight gathered to the host in turn)."""
+    weights, and writes it to `out` (each weight gathered to the host in turn). A quantised
+    checkpoint is refused unless `dequantize` (then scale * int, QLoRA adapters merged)."""
     mesh_cfg = mesh_cfg or MeshConfig()
-    _, state, _, m, meta = load_frozen_model(ckpt, make_mesh(mesh_cfg), mesh_cfg.rules)
+    graphdef, state, _, m, meta = load_frozen_model(ckpt, make_mesh(mesh_cfg), mesh_cfg.rules)
+    if is_quantized(state):
+        if not dequantize:
+            raise ConfigError(
+                f"config key 'inputs.checkpoint': {ckpt} is quantised (int weights + scales), "
+                "which HF safetensors of this family cannot hold; export its float source, or "
+                "set hf.dequantize: true to write scale * int weights"
+            )
+        model = nnx.merge(graphdef, state)
+        dequantize_model(model)
+        merge_peft(model)
+        state = nnx.state(model)
     left = [method.name for method in methods_in(state)]  # what merging could not fold in
     if left:
         raise ConfigError(

@@ -22,14 +22,16 @@ from jaxllm.config import (
 )
 from jaxllm.errors import ConfigError
 from jaxllm.models.peft import apply_peft, merge_peft, peft_method
+from jaxllm.models.quant import is_quantized
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import Wrap as Wrap
-from jaxllm.trainers.checkpoint_model import folded_final_save
+from jaxllm.trainers.checkpoint_model import folded_final_save, quantize_loaded
 from jaxllm.trainers.checkpoint_model import fresh_train_state as fresh_train_state
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model as load_checkpoint_model
 from jaxllm.trainers.checkpoint_model import load_frozen_model as load_frozen_model
 from jaxllm.trainers.checkpoint_model import model_fn as model_fn
+from jaxllm.trainers.checkpoint_model import quantize_state as quantize_state
 from jaxllm.trainers.checkpoint_model import trainable_filter as trainable_filter
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import LoopSpec, Watch
@@ -233,7 +235,11 @@ def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> Sta
     graphdef, weights, m, meta = load_checkpoint_model(Path(ckpt_in), mesh, cfg.mesh.rules)
     check_checkpoint_model(cfg, m)
     model = nnx.merge(graphdef, weights)
-    left = merge_peft(model)
+    try:
+        left = merge_peft(model)
+    except ValueError as e:  # a QLoRA checkpoint: its adapters cannot fold into int weights
+        raise ConfigError(f"config key 'inputs.checkpoint': {ckpt_in}: {e}") from None
+    model = _qlora_base(cfg, model, mesh)
     if left:
         raise ConfigError(
             f"config key 'inputs.checkpoint': {ckpt_in} was trained with peft.method "
@@ -269,6 +275,21 @@ def start_from_model(
         graphdef, state, shardings, m, meta, ckpt_in, trainable,
         trainable + count_params(frozen), final,
     )  # fmt: skip
+
+
+def _qlora_base(cfg: Config, model: nnx.Module, mesh) -> nnx.Module:
+    """The frozen base of QLoRA: `quantize:` applied to the loaded model (a checkpoint
+    already quantised stays so). Int weights never train: without a PEFT method a
+    quantised base is refused."""
+    if not (cfg.quantize.enabled or is_quantized(model)):
+        return model
+    if not cfg.peft.enabled:
+        raise ConfigError(
+            "config key 'peft.method': a quantised base (quantize.method "
+            f"{cfg.quantize.method}, or a quantised inputs.checkpoint) has int weights that "
+            "cannot train; set peft.method: lora (QLoRA) or quantize.method: none"
+        )
+    return quantize_loaded(model, cfg.quantize, mesh, cfg.mesh.rules)
 
 
 def load_model_tokenizer(path: str | Path, m: ModelConfig) -> Any:

@@ -29,7 +29,7 @@ from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.sharding.batch import map_rows
 from jaxllm.trainers import require_input
-from jaxllm.trainers.lm import load_checkpoint_model
+from jaxllm.trainers.lm import load_checkpoint_model, quantize_state
 
 
 def score_ids(
@@ -108,6 +108,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = require_input(cfg, "checkpoint")
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules  # batches split over the data axes
     graphdef, state, m, meta = load_checkpoint_model(ckpt, mesh, rules)
+    graphdef, state = quantize_state(graphdef, state, cfg.quantize, mesh, rules)
     items = read_inputs(sc)
     rows = _to_ids(items, cfg.inputs.tokenizer or meta.get("tokenizer", ""), m.vocab_size)
     max_len = min(sc.max_len, m.max_seq_len) if m.positions == "learned" else sc.max_len

@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 
 from jaxllm.config import MeshConfig, from_dict  # noqa: E402
 from jaxllm.config.interop import ScoreConfig  # noqa: E402
+from jaxllm.config.quant import QuantizeConfig  # noqa: E402
 from jaxllm.generation import Sampler  # noqa: E402
 from jaxllm.interop import HFTokenizer, load_tokenizer  # noqa: E402
 from jaxllm.interop.export import export_hf  # noqa: E402
@@ -175,6 +176,7 @@ def _score_stage(imported, rows, tmp_path):
     cfg = types.SimpleNamespace(
         score=ScoreConfig(texts_file=str(path), batch_size=2, max_len=64),
         mesh=MeshConfig(),  # every device: the stage splits its batches over them
+        quantize=QuantizeConfig(),  # none
         inputs=types.SimpleNamespace(
             checkpoint=str(imported.dir / "run/checkpoints"), tokenizer=""
         ),

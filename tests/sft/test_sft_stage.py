@@ -59,7 +59,7 @@ def test_sft_stage_end_to_end_and_resume(tmp_path, tok, tiny_ckpt):
     assert 0.0 <= summary["exact_match_after"] <= 1.0
     assert summary["val_loss_after"] < summary["val_loss_before"]  # learning the format
     assert summary["steps"] == 4 and len(summary["samples_after"]) == 6
-    assert set(summary["exact_match_by_task_after"]) <= {"bible", "poem", "math", "qa"}
+    assert set(summary["exact_match_by_task_after"]) <= {"bible", "poem", "math", "qa", "service"}
     assert summary["samples_after"][0]["prompt"].endswith("<|assistant|>")
     metrics = [json.loads(x) for x in (tmp_path / "sft/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 4]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import PeftConfig
-from jaxllm.models.layers import LORA_A, LORA_B, ParamKeys
+from jaxllm.models.layers import LORA_A, LORA_B, QUANT_SCALE, ParamKeys
 from jaxllm.models.scan import is_stacked
 
 # weight attribute → number of leading input axes (the rest are output axes)
@@ -80,8 +80,10 @@ def _adapters(
     # A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)): Kaiming-uniform(a=sqrt(5)) as in the LoRA
     # reference implementation; B = 0.
     bound = 1.0 / math.sqrt(math.prod(in_shape))
-    a = jax.random.uniform(rngs.params(), (*lead, *in_shape, rank), w.dtype, -bound, bound)
-    b = jnp.zeros((*lead, rank, *out_shape), w.dtype)
+    # a quantised weight (QLoRA's int base) gets float32 adapters
+    dtype = w.dtype if jnp.issubdtype(w.dtype, jnp.floating) else jnp.float32
+    a = jax.random.uniform(rngs.params(), (*lead, *in_shape, rank), dtype, -bound, bound)
+    b = jnp.zeros((*lead, rank, *out_shape), dtype)
     return (
         nnx.LoRAParam(a, out_sharding=(*lead_ax, *in_ax, None)),
         nnx.LoRAParam(b, out_sharding=(*lead_ax, None, *out_ax)),
@@ -90,13 +92,21 @@ def _adapters(
 
 def merge_lora(model: nnx.Module) -> int:
     """Folds every adapter into its weight (`W += scale * A B`, in float32) and removes the
-    adapters, in place. Returns how many weights were merged."""
+    adapters, in place. Returns how many weights were merged. A quantised weight (QLoRA's
+    int base) cannot take the float update: ValueError."""
     merged = 0
-    for _, module in list(nnx.iter_modules(model)):
+    for path, module in list(nnx.iter_modules(model)):
         for name in TARGETABLE:
             a = getattr(module, name + LORA_A, None)
             if a is None:
                 continue
+            if getattr(module, name + QUANT_SCALE, None) is not None:
+                where = ".".join(str(p) for p in (*path, name))
+                raise ValueError(
+                    f"peft: the LoRA adapter of {where} sits on a quantised weight (QLoRA), "
+                    "which cannot hold the merged float update; keep the adapters, or "
+                    "dequantise first"
+                )
             b = getattr(module, name + LORA_B)
             w = getattr(module, name)
             lead = w.shape[:1] if is_stacked(w) else ()

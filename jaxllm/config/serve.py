@@ -1,0 +1,32 @@
+"""Config section of `stage: serve`: the OpenAI-compatible HTTP server and its engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where the server listens, what it calls the model, and the engine's sizes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = ""  # the `model` id clients pass (empty: the config's name)
+    slots: int = 16  # decode slots: requests decoded together in one program
+    max_len: int = 0  # tokens per slot, prompt + completion (0: the model's max_seq_len)
+    prefill_batch: int = 4  # prompts of one length bucket prefilled per call
+    min_bucket: int = 16  # shortest prompt bucket (buckets: powers of two up to max_len)
+    max_queue: int = 64  # requests waiting for a slot; more are answered 429
+    max_tokens: int = 256  # the most a request may ask for (default per request: 16)
+    # a key clients must send as `Authorization: Bearer <key>`; "env:NAME" reads it from
+    # the environment variable NAME; empty: no key
+    api_key: str = ""
+    warmup: bool = True  # compile the programs before listening
+
+    def _validate(self) -> None:
+        if self.slots < 1 or self.prefill_batch < 1 or self.max_queue < 1:
+            raise ValueError("slots: need slots, prefill_batch and max_queue >= 1")
+        if self.max_len < 0 or self.max_tokens < 1 or self.min_bucket < 1:
+            raise ValueError("max_len: need max_len >= 0, max_tokens >= 1, min_bucket >= 1")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: must be 0..65535, got {self.port}")

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible ASGI app (starlette): `/v1/completions`, `/v1/chat/completions`
+(the chat template), `/v1/models`, `/health`, over a continuous-batching `Engine`.
+
+Every failure is an answer, never a crash: bad JSON or parameters, an unknown model, a
+prompt too long for the context → 400/404 with OpenAI's error JSON; a full queue → 429; a
+missing or wrong API key (when one is set) → 401. A client that goes away (mid-stream or
+while waiting) cancels its sequences, which frees their slots at the next engine turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jaxllm.errors import DataError
+from jaxllm.generation.engine import Engine, QueueFull, Seq
+from jaxllm.serving.choices import Choice, chat_logprobs, completion_logprobs
+from jaxllm.serving.protocol import APIError, Params, parse_json, parse_params
+from jaxllm.tokenizer.chat import END_TOKEN, ChatTemplate
+
+
+@dataclass
+class Backend:
+    """What the routes serve: the engine, its tokenizer and the served model's name."""
+
+    engine: Engine
+    tok: Any
+    model_name: str
+    max_tokens: int = 256
+    api_key: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.created = self.created or int(time.time())
+        try:
+            self.template: ChatTemplate | None = ChatTemplate(self.tok)
+        except DataError:
+            self.template = None  # a tokenizer without the chat tokens: completions only
+        end = self.tok.special_ids.get(END_TOKEN)
+        self.stop_ids = frozenset({self.tok.eos_id})
+        self.chat_stop_ids = self.stop_ids | ({end} if end is not None else set())
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _check_auth(request: Request, backend: Backend) -> None:
+    if not backend.api_key:
+        return
+    header = request.headers.get("authorization", "")
+    if not secrets.compare_digest(header, f"Bearer {backend.api_key}"):
+        raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                       code="invalid_api_key")  # fmt: skip
+
+
+def _prompt_ids(backend: Backend, p: Params, chat: bool) -> list[list[int]]:
+    if not chat:
+        return [backend.tok.encode(text, add_bos=True) for text in p.prompts]
+    if backend.template is None:
+        raise APIError(400, "this model's tokenizer has no chat tokens: use /v1/completions")
+    try:
+        return [backend.template.prompt_ids(list(p.messages))]
+    except DataError as e:
+        raise APIError(400, str(e).removeprefix("render: "), param="messages") from None
+
+
+class Job:
+    """A request's choices in the engine, their events on this event loop's queue."""
+
+    def __init__(self, backend: Backend, ids: list[list[int]], p: Params, chat: bool):
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def put(event: tuple) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        base = p.seed if p.seed is not None else secrets.randbits(31)
+        self.choices, self.seqs = [], []
+        for j, prompt in enumerate(ids):
+            for i in range(p.n):
+                c = Choice(j * p.n + i, backend.tok, p.stop, put)
+                self.choices.append(c)
+                self.seqs.append(Seq(
+                    prompt=prompt, max_tokens=p.max_tokens, temperature=p.temperature,
+                    top_p=p.top_p, seed=base + j * p.n + i, on_token=c.on_token,
+                    on_done=c.on_done,
+                    stop_ids=backend.chat_stop_ids if chat else backend.stop_ids,
+                ))  # fmt: skip
+        self.prompt_tokens = sum(len(x) for x in ids)
+        engine = backend.engine
+        if engine.waiting + len(self.seqs) > engine.max_queue:
+            raise APIError(429, "the server is busy: too many requests waiting, retry later",
+                           type="rate_limit_exceeded", code="queue_full")  # fmt: skip
+        try:
+            for seq in self.seqs:
+                engine.submit(seq)
+        except QueueFull:
+            self.cancel()
+            raise APIError(429, "the server is busy: too many requests waiting, retry later",
+                           type="rate_limit_exceeded", code="queue_full") from None  # fmt: skip
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            seq.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.generated for s in self.seqs)
+
+    def usage(self) -> dict[str, int]:
+        done = self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}  # fmt: skip
+
+    async def events(self, request: Request | None = None) -> AsyncIterator[tuple]:
+        """Events until every choice is done; with `request`, polls for a disconnect."""
+        left = len(self.seqs)
+        while left:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    self.cancel()
+                    return
+                continue
+            left -= event[0] == "done"
+            yield event
+
+
+def _finish_reason(reason: str) -> str:
+    if reason in ("stop", "length"):
+        return reason
+    raise APIError(500, f"generation ended: {reason}", type="server_error")
+
+
+def _logprobs(backend: Backend, p: Params, chat: bool, tokens: list, offset: int):
+    if p.logprobs is None:
+        return None
+    if chat:
+        return chat_logprobs(backend.tok, tokens, p.logprobs)
+    return completion_logprobs(backend.tok, tokens, p.logprobs, offset)
+
+
+async def _complete(backend, job: Job, p: Params, chat: bool, request: Request) -> dict:
+    texts = {c.index: "" for c in job.choices}
+    toks: dict[int, list] = {c.index: [] for c in job.choices}
+    reasons: dict[int, str] = {}
+    async for event in job.events(request):
+        if event[0] == "delta":
+            texts[event[1]] += event[2]
+            toks[event[1]] += event[3]
+        else:
+            reasons[event[1]] = _finish_reason(event[2])
+    choices = []
+    for i in sorted(texts):
+        lp = _logprobs(backend, p, chat, toks[i], 0)
+        if chat:
+            msg = {"role": "assistant", "content": texts[i]}
+            choices.append({"index": i, "message": msg, "logprobs": lp,
+                            "finish_reason": reasons.get(i)})  # fmt: skip
+        else:
+            choices.append({"index": i, "text": texts[i], "logprobs": lp,
+                            "finish_reason": reasons.get(i)})  # fmt: skip
+    kind = "chat.completion" if chat else "text_completion"
+    return {"id": _new_id(chat), "object": kind, "created": int(time.time()),
+            "model": backend.model_name, "choices": choices, "usage": job.usage()}  # fmt: skip
+
+
+async def _stream(backend, job: Job, p: Params, chat: bool) -> AsyncIterator[str]:
+    head = {"id": _new_id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": backend.model_name}  # fmt: skip
+    offsets = {c.index: 0 for c in job.choices}
+
+    def chunk(i: int, text: str, tokens: list, reason: str | None) -> str:
+        lp = _logprobs(backend, p, chat, tokens, offsets[i]) if tokens else None
+        offsets[i] += len(text)
+        if chat:
+            body = {"index": i, "delta": {"role": "assistant", "content": text},
+                    "logprobs": lp, "finish_reason": reason}  # fmt: skip
+        else:
+            body = {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+        return f"data: {json.dumps({**head, 'choices': [body]}, ensure_ascii=False)}\n\n"
+
+    try:
+        async for event in job.events():
+            if event[0] == "delta":
+                yield chunk(event[1], event[2], event[3], None)
+                continue
+            try:
+                yield chunk(event[1], "", [], _finish_reason(event[2]))
+            except APIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+        if p.include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': job.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or the stream ended): free any slot still held
+        job.cancel()
+
+
+def _new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+
+
+def build_app(backend: Backend) -> Starlette:
+    """The starlette app over `backend` (the engine must be started by the caller)."""
+
+    async def generate(request: Request, chat: bool) -> Response:
+        try:
+            _check_auth(request, backend)
+            body = parse_json(await request.body())
+            if body.get("model") != backend.model_name:
+                raise APIError(404, f"the model '{body.get('model')}' does not exist; this "
+                               f"server serves '{backend.model_name}'", param="model",
+                               code="model_not_found")  # fmt: skip
+            engine = backend.engine
+            p = parse_params(body, chat=chat, max_tokens_limit=backend.max_tokens,
+                             max_n=engine.n_slots)  # fmt: skip
+            ids = _prompt_ids(backend, p, chat)
+            longest = max(len(x) for x in ids)
+            if longest + p.max_tokens > engine.max_len:
+                raise APIError(400, f"this model's maximum context length is {engine.max_len} "
+                               f"tokens, but you requested {longest + p.max_tokens} ({longest} "
+                               f"in the prompt, {p.max_tokens} to complete): shorten either",
+                               param="messages" if chat else "prompt",
+                               code="context_length_exceeded")  # fmt: skip
+            job = Job(backend, ids, p, chat)
+            if p.stream:
+                return StreamingResponse(_stream(backend, job, p, chat),
+                                         media_type="text/event-stream")  # fmt: skip
+            return JSONResponse(await _complete(backend, job, p, chat, request))
+        except APIError as e:
+            return _error(e)
+
+    async def completions(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    async def models(request: Request) -> Response:
+        try:
+            _check_auth(request, backend)
+        except APIError as e:
+            return _error(e)
+        card = {"id": backend.model_name, "object": "model", "created": backend.created,
+                "owned_by": "jaxllm"}  # fmt: skip
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        e = backend.engine
+        return JSONResponse({"status": "ok", "slots": e.n_slots, "busy": e.busy,
+                             "waiting": e.waiting, "max_len": e.max_len})  # fmt: skip
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: "
+                               f"{exc.detail}"))  # fmt: skip
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -1,0 +1,232 @@
+"""`stage: serve` with the real `openai` client against the server on a free localhost port:
+greedy answers equal `stage: generate`'s, streaming equals non-streaming, 32 concurrent
+clients get the answers they would get alone, and every bad request is an OpenAI-shaped
+error after which the server still answers."""
+
+import http.client
+import json
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+
+from jaxllm.config import from_dict
+from jaxllm.rundir import RunDir
+from jaxllm.serving import Server
+from jaxllm.trainers import generate
+from jaxllm.trainers.serve import make_backend
+
+MODEL = "tiny-test"
+PROMPTS = ["2 + 3 =", "The LORD is", "hacker: n.", "What is 7 + 5?", "Hello", "a b c d", "x", "9"]
+
+
+def serve_config(ckpt, root=None, **serve):
+    return from_dict({
+        "stage": "serve", "inputs": {"checkpoint": str(ckpt)}, **(root or {}),
+        "serve": {"model_name": MODEL, "slots": 8, "max_len": 64, "max_queue": 64, **serve},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    backend, _ = make_backend(serve_config(tiny_ckpt))
+    srv = Server(backend).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def generated(tmp_path, ckpt, prompts, n, root=None, **gen):
+    cfg = from_dict({
+        "stage": "generate", "output_dir": str(tmp_path / "g"), "progress": False, **(root or {}),
+        "inputs": {"checkpoint": str(ckpt)},
+        "generate": {"prompts": prompts, "max_new_tokens": n, "temperature": 0, **gen},
+    })  # fmt: skip
+    run_dir = RunDir.open(cfg)
+    run_dir.finish(generate.run(cfg, run_dir))
+    rows = (tmp_path / "g/generations.jsonl").read_text().splitlines()
+    return [json.loads(r)["completion"] for r in rows]
+
+
+def call(server, method, path, body=None, raw=None):
+    """(status, JSON) of a plain HTTP request (no client-side checks in the way)."""
+    conn = http.client.HTTPConnection(urlsplit(server.url).netloc, timeout=60)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read())
+    conn.close()
+    return out
+
+
+def assert_alive(client):
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_greedy_completions_equal_stage_generate(tmp_path, tiny_ckpt, client):
+    want = generated(tmp_path, tiny_ckpt, PROMPTS[:4], 12)
+    for prompt, text in zip(PROMPTS[:4], want):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == text
+        assert out.usage.completion_tokens <= 12 and out.object == "text_completion"
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                           temperature=0, stream=True)  # fmt: skip
+        assert "".join(c.choices[0].text for c in stream) == text
+
+
+def test_chat_equals_stage_generate_with_chat(tmp_path, tiny_ckpt, client):
+    q = "What is 7 + 5?"
+    want = generated(tmp_path, tiny_ckpt, [q], 10, chat=True, system="Be brief.")[0]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                         temperature=0)  # fmt: skip
+    assert out.choices[0].message.content == want and out.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                            temperature=0, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+
+def test_32_concurrent_clients_get_their_own_answers(client):
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(32)]
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        .choices[0].text for p in prompts
+    ]  # fmt: skip
+
+    def ask(p):
+        return client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+
+    with ThreadPoolExecutor(32) as pool:
+        together = [r.choices[0].text for r in pool.map(ask, prompts)]
+    assert together == alone
+
+
+def test_n_seed_stop_logprobs(client):
+    kw = dict(model=MODEL, prompt="The LORD is", max_tokens=8, temperature=1.0, n=3, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1 and [c.index for c in a.choices] == [0, 1, 2]
+    greedy = dict(model=MODEL, max_tokens=12, temperature=0)
+    texts = {p: client.completions.create(prompt=p, **greedy).choices[0].text for p in PROMPTS}
+    prompt, text = max(texts.items(), key=lambda kv: len(kv[1]))
+    assert len(text) > 3
+    cut = client.completions.create(prompt=prompt, stop=["zzz", text[2:4]], **greedy)
+    assert cut.choices[0].text == text[: text.index(text[2:4])]
+    assert cut.choices[0].finish_reason == "stop"
+    out = client.completions.create(prompt=prompt, logprobs=2, **{**greedy, "max_tokens": 4})
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) >= 1
+    assert len(lp.tokens) == out.usage.completion_tokens
+    assert all(x <= 0 for x in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 3 for c in content)
+    assert abs(content[0].top_logprobs[0].logprob - content[0].logprob) < 1e-5  # greedy
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = call(server, "GET", "/health")[1]
+    assert health["status"] == "ok" and health["slots"] == 8
+    if shutil.which("curl"):
+        body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 3})
+        out = subprocess.run(
+            ["curl", "-s", f"{server.url}/v1/completions", "-H", "Content-Type: application/json",
+             "-d", body], capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert json.loads(out.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+BAD = [
+    ({"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+    ({"model": MODEL, "prompt": "word " * 80}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 64}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x", "temperature": 5}, 400, None),
+    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, None),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, None),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, None),
+    ({"model": MODEL, "prompt": 5}, 400, None),
+    ({"model": MODEL, "prompt": "x", "stop": [1]}, 400, None),
+    ({"model": MODEL, "prompt": "x", "logprobs": 9}, 400, None),
+]
+
+
+@pytest.mark.parametrize("body,status,code", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_requests_are_openai_errors(client, server, body, status, code):
+    got, out = call(server, "POST", "/v1/completions", body)
+    assert got == status, out
+    err = out["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert code is None or err["code"] == code
+    assert_alive(client)
+
+
+def test_malformed_json_bad_chat_and_unknown_route(client, server):
+    url = "/v1/chat/completions"
+    status, out = call(server, "POST", url, raw=b"{not json")
+    assert status == 400 and "JSON" in out["error"]["message"]
+    body = {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}
+    status, out = call(server, "POST", url, body)
+    assert status == 400 and out["error"]["param"] == "messages"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    status, out = call(server, "GET", "/v2/nothing")
+    assert status == 404 and "error" in out
+    assert_alive(client)
+
+
+def test_disconnect_mid_stream_frees_the_slot(client, server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 50, "temperature": 1.0,
+            "stream": True, "seed": 1}  # fmt: skip
+    conn = http.client.HTTPConnection(urlsplit(server.url).netloc, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})  # fmt: skip
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")  # one chunk, then hang up
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 30
+    while server.backend.engine.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.backend.engine.busy == 0
+    assert_alive(client)
+
+
+def test_full_queue_is_429_and_api_key(client, server, monkeypatch):
+    monkeypatch.setattr(server.backend.engine, "max_queue", 0)
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    monkeypatch.undo()
+    monkeypatch.setattr(server.backend, "api_key", "sekret")
+    with pytest.raises(openai.AuthenticationError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0)
+    assert_alive(keyed)
+    assert call(server, "GET", "/health")[0] == 200  # health needs no key
+
+
+def test_quantised_serving_equals_quantised_generate(tmp_path, tiny_ckpt):
+    """The `quantize:` section applies to the served weights as to stage generate's."""
+    root = {"quantize": {"method": "int8"}}
+    backend, _ = make_backend(serve_config(tiny_ckpt, root=root))
+    srv = Server(backend).start()
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        want = generated(tmp_path, tiny_ckpt, PROMPTS[:3], 8, root=root)
+        for prompt, text in zip(PROMPTS[:3], want, strict=True):
+            out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+            assert out.choices[0].text == text
+    finally:
+        srv.stop()
