@@ -39,8 +39,10 @@ def row(run: Path) -> str:
 
 
 def main(argv: list[str]) -> None:
-    print("| method | lr | test acc. / macro-F1 (val) | trainable params | checkpoint "
-          "| checkpoints dir | step (median) | wall |")
+    print(
+        "| method | lr | test acc. / macro-F1 (val) | trainable params | checkpoint "
+        "| checkpoints dir | step (median) | wall |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for arg in argv:
         print(row(Path(arg)))
