@@ -109,7 +109,17 @@ class GRPOConfig:
     clip_eps: float = 0.2
     beta: float = 0.0  # KL(pi || ref) weight; 0: no reference pass in the loss
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k1 is rejected: see _validate
-    scale_by_std: bool = True  # false: Dr. GRPO (r - mean)
+    scale_by_std: bool = True  # false: r - mean (with advantage: grpo, the same as drgrpo)
+    # The registries (jaxllm/trainers/advantages.py ADVANTAGES, jaxllm/training/policy_losses.py
+    # POLICY_LOSSES); the defaults are GRPO as it was before them, bit for bit.
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    loss: Literal["ppo_clip", "dapo", "gspo", "cispo"] = "ppo_clip"
+    clip_eps_high: float = 0.0  # upper ratio width for dapo/gspo/cispo (0: clip_eps)
+    loss_norm: Literal["tokens", "constant"] = "tokens"  # constant: rows x max_new_tokens
+    dynamic_sampling: bool = False  # DAPO: drop the groups whose rewards are all equal
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0: off)
+    overlong_penalty: float = 1.0  # the punishment at max_new_tokens
+    tis_cap: float = 0.0  # truncated IS weight min(pi_old / pi_sampler, cap) (0: off)
     rewards: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = (1.0,)
     eval_examples: int = 64
@@ -129,6 +139,17 @@ class GRPOConfig:
             raise ValueError("rewards, reward_weights: need one weight per reward name")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0, got {self.beta}")
+        if self.clip_eps_high < 0 or self.tis_cap < 0 or self.overlong_penalty < 0:
+            raise ValueError("clip_eps_high, tis_cap, overlong_penalty: must be >= 0")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer: must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                f"{self.overlong_buffer}"
+            )
+        if self.tis_cap and self.tis_cap < 1:
+            raise ValueError(
+                f"tis_cap: a truncation cap below 1 biases every token, got {self.tis_cap}"
+            )
         if self.kl_estimator == "k1":
             raise ValueError(
                 "kl_estimator: k1 is not allowed in GRPO: the KL is a loss term there and the "

@@ -79,3 +79,90 @@ def group_advantages(
     if scale_by_std:
         adv_GK = adv_GK / (jnp.std(r_GK, axis=-1, keepdims=True) + eps)
     return adv_GK.reshape(n)
+
+
+def _groups(rewards_N: jax.Array, group_size: int) -> jax.Array:
+    n = rewards_N.shape[0]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"{n} rewards do not split into groups of group_size={group_size}")
+    return rewards_N.astype(jnp.float32).reshape(n // group_size, group_size)
+
+
+def grpo_advantages(rewards_N: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+    """GRPO (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300): (r - group mean) / (group
+    std + eps). The registry's `grpo`; main's `group_advantages` with `scale_by_std=True`."""
+    return group_advantages(rewards_N, group_size, eps, scale_by_std=True)
+
+
+def drgrpo_advantages(rewards_N: jax.Array, group_size: int) -> jax.Array:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective", arXiv:2503.20783): r - group mean, no division by the group std (which
+    up-weights groups that are nearly all right or all wrong). Its other half, no division by
+    the response length, is the loss's aggregation (`grpo.loss_norm: constant`)."""
+    return group_advantages(rewards_N, group_size, scale_by_std=False)
+
+
+def rloo_advantages(rewards_N: jax.Array, group_size: int) -> jax.Array:
+    """RLOO (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Ahmadian
+    et al. 2024, arXiv:2402.14740): each sample's baseline is the mean of the *other* K - 1
+    rewards of its group, r_i - (sum_j r_j - r_i) / (K - 1), an unbiased baseline (it does not
+    depend on the sample it scores); equal to K / (K - 1) x (r_i - group mean)."""
+    r_GK = _groups(rewards_N, group_size)
+    k = r_GK.shape[1]
+    if k < 2:
+        raise ValueError("rloo needs group_size >= 2 (a leave-one-out baseline)")
+    others_GK = (jnp.sum(r_GK, axis=-1, keepdims=True) - r_GK) / (k - 1)
+    return (r_GK - others_GK).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards_N: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+    """REINFORCE++ (Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness
+    to Both Prompt and Reward Models", arXiv:2501.03262), outcome reward: normalised over the
+    whole (global) batch, (r - batch mean) / (batch std + eps), no per-prompt baseline, so it
+    needs no groups; `group_size` is only checked. (Its KL-in-reward form is PPO's path.)"""
+    r_N = _groups(rewards_N, group_size).reshape(-1)
+    return (r_N - jnp.mean(r_N)) / (jnp.std(r_N) + eps)
+
+
+def reinforce_pp_baseline_advantages(
+    rewards_N: jax.Array, group_size: int, eps: float = 1e-6
+) -> jax.Array:
+    """REINFORCE++-baseline (same paper, for groups of samples per prompt): subtract the group
+    mean, then divide by the std of those centred rewards over the whole batch (global, not
+    per group: no up-weighting of near-unanimous groups)."""
+    r_GK = _groups(rewards_N, group_size)
+    c_N = (r_GK - jnp.mean(r_GK, axis=-1, keepdims=True)).reshape(-1)
+    return c_N / (jnp.std(c_N) + eps)
+
+
+# Sequence-reward estimators (rewards [N] in groups → advantages [N]), picked by `grpo.advantage`.
+# GAE (`gae` above, Schulman et al. 2016, arXiv:1506.02438) is the critic-based estimator of
+# `stage: ppo`: it takes per-token rewards and values, so it is not in this table.
+ADVANTAGES = {
+    "grpo": grpo_advantages,
+    "drgrpo": drgrpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def group_keep(rewards_N: jax.Array, group_size: int) -> jax.Array:
+    """DAPO's dynamic sampling as a filter (Yu et al. 2025, arXiv:2503.14476): 1 for the rows
+    of groups whose rewards differ, 0 for all-equal groups (all right or all wrong: zero
+    advantage, they only dilute the token mean). DAPO then samples more prompts to refill the
+    batch; here the batch just shrinks (the count is logged)."""
+    r_GK = _groups(rewards_N, group_size)
+    differ_G = jnp.max(r_GK, axis=-1) > jnp.min(r_GK, axis=-1)
+    return jnp.repeat(differ_G.astype(jnp.float32), group_size)
+
+
+def overlong_penalty(
+    lengths_N: jax.Array, max_len: int, buffer: int, penalty: float = 1.0
+) -> jax.Array:
+    """DAPO's soft overlong punishment (arXiv:2503.14476, eq. 13), added to the reward: 0 up to
+    max_len - buffer tokens, then falling linearly to -penalty at max_len (a response cut at
+    max_len gets -penalty), so truncated answers are discouraged without a cliff."""
+    start = max_len - buffer
+    over_N = lengths_N.astype(jnp.float32) - start
+    return -penalty * jnp.clip(over_N / buffer, 0.0, 1.0)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from jaxllm.config import Config
 from jaxllm.config.rl import GRPOConfig
 from jaxllm.rundir import RunDir
-from jaxllm.trainers.advantages import group_advantages
+from jaxllm.trainers.advantages import ADVANTAGES, group_keep, overlong_penalty
 from jaxllm.trainers.rewards import arithmetic, weighted_reward
 from jaxllm.trainers.rl_loop import (
     Algorithm,
@@ -39,32 +39,59 @@ from jaxllm.trainers.rl_loop import (
 from jaxllm.trainers.rollout import policy_outputs, rule_scores
 from jaxllm.training.losses import token_logprobs
 from jaxllm.training.optim import lr_schedule
+from jaxllm.training.policy_losses import truncated_is_weights
 from jaxllm.training.rl_losses import grpo_loss
 from jaxllm.training.step import make_train_step
 
 
-def grpo_loss_fn(clip_eps: float, beta: float, kl_kind: str, temperature: float = 1.0):
-    """`loss_fn(model, batch, key)` on rollout minibatches (old_logp, ref_logp, adv [B]);
-    the policy log-probs are of softmax(logits / temperature), the sampling temperature."""
+def grpo_loss_fn(
+    clip_eps: float, beta: float, kl_kind: str, temperature: float = 1.0,
+    g: GRPOConfig | None = None,
+):  # fmt: skip
+    """`loss_fn(model, batch, key)` on rollout minibatches (old_logp, ref_logp, adv [B], and
+    `is_weight` with `tis_cap`); the policy log-probs are of softmax(logits / temperature),
+    the sampling temperature. `g` picks the registry's loss, its widths and the aggregation
+    (None: GRPO's defaults)."""
+    g = g or GRPOConfig()
+    opts = {
+        "loss": g.loss, "eps_high": g.clip_eps_high or None,
+        "constant_len": g.max_new_tokens if g.loss_norm == "constant" else 0,
+    }  # fmt: skip
 
     def loss_fn(model, batch, key):
         logits_BLV, _ = policy_outputs(model, batch)  # no dropout: ratios start at 1
         logp_BL = token_logprobs(logits_BLV, batch["targets"], temperature)
         return grpo_loss(
             logp_BL, batch["old_logp"], batch["ref_logp"], batch["adv"], batch["mask"],
-            clip_eps, beta, kl_kind,
+            clip_eps, beta, kl_kind, is_weight_BL=batch.get("is_weight"), **opts,
         )  # fmt: skip
 
     return loss_fn
+
+
+def advantage_name(g: GRPOConfig) -> str:
+    """`grpo.advantage`, with the older `scale_by_std: false` spelling of r - mean."""
+    return "drgrpo" if g.advantage == "grpo" and not g.scale_by_std else g.advantage
+
+
+def shaped_rewards(g: GRPOConfig, reward_B: jax.Array, mask_BL: jax.Array) -> jax.Array:
+    """The rewards the advantages see: DAPO's overlong punishment added when configured."""
+    if not g.overlong_buffer:
+        return reward_B
+    lengths_B = jnp.sum(mask_BL, axis=-1)
+    pen_B = overlong_penalty(lengths_B, g.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+    return reward_B + pen_B
 
 
 def grpo_post(g: GRPOConfig, mesh: Mesh):
     """(scores, batch, rewards) → the minibatch fields (old and reference log-probs, group
     advantages [B]) and the iteration's reward, accuracy and entropy, on global arrays."""
 
+    estimator = ADVANTAGES[advantage_name(g)]
+
     def post(scores, batch, rewards):
-        adv_B = group_advantages(rewards["reward"], g.group_size, scale_by_std=g.scale_by_std)
         mask_BL = batch["mask"]
+        adv_B = estimator(shaped_rewards(g, rewards["reward"], mask_BL), g.group_size)
         entropy = jnp.sum(scores["entropy"] * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)
         fields = {"old_logp": scores["logp"], "ref_logp": scores["ref_logp"], "adv": adv_B}
         stats = {
@@ -72,6 +99,16 @@ def grpo_post(g: GRPOConfig, mesh: Mesh):
             "accuracy": jnp.mean(rewards["accuracy"]),
             "entropy": entropy,
         }
+        if g.dynamic_sampling:  # the dropped groups' tokens leave the loss and its mean
+            keep_B = group_keep(rewards["reward"], g.group_size)
+            fields["mask"] = mask_BL * keep_B[:, None]
+            stats["kept_fraction"] = jnp.mean(keep_B)
+        if g.tis_cap:
+            w_BL = truncated_is_weights(scores["logp"], batch["sampler_logp"], g.tis_cap)
+            n = jnp.maximum(jnp.sum(mask_BL), 1.0)
+            fields["is_weight"] = w_BL
+            stats["tis_weight"] = jnp.sum(w_BL * mask_BL) / n
+            stats["tis_truncated"] = jnp.sum((w_BL >= g.tis_cap) * mask_BL) / n
         return fields, stats
 
     return make_post(post, mesh)
@@ -83,7 +120,7 @@ def grpo_algorithm(cfg: Config, st: Stage, total: int) -> Algorithm:
     g = cfg.grpo
     reward = weighted_reward(g.rewards, g.reward_weights)
     step_fn = make_train_step(
-        st.start.graphdef, grpo_loss_fn(g.clip_eps, g.beta, g.kl_estimator, g.temperature),
+        st.start.graphdef, grpo_loss_fn(g.clip_eps, g.beta, g.kl_estimator, g.temperature, g),
         st.tx, lr_schedule(cfg.train.optim, total), st.start.shardings, st.mesh, st.rules,
     )  # fmt: skip
 
@@ -100,7 +137,8 @@ def grpo_algorithm(cfg: Config, st: Stage, total: int) -> Algorithm:
         }
 
     def report(stats: dict[str, float]) -> dict[str, float]:
-        return {k: stats[k] for k in ("reward", "accuracy", "entropy")}
+        keys = ("reward", "accuracy", "entropy", "kept_fraction", "tis_weight", "tis_truncated")
+        return {k: stats[k] for k in keys if k in stats}
 
     return Algorithm(step_fn, pick, rewards, grpo_post(g, st.mesh), report)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.training.policy_losses import LossParams, policy_loss, ppo_clip
+
 _KL_KINDS = ("k1", "k2", "k3")
 
 
@@ -101,12 +103,9 @@ def dpo_loss(
 def _clipped_surrogate(
     logp_BL: jax.Array, old_logp_BL: jax.Array, adv_BL: jax.Array, clip_eps: float
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token PPO objective -min(r A, clip(r, 1-e, 1+e) A) and the |r - 1| > e indicator."""
-    ratio_BL = jnp.exp(logp_BL - jax.lax.stop_gradient(old_logp_BL))
-    clipped_BL = jnp.clip(ratio_BL, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss_BL = -jnp.minimum(ratio_BL * adv_BL, clipped_BL * adv_BL)
-    is_clipped_BL = jax.lax.stop_gradient(jnp.abs(ratio_BL - 1.0) > clip_eps)
-    return loss_BL, is_clipped_BL.astype(jnp.float32)
+    """Per-token PPO objective -min(r A, clip(r, 1-e, 1+e) A) and the |r - 1| > e indicator
+    (the registry's `ppo_clip`)."""
+    return ppo_clip(logp_BL, old_logp_BL, adv_BL, None, LossParams(clip_eps, clip_eps))
 
 
 def ppo_policy_loss(
@@ -167,14 +166,23 @@ def grpo_loss(
     clip_eps: float,
     beta: float,
     kl_kind: str = "k3",
+    *,
+    loss: str = "ppo_clip",
+    eps_high: float | None = None,
+    is_weight_BL: jax.Array | None = None,
+    constant_len: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO: PPO's clipped surrogate with each sequence's group advantage broadcast to its
-    tokens, plus beta * kl_estimate(pi, ref) per token (the KL is a loss term, not folded into
-    the reward, so `kl_kind` is k3 or k2: k1's gradient, grad log pi, is zero in expectation
-    under pi and beta would do nothing). Summed over tokens with `weight` = number of tokens,
-    i.e. token-level normalisation as in DAPO / Dr. GRPO rather than the original
-    per-sequence mean, so long answers are not down-weighted. aux sums: `kl` (unscaled), `clip_frac` (|r - 1| > eps),
-    `weight`.
+    """GRPO: a policy loss from the registry (`loss`, default PPO's clipped surrogate, with
+    ratio widths clip_eps / eps_high) with each sequence's advantage broadcast to its tokens,
+    times the truncated IS weights `is_weight_BL` if given, plus beta * kl_estimate(pi, ref) per
+    token (the KL is a loss term, not folded into the reward, so `kl_kind` is k3 or k2: k1's
+    gradient, grad log pi, is zero in expectation under pi and beta would do nothing). Summed
+    over tokens with `weight` = number of tokens, i.e. token-level normalisation as in DAPO
+    rather than the original per-sequence mean, so long answers are not down-weighted;
+    `constant_len` > 0 makes `weight` rows x constant_len instead (Dr. GRPO, Liu et al. 2025,
+    arXiv:2503.20783: no dependence on the lengths at all; the metric sums are rescaled so they
+    still read as per-token means). aux sums: `kl` (unscaled), `clip_frac` (ratio outside the
+    clip range), `weight`.
     """
     if kl_kind not in ("k2", "k3"):
         raise ValueError(
@@ -185,11 +193,18 @@ def grpo_loss(
         logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL
     )
     adv_BL = jax.lax.stop_gradient(jnp.broadcast_to(adv_B[:, None], logp_BL.shape))
-    surr_BL, is_clipped_BL = _clipped_surrogate(logp_BL, old_logp_BL, adv_BL, clip_eps)
+    params = LossParams(clip_eps, clip_eps if eps_high is None else eps_high)
+    surr_BL, is_clipped_BL = policy_loss(loss)(logp_BL, old_logp_BL, adv_BL, mask_BL, params)
+    if is_weight_BL is not None:
+        surr_BL = surr_BL * jax.lax.stop_gradient(_f32(is_weight_BL)[0])
     kl_BL = kl_estimate(logp_BL, jax.lax.stop_gradient(ref_logp_BL), kl_kind)
     loss_BL = surr_BL + beta * kl_BL
-    return jnp.sum(loss_BL * mask_BL), {
-        "kl": jax.lax.stop_gradient(jnp.sum(kl_BL * mask_BL)),
-        "clip_frac": jnp.sum(is_clipped_BL * mask_BL),
-        "weight": jnp.sum(mask_BL),
-    }
+    kl = jax.lax.stop_gradient(jnp.sum(kl_BL * mask_BL))
+    clip_frac = jnp.sum(is_clipped_BL * mask_BL)
+    weight = jnp.sum(mask_BL)
+    if constant_len:
+        # Dr. GRPO: divide by a constant; the metric sums are rescaled to stay per-token means.
+        constant = jnp.float32(mask_BL.shape[0] * constant_len)
+        scale = constant / jnp.maximum(weight, 1.0)
+        kl, clip_frac, weight = kl * scale, clip_frac * scale, constant
+    return jnp.sum(loss_BL * mask_BL), {"kl": kl, "clip_frac": clip_frac, "weight": weight}
