@@ -26,6 +26,10 @@ def _check_common(c) -> None:
         raise ValueError(f"eval_examples: must be >= 0, got {c.eval_examples}")
     if c.logprob_tol <= 0:
         raise ValueError(f"logprob_tol: must be > 0, got {c.logprob_tol}")
+    if c.tis_cap < 0 or 0 < c.tis_cap < 1:
+        raise ValueError(
+            f"tis_cap: 0 (off) or a cap >= 1 (below 1 biases every token), got {c.tis_cap}"
+        )
     if c.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every: must be >= 0, got {c.checkpoint_every}")
 
@@ -64,6 +68,7 @@ class PPOConfig:
     kl_target: float = 0.1  # per-sequence KL the adaptive controller aims at
     kl_horizon: int = 10000
     kl_coef_min: float = 0.0  # the adaptive coefficient never drops below it
+    tis_cap: float = 0.0  # truncated IS weight min(pi_old / pi_sampler, cap) (0: off)
     critic: Literal["shared", "separate"] = "shared"
     reward: str = "arithmetic"  # a rule name, or "model"
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
@@ -139,16 +144,12 @@ class GRPOConfig:
             raise ValueError("rewards, reward_weights: need one weight per reward name")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0, got {self.beta}")
-        if self.clip_eps_high < 0 or self.tis_cap < 0 or self.overlong_penalty < 0:
-            raise ValueError("clip_eps_high, tis_cap, overlong_penalty: must be >= 0")
+        if self.clip_eps_high < 0 or self.overlong_penalty < 0:
+            raise ValueError("clip_eps_high, overlong_penalty: must be >= 0")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(
                 f"overlong_buffer: must be in [0, max_new_tokens={self.max_new_tokens}], got "
                 f"{self.overlong_buffer}"
-            )
-        if self.tis_cap and self.tis_cap < 1:
-            raise ValueError(
-                f"tis_cap: a truncation cap below 1 biases every token, got {self.tis_cap}"
             )
         if self.kl_estimator == "k1":
             raise ValueError(

@@ -39,7 +39,7 @@ from jaxllm.trainers.rl_loop import (
 from jaxllm.trainers.rollout import policy_outputs, rule_scores
 from jaxllm.training.losses import token_logprobs
 from jaxllm.training.optim import lr_schedule
-from jaxllm.training.policy_losses import truncated_is_weights
+from jaxllm.training.policy_losses import tis_fields
 from jaxllm.training.rl_losses import grpo_loss
 from jaxllm.training.step import make_train_step
 
@@ -104,11 +104,9 @@ def grpo_post(g: GRPOConfig, mesh: Mesh):
             fields["mask"] = mask_BL * keep_B[:, None]
             stats["kept_fraction"] = jnp.mean(keep_B)
         if g.tis_cap:
-            w_BL = truncated_is_weights(scores["logp"], batch["sampler_logp"], g.tis_cap)
-            n = jnp.maximum(jnp.sum(mask_BL), 1.0)
-            fields["is_weight"] = w_BL
-            stats["tis_weight"] = jnp.sum(w_BL * mask_BL) / n
-            stats["tis_truncated"] = jnp.sum((w_BL >= g.tis_cap) * mask_BL) / n
+            tis, tis_stats = tis_fields(scores["logp"], batch["sampler_logp"], mask_BL, g.tis_cap)
+            fields.update(tis)
+            stats.update(tis_stats)
         return fields, stats
 
     return make_post(post, mesh)

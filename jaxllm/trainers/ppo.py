@@ -49,6 +49,7 @@ from jaxllm.trainers.rl_loop import (
 from jaxllm.trainers.rollout import TextScores, policy_outputs, rule_scores, stop_ids
 from jaxllm.training.losses import token_entropy, token_logprobs
 from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.policy_losses import tis_fields
 from jaxllm.training.rl_losses import kl_estimate, ppo_policy_loss, ppo_value_loss
 from jaxllm.training.step import make_train_step
 
@@ -96,7 +97,9 @@ def ppo_loss_fn(
         logits_BLV, values_BL = policy_outputs(model, batch)  # no dropout: ratios start at 1
         logp_BL = token_logprobs(logits_BLV, batch["targets"], temperature)
         mask_BL = batch["mask"]
-        pl, aux = ppo_policy_loss(logp_BL, batch["old_logp"], batch["adv"], mask_BL, clip_eps)
+        pl, aux = ppo_policy_loss(
+            logp_BL, batch["old_logp"], batch["adv"], mask_BL, clip_eps, batch.get("is_weight")
+        )
         vl, vaux = ppo_value_loss(
             values_BL, batch["old_values"], batch["returns"], mask_BL, value_clip
         )
@@ -161,7 +164,12 @@ def ppo_post(p: PPOConfig, mesh: Mesh):
             "old_logp": scores["logp"], "old_values": scores["values"], "adv": adv_BL,
             "returns": ret_BL,
         }  # fmt: skip
-        return fields, {"reward": jnp.mean(score_B), "kl": jnp.mean(jnp.sum(kl_BL, axis=1))}
+        stats = {"reward": jnp.mean(score_B), "kl": jnp.mean(jnp.sum(kl_BL, axis=1))}
+        if p.tis_cap:  # sampler/learner correction (truncated IS), logged
+            tis, tis_stats = tis_fields(scores["logp"], batch["sampler_logp"], mask_BL, p.tis_cap)
+            fields.update(tis)
+            stats.update(tis_stats)
+        return fields, stats
 
     return make_post(post, mesh)
 
@@ -183,7 +191,8 @@ def ppo_algorithm(cfg: Config, st: Stage, total: int, kl_ctl: AdaptiveKL, reward
     def report(stats: dict[str, float]) -> dict[str, float]:
         coef = kl_ctl.coef
         kl_ctl.update(stats["kl"], p.rollout_batch)
-        return {"reward": stats["reward"], "kl": stats["kl"], "kl_coef": coef}
+        tis = {k: stats[k] for k in ("tis_weight", "tis_truncated") if k in stats}
+        return {"reward": stats["reward"], "kl": stats["kl"], "kl_coef": coef, **tis}
 
     def post_now(scores, batch, rewards):  # the coefficient of this iteration
         return post(scores, batch, rewards, np.float32(kl_ctl.coef))

@@ -124,3 +124,19 @@ def truncated_is_weights(
     agree (jaxllm's in-process sampler: |gap| ~ 1e-6) every weight is ~1."""
     old_BL, samp_BL = _f32(old_logp_BL, sampler_logp_BL)
     return sg(jnp.minimum(jnp.exp(old_BL - samp_BL), cap))
+
+
+def tis_fields(
+    old_logp_BL: jax.Array, sampler_logp_BL: jax.Array, mask_BL: jax.Array, cap: float
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """A stage's post-rollout TIS: the minibatch field `is_weight` and the iteration's
+    figures, `tis_weight` (mean weight over the response tokens) and `tis_truncated` (the
+    share of tokens cut to `cap`)."""
+    w_BL = truncated_is_weights(old_logp_BL, sampler_logp_BL, cap)
+    mask_BL = mask_BL.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask_BL), 1.0)
+    stats = {
+        "tis_weight": jnp.sum(w_BL * mask_BL) / n,
+        "tis_truncated": jnp.sum((w_BL >= cap) * mask_BL) / n,
+    }
+    return {"is_weight": w_BL}, stats

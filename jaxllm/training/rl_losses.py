@@ -114,8 +114,11 @@ def ppo_policy_loss(
     adv_BL: jax.Array,
     mask_BL: jax.Array,
     clip_eps: float,
+    is_weight_BL: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate, token level, summed over the mask; `weight` = number of tokens.
+    `is_weight_BL`: truncated IS weights (`policy_losses.truncated_is_weights`) that scale
+    each token's loss as constants (None: unweighted, the op sequence of before).
 
     aux sums: `clip_frac` (tokens with |r - 1| > clip_eps, whether or not the clipped branch
     is the one min() picks), `approx_kl` = k3 estimate of KL(pi_old || pi) for tokens sampled
@@ -124,6 +127,8 @@ def ppo_policy_loss(
     logp_BL, old_logp_BL, adv_BL, mask_BL = _f32(logp_BL, old_logp_BL, adv_BL, mask_BL)
     adv_BL = jax.lax.stop_gradient(adv_BL)
     loss_BL, is_clipped_BL = _clipped_surrogate(logp_BL, old_logp_BL, adv_BL, clip_eps)
+    if is_weight_BL is not None:
+        loss_BL = loss_BL * jax.lax.stop_gradient(_f32(is_weight_BL)[0])
     approx_kl_BL = kl_estimate(old_logp_BL, jax.lax.stop_gradient(logp_BL), "k3")
     return jnp.sum(loss_BL * mask_BL), {
         "clip_frac": jnp.sum(is_clipped_BL * mask_BL),

@@ -1,5 +1,6 @@
 """`stage: grpo` with the registries' other choices, end to end on the tiny model: DAPO's
-pieces with truncated IS, and GSPO with RLOO and Dr. GRPO's constant normaliser."""
+pieces with truncated IS, and GSPO with RLOO and Dr. GRPO's constant normaliser; `stage: ppo`
+with truncated IS."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 
 from jaxllm.rundir import RunDir
-from jaxllm.trainers import grpo
+from jaxllm.trainers import grpo, ppo
 
 from .conftest import rl_config
 
@@ -50,3 +51,13 @@ def test_grpo_variant_runs(tmp_path, tiny_ckpt, name):
         assert all(abs(r["tis_weight"] - 1) < 1e-3 and r["tis_truncated"] == 0 for r in rows)
     else:
         assert "tis_weight" not in rows[0] and "kept_fraction" not in rows[0]
+
+
+def test_ppo_with_tis_runs(tmp_path, tiny_ckpt):
+    sec = dict(iterations=2, max_new_tokens=6, eval_examples=0, rollout_batch=8,
+               minibatch_size=8, epochs=1, reward="digits", tis_cap=2.0)  # fmt: skip
+    cfg = rl_config("ppo", tiny_ckpt, tmp_path / "ppo", **sec)
+    run_dir = RunDir.open(cfg)
+    run_dir.finish(ppo.run(cfg, run_dir))
+    rows = [json.loads(x) for x in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()]
+    assert all(abs(r["tis_weight"] - 1) < 1e-3 and r["tis_truncated"] == 0 for r in rows)

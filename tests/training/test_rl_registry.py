@@ -191,3 +191,27 @@ def test_config_names_are_the_registries():
     assert set(typing.get_args(hints["loss"])) == set(policy_losses.POLICY_LOSSES)
     with pytest.raises(ValueError, match="policy loss 'nope'"):
         policy_losses.policy_loss("nope")
+
+
+def test_ppo_policy_loss_with_tis_weights_matches_numpy():
+    logp, old, adv, mask = _data(6)
+    w = np.random.default_rng(7).uniform(0.5, 2.0, size=logp.shape).astype(np.float32)
+
+    def f(lp, weight):
+        return rl_losses.ppo_policy_loss(lp, old, adv, mask, 0.2, weight)[0]
+
+    r = np.exp(logp.astype(np.float64) - old)
+    per_tok = -np.minimum(r * adv, np.clip(r, 0.8, 1.2) * adv)
+    np.testing.assert_allclose(float(f(logp, w)), np.sum(per_tok * w * mask), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(logp, w)),
+                               np.asarray(jax.grad(f)(logp, None)) * w, rtol=1e-5, atol=1e-7)  # fmt: skip
+
+
+def test_tis_cap_config_checks():
+    from jaxllm.config.rl import PPOConfig
+
+    for cls in (GRPOConfig, PPOConfig):
+        with pytest.raises(ValueError, match="tis_cap"):
+            cls(tis_cap=0.5)._validate()
+        cls(tis_cap=0.0)._validate()
+        cls(tis_cap=2.0)._validate()
