@@ -3,9 +3,12 @@
 Each iteration samples `group_size` completions for each of `prompts_per_iteration` prompts
 with the jitted KV-cache sampler on the current weights, scores them with the weighted rule
 rewards, scores the tokens once (learner + frozen reference log-probs, one jitted pass; the
-learner's must match the sampler's), turns rewards into group advantages (one jitted
-function on the global rows) and runs `epochs` passes of minibatch steps of `grpo_loss`
-through the generic `make_train_step` (the shared machine: `rl_loop.py`).
+learner's must match the sampler's), turns rewards into advantages (one jitted function on
+the global rows: the estimator `grpo.advantage` from `advantages.ADVANTAGES`, with DAPO's
+group filter, overlong shaping and TIS weights when configured) and runs `epochs` passes of
+minibatch steps of `grpo_loss` (the policy loss `grpo.loss` from
+`policy_losses.POLICY_LOSSES`) through the generic `make_train_step` (the shared machine:
+`rl_loop.py`).
 All log-probs (sampler, old and new policy, reference: the ratio and the KL) and the entropy
 are those of softmax(logits / grpo.temperature), the distribution the completions were
 sampled from. The KL estimator is k3 or k2: k1's gradient is zero in expectation when the
