@@ -159,6 +159,7 @@ def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
                               saved_leaf(ckpt, 4, "head", "kernel"))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_classify_keep_best_scores_and_hands_on_the_best_evaluation(mlm_run, tmp_path):
     from jaxllm.config import replace
 

@@ -45,6 +45,7 @@ def test_multiple_choice_equals_the_eval_stage(bridge, monkeypatch):
         assert s["arguments"][0][0] == mine["prompt"]
 
 
+@pytest.mark.slow
 def test_generate_until_equals_the_eval_stage(bridge, monkeypatch):
     out = lm_eval_run(bridge, "jaxllm_arith_gen", monkeypatch)
     ours = evaluate(load_task("arith_gen", limit=N), bridge.model, num_fewshot=0)

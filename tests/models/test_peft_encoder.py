@@ -52,6 +52,7 @@ def logits(model, tokens_BL=TOKENS, seg_BL=SEG) -> jax.Array:
     return _logits(*nnx.split(model), tokens_BL, seg_BL)
 
 
+@pytest.mark.slow
 def test_adapters_start_exactly_at_the_base_classifier():
     # eager: one compiled program per op, so the extra zero adds cannot change how XLA fuses
     # the LayerNorms around them (compiled, the two programs differ by ~1e-8)

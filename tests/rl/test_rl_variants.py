@@ -35,6 +35,8 @@ VARIANTS = {
     ),
 }
 
+pytestmark = pytest.mark.slow  # end-to-end runs; the registry tests cover the math
+
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_grpo_variant_runs(tmp_path, tiny_ckpt, name):

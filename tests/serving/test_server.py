@@ -217,6 +217,7 @@ def test_full_queue_is_429_and_api_key(client, server, monkeypatch):
     assert call(server, "GET", "/health")[0] == 200  # health needs no key
 
 
+@pytest.mark.slow
 def test_quantised_serving_equals_quantised_generate(tmp_path, tiny_ckpt):
     """The `quantize:` section applies to the served weights as to stage generate's."""
     root = {"quantize": {"method": "int8"}}

@@ -59,6 +59,7 @@ def test_quantize_stage_checkpoint_and_export_refusal(tmp_path, tok, tiny_ckpt):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and out["params"] > 0
 
 
+@pytest.mark.slow
 def test_qlora_trains_adapters_only_on_int4_base(tmp_path, tok, tiny_ckpt):
     cfg = sft_config(tiny_ckpt, tmp_path / "qlora")
     cfg = replace(cfg, peft=PeftConfig("lora", rank=4, alpha=8.0),
