@@ -43,6 +43,7 @@ def hf_bert_dir(out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_mlm_pairs_use_the_vocabulary_special_ids(tmp_path):
     summary = import_hf(
         hf_bert_dir(tmp_path / "hf"), tmp_path / "run", from_dict({"stage": "import"})

@@ -64,6 +64,7 @@ def test_adapters_start_exactly_at_the_base_classifier():
     assert n == BERT.n_layers * 2 * (2 * 32 * 4 + 32 + 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["prefix", "prompt"])
 def test_padding_stays_unseen_and_cls_stays_first(name):
     model = classifier(METHODS[name])
@@ -146,6 +147,7 @@ def test_zero_init_methods_start_exactly_at_a_rope_encoder(name):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_rope_prompt_tokens_sit_at_minus_p_like_the_decoder():
     """Prompt tuning on a rope encoder equals the base encoder run on the virtual tokens as
     real tokens at positions -P..-1 before the row (type embedding 0 zeroed, so the only

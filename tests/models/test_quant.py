@@ -103,6 +103,7 @@ def test_quantised_logits_close_to_float():
     assert errs["int8"] < 0.05 and errs["int4"] < 0.5 and errs["int8"] < errs["int4"] / 5
 
 
+@pytest.mark.slow
 def test_scanned_equals_unrolled_and_scope():
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, SMALL.vocab_size)
     outs = []
