@@ -2,8 +2,10 @@
 forward pass, numpy log-softmax), accuracy follows from them, generation equals the sampler's
 greedy output, prompts too long are cut (counted) or refused (named)."""
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,10 +25,18 @@ def model(tiny_ckpt):
     return EvalModel.load(tiny_ckpt, batch_size=4)
 
 
+@functools.cache
+def _forward(model: EvalModel):
+    return jax.jit(lambda state, row: nnx.merge(model.graphdef, state)(row))
+
+
 def hand_logprobs(model: EvalModel, ids: list[int]) -> np.ndarray:
-    """log p(ids[t] | ids[:t]) for t >= 1, from one forward pass of the unpadded row."""
-    net = nnx.merge(model.graphdef, model.state)
-    logits = np.asarray(net(jnp.asarray([ids], jnp.int32)), np.float64)[0]
+    """log p(ids[t] | ids[:t]) for t >= 1, from one forward pass of the row, right-padded to the
+    model's length (causal: the padding cannot reach the positions read; one compilation)."""
+    row = np.zeros((1, model.max_len), np.int32)
+    row[0, : len(ids)] = ids
+    out = _forward(model)(model.state, jnp.asarray(row))
+    logits = np.asarray(out, np.float64)[0, : len(ids)]
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     return np.array([logp[t - 1, ids[t]] for t in range(1, len(ids))])

@@ -89,10 +89,11 @@ def _quantized(model, method, group=32, **kw):
 
 def test_quantised_logits_close_to_float():
     tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, SMALL.vocab_size)
-    ref = _logits(_model(), tokens)
+    base = _model()  # built once (random init is the slow part), cloned per method
+    ref = _logits(base, tokens)
     errs = {}
     for method in ("int8", "int4"):
-        model = _model()
+        model = nnx.clone(base)
         paths = _quantized(model, method)
         assert len(paths) == 2 * 7 + 1 and "head" in paths and is_quantized(model)
         out = _logits(model, tokens)
