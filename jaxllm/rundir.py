@@ -180,7 +180,7 @@ def check_same_config(path: Path, cfg: Config) -> None:
             "choose another output_dir or set overwrite: true"
         )
     old = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
-    diff = first_difference(old, to_dict(cfg))
+    diff = first_difference(old, to_dict(cfg), defaults=_defaults())
     if diff:
         raise RunDirError(
             f"{path} holds an unfinished run with another config ({diff}); "
@@ -188,20 +188,34 @@ def check_same_config(path: Path, cfg: Config) -> None:
         )
 
 
-def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    """The first dotted key whose value differs, as 'key: old -> new', or None."""
+def _defaults() -> dict[str, Any]:
+    """Every config key's default value (as `to_dict` writes them)."""
+    from jaxllm.config import from_dict
+
+    return to_dict(from_dict({"stage": "pretrain"}))
+
+
+def first_difference(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> str | None:
+    """The first dotted key whose value differs, as 'key: old -> new', or None. A key the old
+    config lacks (a run written before jaxllm had it) counts as equal when the new value is
+    its default in `defaults`: the old run ran with that default's behaviour."""
     if isinstance(old, dict) and isinstance(new, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         for key in list(old) + [k for k in new if k not in old]:
             if key in _RESUME_FREE_KEYS:
                 continue
+            if key not in old and key in defaults and new[key] == defaults[key]:
+                continue
             where = f"{prefix}.{key}" if prefix else str(key)
-            d = first_difference(old.get(key), new.get(key), where)
+            # a pipeline's stages are whole configs: each has the root's defaults
+            sub = defaults if key == "pipeline" and "pipeline" in defaults else defaults.get(key)
+            d = first_difference(old.get(key), new.get(key), where, sub)
             if d:
                 return d
         return None
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         for i, (a, b) in enumerate(zip(old, new)):
-            d = first_difference(a, b, f"{prefix}.{i}")
+            d = first_difference(a, b, f"{prefix}.{i}", defaults)
             if d:
                 return d
         return None

@@ -1,10 +1,15 @@
 """Writes the shipped preference set `jaxllm/assets/preference/{train,val}.jsonl` (stdlib only).
 
 Two kinds of record, for reward modelling and DPO:
-  service  an English customer-service question and three answers, in the rankings format
-           {"prompt", "responses": [r0, r1, r2], "ranking": [best, mid, worst], "task"}:
-           polite and helpful > evasive > rude. Each class has several wordings and the
-           answers are shuffled, so neither one string nor a position gives the rank away.
+  service  an English customer-service question and five answers, in the rankings format
+           {"prompt", "responses": [r0, ..., r4], "ranking": [best, ..., worst], "task"}:
+           polite and helpful > curt (the bare fact) > evasive > word salad (the fact's words
+           shuffled, with a polite opener half the time) > rude. Each class has several
+           wordings and the answers are shuffled, so neither one string nor a position gives
+           the rank away. Without the curt and salad answers a reward model learns "contains
+           words of a fact" (shuffled fact words scored 4.60 against 5.49 for the polite
+           answer, evasive 0.07) and PPO's policy games it with word salad
+           (docs/experiments.md, "the demo's final chat model").
   math     {"prompt": "What is 17 + 25?", "chosen": "42", "rejected": "43", "task"}, the
            prompt phrased as in make_sft_data.py; the wrong answer is off by a little or has
            its digits swapped.
@@ -179,18 +184,35 @@ RUDE = [
 ]
 
 
+def salad(fact: str, rng: random.Random) -> str:
+    """The fact's words in another order (never the fact itself), a polite opener half the
+    time: fluent-looking parts, no sentence."""
+    words = fact.split()
+    shuffled = words[:]
+    while shuffled == words:
+        rng.shuffle(shuffled)
+    text = " ".join(shuffled)
+    return rng.choice(POLITE).format(fact=text) if rng.random() < 0.5 else text
+
+
 def service(rng: random.Random) -> list[tuple[str, dict]]:
-    """SAMPLES_PER_PROMPT records per paraphrase, each a different (polite, evasive, rude) mix."""
-    out = []
+    """SAMPLES_PER_PROMPT records per paraphrase, each a different (polite, evasive, rude) mix,
+    plus the curt and the salad answer. `extra` draws what the curt and salad answers add (the
+    salad and their places), so `rng` draws as it did for the three-answer set and the math
+    records after it are unchanged."""
+    out, extra = [], random.Random(1)
     combos = list(itertools.product(range(len(POLITE)), range(len(EVASIVE)), range(len(RUDE))))
     for questions, fact in SERVICE:
         for q in questions:
             for p, e, r in rng.sample(combos, SAMPLES_PER_PROMPT):
-                ranked = [POLITE[p].format(fact=fact), EVASIVE[e], RUDE[r]]  # best first
+                three = [POLITE[p].format(fact=fact), EVASIVE[e], RUDE[r]]  # best first
                 order = list(range(3))
-                rng.shuffle(order)  # responses[i] = ranked[order[i]]
-                responses = [ranked[k] for k in order]
-                ranking = [order.index(k) for k in range(3)]
+                rng.shuffle(order)  # the three answers' places among themselves
+                responses = [three[k] for k in order]
+                ranked = [three[0], fact, three[1], salad(fact, extra), three[2]]  # best first
+                for text in (fact, ranked[3]):  # curt and salad go to random places
+                    responses.insert(extra.randrange(len(responses) + 1), text)
+                ranking = [responses.index(t) for t in ranked]
                 out.append(
                     (questions[0], {"prompt": q, "responses": responses, "ranking": ranking})
                 )

@@ -112,13 +112,18 @@ def test_whole_tiny_pipeline_few_steps(tmp_path):
         "pipeline.4.sft.eval_examples": 4,
         "pipeline.4.sft.eval_max_new_tokens": 4,
         "pipeline.5.loader.batch_size": 8,
+        "pipeline.5.loader.seq_len": 64,
         "pipeline.5.train.steps": 2,
-        "pipeline.6.ppo.iterations": 1,
-        "pipeline.6.ppo.rollout_batch": 16,
-        "pipeline.6.ppo.minibatch_size": 8,
-        "pipeline.6.ppo.eval_examples": 8,
-        "pipeline.6.ppo.max_new_tokens": 8,
-        "pipeline.6.ppo.eval_max_new_tokens": 8,
+        "pipeline.5.sft.eval_examples": 4,
+        "pipeline.5.sft.eval_max_new_tokens": 4,
+        "pipeline.6.loader.batch_size": 8,
+        "pipeline.6.train.steps": 2,
+        "pipeline.7.ppo.iterations": 1,
+        "pipeline.7.ppo.rollout_batch": 16,
+        "pipeline.7.ppo.minibatch_size": 8,
+        "pipeline.7.ppo.eval_examples": 8,
+        "pipeline.7.ppo.max_new_tokens": 8,
+        "pipeline.7.ppo.eval_max_new_tokens": 8,
     }
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     assert run(str(ROOT / "configs/tiny.yaml"), *args) == 0
@@ -128,13 +133,16 @@ def test_whole_tiny_pipeline_few_steps(tmp_path):
     assert gen["checkpoint_step"] == 4 and len(gen["samples"]) == 5
     lines = (out / "4-tiny_generate" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 5 and all("completion" in json.loads(x) for x in lines)
-    # sft → reward → ppo: the reward model goes on as `reward_checkpoint`, the policy is sft's
+    # sft → sft on service → reward → ppo: the reward model goes on as `reward_checkpoint`, the
+    # policy is the service SFT model, which trained on the service records only
     sft = json.loads((out / "5-tiny_sft" / "summary.json").read_text())
-    rm = json.loads((out / "6-tiny_reward" / "summary.json").read_text())
-    ppo = json.loads((out / "7-tiny_ppo" / "summary.json").read_text())
+    svc = json.loads((out / "6-tiny_sft_service" / "summary.json").read_text())
+    rm = json.loads((out / "7-tiny_reward" / "summary.json").read_text())
+    ppo = json.loads((out / "8-tiny_ppo" / "summary.json").read_text())
     assert sft["val_loss_after"] > 0 and "pair_accuracy_after" in rm
+    assert set(svc["exact_match_by_task_after"]) == {"service"}
     assert set(rm["outputs"]) == {"reward_checkpoint", "tokenizer"}
     assert ppo["iterations"] == 1 and ppo["final_logprob_gap"] < 1e-4
-    resolved = (out / "7-tiny_ppo" / "config.yaml").read_text()
-    assert str(out / "5-tiny_sft" / "checkpoints") in resolved
-    assert str(out / "6-tiny_reward" / "checkpoints") in resolved
+    resolved = (out / "8-tiny_ppo" / "config.yaml").read_text()
+    assert str(out / "6-tiny_sft_service" / "checkpoints") in resolved
+    assert str(out / "7-tiny_reward" / "checkpoints") in resolved

@@ -115,3 +115,21 @@ def test_run_dir_in_a_bucket(bucket):
         RunDir.open(cfg)
     RunDir.open(replace(cfg, overwrite=True))
     assert sorted(p.name for p in (bucket / "run").iterdir()) == ["config.yaml"]
+
+
+def test_a_key_added_since_the_run_was_written_is_no_difference_at_its_default():
+    """A run written before jaxllm had a key resumes when the key keeps its default (the old
+    run ran with that behaviour); another value is still a difference, also in pipelines."""
+    defaults = {"sft": {"tasks": [], "packing": True}, "pipeline": [], "seed": 0}
+    old = {"sft": {"packing": True}, "seed": 0}
+    assert first_difference(old, {"sft": {"tasks": [], "packing": True}, "seed": 0},
+                            defaults=defaults) is None  # fmt: skip
+    assert first_difference(old, {"sft": {"tasks": ["service"], "packing": True}, "seed": 0},
+                            defaults=defaults) == "sft.tasks: None -> ['service']"  # fmt: skip
+    no_defaults = {"sft": {"tasks": [], "packing": True}, "seed": 0}
+    assert first_difference(old, no_defaults) == "sft.tasks: None -> []"
+    pipe_old = {"pipeline": [old], "seed": 0}
+    pipe_new = {"pipeline": [{"sft": {"tasks": [], "packing": True}, "seed": 0}], "seed": 0}
+    assert first_difference(pipe_old, pipe_new, defaults=defaults) is None
+    pipe_new["pipeline"][0]["sft"]["tasks"] = ["math"]
+    assert first_difference(pipe_old, pipe_new, defaults=defaults).startswith("pipeline.0.sft")

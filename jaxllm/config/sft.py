@@ -17,6 +17,9 @@ class SFTConfig:
     train_file: str = "asset:sft/train.jsonl"
     val_file: str = "asset:sft/val.jsonl"  # "" for none: no validation loss or exact match
     format: Literal["auto", "prompt_response", "messages"] = "auto"  # auto: by the keys present
+    # keep only the records whose "task" is one of these (train and val; empty: all records),
+    # e.g. [service] for a second, domain-only pass over a mixed file
+    tasks: tuple[str, ...] = ()
     train_on_prompt: bool = False  # also learn the system/user tokens (default: answers only)
     packing: bool = True  # concat-then-split rows; false: one conversation per padded row
     # `<think>…</think>` reasoning traces in answers: keep (learn trace + answer), mask (trace

@@ -62,29 +62,42 @@ _TRACE = re.compile(re.escape(THINK) + ".*?" + re.escape(END_THINK), re.DOTALL)
 
 
 class SFTRecords:
-    """Random-access conversations (lists of messages) of JSONL files; errors name file:line."""
+    """Random-access conversations (lists of messages) of JSONL files; errors name file:line.
 
-    def __init__(self, paths: Sequence[str | Path], fmt: RecordFormat = "auto") -> None:
+    `tasks` keeps only the records whose `"task"` is one of them (empty: all records)."""
+
+    def __init__(
+        self, paths: Sequence[str | Path], fmt: RecordFormat = "auto", tasks: Sequence[str] = ()
+    ) -> None:
         self.source = JsonlSource(paths)
         self.fmt = fmt
+        self.index: np.ndarray | None = None
+        if tasks:
+            keep = [i for i in range(len(self.source)) if self.source[i].get("task") in tasks]
+            if not keep:
+                raise DataError(f'{paths[0]}: no record has a "task" in {list(tasks)} (sft.tasks)')
+            self.index = np.asarray(keep, np.int64)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.source) if self.index is None else len(self.index)
+
+    def _at(self, index: int) -> int:
+        return int(index) if self.index is None else int(self.index[index])
 
     def __getitem__(self, index: int) -> list[dict[str, str]]:
-        record = self.source[index]
+        record = self.source[self._at(index)]
         try:
             return parse_record(record, "record", self.fmt)
         except DataError as e:
             what = str(e).removeprefix("record: ")
-            raise self.source._error(*self._locate(int(index)), what) from None
+            raise self.source._error(*self._locate(self._at(index)), what) from None
 
     def record(self, index: int) -> dict[str, Any]:
         """The raw JSON object (extra keys such as "task" included)."""
-        return self.source[index]
+        return self.source[self._at(index)]
 
     def _locate(self, index: int) -> tuple[int, int]:
-        """(file index, byte offset) of a record, for `JsonlSource._error`'s file:line."""
+        """(file index, byte offset) of a source record, for `JsonlSource._error`'s file:line."""
         src = self.source
         file_index = int(np.searchsorted(src._ends, index, side="right"))
         return file_index, int(src._starts[index])
@@ -166,10 +179,11 @@ def make_sft_dataset(
     process_count: int = 1,
     repeat: bool = True,
     trace: TraceMode = "keep",
+    tasks: Sequence[str] = (),
 ) -> grain.IterDataset:
     """Training batches of this process (B = batch_size // process_count rows of L)."""
     rows = local_batch_size(cfg, process_count)
-    convs = _conversations(files, fmt, process_index, process_count)
+    convs = _conversations(files, fmt, process_index, process_count, tasks)
     if cfg.shuffle:
         convs = convs.shuffle(seed=_grain_seed(seed))
     if repeat:
@@ -189,10 +203,11 @@ def make_sft_eval_dataset(
     process_count: int = 1,
     num_batches: int | None = None,
     trace: TraceMode = "keep",
+    tasks: Sequence[str] = (),
 ) -> grain.IterDataset:
     """Validation batches: no shuffle, one pass, last batch padded (see `make_eval_dataset`)."""
     rows = local_batch_size(cfg, process_count)
-    convs = _conversations(files, fmt, process_index, process_count)
+    convs = _conversations(files, fmt, process_index, process_count, tasks)
     batches = _batches(convs, template, cfg, rows, train_on_prompt, packing, trace)
     if num_batches is not None:
         batches = _PadBatchesIterDataset(batches, num_batches, _empty_batch(rows, cfg.seq_len))
@@ -200,11 +215,12 @@ def make_sft_eval_dataset(
 
 
 def _conversations(
-    files: Sequence[Path], fmt: RecordFormat, process_index: int, process_count: int
-) -> grain.MapDataset:
+    files: Sequence[Path], fmt: RecordFormat, process_index: int, process_count: int,
+    tasks: Sequence[str] = (),
+) -> grain.MapDataset:  # fmt: skip
     if not files:
         raise DataError("no SFT files given; expected JSONL files of chat records")
-    records = SFTRecords(files, fmt)
+    records = SFTRecords(files, fmt, tasks)
     if len(records) < process_count:
         raise DataError(f"{len(records)} SFT records in {files[0]} for {process_count} processes")
     return grain.MapDataset.source(records)[process_index::process_count]

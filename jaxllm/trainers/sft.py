@@ -61,7 +61,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tok, tok_path = stage_tokenizer(cfg, meta, m)
     template = ChatTemplate(tok)
     pi, pc = jax.process_index(), jax.process_count()
-    opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc)
+    opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc,
+                tasks=s.tasks)  # fmt: skip
     batches = _train_batches(cfg, s, template, opts)
     loss_fn = lm_loss(t.z_loss, resolve_loss_chunk(cfg))
     score = _scorer(cfg, s, m, graphdef, shardings, mesh, loss_fn, template, opts)
@@ -123,7 +124,7 @@ def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, 
     evaluate = make_evaluator(eval_step, val_batches, mesh, cfg.train.eval_batches)
     answers = None
     if s.eval_examples:
-        records = SFTRecords(val_files, s.format)
+        records = SFTRecords(val_files, s.format, s.tasks)
         limit = m.max_seq_len if m.positions == "learned" else None
         answers = make_answer_scorer(
             graphdef, template, records, s, cfg.seed, limit, mesh=mesh, rules=cfg.mesh.rules

@@ -159,3 +159,27 @@ def test_bad_record_names_file_and_line(tmp_path, template):
         records[2]
     with pytest.raises(DataError, match=rf"{path}:4:"):
         one_pass(path, template, packing=True)
+
+
+def test_task_filter_keeps_only_those_records_and_names_lines_in_the_file(tmp_path, template):
+    path = tmp_path / "mixed.jsonl"
+    recs = [{"prompt": f"q{i}", "response": f"a{i}", "task": t}
+            for i, t in enumerate(["math", "service", "poem", "service", "math"])]  # fmt: skip
+    recs.append({"prompt": "q5", "task": "service"})  # bad: no response, at line 6
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    records = SFTRecords([path], tasks=("service",))
+    assert len(records) == 3
+    assert [records.record(i)["prompt"] for i in range(3)] == ["q1", "q3", "q5"]
+    assert records[1][1]["content"] == "a3"
+    with pytest.raises(DataError, match=rf"{path}:6:"):  # the line in the file, not the index
+        records[2]
+    both = SFTRecords([path], tasks=("math", "poem"))
+    assert [both.record(i)["prompt"] for i in range(len(both))] == ["q0", "q2", "q4"]
+    with pytest.raises(DataError, match=r"sft\.tasks"):
+        SFTRecords([path], tasks=("nothing",))
+    cfg = LoaderConfig(seq_len=32, batch_size=2, prefetch=0, num_threads=1)
+    rows = list(make_sft_eval_dataset([path], template, cfg, packing=False, tasks=("math",)))
+    seen = {template.tok.decode(b["tokens"][r][b["segment_ids"][r] > 0]) for b in rows
+            for r in range(2)}  # fmt: skip
+    assert any("q0" in x for x in seen) and any("q4" in x for x in seen)
+    assert not any("q1" in x or "q3" in x or "q2" in x for x in seen)
