@@ -1,15 +1,16 @@
 """Writes the shipped preference set `jaxllm/assets/preference/{train,val}.jsonl` (stdlib only).
 
 Two kinds of record, for reward modelling and DPO:
-  service  an English customer-service question and five answers, in the rankings format
-           {"prompt", "responses": [r0, ..., r4], "ranking": [best, ..., worst], "task"}:
-           polite and helpful > curt (the bare fact) > evasive > word salad (the fact's words
-           shuffled, with a polite opener half the time) > rude. Each class has several
-           wordings and the answers are shuffled, so neither one string nor a position gives
-           the rank away. Without the curt and salad answers a reward model learns "contains
-           words of a fact" (shuffled fact words scored 4.60 against 5.49 for the polite
-           answer, evasive 0.07) and PPO's policy games it with word salad
-           (docs/experiments.md, "the demo's final chat model").
+  service  an English customer-service question and six answers, in the rankings format
+           {"prompt", "responses": [r0, ..., r5], "ranking": [best, ..., worst], "task"}:
+           polite and helpful > curt (the bare fact) > polite with another question's fact >
+           evasive > word salad (the fact's words shuffled, with a polite opener half the
+           time) > rude. Each class has several wordings and the answers are shuffled, so
+           neither one string nor a position gives the rank away. Without the curt, wrong-fact
+           and salad answers a reward model learns "contains words of a fact" (shuffled fact
+           words scored 4.60 against 5.49 for the polite answer, evasive 0.07) and PPO's
+           policy games it with word salad (docs/experiments.md, "the demo's final chat
+           model").
   math     {"prompt": "What is 17 + 25?", "chosen": "42", "rejected": "43", "task"}, the
            prompt phrased as in make_sft_data.py; the wrong answer is off by a little or has
            its digits swapped.
@@ -197,9 +198,9 @@ def salad(fact: str, rng: random.Random) -> str:
 
 def service(rng: random.Random) -> list[tuple[str, dict]]:
     """SAMPLES_PER_PROMPT records per paraphrase, each a different (polite, evasive, rude) mix,
-    plus the curt and the salad answer. `extra` draws what the curt and salad answers add (the
-    salad and their places), so `rng` draws as it did for the three-answer set and the math
-    records after it are unchanged."""
+    plus the curt, the wrong-fact and the salad answer. `extra` draws what those add (their
+    texts and places), so `rng` draws as it did for the three-answer set and the math records
+    after it are unchanged."""
     out, extra = [], random.Random(1)
     combos = list(itertools.product(range(len(POLITE)), range(len(EVASIVE)), range(len(RUDE))))
     for questions, fact in SERVICE:
@@ -209,8 +210,10 @@ def service(rng: random.Random) -> list[tuple[str, dict]]:
                 order = list(range(3))
                 rng.shuffle(order)  # the three answers' places among themselves
                 responses = [three[k] for k in order]
-                ranked = [three[0], fact, three[1], salad(fact, extra), three[2]]  # best first
-                for text in (fact, ranked[3]):  # curt and salad go to random places
+                other = extra.choice([f for _, f in SERVICE if f != fact])
+                wrong = extra.choice(POLITE).format(fact=other)  # polite, another question's
+                ranked = [three[0], fact, wrong, three[1], salad(fact, extra), three[2]]
+                for text in (fact, wrong, ranked[4]):  # the new answers go to random places
                     responses.insert(extra.randrange(len(responses) + 1), text)
                 ranking = [responses.index(t) for t in ranked]
                 out.append(

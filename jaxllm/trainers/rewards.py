@@ -85,7 +85,7 @@ def template_phrases(templates: Sequence[str]) -> tuple[str, ...]:
 def polite(text: str, record: dict[str, Any] | None = None) -> float:
     """1 when the answer carries a polite template's phrasing ("Happy to help!", "Hope that
     helps!", ...) and no sentence of an evasive or rude one, else 0: the rule behind the
-    preference set's ranking (polite > curt > evasive > salad > rude), for judging a policy without the
+    preference set's ranking (polite > curt > wrong fact > evasive > salad > rude), for judging a policy without the
     reward model it was trained against."""
     sentences = {_normal(s) for s in _SENTENCE_END.split(text.strip())}
     flat = _normal(text)
