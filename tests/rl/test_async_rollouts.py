@@ -160,3 +160,66 @@ def test_async_grpo_samples_with_stale_weights(tmp_path, tiny_ckpt, monkeypatch,
     assert rows[1]["policy_shift"] > 1e-3 and abs(rows[1]["tis_weight"] - 1) > 1e-4, rows[1]
     assert all(r["logprob_gap"] < 1e-4 for r in rows)
     assert summary["rollout_wait_seconds"] >= 0 and summary["seconds_per_iteration"] > 0
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x == y, (x, y)
+
+
+@pytest.mark.slow
+def test_async_grpo_is_deterministic_and_resumes(tmp_path, tiny_ckpt, length_reward):
+    """Same config and seed → the same rows; killed after its checkpoint at iteration 2, a
+    run repeats iterations 3 and 4 exactly (the pipeline restarts at every resume
+    checkpoint, in the uninterrupted run too); iteration 1 (staleness 0) is the
+    synchronous run's."""
+    sec = dict(iterations=4, max_staleness=1, checkpoint_every=2)
+    summary, rows = _run(grpo, _cfg(tiny_ckpt, tmp_path / "a", **sec))
+    assert [r["staleness"] for r in rows] == [0, 1, 0, 1]
+    cfg = _cfg(tiny_ckpt, tmp_path / "b", **sec)
+    _, again = _run(grpo, cfg)
+    _same(rows, again)
+    shutil.rmtree(tmp_path / "b/resume/4")
+    shutil.rmtree(tmp_path / "b/checkpoints")
+    (tmp_path / "b/summary.json").unlink()
+    resumed, again = _run(grpo, cfg)
+    assert resumed["resumed_from_iteration"] == 2
+    _same(rows, again)
+    for key in ("final_loss", "final_tis_weight", "steps"):
+        assert resumed[key] == summary[key], key
+    _, sync = _run(grpo, _cfg(tiny_ckpt, tmp_path / "k0", iterations=2, max_staleness=0))
+    _same(sync[:1], [{k: v for k, v in rows[0].items() if k != "staleness"}])
+    assert sync[1]["loss"] != rows[1]["loss"]  # iteration 2: other sampling weights
+
+
+@pytest.mark.slow
+def test_error_in_the_producer_thread_ends_the_run(tmp_path, tiny_ckpt, monkeypatch):
+    calls = []
+
+    def failing(text, row):  # grpo's accuracy rule, run in the producer thread
+        calls.append(threading.current_thread().name)
+        if len(calls) > 8:  # iteration 2's rollouts (8 rows an iteration)
+            raise RuntimeError("injected reward failure")
+        return 0.0
+
+    monkeypatch.setattr(grpo, "arithmetic", failing)
+    cfg = _cfg(tiny_ckpt, tmp_path / "e", iterations=3, max_staleness=1)
+    err = within(300, _run, grpo, cfg)
+    assert isinstance(err, RuntimeError) and "injected reward failure" in str(err)
+    assert set(calls) == {"jaxllm-rollouts"}
+    lines = (tmp_path / "e/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1]  # iteration 1 trained, then stop
+
+
+@pytest.mark.slow
+def test_async_ppo(tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(ppo, "get_reward", lambda *a: lambda text, row: float(len(text)))
+    sec = dict(iterations=3, max_new_tokens=6, eval_examples=0, rollout_batch=8,
+               minibatch_size=8, epochs=1, tis_cap=2.0, max_staleness=1, reward="digits")  # fmt: skip
+    cfg = rl_config("ppo", tiny_ckpt, tmp_path / "ppo", **sec)
+    cfg = replace(cfg, train=replace(cfg.train, optim=replace(cfg.train.optim, lr=1e-2)))
+    summary, rows = _run(ppo, cfg)
+    assert [r["staleness"] for r in rows] == [0, 1, 1] and summary["steps"] == 3
+    assert all(r["logprob_gap"] < 1e-4 for r in rows)
+    assert rows[1]["policy_shift"] > 1e-3 and abs(rows[1]["tis_weight"] - 1) > 1e-4
