@@ -9,6 +9,9 @@ rewards, and joins rows into global arrays; everything after that (advantages, s
 minibatch gathers, steps) runs on global arrays, and the host reads only replicated scalars.
 The rollouts' texts are gathered once per iteration for the row's text figures (rule rates,
 degeneration: `rl_eval.text_figures`), so every process reports all of them.
+
+An iteration is `produce` (sampling + rewards) then `learn`; with `max_staleness` k >= 1 the
+producing runs ahead in a background thread on weights up to k updates old (`rl_async.py`).
 """
 
 from __future__ import annotations
