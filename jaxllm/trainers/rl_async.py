@@ -26,9 +26,10 @@ log-probs being the behaviour policy's; config validation requires `tis_cap` wit
 The sampler/learner agreement check runs in the producer at the sampling weights
 (`rollout.make_gap_pass`) for stale rollouts.
 
-The sampling weights are a device copy of the state's params (the train step donates the
-state, so the arrays the producer reads must be its own). One process only: two threads
-would dispatch multi-process programs in different orders on different hosts.
+The sampling weights are a device copy of the state's params and frozen part (the train
+step donates the state, so the arrays the producer reads must be its own; up to k + 1 copies
+live at once). One process only: two threads would dispatch multi-process programs in
+different orders on different hosts.
 """
 
 from __future__ import annotations
