@@ -32,6 +32,16 @@ def _check_common(c) -> None:
         )
     if c.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every: must be >= 0, got {c.checkpoint_every}")
+    if c.max_staleness < 0:
+        raise ValueError(
+            f"max_staleness: must be >= 0 (0: synchronous rollouts), got {c.max_staleness}"
+        )
+    if c.max_staleness and not c.tis_cap:
+        raise ValueError(
+            f"max_staleness: {c.max_staleness} samples with weights up to {c.max_staleness} "
+            "updates old, and the loss corrects for that with truncated importance weights: "
+            "set tis_cap (e.g. 2)"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,9 @@ class PPOConfig:
     kl_horizon: int = 10000
     kl_coef_min: float = 0.0  # the adaptive coefficient never drops below it
     tis_cap: float = 0.0  # truncated IS weight min(pi_old / pi_sampler, cap) (0: off)
+    # k >= 1: rollouts sampled in a background thread with weights up to k updates old while
+    # the learner trains (jaxllm/trainers/rl_async.py); needs tis_cap. 0: synchronous.
+    max_staleness: int = 0
     critic: Literal["shared", "separate"] = "shared"
     reward: str = "arithmetic"  # a rule name, or "model"
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
@@ -125,6 +138,9 @@ class GRPOConfig:
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0: off)
     overlong_penalty: float = 1.0  # the punishment at max_new_tokens
     tis_cap: float = 0.0  # truncated IS weight min(pi_old / pi_sampler, cap) (0: off)
+    # k >= 1: rollouts sampled in a background thread with weights up to k updates old while
+    # the learner trains (jaxllm/trainers/rl_async.py); needs tis_cap. 0: synchronous.
+    max_staleness: int = 0
     rewards: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = (1.0,)
     eval_examples: int = 64

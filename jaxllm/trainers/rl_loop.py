@@ -9,6 +9,9 @@ rewards, and joins rows into global arrays; everything after that (advantages, s
 minibatch gathers, steps) runs on global arrays, and the host reads only replicated scalars.
 The rollouts' texts are gathered once per iteration for the row's text figures (rule rates,
 degeneration: `rl_eval.text_figures`), so every process reports all of them.
+
+An iteration is `produce` (sampling + rewards) then `learn`; with `max_staleness` k >= 1 the
+producing runs ahead in a background thread on weights up to k updates old (`rl_async.py`).
 """
 
 from __future__ import annotations
@@ -165,35 +168,81 @@ def local_scores(values: list[float], mesh: Mesh, rules: str) -> jax.Array:
     return rows_to_global(np.asarray(values, np.float32), mesh, rules)
 
 
-def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: dict):
-    """One iteration: rollouts → scoring → `algo.post` → epochs of minibatch steps. The
-    metrics row holds the rollouts' text figures too (`eval_rules` rates, degeneration)."""
-    s = getattr(cfg, cfg.stage)
-    t0 = time.perf_counter()
+@dataclass
+class Produced:
+    """One iteration's rollouts, ready for the learner: this process's rows (`ro`) and
+    prompt records (`mine`), the global batch, the per-row rewards, the sampling seconds and,
+    for rollouts sampled with older weights than the learner's, the (mean, max) sampler /
+    learner log-prob gap checked at those weights (None: checked by `learn`)."""
+
+    ro: Any
+    mine: list[dict]
+    batch: dict
+    rewards: dict
+    seconds: float
+    gap: tuple[float, float] | None = None
+
+
+def plan_iteration(algo: Algorithm, rng: np.random.Generator, s) -> tuple[list[dict], list]:
+    """The host draws of one iteration, in the order the synchronous loop has always made
+    them: its prompt rows, then the minibatch index arrays of all its epochs."""
     recs = algo.pick(rng)
+    return recs, [
+        idx for _ in range(s.epochs) for idx in minibatches(len(recs), s.minibatch_size, rng)
+    ]
+
+
+def produce(
+    cfg, st: Stage, algo: Algorithm, weights: nnx.State, recs: list[dict], it: int
+) -> Produced:
+    """Samples this process's rows of `recs` with `weights` (key `fold_in(seed, it)`), lays
+    them out as a global batch and scores them with `algo.rewards`."""
+    s = getattr(cfg, cfg.stage)
     mine = recs[st.sampler.my_rows(len(recs))]
+    t0 = time.perf_counter()
     ro = sample_rollouts(
-        st.sampler, nnx.merge_state(state.params, state.frozen), [r["ids"] for r in mine],
-        st.tok, seq_len=cfg.loader.seq_len, max_new_tokens=s.max_new_tokens,
-        key=jax.random.fold_in(jax.random.key(cfg.seed), it), temperature=s.temperature,
-        stop_ids=stop_ids(st.template),
+        st.sampler, weights, [r["ids"] for r in mine], st.tok, seq_len=cfg.loader.seq_len,
+        max_new_tokens=s.max_new_tokens, key=jax.random.fold_in(jax.random.key(cfg.seed), it),
+        temperature=s.temperature, stop_ids=stop_ids(st.template),
     )  # fmt: skip
-    t1 = time.perf_counter()
+    seconds = time.perf_counter() - t0
     batch = rows_to_global(ro.batch, st.mesh, st.rules)
+    return Produced(ro, mine, batch, algo.rewards(ro.texts, mine, batch), seconds)
+
+
+def rl_iteration(cfg, st: Stage, algo: Algorithm, state, rng, it: int, clock: dict):
+    """One synchronous iteration: rollouts with the current weights, then `learn`."""
+    recs, order = plan_iteration(algo, rng, getattr(cfg, cfg.stage))
+    got = produce(cfg, st, algo, nnx.merge_state(state.params, state.frozen), recs, it)
+    clock["gen"] += got.seconds
+    return learn(cfg, st, algo, state, recs, got, order, clock)
+
+
+def learn(cfg, st: Stage, algo: Algorithm, state, recs, got: Produced, order, clock: dict):
+    """Scoring → `algo.post` → epochs of minibatch steps (in `order`) on produced rollouts.
+    The metrics row holds the rollouts' text figures too (`eval_rules` rates, degeneration).
+    Rollouts from older weights (`got.gap` set) report their checked gap as `logprob_gap`
+    and the mean |log π_old − log π_sampler| against the current weights as `policy_shift`."""
+    s = getattr(cfg, cfg.stage)
+    t1 = time.perf_counter()
+    batch = got.batch
     scores = st.score(state.params, state.frozen, st.ref[1], batch)
-    fields, stats = algo.post(scores, batch, algo.rewards(ro.texts, mine, batch))
+    fields, stats = algo.post(scores, batch, got.rewards)
     stats = {k: float(v) for k, v in jax.device_get(stats).items()}  # replicated scalars
-    check_gap(stats["logprob_gap"], stats["logprob_gap_max"], s.logprob_tol)
-    state, row, lr = train_epochs(st, algo.step_fn, state, {**batch, **fields}, rng, s)
-    t2 = time.perf_counter()
-    clock["gen"] += t1 - t0
-    clock["train"] += t2 - t1
+    if got.gap is None:
+        check_gap(stats["logprob_gap"], stats["logprob_gap_max"], s.logprob_tol)
+    else:
+        stats["policy_shift"] = stats["logprob_gap"]
+        stats["logprob_gap"], stats["logprob_gap_max"] = got.gap
+    state, row, lr = train_epochs(st, algo.step_fn, state, {**batch, **fields}, order)
+    clock["train"] += time.perf_counter() - t1
     clock["tokens"] += int(stats["tokens"])
     row.update(algo.report(stats))
-    for key in ("logprob_gap", "logprob_gap_max", "response_length"):
-        row[key] = stats[key]
+    for key in ("logprob_gap", "logprob_gap_max", "response_length", "policy_shift"):
+        if key in stats:
+            row[key] = stats[key]
     row["lr"] = lr
-    texts = all_texts(ro.texts, st.sampler.my_rows(len(recs)))
+    texts = all_texts(got.ro.texts, st.sampler.my_rows(len(recs)))
     row.update(text_figures(texts, recs, st.eval_rules))
     return state, row
 
@@ -205,16 +254,14 @@ def all_texts(texts: list[str], mine: slice) -> list[str]:
     return [t for _, block in sorted(blocks, key=lambda b: b[0]) for t in block]
 
 
-def train_epochs(st: Stage, step_fn, state, full: dict, rng, s) -> tuple[Any, dict, float]:
-    """`s.epochs` shuffled passes of minibatch steps over the rollout rows (gathered on
-    device); returns (state, mean step metrics, the last step's lr). Metrics are read once
-    after the epochs: no host sync between steps."""
-    n = len(full["mask"])
+def train_epochs(st: Stage, step_fn, state, full: dict, order: list) -> tuple[Any, dict, float]:
+    """Minibatch steps over the rollout rows (gathered on device), one per index array of
+    `order` (`plan_iteration`: `epochs` shuffled passes); returns (state, mean step metrics,
+    the last step's lr). Metrics are read once after the epochs: no host sync between steps."""
     step_metrics = []
-    for _ in range(s.epochs):
-        for idx in minibatches(n, s.minibatch_size, rng):
-            state, m = step_fn(state, take_rows(full, replicated(idx, st.mesh), st.mesh, st.rules))
-            step_metrics.append(m)
+    for idx in order:
+        state, m = step_fn(state, take_rows(full, replicated(idx, st.mesh), st.mesh, st.rules))
+        step_metrics.append(m)
     sums: dict[str, float] = {}
     for m in jax.device_get(step_metrics):
         for k, v in m.items():
@@ -281,7 +328,9 @@ def run_iterations(
                disable=not cfg.progress)  # fmt: skip
     try:
         for it in range(start + 1, s.iterations + 1):
+            t0 = time.perf_counter()
             state, last = iteration(state, rng, it, clock)
+            clock["wall"] = clock.get("wall", 0.0) + time.perf_counter() - t0
             writer.write(it, last)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
@@ -334,6 +383,9 @@ def rl_summary(
     if pairs:
         out["side_by_side"] = pairs
     out.update(timing(clock["gen"], clock["train"], clock["tokens"]))
+    out["seconds_per_iteration"] = round(clock.get("wall", 0.0) / max(iterations, 1), 3)
+    if "wait" in clock:  # asynchronous rollouts: the learner's wait for them
+        out["rollout_wait_seconds"] = round(clock["wait"], 2)
     plot = plot_losses(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png", cfg.name)
     out["loss_plot"] = plot.name if plot else None
     out["outputs"] = {"checkpoint": str(checkpoint_path(run_dir)), "tokenizer": st.tok_path}
@@ -390,13 +442,23 @@ def run_rl(
     (`steps`: the run's optimizer steps)."""
     s = getattr(cfg, cfg.stage)
     evaluate = make_evaluate(st, s, scores, cfg.loader.seq_len)
+    pipe = None
+    if s.max_staleness:  # rollouts from a background thread, up to k updates old
+        from jaxllm.trainers.rl_async import async_iteration
 
-    def iteration(state, rng, it, clock):
-        return rl_iteration(cfg, st, algo, state, rng, it, clock)
+        iteration, pipe = async_iteration(cfg, st, algo)
+    else:
 
-    state, last, before, clock, resumed = run_iterations(
-        cfg, st, run_dir, iteration, evaluate, extra
-    )
+        def iteration(state, rng, it, clock):
+            return rl_iteration(cfg, st, algo, state, rng, it, clock)
+
+    try:
+        state, last, before, clock, resumed = run_iterations(
+            cfg, st, run_dir, iteration, evaluate, extra
+        )
+    finally:
+        if pipe is not None:
+            pipe.close()
     save(state, checkpoint_path(run_dir))
     after = evaluate(state)
     return rl_summary(cfg, st, run_dir, steps, last, before, after, clock, resumed)

@@ -18,6 +18,7 @@ T = 1 runs exactly the untempered programs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.data.preference import PromptRecords, prompt_rows
 from jaxllm.errors import ConfigError, JaxllmError
@@ -146,6 +148,22 @@ def make_scoring_pass(
         return out
 
     return score
+
+
+def make_gap_pass(graphdef, mesh, rules: str, temperature: float = 1.0) -> Callable:
+    """`gap(params, frozen, batch) -> (mean, max)` |sampler − learner| log-prob of the
+    response tokens, replicated, jitted once: the agreement check for rollouts sampled with
+    other weights than the learner's current ones (asynchronous rollouts check the learner
+    at the very weights that sampled them). The policy's forward only, at `temperature`."""
+
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    def gap(params, frozen, batch):
+        with use_rules(mesh, rules):
+            logits_BLV, _ = policy_outputs(nnx.merge(graphdef, params, frozen), batch)
+        logp_BL = token_logprobs(logits_BLV, batch["targets"], temperature)
+        return gap_stats(batch["sampler_logp"], logp_BL, batch["mask"])
+
+    return gap
 
 
 def gap_stats(sampler_logp_BL, logp_BL, mask_BL) -> tuple[jax.Array, jax.Array]:
