@@ -65,12 +65,16 @@ def main() -> None:
     sft, rl = train[: SIZES["sft_train"]], train[SIZES["sft_train"] :]
     sets = {
         "sft_train": [
-            {"prompt": question(a, b), "task": "math",
-             "response": tool_answer(a, b) if rng.random() < TOOL_SHARE else str(a + b)}
+            {
+                "prompt": question(a, b),
+                "task": "math",
+                "response": tool_answer(a, b) if rng.random() < TOOL_SHARE else str(a + b),
+            }
             for a, b in sft
-        ],  # fmt: skip
-        "sft_val": [{"prompt": question(a, b), "response": str(a + b), "task": "math"}
-                    for a, b in val],  # fmt: skip
+        ],
+        "sft_val": [
+            {"prompt": question(a, b), "response": str(a + b), "task": "math"} for a, b in val
+        ],
         "train": [{"prompt": question(a, b), "answer": str(a + b), "task": "math"} for a, b in rl],
         "val": [{"prompt": question(a, b), "answer": str(a + b), "task": "math"} for a, b in val],
     }
