@@ -3,7 +3,7 @@ calculator`), deterministic, stdlib only.
 
   sft_train.jsonl  {"prompt": "What is 347 + 589?", "response": ..., "task": "math"}: most
                    responses are the bare answer "936"; a small share (TOOL_SHARE) call the
-                   calculator first: "<tool>347+589</tool><result>936</result>936". The tiny
+                   calculator first: "<tool>347 + 589</tool><result>936</result>936". The tiny
                    model cannot add three-digit numbers by itself, nor discover the tool by
                    chance: these demonstrations make it call the tool now and then, and RL
                    with the calculator can then teach it that calling pays
@@ -30,7 +30,7 @@ from pathlib import Path
 from heldout import arith_key, in_val
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL_SHARE = 0.15  # SFT demonstrations that call the calculator
+TOOL_SHARE = 0.2  # SFT demonstrations that call the calculator
 SIZES = {"sft_train": 2000, "train": 1000, "val": 64}
 
 
@@ -39,7 +39,7 @@ def question(a: int, b: int) -> str:
 
 
 def tool_answer(a: int, b: int) -> str:
-    return f"<tool>{a}+{b}</tool><result>{a + b}</result>{a + b}"
+    return f"<tool>{a} + {b}</tool><result>{a + b}</result>{a + b}"
 
 
 def facts(rng: random.Random) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -68,7 +68,7 @@ def test_tool_demonstrations_are_right_and_a_small_share():
         a, op, b = FACT.match(rec["prompt"]).groups()
         total = str(int(a) + int(b))
         assert op == "+" and 100 <= int(a) <= 999 and 100 <= int(b) <= 999, rec
-        call = f"<tool>{a}+{b}</tool><result>{total}</result>{total}"
+        call = f"<tool>{a} + {b}</tool><result>{total}</result>{total}"
         assert rec["response"] in (total, call), rec
         calls += rec["response"] == call
     n = len((ASSETS / "tool" / "sft_train.jsonl").read_text("utf-8").splitlines())

@@ -85,6 +85,17 @@ def test_calculator_env_steps_and_registry():
         get_env("python")
 
 
+def test_bad_tool_config_is_one_clear_error(tmp_path):
+    from jaxllm.config import from_dict, read_yaml
+
+    from .conftest import ROOT
+
+    raw = read_yaml(ROOT / "configs/tiny_grpo_tool.yaml")
+    raw["grpo"]["max_turns"] = 0
+    with pytest.raises(ConfigError, match="'grpo.max_turns': must be >= 1"):
+        from_dict(raw)
+
+
 class ScriptedModel:
     """A "model" that reads its context: asked "What is a + b?" with no result yet it calls
     the calculator (with `wrong` operands when set, or an unsafe call) and keeps writing past
