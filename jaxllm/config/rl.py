@@ -141,6 +141,11 @@ class GRPOConfig:
         _check_common(self)
         if self.max_turns < 1:
             raise ValueError(f"max_turns: must be >= 1, got {self.max_turns}")
+        if self.env and self.overlong_buffer:
+            raise ValueError(
+                "overlong_buffer: measures a response against max_new_tokens, which is per turn "
+                "with env (an episode has several turns); set overlong_buffer: 0"
+            )
         if self.group_size < 2 or self.prompts_per_iteration < 1:
             raise ValueError("group_size: must be >= 2 (and prompts_per_iteration >= 1)")
         n = self.prompts_per_iteration * self.group_size

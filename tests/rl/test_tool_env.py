@@ -94,6 +94,9 @@ def test_bad_tool_config_is_one_clear_error(tmp_path):
     raw["grpo"]["max_turns"] = 0
     with pytest.raises(ConfigError, match="'grpo.max_turns': must be >= 1"):
         from_dict(raw)
+    raw["grpo"].update(max_turns=3, overlong_buffer=4)
+    with pytest.raises(ConfigError, match="overlong_buffer.*per turn with env"):
+        from_dict(raw)
 
 
 class ScriptedModel:
@@ -232,18 +235,18 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def test_multi_turn_rollout_logprobs_agree_with_the_learner(tmp_path, tiny_ckpt):
-    sec = dict(iterations=1, max_new_tokens=8, eval_examples=0, temperature=1.0, max_turns=3)
+    sec = dict(iterations=1, max_new_tokens=8, eval_examples=0, temperature=1.0, max_turns=2)
     sec.update(prompts_per_iteration=2, group_size=4, minibatch_size=8, env="calculator")
     cfg = rl_config("grpo", tiny_ckpt, tmp_path / "g", **sec)
     st = setup_stage(cfg, "grpo", 1)
-    assert st.episodes is not None and st.episodes.max_turns == 3
+    assert st.episodes is not None and st.episodes.max_turns == 2
     sp = st.start
     weights = nnx.merge_state(sp.state.params, sp.state.frozen)
     rows = st.rows[:: max(1, len(st.rows) // 8)][:8]
     envs = [EveryWordEnv() for _ in rows]
     ro = run_episodes(
         st.sampler, weights, rows, envs, st.tok, seq_len=cfg.loader.seq_len, max_new_tokens=8,
-        max_turns=3, key=jax.random.key(1), temperature=1.0, stop_ids=stop_ids(st.template),
+        max_turns=2, key=jax.random.key(1), temperature=1.0, stop_ids=stop_ids(st.template),
     )  # fmt: skip
     batch, mask = ro.batch, ro.batch["mask"]
     reset, obs = st.tok.encode("<result>"), st.tok.encode("<result>7</result>")
