@@ -143,6 +143,10 @@ class GRPOConfig:
     max_staleness: int = 0
     rewards: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = (1.0,)
+    # Multi-turn episodes (jaxllm/trainers/episodes.py): an environment from
+    # jaxllm/trainers/envs.py ENVS ("": single-turn rollouts); max_new_tokens is then per turn.
+    env: str = ""
+    max_turns: int = 4  # model turns per episode (tool calls + the final answer)
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
     eval_rules: tuple[str, ...] = ()  # rule rates of the greedy answers and the rollouts
@@ -151,6 +155,13 @@ class GRPOConfig:
 
     def _validate(self) -> None:
         _check_common(self)
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns: must be >= 1, got {self.max_turns}")
+        if self.env and self.overlong_buffer:
+            raise ValueError(
+                "overlong_buffer: measures a response against max_new_tokens, which is per turn "
+                "with env (an episode has several turns); set overlong_buffer: 0"
+            )
         if self.group_size < 2 or self.prompts_per_iteration < 1:
             raise ValueError("group_size: must be >= 2 (and prompts_per_iteration >= 1)")
         n = self.prompts_per_iteration * self.group_size

@@ -31,6 +31,9 @@ ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
 THINK, END_THINK = "<think>", "</think>"  # a reasoning trace inside an assistant turn
+# A tool call inside an assistant turn and the environment's answer to it (plain text, not
+# special tokens: `trainers/envs.py` cuts the model's turn at END_TOOL).
+TOOL, END_TOOL, RESULT, END_RESULT = "<tool>", "</tool>", "<result>", "</result>"
 # Strings that would break the structure if they appeared inside a message's content.
 _RESERVED = ("<s>", "</s>", END_TOKEN, *ROLE_TOKENS.values())
 

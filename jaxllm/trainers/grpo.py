@@ -130,8 +130,9 @@ def grpo_algorithm(cfg: Config, st: Stage, total: int) -> Algorithm:
         return [st.rows[i] for i in chosen for _ in range(g.group_size)]
 
     def rewards(texts: list[str], recs: list[dict], batch) -> dict[str, jax.Array]:
+        rule = local_scores([reward(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules)
         return {
-            "reward": local_scores([reward(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules),
+            "reward": rule + batch["env_reward"] if "env_reward" in batch else rule,
             "accuracy": local_scores(
                 [arithmetic(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules
             ),

@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxllm.errors import ConfigError
+from jaxllm.tokenizer.chat import END_RESULT, END_THINK, END_TOOL, TOOL
 
 Reward = Callable[[str, dict[str, Any]], float]
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*\S", re.DOTALL)
+_TOOL_CALL = re.compile(re.escape(TOOL) + ".*?" + re.escape(END_TOOL), re.DOTALL)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 # The fixed sentences of the shipped preference set's answer templates
@@ -35,9 +37,10 @@ IMPOLITE_PHRASES = (
 
 
 def final_answer(text: str) -> str:
-    """The answer part of a response: the text after the last `</think>`, else all of it."""
-    head, sep, tail = text.rpartition("</think>")
-    return (tail if sep else text).strip()
+    """The answer part of a response: the text after the last `</think>` or tool
+    `</result>` (whichever comes later), else all of it."""
+    ends = [i + len(tag) for tag in (END_THINK, END_RESULT) if (i := text.rfind(tag)) >= 0]
+    return text[max(ends, default=0) :].strip()
 
 
 def arithmetic(text: str, record: dict[str, Any]) -> float:
@@ -93,8 +96,15 @@ def polite(text: str, record: dict[str, Any] | None = None) -> float:
     return float(has_polite and not sentences & set(IMPOLITE_PHRASES))
 
 
+def tool_call(text: str, record: dict[str, Any] | None = None) -> float:
+    """1 when the response calls a tool (`<tool>…</tool>`), else 0: as an `eval_rules` rate,
+    the share of answers that use the environment's tool."""
+    return float(bool(_TOOL_CALL.search(text)))
+
+
 REWARDS: dict[str, Reward] = {
     "arithmetic": arithmetic, "format": format_reward, "digits": digits, "polite": polite,
+    "tool_call": tool_call,
 }  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxllm.generation import Sampler, response_texts, sample_all
 from jaxllm.sharding import use_rules
 from jaxllm.trainers.rewards import Reward, arithmetic
-from jaxllm.trainers.rollout import TextScores, layout_rollouts, policy_outputs
+from jaxllm.trainers.rollout import Rollouts, TextScores, layout_rollouts, policy_outputs
 from jaxllm.trainers.text_metrics import answer_quality
 from jaxllm.training.losses import token_kl
 
@@ -51,25 +51,33 @@ def greedy_eval(
     sampler: Sampler, weights: nnx.State, rows: list[dict], tok: Any, scores: TextScores,
     *, max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 32,
     rules: Mapping[str, Reward] | None = None, kl: KLFn | None = None, seq_len: int = 0,
+    episodes: Callable[[list[dict]], Rollouts] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Greedy answers to held-out prompt rows: the mean of `scores(texts, rows)` (`reward`),
     exact-match `accuracy`, the mean of each rule in `rules` (by its name), `answer_quality`'s
     degeneration figures, with `kl` the mean KL per answer (`kl` gets the rows laid out as
-    [N, seq_len] rollouts), a few `samples` and all `answers` (the same on every process)."""
+    [N, seq_len] rollouts), a few `samples` and all `answers` (the same on every process).
+    `episodes(rows)` (multi-turn, greedy, with an environment) replaces the one-turn answers;
+    every process then plays every row."""
     prompts = [r["ids"] for r in rows]
-    res = sample_all(
-        sampler, weights, prompts, batch_size=batch_size, key_for=lambda n: jax.random.key(0),
-        max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-    )  # fmt: skip
-    texts = response_texts(tok, res)
+    if episodes is None:
+        res = sample_all(
+            sampler, weights, prompts, batch_size=batch_size, key_for=lambda n: jax.random.key(0),
+            max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+        )  # fmt: skip
+        texts = response_texts(tok, res)
+        length = seq_len or max(map(len, prompts)) + max_new_tokens
+        layout = lambda: layout_rollouts(prompts, res, tok, length).batch  # noqa: E731
+    else:
+        ro = episodes(rows)
+        texts, layout = ro.texts, lambda: ro.batch
     out: dict[str, Any] = {
         "reward": _mean(scores(texts, rows)),
         "accuracy": _mean(arithmetic(t, r) for t, r in zip(texts, rows)),
         **text_figures(texts, rows, rules or {}),
     }
     if kl is not None:
-        ro = layout_rollouts(prompts, res, tok, seq_len or max(map(len, prompts)) + max_new_tokens)
-        out["kl"] = _mean(np.asarray(kl(ro.batch)), digits=6)
+        out["kl"] = _mean(np.asarray(kl(layout())), digits=6)
     out["samples"] = [
         {"prompt": tok.decode(r["ids"]), "reference": r.get("answer"), "answer": t}
         for r, t in list(zip(rows, texts))[:6]

@@ -35,6 +35,8 @@ from jaxllm.generation import Sampler
 from jaxllm.sharding.batch import map_rows, replicated, row_sharding, rows_to_global
 from jaxllm.sharding.multihost import gather_text
 from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.trainers.envs import get_env
+from jaxllm.trainers.episodes import EpisodeRunner
 from jaxllm.trainers.rewards import Reward, get_reward
 from jaxllm.trainers.rl_eval import (
     SIDE_BY_SIDE,
@@ -83,6 +85,7 @@ class Stage:
     sampler: Sampler
     score: Callable
     eval_rules: dict[str, Reward]  # rule rates beside the stage's own score
+    episodes: EpisodeRunner | None = None  # multi-turn rollouts with `env` (None: one turn)
 
 
 def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
@@ -122,9 +125,15 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
     graphdef = start.graphdef
     score = make_scoring_pass(graphdef, ref_graphdef, mesh, rules, s.temperature)
     eval_rules = {name: get_reward(name, f"{section}.eval_rules") for name in s.eval_rules}
+    sampler, episodes = Sampler(graphdef, mesh=mesh, rules=rules), None
+    if getattr(s, "env", ""):  # grpo.env: multi-turn episodes
+        episodes = EpisodeRunner(
+            sampler, tok, get_env(s.env, f"{section}.env"), tuple(stop_ids(template)),
+            cfg.loader.seq_len, s.max_turns,
+        )  # fmt: skip
     return Stage(
         start, tx, mesh, rules, template, tok, str(tok_path), (ref_graphdef, ref_state), rows,
-        val, Sampler(graphdef, mesh=mesh, rules=rules), score, eval_rules,
+        val, sampler, score, eval_rules, episodes,
     )  # fmt: skip
 
 
@@ -200,11 +209,16 @@ def produce(
     s = getattr(cfg, cfg.stage)
     mine = recs[st.sampler.my_rows(len(recs))]
     t0 = time.perf_counter()
-    ro = sample_rollouts(
-        st.sampler, weights, [r["ids"] for r in mine], st.tok, seq_len=cfg.loader.seq_len,
-        max_new_tokens=s.max_new_tokens, key=jax.random.fold_in(jax.random.key(cfg.seed), it),
-        temperature=s.temperature, stop_ids=stop_ids(st.template),
-    )  # fmt: skip
+    key = jax.random.fold_in(jax.random.key(cfg.seed), it)
+    if st.episodes is not None:  # multi-turn, with the environment
+        ro = st.episodes(weights, mine, max_new_tokens=s.max_new_tokens, key=key,
+                         temperature=s.temperature)  # fmt: skip
+    else:
+        ro = sample_rollouts(
+            st.sampler, weights, [r["ids"] for r in mine], st.tok, seq_len=cfg.loader.seq_len,
+            max_new_tokens=s.max_new_tokens, key=key, temperature=s.temperature,
+            stop_ids=stop_ids(st.template),
+        )  # fmt: skip
     seconds = time.perf_counter() - t0
     batch = rows_to_global(ro.batch, st.mesh, st.rules)
     return Produced(ro, mine, batch, algo.rewards(ro.texts, mine, batch), seconds)
@@ -425,9 +439,16 @@ def make_evaluate(
             return map_rows(fn, batch, st.mesh, st.rules)
 
         weights = nnx.merge_state(state.params, state.frozen)
+        episodes = None
+        if st.episodes is not None:  # greedy episodes with the environment
+            episodes = functools.partial(
+                st.episodes, weights, max_new_tokens=s.eval_max_new_tokens,
+                key=jax.random.key(0), temperature=0.0,
+            )  # fmt: skip
         return greedy_eval(
             st.sampler, weights, st.val, st.tok, scores, max_new_tokens=s.eval_max_new_tokens,
             stop_ids=stop_ids(st.template), rules=st.eval_rules, kl=kl, seq_len=seq_len,
+            episodes=episodes,
         )  # fmt: skip
 
     return evaluate

@@ -106,13 +106,22 @@ def layout_rollouts(
         seg[i, : n_p + n_r] = 1
         mask[i, n_p - 1 : n_p + n_r - 1] = 1.0
         slogp[i, n_p - 1 : n_p + n_r - 1] = lp
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)) * seg
-    targets = np.concatenate([tokens[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
-    batch = dict(
-        tokens=tokens, targets=targets, segment_ids=seg, positions=positions.astype(np.int32),
-        mask=mask, sampler_logp=slogp,
-    )  # fmt: skip
+    batch = rollout_arrays(tokens, seg, mask, slogp)
     return Rollouts(batch, response_texts(tok, res), np.asarray(res.num_tokens, np.int32))
+
+
+def rollout_arrays(
+    tokens: np.ndarray, seg: np.ndarray, mask: np.ndarray, sampler_logp: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The layout's dict from right-padded rows [B, L]: targets (tokens shifted left) and
+    positions (0..n-1 on real tokens) added."""
+    b, length = tokens.shape
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)) * seg
+    targets = np.concatenate([tokens[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
+    return dict(
+        tokens=tokens, targets=targets, segment_ids=seg, positions=positions.astype(np.int32),
+        mask=mask, sampler_logp=sampler_logp,
+    )  # fmt: skip
 
 
 def policy_outputs(model, batch: dict, key: jax.Array | None = None):

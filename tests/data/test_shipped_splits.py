@@ -20,6 +20,8 @@ SETS = {
     "rl": ("train.jsonl", "val.jsonl"),
     "rl_sft": ("sft_train.jsonl", "sft_val.jsonl"),
     "rl_think": ("think_train.jsonl", "think_val.jsonl"),
+    "tool": ("train.jsonl", "val.jsonl"),
+    "tool_sft": ("sft_train.jsonl", "sft_val.jsonl"),
 }
 TRAIN_ONLY = {"rl": ("think_sloppy_train.jsonl",)}  # training sets without a val split
 STEP = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)")
@@ -36,7 +38,7 @@ def facts(path: Path) -> set[tuple]:
 
 
 def split_facts(kind: str) -> tuple[set, set]:
-    folder = ASSETS / ("rl" if kind.startswith("rl") else kind)
+    folder = ASSETS / kind.split("_")[0]
     train, val = SETS[kind]
     return facts(folder / train), facts(folder / val)
 
@@ -53,6 +55,26 @@ def test_no_held_out_fact_is_trained_on_in_any_shipped_set():
 
 def test_rl_prompts_and_their_sft_forms_hold_out_the_same_facts():
     assert split_facts("rl") == split_facts("rl_sft") == split_facts("rl_think")
+    assert split_facts("tool")[1] == split_facts("tool_sft")[1]
+
+
+def test_tool_demonstrations_are_right_and_a_small_share():
+    """The calculator set: every SFT answer is the prompt's sum, bare or after a calculator
+    call on the prompt's operands whose result is the sum; 10-20 % call it; the RL prompts'
+    training facts are not the SFT set's."""
+    calls = 0
+    for line in (ASSETS / "tool" / "sft_train.jsonl").read_text("utf-8").splitlines():
+        rec = json.loads(line)
+        a, op, b = FACT.match(rec["prompt"]).groups()
+        total = str(int(a) + int(b))
+        assert op == "+" and 100 <= int(a) <= 999 and 100 <= int(b) <= 999, rec
+        call = f"<tool>{a} + {b}</tool><result>{total}</result>{total}"
+        assert rec["response"] in (total, call), rec
+        calls += rec["response"] == call
+    n = len((ASSETS / "tool" / "sft_train.jsonl").read_text("utf-8").splitlines())
+    assert 0.1 <= calls / n <= 0.2, calls / n
+    sft, rl = facts(ASSETS / "tool" / "sft_train.jsonl"), split_facts("tool")[0]
+    assert rl and not sft & rl
 
 
 def parse_trace(rec: dict) -> tuple[bool, bool]:

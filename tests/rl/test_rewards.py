@@ -55,3 +55,11 @@ def test_registry_and_weights():
     assert r("<think>x</think>5", REC) == 0.5
     with pytest.raises(ConfigError, match="grpo.rewards.*unknown reward 'exact'"):
         get_reward("exact")
+
+
+def test_final_answer_after_a_tool_result():
+    assert final_answer("<tool>17+25</tool><result>42</result> 42") == "42"
+    assert arithmetic("<tool>17+25</tool><result>42</result>42", {"answer": "42"}) == 1.0
+    assert arithmetic("<tool>17+25</tool><result>42</result>", {"answer": "42"}) == 0.0
+    assert final_answer("<result>1</result><think>a</think>2") == "2"  # whichever is later
+    assert final_answer("<think>a</think><result>1</result>3") == "3"
