@@ -137,6 +137,7 @@ def length_reward(monkeypatch):
     monkeypatch.setattr(grpo, "weighted_reward", lambda *a: lambda text, row: float(len(text)))
 
 
+@pytest.mark.slow
 def test_async_grpo_samples_with_stale_weights(tmp_path, tiny_ckpt, monkeypatch, length_reward):
     calls, real = [], rl_loop.sample_rollouts
 
