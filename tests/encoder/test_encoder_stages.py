@@ -135,9 +135,16 @@ def saved_leaf(ckpt: Path, step: int, *path: str) -> np.ndarray:
 def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
     files = sentiment_cut(tmp_path, 24)
     cfg = classify_config(mlm_run / "checkpoints", tmp_path / "r", files,
-                          **{"classify.init": "random", "seed": 1})  # fmt: skip
+                          **{"classify.init": "random", "seed": 1,
+                             "classify.pooling": "mean"})  # fmt: skip
     s = run_classify(cfg)
     assert s["init"] == "random"
+    # a mean-pooled classifier is not a BertForSequenceClassification (that pools [CLS])
+    from jaxllm.interop import InteropError
+    from jaxllm.trainers.bert_interop import export_bert_checkpoint
+
+    with pytest.raises(InteropError, match="classify.pooling"):
+        export_bert_checkpoint(tmp_path / "r/checkpoints", tmp_path / "hf")
     meta = Checkpointer(tmp_path / "r/checkpoints", async_save=False).read_meta(4)
     assert not meta.get("base_checkpoint") and meta["model"]["d_model"] == 32
     pre = encoder_weights(mlm_run / "checkpoints")
