@@ -37,8 +37,9 @@ def test_tiny_bert_pipeline_few_steps(tmp_path):
     assert pre["examples"] == rnd["examples"] == {"train": 16, "val": 20, "test": 18}
     resolved = (out / "4-tiny_classify/config.yaml").read_text()
     assert str(out / "3-tiny_mlm/checkpoints") in resolved
-    assert "pooling: mean" in resolved and "pooling: mean" in (
-        out / "5-tiny_classify_scratch/config.yaml"
-    ).read_text()  # the same head on both
+    assert (
+        "pooling: mean" in resolved
+        and "pooling: mean" in (out / "5-tiny_classify_scratch/config.yaml").read_text()
+    )  # the same head on both
     assert str(out / "2-tiny_wordpiece") in (out / "3-tiny_mlm/config.yaml").read_text()
     assert (out / "5-tiny_classify_scratch/predictions.jsonl").is_file()
