@@ -12,7 +12,8 @@ class MLMConfig:
     """`stage: mlm` — how sentence pairs are built and masked (`jaxllm/data/mlm.py`).
 
     Pairs come from the cleaned corpus (`inputs.data_dir`): sentence B is the true next run
-    of sentences half of the time, a run from another document otherwise. Of the non-special
+    of sentences half of the time, a run from another document otherwise (`nsp: false`:
+    single-segment rows, no NSP). Of the non-special
     tokens, `mask_prob` are chosen for prediction; of those 80 % become `[MASK]`, 10 % a
     random token and 10 % stay as they are.
     """
@@ -22,6 +23,10 @@ class MLMConfig:
     short_seq_prob: float = 0.1  # BERT: this share of pairs aims at a shorter random length
     # chosen positions per row, the static M of the batch (0: ceil(mask_prob * seq_len) + 1)
     max_predictions: int = 0
+    # next-sentence prediction. false: RoBERTa's DOC-SENTENCES rows instead of pairs, each
+    # `[CLS] consecutive sentences of one document [SEP]` (every sentence used, a one-sentence
+    # document included), the masked-LM loss alone; the pooler then stays as initialised
+    nsp: bool = True
 
     def _validate(self) -> None:
         if not 0.0 < self.mask_prob < 1.0:
@@ -50,6 +55,9 @@ class ClassifyConfig:
     # same encoder shape (the checkpoint's model config, else `model:`) from a fresh init
     init: Literal["checkpoint", "random"] = "checkpoint"
     dropout: float = 0.1  # the encoder's and the head's dropout while fine-tuning
+    # what the head reads: cls, BERT's pooler over `[CLS]` (trained by NSP in pretraining);
+    # mean, the mean of the final features over the real tokens (the pooler unused)
+    pooling: Literal["cls", "mean"] = "cls"
 
     def _validate(self) -> None:
         if not self.train_file:

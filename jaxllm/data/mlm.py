@@ -17,6 +17,11 @@ measured); here every chunk gives one pair whatever its label, so the labels are
 trailing single sentence has no true next and makes no pair. The pair is cut to `seq_len` by
 `pair_ids` (the longer side loses tokens from its end) as `[CLS] A [SEP] B [SEP]`.
 
+With `mlm.nsp: false` (RoBERTa's DOC-SENTENCES) a document gives single-segment rows
+instead (`document_chunks`): `[CLS] consecutive sentences [SEP]`, about `seq_len - 2`
+tokens each, every sentence used (a one-sentence document makes one row; as pairs it makes
+none), token types 0; `nsp_labels` 0 and the trainer leaves out the NSP term.
+
 Masking (`choose_masks`): of the non-special tokens, round(mask_prob · n) (at least 1, at most
 M) are chosen — whole words with `whole_word` (a token and its `##` continuations; a Chinese
 character is a word already) — and of those 80 % become `[MASK]`, 10 % a random non-special
@@ -106,6 +111,32 @@ def document_pairs(
     return pairs
 
 
+def document_chunks(
+    sents: Sequence[Sequence[int]], rng: np.random.Generator, max_tokens: int,
+    short_seq_prob: float,
+) -> list[list[int]]:  # fmt: skip
+    """Single-segment rows of one tokenized document (`nsp: false`, RoBERTa's
+    DOC-SENTENCES): consecutive sentences gathered up to `max_tokens` (a random shorter
+    target for `short_seq_prob` of the chunks); a sentence that does not fit starts the
+    next chunk, one longer than `max_tokens` is cut into pieces. Every token lands in a
+    chunk, so a one-sentence document (most short reviews) still makes a row."""
+    pieces = [s[i : i + max_tokens] for s in sents for i in range(0, len(s), max_tokens)]
+
+    def target() -> int:
+        short = rng.random() < short_seq_prob
+        return int(rng.integers(2, max_tokens + 1)) if short else max_tokens
+
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    room = target()
+    for piece in pieces:
+        if chunk and len(chunk) + len(piece) > room:
+            chunks.append(chunk)
+            chunk, room = [], target()
+        chunk = chunk + list(piece)
+    return chunks + [chunk] if chunk else chunks
+
+
 def choose_masks(
     ids: Sequence[int],
     rng: np.random.Generator,
@@ -169,6 +200,9 @@ class PairMaker:
         def random_run(rng: np.random.Generator, n: int) -> list[int] | None:
             return self._random_run(int(doc_index), rng, n)
 
+        if not self.cfg.nsp:
+            chunks = document_chunks(sents, rng, self.seq_len - 2, self.cfg.short_seq_prob)
+            return [self._row(c, None, IS_NEXT, rng) for c in chunks]
         pairs = document_pairs(sents, rng, self.seq_len - 3, self.cfg.short_seq_prob, random_run)
         return [self._row(a, b, label, rng) for a, b, label in pairs]
 
@@ -194,8 +228,11 @@ class PairMaker:
                 return out
         return None
 
-    def _row(self, a: list[int], b: list[int], label: int, rng) -> dict[str, np.ndarray]:
-        ids, types = pair_ids(a, b, self.seq_len, self.tok.cls_id, self.tok.sep_id)
+    def _row(self, a: list[int], b: list[int] | None, label: int, rng) -> dict[str, np.ndarray]:
+        if b is None:  # one segment (`nsp: false`): `[CLS] a [SEP]`, type 0
+            ids, types = [self.tok.cls_id, *a, self.tok.sep_id], [0] * (len(a) + 2)
+        else:
+            ids, types = pair_ids(a, b, self.seq_len, self.tok.cls_id, self.tok.sep_id)
         masked, positions, targets = choose_masks(
             ids, rng, mask_prob=self.cfg.mask_prob, max_predictions=self.m,
             special_V=self.special_V, continuation_V=self.continuation_V,

@@ -123,11 +123,34 @@ class BertPretrainModel(nnx.Module):
         return mlm_BMV, self.nsp(self.encoder.pooled(x_BLD))
 
 
-class ClassifierModel(nnx.Module):
-    """Encoder + a classification head on the pooled `[CLS]` (`stage: classify`)."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, encoder: Encoder, num_labels: int, *, rngs: nnx.Rngs):
+
+def mean_pool(x_BLD: jax.Array, segment_ids_BL: jax.Array | None) -> jax.Array:
+    """[B, D] float32 mean of the features over each row's real tokens (segment id > 0,
+    `[CLS]` and `[SEP]` included, as Sentence-BERT's mean over the attention mask); every
+    position when `segment_ids_BL` is None; an all-padding row gives zeros."""
+    x_BLD = x_BLD.astype(jnp.float32)
+    if segment_ids_BL is None:
+        return jnp.mean(x_BLD, axis=1)
+    real_BL = (segment_ids_BL > 0).astype(jnp.float32)
+    total_BD = jnp.einsum("bld,bl->bd", x_BLD, real_BL)
+    return total_BD / jnp.maximum(jnp.sum(real_BL, axis=1), 1.0)[:, None]
+
+
+class ClassifierModel(nnx.Module):
+    """Encoder + a classification head (`stage: classify`) on the pooled `[CLS]` (`pooling:
+    cls`, BERT's: the pooler's tanh dense, trained by NSP in pretraining) or on the mean of
+    the final token features (`mean`: the pooler is not used). Pooling has no weights of its
+    own, so either reads the same checkpoint."""
+
+    def __init__(
+        self, encoder: Encoder, num_labels: int, *, rngs: nnx.Rngs, pooling: str = "cls"
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling: one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.encoder = encoder
+        self.pooling = pooling
         self.head = PooledHead(encoder.cfg.d_model, num_labels, rngs=rngs, std=encoder.cfg.init_std)
 
     def __call__(self, tokens_BL: jax.Array, *, deterministic: bool = True, key=None, **kw):
@@ -136,4 +159,8 @@ class ClassifierModel(nnx.Module):
         # the encoder folds in 0..n_layers (blocks, embeddings): the head's key is the next
         n = self.encoder.cfg.n_layers + 1
         head_key = None if key is None or deterministic else jax.random.fold_in(key, n)
-        return self.head(self.encoder.pooled(x_BLD), self.encoder.cfg.dropout, head_key)
+        if self.pooling == "mean":
+            pooled_BD = mean_pool(x_BLD, kw.get("segment_ids_BL"))
+        else:
+            pooled_BD = self.encoder.pooled(x_BLD)
+        return self.head(pooled_BD, self.encoder.cfg.dropout, head_key)

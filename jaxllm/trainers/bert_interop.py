@@ -173,7 +173,6 @@ def export_bert_checkpoint(
         merge_lora(model)
         graphdef, state = nnx.split(model)
     m, meta, kind = loaded.model, loaded.meta, loaded.kind
-    check_exportable(m)
     own = meta.get("hf_architecture", "")
     arch = architecture or (own if own in _EXPORTS[kind] else DEFAULT_ARCHITECTURE[kind])
     if arch not in _EXPORTS[kind]:
@@ -181,6 +180,14 @@ def export_bert_checkpoint(
             f"hf.architecture: a {kind} checkpoint cannot be written as {arch} (it can be: "
             f"{', '.join(_EXPORTS[kind])})"
         )
+    pooling = meta.get("config", {}).get("classify", {}).get("pooling", "cls")
+    if arch == "BertForSequenceClassification" and pooling != "cls":
+        raise InteropError(
+            f"hf.architecture: this classifier reads the {pooling} of the token features "
+            "(classify.pooling), BertForSequenceClassification the pooled [CLS]: its logits "
+            "would differ; export it as BertModel (the encoder) instead"
+        )
+    check_exportable(m)
     tok = _tokenizer(meta.get("tokenizer", ""))
     labels = _labels(meta, loaded.num_labels) if arch == "BertForSequenceClassification" else None
     pad = tok.pad_id if tok is not None else 0

@@ -117,7 +117,7 @@ def _start(cfg: Config, labels: tuple[str, ...], tx, mesh) -> tuple[StartPoint, 
     encoder, m, meta, source = _encoder(cfg, mesh)
     tok, tok_path = stage_wordpiece(cfg, meta, m)
     rngs = nnx.Rngs(params=cfg.seed)
-    model = ClassifierModel(encoder, len(labels), rngs=rngs)
+    model = ClassifierModel(encoder, len(labels), rngs=rngs, pooling=cfg.classify.pooling)
     return start_from_model(cfg, model, m, meta, source, tx, mesh, rngs), tok, tok_path
 
 

@@ -34,6 +34,7 @@ from jaxllm.config import Config, resolve_path
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.interop import load_tokenizer
 from jaxllm.jsonl import read_jsonl
+from jaxllm.models.heads import mean_pool
 from jaxllm.rundir import RunDir, atomic_write_bytes, atomic_write_text
 from jaxllm.sharding import make_mesh, use_rules
 from jaxllm.sharding.batch import map_rows
@@ -55,9 +56,7 @@ def embed_batch(
     if pooling == "cls":
         v_BD = x_BLD[:, 0] * (mask_BL[:, :1] > 0)
     else:
-        w_BL = (mask_BL > 0).astype(jnp.float32)
-        total_BD = jnp.einsum("bld,bl->bd", x_BLD, w_BL)
-        v_BD = total_BD / jnp.maximum(jnp.sum(w_BL, axis=1, keepdims=True), 1.0)
+        v_BD = mean_pool(x_BLD, mask_BL)  # the classifier's `pooling: mean` too
     if normalize:  # as torch.nn.functional.normalize: v / max(|v|, 1e-12)
         v_BD = v_BD / jnp.maximum(jnp.linalg.norm(v_BD, axis=-1, keepdims=True), 1e-12)
     return v_BD

@@ -13,6 +13,7 @@ and its cross-entropy, fitted on the train split). Checkpoints record `arch: enc
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,19 @@ from jaxllm.training.step import make_eval_step, make_train_step
 _UNIGRAM_DOCS = 5000  # train documents the unigram baseline is fitted on
 
 
-def mlm_loss(model: BertPretrainModel, batch: dict[str, jax.Array], key):
-    """`loss_fn(model, batch, key)` of the stage: `mlm_nsp_loss` of the model's two heads."""
+def mlm_loss(model: BertPretrainModel, batch: dict[str, jax.Array], key, nsp: bool = True):
+    """`loss_fn(model, batch, key)` of the stage: `mlm_nsp_loss` of the model's two heads
+    (`nsp=False`: the masked-LM term alone, `mlm.nsp: false`)."""
     mlm_BMV, nsp_B2 = model(batch["tokens"], batch["mask_positions"], **encoder_inputs(batch, key))
     return mlm_nsp_loss(
         mlm_BMV, batch["mask_targets"], batch["mask_weights"], nsp_B2, batch["nsp_labels"],
-        batch["nsp_weights"],
+        batch["nsp_weights"], nsp,
     )  # fmt: skip
+
+
+def stage_loss(cfg: Config):
+    """The stage's `loss_fn`: with or without the NSP term (`mlm.nsp`)."""
+    return mlm_loss if cfg.mlm.nsp else partial(mlm_loss, nsp=False)
 
 
 def with_unigram(loss_fn, logp_V: np.ndarray):
@@ -140,7 +147,7 @@ def _evaluator(cfg: Config, tok, data_dir: Path, graphdef, shardings, mesh):
     val = cleaned_shards(data_dir, "val")
     if not val:
         return None
-    loss_fn = with_unigram(mlm_loss, unigram_log_probs(tok, data_dir))
+    loss_fn = with_unigram(stage_loss(cfg), unigram_log_probs(tok, data_dir))
     eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
     pi, pc = jax.process_index(), jax.process_count()
 
@@ -183,7 +190,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
     step_fn = make_train_step(
-        graphdef, mlm_loss, tx, lr_schedule(t.optim, t.steps), shardings, mesh,
+        graphdef, stage_loss(cfg), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     meta = {"config": to_dict(cfg), "model": to_dict(m), "tokenizer": str(tok_path),
@@ -204,7 +211,8 @@ def _summary(cfg, state, start, last, before, after, plot, run_dir, tok_path) ->
         "final_train_loss": last.get("loss"),
         "tokens_per_s": last.get("tokens_per_s"),
     }
-    for key in ("mlm_accuracy", "mlm_loss", "nsp_accuracy", "nsp_loss"):
+    keys = ("mlm_accuracy", "mlm_loss") + (("nsp_accuracy", "nsp_loss") if cfg.mlm.nsp else ())
+    for key in keys:  # without NSP its head never trains: no figures to report
         if key in before:
             summary[f"val_{key}_before"] = round(before[key], 4)
             summary[f"val_{key}_after"] = round(after[key], 4)

@@ -298,8 +298,11 @@ def mlm_nsp_loss(
     nsp_logits_B2: jax.Array,
     nsp_labels_B: jax.Array,
     nsp_weights_B: jax.Array,
+    nsp: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """BERT's pretraining loss, summed over pairs; `weight` = number of pairs.
+    """BERT's pretraining loss, summed over pairs; `weight` = number of pairs (rows:
+    `nsp_weights_B` is 1 on every real row). `nsp=False` (RoBERTa): the loss is the MLM term
+    alone; the NSP figures are still summed in aux.
 
     Each pair is one example: its masked-LM term is the mean cross-entropy over its chosen
     positions, its NSP term the cross-entropy of its label, so loss / weight is the mean
@@ -311,10 +314,10 @@ def mlm_nsp_loss(
     ce_B, mlm_B = jax.vmap(cross_entropy)(mlm_logits_BMV, targets_BM, weights_BM)
     tokens_B = mlm_B["weight"]
     mlm = jnp.sum(ce_B / jnp.maximum(tokens_B, 1.0))
-    nsp, nsp_aux = cross_entropy(nsp_logits_B2, nsp_labels_B, nsp_weights_B)
-    return mlm + nsp, {
+    nsp_ce, nsp_aux = cross_entropy(nsp_logits_B2, nsp_labels_B, nsp_weights_B)
+    return (mlm + nsp_ce if nsp else mlm), {
         "mlm_loss": mlm,
-        "nsp_loss": nsp,
+        "nsp_loss": nsp_ce,
         "mlm_ce": jnp.sum(ce_B),
         "mlm_correct": jnp.sum(mlm_B["correct"]),
         "mlm_tokens": jnp.sum(tokens_B),

@@ -69,6 +69,9 @@ def mlm_sets(out: Path, data: Path, tok: Path, steps: int = 4) -> list[str]:
         "inputs.tokenizer": tok, "loader.seq_len": 64, "loader.batch_size": 8,
         "train.steps": steps, "train.eval_every": 2, "train.checkpoint_every": 2,
         "train.log_every": 1, "train.eval_batches": 2,
+        # the pairs + NSP path (tiny_mlm.yaml ships nsp: false, which test_mlm_data.py and
+        # the tiny_bert pipeline test cover)
+        "mlm.nsp": "true",
         **{f"model.{k}": v for k, v in TINY_ENCODER.items()},
     }  # fmt: skip
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]

@@ -32,10 +32,14 @@ def test_tiny_bert_pipeline_few_steps(tmp_path):
     mlm = json.loads((out / "3-tiny_mlm/summary.json").read_text())
     pre = json.loads((out / "4-tiny_classify/summary.json").read_text())
     rnd = json.loads((out / "5-tiny_classify_scratch/summary.json").read_text())
-    assert mlm["steps"] == 2 and "val_nsp_accuracy_after" in mlm
+    assert mlm["steps"] == 2 and "val_nsp_accuracy_after" not in mlm  # mlm.nsp: false
     assert pre["init"] == "checkpoint" and rnd["init"] == "random"
     assert pre["examples"] == rnd["examples"] == {"train": 16, "val": 20, "test": 18}
     resolved = (out / "4-tiny_classify/config.yaml").read_text()
     assert str(out / "3-tiny_mlm/checkpoints") in resolved
+    assert (
+        "pooling: mean" in resolved
+        and "pooling: mean" in (out / "5-tiny_classify_scratch/config.yaml").read_text()
+    )  # the same head on both
     assert str(out / "2-tiny_wordpiece") in (out / "3-tiny_mlm/config.yaml").read_text()
     assert (out / "5-tiny_classify_scratch/predictions.jsonl").is_file()

@@ -41,6 +41,10 @@ def test_mlm_nsp_loss_matches_numpy():
     assert set(aux) == set(want)
     for k, value in want.items():
         assert float(aux[k]) == pytest.approx(value, rel=1e-5, abs=1e-6), k
+    # without NSP (RoBERTa): the MLM term alone, the same figures
+    loss_mlm, aux_mlm = mlm_nsp_loss(mlm, targets, weights, nsp, labels, rows, nsp=False)
+    assert float(loss_mlm) == pytest.approx(want["mlm_loss"], rel=1e-5)
+    assert float(aux_mlm["nsp_loss"]) == pytest.approx(want["nsp_loss"], rel=1e-5)
     # the gradient of the summed loss: softmax - onehot, scaled by each row's 1/n on its tokens
     grad = jax.grad(lambda x: mlm_nsp_loss(x, targets, weights, nsp, labels, rows)[0])(mlm)
     onehot = np.eye(v)[targets]

@@ -100,7 +100,7 @@ def test_classify_from_the_pretrained_encoder(mlm_run, tmp_path):
     assert [p["split"] for p in preds] == ["val"] * 20 + ["test"] * 18
     assert preds[0]["line"] == 1 and set(preds[0]["probabilities"]) == {"negative", "positive"}
     test_acc = np.mean([p["label"] == p["prediction"] for p in preds if p["split"] == "test"])
-    assert test_acc == s["test_accuracy"]
+    assert round(test_acc, 4) == s["test_accuracy"]  # the summary rounds to 4 places
     # the classifier's encoder started from the MLM run's encoder: same weights at step 0
     meta = Checkpointer(tmp_path / "c/checkpoints", async_save=False).read_meta(4)
     assert meta["head"]["labels"] == ["negative", "positive"]
@@ -135,9 +135,16 @@ def saved_leaf(ckpt: Path, step: int, *path: str) -> np.ndarray:
 def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
     files = sentiment_cut(tmp_path, 24)
     cfg = classify_config(mlm_run / "checkpoints", tmp_path / "r", files,
-                          **{"classify.init": "random", "seed": 1})  # fmt: skip
+                          **{"classify.init": "random", "seed": 1,
+                             "classify.pooling": "mean"})  # fmt: skip
     s = run_classify(cfg)
     assert s["init"] == "random"
+    # a mean-pooled classifier is not a BertForSequenceClassification (that pools [CLS])
+    from jaxllm.interop import InteropError
+    from jaxllm.trainers.bert_interop import export_bert_checkpoint
+
+    with pytest.raises(InteropError, match="classify.pooling"):
+        export_bert_checkpoint(tmp_path / "r/checkpoints", tmp_path / "hf")
     meta = Checkpointer(tmp_path / "r/checkpoints", async_save=False).read_meta(4)
     assert not meta.get("base_checkpoint") and meta["model"]["d_model"] == 32
     pre = encoder_weights(mlm_run / "checkpoints")

@@ -12,6 +12,7 @@ from jaxllm.data.mlm import (
     IS_NEXT,
     IS_RANDOM,
     choose_masks,
+    document_chunks,
     document_pairs,
     make_mlm_dataset,
     make_mlm_eval_dataset,
@@ -119,6 +120,21 @@ def test_a_single_sentence_document_makes_no_pair():
     assert document_pairs([[7, 8, 9]], rng, 20, 0.0, lambda r, n: [1]) == []
 
 
+def test_document_chunks_keep_every_token_in_order():
+    """`nsp: false`: a one-sentence document makes one row; sentences gather up to the
+    limit, a longer one is cut into pieces; nothing is lost or reordered."""
+    rng = np.random.default_rng(0)
+    assert document_chunks([[7, 8, 9]], rng, 20, 0.0) == [[7, 8, 9]]
+    sents = [list(range(100 * i, 100 * i + n)) for i, n in enumerate([5, 9, 4, 30, 3, 8])]
+    chunks = document_chunks(sents, rng, 12, 0.0)
+    assert [t for c in chunks for t in c] == [t for s in sents for t in s]
+    assert all(0 < len(c) <= 12 for c in chunks)
+    assert chunks[:2] == [sents[0], sents[1]]  # 5 + 9 > 12: the second starts a new chunk
+    for _ in range(20):  # random short targets still keep every token
+        chunks = document_chunks(sents, rng, 12, 0.5)
+        assert [t for c in chunks for t in c] == [t for s in sents for t in s]
+
+
 @pytest.fixture(scope="module")
 def marker_data(tmp_path_factory):
     """24 documents, each of one repeated character (its marker)."""
@@ -153,6 +169,25 @@ def test_pipeline_pairs_nsp_and_per_process_slices(wp_tok, marker_data):
                 used |= a | b
         assert set(labels) == {IS_NEXT, IS_RANDOM}
         assert {MARKERS.index(c) % 2 for c in used} == {pi}  # docs pi, pi + 2, ...
+
+
+def test_without_nsp_rows_are_one_document_each(wp_tok, marker_data):
+    """`nsp: false`: `[CLS] sentences of one document [SEP]`, token types 0, every row a
+    real row (weight 1) with label 0, and every document's sentences used."""
+    cfg = MLMConfig(mask_prob=0.3, nsp=False)
+    seen = set()
+    for batch in make_mlm_eval_dataset(marker_data, wp_tok, LOADER, cfg, seed=3):
+        for r in np.flatnonzero(batch["nsp_weights"]):
+            ids = batch["tokens"][r].copy()
+            w = batch["mask_weights"][r] > 0
+            ids[batch["mask_positions"][r][w]] = batch["mask_targets"][r][w]  # unmask
+            n = int(batch["segment_ids"][r].sum())
+            assert ids[0] == CLS and ids[n - 1] == SEP and SEP not in ids[1 : n - 1]
+            assert not batch["token_types"][r].any() and batch["nsp_labels"][r] == IS_NEXT
+            markers = marker_of(wp_tok, ids[:n])
+            assert len(markers) == 1
+            seen |= markers
+    assert seen == set(MARKERS[:24])
 
 
 def test_nsp_labels_are_half_random_over_a_corpus_pass(wp_tok, enc_data):

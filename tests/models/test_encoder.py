@@ -117,3 +117,35 @@ def test_rope_encoder_sees_relative_positions_only():
     np.testing.assert_allclose(enc(tokens, positions_BL=pos), enc(tokens, positions_BL=pos + 7),
                                atol=1e-4)  # fmt: skip
     assert not np.allclose(enc(tokens), enc(tokens[:, ::-1])[:, ::-1], atol=1e-3)
+
+
+def test_mean_pooling_is_the_mean_over_real_tokens():
+    """`pooling: mean`: the head reads the numpy mean of the final features over each row's
+    non-padding positions (padding neither counted nor able to change it); `cls` (the
+    default) reads the pooler over `[CLS]`, as before."""
+    from jaxllm.models.heads import mean_pool
+
+    m = preset("bert_tiny", vocab_size=100)
+    enc = make_encoder(m)
+    tokens = jnp.array([[2, 10, 11, 12, 3, 0, 0, 0], [2, 20, 21, 22, 23, 24, 25, 3]])
+    seg = (tokens != 0).astype(jnp.int32)
+    x = np.asarray(enc(tokens, segment_ids_BL=seg), np.float64)
+    want = np.stack([x[0, :5].mean(axis=0), x[1].mean(axis=0)])
+    np.testing.assert_allclose(mean_pool(jnp.asarray(x), seg), want, atol=1e-5)
+    np.testing.assert_allclose(mean_pool(jnp.asarray(x), None), x.mean(axis=1), atol=1e-5)
+    assert np.all(np.asarray(mean_pool(jnp.asarray(x), jnp.zeros_like(seg))) == 0)
+
+    rngs = nnx.Rngs(params=0)
+    mean = ClassifierModel(enc, 3, rngs=rngs, pooling="mean")
+    head = mean.head
+    logits = mean(tokens, segment_ids_BL=seg)
+    np.testing.assert_allclose(logits, want @ head.kernel[...] + head.bias[...], atol=1e-5)
+    noisy = mean(tokens.at[0, 6].set(77), segment_ids_BL=seg)  # padding: invisible
+    np.testing.assert_allclose(noisy, logits, atol=1e-5)
+    cls = ClassifierModel(enc, 3, rngs=nnx.Rngs(params=0))
+    assert cls.pooling == "cls"
+    want_cls = np.asarray(enc.pooled(jnp.asarray(x, jnp.float32))) @ cls.head.kernel[...]
+    np.testing.assert_allclose(cls(tokens, segment_ids_BL=seg), want_cls + cls.head.bias[...],
+                               atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="pooling"):
+        ClassifierModel(enc, 3, rngs=rngs, pooling="max")
