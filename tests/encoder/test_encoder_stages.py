@@ -230,6 +230,7 @@ def test_classify_adapters_train_only_themselves_and_the_head(mlm_run, tmp_path)
     assert rest and all("_adapter." in n for n in rest)  # no base weight is saved
 
 
+@pytest.mark.slow
 def test_classify_p_tuning_saves_the_folded_prompt_last(mlm_run, tmp_path):
     """peft.method prompt through P-tuning's MLP: the head trains with it; step 2 keeps the
     MLP (to resume), the last step holds the folded prompt embeddings (the loop's

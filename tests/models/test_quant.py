@@ -87,6 +87,7 @@ def _quantized(model, method, group=32, **kw):
         return quantize_model(model, QuantizeConfig(method, group, **kw))
 
 
+@pytest.mark.slow
 def test_quantised_logits_close_to_float():
     tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, SMALL.vocab_size)
     base = _model()  # built once (random init is the slow part), cloned per method

@@ -9,6 +9,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxllm.config import replace
@@ -39,6 +40,7 @@ def _finite_metrics(path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     sec = dict(SMALL, rollout_batch=16, minibatch_size=8, epochs=2, reward="digits")
     sec.update(checkpoint_every=1, adaptive_kl=True, kl_target=0.01, kl_horizon=16)
