@@ -160,7 +160,7 @@ def _copy(tree):
 def async_iteration(cfg, st, algo) -> tuple[Callable, RolloutPipeline]:
     """`iteration(state, rng, it, clock)` for `rl_loop.run_iterations` with rollouts from a
     `RolloutPipeline` (k = the section's `max_staleness`), and the pipeline (close it)."""
-    from jaxllm.trainers.rl_loop import learn, plan_iteration, produce
+    from jaxllm.trainers.rl_iteration import learn, plan_iteration, produce
 
     s = getattr(cfg, cfg.stage)
     if jax.process_count() > 1:

@@ -14,7 +14,7 @@ import pytest
 from jaxllm.config import replace
 from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
-from jaxllm.trainers import grpo, ppo, rl_async, rl_loop
+from jaxllm.trainers import grpo, ppo, rl_async, rl_iteration
 from jaxllm.trainers.rl_async import RolloutPipeline, RolloutTimeout, staleness
 
 from .conftest import rl_config
@@ -139,14 +139,14 @@ def length_reward(monkeypatch):
 
 @pytest.mark.slow
 def test_async_grpo_samples_with_stale_weights(tmp_path, tiny_ckpt, monkeypatch, length_reward):
-    calls, real = [], rl_loop.sample_rollouts
+    calls, real = [], rl_iteration.sample_rollouts
 
     def spy(sampler, weights, prompts, tok, *, key, **kw):
         leaves = [np.asarray(x) for x in jax.tree.leaves(weights)]
         calls.append((np.asarray(jax.random.key_data(key)), leaves))
         return real(sampler, weights, prompts, tok, key=key, **kw)
 
-    monkeypatch.setattr(rl_loop, "sample_rollouts", spy)
+    monkeypatch.setattr(rl_iteration, "sample_rollouts", spy)
     cfg = _cfg(tiny_ckpt, tmp_path / "k1", iterations=2, max_staleness=1, checkpoint_every=0)
     summary, rows = _run(grpo, cfg)
     assert [r["staleness"] for r in rows] == [0, 1] and summary["steps"] == 2

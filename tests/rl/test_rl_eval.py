@@ -105,9 +105,9 @@ def test_side_by_side_and_console_lines():
 
 
 def test_rollout_texts_of_every_process_join_in_row_order(monkeypatch):
-    from jaxllm.trainers import rl_loop
+    from jaxllm.trainers import rl_iteration
 
-    assert rl_loop.all_texts(["x", "y"], slice(0, 2)) == ["x", "y"]  # one process
+    assert rl_iteration.all_texts(["x", "y"], slice(0, 2)) == ["x", "y"]  # one process
     gathered = [json.dumps([2, ["c", "d"]]), json.dumps([0, ["a", "b"]])]  # process order
-    monkeypatch.setattr(rl_loop, "gather_text", lambda text: gathered)
-    assert rl_loop.all_texts(["c", "d"], slice(2, 4)) == ["a", "b", "c", "d"]
+    monkeypatch.setattr(rl_iteration, "gather_text", lambda text: gathered)
+    assert rl_iteration.all_texts(["c", "d"], slice(2, 4)) == ["a", "b", "c", "d"]

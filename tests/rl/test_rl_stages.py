@@ -16,7 +16,8 @@ from jaxllm.config import replace
 from jaxllm.rundir import RunDir
 from jaxllm.trainers import grpo, ppo
 from jaxllm.trainers.lm import load_checkpoint_model
-from jaxllm.trainers.rl_loop import local_scores, rl_iteration, setup_stage
+from jaxllm.trainers.rl_iteration import rl_iteration
+from jaxllm.trainers.rl_loop import local_scores, setup_stage
 from jaxllm.trainers.rollout import logprob_gap, sample_rollouts, stop_ids
 from jaxllm.training.state import to_global
 
