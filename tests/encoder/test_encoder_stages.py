@@ -132,6 +132,7 @@ def saved_leaf(ckpt: Path, step: int, *path: str) -> np.ndarray:
     return np.asarray(out["value"])
 
 
+@pytest.mark.slow  # the random-init path also runs in test_bert_pipeline (slow)
 def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
     files = sentiment_cut(tmp_path, 24)
     cfg = classify_config(mlm_run / "checkpoints", tmp_path / "r", files,
