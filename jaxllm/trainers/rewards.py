@@ -7,6 +7,7 @@ pick and weight them (`grpo.rewards`, `ppo.reward`, `ppo.eval_rules`).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ Reward = Callable[[str, dict[str, Any]], float]
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*\S", re.DOTALL)
 _TOOL_CALL = re.compile(re.escape(TOOL) + ".*?" + re.escape(END_TOOL), re.DOTALL)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_PUNCT = re.compile(r"[^\w\s]")
 
 # The fixed sentences of the shipped preference set's answer templates
 # (scripts/make_preference_data.py: POLITE, and EVASIVE + RUDE), as `template_phrases` gives
@@ -96,6 +98,24 @@ def polite(text: str, record: dict[str, Any] | None = None) -> float:
     return float(has_polite and not sentences & set(IMPOLITE_PHRASES))
 
 
+def _words(text: str) -> list[str]:
+    """Lower-cased words with punctuation removed (SQuAD's answer normalisation, articles kept)."""
+    return _PUNCT.sub(" ", text.lower()).split()
+
+
+def chosen_f1(text: str, record: dict[str, Any]) -> float:
+    """Word-overlap F1 (as SQuAD scores answers) between the final answer and the record's
+    best-ranked answer (`chosen`, on preference prompts); 0 without one. As an `eval_rules`
+    rate it tells an answer that says the question's own fact from a polite answer with
+    another question's fact, which the polite rule cannot."""
+    ref, ans = _words(str(record.get("chosen") or "")), _words(final_answer(text))
+    common = sum((Counter(ref) & Counter(ans)).values())
+    if not ref or not ans or not common:
+        return 0.0
+    precision, recall = common / len(ans), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def tool_call(text: str, record: dict[str, Any] | None = None) -> float:
     """1 when the response calls a tool (`<tool>…</tool>`), else 0: as an `eval_rules` rate,
     the share of answers that use the environment's tool."""
@@ -104,7 +124,7 @@ def tool_call(text: str, record: dict[str, Any] | None = None) -> float:
 
 REWARDS: dict[str, Reward] = {
     "arithmetic": arithmetic, "format": format_reward, "digits": digits, "polite": polite,
-    "tool_call": tool_call,
+    "tool_call": tool_call, "chosen_f1": chosen_f1,
 }  # fmt: skip
 
 

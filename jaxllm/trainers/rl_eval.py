@@ -113,7 +113,8 @@ def _mean(values, digits: int = 4) -> float:
 
 _SHOWN = (  # (summary figure, label) for the console line under the side-by-side answers
     ("reward", "reward"), ("polite", "polite"), ("repeat_3gram", "repeated 3-grams"),
-    ("distinct_2", "distinct-2"), ("well_formed", "well-formed"), ("kl", "KL/answer"),
+    ("distinct_2", "distinct-2"), ("distinct_answers", "distinct answers"),
+    ("chosen_f1", "F1 to the best answer"), ("well_formed", "well-formed"), ("kl", "KL/answer"),
 )  # fmt: skip
 
 

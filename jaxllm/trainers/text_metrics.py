@@ -54,8 +54,9 @@ def has_repeat(words: Sequence[str], n: int = 3) -> bool:
 
 def answer_quality(texts: Sequence[str]) -> dict[str, float]:
     """`repeat_3gram` (repeated word 3-gram share within an answer, mean over answers),
-    `distinct_2` (distinct word bigrams over all answers together) and `well_formed` (the
-    share of well-formed answers)."""
+    `distinct_2` (distinct word bigrams over all answers together), `well_formed` (the
+    share of well-formed answers) and `distinct_answers` (different answers / answers, words
+    compared: 1 / n when every prompt gets the same answer)."""
     if not texts:
         return {}
     words = [t.split() for t in texts]
@@ -64,4 +65,5 @@ def answer_quality(texts: Sequence[str]) -> dict[str, float]:
         "repeat_3gram": round(sum(repeated_ngram_share(w, 3) for w in words) / n, 4),
         "distinct_2": round(corpus_distinct_n(words, 2), 4),
         "well_formed": round(sum(well_formed(t) for t in texts) / n, 4),
+        "distinct_answers": round(len({" ".join(w) for w in words}) / n, 4),
     }

@@ -6,6 +6,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.trainers.rewards import (
     REWARDS,
     arithmetic,
+    chosen_f1,
     digits,
     final_answer,
     format_reward,
@@ -63,3 +64,14 @@ def test_final_answer_after_a_tool_result():
     assert arithmetic("<tool>17+25</tool><result>42</result>", {"answer": "42"}) == 0.0
     assert final_answer("<result>1</result><think>a</think>2") == "2"  # whichever is later
     assert final_answer("<think>a</think><result>1</result>3") == "3"
+
+
+def test_chosen_f1_by_hand():
+    rec = {"chosen": "Happy to help! Open My Orders and press Cancel."}
+    assert chosen_f1("Happy to help! Open My Orders and press Cancel.", rec) == 1.0
+    # "open my orders and press buy again" vs the 9 reference words: 5 in common
+    # (open, my, orders, and, press): precision 5/7, recall 5/9, F1 = 2PR/(P+R) = 10/16
+    assert chosen_f1("Open my orders, and press Buy Again!", rec) == pytest.approx(10 / 16)
+    assert chosen_f1("Go away.", rec) == 0.0
+    assert chosen_f1("Happy to help!", {"answer": "x"}) == 0.0  # no best answer: 0
+    assert chosen_f1("<think>hm</think> Happy to help!", rec) == pytest.approx(2 * 1 * 3 / 9 / (1 + 3 / 9))

@@ -93,6 +93,9 @@ def test_well_formed_and_quality_means():
     assert q["repeat_3gram"] == pytest.approx(round((0 + 2 / 3 + 0) / 3, 4))
     assert q["distinct_2"] == pytest.approx(round((3 + 1) / (3 + 4), 4))  # over all answers
     assert q["well_formed"] == pytest.approx(round(1 / 3, 4))
+    assert q["distinct_answers"] == 1.0
+    same = answer_quality(["Buy  Again.", "Buy Again.", "Cancel it.", "Buy Again."])
+    assert same["distinct_answers"] == 0.5  # two different answers (spacing ignored) of four
     assert answer_quality([]) == {}
 
 
