@@ -14,10 +14,13 @@ from jaxllm.models.flops import param_count
 from jaxllm.trainers.plan import make_plan, plan_model, report
 
 ROOT = Path(__file__).resolve().parents[1]
+# llama_1b.yaml names the demo's tokenizer: after `make demo` the plan would take its small
+# vocabulary; without a tokenizer it takes the preset's (Llama 3's 128,256), as in a clone.
+PRESET_VOCAB = ['inputs.tokenizer=""']
 
 
 def test_llama_1b_on_8_fsdp_devices_matches_the_closed_form():
-    cfg = load_config(ROOT / "configs/llama_1b.yaml", ["mesh.rules=fsdp"])
+    cfg = load_config(ROOT / "configs/llama_1b.yaml", ["mesh.rules=fsdp", *PRESET_VOCAB])
     p = make_plan(cfg, "h100", compile_step=False)
     n = param_count(plan_model(cfg))
     assert p["devices"] == 8 and p["mesh"]["fsdp"] == 8
@@ -31,7 +34,7 @@ def test_llama_1b_on_8_fsdp_devices_matches_the_closed_form():
 def test_a_config_that_does_not_fit_says_which_knob_helps():
     cfg = load_config(
         ROOT / "configs/llama_1b.yaml",
-        ["mesh.fsdp=1", "mesh.data=-1", "mesh.rules=dp", "loader.batch_size=8"],
+        ["mesh.fsdp=1", "mesh.data=-1", "mesh.rules=dp", "loader.batch_size=8", *PRESET_VOCAB],
     )
     p = make_plan(cfg, "v5e", compile_step=False)
     assert not p["fits"] and p["param_bytes"] == pytest.approx(
