@@ -1,6 +1,8 @@
 """GRPO advantages flow: equal rewards in a group give zero advantage and so zero policy
 gradient (only the KL term, beta > 0, still pulls); a better-than-average completion does not."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,24 +27,35 @@ def _batch(rewards, model):
         segment_ids=np.ones((B, L), np.int32),
         positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)),
     )  # fmt: skip
-    logits = model(jnp.asarray(tokens))
+    logits = _forward(nnx.state(model), jnp.asarray(tokens))
     logp = np.asarray(token_logprobs(logits, jnp.asarray(batch["targets"])))
     batch.update(old_logp=logp, ref_logp=logp - 0.1 * mask, adv=np.asarray(group_advantages(
         jnp.asarray(rewards, jnp.float32), B)))  # fmt: skip
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _grad_norm(beta, rewards):
+@functools.cache
+def _model():
     m = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
-    model = Decoder(m, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    batch = _batch(rewards, model)
+    return Decoder(m, rngs=nnx.Rngs(0))
+
+
+@jax.jit
+def _forward(state, tokens):
+    return nnx.merge(nnx.graphdef(_model()), state)(tokens)
+
+
+@functools.cache
+def _grad_fn(beta):
+    """The jitted gradient of GRPO's loss (one compile per beta, not one dispatch per op)."""
     loss_fn = grpo_loss_fn(0.2, beta, "k3")
+    graphdef = nnx.graphdef(_model())
+    return jax.jit(jax.grad(lambda p, batch: loss_fn(nnx.merge(graphdef, p), batch, None)[0]))
 
-    def f(p):
-        return loss_fn(nnx.merge(graphdef, p), batch, None)[0]
 
-    grads = jax.grad(f)(params)
+def _grad_norm(beta, rewards):
+    model = _model()
+    grads = _grad_fn(beta)(nnx.state(model), _batch(rewards, model))
     return float(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))) ** 0.5
 
 
