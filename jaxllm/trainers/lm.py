@@ -229,10 +229,15 @@ def check_checkpoint_model(cfg: Config, m: ModelConfig, n_devices: int | None = 
 
 def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> StartPoint:
     """The train state of a stage that starts from `inputs.checkpoint`: its weights (a LoRA
-    input merged into plain weights), `wrap`'s head if given, the `peft` method if one is
+    input merged into plain weights), `wrap`'s head if given (a reward stage started from a
+    reward checkpoint keeps that checkpoint's trained head), the `peft` method if one is
     asked for (models/peft), and a fresh optimizer state over what trains."""
     ckpt_in = str(Path(require_input(cfg, "checkpoint")).absolute())
-    graphdef, weights, m, meta = load_checkpoint_model(Path(ckpt_in), mesh, cfg.mesh.rules)
+    # a reward model trained on: its head comes along (more preferences, as in iterated RLHF)
+    headed = wrap is not None and cfg.stage == "reward" == written_by(Path(ckpt_in))
+    graphdef, weights, m, meta = load_checkpoint_model(
+        Path(ckpt_in), mesh, cfg.mesh.rules, wrap=wrap if headed else None
+    )
     check_checkpoint_model(cfg, m)
     model = nnx.merge(graphdef, weights)
     try:
@@ -247,8 +252,17 @@ def init_from_checkpoint(cfg: Config, tx, mesh, wrap: Wrap | None = None) -> Sta
             "its base checkpoint, or train the earlier run with lora"
         )
     rngs = nnx.Rngs(params=cfg.seed)
-    model = wrap(model, rngs) if wrap else model
+    model = wrap(model, rngs) if wrap and not headed else model
     return start_from_model(cfg, model, m, meta, ckpt_in, tx, mesh, rngs)
+
+
+def written_by(ckpt_dir: Path) -> str:
+    """The stage that wrote a checkpoint directory's latest checkpoint ("" if none is there)."""
+    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    step = ckpt.latest_step()
+    stage = "" if step is None else ckpt.read_meta(step).get("config", {}).get("stage", "")
+    ckpt.close()
+    return stage
 
 
 def start_from_model(

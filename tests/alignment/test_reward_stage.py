@@ -5,6 +5,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxllm.config import ModelConfig
@@ -100,3 +101,13 @@ def test_reward_stage_lora_end_to_end(tmp_path, tiny_ckpt, template):
     assert abs(wins[real].mean() - summary["pair_accuracy_after"]) < 1e-3  # each pair once
     assert abs(np.sum(w * wins) / np.sum(w) - summary["prompt_accuracy_after"]) < 1e-3
     assert abs(gap[real].mean() - summary["reward_gap_after"]) < 1e-3
+    # trained on from its own checkpoint (full fine-tuning now): the LoRA folded in and the
+    # trained head kept, so the new run starts where this one ended, not at a zero head
+    more = stage_config(
+        "reward", tmp_path / "rm/checkpoints", tmp_path / "rm2", reward={"val_file": str(val)},
+        train={"steps": 1, "eval_every": 1, "checkpoint_every": 1},
+    )  # fmt: skip
+    again = run_stage(reward, more)
+    for key in ("pair_accuracy", "prompt_accuracy", "reward_gap"):
+        assert again[f"{key}_before"] == pytest.approx(summary[f"{key}_after"], abs=1e-3)
+    assert again["reward_gap_before"] != 0.0
