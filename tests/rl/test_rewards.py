@@ -74,4 +74,6 @@ def test_chosen_f1_by_hand():
     assert chosen_f1("Open my orders, and press Buy Again!", rec) == pytest.approx(10 / 16)
     assert chosen_f1("Go away.", rec) == 0.0
     assert chosen_f1("Happy to help!", {"answer": "x"}) == 0.0  # no best answer: 0
-    assert chosen_f1("<think>hm</think> Happy to help!", rec) == pytest.approx(2 * 1 * 3 / 9 / (1 + 3 / 9))
+    assert chosen_f1("<think>hm</think> Happy to help!", rec) == pytest.approx(
+        2 * 1 * 3 / 9 / (1 + 3 / 9)
+    )
