@@ -206,3 +206,32 @@ def test_training_a_rope_encoder_moves_only_the_method(name):
     for (pa, a), (pb, b) in zip(nnx.to_flat_state(kept), nnx.to_flat_state(base), strict=True):
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+@pytest.mark.slow  # 5-7 s each on the loaded VM; the fast suite is at its 10-minute edge
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_mean_pooling_reads_the_real_tokens_and_reaches_the_method(name):
+    """The shipped classifier (`pooling: mean`, rope, plain prefixes/prompts): the head reads
+    the numpy mean of the real tokens' features (virtual slots and padding left out), and
+    the loss has a nonzero gradient on the method's variables through that mean."""
+    peft = dataclasses.replace(METHODS[name], prefix_projection=False)
+    model = ClassifierModel(make_encoder(ROPE), 3, rngs=nnx.Rngs(0), pooling="mean")
+    with nnx.use_eager_sharding(False):
+        apply_peft(model, peft, nnx.Rngs(1))
+    x_BLD = np.asarray(model.encoder(TOKENS, segment_ids_BL=SEG), np.float64)
+    real_BL = np.asarray(SEG, np.float64)
+    pooled_BD = (x_BLD * real_BL[..., None]).sum(1) / real_BL.sum(1, keepdims=True)
+    head = model.head
+    want = pooled_BD @ np.asarray(head.kernel[...], np.float64) + np.asarray(head.bias[...])
+    got = logits(model)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(logits(model, TOKENS.at[0, 6].set(77)), got, atol=1e-6)
+    graphdef, params, frozen = nnx.split(model, PEFT_METHODS[peft.method].variable, ...)
+
+    def loss(params):
+        out = nnx.merge(graphdef, params, frozen)(TOKENS, segment_ids_BL=SEG)
+        return optax.softmax_cross_entropy_with_integer_labels(out, LABELS).mean()
+
+    grads = jax.grad(loss)(params)
+    norm = float(optax.tree.norm(grads))
+    assert np.isfinite(norm) and norm > 1e-4
