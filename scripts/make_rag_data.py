@@ -13,7 +13,10 @@ recall closed-book, and retrieve-then-answer SFT records.
                    ("Passage: …\\nQuestion: …"), the response the answer as it stands in the
                    passage with the label before it ("Passage: ABATIS", "作者：李白",
                    `reading`) — what a briefly fine-tuned model learns to copy (RAG paired
-                   with fine-tuning); 2,576 records: a capped sample (1,750) plus `EXTRA`;
+                   with fine-tuning); 2,576 records (a capped sample of 1,750 plus `EXTRA`),
+                   each also as a counterfactual: the same passage naming another answer
+                   of its kind, the response that answer (a prior cannot fit those; only
+                   reading can) — 5,152 in all;
                    val: the held-out questions with their gold passage
 Held out by item (a verse, an entry, a poem) with the `heldout.py` rule.
 
@@ -121,7 +124,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "jaxllm" / "assets" / "rag")
     out = ap.parse_args().out
     out.mkdir(parents=True, exist_ok=True)
-    rng, extra = random.Random(23), random.Random(2323)
+    rng, extra, swap = random.Random(23), random.Random(2323), random.Random(2324)
     passages, questions, train, val_sft = [], [], [], []
     for kind, items in (("bible", bible()), ("devil", devil()), ("tang", tang())):
         seen = set()
@@ -139,6 +142,10 @@ def main() -> None:
         left = [it for it in rest if it[0] not in taken]
         picked += extra.sample(left, min(EXTRA[kind], len(left)))
         train += [record(kind, text, q, a) for _, text, q, a in picked]
+        answers = sorted({a for *_, a in picked})
+        for _, text, q, a in picked:  # the same passage naming another answer (counterfactual)
+            b = swap.choice([x for x in answers if x != a])
+            train.append(record(kind, text.replace(a, b, 1), q, b))
     rng.shuffle(train)
     for name, rows in (
         ("passages", passages),
