@@ -144,6 +144,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        given = [a for a in args if a is not type(None)]
+        if len(given) == 1:  # an optional value: its own message (a bad key inside, a range)
+            return _convert(given[0], value, path)
         for arg in args:
             if arg is type(None):
                 continue

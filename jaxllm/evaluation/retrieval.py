@@ -1,10 +1,15 @@
-"""Retrieval for retrieval-augmented prompts: a BM25 index (`bm25s`) over a passage store
-(JSONL, gzip ok, one `{"id", "text"}` per line), top-k passages per question, recall@k
-against a gold passage id, and the passages placed into a prompt within a token budget.
+"""Retrieval for retrieval-augmented prompts: an index over a passage store (JSONL, gzip ok,
+one `{"id", "text"}` per line) — BM25 (`bm25s`) or dense (cosine similarity of an encoder's
+sentence vectors) — top-k passages per question, recall@k against a gold passage id, and the
+passages placed into a prompt within a token budget.
 
-Terms: lower-cased Latin words and digits, and each CJK character on its own (classical
+BM25 terms: lower-cased Latin words and digits, and each CJK character on its own (classical
 Chinese has no spaces; a character is the usual unit of Chinese BM25), so one index serves
 the English and Chinese passages of the shipped corpus alike.
+
+Dense: the passages and the queries are embedded by an `Embed` function the caller supplies
+(`stage: eval` gives the embed stage's mean-pooled encoder vectors, `trainers/embedder.py`); the
+top k are the passages of highest cosine similarity, ties to the lower index.
 """
 
 from __future__ import annotations
@@ -38,16 +43,6 @@ class BM25Index:
         self.index = bm25s.BM25()
         self.index.index([terms(t) or ["<empty>"] for t in texts], show_progress=False)
 
-    @classmethod
-    def from_jsonl(cls, path: Path, id_field: str = "id", text_field: str = "text") -> BM25Index:
-        ids, texts = [], []
-        for n, obj in read_jsonl(path):
-            if not isinstance(obj.get(text_field), str):
-                raise DataError(f'{path}:{n}: expected a "{text_field}" string')
-            ids.append(str(obj.get(id_field, n)))
-            texts.append(obj[text_field])
-        return cls(ids, texts, str(path))
-
     def search(self, queries: Sequence[str], k: int) -> list[list[int]]:
         """The indices of the top-k passages per query, best first (a query with no known
         term gets no passages)."""
@@ -58,13 +53,55 @@ class BM25Index:
         return [[int(d) for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
 
 
+def read_passages(path: Path, id_field: str = "id", text_field: str = "text"):
+    """(ids, texts) of a passage store; a line without the text names `file:line`."""
+    ids, texts = [], []
+    for n, obj in read_jsonl(path):
+        if not isinstance(obj.get(text_field), str):
+            raise DataError(f'{path}:{n}: expected a "{text_field}" string')
+        ids.append(str(obj.get(id_field, n)))
+        texts.append(obj[text_field])
+    return ids, texts
+
+
+Embed = Callable[[Sequence[str]], np.ndarray]  # texts → [len(texts), D] vectors
+
+
+def cosine_top_k(queries_QD: np.ndarray, passages_ND: np.ndarray, k: int) -> np.ndarray:
+    """[Q, min(k, N)] passage indices by cosine similarity, best first (ties: lower index).
+    Zero vectors have similarity 0 with everything."""
+    q = queries_QD / np.maximum(np.linalg.norm(queries_QD, axis=-1, keepdims=True), 1e-12)
+    p = passages_ND / np.maximum(np.linalg.norm(passages_ND, axis=-1, keepdims=True), 1e-12)
+    sim_QN = q.astype(np.float32) @ p.astype(np.float32).T
+    return np.argsort(-sim_QN, axis=1, kind="stable")[:, : max(k, 0)]
+
+
+class DenseIndex:
+    """Passages as sentence vectors (`embed`); a query's top k by cosine similarity."""
+
+    def __init__(self, ids: Sequence[str], texts: Sequence[str], embed: Embed,
+                 source: str = "passages"):  # fmt: skip
+        if not texts:
+            raise DataError(f"{source}: the passage store is empty; nothing to retrieve from")
+        self.ids, self.texts, self.source, self.embed = list(ids), list(texts), source, embed
+        self.vectors_ND = np.asarray(embed(self.texts), np.float32)
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[int]]:
+        vecs = np.asarray(self.embed(list(queries)), np.float32)
+        return [[int(j) for j in row] for row in cosine_top_k(vecs, self.vectors_ND, k)]
+
+
 @functools.lru_cache(maxsize=4)
-def cached_index(path: str, id_field: str, text_field: str) -> BM25Index:
-    """One index per passage store per process (tasks and variants share it)."""
+def cached_index(
+    path: str, id_field: str, text_field: str, embed: Embed | None = None
+) -> BM25Index | DenseIndex:
+    """One index per passage store (and encoder) per process: tasks and variants share it.
+    BM25 without `embed`, dense with it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"retrieval passages: {p} not found")
-    return BM25Index.from_jsonl(p, id_field, text_field)
+    ids, texts = read_passages(p, id_field, text_field)
+    return BM25Index(ids, texts, str(p)) if embed is None else DenseIndex(ids, texts, embed, str(p))
 
 
 def recall_at_k(retrieved: Sequence[Sequence[str]], gold: Sequence[str], k: int) -> list[float]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from jaxllm.errors import DataError
+from jaxllm.errors import ConfigError, DataError
 from jaxllm.evaluation import metrics, retrieval
-from jaxllm.evaluation.tasks import Task, fill, resolve_data
+from jaxllm.evaluation.tasks import Task, encoder_dir, fill, resolve_data
 from jaxllm.evaluation.templates import build_prompt, choices_and_gold, continuation
 from jaxllm.tokenizer.chat import END_TOKEN
 
@@ -73,11 +74,25 @@ class TaskResult:
     truncated: int = 0
     passages_dropped: int = 0  # retrieved passages left out of prompts to fit the context
 
-    def add(self, k: int | None, metric: str, values: Sequence[float]) -> None:
+    def add(
+        self, k: int | None, metric: str, values: Sequence[float],
+        groups: Sequence[str] | None = None,
+    ) -> None:  # fmt: skip
+        """A row of the mean of `values`, and with `groups` (one label per value) a row per
+        label, named `metric[label]`."""
         self.rows.append({
             "num_fewshot": k, "metric": metric, "value": float(np.mean(values)),
             "n": len(values), "stderr": metrics.mean_stderr(values),
         })  # fmt: skip
+        for g in dict.fromkeys(groups or ()):
+            self.add(k, f"{metric}[{g}]", [v for v, h in zip(values, groups) if h == g])
+
+
+def groups_of(task: Task) -> list[str] | None:
+    """The `group_by` label of each example (None when the task has no `group_by`)."""
+    if not task.spec.group_by:
+        return None
+    return [fill(f"{{{task.spec.group_by}}}", r) for r in task.examples]
 
 
 def _call(fn: Callable[..., Any], args: tuple, task: Task, owners: Sequence[int]) -> Any:
@@ -110,7 +125,7 @@ def run_multiple_choice(task: Task, backend: Backend, ks: Sequence[int]) -> Task
                                 "choices": choices, "gold": gold,
                                 "logprobs": [s.logprob for s in got], **figures})  # fmt: skip
         for name, values in accs.items():
-            res.add(k, name, values)
+            res.add(k, name, values, groups_of(task))
     return res
 
 
@@ -140,9 +155,11 @@ def run_generate(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
             res.samples.append({"example": record[0], "index": i, "num_fewshot": k, "prompt": prompts[i],
                                 "completions": [g.text for g in outs], "answers": answers,
                                 "references": refs, "correct": correct})  # fmt: skip
-        res.add(k, "exact_match" if spec.match == "exact" else "contains", rates)
+        groups = groups_of(task)
+        res.add(k, "exact_match" if spec.match == "exact" else "contains", rates,
+                [g for g in groups or () for _ in range(spec.samples)] or None)  # fmt: skip
         for j, values in passes.items():
-            res.add(k, f"pass@{j}", values)
+            res.add(k, f"pass@{j}", values, groups)
     return res
 
 
@@ -183,14 +200,21 @@ KINDS: dict[str, Callable[[Task, Backend, Sequence[int]], TaskResult]] = {
 }
 
 
-def evaluate(task: Task, backend: Backend, num_fewshot: int = -1) -> TaskResult:
+Embedder = Callable[[Path, str], retrieval.Embed]
+"""(encoder checkpoint directory, how messages name it) → its `Embed` (texts → vectors), for
+dense retrieval; `stage: eval` passes `trainers.embedder.retrieval_embedder`'s."""
+
+
+def evaluate(
+    task: Task, backend: Backend, num_fewshot: int = -1, embedder: Embedder | None = None
+) -> TaskResult:
     """The task's table on `backend`: every k of the task (or `num_fewshot` when >= 0)."""
     ks = task.spec.num_fewshot if num_fewshot < 0 else (num_fewshot,)
     if task.spec.kind == "perplexity":
         ks = (0,)
     if task.spec.retrieval is None:
         return KINDS[task.spec.kind](task, backend, ks)
-    task, found = retrieve(task, backend, max(ks))
+    task, found = retrieve(task, backend, max(ks), embedder)
     res = KINDS[task.spec.kind](task, backend, ks)
     res.rows += found.rows
     res.passages_dropped = found.passages_dropped
@@ -199,22 +223,32 @@ def evaluate(task: Task, backend: Backend, num_fewshot: int = -1) -> TaskResult:
     return res
 
 
-def retrieve(task: Task, backend: Backend, shots: int) -> tuple[Task, TaskResult]:
+def retrieve(
+    task: Task, backend: Backend, shots: int, embedder: Embedder | None = None
+) -> tuple[Task, TaskResult]:
     """The task with each record's `context` field holding its top-k passages (as many as
     fit the context with `shots` demonstrations and the answer's room), and a result with
-    recall@1 / recall@k and the retrieved ids."""
+    recall@1 / recall@k (and `recall_at`'s, searched that deep) and the retrieved ids."""
     r, found = task.spec.retrieval, TaskResult()
     if r.k == 0:  # closed book
         examples = [(w, {**obj, "context": ""}) for w, obj in task.examples]
         found.samples = [{"retrieved": []} for _ in examples]
         return dataclasses.replace(task, examples=examples), found
     path = resolve_data(r.passages, task.path, "retrieval.passages")
-    index = retrieval.cached_index(str(path), r.id_field, r.text_field)
-    top = index.search([fill(r.query, rec) for rec in task.examples], r.k)
+    embed = None
+    if r.method == "dense":
+        if embedder is None:
+            raise ConfigError(f"task file {task.path}: key 'retrieval.method': dense retrieval "
+                              "needs an encoder to embed with, which this caller does not give "
+                              "(stage eval does)")  # fmt: skip
+        embed = embedder(encoder_dir(r.encoder, task.path),
+                         f"task file {task.path}: key 'retrieval.encoder'")  # fmt: skip
+    index = retrieval.cached_index(str(path), r.id_field, r.text_field, embed)
+    top = index.search([fill(r.query, rec) for rec in task.examples], max((r.k, *r.recall_at)))
     reserve = task.spec.max_new_tokens if task.spec.kind == "generate" else 16
     examples = list(task.examples)
     for i, (where, obj) in enumerate(task.examples):
-        texts = [index.texts[j][: r.passage_chars or None] for j in top[i]]
+        texts = [index.texts[j][: r.passage_chars or None] for j in top[i][: r.k]]
         passages = [
             r.passage_template.format(text=t, id=index.ids[j]) for t, j in zip(texts, top[i])
         ]
@@ -229,6 +263,6 @@ def retrieve(task: Task, backend: Backend, shots: int) -> tuple[Task, TaskResult
     if r.gold:
         gold = [str(obj.get(r.gold)) for _, obj in task.examples]
         ids = [s["retrieved"] for s in found.samples]
-        for k in sorted({1, r.k}):
-            found.add(None, f"recall@{k}", retrieval.recall_at_k(ids, gold, k))
+        for k in sorted({1, r.k, *r.recall_at}):
+            found.add(None, f"recall@{k}", retrieval.recall_at_k(ids, gold, k), groups_of(task))
     return dataclasses.replace(task, examples=examples), found

@@ -44,15 +44,19 @@ class CotSpec:
 
 @dataclass(frozen=True)
 class RetrievalSpec:
-    """Retrieval-augmented prompts: the top-k BM25 passages for each example's `query` fill
-    the `{context}` field of its template (as many as fit the model's context, in rank
-    order). `name:closed` is the same task with no passages (closed book)."""
+    """Retrieval-augmented prompts: the top-k passages for each example's `query` (BM25, or
+    dense: cosine similarity of an encoder checkpoint's mean-pooled vectors) fill the
+    `{context}` field of its template (as many as fit the model's context, in rank order).
+    `name:closed` is the same task with no passages (closed book)."""
 
     passages: str  # JSONL (gzip ok) of {"id", "text"}; relative to the task file or asset:
     k: int = 1
+    method: Literal["bm25", "dense"] = "bm25"
+    encoder: str = ""  # dense: an encoder checkpoint directory (stage mlm/import/classify)
     query: str = "{question}"  # what is searched for
     passage_template: str = "Passage: {text}\n"  # one passage in the context
     gold: str = ""  # a record field with the gold passage id: recall@k is reported
+    recall_at: tuple[int, ...] = ()  # more recall@n figures (searched that deep; k go in)
     passage_chars: int = 0  # each passage cut to this many characters (0: whole)
     id_field: str = "id"
     text_field: str = "text"
@@ -60,6 +64,10 @@ class RetrievalSpec:
     def _validate(self) -> None:
         if self.k < 0 or self.passage_chars < 0:
             raise ValueError(f"k: need k >= 0 and passage_chars >= 0, got {self.k}")
+        if any(n < 1 for n in self.recall_at):
+            raise ValueError(f"recall_at: need n >= 1, got {list(self.recall_at)}")
+        if (self.method == "dense") != bool(self.encoder):
+            raise ValueError("encoder: method dense needs an encoder checkpoint (and bm25 none)")
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class TaskSpec:
     samples: int = 1  # completions per example (pass@k needs k <= samples)
     pass_at: tuple[int, ...] = (1,)
     text: str = "text"  # perplexity: the field with the text
+    group_by: str = ""  # a record field: each metric also per value of it, as metric[value]
     chat: bool = False  # prompts as user turns of the chat template, demonstrations as turns
     system: str = ""  # with chat: a system prompt
     cot: CotSpec | None = None
@@ -148,8 +157,10 @@ def load_task(name: str, limit: int = 0) -> Task:
         else []
     )
     label = spec.name + (f":{variant}" if variant else "")
-    if spec.retrieval is not None:  # the store must exist whatever k is
+    if spec.retrieval is not None:  # the store (and encoder) must exist whatever k is
         resolve_data(spec.retrieval.passages, path, "retrieval.passages")
+        if spec.retrieval.encoder:
+            encoder_dir(spec.retrieval.encoder, path)
     return Task(label, spec, path, examples, fewshot)
 
 
@@ -196,6 +207,15 @@ def resolve_data(value: str, task_file: Path, key: str) -> Path:
         path = task_file.parent / path
     if not path.is_file():
         raise ConfigError(f"task file {task_file}: key '{key}': {path} not found")
+    return path
+
+
+def encoder_dir(value: str, task_file: Path) -> Path:
+    """A dense retriever's encoder checkpoint directory (relative to the working directory,
+    like `inputs.checkpoint`)."""
+    path = resolve_path(value)
+    if not path.is_dir():
+        raise ConfigError(f"task file {task_file}: key 'retrieval.encoder': {path} not found")
     return path
 
 

@@ -78,24 +78,30 @@ def build_fn(m: ModelConfig, kind: str, num_labels: int = 0, seed: int = 0) -> C
     return build
 
 
-def checkpoint_arch(ckpt_dir: Path) -> str:
-    """`model.arch` of the newest checkpoint in `ckpt_dir` (from its metadata alone)."""
+def checkpoint_arch(ckpt_dir: Path, key: str = "config key 'inputs.checkpoint'") -> str:
+    """`model.arch` of the newest checkpoint in `ckpt_dir` (from its metadata alone); `key`
+    names the setting that gave the directory in messages."""
+    if not Path(ckpt_dir).is_dir():
+        raise ConfigError(f"{key}: {ckpt_dir} not found")
     ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
     step = ckpt.latest_step()
     if step is None:
         ckpt.close()
-        raise ConfigError(f"config key 'inputs.checkpoint': no checkpoint in {ckpt_dir}")
+        raise ConfigError(f"{key}: no checkpoint in {ckpt_dir}")
     meta = ckpt.read_meta(step)
     ckpt.close()
     return str(meta.get("model", {}).get("arch", "decoder"))
 
 
-def load_encoder_model(ckpt_dir: Path, mesh, rules: str = "dp", why: str = "") -> LoadedEncoder:
+def load_encoder_model(
+    ckpt_dir: Path, mesh, rules: str = "dp", why: str = "",
+    key: str = "config key 'inputs.checkpoint'",
+) -> LoadedEncoder:  # fmt: skip
     """The newest checkpoint of `ckpt_dir` with the heads it was saved with (weights only);
-    a decoder checkpoint is refused, saying `why` an encoder is needed."""
-    if checkpoint_arch(ckpt_dir) != "encoder":
+    a decoder checkpoint is refused, saying `why` an encoder is needed and naming `key`."""
+    if checkpoint_arch(ckpt_dir, key) != "encoder":
         raise ConfigError(
-            f"config key 'inputs.checkpoint': {ckpt_dir} holds a decoder (model.arch: "
+            f"{key}: {ckpt_dir} holds a decoder (model.arch: "
             f"decoder); {why or 'this'} needs an encoder checkpoint (model.arch: encoder)"
         )
     ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
@@ -105,7 +111,7 @@ def load_encoder_model(ckpt_dir: Path, mesh, rules: str = "dp", why: str = "") -
     ckpt.close()
     if peft not in ("none", "", None):
         raise ConfigError(
-            f"config key 'inputs.checkpoint': {ckpt_dir} is a {peft} run's checkpoint (its "
+            f"{key}: {ckpt_dir} is a {peft} run's checkpoint (its "
             f"adapters only); {why or 'this'} needs a full encoder checkpoint"
         )
     graphdef, state, m, meta = load_checkpoint_model(

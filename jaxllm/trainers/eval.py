@@ -1,7 +1,8 @@
 """`stage: eval` — every task of `eval.tasks` on every checkpoint of `eval.models` (or the one
 in `inputs.checkpoint`): multiple choice by log-likelihood, generation with exact match /
 contains / a regex extractor and pass@k, perplexity; few-shot, chain-of-thought (`task:cot`)
-and retrieval-augmented (a task's `retrieval:` block) prompts.
+and retrieval-augmented (a task's `retrieval:` block: BM25, or dense with an encoder
+checkpoint's mean-pooled vectors) prompts.
 
 Writes `summary.json` (`tasks.<task>.rows`: one row per model, num_fewshot and metric with
 value, n and standard error; `truncated` per model), `results.md` (the same as Markdown
@@ -24,6 +25,8 @@ from jaxllm.errors import ConfigError
 from jaxllm.evaluation.runner import TaskResult, evaluate
 from jaxllm.evaluation.tasks import Task, load_task
 from jaxllm.rundir import RunDir, atomic_write_text
+from jaxllm.sharding import make_mesh
+from jaxllm.trainers.embedder import retrieval_embedder
 from jaxllm.trainers.eval_model import EvalModel
 
 HEADLINE = ("acc", "exact_match", "contains", "token_perplexity")  # the plot's metric
@@ -45,6 +48,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     tasks = [load_task(name, ev.limit) for name in ev.tasks]  # bad task files fail first
     results: dict[str, dict[str, TaskResult]] = {t.name: {} for t in tasks}
     seconds: dict[str, float] = {}
+    embedder = retrieval_embedder(make_mesh(cfg.mesh), cfg.mesh.rules)  # loads on first use
     for m in models_of(cfg):
         backend = EvalModel.load(
             m.checkpoint, tokenizer=cfg.inputs.tokenizer, mesh=cfg.mesh, max_len=ev.max_len,
@@ -52,7 +56,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         )  # fmt: skip
         for task in tasks:
             t0 = time.perf_counter()
-            results[task.name][m.name] = evaluate(task, backend, ev.num_fewshot)
+            results[task.name][m.name] = evaluate(task, backend, ev.num_fewshot, embedder)
             seconds[f"{m.name}/{task.name}"] = round(time.perf_counter() - t0, 2)
         del backend
     summary = {"tasks": {t.name: task_summary(t, results[t.name]) for t in tasks},

@@ -4,12 +4,13 @@ errors for an empty store. A fake backend stands in for the model (no jax here).
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
 from jaxllm.errors import DataError
 from jaxllm.evaluation import retrieval
-from jaxllm.evaluation.runner import Generation, evaluate
+from jaxllm.evaluation.runner import Generation, TaskResult, evaluate
 from jaxllm.evaluation.tasks import load_task
 
 PASSAGES = [
@@ -24,10 +25,11 @@ READS = {
 READS[PASSAGES[3]["text"]] = "李白"
 QUESTIONS = [
     {"question": 'Which verse says: "Let there be light"?', "answer": "Genesis 1:3",
-     "passage_id": "Genesis 1:3"},
+     "passage_id": "Genesis 1:3", "kind": "en"},
     {"question": 'Which word is defined as "Rubbish in front of a fort"?', "answer": "ABATIS",
-     "passage_id": "devil:ABATIS"},
-    {"question": "谁写了「床前明月光」？", "answer": "李白", "passage_id": "tang:静夜思"},
+     "passage_id": "devil:ABATIS", "kind": "en"},
+    {"question": "谁写了「床前明月光」？", "answer": "李白", "passage_id": "tang:静夜思",
+     "kind": "zh"},
 ]  # fmt: skip
 
 
@@ -61,6 +63,7 @@ def write_task(tmp_path, passages=PASSAGES, **retrieval_keys):
                                               for q in QUESTIONS))  # fmt: skip
     spec = {"name": "rag", "kind": "generate", "data": "q.jsonl",
             "template": "{context}Question: {question}\nAnswer:", "max_new_tokens": 4,
+            "group_by": "kind",
             "retrieval": {"passages": "p.jsonl", "k": 2, "gold": "passage_id",
                           **retrieval_keys}}  # fmt: skip
     (tmp_path / "rag.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
@@ -85,6 +88,8 @@ def test_retrieval_puts_the_passage_in_the_prompt(tmp_path):
     figures = {r["metric"]: r["value"] for r in res.rows}
     assert figures["recall@1"] == 1.0 and figures["recall@2"] == 1.0
     assert figures["exact_match"] == 1.0
+    assert figures["exact_match[en]"] == 1.0 and figures["recall@1[zh]"] == 1.0
+    assert {r["metric"]: r["n"] for r in res.rows}["recall@2[en]"] == 2
     assert [s["retrieved"][0] for s in res.samples] == [q["passage_id"] for q in QUESTIONS]
     first = res.samples[0]["prompt"]
     assert first.startswith("Passage: Genesis 1:3") and first.endswith("Answer:")
@@ -104,6 +109,17 @@ def test_closed_book_and_the_context_budget(tmp_path):
     assert res.passages_dropped == sum(len(s["retrieved"]) for s in res.samples) - sum(kept)
     assert res.passages_dropped >= 1 and sum(kept) >= 1
     assert all(len(p) + 4 <= 100 for p, n in zip(tight.prompts, kept) if n)
+
+
+def test_metric_rows_per_group():
+    values, groups = [1.0, 0.0, 1.0, 1.0, 0.0], ["a", "b", "a", "b", "b"]
+    res = TaskResult()
+    res.add(0, "em", values, groups)
+    rows = {r["metric"]: r for r in res.rows}
+    assert list(rows) == ["em", "em[a]", "em[b]"]
+    assert rows["em"]["value"] == 0.6 and rows["em[a]"]["value"] == 1.0
+    assert rows["em[b]"]["n"] == 3 and rows["em[b]"]["value"] == pytest.approx(1 / 3)
+    assert rows["em[b]"]["stderr"] == pytest.approx(np.std([0, 1, 0], ddof=1) / np.sqrt(3))
 
 
 def test_empty_or_missing_passage_store(tmp_path):

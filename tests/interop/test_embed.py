@@ -16,7 +16,7 @@ from flax import nnx
 from jaxllm.config import MeshConfig, from_dict
 from jaxllm.interop import load_tokenizer
 from jaxllm.sharding import make_mesh
-from jaxllm.trainers import embed as embed_mod
+from jaxllm.trainers import embedder as embed_mod
 from jaxllm.trainers import run_stage
 from jaxllm.trainers.encoder_model import load_encoder_model
 from jaxllm.trainers.hf_import import import_hf
