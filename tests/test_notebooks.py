@@ -12,9 +12,10 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# The alignment notebook trains eight stages (about 90 s of CPU even with tiny settings): it
-# runs in `make test-all`; the other two run in `make test`.
-SLOW = {"alignment"}
+# The alignment notebook trains eight stages (about 90 s of CPU even with tiny settings) and
+# bring_your_own_model imports, fine-tunes and exports (24 s; each step has its own fast test
+# in tests/interop and tests/sft): they run in `make test-all`; quickstart runs in `make test`.
+SLOW = {"alignment", "bring_your_own_model"}
 CASES = [
     pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else [])
     for p in NOTEBOOKS

@@ -158,6 +158,7 @@ def test_restore_into_another_shape_names_the_parameter(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow  # 15 s: two pretrain runs; an opt-in speed option (`compile_cache`)
 def test_compile_cache_is_written_then_read(prepared, tmp_path):
     """`compile_cache`: the first run writes its compiled programs there; a second run of the
     same config reads every one of them back (jax logs each hit under JAX_LOG_COMPILES),
