@@ -47,7 +47,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ev = cfg.eval
     tasks = [load_task(name, ev.limit) for name in ev.tasks]  # bad task files fail first
     results: dict[str, dict[str, TaskResult]] = {t.name: {} for t in tasks}
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # "model/task" -> wall seconds (`seconds` is the run's)
     embedder = retrieval_embedder(make_mesh(cfg.mesh), cfg.mesh.rules)  # loads on first use
     for m in models_of(cfg):
         backend = EvalModel.load(
@@ -60,7 +60,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             seconds[f"{m.name}/{task.name}"] = round(time.perf_counter() - t0, 2)
         del backend
     summary = {"tasks": {t.name: task_summary(t, results[t.name]) for t in tasks},
-               "seconds": seconds}  # fmt: skip
+               "task_seconds": seconds}  # fmt: skip
     if jax.process_index() == 0:
         write_outputs(run_dir.path, tasks, results, ev.samples)
     summary["outputs"] = {"results": str(run_dir.path / "results.md"),
@@ -107,10 +107,16 @@ def write_outputs(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in keep)
                 atomic_write_text(path, text)
-    multi = [t for t in tasks if len({row["num_fewshot"] for r in results[t.name].values()
-                                       for row in r.rows}) > 1]  # fmt: skip
+    multi = fewshot_tasks(tasks, results)
     if multi:
         plot_fewshot(out / "fewshot.png", multi, results)
+
+
+def fewshot_tasks(tasks: list[Task], results: dict[str, dict[str, TaskResult]]) -> list[Task]:
+    """The tasks measured at more than one k (rows without a k, such as retrieval recall, do
+    not count): those `fewshot.png` plots."""
+    return [t for t in tasks if len({row["num_fewshot"] for r in results[t.name].values()
+                                     for row in r.rows if row["num_fewshot"] is not None}) > 1]  # fmt: skip
 
 
 def plot_fewshot(path: Path, tasks: list[Task], results: dict[str, dict[str, TaskResult]]) -> None:
@@ -125,7 +131,8 @@ def plot_fewshot(path: Path, tasks: list[Task], results: dict[str, dict[str, Tas
         for name, r in results[task.name].items():
             metric = next(m for m in (*HEADLINE, r.rows[0]["metric"])
                           if any(row["metric"] == m for row in r.rows))  # fmt: skip
-            rows = sorted((row for row in r.rows if row["metric"] == metric),
+            rows = sorted((row for row in r.rows
+                           if row["metric"] == metric and row["num_fewshot"] is not None),
                           key=lambda row: row["num_fewshot"])  # fmt: skip
             ax.errorbar([row["num_fewshot"] for row in rows], [row["value"] for row in rows],
                         yerr=[row["stderr"] or 0 for row in rows], marker="o", capsize=3,

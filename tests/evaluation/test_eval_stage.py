@@ -4,6 +4,7 @@ greedy output, prompts too long are cut (counted) or refused (named)."""
 
 import functools
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from flax import nnx
 
 from jaxllm.config import from_dict
 from jaxllm.errors import DataError
-from jaxllm.evaluation.runner import GenOptions
+from jaxllm.evaluation.runner import GenOptions, TaskResult
 from jaxllm.rundir import RunDir
 from jaxllm.trainers import eval as eval_stage
 from jaxllm.trainers.eval_model import EvalModel
@@ -132,6 +133,23 @@ def test_eval_stage_writes_tables_and_samples(tmp_path, tiny_ckpt, model):
     assert ppl["token_perplexity"] > 1
     assert (tmp_path / "run/results.md").read_text().count("###") == 3
     assert (tmp_path / "run/fewshot.png").is_file()
+    assert set(summary["task_seconds"]) == {"tiny/mc", "tiny/gen", "tiny/ppl"}
+    assert summary["seconds"] >= sum(summary["task_seconds"].values())
+
+
+def test_only_tasks_at_several_k_are_plotted():
+    def task(name):
+        return SimpleNamespace(name=name)
+
+    one_k = TaskResult()
+    one_k.add(0, "exact_match", [1.0, 0.0])
+    one_k.add(None, "recall@1", [1.0, 1.0])  # retrieval rows have no k
+    two_k = TaskResult()
+    for k in (0, 4):
+        two_k.add(k, "acc", [1.0])
+    tasks = [task("rag"), task("icl")]
+    results = {"rag": {"m": one_k}, "icl": {"m": two_k}}
+    assert [t.name for t in eval_stage.fewshot_tasks(tasks, results)] == ["icl"]
 
 
 def test_a_record_too_long_is_named_with_truncation_error(tmp_path, tiny_ckpt):
