@@ -143,6 +143,8 @@ def test_whole_tiny_pipeline_few_steps(tmp_path):
     assert set(svc["exact_match_by_task_after"]) == {"service"}
     assert set(rm["outputs"]) == {"reward_checkpoint", "tokenizer"}
     assert ppo["iterations"] == 1 and ppo["final_logprob_gap"] < 1e-4
+    answers = (out / "8-tiny_ppo" / "heldout_answers.jsonl").read_text().splitlines()
+    assert len(answers) == 8 and ppo["outputs"]["heldout_answers"].endswith("answers.jsonl")
     resolved = (out / "8-tiny_ppo" / "config.yaml").read_text()
     assert str(out / "6-tiny_sft_service" / "checkpoints") in resolved
     assert str(out / "7-tiny_reward" / "checkpoints") in resolved

@@ -85,6 +85,11 @@ class PPOConfig:
     critic: Literal["shared", "separate"] = "shared"
     reward: str = "arithmetic"  # a rule name, or "model"
     reward_checkpoint: str = ""  # `reward: model`: a `stage: reward` checkpoint ("": inputs')
+    # Rule terms added to `reward` in training (sum of weight * rule): e.g. a reward model
+    # plus `chosen_f1`, a reference-guided term. The greedy before/after `reward` figure stays
+    # `reward` alone; the rules' rates are there when `eval_rules` names them.
+    rule_rewards: tuple[str, ...] = ()
+    rule_weights: tuple[float, ...] = ()
     eval_examples: int = 64
     eval_max_new_tokens: int = 16
     eval_rules: tuple[str, ...] = ()  # rule rates of the greedy answers and the rollouts
@@ -93,6 +98,11 @@ class PPOConfig:
 
     def _validate(self) -> None:
         _check_common(self)
+        if len(self.rule_rewards) != len(self.rule_weights):
+            raise ValueError(
+                f"rule_rewards, rule_weights: need one weight per rule, got "
+                f"{len(self.rule_rewards)} rules and {len(self.rule_weights)} weights"
+            )
         if self.rollout_batch % self.minibatch_size:
             raise ValueError(
                 f"minibatch_size: {self.minibatch_size} does not divide rollout_batch "

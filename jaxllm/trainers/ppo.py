@@ -35,7 +35,7 @@ from jaxllm.models.peft import peft_method
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
 from jaxllm.trainers.lm import fresh_train_state
-from jaxllm.trainers.rewards import get_reward
+from jaxllm.trainers.rewards import get_reward, weighted_reward
 from jaxllm.trainers.rl_loop import (
     Algorithm,
     Stage,
@@ -202,7 +202,24 @@ def ppo_algorithm(cfg: Config, st: Stage, total: int, kl_ctl: AdaptiveKL, reward
 
 def sequence_rewards(cfg: Config, st: Stage) -> tuple[Any, TextScores]:
     """(rewards(texts, rows, batch) for the iterations, scores(texts, rows) for greedy
-    evaluation): a rule on the decoded texts, or the trained reward model on the rows."""
+    evaluation): `ppo.reward` (a rule on the decoded texts, or the trained reward model on the
+    rows), plus the weighted `ppo.rule_rewards` in training."""
+    rewards, scores = base_rewards(cfg, st)
+    p = cfg.ppo
+    if not p.rule_rewards:
+        return rewards, scores
+    extra = weighted_reward(p.rule_rewards, p.rule_weights, "ppo.rule_rewards")
+
+    def with_rules(texts, recs, batch):
+        out = rewards(texts, recs, batch)
+        terms = local_scores([extra(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules)
+        return {**out, "reward": out["reward"] + terms}
+
+    return with_rules, scores
+
+
+def base_rewards(cfg: Config, st: Stage) -> tuple[Any, TextScores]:
+    """`ppo.reward` alone: a rule, or the trained reward model."""
     p = cfg.ppo
     if p.reward != "model":
         rule = get_reward(p.reward, "ppo.reward")

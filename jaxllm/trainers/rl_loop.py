@@ -17,6 +17,7 @@ producing runs ahead in a background thread on weights up to k updates old (`rl_
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler
+from jaxllm.rundir import atomic_write_text
 from jaxllm.sharding.batch import map_rows, rows_to_global
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers.envs import get_env
@@ -274,6 +276,11 @@ def rl_summary(
     pairs = side_by_side(st.val, before.get("answers", []), after.get("answers", []), SIDE_BY_SIDE)
     if pairs:
         out["side_by_side"] = pairs
+    every = side_by_side(st.val, before.get("answers", []), after.get("answers", []), len(st.val))
+    answers_file = Path(run_dir) / "heldout_answers.jsonl"
+    if every and jax.process_index() == 0:  # every held-out prompt, before and after
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in every)
+        atomic_write_text(answers_file, text)
     out.update(timing(clock["gen"], clock["train"], clock["tokens"]))
     out["seconds_per_iteration"] = round(clock.get("wall", 0.0) / max(iterations, 1), 3)
     if "wait" in clock:  # asynchronous rollouts: the learner's wait for them
@@ -281,6 +288,8 @@ def rl_summary(
     plot = plot_losses(Path(run_dir) / "metrics.jsonl", Path(run_dir) / "loss.png", cfg.name)
     out["loss_plot"] = plot.name if plot else None
     out["outputs"] = {"checkpoint": str(checkpoint_path(run_dir)), "tokenizer": st.tok_path}
+    if every:
+        out["outputs"]["heldout_answers"] = str(answers_file)
     return {**param_figures(st.start, Path(run_dir)), **out}
 
 

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxllm.config import replace
+from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
 from jaxllm.trainers import grpo, ppo
 from jaxllm.trainers.lm import load_checkpoint_model
@@ -66,6 +67,8 @@ def test_ppo_stage_two_iterations_and_resume(tmp_path, tiny_ckpt):
     pairs = summary["side_by_side"]
     assert len(pairs) == 4 and all(set(p) == {"prompt", "before", "after"} for p in pairs)
     assert all(p["prompt"] and "<|user|>" not in p["prompt"] for p in pairs)
+    every = [json.loads(x) for x in (tmp_path / "ppo/heldout_answers.jsonl").open()]
+    assert len(every) == 5 and all(p in every for p in pairs)  # all held-out prompts, once
     # the final checkpoint is a plain decoder in the standard format (generate/export load it)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     _, state, m, meta = load_checkpoint_model(tmp_path / "ppo/checkpoints", mesh)
@@ -141,3 +144,22 @@ def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt, pr
         ro.batch["sampler_logp"], jax.device_get(sc["logp"]), ro.batch["mask"], 1e-4
     )
     assert gap <= worst < 1e-4 and ro.batch["mask"].sum() > 0
+
+
+def test_ppo_rule_terms_are_added_to_the_training_reward_only(tmp_path, tiny_ckpt):
+    sec = dict(SMALL, rollout_batch=8, minibatch_size=8, reward="digits")
+    sec.update(rule_rewards=["polite", "chosen_f1"], rule_weights=[2.0, 0.5])
+    cfg = rl_config("ppo", tiny_ckpt, tmp_path / "p", **sec)
+    st = setup_stage(cfg, "ppo", 1)
+    rewards, scores = ppo.sequence_rewards(cfg, st)
+    texts = ["Happy to help! 42", "42", "Not my problem.", "Hope that helps! the red box"] * 2
+    recs = [{"answer": "42", "chosen": "the red box is here"}] * 8
+    got = np.asarray(jax.device_get(rewards(texts, recs, {})["reward"]))
+    # by hand: digits 0/1/0/0 (a number alone scores), polite 1/0/0/1, F1 to "the red box is here" 0/0/0/f1
+    f1 = 2 * (3 / 6) * (3 / 5) / (3 / 6 + 3 / 5)  # "hope that helps the red box": 3 of 6 words
+    want = [0 + 2, 1, 0, 0 + 2 + 0.5 * f1] * 2
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # the greedy before/after reward figure is `reward` alone
+    np.testing.assert_allclose(scores(texts, recs), [0, 1, 0, 0] * 2)
+    with pytest.raises(ConfigError, match="one weight per rule"):
+        rl_config("ppo", tiny_ckpt, tmp_path / "q", rule_rewards=["polite"], rule_weights=[])
