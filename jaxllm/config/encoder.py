@@ -27,8 +27,21 @@ class MLMConfig:
     # `[CLS] consecutive sentences of one document [SEP]` (every sentence used, a one-sentence
     # document included), the masked-LM loss alone; the pooler then stays as initialised
     nsp: bool = True
+    # mlm: BERT's masked-LM (+ NSP). electra: replaced-token detection (Clark et al. 2020): a
+    # small generator fills the chosen positions and the encoder learns from every token
+    # whether it was replaced; needs nsp: false
+    objective: Literal["mlm", "electra"] = "mlm"
+    generator_layers: int = 1  # electra: the generator's depth (its width is the encoder's)
+    generator_d_ff: int = 0  # electra: the generator's MLP width (0: a quarter of the encoder's)
+    disc_weight: float = 50.0  # electra: the replaced-token loss's weight (the paper's 50)
 
     def _validate(self) -> None:
+        if self.objective == "electra" and self.nsp:
+            raise ValueError("objective: electra has no next-sentence task; set nsp: false")
+        if self.generator_layers < 1 or self.generator_d_ff < 0 or self.disc_weight <= 0:
+            raise ValueError(
+                "generator_layers >= 1, generator_d_ff >= 0 and disc_weight > 0 are required"
+            )
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob: must be in (0, 1), got {self.mask_prob}")
         if not 0.0 <= self.short_seq_prob <= 1.0:

@@ -123,6 +123,40 @@ class BertPretrainModel(nnx.Module):
         return mlm_BMV, self.nsp(self.encoder.pooled(x_BLD))
 
 
+class ElectraPretrainModel(nnx.Module):
+    """ELECTRA (Clark et al. 2020): a small generator (`.generator`, an encoder with the MLM
+    head) fills the chosen positions, and the discriminator — the backbone, `.encoder`, what
+    later stages read — tells every token of that row as original or replaced (`.rtd`: dense +
+    GELU + a scalar per token). The generator reads through the discriminator's embeddings
+    (word, position and token-type tables shared, as the paper does) and its MLM head is tied
+    to the word embeddings."""
+
+    def __init__(self, encoder: Encoder, generator: Encoder, *, rngs: nnx.Rngs):
+        generator.embed = encoder.embed
+        generator.type_embed = encoder.type_embed
+        if encoder.pos_embed is not None:
+            generator.pos_embed = encoder.pos_embed
+        self.encoder = encoder
+        self.generator = generator
+        self.mlm = MLMHead(generator.cfg, rngs=rngs)
+        d, std = encoder.cfg.d_model, encoder.cfg.init_std
+        self.rtd_kernel = _head_param(rngs, (d, d), ("embed", None), std)
+        self.rtd_bias = _head_param(rngs, (d,), (None,), 0.0)
+        self.rtd_out = _head_param(rngs, (d,), ("embed",), std)
+
+    def generate(self, tokens_BL: jax.Array, mask_positions_BM: jax.Array, **kw) -> jax.Array:
+        """The generator's MLM logits [B, M, V] (float32) at the chosen positions."""
+        x_BLD = self.generator(tokens_BL, **kw)
+        picked_BMD = jnp.take_along_axis(x_BLD, mask_positions_BM[..., None], axis=1)
+        return self.mlm(picked_BMD, self.encoder.embed.embedding[...])
+
+    def discriminate(self, tokens_BL: jax.Array, **kw) -> jax.Array:
+        """Replaced-token logits [B, L] (float32): > 0 says "replaced"."""
+        x = self.encoder(tokens_BL, **kw).astype(jnp.float32)
+        h = jax.nn.gelu(x @ self.rtd_kernel[...] + self.rtd_bias[...], approximate=False)
+        return h @ self.rtd_out[...]
+
+
 POOLINGS = ("cls", "mean")
 
 

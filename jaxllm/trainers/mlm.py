@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.config import Config, replace, to_dict
+from jaxllm.config import Config, ModelConfig, replace, to_dict
 from jaxllm.data.mlm import make_mlm_dataset, make_mlm_eval_dataset, split_sentences
 from jaxllm.data.sources import cleaned_shards, iter_cleaned
 from jaxllm.errors import ConfigError
 from jaxllm.models.encoder import Encoder
-from jaxllm.models.heads import BertPretrainModel
+from jaxllm.models.heads import BertPretrainModel, ElectraPretrainModel
 from jaxllm.models.layers import ParamKeys
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
@@ -47,7 +47,7 @@ from jaxllm.trainers.lm import (
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
-from jaxllm.training.losses import mlm_nsp_loss
+from jaxllm.training.losses import electra_corrupt, electra_loss_terms, mlm_nsp_loss
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.state import count_params, create_train_state
@@ -66,9 +66,41 @@ def mlm_loss(model: BertPretrainModel, batch: dict[str, jax.Array], key, nsp: bo
     )  # fmt: skip
 
 
+def electra_loss(model: ElectraPretrainModel, batch: dict[str, jax.Array], key, disc_weight: float):
+    """`loss_fn(model, batch, key)` of `mlm.objective: electra`: the generator's MLM logits at
+    the chosen positions, one sample from them per position (no gradient flows through the
+    sample), the corrupted rows through the discriminator, `electra_loss_terms`. Without a
+    key (evaluation) the samples come from a fixed key: the same every time."""
+    k_drop, k_sample = (None, jax.random.key(0)) if key is None else jax.random.split(key)
+    kw = encoder_inputs(batch, k_drop)
+    gen_BMV = model.generate(batch["tokens"], batch["mask_positions"], **kw)
+    sampled_BM = jax.random.categorical(k_sample, jax.lax.stop_gradient(gen_BMV))
+    corrupted_BL, labels_BL = electra_corrupt(
+        batch["tokens"], batch["mask_positions"], batch["mask_targets"], batch["mask_weights"],
+        sampled_BM,
+    )  # fmt: skip
+    disc_BL = model.discriminate(corrupted_BL, **kw)
+    return electra_loss_terms(
+        gen_BMV, batch["mask_targets"], batch["mask_weights"], disc_BL, labels_BL,
+        batch["segment_ids"] > 0, batch["nsp_weights"], disc_weight,
+    )  # fmt: skip
+
+
 def stage_loss(cfg: Config):
-    """The stage's `loss_fn`: with or without the NSP term (`mlm.nsp`)."""
+    """The stage's `loss_fn`: ELECTRA's, or the masked-LM with or without NSP (`mlm.nsp`)."""
+    if cfg.mlm.objective == "electra":
+        return partial(electra_loss, disc_weight=cfg.mlm.disc_weight)
     return mlm_loss if cfg.mlm.nsp else partial(mlm_loss, nsp=False)
+
+
+def pretrain_model(cfg: Config, encoder: Encoder, m: ModelConfig, rngs: nnx.Rngs):
+    """The heads around `encoder` for `mlm.objective`: BERT's MLM + NSP heads, or ELECTRA's
+    generator (`generator_layers` deep, `generator_d_ff` wide) and replaced-token head."""
+    if cfg.mlm.objective != "electra":
+        return BertPretrainModel(encoder, rngs=rngs)
+    g = cfg.mlm
+    gm = replace(m, n_layers=g.generator_layers, d_ff=g.generator_d_ff or max(m.d_ff // 4, 1))
+    return ElectraPretrainModel(encoder, Encoder(gm, rngs=rngs), rngs=rngs)
 
 
 def with_unigram(loss_fn, logp_V: np.ndarray):
@@ -103,19 +135,25 @@ def unigram_log_probs(tok: WordPieceTokenizer, data_dir: Path) -> np.ndarray:
 
 
 def mlm_figures(t: dict[str, float]) -> dict[str, float]:
-    """Held-out figures from the summed aux of every eval batch."""
+    """Held-out figures from the summed aux of every eval batch (ELECTRA: the MLM figures are
+    the generator's, and the replaced-token figures are added)."""
     pairs, tokens = max(t.get("weight", 0.0), 1e-9), max(t.get("mlm_tokens", 0.0), 1e-9)
-    return {
+    out = {
         "loss": t["loss"] / pairs,
         "mlm_accuracy": t["mlm_correct"] / tokens,
         "mlm_loss": t["mlm_ce"] / tokens,
-        "nsp_accuracy": t["nsp_accuracy"] / pairs,
-        "nsp_loss": t["nsp_loss"] / pairs,
         "unigram_mlm_accuracy": t.get("unigram_correct", 0.0) / tokens,
         "unigram_mlm_loss": t.get("unigram_ce", 0.0) / tokens,
         "pairs": t.get("weight", 0.0),
         "mlm_tokens": t.get("mlm_tokens", 0.0),
     }
+    if "nsp_accuracy" in t:
+        out.update(nsp_accuracy=t["nsp_accuracy"] / pairs, nsp_loss=t["nsp_loss"] / pairs)
+    if "disc_tokens" in t:
+        seen = max(t["disc_tokens"], 1e-9)
+        out.update(disc_accuracy=t["disc_correct"] / seen, disc_loss=t["disc_ce"] / seen,
+                   replaced_share=t["disc_replaced"] / seen)  # fmt: skip
+    return out
 
 
 def _initial_state(cfg: Config, tok: WordPieceTokenizer, tx, mesh):
@@ -125,9 +163,9 @@ def _initial_state(cfg: Config, tok: WordPieceTokenizer, tx, mesh):
     if not cfg.inputs.checkpoint:
         m = resolve_model(cfg, tok.vocab_size, arch="encoder")
 
-        def build() -> BertPretrainModel:
+        def build() -> nnx.Module:
             keys = ParamKeys(cfg.seed)  # one key sequence: the heads' keys follow the encoder's
-            return BertPretrainModel(Encoder(m, rngs=keys), rngs=keys)
+            return pretrain_model(cfg, Encoder(m, rngs=keys), m, keys)
 
         return (*create_train_state(build, tx, mesh, rules, cfg.seed), m, "")
     encoder, m, _, source = checkpoint_encoder(cfg, mesh)
@@ -136,7 +174,7 @@ def _initial_state(cfg: Config, tok: WordPieceTokenizer, tx, mesh):
             f"config key 'inputs.tokenizer': {tok.vocab_size} tokens but the checkpoint's "
             f"encoder has vocab_size {m.vocab_size}; use the tokenizer it was trained with"
         )
-    model = BertPretrainModel(encoder, rngs=nnx.Rngs(params=cfg.seed))
+    model = pretrain_model(cfg, encoder, m, nnx.Rngs(params=cfg.seed))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     state, shardings = fresh_train_state(params, frozen, tx, mesh, rules, cfg.seed)
     return graphdef, state, shardings, replace(m, param_dtype="float32"), source
@@ -194,7 +232,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     meta = {"config": to_dict(cfg), "model": to_dict(m), "tokenizer": str(tok_path),
-            "head": {"kind": "mlm"}, **({"base_checkpoint": source} if source else {})}  # fmt: skip
+            "head": {"kind": cfg.mlm.objective}, **({"base_checkpoint": source} if source else {})}  # fmt: skip
     state, last = run_loop(loop_spec(cfg, step_fn, batches, mesh, evaluate, meta), state, ckpt,
                            run_dir.path)  # fmt: skip
     ckpt.close()
@@ -212,6 +250,8 @@ def _summary(cfg, state, start, last, before, after, plot, run_dir, tok_path) ->
         "tokens_per_s": last.get("tokens_per_s"),
     }
     keys = ("mlm_accuracy", "mlm_loss") + (("nsp_accuracy", "nsp_loss") if cfg.mlm.nsp else ())
+    if cfg.mlm.objective == "electra":  # the generator's MLM figures, the encoder's detection
+        keys += ("disc_accuracy", "disc_loss", "replaced_share")
     for key in keys:  # without NSP its head never trains: no figures to report
         if key in before:
             summary[f"val_{key}_before"] = round(before[key], 4)

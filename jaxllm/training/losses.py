@@ -324,3 +324,55 @@ def mlm_nsp_loss(
         "nsp_accuracy": nsp_aux["correct"],
         "weight": nsp_aux["weight"],
     }
+
+
+def electra_corrupt(
+    tokens_BL: jax.Array, positions_BM: jax.Array, targets_BM: jax.Array, weights_BM: jax.Array,
+    sampled_BM: jax.Array,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """ELECTRA's discriminator input: the original row (the masked row with its chosen
+    positions' targets put back) with the generator's samples at the chosen positions, and
+    the replaced-token labels [B, L] (1 where the token differs from the original: a sample
+    that equals the original counts as original, as in Clark et al. 2020). Padding entries of
+    `positions_BM` (weight 0) change nothing."""
+    rows_B1 = jnp.arange(tokens_BL.shape[0])[:, None]
+    chosen_BM = weights_BM > 0
+    at_BM = tokens_BL[rows_B1, positions_BM]
+    original_BL = tokens_BL.at[rows_B1, positions_BM].set(jnp.where(chosen_BM, targets_BM, at_BM))
+    kept_BM = original_BL[rows_B1, positions_BM]
+    corrupted_BL = original_BL.at[rows_B1, positions_BM].set(
+        jnp.where(chosen_BM, sampled_BM.astype(tokens_BL.dtype), kept_BM)
+    )
+    return corrupted_BL, (corrupted_BL != original_BL).astype(jnp.float32)
+
+
+def electra_loss_terms(
+    gen_logits_BMV: jax.Array, targets_BM: jax.Array, weights_BM: jax.Array,
+    disc_logits_BL: jax.Array, labels_BL: jax.Array, real_BL: jax.Array, rows_B: jax.Array,
+    disc_weight: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
+    """ELECTRA's loss summed over rows (`weight` = rows, as `mlm_nsp_loss`): each row's mean
+    generator cross-entropy over its chosen positions plus `disc_weight` × its mean
+    replaced-token binary cross-entropy over its real tokens (`real_BL`). aux: the MLM sums of
+    `mlm_nsp_loss` (of the generator) and `disc_ce` / `disc_correct` / `disc_tokens` /
+    `disc_replaced` over real tokens."""
+    ce_B, mlm_B = jax.vmap(cross_entropy)(gen_logits_BMV, targets_BM, weights_BM)
+    tokens_B = mlm_B["weight"]
+    mlm = jnp.sum(ce_B / jnp.maximum(tokens_B, 1.0))
+    x_BL, real_BL = disc_logits_BL.astype(jnp.float32), real_BL.astype(jnp.float32)
+    bce_BL = jnp.maximum(x_BL, 0) - x_BL * labels_BL + jnp.log1p(jnp.exp(-jnp.abs(x_BL)))
+    per_row_B = jnp.sum(bce_BL * real_BL, axis=1) / jnp.maximum(jnp.sum(real_BL, axis=1), 1.0)
+    disc = jnp.sum(per_row_B * rows_B)
+    correct_BL = ((x_BL > 0) == (labels_BL > 0)) * real_BL
+    return mlm + disc_weight * disc, {
+        "mlm_loss": mlm,
+        "disc_loss": disc,
+        "mlm_ce": jnp.sum(ce_B),
+        "mlm_correct": jnp.sum(mlm_B["correct"]),
+        "mlm_tokens": jnp.sum(tokens_B),
+        "disc_ce": jnp.sum(bce_BL * real_BL),
+        "disc_correct": jnp.sum(correct_BL),
+        "disc_tokens": jnp.sum(real_BL),
+        "disc_replaced": jnp.sum(labels_BL * real_BL),
+        "weight": jnp.sum(rows_B),
+    }

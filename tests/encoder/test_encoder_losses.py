@@ -1,11 +1,17 @@
-"""The MLM + NSP loss and the classification figures against numpy references."""
+"""The MLM + NSP loss, ELECTRA's corrupted rows and loss, and the classification figures
+against numpy references."""
 
 import jax
 import numpy as np
 import pytest
 
 from jaxllm.trainers.classify_eval import classification_figures
-from jaxllm.training.losses import cross_entropy, mlm_nsp_loss
+from jaxllm.training.losses import (
+    cross_entropy,
+    electra_corrupt,
+    electra_loss_terms,
+    mlm_nsp_loss,
+)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -91,3 +97,43 @@ def test_classification_figures_match_a_reference():
     assert f["macro_f1"] == pytest.approx(reference_macro_f1(np.array([0, 0, 1]),
                                                              np.array([0, 2, 1])))  # fmt: skip
     assert f["confusion"][0] == [1, 0, 1, 0]
+
+
+def test_corrupt_puts_samples_at_the_chosen_positions_only():
+    # masked rows as the data pipeline makes them: 7 = [MASK]; row 1's 9 is a "random" swap
+    tokens = np.array([[2, 7, 11, 7, 3, 0], [2, 12, 9, 3, 0, 0]])
+    positions = np.array([[1, 3, 0], [2, 0, 0]])  # padding entries point at 0, weight 0
+    targets = np.array([[20, 21, 0], [22, 0, 0]])
+    weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+    sampled = np.array([[20, 30, 40], [31, 41, 42]])  # position 1's sample is the original
+    corrupted, labels = jax.jit(electra_corrupt)(tokens, positions, targets, weights, sampled)
+    np.testing.assert_array_equal(corrupted, [[2, 20, 11, 30, 3, 0], [2, 12, 31, 3, 0, 0]])
+    np.testing.assert_array_equal(labels, [[0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]])
+
+
+def test_loss_terms_match_numpy():
+    rng = np.random.default_rng(0)
+    b, m, v, seq = 3, 4, 23, 6
+    gen = rng.normal(size=(b, m, v)).astype(np.float32) * 2
+    targets = rng.integers(0, v, (b, m))
+    weights = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], np.float32)
+    disc = rng.normal(size=(b, seq)).astype(np.float32) * 3
+    labels = rng.integers(0, 2, (b, seq)).astype(np.float32)
+    real = np.array([[1] * 6, [1] * 4 + [0] * 2, [0] * 6], np.float32)
+    rows = np.array([1, 1, 0], np.float32)  # the last row is padding
+    loss, aux = jax.jit(electra_loss_terms, static_argnums=7)(
+        gen, targets, weights, disc, labels, real, rows, 50.0
+    )
+    nll = -np.take_along_axis(log_softmax(gen), targets[..., None], -1)[..., 0]
+    mlm = ((nll * weights).sum(1) / np.maximum(weights.sum(1), 1)).sum()
+    p = 1 / (1 + np.exp(-disc.astype(np.float64)))
+    bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    per_row = (bce * real).sum(1) / np.maximum(real.sum(1), 1)
+    assert float(loss) == pytest.approx(mlm + 50 * (per_row * rows).sum(), rel=1e-5)
+    want = {
+        "mlm_loss": mlm, "disc_loss": (per_row * rows).sum(), "disc_ce": (bce * real).sum(),
+        "disc_correct": (((disc > 0) == (labels > 0)) * real).sum(), "disc_tokens": real.sum(),
+        "disc_replaced": (labels * real).sum(), "mlm_tokens": weights.sum(), "weight": 2.0,
+    }  # fmt: skip
+    for k, value in want.items():
+        assert float(aux[k]) == pytest.approx(value, rel=1e-5, abs=1e-6), k

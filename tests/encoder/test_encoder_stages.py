@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm.config import from_dict, read_yaml
+from jaxllm.config import MeshConfig, from_dict, read_yaml
 from jaxllm.main import main
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
@@ -50,6 +50,28 @@ def test_mlm_stage_summary_checkpoint_and_exact_resume(mlm_run, wp_tok, enc_data
     assert again["resumed_from_step"] == 2
     assert again["final_train_loss"] == s["final_train_loss"]
     assert again["val_mlm_accuracy_after"] == s["val_mlm_accuracy_after"]
+
+
+@pytest.mark.slow  # no shipped config uses ELECTRA; its pieces have fast tests (test_encoder_losses)
+def test_electra_stage_and_the_classifier_reads_its_discriminator(tmp_path, wp_tok, enc_data):
+    out = tmp_path / "el"
+    args = mlm_sets(out, enc_data, wp_tok.path, steps=2)
+    args += ["--set", "mlm.nsp=false", "--set", "mlm.objective=electra"]
+    assert main(["--config", str(ROOT / "configs/tiny_mlm.yaml"), *args]) == 0
+    s = summary(out)
+    assert s["val_disc_loss_after"] < s["val_disc_loss_before"]  # 2 steps learn the base rate
+    assert 0 < s["val_replaced_share_after"] < 0.3  # ~15 % chosen, nearly all replaced
+    meta = Checkpointer(out / "checkpoints", async_save=False).read_meta(2)
+    assert meta["head"] == {"kind": "electra"}
+    saved = Checkpointer(out / "checkpoints", async_save=False)
+    params = saved.manager.item_metadata(2)["state"]["params"]
+    assert {"encoder", "generator", "mlm", "rtd_kernel"} <= set(params)
+    assert "embed" not in params["generator"]  # shared: stored once, under the encoder
+    assert len(params["generator"]["blocks"]) == 1
+    # what classify / embed read: the discriminator, its embeddings those the generator used
+    src = EncoderCheckpoint(out / "checkpoints")
+    enc = src.restore(src.model, make_mesh(MeshConfig()), "dp")  # reads `encoder.` alone
+    assert enc.cfg.n_layers == 1 and enc.embed.embedding[...].shape[0] == src.model.vocab_size
 
 
 def sentiment_cut(tmp_path: Path, n: int = 48) -> dict[str, str]:
