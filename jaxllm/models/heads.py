@@ -126,10 +126,10 @@ class BertPretrainModel(nnx.Module):
 class ElectraPretrainModel(nnx.Module):
     """ELECTRA (Clark et al. 2020): a small generator (`.generator`, an encoder with the MLM
     head) fills the chosen positions, and the discriminator — the backbone, `.encoder`, what
-    later stages read — tells every token of that row as original or replaced (`.rtd`: dense +
-    GELU + a scalar per token). The generator reads through the discriminator's embeddings
-    (word, position and token-type tables shared, as the paper does) and its MLM head is tied
-    to the word embeddings."""
+    later stages read — tells every token of that row as original or replaced (`rtd_*`: dense
+    + GELU + a scalar per token). The generator reads through the discriminator's embeddings
+    (the word and token-type tables, and the position table when positions are learned, as
+    the paper shares them) and its MLM head is tied to the word embeddings."""
 
     def __init__(self, encoder: Encoder, generator: Encoder, *, rngs: nnx.Rngs):
         generator.embed = encoder.embed
