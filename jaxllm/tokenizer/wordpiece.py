@@ -37,19 +37,34 @@ SPECIAL_KINDS = ("pad", "unk", "cls", "sep", "mask")
 
 
 def train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -> Path:
-    """Trains on `texts`; writes `<out_dir>/tokenizer.json` (+ config) and returns its path."""
-    from tokenizers import Tokenizer, models, trainers
+    """Trains on `texts`; writes `<out_dir>/tokenizer.json` (+ config) and returns its path.
 
+    The same texts give the same file, byte for byte. `tokenizers`' trainer alone does not
+    (huggingface/tokenizers#1794): it numbers the `##` continuation characters in hash-map order,
+    and those ids break ties between equally frequent merges, so runs differ in ids and at times
+    in the vocabulary itself. Here every `##c` the corpus needs is numbered up front, in sorted
+    order, by handing the trainer them as reserved tokens; the model is then rebuilt from the
+    trained vocabulary with only the real specials as added tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, trainers
+
+    texts = list(texts)
     specials = [*BERT_SPECIALS, *cfg.special_tokens]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
     _bert_pipeline(tok, cfg.lowercase, cfg.lowercase, True, cfg.normalization == "nfkc")
+    continuations = _continuation_alphabet(tok, texts)
     trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size, special_tokens=specials, continuing_subword_prefix="##",
-        show_progress=False,
+        vocab_size=cfg.vocab_size, special_tokens=[*specials, *continuations],
+        continuing_subword_prefix="##", show_progress=False,
     )  # fmt: skip
     tok.train_from_iterator(texts, trainer)
-    if tok.get_vocab_size() <= len(specials):
+    if tok.get_vocab_size() <= len(specials) + len(continuations):
         raise JaxllmError("tokenizer training: the corpus has no text (every line was empty)")
+    wp = models.WordPiece(tok.get_vocab(with_added_tokens=False), unk_token="[UNK]",
+                          continuing_subword_prefix="##", max_input_chars_per_word=100)  # fmt: skip
+    tok = Tokenizer(wp)
+    _bert_pipeline(tok, cfg.lowercase, cfg.lowercase, True, cfg.normalization == "nfkc")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     _bert_template(tok, "[CLS]", "[SEP]")
     path = _save(tok, out_dir)
     conf = {
@@ -60,6 +75,19 @@ def train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -
     }  # fmt: skip
     (out_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=1) + "\n")
     return path
+
+
+def _continuation_alphabet(tok: Any, texts: Sequence[str]) -> list[str]:
+    """`##c` for every character c that follows another inside a pre-tokenized word of
+    `texts` (what the trainer would add lazily), sorted. BERT's normaliser turns all whitespace
+    into spaces and its pre-tokenizer splits at them, so each distinct space-separated chunk is
+    pre-tokenized once."""
+    norm, pre = tok.normalizer, tok.pre_tokenizer
+    chunks: set[str] = set()
+    for text in texts:
+        chunks.update(norm.normalize_str(text).split(" "))
+    chars = {c for chunk in chunks for word, _ in pre.pre_tokenize_str(chunk) for c in word[1:]}
+    return ["##" + c for c in sorted(chars)]
 
 
 def wordpiece_from_vocab(vocab_file: Path, out_dir: Path) -> Path:

@@ -302,27 +302,34 @@ def mlm_nsp_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """BERT's pretraining loss, summed over pairs; `weight` = number of pairs (rows:
     `nsp_weights_B` is 1 on every real row). `nsp=False` (RoBERTa): the loss is the MLM term
-    alone; the NSP figures are still summed in aux.
+    alone, and aux has no NSP figures.
 
     Each pair is one example: its masked-LM term is the mean cross-entropy over its chosen
     positions, its NSP term the cross-entropy of its label, so loss / weight is the mean
     MLM loss plus the mean NSP loss (BERT's sum of the two), and it stays a plain sum over
     rows, exact under gradient accumulation. aux sums: `mlm_loss`, `nsp_loss` (per pair),
     `mlm_ce` / `mlm_correct` / `mlm_tokens` (over chosen tokens: their ratios are the
-    token-level MLM loss and accuracy), `nsp_accuracy` (correct pairs).
+    token-level MLM loss and accuracy), `mlm_accuracy` (each pair's share of its chosen tokens
+    predicted right: / weight, the mean over pairs, as `mlm_loss`), `nsp_accuracy` (correct
+    pairs).
     """
     ce_B, mlm_B = jax.vmap(cross_entropy)(mlm_logits_BMV, targets_BM, weights_BM)
-    tokens_B = mlm_B["weight"]
-    mlm = jnp.sum(ce_B / jnp.maximum(tokens_B, 1.0))
     nsp_ce, nsp_aux = cross_entropy(nsp_logits_B2, nsp_labels_B, nsp_weights_B)
-    return (mlm + nsp_ce if nsp else mlm), {
-        "mlm_loss": mlm,
-        "nsp_loss": nsp_ce,
+    aux = {**_mlm_sums(ce_B, mlm_B), "weight": nsp_aux["weight"]}
+    if not nsp:
+        return aux["mlm_loss"], aux
+    return aux["mlm_loss"] + nsp_ce, {**aux, "nsp_loss": nsp_ce, "nsp_accuracy": nsp_aux["correct"]}
+
+
+def _mlm_sums(ce_B: jax.Array, mlm_B: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The masked-LM sums of `mlm_nsp_loss`'s aux from per-row `cross_entropy` results."""
+    tokens_B = jnp.maximum(mlm_B["weight"], 1.0)
+    return {
+        "mlm_loss": jnp.sum(ce_B / tokens_B),
+        "mlm_accuracy": jnp.sum(mlm_B["correct"] / tokens_B),
         "mlm_ce": jnp.sum(ce_B),
         "mlm_correct": jnp.sum(mlm_B["correct"]),
-        "mlm_tokens": jnp.sum(tokens_B),
-        "nsp_accuracy": nsp_aux["correct"],
-        "weight": nsp_aux["weight"],
+        "mlm_tokens": jnp.sum(mlm_B["weight"]),
     }
 
 
@@ -357,19 +364,15 @@ def electra_loss_terms(
     `mlm_nsp_loss` (of the generator) and `disc_ce` / `disc_correct` / `disc_tokens` /
     `disc_replaced` over real tokens."""
     ce_B, mlm_B = jax.vmap(cross_entropy)(gen_logits_BMV, targets_BM, weights_BM)
-    tokens_B = mlm_B["weight"]
-    mlm = jnp.sum(ce_B / jnp.maximum(tokens_B, 1.0))
+    mlm_sums = _mlm_sums(ce_B, mlm_B)
     x_BL, real_BL = disc_logits_BL.astype(jnp.float32), real_BL.astype(jnp.float32)
     bce_BL = jnp.maximum(x_BL, 0) - x_BL * labels_BL + jnp.log1p(jnp.exp(-jnp.abs(x_BL)))
     per_row_B = jnp.sum(bce_BL * real_BL, axis=1) / jnp.maximum(jnp.sum(real_BL, axis=1), 1.0)
     disc = jnp.sum(per_row_B * rows_B)
     correct_BL = ((x_BL > 0) == (labels_BL > 0)) * real_BL
-    return mlm + disc_weight * disc, {
-        "mlm_loss": mlm,
+    return mlm_sums["mlm_loss"] + disc_weight * disc, {
+        **mlm_sums,
         "disc_loss": disc,
-        "mlm_ce": jnp.sum(ce_B),
-        "mlm_correct": jnp.sum(mlm_B["correct"]),
-        "mlm_tokens": jnp.sum(tokens_B),
         "disc_ce": jnp.sum(bce_BL * real_BL),
         "disc_correct": jnp.sum(correct_BL),
         "disc_tokens": jnp.sum(real_BL),

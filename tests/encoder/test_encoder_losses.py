@@ -36,6 +36,9 @@ def test_mlm_nsp_loss_matches_numpy():
     nsp_nll = -log_softmax(nsp)[np.arange(b), labels]
     want = {
         "mlm_loss": per_row.sum(),
+        "mlm_accuracy": (
+            ((mlm.argmax(-1) == targets) * weights).sum(1) / np.maximum(weights.sum(1), 1)
+        ).sum(),  # fmt: skip
         "nsp_loss": (nsp_nll * rows).sum(),
         "mlm_ce": (nll * weights).sum(),
         "mlm_correct": ((mlm.argmax(-1) == targets) * weights).sum(),
@@ -50,7 +53,8 @@ def test_mlm_nsp_loss_matches_numpy():
     # without NSP (RoBERTa): the MLM term alone, the same figures
     loss_mlm, aux_mlm = mlm_nsp_loss(mlm, targets, weights, nsp, labels, rows, nsp=False)
     assert float(loss_mlm) == pytest.approx(want["mlm_loss"], rel=1e-5)
-    assert float(aux_mlm["nsp_loss"]) == pytest.approx(want["nsp_loss"], rel=1e-5)
+    assert set(aux_mlm) == set(want) - {"nsp_loss", "nsp_accuracy"}  # no NSP head trained
+    assert float(aux_mlm["mlm_accuracy"]) == pytest.approx(want["mlm_accuracy"], rel=1e-5)
     # the gradient of the summed loss: softmax - onehot, scaled by each row's 1/n on its tokens
     grad = jax.grad(lambda x: mlm_nsp_loss(x, targets, weights, nsp, labels, rows)[0])(mlm)
     onehot = np.eye(v)[targets]

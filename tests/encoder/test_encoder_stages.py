@@ -41,6 +41,8 @@ def test_mlm_stage_summary_checkpoint_and_exact_resume(mlm_run, wp_tok, enc_data
     assert from_dict(meta["config"]).stage == "mlm"
     rows = [json.loads(x) for x in (mlm_run / "metrics.jsonl").read_text().splitlines()]
     assert {"mlm_loss", "nsp_accuracy", "mlm_correct"} <= set(rows[0])
+    train_rows = [r for r in rows if "grad_norm" in r]
+    assert len(train_rows) == 4 and all(0 <= r["mlm_accuracy"] <= 1 for r in train_rows)
     # killed after step 2: the run resumes there and reproduces steps 3-4 exactly
     shutil.rmtree(mlm_run / "checkpoints" / "4")
     (mlm_run / "summary.json").unlink()

@@ -3,6 +3,7 @@ up to its normalisation, sentence pairs with token types and BERT's truncation, 
 ids from transformers' BertTokenizerFast loading the saved files."""
 
 import json
+import re
 
 import pytest
 
@@ -28,6 +29,21 @@ def test_specials_have_fixed_ids_and_chat_tokens_follow(wp):
     assert [wp.piece_to_id(t) for t in BERT_SPECIALS] == [0, 1, 2, 3, 4]
     assert wp.piece_to_id("<|system|>") == 5 and wp.pad_id == 0 and wp.unk_id == 1
     assert wp.vocab_size <= 3000
+
+
+def test_training_is_repeatable_and_keeps_the_trainers_vocabulary(wp, tmp_path):
+    """`tokenizers`' trainer numbers `##c` in hash-map order (a different file almost every
+    time); ours gives the same bytes, with the `##c` ids in sorted order, and the same kind of
+    vocabulary: a `##c` for exactly the characters that follow another inside a word."""
+    cfg = TokenizerConfig(model_type="wordpiece", vocab_size=3000)
+    again = [train_wordpiece(TEXTS[:1500], cfg, tmp_path / str(i)).read_bytes() for i in range(3)]
+    assert again[0] == again[1] == again[2] == wp.path.read_bytes()
+    vocab = json.loads(again[0])["model"]["vocab"]
+    cont = sorted((t for t in vocab if t.startswith("##") and len(t) == 3), key=vocab.get)
+    assert cont == sorted(cont) and len(cont) > 20
+    words = re.findall(r"[A-Za-z0-9]+", " ".join(TEXTS[:1500]))  # the ASCII words' letters
+    assert {"##" + c for w in words for c in w[1:]} <= set(cont)
+    assert "##" + "除" not in vocab  # a Chinese character is a word of its own: never continues
 
 
 def test_chinese_characters_are_single_tokens_and_round_trips(wp):
