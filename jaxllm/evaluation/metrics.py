@@ -84,14 +84,14 @@ def rolling_windows(
     ids: Sequence[int], prefix: int, max_len: int
 ) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) pairs that together score every token of `ids` once, each
-    within `max_len` tokens: the first continuation follows `prefix` (a BOS), later ones take
-    as much preceding text as context as fits (lm-eval's `get_rolling_token_windows` with
-    context_len 1, then `make_disjoint_window`)."""
-    pred = max_len - 1  # tokens predicted per window: one slot holds at least one of context
+    predicting up to `max_len` tokens from a model input of `max_len` (context + continuation
+    <= `max_len` + 1: the last token is only predicted): the first continuation follows
+    `prefix` (a BOS), later ones take as much preceding text as context as fits (lm-eval's
+    `get_rolling_token_windows` with context_len 1, then `make_disjoint_window`)."""
     out, start = [], 0
     while start < len(ids):
-        end = min(start + pred, len(ids))
-        ctx = [prefix, *ids[:start]][-(max_len - (end - start)) :]
+        end = min(start + max_len, len(ids))
+        ctx = [prefix, *ids[:start]][-(max_len + 1 - (end - start)) :]
         out.append((ctx, list(ids[start:end])))
         start = end
     return out

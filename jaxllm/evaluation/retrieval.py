@@ -47,10 +47,16 @@ class BM25Index:
         """The indices of the top-k passages per query, best first (a query with no known
         term gets no passages)."""
         k = min(k, len(self.texts))
-        docs, scores = self.index.retrieve(
-            [terms(q) or ["<empty>"] for q in queries], k=k, show_progress=False
-        )
-        return [[int(d) for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
+        asked = [terms(q) for q in queries]
+        found: list[list[int]] = [[] for _ in asked]
+        # A query without terms is not searched: it would match the placeholder term of the
+        # passages without terms.
+        some = [i for i, t in enumerate(asked) if t]
+        if some:
+            docs, scores = self.index.retrieve([asked[i] for i in some], k=k, show_progress=False)
+            for i, row, srow in zip(some, docs, scores):
+                found[i] = [int(d) for d, s in zip(row, srow) if s > 0]
+        return found
 
 
 def read_passages(path: Path, id_field: str = "id", text_field: str = "text"):

@@ -18,7 +18,7 @@ import numpy as np
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.evaluation import metrics, retrieval
 from jaxllm.evaluation.tasks import Task, encoder_dir, fill, resolve_data
-from jaxllm.evaluation.templates import build_prompt, choices_and_gold, continuation
+from jaxllm.evaluation.templates import RETRIEVED, build_prompt, choices_and_gold, continuation
 from jaxllm.tokenizer.chat import END_TOKEN
 
 
@@ -174,20 +174,23 @@ def _references(task: Task, record) -> list[str]:
 
 def run_perplexity(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
     """Token perplexity, bits per byte / per character and byte perplexity of the texts,
-    each text scored whole (rolling windows past the context)."""
+    each text scored whole (rolling windows past the context); with `group_by` also each
+    group's, from its texts' sums."""
     texts = [fill(f"{{{task.spec.text}}}", r) for r in task.examples]
     if not all(texts):
         raise DataError(f"{task.examples[texts.index('')][0]}: empty text")
     rolled = _call(backend.loglikelihood_rolling, (texts,), task, range(len(texts)))
-    total = sum(r.logprob for r in rolled)
-    figures = metrics.perplexity_figures(
-        total, sum(r.tokens for r in rolled), sum(len(t) for t in texts),
-        sum(len(t.encode("utf-8")) for t in texts),
-    )  # fmt: skip
+    groups = groups_of(task)
     res = TaskResult()
-    for name, v in figures.items():
-        res.rows.append({"num_fewshot": None, "metric": name, "value": v, "n": len(texts),
-                         "stderr": None})  # fmt: skip
+    for label in [None, *dict.fromkeys(groups or ())]:  # all texts, then each group's
+        mine = [i for i in range(len(texts)) if label is None or groups[i] == label]
+        figures = metrics.perplexity_figures(
+            sum(rolled[i].logprob for i in mine), sum(rolled[i].tokens for i in mine),
+            sum(len(texts[i]) for i in mine), sum(len(texts[i].encode("utf-8")) for i in mine),
+        )  # fmt: skip
+        for name, v in figures.items():
+            res.rows.append({"num_fewshot": None, "value": v, "n": len(mine), "stderr": None,
+                             "metric": name if label is None else f"{name}[{label}]"})  # fmt: skip
     res.samples = [{"example": r[0], "index": i, "logprob": x.logprob, "tokens": x.tokens}
                    for i, (r, x) in enumerate(zip(task.examples, rolled))]  # fmt: skip
     return res
@@ -231,7 +234,7 @@ def retrieve(
     recall@1 / recall@k (and `recall_at`'s, searched that deep) and the retrieved ids."""
     r, found = task.spec.retrieval, TaskResult()
     if r.k == 0:  # closed book
-        examples = [(w, {**obj, "context": ""}) for w, obj in task.examples]
+        examples = [(w, {**obj, RETRIEVED: ""}) for w, obj in task.examples]
         found.samples = [{"retrieved": []} for _ in examples]
         return dataclasses.replace(task, examples=examples), found
     path = resolve_data(r.passages, task.path, "retrieval.passages")
@@ -254,7 +257,7 @@ def retrieve(
         ]
 
         def render(ctx: str, i: int = i, where: str = where, obj: dict = obj) -> str:
-            examples[i] = (where, {**obj, "context": ctx})
+            examples[i] = (where, {**obj, RETRIEVED: ctx})
             return build_prompt(dataclasses.replace(task, examples=examples), i, shots).text
 
         _, dropped = retrieval.place_passages(passages, render, lambda p: backend.fits(p, reserve))

@@ -66,13 +66,19 @@ def fewshot_pool(task: Task, record: Record) -> list[Record]:
     return [(f"{where} ({spec.fewshot_field}[{i}])", d) for i, d in enumerate(demos)]
 
 
+RETRIEVED = "context"  # the field a retrieval task's passages are written into (runner.py)
+
+
 def draw_fewshot(task: Task, index: int, k: int) -> list[Record]:
     """`k` demonstrations for example `index`, drawn with `Random(f"{seed}:{index}")` (the
-    same ones whatever else is evaluated) from its pool minus any copy of the example."""
+    same ones whatever else is evaluated) from its pool minus any copy of the example (with
+    retrieval, a copy up to the `context` field the passages were written into)."""
     if k == 0:
         return []
     record = task.examples[index]
-    pool = [r for r in fewshot_pool(task, record) if r[1] != record[1]]
+    key = _without_retrieved if task.spec.retrieval is not None else (lambda obj: obj)
+    own = key(record[1])
+    pool = [r for r in fewshot_pool(task, record) if key(r[1]) != own]
     if len(pool) < k:
         source = task.spec.fewshot_data or f"{record[0]} field '{task.spec.fewshot_field}'"
         if not task.spec.fewshot_data and not task.spec.fewshot_field:
@@ -82,6 +88,10 @@ def draw_fewshot(task: Task, index: int, k: int) -> list[Record]:
             f"few-shot split has {len(pool)} usable examples ({source})"
         )
     return random.Random(f"{task.spec.seed}:{index}").sample(pool, k)
+
+
+def _without_retrieved(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k != RETRIEVED}
 
 
 @dataclass(frozen=True)

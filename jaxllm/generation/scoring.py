@@ -2,9 +2,10 @@
 batching loop that scores continuations given contexts (what `stage: score`, `stage: eval`
 and the lm-evaluation-harness bridge run).
 
-A row of L tokens runs through the model once; position t >= 1 gets log p(token t | tokens
-< t). Rows are padded to a bucket (the next power of two >= 16, capped at the context), so
-the scorer compiles once per bucket and batch size.
+A row of L tokens runs through the model once, without its last token (nothing is predicted
+from it), so a row can be one token longer than the model's context; position t >= 1 gets
+log p(token t | tokens < t). The model's input is padded to a bucket (the next power of two
+>= 16, capped at the context), so the scorer compiles once per bucket and batch size.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def _logp_greedy(graphdef, state, tokens_BL, mask_BL, mesh, rules):
     t = 0 and on padding."""
     with use_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
         model = nnx.merge(graphdef, state)
-        logits_BLV = model(tokens_BL, segment_ids_BL=mask_BL.astype(jnp.int32))
-    logp_BLV = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
+        logits_BLV = model(tokens_BL[:, :-1], segment_ids_BL=mask_BL[:, :-1].astype(jnp.int32))
+    logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
     picked_BL = jnp.take_along_axis(logp_BLV, tokens_BL[:, 1:, None], axis=-1)[..., 0]
     real_BL = mask_BL[:, 1:] > 0
     picked_BL = jnp.where(real_BL, picked_BL, 0.0)
@@ -62,6 +63,12 @@ def bucket_len(n: int, max_len: int, minimum: int = 16) -> int:
     return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
 
 
+def row_len(n: int, max_len: int) -> int:
+    """The padded length of scorer rows of up to `n` tokens: the model reads all but the
+    last, `bucket_len(n - 1)` tokens (at most `max_len`, the context)."""
+    return bucket_len(n - 1, max_len) + 1
+
+
 class Continuation(NamedTuple):
     """A scored continuation: sum of its tokens' log-probs, whether every one of them is the
     argmax, and the per-token log-probs."""
@@ -82,18 +89,19 @@ def score_continuations(
     rules: str = "dp",
 ) -> list[Continuation]:
     """Scores each continuation given its context: (context ids, continuation ids) rows,
-    context first in one row of at most `max_len` tokens (the caller cut longer ones).
-    Similar lengths batch together; on a mesh each batch is split over its data axes and
-    every process gets every result. The context must be non-empty (a BOS at least)."""
+    context first in one row of at most `max_len` + 1 tokens, so the model reads at most
+    `max_len` (the caller cut longer ones; lm-eval's `(context + continuation)[-(max_len +
+    1):][:-1]`). Similar lengths batch together; on a mesh each batch is split over its data
+    axes and every process gets every result. The context must be non-empty (a BOS at least)."""
     for ctx, cont in rows:
-        if not ctx or not cont or len(ctx) + len(cont) > max_len:
-            raise ValueError(f"need 1 <= context, 1 <= continuation, total <= {max_len} tokens")
+        if not ctx or not cont or len(ctx) + len(cont) > max_len + 1:
+            raise ValueError(f"need 1 <= context, 1 <= continuation, total <= {max_len + 1} tokens")
     full = [list(c) + list(x) for c, x in rows]
     order = sorted(range(len(full)), key=lambda i: len(full[i]))
     out: list[Continuation | None] = [None] * len(full)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        length = bucket_len(max(len(full[i]) for i in idx), max_len)
+        length = row_len(max(len(full[i]) for i in idx), max_len)
         tokens = np.zeros((batch_size, length), np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for j, i in enumerate(idx):

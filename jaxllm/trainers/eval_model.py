@@ -109,7 +109,7 @@ class EvalModel:
             ctx, cont_ids = self.encode_pair(context, cont)
             if not cont_ids:
                 raise TooLong(i, f"the continuation {cont!r} encodes to no tokens")
-            ctx, was_cut = self._fit(i, ctx, self.max_len - len(cont_ids))
+            ctx, was_cut = self._fit(i, ctx, self.max_len + 1 - len(cont_ids))
             rows.append((ctx, cont_ids))
             cut.append(was_cut)
         return [Scored(c.logprob, c.greedy, t) for c, t in zip(self._score(rows), cut)]

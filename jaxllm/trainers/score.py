@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import Config, resolve_path
 from jaxllm.errors import ConfigError, DataError
-from jaxllm.generation.scoring import bucket_len, score_batch
+from jaxllm.generation.scoring import row_len, score_batch
 from jaxllm.interop import load_tokenizer
 from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
@@ -49,7 +49,7 @@ def score_ids(
     out: list[dict[str, Any]] = [{} for _ in rows]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        length = bucket_len(max(len(rows[i]) for i in idx), max_len)
+        length = row_len(max(len(rows[i]) for i in idx), max_len)
         tokens = np.zeros((batch_size, length), np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for j, i in enumerate(idx):

@@ -44,16 +44,50 @@ def test_rolling_windows_score_every_token_once():
         wins = metrics.rolling_windows(ids, prefix=2, max_len=max_len)
         assert sum((cont for _, cont in wins), []) == ids
         for ctx, cont in wins:
-            assert len(ctx) >= 1 and len(ctx) + len(cont) <= max_len
+            assert len(ctx) >= 1 and len(ctx) + len(cont) <= max_len + 1  # max_len read
             full = [2, *ids]
             start = full.index(cont[0])
             assert full[start - len(ctx) : start] == ctx  # the text right before it
+
+
+def test_rolling_windows_and_truncation_are_lm_evals():
+    """The same windows as lm-eval's own functions: each predicts up to `max_len` tokens
+    from a model input of `max_len` (`(context + continuation)[:-1]`)."""
+    utils = pytest.importorskip("lm_eval.utils")
+    ids = list(range(10, 47))
+    for max_len in (4, 8, 16, 64):
+        want = [utils.make_disjoint_window(w)
+                for w in utils.get_rolling_token_windows(ids, 2, max_len, 1)]  # fmt: skip
+        assert metrics.rolling_windows(ids, prefix=2, max_len=max_len) == [
+            (list(a), list(b)) for a, b in want
+        ]
 
 
 def test_perplexity_figures():
     f = metrics.perplexity_figures(-10.0, tokens=5, chars=8, nbytes=10)
     assert f["token_perplexity"] == pytest.approx(math.exp(2.0))
     assert f["bits_per_byte"] == pytest.approx(1.0 / math.log(2))
+
+
+def test_perplexity_per_group_from_each_groups_sums(tmp_path):
+    from jaxllm.evaluation.runner import Rolled, evaluate
+
+    rows = [{"text": "aaaa", "g": "x"}, {"text": "bb", "g": "y"}, {"text": "c", "g": "x"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "t.yaml").write_text(
+        "name: t\nkind: perplexity\ndata: t.jsonl\ngroup_by: g\n", encoding="utf-8"
+    )
+
+    class Backend:  # one token per character; log-prob -3 per "b", -1 per other character
+        def loglikelihood_rolling(self, texts):
+            return [Rolled(-sum(3.0 if c == "b" else 1.0 for c in t), len(t)) for t in texts]
+
+    res = evaluate(load_task(str(tmp_path / "t.yaml")), Backend())
+    got = {r["metric"]: (r["value"], r["n"]) for r in res.rows}
+    assert got["token_perplexity"] == (pytest.approx(math.exp(11 / 7)), 3)
+    assert got["token_perplexity[x]"] == (pytest.approx(math.exp(1.0)), 2)
+    assert got["bits_per_byte[y]"] == (pytest.approx(3.0 / math.log(2)), 1)
+    assert len(got) == 12  # four figures: overall, x and y
 
 
 def test_every_shipped_task_loads_and_renders():

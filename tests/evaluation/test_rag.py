@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxllm.errors import DataError
+from jaxllm.errors import ConfigError, DataError
 from jaxllm.evaluation import retrieval
 from jaxllm.evaluation.runner import Generation, TaskResult, evaluate
 from jaxllm.evaluation.tasks import load_task
@@ -94,6 +94,34 @@ def test_retrieval_puts_the_passage_in_the_prompt(tmp_path):
     first = res.samples[0]["prompt"]
     assert first.startswith("Passage: Genesis 1:3") and first.endswith("Answer:")
     assert first.count("Passage: ") == len(res.samples[0]["retrieved"])  # all fit
+
+
+def test_a_query_without_terms_gets_no_passage_not_the_empty_one():
+    index = retrieval.BM25Index(["a", "empty", "b"], ["red apples", "?!", "blue sky"])
+    assert index.search(["?!", "apples", "zebra"], 2) == [[], [0], []]
+
+
+def test_retrieval_never_makes_an_example_its_own_demonstration(tmp_path):
+    """The few-shot split is the data file; each record has its own `context`, which
+    retrieval overwrites: the example's copy in the split must still be left out."""
+    retrieval.cached_index.cache_clear()
+    rows = [{**q, "context": "given\n"} for q in QUESTIONS]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n"
+                                              for q in rows))  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n"
+                                              for p in PASSAGES))  # fmt: skip
+    spec = {"name": "rag", "kind": "generate", "data": "q.jsonl", "fewshot_data": "q.jsonl",
+            "num_fewshot": [2], "template": "{context}Question: {question}\nAnswer:",
+            "target": "{answer}", "retrieval": {"passages": "p.jsonl", "k": 1}}  # fmt: skip
+    (tmp_path / "rag.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    res = evaluate(load_task(str(tmp_path / "rag.yaml")), CopyBackend())
+    for sample, q in zip(res.samples, QUESTIONS):
+        others = [x for x in QUESTIONS if x is not q]
+        assert f"Question: {q['question']}\nAnswer: {q['answer']}" not in sample["prompt"]
+        assert all(f"Question: {x['question']}\nAnswer: {x['answer']}" in sample["prompt"]
+                   for x in others)  # fmt: skip
+    with pytest.raises(ConfigError, match="3 demonstrations asked, but the few-shot split has 2"):
+        evaluate(load_task(str(tmp_path / "rag.yaml")), CopyBackend(), num_fewshot=3)
 
 
 def test_closed_book_and_the_context_budget(tmp_path):
