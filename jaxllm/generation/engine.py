@@ -182,10 +182,19 @@ class Engine:
         groups: dict[int, list[Seq]] = {}
         for seq in seqs:
             groups.setdefault(self._bucket(len(seq.prompt)), []).append(seq)
-        for bucket, group in sorted(groups.items()):
-            for start in range(0, len(group), self.prefill_batch):
-                chunk = group[start : start + self.prefill_batch]
-                self._prefill(bucket, chunk, [free.pop(0) for _ in chunk])
+        left = seqs  # taken off the queue, not yet in a slot: a failed prefill answers them
+        try:
+            for bucket, group in sorted(groups.items()):
+                for start in range(0, len(group), self.prefill_batch):
+                    chunk = group[start : start + self.prefill_batch]
+                    self._prefill(bucket, chunk, [free.pop(0) for _ in chunk])
+                    left = [s for s in left if all(s is not c for c in chunk)]
+        except Exception:
+            in_slots = {id(s) for s in self.rows if s is not None}
+            for seq in left:
+                if id(seq) not in in_slots:
+                    seq.on_done("error")
+            raise
 
     def _prefill(self, bucket: int, chunk: list[Seq], slots: list[int]) -> None:
         r = 1 if len(chunk) == 1 else self.prefill_batch  # two programs per bucket

@@ -3,13 +3,17 @@
 
 Every failure is an answer, never a crash: bad JSON or parameters, an unknown model, a
 prompt too long for the context → 400/404 with OpenAI's error JSON; a full queue → 429; a
-missing or wrong API key (when one is set) → 401. A client that goes away (mid-stream or
-while waiting) cancels its sequences, which frees their slots at the next engine turn.
+missing or wrong API key (when one is set) → 401; a body too large for the context
+(over `BODY_BYTES_PER_TOKEN` bytes per token of it, at least 1 MiB) → 413, unread. A client that
+goes away (mid-stream, while waiting or while its answer is decoded) cancels its sequences,
+which frees their slots at the next engine turn; so does a handler that ends any other way.
+Prompts are tokenized off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -59,15 +64,18 @@ def _error(e: APIError) -> JSONResponse:
 def _check_auth(request: Request, backend: Backend) -> None:
     if not backend.api_key:
         return
-    header = request.headers.get("authorization", "")
-    if not secrets.compare_digest(header, f"Bearer {backend.api_key}"):
+    header = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+    if not secrets.compare_digest(header, f"Bearer {backend.api_key}".encode()):
         raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)",
                        code="invalid_api_key")  # fmt: skip
 
 
 def _prompt_ids(backend: Backend, p: Params, chat: bool) -> list[list[int]]:
     if not chat:
-        return [backend.tok.encode(text, add_bos=True) for text in p.prompts]
+        ids = [backend.tok.encode(text, add_bos=backend.tok.bos_id >= 0) for text in p.prompts]
+        if not all(ids):
+            raise APIError(400, "a prompt encodes to no tokens", param="prompt")
+        return ids
     if backend.template is None:
         raise APIError(400, "this model's tokenizer has no chat tokens: use /v1/completions")
     try:
@@ -83,7 +91,8 @@ class Job:
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def put(event: tuple) -> None:
-            loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody to tell
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
         base = p.seed if p.seed is not None else secrets.randbits(31)
         self.choices, self.seqs = [], []
@@ -93,12 +102,15 @@ class Job:
                 self.choices.append(c)
                 self.seqs.append(Seq(
                     prompt=prompt, max_tokens=p.max_tokens, temperature=p.temperature,
-                    top_p=p.top_p, seed=base + j * p.n + i, on_token=c.on_token,
+                    top_p=p.top_p, seed=(base + j * p.n + i) % 2**63, on_token=c.on_token,
                     on_done=c.on_done,
                     stop_ids=backend.chat_stop_ids if chat else backend.stop_ids,
                 ))  # fmt: skip
         self.prompt_tokens = sum(len(x) for x in ids)
         engine = backend.engine
+        if len(self.seqs) > engine.max_queue:
+            raise APIError(400, f"{len(self.seqs)} choices (prompts × n) are more than the "
+                           f"{engine.max_queue} this server queues", param="n")  # fmt: skip
         if engine.waiting + len(self.seqs) > engine.max_queue:
             raise APIError(429, "the server is busy: too many requests waiting, retry later",
                            type="rate_limit_exceeded", code="queue_full")  # fmt: skip
@@ -124,18 +136,23 @@ class Job:
                 "total_tokens": self.prompt_tokens + done}  # fmt: skip
 
     async def events(self, request: Request | None = None) -> AsyncIterator[tuple]:
-        """Events until every choice is done; with `request`, polls for a disconnect."""
-        left = len(self.seqs)
+        """Events until every choice is done; with `request`, checks for a disconnect at
+        least once a second, also while tokens arrive."""
+        left, loop = len(self.seqs), asyncio.get_running_loop()
+        checked = loop.time()
         while left:
             try:
                 event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                event = None
+            if request is not None and loop.time() - checked >= 1.0:
+                checked = loop.time()
+                if await request.is_disconnected():
                     self.cancel()
                     return
-                continue
-            left -= event[0] == "done"
-            yield event
+            if event is not None:
+                left -= event[0] == "done"
+                yield event
 
 
 def _finish_reason(reason: str) -> str:
@@ -156,12 +173,15 @@ async def _complete(backend, job: Job, p: Params, chat: bool, request: Request) 
     texts = {c.index: "" for c in job.choices}
     toks: dict[int, list] = {c.index: [] for c in job.choices}
     reasons: dict[int, str] = {}
-    async for event in job.events(request):
-        if event[0] == "delta":
-            texts[event[1]] += event[2]
-            toks[event[1]] += event[3]
-        else:
-            reasons[event[1]] = _finish_reason(event[2])
+    try:
+        async for event in job.events(request):
+            if event[0] == "delta":
+                texts[event[1]] += event[2]
+                toks[event[1]] += event[3]
+            else:
+                reasons[event[1]] = _finish_reason(event[2])
+    finally:  # a disconnect, an error or a cancelled handler: free any slot still held
+        job.cancel()
     choices = []
     for i in sorted(texts):
         lp = _logprobs(backend, p, chat, toks[i], 0)
@@ -182,17 +202,21 @@ async def _stream(backend, job: Job, p: Params, chat: bool) -> AsyncIterator[str
             "created": int(time.time()), "model": backend.model_name}  # fmt: skip
     offsets = {c.index: 0 for c in job.choices}
 
-    def chunk(i: int, text: str, tokens: list, reason: str | None) -> str:
+    def chunk(i: int, text: str, tokens: list, reason: str | None, role: bool = False) -> str:
         lp = _logprobs(backend, p, chat, tokens, offsets[i]) if tokens else None
         offsets[i] += len(text)
-        if chat:
-            body = {"index": i, "delta": {"role": "assistant", "content": text},
-                    "logprobs": lp, "finish_reason": reason}  # fmt: skip
+        if chat:  # OpenAI's: the role once, first; then content; the last delta is empty
+            delta = {"role": "assistant", "content": ""} if role else {}
+            delta.update({"content": text} if text or role else {})
+            body = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
         else:
             body = {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
         return f"data: {json.dumps({**head, 'choices': [body]}, ensure_ascii=False)}\n\n"
 
     try:
+        if chat:
+            for c in job.choices:
+                yield chunk(c.index, "", [], None, role=True)
         async for event in job.events():
             if event[0] == "delta":
                 yield chunk(event[1], event[2], event[3], None)
@@ -209,6 +233,26 @@ async def _stream(backend, job: Job, p: Params, chat: bool) -> AsyncIterator[str
         job.cancel()
 
 
+BODY_BYTES_PER_TOKEN = 64  # a request body's limit per token of context (at least 1 MiB)
+
+
+async def _read_body(request: Request, max_len: int) -> bytes:
+    """The body, or 413 when it is larger than any prompt that fits the context could be
+    (checked on Content-Length before reading, and on what arrives)."""
+    limit = max(1 << 20, BODY_BYTES_PER_TOKEN * max_len)
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise APIError(413, f"the request body has {size} bytes; this server takes at most "
+                       f"{limit} (its context is {max_len} tokens)")  # fmt: skip
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes; this server takes "
+                           f"at most that (its context is {max_len} tokens)")  # fmt: skip
+    return bytes(body)
+
+
 def _new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
 
@@ -219,7 +263,7 @@ def build_app(backend: Backend) -> Starlette:
     async def generate(request: Request, chat: bool) -> Response:
         try:
             _check_auth(request, backend)
-            body = parse_json(await request.body())
+            body = parse_json(await _read_body(request, backend.engine.max_len))
             if body.get("model") != backend.model_name:
                 raise APIError(404, f"the model '{body.get('model')}' does not exist; this "
                                f"server serves '{backend.model_name}'", param="model",
@@ -227,7 +271,7 @@ def build_app(backend: Backend) -> Starlette:
             engine = backend.engine
             p = parse_params(body, chat=chat, max_tokens_limit=backend.max_tokens,
                              max_n=engine.n_slots)  # fmt: skip
-            ids = _prompt_ids(backend, p, chat)
+            ids = await run_in_threadpool(_prompt_ids, backend, p, chat)
             longest = max(len(x) for x in ids)
             if longest + p.max_tokens > engine.max_len:
                 raise APIError(400, f"this model's maximum context length is {engine.max_len} "

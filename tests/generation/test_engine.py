@@ -97,3 +97,34 @@ def test_cancel_frees_the_slot():
         assert reasons == ["length"] and len(outs[0]) == 3
     finally:
         engine.stop()
+
+
+def test_a_failed_prefill_answers_its_requests(monkeypatch):
+    """Sequences taken off the queue for a prefill that raises get `on_done("error")` (their
+    clients are answered), and the engine goes on serving."""
+    from jaxllm.generation import engine as engine_mod
+
+    graphdef, state = model()
+    real = engine_mod.programs.prefill
+    calls = []
+
+    def failing_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine_mod.programs, "prefill", failing_once)
+    engine = Engine(graphdef, state, slots=2, max_len=96, prefill_batch=2)
+    ended, both = [], threading.Semaphore(0)
+    for p in ([5, 6], [7]):  # queued before the engine runs: one prefill of both
+        engine.submit(Seq(prompt=p, max_tokens=3, on_token=lambda t: False,
+                          on_done=lambda r: ended.append(r) or both.release()))  # fmt: skip
+    engine.start()
+    try:
+        assert both.acquire(timeout=60) and both.acquire(timeout=60)
+        assert ended == ["error", "error"] and engine.busy == 0
+        reasons, outs = collect([dict(prompt=[7, 8], max_tokens=3)], engine)
+        assert reasons == ["length"] and len(outs[0]) == 3
+    finally:
+        engine.stop()

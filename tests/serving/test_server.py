@@ -187,6 +187,27 @@ def test_malformed_json_bad_chat_and_unknown_route(client, server):
     assert_alive(client)
 
 
+def test_chat_stream_sends_the_role_once_and_an_empty_last_delta(client):
+    messages = [{"role": "user", "content": "What is 7 + 5?"}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                 temperature=0, stream=True))  # fmt: skip
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].role == "assistant" and deltas[0].content == ""
+    assert all(d.role is None for d in deltas[1:])  # the SDK's stream helper joins roles
+    assert deltas[-1].content is None and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_any_integer_seed_and_a_huge_body(client, server):
+    kw = dict(model=MODEL, prompt="The LORD is", max_tokens=4, temperature=1.0, n=2)
+    for seed in (2**64, 2**63 - 1, -5):
+        a, b = (client.completions.create(seed=seed, **kw) for _ in range(2))
+        assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    status, out = call(server, "POST", "/v1/completions",
+                       {"model": MODEL, "prompt": "x" * (2 << 20)})  # fmt: skip
+    assert status == 413 and "at most" in out["error"]["message"]
+    assert_alive(client)
+
+
 def test_disconnect_mid_stream_frees_the_slot(client, server):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 50, "temperature": 1.0,
             "stream": True, "seed": 1}  # fmt: skip
@@ -205,13 +226,22 @@ def test_disconnect_mid_stream_frees_the_slot(client, server):
 
 
 def test_full_queue_is_429_and_api_key(client, server, monkeypatch):
-    monkeypatch.setattr(server.backend.engine, "max_queue", 0)
+    engine = server.backend.engine
+    monkeypatch.setattr(engine, "max_queue", 2)
+    monkeypatch.setattr(type(engine), "waiting", property(lambda self: 2))  # a full queue
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    monkeypatch.setattr(type(engine), "waiting", property(lambda self: 0))  # idle, but more
+    with pytest.raises(openai.BadRequestError, match="3 choices"):  # choices than it queues:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=3)  # never a 429
     monkeypatch.undo()
     monkeypatch.setattr(server.backend, "api_key", "sekret")
     with pytest.raises(openai.AuthenticationError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    conn = http.client.HTTPConnection(urlsplit(server.url).netloc, timeout=60)
+    conn.request("GET", "/v1/models", headers={"Authorization": "Bearer séance"})
+    assert conn.getresponse().status == 401  # not a 500 from comparing non-ASCII text
+    conn.close()
     keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0)
     assert_alive(keyed)
     assert call(server, "GET", "/health")[0] == 200  # health needs no key
