@@ -14,7 +14,7 @@ import yaml
 from jaxllm.main import main as run_main
 
 DEFAULTS = {"stage": "chat", "output_dir": "runs/chat", "overwrite": True, "progress": False,
-            "chat": {"prompt": "assistant"}, "mesh": {"data": 1}}  # fmt: skip
+            "chat": {"prompt": "assistant"}, "mesh": {"data": -1}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ the `data` axis goes across slices (DCN) and the rest within each slice (ICI).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from jaxllm.config import Config, MeshConfig
+from jaxllm.config import Config, MeshConfig, ModelConfig
 from jaxllm.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
@@ -101,15 +102,23 @@ def validate_mesh(cfg: Config, n_devices: int, vocab_size: int) -> None:
         )
     if tensor > 1 and cfg.mesh.rules != "fsdp_tp":
         raise ConfigError("config key 'mesh.rules': a tensor axis > 1 needs rules: fsdp_tp")
+    check_model_mesh(dataclasses.replace(m, vocab_size=vocab_size), fsdp, tensor, cfg.mesh.rules)
+
+
+def check_model_mesh(m: ModelConfig, fsdp: int, tensor: int, rules: str, where: str = "") -> None:
+    """The model's sharded dimensions against the mesh's axes (a loaded checkpoint's model
+    names itself in `where`): one message, before anything is placed."""
     checks = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "model.d_ff": m.d_ff}
-    if cfg.mesh.rules == "fsdp_tp":
-        checks["model.vocab_size"] = vocab_size
+    if rules == "fsdp_tp":
+        checks["model.vocab_size"] = m.vocab_size
         for key, value in checks.items():
             if value % tensor:
                 raise ConfigError(
-                    f"config key '{key}': {value} is not divisible by the tensor axis ({tensor})"
+                    f"config key '{key}'{where}: {value} is not divisible by the tensor axis "
+                    f"({tensor})" + ("; set mesh.tensor to a divisor" if where else "")
                 )
-    if cfg.mesh.rules in ("fsdp", "fsdp_tp") and m.d_model % fsdp:
+    if rules in ("fsdp", "fsdp_tp") and m.d_model % fsdp:
         raise ConfigError(
-            f"config key 'model.d_model': {m.d_model} is not divisible by the fsdp axis ({fsdp})"
+            f"config key 'model.d_model'{where}: {m.d_model} is not divisible by the fsdp axis "
+            f"({fsdp})" + ("; set mesh.fsdp to a divisor" if where else "")
         )

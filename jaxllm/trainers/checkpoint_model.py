@@ -32,6 +32,7 @@ from jaxllm.models.peft import (
     peft_method,
 )
 from jaxllm.models.quant import is_quantized, quantize_model
+from jaxllm.sharding.mesh import check_model_mesh
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.state import TrainState, master_weights, state_shardings
 
@@ -104,6 +105,7 @@ def load_checkpoint_model(
     run_cfg = from_dict(meta["config"])
     m = from_dict({"stage": "generate", "model": meta["model"]}).model
     check_arch(m, arch, f"{ckpt_dir}/{step}", run_cfg.stage)
+    check_model_mesh(m, mesh.shape["fsdp"], mesh.shape["tensor"], rules, f" of {ckpt_dir}")
     filt = trainable_filter(run_cfg.peft)
     if run_cfg.peft.enabled:
         graphdef, params, frozen = _peft_model(
@@ -271,16 +273,50 @@ def fresh_train_state(params: nnx.State, frozen: nnx.State, tx, mesh, rules: str
 
 
 def load_frozen_model(
-    ckpt_dir: Path, mesh, rules: str = "dp", wrap: Wrap | None = None
+    ckpt_dir: Path,
+    mesh,
+    rules: str = "dp",
+    wrap: Wrap | None = None,
+    quantize: QuantizeConfig | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State, Any, ModelConfig, dict[str, Any]]:
     """A checkpoint's model for a fixed role — a DPO/PPO reference, a distillation teacher, a
     reward model, export — to pass to a step as `consts`: LoRA merged into plain weights,
     the other PEFT methods kept (they cannot be merged). Only weights are read
-    (`load_checkpoint_model`). Returns `(graphdef, state, shardings, model_cfg, meta)`."""
+    (`load_checkpoint_model`). `quantize` (QLoRA's reference: the policy's quantised base)
+    quantises it after the merge. Returns `(graphdef, state, shardings, model_cfg, meta)`."""
     graphdef, state, m, meta = load_checkpoint_model(Path(ckpt_dir), mesh, rules, wrap=wrap)
     # QLoRA: int base weights cannot take the merged update, the adapters stay beside them
     if any(method.mergeable for method in methods_in(state)) and not is_quantized(state):
         model = nnx.merge(graphdef, state)
         merge_peft(model)
         graphdef, state = nnx.split(model)
+    if quantize is not None:
+        graphdef, state = quantize_state(graphdef, state, quantize, mesh, rules)
     return graphdef, state, jax.tree.map(lambda x: x.sharding, state), m, meta
+
+
+def check_same_vocab(key: str, other: ModelConfig, other_meta: dict[str, Any], m: ModelConfig,
+                     tok_path: str) -> None:  # fmt: skip
+    """Raises `ConfigError` naming `key` when the checkpoint there (a DPO reference, a reward
+    model) reads token ids of another vocabulary than the policy `m` trained with `tok_path`:
+    a different vocab_size, or a local tokenizer file with other bytes."""
+    if other.vocab_size != m.vocab_size:
+        raise ConfigError(
+            f"config key '{key}': that model's vocab_size {other.vocab_size} differs from the "
+            f"policy's ({m.vocab_size}); both must use the same tokenizer"
+        )
+    a, b = (_tokenizer_bytes(p) for p in (other_meta.get("tokenizer", ""), tok_path))
+    if a is not None and b is not None and a != b:
+        raise ConfigError(
+            f"config key '{key}': that model's tokenizer ({other_meta['tokenizer']}) is not the "
+            f"policy's ({tok_path}); both must use the same tokenizer"
+        )
+
+
+def _tokenizer_bytes(path: str) -> bytes | None:
+    """The bytes of a local tokenizer (`tokenizer.model`, or `tokenizer.json` in a
+    directory), or None when there is no such file here."""
+    p = Path(path) if path and "://" not in path else None
+    if p is not None and p.is_dir():
+        p = next((p / n for n in ("tokenizer.model", "tokenizer.json") if (p / n).is_file()), None)
+    return p.read_bytes() if p is not None and p.is_file() else None

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 from flax import nnx
 
 from jaxllm.config import Config, ModelConfig, from_dict, replace
 from jaxllm.errors import ConfigError
 from jaxllm.models.peft import merge_peft, peft_method
+from jaxllm.models.quant import is_quantized
 from jaxllm.trainers.checkpoint_model import check_arch, load_checkpoint_model
 from jaxllm.training.checkpoint import Checkpointer, CheckpointMismatch
 from jaxllm.training.state import TrainState
@@ -79,6 +81,12 @@ def load_into(state: TrainState, shardings: Any, cfg: Config, mesh) -> TrainStat
     its optimizer moments), placed in `shardings`."""
     path = Path(cfg.inputs.checkpoint)
     graphdef, weights, _, meta = load_checkpoint_model(path, mesh, cfg.mesh.rules)
+    if is_quantized(weights):
+        raise ConfigError(
+            f"config key 'inputs.checkpoint': {path} holds quantised int weights (stage "
+            "quantize, or a QLoRA base), which pretraining cannot update; continue from the "
+            "float checkpoint it was made from"
+        )
     model = nnx.merge(graphdef, weights)
     left = merge_peft(model)
     if left:
@@ -122,4 +130,8 @@ def _optimizer(path: Path, meta: dict, state: TrainState, shardings: Any) -> Any
         raise ConfigError(f"config key 'train.init_optimizer': {e}") from None
     finally:
         ckpt.close()
-    return opt_state
+    # the moments and Adam's bias-correction count come along; the schedule starts at 0
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(
+        lambda x: x._replace(count=x.count * 0) if is_sched(x) else x, opt_state, is_leaf=is_sched
+    )

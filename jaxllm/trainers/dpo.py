@@ -35,6 +35,7 @@ from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh, use_rules
 from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file
+from jaxllm.trainers.checkpoint_model import check_same_vocab
 from jaxllm.trainers.lm import (
     checkpoint_dir,
     init_from_checkpoint,
@@ -159,8 +160,13 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ref_dir = Path(d.reference or start_point.checkpoint)
     if d.reference and not ref_dir.is_dir():
         raise ConfigError(f"config key 'dpo.reference': {ref_dir} is not a checkpoint directory")
-    ref = load_frozen_model(ref_dir, mesh, cfg.mesh.rules)[:3]
+    # no other reference given: the policy's start, quantised as its base is (QLoRA)
+    own = None if d.reference else cfg.quantize
+    *ref, ref_m, ref_meta = load_frozen_model(ref_dir, mesh, cfg.mesh.rules, quantize=own)
+    ref = tuple(ref)  # (graphdef, state, shardings): no other name holds the state
     tok, tok_path = stage_tokenizer(cfg, start_point.meta, start_point.model)
+    if d.reference:
+        check_same_vocab("dpo.reference", ref_m, ref_meta, start_point.model, tok_path)
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(d.train_file, "dpo.train_file")]

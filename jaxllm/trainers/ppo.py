@@ -26,14 +26,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllm.config import Config, PeftConfig, replace, to_dict
+from jaxllm.config import Config, PeftConfig, QuantizeConfig, replace, to_dict
 from jaxllm.config.rl import PPOConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models.heads import ScalarHead, ScalarModel
 from jaxllm.models.lora import merge_lora
 from jaxllm.models.peft import peft_method
+from jaxllm.models.quant import dequantize_model
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
+from jaxllm.trainers.checkpoint_model import check_same_vocab
 from jaxllm.trainers.lm import fresh_train_state
 from jaxllm.trainers.rewards import get_reward, weighted_reward
 from jaxllm.trainers.rl_loop import (
@@ -237,7 +239,8 @@ def base_rewards(cfg: Config, st: Stage) -> tuple[Any, TextScores]:
             "config key 'ppo.reward_checkpoint': `reward: model` needs a reward checkpoint "
             "(or inputs.reward_checkpoint, which a pipeline fills from a `stage: reward`)"
         )
-    rg, rstate, *_ = load_reward_model(Path(ckpt), st.mesh, st.rules)
+    rg, rstate, _, rm, rmeta = load_reward_model(Path(ckpt), st.mesh, st.rules)
+    check_same_vocab("ppo.reward_checkpoint", rm, rmeta, st.start.model, st.tok_path)
 
     def model_rewards(texts, recs, batch):
         seg, pos = batch["segment_ids"], batch["positions"]
@@ -268,12 +271,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
 
 def save_policy(cfg: Config, st, state, directory: Path) -> None:
-    """The actor as a plain decoder checkpoint (value head dropped, LoRA merged), loadable
-    by `load_checkpoint_model` (stage generate / export / a later stage's input)."""
+    """The actor as a plain decoder checkpoint (value head dropped, LoRA merged; QLoRA's int
+    base dequantised first, so the float weights are the trained policy's), loadable by
+    `load_checkpoint_model` (stage generate / export / a later stage's input)."""
     model = nnx.merge(st.start.graphdef, state.params, state.frozen)
+    dequantize_model(model)
     merge_lora(model)
     params, frozen = nnx.split(model.decoder, nnx.Param, ...)[1:]
-    plain = replace(cfg, peft=PeftConfig())
+    plain = replace(cfg, peft=PeftConfig(), quantize=QuantizeConfig())
     tx = make_optimizer(plain.train.optim, plain.train.steps)
     dec_state, _ = fresh_train_state(params, frozen, tx, st.mesh, cfg.mesh.rules, cfg.seed)
     dec_state = dec_state.replace(step=state.step)

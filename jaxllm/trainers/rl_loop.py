@@ -109,12 +109,21 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
         )
     tok, tok_path = stage_tokenizer(cfg, start.meta, start.model)
     template = ChatTemplate(tok)
-    ref_graphdef, ref_state, *_ = load_frozen_model(Path(start.checkpoint), mesh, rules)
+    ref_graphdef, ref_state, *_ = load_frozen_model(  # QLoRA: the quantised base, as the policy's
+        Path(start.checkpoint), mesh, rules, quantize=cfg.quantize
+    )
     new_tokens = max(s.max_new_tokens, s.eval_max_new_tokens)  # rollouts and greedy answers
     fit = cfg.loader.seq_len - new_tokens
     if start.model.positions == "learned":
         fit = min(fit, start.model.max_seq_len - new_tokens)
     rows = load_prompts(s.prompt_file, f"{section}.prompt_file", template, s.task, fit)
+    key = "prompts_per_iteration" if hasattr(s, "prompts_per_iteration") else "rollout_batch"
+    if len(rows) < getattr(s, key):
+        raise ConfigError(
+            f"config key '{section}.{key}': {getattr(s, key)} distinct prompts per iteration, "
+            f"but only {len(rows)} in {s.prompt_file} are left after the task filter and the "
+            f"fit to {fit} prompt tokens"
+        )
     val = []
     if s.val_file and s.eval_examples:
         val = load_prompts(s.val_file, f"{section}.val_file", template, s.task, fit)

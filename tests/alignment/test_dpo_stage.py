@@ -14,6 +14,7 @@ from flax import nnx
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.config.alignment import DPOConfig
 from jaxllm.data.preference import PreferenceRecords, pair_features
+from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import dpo
@@ -121,6 +122,14 @@ def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt):
     assert again["dpo_margin_after"] == summary["dpo_margin_after"]
 
 
+def test_qlora_reference_is_the_quantised_base(tmp_path, tiny_ckpt):
+    cfg = stage_config("dpo", tiny_ckpt, tmp_path / "q", dpo={"val_file": str(small_val(tmp_path))},
+                       peft={"method": "lora", "rank": 4}, quantize={"method": "int4", "group_size": 32},
+                       train={"steps": 1, "eval_every": 1, "checkpoint_every": 1})  # fmt: skip
+    summary = run_stage(dpo, cfg)  # a float reference would differ from the int4 policy here
+    assert summary["dpo_margin_before"] == 0.0 and summary["dpo_accuracy_before"] == 0.5
+
+
 def test_precomputed_reference_gives_the_per_step_losses_and_resumes(tmp_path, tiny_ckpt):
     data = small_val(tmp_path, n=16)  # train and held out on the same 16 pairs: 2 batches
     losses = {}
@@ -142,3 +151,21 @@ def test_precomputed_reference_gives_the_per_step_losses_and_resumes(tmp_path, t
     assert again["resumed_from_step"] == 2
     assert again["final_train_loss"] == summary["final_train_loss"]
     assert again["dpo_margin_after"] == summary["dpo_margin_after"]
+
+
+def test_a_reference_of_another_vocabulary_is_a_config_error(tmp_path):
+    from jaxllm.trainers.checkpoint_model import check_same_vocab
+
+    a, b = tmp_path / "a.model", tmp_path / "b"
+    a.write_bytes(b"sentencepiece A")
+    b.mkdir()
+    (b / "tokenizer.json").write_bytes(b'{"model": "B"}')
+    m = ModelConfig(vocab_size=300)
+    with pytest.raises(ConfigError, match=r"'dpo.reference'.*vocab_size 400 differs.*\(300\)"):
+        check_same_vocab("dpo.reference", ModelConfig(vocab_size=400), {}, m, str(a))
+    with pytest.raises(ConfigError, match=r"'ppo.reward_checkpoint'.*tokenizer .*b\) is not"):
+        check_same_vocab("ppo.reward_checkpoint", m, {"tokenizer": str(b)}, m, str(a))
+    copy = tmp_path / "copy.model"
+    copy.write_bytes(a.read_bytes())  # a run's own copy of the same tokenizer
+    check_same_vocab("dpo.reference", m, {"tokenizer": str(copy)}, m, str(a))
+    check_same_vocab("dpo.reference", m, {"tokenizer": "gs://bucket/tok.model"}, m, str(a))

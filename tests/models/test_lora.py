@@ -1,5 +1,7 @@
 """LoRA adapters: parameter counts, zero start, the x·A·B formula, merge equality, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,18 @@ def test_merge_equals_adapted_model():
     assert merge_lora(model) == len(paths)
     assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
     np.testing.assert_allclose(model(tokens), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_into_a_bf16_base_keeps_the_whole_update():
+    model = make_decoder(dataclasses.replace(SMALL, param_dtype="bfloat16"))
+    lora(model, targets=(r"mlp\.up$",))
+    randomize_b(model)
+    mlp = model.blocks[0].mlp
+    w, a, b = (np.asarray(v[...].astype(jnp.float32), np.float64)
+               for v in (mlp.up, mlp.up_lora_a, mlp.up_lora_b))  # fmt: skip
+    merge_lora(model)
+    assert mlp.up.dtype == jnp.float32  # bf16 would round away most of the small update
+    np.testing.assert_allclose(mlp.up[...], w + (8.0 / 4) * a @ b, rtol=1e-6, atol=1e-7)
 
 
 def test_only_adapters_train_and_shard_with_their_weight():

@@ -163,3 +163,20 @@ def test_ppo_rule_terms_are_added_to_the_training_reward_only(tmp_path, tiny_ckp
     np.testing.assert_allclose(scores(texts, recs), [0, 1, 0, 0] * 2)
     with pytest.raises(ConfigError, match="one weight per rule"):
         rl_config("ppo", tiny_ckpt, tmp_path / "q", rule_rewards=["polite"], rule_weights=[])
+
+
+def test_too_few_prompts_for_an_iteration_is_a_config_error(tmp_path, tiny_ckpt):
+    prompts = tmp_path / "three.jsonl"
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1), "task": "math"} for i in range(3)]
+    rows.append({"prompt": "Name a colour.", "answer": "red", "task": "chat"})  # filtered out
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sec = dict(SMALL, prompt_file=str(prompts), group_size=4, minibatch_size=8)
+    cfg = rl_config("grpo", tiny_ckpt, tmp_path / "g", **sec, prompts_per_iteration=4)
+    with pytest.raises(ConfigError, match=r"'grpo.prompts_per_iteration': 4 .* only 3 in"):
+        setup_stage(cfg, "grpo", 1)
+    cfg = rl_config("ppo", tiny_ckpt, tmp_path / "p", prompt_file=str(prompts), task="math",
+                    rollout_batch=8, minibatch_size=8)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"'ppo.rollout_batch': 8 .* only 3 in"):
+        setup_stage(cfg, "ppo", 1)
+    setup_stage(rl_config("grpo", tiny_ckpt, tmp_path / "h", **sec, prompts_per_iteration=2),
+                "grpo", 1)  # fmt: skip

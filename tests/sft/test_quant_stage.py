@@ -10,6 +10,7 @@ from flax import nnx
 from jaxllm.config import QuantizeConfig, from_dict, replace
 from jaxllm.config.peft import PeftConfig
 from jaxllm.errors import ConfigError
+from jaxllm.main import main
 from jaxllm.models.quant import QuantScale, QuantWeight, is_quantized
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
@@ -25,7 +26,7 @@ def _logits(graphdef, state, tokens):
     return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
 
 
-def test_quantize_stage_checkpoint_and_export_refusal(tmp_path, tok, tiny_ckpt):
+def test_quantize_stage_checkpoint_and_export_refusal(tmp_path, tok, tiny_ckpt, capsys):
     cfg = from_dict({"stage": "quantize", "output_dir": str(tmp_path / "q8"), "progress": False,
                      "inputs": {"checkpoint": str(tiny_ckpt)}, "quantize": {"method": "int8"}})  # fmt: skip
     run_dir = RunDir.open(cfg)
@@ -57,6 +58,12 @@ def test_quantize_stage_checkpoint_and_export_refusal(tmp_path, tok, tiny_ckpt):
         export_checkpoint(tmp_path / "q8/checkpoints", tmp_path / "hf")
     out = export_checkpoint(tmp_path / "q8/checkpoints", tmp_path / "hf", dequantize=True)
     assert (tmp_path / "hf" / "model.safetensors").is_file() and out["params"] > 0
+
+    from tests.training.test_continued import args  # continued pretraining refuses int weights
+
+    data = f"inputs.data_dir={tiny_ckpt.parent.parent / 'data'}"
+    assert main(args(tmp_path / "q8/checkpoints", tmp_path / "cont", data)) == 2
+    assert "holds quantised int weights" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -167,3 +167,13 @@ def test_unworkable_mesh_fails_before_compiling():
     with pytest.raises(ConfigError, match="data×fsdp×tensor = 8 but there are 4 devices"):
         validate_mesh(cfg(), 4, 64)
     validate_mesh(cfg(), 8, 64)  # a workable one passes
+
+
+def test_a_loaded_model_is_checked_against_the_mesh(tiny_ckpt):
+    from jaxllm.errors import ConfigError
+    from jaxllm.trainers.checkpoint_model import load_checkpoint_model
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=8, rules="fsdp_tp"))
+    with pytest.raises(ConfigError, match=r"'model.n_heads' of .*: 2 is not divisible by the "
+                       r"tensor axis \(8\); set mesh.tensor to a divisor"):  # fmt: skip
+        load_checkpoint_model(tiny_ckpt, mesh, "fsdp_tp")  # not a raw IndivisibleError

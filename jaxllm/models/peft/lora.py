@@ -92,8 +92,9 @@ def _adapters(
 
 def merge_lora(model: nnx.Module) -> int:
     """Folds every adapter into its weight (`W += scale * A B`, in float32) and removes the
-    adapters, in place. Returns how many weights were merged. A quantised weight (QLoRA's
-    int base) cannot take the float update: ValueError."""
+    adapters, in place. Returns how many weights were merged. A 16-bit weight becomes float32
+    (bf16 would round away most of a small update); a quantised weight (QLoRA's int base)
+    cannot take the float update: ValueError."""
     merged = 0
     for path, module in list(nnx.iter_modules(model)):
         for name in TARGETABLE:
@@ -114,7 +115,8 @@ def merge_lora(model: nnx.Module) -> int:
             a2 = a[...].astype(jnp.float32).reshape(*lead, -1, rank)
             b2 = b[...].astype(jnp.float32).reshape(*lead, rank, -1)
             delta = (a2 @ b2).reshape(w.shape)  # per layer when stacked
-            w[...] = (w[...].astype(jnp.float32) + module.lora_scale * delta).astype(w.dtype)
+            dtype = jnp.promote_types(w.dtype, jnp.float32)
+            w.value = (w[...].astype(jnp.float32) + module.lora_scale * delta).astype(dtype)
             delattr(module, name + LORA_A)
             delattr(module, name + LORA_B)
             merged += 1
