@@ -34,8 +34,10 @@ import yaml
 from jaxllm.config import Config, dump_yaml, is_remote, storage_path, to_dict
 from jaxllm.errors import JaxllmError, RunDirError
 
-# Keys that may differ between a run and its resumption without changing its results.
-_RESUME_FREE_KEYS = {"overwrite", "progress"}
+# Keys that may differ between a run and its resumption: they do not change its results, or
+# (the mesh: a preempted run back on another slice) only by the float rounding of other
+# reduction orders; a checkpoint restores onto any mesh.
+_RESUME_FREE_KEYS = {"overwrite", "progress", "mesh"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -155,7 +157,7 @@ def _prepare(cfg: Config) -> bool:
             )
         _rmtree(path)
     elif path.exists() and any(path.iterdir()):
-        if cfg.overwrite:
+        if cfg.overwrite and (path / "config.yaml").is_file():  # a jaxllm run, unfinished
             _rmtree(path)
         else:
             check_same_config(path, cfg)
@@ -177,7 +179,7 @@ def check_same_config(path: Path, cfg: Config) -> None:
     if not old_file.is_file():
         raise RunDirError(
             f"{path} exists, is not empty and holds no jaxllm run (no config.yaml); "
-            "choose another output_dir or set overwrite: true"
+            "choose another output_dir (overwrite only replaces a jaxllm run)"
         )
     old = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
     diff = first_difference(old, to_dict(cfg), defaults=_defaults())

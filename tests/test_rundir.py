@@ -31,6 +31,7 @@ def test_unfinished_run_resumes_with_same_config_and_refuses_another(tmp_path):
     cfg = cfg_at(tmp_path / "r", seed=1)
     RunDir.open(cfg)
     assert RunDir.open(replace(cfg, progress=False)).resumed  # progress may change
+    assert RunDir.open(replace(cfg, **{"mesh.data": 2, "mesh.fsdp": 4})).resumed  # and the mesh
     with pytest.raises(RunDirError, match=r"another config \(seed: 1 -> 2\)"):
         RunDir.open(replace(cfg, seed=2))
 
@@ -40,6 +41,9 @@ def test_foreign_nonempty_directory_is_refused(tmp_path):
     (tmp_path / "r" / "precious.txt").write_text("keep me")
     with pytest.raises(RunDirError, match="holds no jaxllm run"):
         RunDir.open(cfg_at(tmp_path / "r"))
+    with pytest.raises(RunDirError, match="holds no jaxllm run"):  # overwrite replaces runs only
+        RunDir.open(cfg_at(tmp_path / "r", overwrite=True))
+    assert (tmp_path / "r" / "precious.txt").read_text() == "keep me"
 
 
 def test_first_difference_reports_nested_key():

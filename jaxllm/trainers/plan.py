@@ -75,11 +75,12 @@ def _abstract_batch(cfg: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
 
 
-def _compile(cfg: Config, m: ModelConfig, spec, tx, mesh) -> dict[str, float]:
+def _compile(cfg: Config, m: ModelConfig, spec, tx, mesh, hardware: str) -> dict[str, float]:
     graphdef, abstract, shardings = spec.graphdef, spec.abstract, spec.shardings
     t = cfg.train
+    chunk = resolve_loss_chunk(cfg, backend_of(hardware))  # the target's choice, not this host's
     step = make_train_step(
-        graphdef, lm_loss(t.z_loss, resolve_loss_chunk(cfg)), tx, lr_schedule(t.optim, t.steps),
+        graphdef, lm_loss(t.z_loss, chunk), tx, lr_schedule(t.optim, t.steps),
         shardings, mesh, cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     state = jax.tree.map(
@@ -90,12 +91,18 @@ def _compile(cfg: Config, m: ModelConfig, spec, tx, mesh) -> dict[str, float]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {
+        "loss_chunk": chunk,
         "argument_bytes": float(mem.argument_size_in_bytes),
         "output_bytes": float(mem.output_size_in_bytes),
         "alias_bytes": float(mem.alias_size_in_bytes),
         "temp_bytes": float(mem.temp_size_in_bytes),
         "xla_flops_per_device": float((cost or {}).get("flops", 0.0)),
     }
+
+
+def backend_of(hardware: str) -> str:
+    """The JAX backend a `HARDWARE` name runs: TPUs are named v4, v5e, ...; the rest are GPUs."""
+    return "tpu" if hardware.startswith("v") else "gpu"
 
 
 def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_step: bool = True):
@@ -128,7 +135,7 @@ def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_ste
     }
     out["gradient_bytes"] = out["param_bytes"]  # one gradient per trainable weight
     if compile_step:
-        out.update(_compile(cfg, m, spec, tx, mesh))
+        out.update(_compile(cfg, m, spec, tx, mesh, hardware))
         # donated state aliases the outputs: live = arguments + temporaries + new outputs
         out["peak_bytes"] = (
             out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]

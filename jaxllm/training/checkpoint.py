@@ -88,6 +88,14 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data.get_state()))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+    def drop_from(self, step: int) -> None:
+        """Deletes the saved steps >= `step`: what a killed run wrote past the checkpoint it
+        resumes from, which its rerun writes again."""
+        self.manager.wait_until_finished()
+        for saved in self.manager.all_steps():
+            if saved >= step:
+                self.manager.delete(saved)
+
     def restore(self, step: int, target: Any, data: Any = None) -> tuple[Any, dict[str, Any]]:
         """Restores into `target` (a tree of `jax.ShapeDtypeStruct` with shardings) and, given
         `data` (an iterator with `set_state`), puts it back where this process's was."""

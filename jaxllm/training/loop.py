@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from jaxllm.errors import JaxllmError
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.metrics import MetricsWriter
+from jaxllm.training.metrics import MetricsWriter, plain_value
 from jaxllm.training.state import TrainState
 
 
@@ -115,10 +115,12 @@ def run_loop(
     last: dict[str, Any] = {}
     pending: tuple[int, dict] | None = None
     clock = _Clock(spec)
-    if spec.watch and checkpointer and start:
-        spec.watch.load(checkpointer.read_meta(start).get("watch"))
+    meta = checkpointer.read_meta(start) if checkpointer and start else {}
+    if spec.watch and meta:
+        spec.watch.load(meta.get("watch"))
+    end = start if meta.get("stopped_early") else spec.total_steps  # it stopped: no more steps
     try:
-        for step in range(start + 1, spec.total_steps + 1):
+        for step in range(start + 1, end + 1):
             batch = spec.to_device(next(spec.batches))
             state, metrics = spec.step_fn(state, batch)
             if pending is not None:  # read the previous step while this one runs
@@ -139,10 +141,14 @@ def run_loop(
                     break
         if pending is not None:
             last = _log(spec, writer, bar, clock, *pending, force=True) or last
-        if start >= spec.total_steps and spec.eval_fn is not None:
-            # resumed from the final checkpoint (the run died before its summary): the final
-            # held-out figures again, so the summary has them (metrics.jsonl already does)
-            last.update({f"eval_{k}": v for k, v in spec.eval_fn(state).items()})
+        if start >= end:
+            # resumed from the final checkpoint (the run died before its summary): the last
+            # training figures from metrics.jsonl, the final held-out ones again
+            last.update(writer.last_row("loss"))
+            if spec.eval_fn is not None:
+                last.update({f"eval_{k}": v for k, v in spec.eval_fn(state).items()})
+            if meta.get("stopped_early"):
+                last["stopped_early_at"] = start
     finally:
         bar.close()
         writer.close()
@@ -162,6 +168,7 @@ def _watch(spec: LoopSpec, state: TrainState, step: int, figures: dict) -> bool:
     if spec.watch.best is not None and spec.watch.best_step == step:
         # what a later stage loads, never resumed from: folded like a last checkpoint
         tree, extra = spec.final_save(state) if spec.final_save else (state, {})
+        spec.watch.best.drop_from(step)  # a killed run's best at this step or later
         spec.watch.best.save(step, tree, dict(spec.meta, step=step, **extra))
     return stop
 
@@ -188,6 +195,8 @@ def _save(
     if spec.final_save is not None and (final or step == spec.total_steps):
         tree, extra = spec.final_save(state)
     watch = {"watch": spec.watch.state()} if spec.watch else {}
+    if final:
+        watch["stopped_early"] = True  # a rerun after a crash trains no further
     ckpt.save(step, tree, dict(spec.meta, step=step, **watch, **extra), data=data)
 
 
@@ -233,6 +242,7 @@ def _log(spec, writer, bar, clock, step: int, metrics: dict, force: bool = False
         return None
     row = clock.means()
     row["lr"] = host.get("lr", row.get("lr"))  # the current lr, not the interval's mean
+    row = {k: plain_value(v) for k, v in row.items()}  # the summary says what the file says
     writer.write(step, row)
     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
     return row

@@ -37,7 +37,7 @@ class MetricsWriter:
             return
         self._truncate_after(resume_step)
         if tensorboard:
-            self.tb = _summary_writer(storage_path(run_dir) / "tensorboard")
+            self.tb = _summary_writer(storage_path(run_dir) / "tensorboard", resume_step)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -46,10 +46,21 @@ class MetricsWriter:
         self.path.write_text("".join(keep))
         self.lines = keep if self.remote else []
 
+    def last_row(self, key: str) -> dict[str, Any]:
+        """The newest row holding `key` (without its step), {} if none: a run resumed at its
+        end reads its final training figures back."""
+        if not self.enabled or not self.path.exists():
+            return {}
+        for line in reversed(self.path.read_text().splitlines()):
+            row = json.loads(line)
+            if key in row:
+                return {k: v for k, v in row.items() if k != "step"}
+        return {}
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: plain_value(v) for k, v in metrics.items()}}
         line = json.dumps(row) + "\n"
         if self.remote:
             self.lines.append(line)
@@ -74,7 +85,7 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _summary_writer(log_dir: Path):
+def _summary_writer(log_dir: Path, resume_step: int = 0):
     """tensorboardX's `SummaryWriter`, imported without torch: its writer module imports torch
     when installed (1.4–2.5 s and 180 MB at every stage start, e.g. on Colab, where torch comes
     preinstalled) only to accept torch tensors, and we log Python floats. A `None` entry in
@@ -88,7 +99,9 @@ def _summary_writer(log_dir: Path):
     finally:
         if hide:
             del sys.modules["torch"]
-    return SummaryWriter(str(log_dir), flush_secs=10)
+    # purge_step: TensorBoard hides the events a killed run logged past the resumed step
+    purge = {"purge_step": resume_step + 1} if resume_step else {}
+    return SummaryWriter(str(log_dir), flush_secs=10, **purge)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -141,7 +154,8 @@ def _step(line: str) -> int:
         return 1 << 62  # unreadable (torn) line: drop it
 
 
-def _plain(v: Any) -> Any:
+def plain_value(v: Any) -> Any:
+    """A metric as metrics.jsonl holds it: a Python number, floats to 6 decimals."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float):

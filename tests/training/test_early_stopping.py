@@ -55,3 +55,20 @@ def test_stage_stops_keeps_best_and_resumes_to_the_same_stop(tmp_path, tiny_ckpt
     assert main(run) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["stopped_early_at"] == 3 and again["resumed_from_step"] == 2
+    # killed after the early stop's checkpoint, before its summary: the rerun trains no more
+    # and reports the same figures
+    (out / "summary.json").unlink()
+    rows = (out / "metrics.jsonl").read_text()
+    assert main(run) == 0
+    last = json.loads((out / "summary.json").read_text())
+    assert last["stopped_early_at"] == 3 and last["resumed_from_step"] == 3
+    for key in ("final_train_loss", "best_step", "best_value"):
+        assert last[key] == again[key], key
+    assert (out / "metrics.jsonl").read_text() == rows
+    # killed before any regular checkpoint but after a best one: the rerun saves best again
+    shutil.rmtree(out / "checkpoints")
+    (out / "summary.json").unlink()
+    assert main(run) == 0
+    fresh = json.loads((out / "summary.json").read_text())
+    assert fresh["stopped_early_at"] == 3 and fresh["best_step"] == 1
+    assert fresh["final_train_loss"] == summary["final_train_loss"]
