@@ -44,6 +44,14 @@ def test_unknown_top_level_key_without_close_match():
         ({"data": {"sources": [{"weight": 2}]}}, "'data.sources.0.path' is required"),
         ({"tokenizer": {"vocab_size": 3}}, "'tokenizer.vocab_size': must be >= 267"),
         ({"data": {"dedup": {"threshold": 1.5}}}, "'data.dedup.threshold': must be in (0, 1]"),
+        ({"train": {"optim": {"lr": -1}}}, "'train.optim.lr': must be > 0, got -1"),
+        ({"train": {"optim": {"warmup_steps": -5}}}, "'train.optim.warmup_steps': must be >= 0"),
+        (
+            {"train": {"optim": {"min_lr_ratio": 2}}},
+            "'train.optim.min_lr_ratio': must be in [0, 1]",
+        ),
+        ({"train": {"optim": {"b2": 1.5}}}, "'train.optim.b2': must be in [0, 1), got 1.5"),
+        ({"train": {"grad_accum": 0}}, "'train.grad_accum': must be >= 1, got 0"),
     ],
 )
 def test_wrong_values_name_key_type_and_value(raw, expect):

@@ -180,6 +180,23 @@ class OptimConfig:
     weight_decay: float = 0.1  # >= 2-D weights incl. embeddings; not biases or norms
     grad_clip: float = 1.0  # 0 disables
 
+    def _validate(self) -> None:
+        bad = {
+            "lr": self.lr <= 0,
+            "warmup_steps": self.warmup_steps < 0,
+            "min_lr_ratio": not 0 <= self.min_lr_ratio <= 1,
+            "b1": not 0 <= self.b1 < 1,
+            "b2": not 0 <= self.b2 < 1,
+            "eps": self.eps <= 0,
+            "weight_decay": self.weight_decay < 0,
+            "grad_clip": self.grad_clip < 0,
+        }
+        want = {"lr": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]", "b1": "in [0, 1)",
+                "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0 (0: off)"}  # fmt: skip
+        for key, wrong in bad.items():
+            if wrong:
+                raise ValueError(f"{key}: must be {want[key]}, got {getattr(self, key)}")
+
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
@@ -222,8 +239,10 @@ class TrainConfig:
     keep_best: bool = False  # the best evaluation's weights in best/, handed to later stages
 
     def _validate(self) -> None:
-        if self.steps < 1 or self.grad_accum < 1:
-            raise ValueError("steps: steps and grad_accum must be >= 1")
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum: must be >= 1, got {self.grad_accum}")
         if self.loss_chunk < -1:
             raise ValueError(f"loss_chunk: must be >= 0 or -1 (auto), got {self.loss_chunk}")
 

@@ -10,14 +10,15 @@ on pickling, so the source can be copied to grain worker processes.
 Blank lines (empty or whitespace only, e.g. a trailing newline or `\\r\\n` endings) are skipped:
 they carry no record, and writers commonly leave one at the end. Each line is parsed by
 `jaxllm.jsonl.parse_line` (hostile lines included: too deep, lone surrogates, not UTF-8); a
-line that is not a usable JSON object (or lacks a `require`d key) raises `DataError` naming
-the file and line when it is read.
+line that is not a usable JSON object (or lacks a `require`d key, or holds a non-string there)
+raises `DataError` naming the file and line when it is read.
 A last line without a trailing newline is a record like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +98,10 @@ class JsonlSource:
         missing = [k for k in self._require if k not in record]
         if missing:
             raise self._error(file_index, start, f"record has no key {missing[0]!r}")
+        bad = [k for k in self._require if not isinstance(record[k], str)]
+        if bad:
+            value = json.dumps(record[bad[0]])[:40]
+            raise self._error(file_index, start, f"{bad[0]!r} must be a string, got {value}")
         return record
 
     def _fd(self, file_index: int) -> int:

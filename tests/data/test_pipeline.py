@@ -289,7 +289,7 @@ def test_jsonl_source_blank_lines_unicode_no_trailing_newline(tmp_path):
 
 def test_jsonl_source_reports_bad_lines(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text('{"text": "ok"}\n\n{"text": oops}\n{"other": 1}\n[1, 2]\n')
+    p.write_text('{"text": "ok"}\n\n{"text": oops}\n{"other": 1}\n[1, 2]\n{"text": null}\n')
     src = JsonlSource([p], require=("text",))
     assert src[0] == {"text": "ok"}
     with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
@@ -298,6 +298,8 @@ def test_jsonl_source_reports_bad_lines(tmp_path):
         src[2]
     with pytest.raises(DataError, match=r"bad\.jsonl:5: JSON list, expected a JSON object"):
         src[3]
+    with pytest.raises(DataError, match=r"bad\.jsonl:6: 'text' must be a string, got null"):
+        src[4]
     with pytest.raises(DataError, match="not found"):
         JsonlSource([tmp_path / "missing.jsonl"])
     empty = tmp_path / "empty.jsonl"
