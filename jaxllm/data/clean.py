@@ -64,12 +64,11 @@ _MAX_POW = 1 << 18  # longest text (chars) whose word keys use the vectorised pr
 
 
 def strip_markers(text: str) -> str:
-    """The document inside an optional leading `<s>` and trailing `</s>`."""
+    """The document inside an optional `<s>…</s>` wrapper (both or neither: a text that only
+    starts with an HTML `<s>` tag keeps it)."""
     text = text.strip()
-    if text.startswith(BOS):
-        text = text[len(BOS) :]
-    if text.endswith(EOS):
-        text = text[: -len(EOS)]
+    if text.startswith(BOS) and text.endswith(EOS) and len(text) >= len(BOS) + len(EOS):
+        text = text[len(BOS) : -len(EOS)]
     return text
 
 

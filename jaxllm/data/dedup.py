@@ -41,6 +41,7 @@ _MAX32 = np.uint32(0xFFFFFFFF)
 _BLOCK = 1 << 21  # uint32 hash values per MinHash block (measured: larger blocks amortise better)
 _PERM_SEED = 0x5EED  # fixed: signatures must not depend on the run's seed
 _VERIFY_CHUNK = 8192  # candidate pairs verified per step (<= 8 MiB of signatures read)
+_BUCKET_WINDOW = 8  # earlier bucket members each document is compared with (and the first)
 
 
 def text_hash(data: bytes) -> int:
@@ -240,7 +241,9 @@ class NearDedup:
 
     def _candidate_pairs(self) -> np.ndarray:
         """Unique (i, j), i < j, sharing a band key: each document is paired with the first and
-        with the previous document of its bucket, so a bucket of m costs O(m), not O(m^2)."""
+        with the `_BUCKET_WINDOW` previous documents of its bucket, so a bucket of m costs O(m),
+        not O(m^2); every pair of a bucket up to `_BUCKET_WINDOW + 1` documents is compared
+        (a duplicate further back in a larger bucket can be missed)."""
         n = self.count
         found = [np.zeros(0, np.int64)]
         for band in range(self.bands):
@@ -251,9 +254,12 @@ class NearDedup:
             members = np.flatnonzero(~head)
             if not len(members):
                 continue
-            first = np.maximum.accumulate(np.where(head, np.arange(n), 0))[members]
+            start = np.maximum.accumulate(np.where(head, np.arange(n), 0))[members]
             j = order[members]
-            found += [order[first] * n + j, order[members - 1] * n + j]
+            found.append(order[start] * n + j)
+            for back in range(1, _BUCKET_WINDOW + 1):
+                inside = members - back >= start
+                found.append(order[members[inside] - back] * n + j[inside])
             found = [np.unique(np.concatenate(found))]
         codes = np.unique(np.concatenate(found))
         return np.stack([codes // n, codes % n], axis=1)

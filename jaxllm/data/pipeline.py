@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from jaxllm.config import LoaderConfig
+from jaxllm.data.clean import strip_markers
 from jaxllm.data.jsonl_source import JsonlSource
 from jaxllm.errors import ConfigError, DataError
 
@@ -48,9 +49,24 @@ _DOC_PREFETCH = 256  # documents read ahead by grain's read threads
 
 
 class TextTokenizer(Protocol):
-    """What the pipeline needs from a tokenizer: `<s>`/`</s>` in the text map to BOS/EOS."""
+    """What the pipeline needs from a tokenizer (`Tokenizer`, `HFTokenizer`)."""
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+    bos_id: int
+    eos_id: int
+
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
+        num_threads: int = 2, specials: bool = True,
+    ) -> list[list[int]]: ...  # fmt: skip
+
+
+def encode_documents(tokenizer: TextTokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Cleaned documents (`{"text": "<s>…</s>"}` of a `stage: data` split) as ids: BOS, the
+    text, EOS (each where the tokenizer has one). Special-token strings inside a document
+    (an HTML `<s>` tag, a chat log's `<|user|>`) are encoded as the text they are."""
+    inner = [strip_markers(t) for t in texts]
+    bos, eos = tokenizer.bos_id >= 0, tokenizer.eos_id >= 0
+    return tokenizer.encode_batch(inner, add_bos=bos, add_eos=eos, num_threads=1, specials=False)
 
 
 def find_shards(data_dir: Path, split: str) -> list[Path]:
@@ -139,9 +155,11 @@ def _packed_batches(
 ) -> grain.IterDataset:
     """Tokenize (in read threads), pack to rows of seq_len, batch, pad the last batch, prefetch."""
 
+    marks = (tokenizer.bos_id >= 0) + (tokenizer.eos_id >= 0)  # ids of an empty document
+
     def features(record: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        ids = np.asarray(tokenizer.encode(record["text"]), dtype=np.int32)
-        if len(ids) < 2:  # nothing to predict; an empty piece would waste a segment id
+        ids = np.asarray(encode_documents(tokenizer, [record["text"]])[0], dtype=np.int32)
+        if len(ids) <= marks or len(ids) < 2:  # no text: an empty piece would waste a segment
             return None
         return {"tokens": ids[:-1], "targets": ids[1:]}
 

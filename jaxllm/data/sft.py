@@ -118,6 +118,22 @@ def example_features(
     return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
 
 
+def length_census(
+    records: SFTRecords, template: ChatTemplate, seq_len: int, train_on_prompt: bool,
+    trace: TraceMode = "keep",
+) -> dict[str, int]:  # fmt: skip
+    """How the conversations fit rows of `seq_len` targets: `conversations`, `longer` (cut,
+    or with packing split over rows) and `without_answer` (cut before any trained token: an
+    unpacked row of them trains nothing). Renders every record once."""
+    longer = empty = 0
+    for i in range(len(records)):
+        f = example_features(records[i], template, train_on_prompt, trace=trace)
+        if len(f["tokens"]) > seq_len:
+            longer += 1
+            empty += not f["loss_mask"][:seq_len].any()
+    return {"conversations": len(records), "longer": longer, "without_answer": empty}
+
+
 def apply_trace(messages: list[dict[str, str]], mode: TraceMode) -> list[dict[str, str]]:
     """The text side of a trace mode: "drop" removes `<think>…</think>` from assistant turns.
 

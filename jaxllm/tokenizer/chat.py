@@ -12,7 +12,12 @@ Format (no separators; message content is taken verbatim, whitespace included)::
   closing `<|end|>`, and the final `</s>` (so the model learns to stop). With
   `train_on_prompt=True` it is 1 on every token but the first `<s>` (nothing predicts it).
 - Each piece is encoded on its own, and the tokenizer splits at special tokens anyway, so
-  `render(m).ids == tok.encode(render_text(m))`: the mask boundaries are exact.
+  `render(m).ids == tok.encode(render_text(m))`: the mask boundaries are exact (when no user
+  turn holds a special token's string). User contents are encoded as plain text
+  (`specials=False`): a special token's string there (`<pad>`, `<think>`) stays text, so a
+  user cannot inject the token; the system prompt (the operator's, e.g. naming `<think>`) and
+  assistant turns keep theirs. The structural strings (`<s>`, `</s>`, `<|end|>`, the role
+  tokens) are refused in any message.
 
 Records: `{"prompt": str, "response": str}` (a user turn then an assistant turn, optional
 `"system"`) or `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
@@ -46,7 +51,9 @@ class ChatTokenizer(Protocol):
 
     special_ids: dict[str, int]
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False, specials: bool = True
+    ) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -61,14 +68,19 @@ class ChatTemplate:
     """Renders conversations with a tokenizer that has `<s> </s> <|system|> ... <|end|>`."""
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
+        # a tokenizer without a BOS (an imported Qwen2's) renders conversations without `<s>`
+        no_bos = getattr(tokenizer, "bos_id", 0) < 0
         missing = [s for s in _RESERVED if s not in tokenizer.special_ids]
+        missing = [s for s in missing if not (s == "<s>" and no_bos)]
         if missing:
             raise DataError(
                 f"the tokenizer has no special token(s) {', '.join(missing)}; train it with "
-                "tokenizer.special_tokens including the chat tokens (the default)"
+                "tokenizer.special_tokens including the chat tokens (the default), or for an "
+                "imported HF tokenizer set hf.chat_tokens: true"
             )
         self.tok = tokenizer
-        self.ids = {s: tokenizer.special_ids[s] for s in _RESERVED}
+        self.ids = {s: tokenizer.special_ids[s] for s in _RESERVED if s in tokenizer.special_ids}
+        self.head = [self.ids["<s>"]] if "<s>" in self.ids else []
 
     def render(
         self,
@@ -78,11 +90,13 @@ class ChatTemplate:
     ) -> Rendered:
         """Ids and loss mask of a conversation; with `add_generation_prompt`, ends `<|assistant|>`."""
         messages = check_messages(messages, "render", need_answer=not add_generation_prompt)
-        ids, mask = [self.ids["<s>"]], [0]
+        ids, mask = list(self.head), [0] * len(self.head)
         for m in messages:
             learn = 1 if (train_on_prompt or m["role"] == "assistant") else 0
             head = [self.ids[ROLE_TOKENS[m["role"]]]]
-            body = [*self.tok.encode(m["content"]), self.ids[END_TOKEN]]
+            # a user's text is text: a special token's string there is not that token
+            plain = m["role"] == "user"
+            body = [*self.tok.encode(m["content"], specials=not plain), self.ids[END_TOKEN]]
             ids += head + body
             mask += [1 if train_on_prompt else 0] * len(head) + [learn] * len(body)
         if add_generation_prompt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,10 +47,20 @@ class HFTokenizer:
         }
         added = self._tok.get_added_tokens_decoder()
         self.special_ids: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
-        # the chat template's <s> / </s> are the model's own bos / eos, whatever their names
+        # the chat template's <s> / </s> are the model's own bos / eos, whatever their names:
+        # `encode` maps these aliases itself (the tokenizers library knows only the real names)
+        # (a model without a BOS, e.g. Qwen2: `<s>` stands for no token at all)
+        self._alias: dict[str, list[int]] = {}
         for name, kind in (("<s>", "bos"), ("</s>", "eos")):
             if name not in self.special_ids and self._ids[kind] >= 0:
                 self.special_ids[name] = self._ids[kind]
+                self._alias[name] = [self._ids[kind]]
+            elif name == "<s>" and name not in self.special_ids:
+                self._alias[name] = []
+        self._alias_re = re.compile("(" + "|".join(map(re.escape, self._alias)) + ")")
+        # the same tokenizer reading special-token strings as text (`specials=False`)
+        self._plain = _Tok.from_str(self._tok.to_str())
+        self._plain.encode_special_tokens = True
 
     def _id_of(self, token: str | None) -> int:
         tid = self._tok.token_to_id(token) if token else None
@@ -110,19 +121,40 @@ class HFTokenizer:
         tid = self._tok.token_to_id(piece)
         return self.unk_id if tid is None else tid
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False, specials: bool = True
+    ) -> list[int]:
+        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos, specials=specials)[0]
 
     def encode_batch(
-        self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, num_threads=2
+        self,
+        texts: Sequence[str],
+        add_bos: bool = False,
+        add_eos: bool = False,
+        num_threads=2,
+        specials: bool = True,
     ) -> list[list[int]]:
-        """Token ids per text; special-token strings in the text become their ids."""
+        """Token ids per text; special-token strings in the text (and the `<s>`/`</s>`
+        aliases of bos/eos) become their ids, or with `specials=False` stay text."""
         if add_bos and self.bos_id < 0 or add_eos and self.eos_id < 0:
             raise JaxllmError(f"{self.path}: add_bos/add_eos asked but the tokenizer has none")
         head = [self.bos_id] if add_bos else []
         tail = [self.eos_id] if add_eos else []
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [head + e.ids + tail for e in encs]
+        if not specials or not self._alias:
+            tok = self._tok if specials else self._plain
+            return [
+                head + e.ids + tail for e in tok.encode_batch(list(texts), add_special_tokens=False)
+            ]
+        parts = [self._alias_re.split(t) for t in texts]  # [text, alias, text, ...]
+        segments = [p[i] for p in parts for i in range(0, len(p), 2)]
+        encoded = iter(self._tok.encode_batch(segments, add_special_tokens=False))
+        out = []
+        for p in parts:
+            ids = list(head)
+            for i, piece in enumerate(p):
+                ids.extend(self._alias[piece] if i % 2 else next(encoded).ids)
+            out.append(ids + tail)
+        return out
 
     def decode(self, ids: Sequence[int] | Any, skip_special: bool = False) -> str:
         return self.decode_batch([ids], skip_special=skip_special)[0]

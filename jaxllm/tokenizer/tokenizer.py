@@ -131,9 +131,14 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------- encoding
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings in it become their ids."""
-        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos, num_threads=1)[0]
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False, specials: bool = True
+    ) -> list[int]:
+        """Token ids of `text`; special-token strings in it become their ids (with
+        `specials=False` they are text like any other: a document's `<s>` HTML tag)."""
+        return self.encode_batch(
+            [text], add_bos=add_bos, add_eos=add_eos, num_threads=1, specials=specials
+        )[0]
 
     def encode_batch(
         self,
@@ -141,24 +146,31 @@ class Tokenizer:
         add_bos: bool = False,
         add_eos: bool = False,
         num_threads: int = 2,
+        specials: bool = True,
     ) -> list[list[int]]:
         """`encode` for many texts: every plain segment goes into one threaded sentencepiece call."""
         split = self._pattern.split
-        parts = [split(t) for t in texts]  # [segment, literal, segment, ..., segment]
-        segments = [p[i] for p in parts for i in range(0, len(p), 2) if p[i]]
+        items = []  # per text: text segments (str) and literal ids (list), in order
+        for t in texts:
+            row: list[str | list[int]] = []
+            for i, piece in enumerate(split(t)):  # [segment, literal, segment, ..., segment]
+                if not i % 2:
+                    row.extend([piece] if piece else [])
+                elif specials or piece == _WS:
+                    row.append(self._literal[piece])
+                else:  # as text, cut after its first character so no special piece matches
+                    row.extend([piece[:1], piece[1:]])
+            items.append(row)
+        segments = [x for row in items for x in row if isinstance(x, str)]
         encoded = self._sp.encode(segments, num_threads=num_threads) if segments else []
         if self._byte_fallback:
             encoded = [self._space_bytes(ids) for ids in encoded]
         encoded = iter(encoded)
-        literal = self._literal
         out = []
-        for p in parts:
+        for row in items:
             ids = [self.bos_id] if add_bos else []
-            for i, piece in enumerate(p):
-                if i % 2:
-                    ids.extend(literal[piece])
-                elif piece:
-                    ids.extend(next(encoded))
+            for x in row:
+                ids.extend(next(encoded) if isinstance(x, str) else x)
             if add_eos:
                 ids.append(self.eos_id)
             out.append(ids)

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from jaxllm.config import Config, replace, to_dict
-from jaxllm.data.pipeline import make_eval_dataset, make_lm_dataset
+from jaxllm.data.pipeline import encode_documents, make_eval_dataset, make_lm_dataset
 from jaxllm.data.sources import cleaned_shards, iter_cleaned
 from jaxllm.models.flops import param_count, train_flops_per_token
 from jaxllm.rundir import RunDir
@@ -140,6 +140,6 @@ def _unigram(tok: Tokenizer, data_dir) -> float:
 
     def ids(split, limit):
         texts = [r["text"] for r in itertools.islice(iter_cleaned(data_dir, split), limit)]
-        return tok.encode_batch(texts)
+        return encode_documents(tok, texts)
 
     return round(unigram_cross_entropy(ids("train", 20000), ids("val", 10**9), tok.vocab_size), 4)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import Config, replace
 from jaxllm.config.sft import SFTConfig
-from jaxllm.data.sft import SFTRecords, make_sft_dataset, make_sft_eval_dataset
+from jaxllm.data.sft import SFTRecords, length_census, make_sft_dataset, make_sft_eval_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.generation import Sampler, response_texts, sample_all
 from jaxllm.rundir import RunDir
@@ -63,6 +63,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     pi, pc = jax.process_index(), jax.process_count()
     opts = dict(fmt=s.format, packing=s.packing, process_index=pi, process_count=pc,
                 tasks=s.tasks)  # fmt: skip
+    fit = _fit_report(cfg, s, template)
     batches = _train_batches(cfg, s, template, opts)
     loss_fn = lm_loss(t.z_loss, resolve_loss_chunk(cfg))
     score = _scorer(cfg, s, m, graphdef, shardings, mesh, loss_fn, template, opts)
@@ -83,7 +84,31 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = _summary(cfg, start, last, before, after, plot, run_dir, tok_path)
     summary.update(kernel_choices(cfg, m))
+    if fit:
+        summary["train_fit"] = fit
     return {**param_figures(start_point, run_dir.path), **summary}
+
+
+def _fit_report(cfg: Config, s: SFTConfig, template: ChatTemplate) -> dict[str, int] | None:
+    """Unpacked rows (one conversation each, cut at seq_len): `length_census` of the training
+    file; says how many conversations are cut, and refuses a file whose every conversation is
+    cut before its answer (nothing to learn). Packed rows split, never cut: None."""
+    if s.packing:
+        return None
+    file = data_file(s.train_file, "sft.train_file")
+    records = SFTRecords([file], s.format, s.tasks)
+    L = cfg.loader.seq_len
+    fit = length_census(records, template, L, s.train_on_prompt, s.trace)
+    if fit["longer"] and jax.process_index() == 0:
+        print(f"sft: {fit['longer']} of {fit['conversations']} conversations in {file} are "
+              f"longer than loader.seq_len {L} and cut, {fit['without_answer']} of them "
+              "before any answer token (those rows train nothing)")  # fmt: skip
+    if fit["without_answer"] == fit["conversations"]:
+        raise ConfigError(
+            f"config key 'loader.seq_len': {L} cuts every conversation in {file} before its "
+            "answer, so no row has a token to learn; raise it"
+        )
+    return fit
 
 
 def _train_batches(cfg: Config, s: SFTConfig, template: ChatTemplate, opts: dict):

@@ -49,6 +49,8 @@ def test_strip_markers():
     assert strip_markers("<s>hello</s>") == "hello"
     assert strip_markers(" <s>a <s> b</s>\n") == "a <s> b"
     assert strip_markers("no markers") == "no markers"
+    assert strip_markers("<s>Was $20</s> now $10") == "<s>Was $20</s> now $10"  # an HTML tag
+    assert strip_markers("<s></s>") == "" and strip_markers("<s>") == "<s>"
 
 
 # ----------------------------------------------------------------------------- filters

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import random
+import string
+
 import numpy as np
 import pytest
 
 from jaxllm.config import DedupConfig
 from jaxllm.data import dedup
 from jaxllm.data.dedup import (
+    _BUCKET_WINDOW,
     ExactDedup,
     NearDedup,
+    band_keys,
     estimated_jaccard,
     lsh_params,
     minhash_signatures,
@@ -154,7 +159,32 @@ def test_cluster_keeps_first_and_bucket_pairs_stay_linear():
     drop = nd.duplicates()
     assert drop.tolist() == [False] + [True] * len(variants) + [False]
     m = len(variants) + 1
-    assert nd.stats["candidate_pairs"] <= 2 * nd.bands * m < m * (m - 1) // 2  # O(m), not O(m^2)
+    bound = (_BUCKET_WINDOW + 1) * nd.bands * m
+    assert nd.stats["candidate_pairs"] <= bound < m * (m - 1) // 2  # O(m), not O(m^2)
+
+
+def test_small_buckets_follow_the_documented_rule_exactly():
+    """Clusters of 8 variants: j is dropped iff some earlier kept i shares a band key with it
+    and has estimated Jaccard >= threshold (brute force over all pairs)."""
+    rnd = random.Random(1)
+    words = ["".join(rnd.choice(string.ascii_lowercase) for _ in range(rnd.randint(2, 8)))
+             for _ in range(2000)]  # fmt: skip
+    texts = []
+    for _ in range(60):
+        base = [rnd.choice(words) for _ in range(120)]
+        for _ in range(8):
+            texts.append(" ".join(w if rnd.random() > 0.06 else rnd.choice(words) for w in base))
+    cfg = DedupConfig(threshold=0.8)
+    nd = NearDedup(cfg)
+    nd.add(texts)
+    got = nd.duplicates()
+    sig = minhash_signatures(texts, cfg.num_perm, cfg.shingle)
+    keys = band_keys(sig, nd.bands, nd.rows)
+    want = np.zeros(len(texts), bool)
+    for j in range(len(texts)):
+        want[j] = any(not want[i] and (keys[i] == keys[j]).any()
+                      and estimated_jaccard(sig[i], sig[j]) >= cfg.threshold for i in range(j))  # fmt: skip
+    assert 0 < want.sum() < len(texts) and got.tolist() == want.tolist()
 
 
 def test_drop_later_is_greedy_in_document_order():

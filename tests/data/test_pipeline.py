@@ -30,13 +30,19 @@ BOS, EOS = 2, 3
 
 
 class WordTokenizer:
-    """`<s>` → 2, `</s>` → 3, `t<n>` → n + 10."""
+    """`<s>` → 2, `</s>` → 3 (with `specials`), `t<n>` → n + 10."""
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    bos_id, eos_id = BOS, EOS
+
+    def encode(self, text: str, add_bos=False, add_eos=False, specials=True) -> list[int]:
         ids = []
         for w in re.findall(r"<s>|</s>|[^\s<]+", text):
+            assert specials or w not in ("<s>", "</s>"), "no marker reaches a plain encode"
             ids.append(BOS if w == "<s>" else EOS if w == "</s>" else int(w[1:]) + 10)
         return [BOS] * add_bos + ids + [EOS] * add_eos
+
+    def encode_batch(self, texts, add_bos=False, add_eos=False, num_threads=2, specials=True):
+        return [self.encode(t, add_bos, add_eos, specials) for t in texts]
 
 
 def make_docs(n: int, seed: int, max_words: int = 40, words: int | None = None) -> list[list[int]]:
@@ -99,7 +105,7 @@ CFG = LoaderConfig(seq_len=16, batch_size=4, shuffle=True, num_threads=2, prefet
 @pytest.fixture
 def corpus(tmp_path):
     docs = make_docs(60, seed=0)
-    return docs, write_shards(tmp_path, docs, extra=("", "<s>"))  # extras: nothing to predict
+    return docs, write_shards(tmp_path, docs, extra=("", "<s></s>"))  # extras: no text
 
 
 # ----------------------------------------------------------------------------- (a) packing

@@ -183,3 +183,43 @@ def test_task_filter_keeps_only_those_records_and_names_lines_in_the_file(tmp_pa
             for r in range(2)}  # fmt: skip
     assert any("q0" in x for x in seen) and any("q4" in x for x in seen)
     assert not any("q1" in x or "q3" in x or "q2" in x for x in seen)
+
+
+def test_length_census_counts_cut_rows_and_rows_without_an_answer(tmp_path, template):
+    from jaxllm.config import from_dict
+    from jaxllm.data.sft import length_census
+    from jaxllm.errors import ConfigError
+    from jaxllm.trainers.sft import _fit_report
+
+    tok, L = template.tok, 24
+    recs = [
+        {"prompt": "hi", "response": "ok"},  # fits
+        {"prompt": "hi", "response": "a long answer " * 10},  # cut inside the answer
+        {"prompt": "a long question " * 10, "response": "ok"},
+    ]  # cut before the answer
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    # by hand: <s><|user|>prompt<|end|><|assistant|> is the part with no trained token
+    head = [3 + len(tok.encode(r["prompt"])) + 1 for r in recs]
+    n = [h + len(tok.encode(r["response"])) + 2 for h, r in zip(head, recs)]  # + <|end|></s>
+    assert n[0] - 1 <= L < n[1] - 1 and head[1] < L + 1 and head[2] > L + 1  # the cases meant
+    got = length_census(SFTRecords([path]), template, L, train_on_prompt=False)
+    assert got == {"conversations": 3, "longer": 2, "without_answer": 1}
+    assert (
+        length_census(SFTRecords([path]), template, L, train_on_prompt=True)["without_answer"] == 0
+    )
+    raw = {
+        "stage": "sft",
+        "loader": {"seq_len": 4},
+        "sft": {"train_file": str(path), "packing": False},
+    }
+    with pytest.raises(ConfigError, match=r"'loader.seq_len': 4 cuts every conversation"):
+        _fit_report(from_dict(raw), from_dict(raw).sft, template)
+    assert (
+        _fit_report(
+            from_dict({**raw, "sft": {"train_file": str(path)}}),
+            from_dict({**raw, "sft": {"train_file": str(path)}}).sft,
+            template,
+        )
+        is None
+    )  # packed: never cut

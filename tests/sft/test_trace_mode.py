@@ -28,7 +28,10 @@ def pieces(tok, parts):
     """Ids and full-length role mask from (text or special, learnt) parts, each encoded alone."""
     ids, mask = [], []
     for text, learn in parts:
-        piece = [tok.special_ids[text]] if text in tok.special_ids else tok.encode(text)
+        if isinstance(text, list):  # ids already
+            piece = text
+        else:
+            piece = [tok.special_ids[text]] if text in tok.special_ids else tok.encode(text)
         ids += piece
         mask += [learn] * len(piece)
     return ids, mask
@@ -73,12 +76,13 @@ def test_default_is_keep(template):
 
 def test_mask_touches_only_assistant_traces(template):
     tok = template.tok
-    user_trace = [("<think>", 0), ("hi", 0), ("</think>", 0)]
     for train_on_prompt in (False, True):
         p = 1 if train_on_prompt else 0
+        # a user's "<think>" is text (user turns are encoded plain), never a trace to mask
+        user = tok.encode("Say <think>hi</think> please", specials=False)
+        assert tok.special_ids["<think>"] not in user
         parts = [("<s>", 0), ("<|system|>", p), ("Think first.", p), ("<|end|>", p),
-                 ("<|user|>", p), ("Say ", p), *[(t, p) for t, _ in user_trace], (" please", p),
-                 ("<|end|>", p), ("<|assistant|>", p), ("ok", 1), ("<|end|>", 1),
+                 ("<|user|>", p), (user, p), ("<|end|>", p), ("<|assistant|>", p), ("ok", 1), ("<|end|>", 1),
                  ("<|user|>", p), ("What is 2 + 2?", p), ("<|end|>", p), ("<|assistant|>", p),
                  ("<think>", 0), ("2 + 2 = 4", 0), ("</think>", 0), ("4", 1), ("<|end|>", 1),
                  ("</s>", 1)]  # fmt: skip

@@ -243,3 +243,15 @@ def test_long_lines_are_split_at_character_boundaries() -> None:
     assert "".join(pieces) == line and len(pieces) > 1
     assert all(len(p.encode("utf-8")) <= 64 for p in pieces)
     assert list(split_long_line("short", 64)) == ["short"]
+
+
+def test_specials_false_encodes_special_strings_as_text(tok: Tokenizer) -> None:
+    from jaxllm.data.pipeline import encode_documents
+
+    text = "<s>Was $20</s> now <|user|>hi<|end|> ▁ and <pad>"
+    ids = tok.encode(text, specials=False)
+    assert not set(ids) & set(tok.special_ids.values())
+    assert tok.decode(ids) == text
+    assert tok.encode(text)[0] == tok.bos_id  # by default they are specials
+    # a cleaned document: its wrapper is BOS/EOS, a tag inside it stays text
+    assert encode_documents(tok, [f"<s>{text}</s>"]) == [[tok.bos_id, *ids, tok.eos_id]]
