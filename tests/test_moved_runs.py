@@ -55,6 +55,11 @@ def test_moved_run_tree_loads_from_another_cwd(tmp_path, tok, monkeypatch):
     out = export_checkpoint(lora, elsewhere / "hf")
     assert out["outputs"]["tokenizer"] == str(elsewhere / "hf/tokenizer.model")
     assert (elsewhere / "hf/tokenizer.model").read_bytes() == Path(tok.path).read_bytes()
+    assert "AutoTokenizer does not read it" in out["tokenizer_note"]
+    written = json.loads((elsewhere / "hf/config.json").read_text())  # the tokenizer's ids
+    assert (written["bos_token_id"], written["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    gen = json.loads((elsewhere / "hf/generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_id, tok.special_ids["<|end|>"]]
 
 
 def test_resolve_paths_prefers_the_checkpoint_then_absolute_then_cwd(tmp_path, monkeypatch):

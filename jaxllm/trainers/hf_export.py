@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from jaxllm.config import Config, MeshConfig
@@ -19,8 +20,9 @@ from jaxllm.interop import HF_TOKENIZER_FILES, infer_family
 from jaxllm.interop.export import export_hf
 from jaxllm.models.peft import merge_peft, methods_in
 from jaxllm.models.quant import dequantize_model, is_quantized
-from jaxllm.rundir import RunDir
+from jaxllm.rundir import RunDir, atomic_write_json
 from jaxllm.sharding import make_mesh
+from jaxllm.tokenizer.chat import END_TOKEN
 from jaxllm.trainers import require_input
 from jaxllm.trainers.bert_interop import export_bert_checkpoint
 from jaxllm.trainers.encoder_model import checkpoint_arch
@@ -65,15 +67,48 @@ def export_checkpoint(
             "which cannot be merged into plain weights, so a HF model directory cannot hold "
             "it; export its base checkpoint, or fine-tune with lora (merged on export)"
         )
-    export_hf(state, m, out, dtype)
+    ids = _special_ids(meta.get("tokenizer", ""))
+    if not ids["config"]:  # an import without a tokenizer: the source model's own ids
+        ids = {"config": meta.get("hf_special_ids", {})}
+        ids["generation"] = ids["config"]
+    export_hf(state, m, out, dtype, extra_config=ids["config"])
+    if ids["generation"] and jax.process_index() == 0:
+        atomic_write_json(out / "generation_config.json", ids["generation"])
     tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
+    note = {}
+    if tokenizer.endswith(".model"):
+        note["tokenizer_note"] = (
+            "a jaxllm sentencepiece tokenizer.model: transformers' AutoTokenizer does not read "
+            "it as jaxllm does (identity normalisation, no dummy prefix); load it with "
+            "jaxllm.tokenizer.Tokenizer or sentencepiece"
+        )
+        print(f"export: {note['tokenizer_note']}")
     return {
+        **note,
         "params": count_params(state),
         "family": infer_family(m),
         "checkpoint_step": meta.get("step"),
         "dtype": dtype,
         "outputs": {"hf": str(out), "tokenizer": tokenizer},
     }
+
+
+def _special_ids(path: str) -> dict[str, dict[str, Any]]:
+    """The tokenizer's bos/eos/pad ids for config.json, and generation_config.json's (whose
+    eos also lists `<|end|>`, where the tokenizer has the chat tokens, so `generate` stops at
+    the end of an answer); without a tokenizer here, neither."""
+    if not path or not Path(path).exists():
+        return {"config": {}, "generation": {}}
+    from jaxllm.interop import load_tokenizer
+
+    tok = load_tokenizer(path)
+    named = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    config = {k: v for k, v in named.items() if v >= 0}
+    generation = dict(config)
+    end = tok.special_ids.get(END_TOKEN)
+    if end is not None and "eos_token_id" in generation:
+        generation["eos_token_id"] = [generation["eos_token_id"], end]
+    return {"config": config, "generation": generation}
 
 
 def _copy_tokenizer(path: str, out: Path) -> str:

@@ -63,6 +63,9 @@ def import_hf(hf_dir: Path, out: Path, cfg: Config, dtype: str = "float32") -> d
     state, m = build_state(hf_dir, family, m, cfg, grow_to=vocab)
     ckpt = Checkpointer(checkpoint_dir(out), keep=1, async_save=False, save_concurrent_gb=1)
     meta = {"config": to_dict(cfg), "model": to_dict(m), "tokenizer": tok_path, "step": 0}
+    # the source's token ids, for an export of this checkpoint when there is no tokenizer
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    meta["hf_special_ids"] = {k: hf[k] for k in keys if hf.get(k) is not None}
     ckpt.save(0, state, meta)
     ckpt.close()
     return {

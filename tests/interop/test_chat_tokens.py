@@ -96,6 +96,11 @@ def test_chat_tokens_grow_vocab_and_lora_sft(tmp_path):
     assert exp["outputs"]["tokenizer"] == str(tmp_path / "exp")
     assert (tmp_path / "exp/tokenizer.json").read_bytes() == (kept / "tokenizer.json").read_bytes()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
+    # the tokenizer's ids, not the class defaults; generate also stops at the end of a turn
+    assert (
+        (back.config.bos_token_id, back.config.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
+    )
+    assert back.generation_config.eos_token_id == [2, tok.special_ids["<|end|>"]]
     g, adapted, _, _ = load_checkpoint_model(tmp_path / "lora/checkpoints", mesh)
     assert jax.tree.leaves(nnx.state(nnx.merge(g, adapted), nnx.LoRAParam))  # adapters, unmerged
     with torch.no_grad():

@@ -138,6 +138,9 @@ def test_export_stage_from_checkpoint(imported):
     summary = export_checkpoint(imported.dir / "run" / "checkpoints", imported.dir / "exp2")
     assert summary["family"] == imported.hf.config.model_type
     back = transformers.AutoModelForCausalLM.from_pretrained(imported.dir / "exp2").eval()
+    written = json.loads((imported.dir / "exp2/config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):  # kept from the source through the import
+        assert written.get(key) == getattr(imported.hf.config, key) == getattr(back.config, key)
     ids = _ids(1, 12, seed=3)
     assert np.abs(_hf_logits(back, ids) - _hf_logits(imported.hf, ids)).max() <= TOL
 
