@@ -75,9 +75,26 @@ def device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
             per_slice, (len(slices), 1, 1), devices, allow_split_physical_axes=True
         )
     try:
-        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
-        return np.array(devices).reshape(shape)
+        grid = np.array(devices).reshape(shape)
+    if not _process_blocks(grid):
+        # each process must hold one block of the batch rows (it feeds, samples and reads
+        # back its own rows): the topology's order interleaved the hosts, so order by process
+        by_process = sorted(devices, key=lambda d: (d.process_index, d.id))
+        grid = np.array(by_process).reshape(shape)
+    return grid
+
+
+def _process_blocks(grid: np.ndarray) -> bool:
+    """Whether, along the batch shards (data × fsdp, in order), each process's devices
+    form one run."""
+    owners = [{d.process_index for d in shard} for shard in grid.reshape(-1, grid.shape[-1])]
+    if any(len(o) > 1 for o in owners):  # a tensor group spans processes
+        return len({p for o in owners for p in o}) == 1
+    order = [next(iter(o)) for o in owners]
+    runs = [p for i, p in enumerate(order) if i == 0 or p != order[i - 1]]
+    return len(runs) == len(set(runs))
 
 
 def validate_mesh(cfg: Config, n_devices: int, vocab_size: int) -> None:
