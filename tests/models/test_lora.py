@@ -29,7 +29,7 @@ def randomize_b(model, seed=3):
     """B starts at zero; give it values so the adapters change the output."""
     for i, (path, var) in enumerate(nnx.iter_graph(model)):
         if isinstance(var, nnx.LoRAParam) and str(path[-1]).endswith("_lora_b"):
-            var[...] = 0.05 * jax.random.normal(jax.random.key(seed + i), var.shape)
+            var[...] = 0.05 * jax.random.normal(jax.random.key(seed + i), var.shape, var.dtype)
 
 
 def trainable_count(model, peft) -> int:

@@ -116,7 +116,7 @@ def merge_lora(model: nnx.Module) -> int:
             b2 = b[...].astype(jnp.float32).reshape(*lead, rank, -1)
             delta = (a2 @ b2).reshape(w.shape)  # per layer when stacked
             dtype = jnp.promote_types(w.dtype, jnp.float32)
-            w.value = (w[...].astype(jnp.float32) + module.lora_scale * delta).astype(dtype)
+            w.set_value((w[...].astype(jnp.float32) + module.lora_scale * delta).astype(dtype))
             delattr(module, name + LORA_A)
             delattr(module, name + LORA_B)
             merged += 1
