@@ -79,8 +79,11 @@ def read_labelled(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
 
 
 def labels_of(rows: Sequence[tuple[int, dict[str, Any]]], path: Path) -> tuple[str, ...]:
-    """The sorted label set of a file (for `classify.labels: []`)."""
-    return tuple(sorted({_label(r, f"{path}:{n}") for n, r in rows}))
+    """The sorted label set of a file (for `classify.labels: []`): by number when every label
+    is an integer ("2" before "10"), else as strings."""
+    names = {_label(r, f"{path}:{n}") for n, r in rows}
+    numeric = all(x.lstrip("-").isdigit() for x in names)
+    return tuple(sorted(names, key=lambda x: (int(x), x) if numeric else (0, x)))
 
 
 def make_examples(

@@ -55,8 +55,8 @@ class HFTokenizer:
             if name not in self.special_ids and self._ids[kind] >= 0:
                 self.special_ids[name] = self._ids[kind]
                 self._alias[name] = [self._ids[kind]]
-            elif name == "<s>" and name not in self.special_ids:
-                self._alias[name] = []
+            elif name == "<s>" and name not in self.special_ids and self._ids["eos"] >= 0:
+                self._alias[name] = []  # a decoder's tokenizer without a BOS
         self._alias_re = re.compile("(" + "|".join(map(re.escape, self._alias)) + ")")
         # the same tokenizer reading special-token strings as text (`specials=False`)
         self._plain = _Tok.from_str(self._tok.to_str())

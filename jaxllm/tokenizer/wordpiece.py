@@ -188,6 +188,7 @@ class WordPieceTokenizer(HFTokenizer):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        self._alias = {}  # no chat template here: "<s>" in a text is text, as in BERT's tokenizer
         conf = read_tokenizer_config(path.parent)
         ids = {}
         for kind, name in special_names(conf).items():
@@ -246,13 +247,14 @@ def pair_ids(
     ia: Sequence[int], ib: Sequence[int], max_len: int = 0, cls: int = CLS, sep: int = SEP
 ) -> tuple[list[int], list[int]]:
     """`[CLS] a [SEP] b [SEP]` of two token lists and the token types (0 for a, 1 for b);
-    with `max_len`, BERT's truncation: the longer list loses tokens from its end until the
-    pair fits (`encode_pair`, and MLM pairs built from pre-tokenized sentences). `cls`,
+    with `max_len`, BERT's truncation (`_truncate_seq_pair`): the longer list loses a token
+    from its end, `b` on a tie, until the pair fits (`encode_pair`, and MLM pairs built from
+    pre-tokenized sentences). `cls`,
     `sep`: the tokenizer's ids (`cls_id`, `sep_id`; 2 and 3 when jaxllm trained it)."""
     ia, ib = list(ia), list(ib)
     if max_len:
         while len(ia) + len(ib) > max_len - 3 and (ia or ib):
-            (ia if len(ia) >= len(ib) else ib).pop()
+            (ia if len(ia) > len(ib) else ib).pop()
     ids = [cls, *ia, sep, *ib, sep]
     return ids, [0] * (len(ia) + 2) + [1] * (len(ib) + 1)
 

@@ -215,7 +215,11 @@ def _tokenizer(path: str) -> WordPieceTokenizer | None:
 
 
 def _labels(meta: dict[str, Any], n: int) -> list[str]:
-    """Label names in id order from the metadata's `id2label` (LABEL_i when absent)."""
+    """Label names in id order: an imported classifier's `id2label`, a `stage: classify`
+    run's labels (its head's), else LABEL_i."""
     raw = meta.get("id2label") or {}
     names = {int(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+    trained = (meta.get("head") or {}).get("labels") or []
+    if not names and len(trained) == n:
+        names = dict(enumerate(map(str, trained)))
     return [names.get(i, f"LABEL_{i}") for i in range(n)]

@@ -49,6 +49,8 @@ def test_records_become_examples_and_gzip_reads(tmp_path):
         assert not pairs and [e.label for e in exs] == [1, 0, 1]
         assert [e.line for e in exs] == [1, 2, 4] and [e.index for e in exs] == [0, 1, 2]
         assert labels_of(read_labelled(path)[0], path) == LABELS
+    ints = write(tmp_path / "i.jsonl", [{"text": "x", "label": n} for n in ("10", "2", "1")], False)
+    assert labels_of(read_labelled(ints)[0], ints) == ("1", "2", "10")  # by number
 
 
 @pytest.mark.parametrize(
@@ -136,3 +138,13 @@ def test_training_stream_resumes_to_identical_batches(tmp_path, wp_tok):
     epoch = [i for b in [next(iter(make_classify_dataset(exs, wp_tok, LOADER, seed=0)))]
              for i in b["index"]]  # fmt: skip
     assert len(set(epoch)) == 4  # shuffled rows, all real (the stream repeats)
+
+
+def test_exported_classifier_names_its_labels():
+    from jaxllm.trainers.bert_interop import _labels
+
+    trained = {"head": {"kind": "classify", "labels": ["negative", "positive"]}}
+    assert _labels(trained, 2) == ["negative", "positive"]  # a stage: classify run's labels
+    imported = {"id2label": {"1": "pos", "0": "neg"}, **trained}
+    assert _labels(imported, 2) == ["neg", "pos"]  # an imported classifier's own names
+    assert _labels({}, 2) == ["LABEL_0", "LABEL_1"]

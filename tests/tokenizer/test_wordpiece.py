@@ -10,7 +10,12 @@ import pytest
 from jaxllm.config import TokenizerConfig, from_dict
 from jaxllm.errors import ConfigError, JaxllmError
 from jaxllm.tokenizer.hf import load_tokenizer
-from jaxllm.tokenizer.wordpiece import BERT_SPECIALS, WordPieceTokenizer, train_wordpiece
+from jaxllm.tokenizer.wordpiece import (
+    BERT_SPECIALS,
+    WordPieceTokenizer,
+    pair_ids,
+    train_wordpiece,
+)
 from tests.sft.conftest import SFT_TRAIN
 
 TEXTS = [json.loads(x)["prompt"] + " " + json.loads(x)["response"]
@@ -69,6 +74,28 @@ def test_pairs_token_types_and_truncation(wp):
     assert ids == [2, *wp.encode(long_a)[:4], 3, *wp.encode("再见"), 3]
     assert types == [0] * 6 + [1] * 3
     assert wp.encode_single("再见", max_len=3) == [2, wp.encode("再见")[0], 3]
+
+
+def test_pair_truncation_is_bert_truncate_seq_pair():
+    def reference(a, b, room):  # google-research/bert's _truncate_seq_pair, written out
+        a, b = list(a), list(b)
+        while len(a) + len(b) > room:
+            (a if len(a) > len(b) else b).pop()
+        return a, b
+
+    for la in range(6):
+        for lb in range(6):
+            for max_len in range(3, 12):
+                a, b = list(range(10, 10 + la)), list(range(50, 50 + lb))
+                ids, _ = pair_ids(a, b, max_len)
+                ra, rb = reference(a, b, max_len - 3)
+                assert ids == [2, *ra, 3, *rb, 3], (la, lb, max_len)
+    assert pair_ids([10, 11], [50], 4)[0] == [2, 10, 3, 3]  # a tie: b loses its token
+
+
+def test_a_literal_s_tag_is_text(wp):
+    assert wp.encode("好 <s> 差") == [*wp.encode("好"), *wp.encode("<s>"), *wp.encode("差")]
+    assert len(wp.encode("<s>")) == 3  # < s > (a decoder's BOS alias does not apply here)
 
 
 def test_transformers_bert_tokenizer_reads_the_files(wp):
