@@ -99,7 +99,7 @@ class Engine:
                 f"prompt of {len(seq.prompt)} tokens + max_tokens {seq.max_tokens} must be "
                 f"1..{self.max_len} tokens (the served context)"
             )
-        seq.key_data = np.asarray(jax.random.key_data(jax.random.key(seq.seed)), np.uint32)
+        seq.key_data = programs.seed_key_data(seq.seed)
         with self.cond:
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests already waiting")

@@ -45,9 +45,20 @@ class Picked(NamedTuple):
     top_logprobs: jax.Array
 
 
+def seed_key_data(seed: int) -> np.ndarray:
+    """The raw data of a sampling key for any integer seed in [0, 2**64): `jax.random.key`
+    (32-bit without x64) for seeds below 2**32, the high bits folded in above, so seeds
+    that differ only there draw differently."""
+    seed = int(seed) % 2**64
+    key = jax.random.key(seed % 2**32)
+    if seed >= 2**32:
+        key = jax.random.fold_in(key, seed >> 32)
+    return np.asarray(jax.random.key_data(key), np.uint32)
+
+
 def row_params(temperature, top_p, seeds, drawn) -> RowParams:
-    """RowParams from per-row lists; each seed becomes the raw data of `jax.random.key`."""
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+    """RowParams from per-row lists; each seed becomes its key's raw data (`seed_key_data`)."""
+    keys = np.stack([seed_key_data(s) for s in seeds])
     return RowParams(
         np.asarray(temperature, np.float32),
         np.asarray(top_p, np.float32),

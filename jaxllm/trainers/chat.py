@@ -20,7 +20,7 @@ import jax
 import yaml
 
 from jaxllm.config import Config, resolve_path
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, JaxllmError
 from jaxllm.generation import Sampler, sample_all
 from jaxllm.interop import load_tokenizer
 from jaxllm.rundir import RunDir, atomic_write_text
@@ -28,6 +28,10 @@ from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.chat import END_TOKEN, ChatTemplate
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model
+
+
+class TooLong(JaxllmError):
+    """A chat message that does not fit the context even alone."""
 
 
 def library_prompt(name: str) -> str:
@@ -44,6 +48,11 @@ class Conversation:
 
     def __init__(self, graphdef, state, tok, max_len: int, cfg: Any, mesh=None, rules="dp"):
         self.state, self.tok, self.cfg, self.max_len = state, tok, cfg, max_len
+        if cfg.max_new_tokens >= max_len:
+            raise ConfigError(
+                f"config key 'chat.max_new_tokens': {cfg.max_new_tokens} leaves no room for "
+                f"the conversation in the model's context of {max_len} tokens"
+            )
         self.template = ChatTemplate(tok)
         self.sampler = Sampler(graphdef, mesh=mesh, rules=rules)
         self.system = cfg.system or (library_prompt(cfg.prompt) if cfg.prompt else "")
@@ -57,19 +66,34 @@ class Conversation:
             self.system = system
 
     def prompt_ids(self) -> list[int]:
-        """The conversation ending `<|assistant|>`, oldest turns dropped until it fits."""
+        """The conversation ending `<|assistant|>`, oldest turns dropped until it fits;
+        `TooLong` when the system prompt and the newest message alone do not."""
         room = self.max_len - self.cfg.max_new_tokens
         while True:
             sys_msg = [{"role": "system", "content": self.system}] if self.system else []
             ids = self.template.prompt_ids([*sys_msg, *self.history])
-            if len(ids) <= room or len(self.history) <= 1:
-                return ids[-room:]
+            if len(ids) <= room:
+                return ids
+            if len(self.history) <= 1:
+                self.history = []
+                raise TooLong(
+                    f"(that message is {len(ids)} tokens with the system prompt; {room} fit "
+                    "beside the answer's chat.max_new_tokens: not sent)"
+                )
             self.history = self.history[2:]
 
-    def answer(self, user: str, emit: Callable[[str], None]) -> str:
-        """Samples the reply `chat.stream` tokens per call, emitting the text as it grows."""
+    def prepare(self, user: str) -> list[int]:
+        """Adds the user's turn; the prompt ids (`TooLong`: the turn is not kept)."""
         self.history.append({"role": "user", "content": user})
-        ids, new, shown = self.prompt_ids(), [], ""
+        return self.prompt_ids()
+
+    def answer(self, user: str, emit: Callable[[str], None]) -> str:
+        """`reply` to a new user turn."""
+        return self.reply(self.prepare(user), emit)
+
+    def reply(self, ids: list[int], emit: Callable[[str], None]) -> str:
+        """Samples the reply `chat.stream` tokens per call, emitting the text as it grows."""
+        new, shown = [], ""
         while len(new) < self.cfg.max_new_tokens:
             n = min(self.cfg.stream, self.cfg.max_new_tokens - len(new))
             self.calls += 1
@@ -81,14 +105,17 @@ class Conversation:
             )  # fmt: skip
             toks, stopped = res.tokens[0], res.stopped[0]
             new += toks[:-1] if stopped else toks
-            text = self.tok.decode(new)
+            # a chunk may end inside a character (its bytes split over tokens): hold that back
+            text = self.tok.decode(new).rstrip("\ufffd")
             if text.startswith(shown):
                 emit(text[len(shown) :])
-            shown = text
+                shown = text
             if stopped:
                 break
-        self.history.append({"role": "assistant", "content": shown})
-        return shown
+        text = self.tok.decode(new)
+        emit(text[len(shown) :] if text.startswith(shown) else "")
+        self.history.append({"role": "assistant", "content": text})
+        return text
 
 
 def repl(conv: Conversation, lines: Iterable[str], out: TextIO, max_turns: int = 0) -> list[dict]:
@@ -110,8 +137,13 @@ def repl(conv: Conversation, lines: Iterable[str], out: TextIO, max_turns: int =
             continue
         if not line.strip():
             continue
+        try:
+            ids = conv.prepare(line)
+        except TooLong as e:
+            out.write(f"{e}\n")
+            continue
         out.write("assistant: ")
-        reply = conv.answer(line, lambda s: (out.write(s), out.flush()))
+        reply = conv.reply(ids, lambda s: (out.write(s), out.flush()))
         out.write("\n")
         transcript.append({"user": line, "assistant": reply, "system": conv.system})
         turns += 1

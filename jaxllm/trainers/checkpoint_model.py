@@ -105,7 +105,8 @@ def load_checkpoint_model(
     run_cfg = from_dict(meta["config"])
     m = from_dict({"stage": "generate", "model": meta["model"]}).model
     check_arch(m, arch, f"{ckpt_dir}/{step}", run_cfg.stage)
-    check_model_mesh(m, mesh.shape["fsdp"], mesh.shape["tensor"], rules, f" of {ckpt_dir}")
+    axes = dict(mesh.shape) if mesh is not None else {}  # a caller's mesh may lack some axes
+    check_model_mesh(m, axes.get("fsdp", 1), axes.get("tensor", 1), rules, f" of {ckpt_dir}")
     filt = trainable_filter(run_cfg.peft)
     if run_cfg.peft.enabled:
         graphdef, params, frozen = _peft_model(

@@ -57,3 +57,51 @@ def test_old_turns_are_dropped_to_fit(tiny_ckpt):
     ids = conv.prompt_ids()
     assert len(ids) <= 48 - 4 and conv.history[-1]["content"] == "last"
     assert len(conv.history) < 7
+
+
+def scripted(monkeypatch, tok, answer: str):
+    """The sampler replaced by a script: the tokens of `answer`, then `<|end|>`."""
+    from jaxllm.generation.sampler import SampleResult
+    from jaxllm.trainers import chat
+
+    script = tok.encode(answer) + [tok.special_ids[END_TOKEN]]
+
+    def fake(sampler, state, prompts, *, max_new_tokens, stop_ids, **kw):
+        done = len(prompts[0]) - fake.prompt_len
+        toks = script[done : done + max_new_tokens]
+        return SampleResult([toks], [[0.0] * len(toks)], [len(toks)], [toks[-1] in stop_ids])
+
+    monkeypatch.setattr(chat, "sample_all", fake)
+    monkeypatch.setattr(chat, "Sampler", lambda *a, **k: None)
+    return fake
+
+
+def test_streaming_never_drops_a_character_split_over_chunks(monkeypatch, tok):
+    answer = "Pasta: ünïcödé 鸀鸁 and 𝔘 done."  # rare characters: byte-fallback pieces
+    assert any(tok.is_byte(i) for i in tok.encode(answer))
+    fake = scripted(monkeypatch, tok, answer)
+    for stream in (1, 2, 3, 5):
+        conv = Conversation(None, None, tok, 128, ChatConfig(max_new_tokens=64, stream=stream))
+        fake.prompt_len = len(conv.template.prompt_ids([{"role": "user", "content": "hi"}]))
+        shown = []
+        assert conv.answer("hi", shown.append) == answer == "".join(shown), stream
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(monkeypatch, tok):
+    import pytest
+
+    from jaxllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'chat.max_new_tokens': 128 leaves no room"):
+        Conversation(None, None, tok, 128, ChatConfig(max_new_tokens=128))
+    fake = scripted(monkeypatch, tok, "ok")
+    conv = Conversation(None, None, tok, 64, ChatConfig(max_new_tokens=16, stream=4))
+    fake.prompt_len = len(conv.template.prompt_ids([{"role": "user", "content": "hi"}]))
+    out = io.StringIO()
+    transcript = repl(conv, ["word " * 60, "hi", "/quit"], out)
+    assert "that message is" in out.getvalue() and "not sent" in out.getvalue()
+    assert [t["user"] for t in transcript] == ["hi"] and transcript[0]["assistant"] == "ok"
+    assert conv.history == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok"},
+    ]

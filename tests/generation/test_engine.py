@@ -128,3 +128,12 @@ def test_a_failed_prefill_answers_its_requests(monkeypatch):
         assert reasons == ["length"] and len(outs[0]) == 3
     finally:
         engine.stop()
+
+
+def test_seeds_past_32_bits_draw_differently():
+    from jaxllm.generation.slots import seed_key_data
+
+    plain = np.asarray(jax.random.key_data(jax.random.key(7)), np.uint32)
+    assert np.array_equal(seed_key_data(7), plain)  # the usual key below 2**32
+    keys = [seed_key_data(s).tobytes() for s in (7, 7 + 2**32, 2**40, 0, 2**63 - 1)]
+    assert len(set(keys)) == len(keys)  # no two of them alike

@@ -244,3 +244,22 @@ def test_generate_text_decodes_and_cuts_at_stop():
     for text, toks in zip(texts, free):
         full = tok.decode(toks)
         assert text == full[: full.index(stop_char)] if stop_char in full else text == full
+
+
+def test_generate_text_stops_at_eos_and_adds_no_missing_bos():
+    graphdef, state = model("gpt2")
+    free = run("gpt2").tokens
+    eos = free[0][2]
+
+    class NoBosTokenizer(CharTokenizer):  # an imported Qwen2's: an EOS, no BOS
+        bos_id, eos_id = -1, eos
+
+        def encode(self, text, add_bos=False):
+            assert not add_bos, "a BOS asked of a tokenizer without one"
+            return super().encode(text)
+
+    tok = NoBosTokenizer()
+    prompts = [tok.decode(p) for p in PROMPTS]
+    cfg = GenerateConfig(max_new_tokens=NEW, batch_size=4, stop=("\x7f",), add_bos=True)
+    texts = generate_text(graphdef, state, tok, prompts, cfg, key=jax.random.key(0))
+    assert texts[0] == tok.decode(free[0][: free[0].index(eos)])  # stop: "\x7f" kept EOS on
