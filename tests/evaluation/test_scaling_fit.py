@@ -27,8 +27,8 @@ def synthetic(noise: float, seed: int = 0):
 
 def test_chinchilla_fit_recovers_known_constants():
     fit = fit_chinchilla(*synthetic(0.0))
-    for k in ("E", "alpha", "beta"):
-        assert fit[k] == pytest.approx(TRUE[k], rel=0.02)
+    for k in TRUE:  # noise-free: the optimiser runs to the optimum (scipy's default ftol
+        assert fit[k] == pytest.approx(TRUE[k], rel=1e-4)  # stopped E 1 % short of it)
     fit = fit_chinchilla(*synthetic(0.005))
     assert fit["E"] == pytest.approx(TRUE["E"], rel=0.1)
     assert fit["alpha"] == pytest.approx(TRUE["alpha"], abs=0.05)
@@ -65,6 +65,6 @@ def test_bootstrap_intervals_cover_the_truth():
         return fit_chinchilla(n, d, loss, starts=[start])
 
     ci = bootstrap(refit, data, n=40)
-    for k in ("alpha", "beta", "E"):
-        lo, hi = ci[k]
-        assert lo <= hi and lo - 0.05 <= TRUE[k] <= hi + 0.05
+    for k, width in (("alpha", 0.01), ("beta", 0.02), ("E", 0.1)):
+        lo, hi = ci[k]  # refits that stopped near their start gave intervals ~10x too narrow
+        assert hi - lo > width and lo - 0.005 <= TRUE[k] <= hi + 0.005, (k, lo, hi)
