@@ -67,7 +67,8 @@ def test_run_dry_run_runs_the_config_on_every_worker_with_distributed():
     assert main.startswith("cd /opt/jaxllm && mkdir -p logs && .venv/bin/python -m jaxllm.main ")
     argv = shlex.split(main.split("jaxllm.main ", 1)[1])
     assert argv == ["--config", "configs/gpt2_124m.yaml", "--set", "distributed=true",
-                    "--set", "output_dir=gs://b/runs/gpt2_124m", "--set", "train.steps=10"]  # fmt: skip
+                    "--set", "output_dir=gs://b/runs/gpt2_124m",
+                    "--set", "compile_cache=gs://b/runs/xla-cache", "--set", "train.steps=10"]  # fmt: skip
     assert tee.startswith("logs/gpt2_124m.worker$(cat /tmp/jaxllm-worker")
 
 

@@ -8,8 +8,8 @@
 # Each worker appends its output to /opt/jaxllm/logs/<run name>.worker<N>.log (and prints it).
 # Running the same command again after a preemption or a crash resumes from the last
 # checkpoint: an unfinished run directory with the same config continues where it stopped.
-# --runs puts the run directory under that path (a bucket survives the VM), as startup.sh's
-# --runs did for the compilation cache. --dry-run prints the gcloud command.
+# --runs puts the run directory and the compilation cache under that path (a bucket survives
+# the VM). --dry-run prints the gcloud command.
 set -euo pipefail
 
 show() {  # the command, quoted so that it can be pasted into a shell
@@ -42,7 +42,8 @@ done
 
 run_name="$(basename "$config" .yaml)"
 args=(--config "$config" --set distributed=true)
-[ -n "$runs" ] && args+=(--set "output_dir=$runs/$run_name")
+# the bucket also holds the compilation cache, so a restarted VM does not compile again
+[ -n "$runs" ] && args+=(--set "output_dir=$runs/$run_name" --set "compile_cache=$runs/xla-cache")
 for s in "${sets[@]+"${sets[@]}"}"; do args+=(--set "$s"); done
 quoted="$(printf '%q ' "${args[@]}")"
 log="logs/$run_name.worker\$(cat /tmp/jaxllm-worker 2>/dev/null || hostname).log"

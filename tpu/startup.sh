@@ -7,10 +7,11 @@
 #                  [--no-tpu] [--dry-run]
 #
 # Without arguments it reads the VM's metadata (jaxllm-repo, jaxllm-branch, jaxllm-runs, set
-# by create.sh). It clones (or updates) jaxllm into DIR (default /opt/jaxllm), makes DIR/.venv,
-# installs jax[tpu] (--no-tpu: plain jax, for a test off TPU) and jaxllm, writes this worker's
-# number to /tmp/jaxllm-worker (run.sh names the logs by it) and, with --runs, points jax's
-# compilation cache at RUNS/xla-cache so every worker and every restart reuses it.
+# by create.sh). It clones (or updates) jaxllm into DIR (default /opt/jaxllm), makes DIR/.venv
+# with Python >= 3.11 (apt's python3.11 where the image has an older python3), installs
+# jax[tpu] (--no-tpu: plain jax, for a test off TPU) and jaxllm, and writes this worker's
+# number to /tmp/jaxllm-worker (run.sh names the logs by it). --runs is accepted for
+# create.sh's metadata; run.sh points the compilation cache at RUNS/xla-cache itself.
 # --dry-run prints what it would do.
 set -euo pipefail
 
@@ -54,7 +55,14 @@ if [ -d "$home/.git" ]; then
 else
   run git clone --quiet --branch "$branch" "$repo" "$home"
 fi
-[ -x "$home/.venv/bin/python" ] || run python3 -m venv "$home/.venv"
+# jaxllm needs Python >= 3.11; the TPU runtime images (Ubuntu 22.04) ship 3.10
+py=python3
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  py=python3.11
+  command -v python3.11 >/dev/null || run bash -c \
+    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11 python3.11-venv"
+fi
+[ -x "$home/.venv/bin/python" ] || run "$py" -m venv "$home/.venv"
 stamp="$home/.venv/.installed"
 want="$(git -C "$home" rev-parse HEAD 2>/dev/null || echo dry-run) $jax_spec"
 if [ "$dry" = 1 ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -65,8 +73,5 @@ if [ "$dry" = 1 ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 worker="$(meta attributes/agent-worker-number)"
 [ "$dry" = 1 ] || echo "${worker:-0}" >/tmp/jaxllm-worker
-if [ -n "$runs" ] && [ "$dry" = 0 ] && [ -w /etc/profile.d ]; then
-  echo "export JAX_COMPILATION_CACHE_DIR=$runs/xla-cache" >/etc/profile.d/jaxllm.sh
-fi
 [ "$dry" = 1 ] || chmod -R a+rwX "$home" 2>/dev/null || true  # the ssh user runs and logs here
 echo "startup.sh: jaxllm at $home ($branch), worker ${worker:-0}, $jax_spec"

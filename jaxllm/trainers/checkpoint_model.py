@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm.config import ModelConfig, PeftConfig, QuantizeConfig
+from jaxllm.config import ModelConfig, PeftConfig, QuantizeConfig, is_remote, storage_path
 from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.models.encoder import Encoder
@@ -95,6 +95,8 @@ def load_checkpoint_model(
     """
     from jaxllm.config import from_dict  # local: avoids a cycle at import time
 
+    if not is_remote(storage_path(ckpt_dir)) and not Path(ckpt_dir).is_dir():  # never make it
+        raise ConfigError(f"{ckpt_dir}: no such checkpoint directory")
     ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:

@@ -102,3 +102,13 @@ def test_lora_model_restores_base_weights_and_adapters_only(runs, restores):
     want = q + (16.0 / 2) * np.tensordot(a, b, axes=1)
     got = state["blocks"][0]["attn"]["q"].get_value()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_a_missing_checkpoint_names_it_and_creates_nothing(tmp_path):
+    from jaxllm.errors import ConfigError
+    from jaxllm.trainers.checkpoint_model import load_checkpoint_model
+
+    missing = tmp_path / "typo/checkpoints"
+    with pytest.raises(ConfigError, match="typo/checkpoints: no such checkpoint directory"):
+        load_checkpoint_model(missing, make_mesh(MeshConfig(data=-1)))
+    assert not (tmp_path / "typo").exists()
