@@ -156,7 +156,9 @@ def _prepare(cfg: Config) -> bool:
                 "(--set overwrite=true) to replace it, or choose another output_dir"
             )
         _rmtree(path)
-    elif path.exists() and any(path.iterdir()):
+    elif path.exists() and {p.name for p in path.iterdir()} <= {"config.yaml"}:
+        pass  # empty, or a run that failed before writing anything: nothing to keep
+    elif path.exists():
         if cfg.overwrite and (path / "config.yaml").is_file():  # a jaxllm run, unfinished
             _rmtree(path)
         else:

@@ -30,10 +30,18 @@ def test_finished_run_is_refused_then_replaced_with_overwrite(tmp_path):
 def test_unfinished_run_resumes_with_same_config_and_refuses_another(tmp_path):
     cfg = cfg_at(tmp_path / "r", seed=1)
     RunDir.open(cfg)
+    (cfg.run_dir / "x.txt").write_text("an output")
     assert RunDir.open(replace(cfg, progress=False)).resumed  # progress may change
     assert RunDir.open(replace(cfg, **{"mesh.data": 2, "mesh.fsdp": 4})).resumed  # and the mesh
     with pytest.raises(RunDirError, match=r"another config \(seed: 1 -> 2\)"):
         RunDir.open(replace(cfg, seed=2))
+
+
+def test_a_run_that_wrote_only_its_config_starts_over_with_another(tmp_path):
+    cfg = cfg_at(tmp_path / "r", seed=1)
+    RunDir.open(cfg)  # e.g. stopped at once by a wrong input path: config.yaml alone
+    assert not RunDir.open(replace(cfg, seed=2)).resumed
+    assert "seed: 2" in (tmp_path / "r/config.yaml").read_text()
 
 
 def test_foreign_nonempty_directory_is_refused(tmp_path):
