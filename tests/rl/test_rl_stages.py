@@ -180,3 +180,21 @@ def test_too_few_prompts_for_an_iteration_is_a_config_error(tmp_path, tiny_ckpt)
         setup_stage(cfg, "ppo", 1)
     setup_stage(rl_config("grpo", tiny_ckpt, tmp_path / "h", **sec, prompts_per_iteration=2),
                 "grpo", 1)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ppo_with_qlora_saves_the_dequantised_merged_policy(tmp_path, tiny_ckpt):
+    sec = dict(SMALL, iterations=1, rollout_batch=8, minibatch_size=8, epochs=1, reward="digits",
+               eval_examples=0)  # fmt: skip
+    cfg = rl_config("ppo", tiny_ckpt, tmp_path / "q", **sec)
+    cfg = replace(cfg, **{"peft.method": "lora", "peft.rank": 4, "quantize.method": "int4",
+                          "quantize.group_size": 32})  # fmt: skip
+    assert _run(ppo, cfg)["steps"] == 1  # it crashed here, saving: no float update on int weights
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    _, state, _, meta = load_checkpoint_model(tmp_path / "q/checkpoints", mesh)
+    leaves = jax.tree.leaves(state)
+    assert all(x.dtype == np.float32 for x in leaves)  # a plain float decoder, no int base
+    assert (
+        meta["config"]["quantize"]["method"] == "none"
+        and meta["config"]["peft"]["method"] == "none"
+    )
