@@ -7,6 +7,7 @@ there; encoding never adds them implicitly (`add_bos`/`add_eos` do, as in `Token
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -58,9 +59,16 @@ class HFTokenizer:
             elif name == "<s>" and name not in self.special_ids and self._ids["eos"] >= 0:
                 self._alias[name] = []  # a decoder's tokenizer without a BOS
         self._alias_re = re.compile("(" + "|".join(map(re.escape, self._alias)) + ")")
-        # the same tokenizer reading special-token strings as text (`specials=False`)
-        self._plain = _Tok.from_str(self._tok.to_str())
-        self._plain.encode_special_tokens = True
+
+    @functools.cached_property
+    def _plain(self) -> Any:
+        """The same tokenizer reading special-token strings as text (`specials=False`),
+        built on first use (two threads may both build it: the same object either way)."""
+        from tokenizers import Tokenizer as _Tok
+
+        plain = _Tok.from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def _id_of(self, token: str | None) -> int:
         tid = self._tok.token_to_id(token) if token else None
