@@ -55,7 +55,12 @@ def test_moved_run_tree_loads_from_another_cwd(tmp_path, tok, monkeypatch):
     out = export_checkpoint(lora, elsewhere / "hf")
     assert out["outputs"]["tokenizer"] == str(elsewhere / "hf/tokenizer.model")
     assert (elsewhere / "hf/tokenizer.model").read_bytes() == Path(tok.path).read_bytes()
-    assert "AutoTokenizer does not read it" in out["tokenizer_note"]
+    assert "tokenizer_note" not in out  # a tokenizer.json made from it comes along
+    from transformers import AutoTokenizer
+
+    text = "Hello there, 17 + 25 = 42."
+    auto = AutoTokenizer.from_pretrained(str(elsewhere / "hf"))
+    assert auto(text).input_ids == [tok.bos_id, *tok.encode(text)]
     written = json.loads((elsewhere / "hf/config.json").read_text())  # the tokenizer's ids
     assert (written["bos_token_id"], written["eos_token_id"]) == (tok.bos_id, tok.eos_id)
     gen = json.loads((elsewhere / "hf/generation_config.json").read_text())

@@ -85,6 +85,11 @@ class Tokenizer:
             tmp.unlink(missing_ok=True)
         return out
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised sentencepiece model (what `save` writes)."""
+        return self._proto
+
     # ------------------------------------------------------------------------- vocabulary
 
     @property

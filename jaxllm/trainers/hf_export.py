@@ -2,7 +2,8 @@
 (`hf.out_dir`, default `<run_dir>/hf`) that transformers' `from_pretrained` loads (a LoRA
 checkpoint is merged into plain weights first; adapter, prefix and prompt checkpoints are
 refused: a HF causal-LM directory has no place for them, and they cannot be merged); the
-checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`.
+checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`
+(with a `tokenizer.json` made from it that gives the same ids: `tokenizer/spm_json.py`).
 Encoder checkpoints (and `hf.architecture: Bert*`) go to `bert_interop`."""
 
 from __future__ import annotations
@@ -77,12 +78,7 @@ def export_checkpoint(
     tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
     note = {}
     if tokenizer.endswith(".model"):
-        note["tokenizer_note"] = (
-            "a jaxllm sentencepiece tokenizer.model: transformers' AutoTokenizer does not read "
-            "it as jaxllm does (identity normalisation, no dummy prefix); load it with "
-            "jaxllm.tokenizer.Tokenizer or sentencepiece"
-        )
-        print(f"export: {note['tokenizer_note']}")
+        note = _hf_tokenizer_files(Path(tokenizer), out)
     return {
         **note,
         "params": count_params(state),
@@ -109,6 +105,23 @@ def _special_ids(path: str) -> dict[str, dict[str, Any]]:
     if end is not None and "eos_token_id" in generation:
         generation["eos_token_id"] = [generation["eos_token_id"], end]
     return {"config": config, "generation": generation}
+
+
+def _hf_tokenizer_files(model: Path, out: Path) -> dict[str, Any]:
+    """tokenizer.json + tokenizer_config.json made from a jaxllm sentencepiece model (the same
+    ids, and the chat template), so AutoTokenizer reads the export; a note when it cannot."""
+    from jaxllm.tokenizer import Tokenizer
+    from jaxllm.tokenizer.spm_json import convertible, write_hf_tokenizer
+
+    tok = Tokenizer.load(model)
+    why = convertible(tok)
+    if why:
+        note = f"{why}: AutoTokenizer cannot read it; load tokenizer.model with jaxllm.tokenizer"
+        print(f"export: {note}")
+        return {"tokenizer_note": note}
+    if jax.process_index() == 0:
+        write_hf_tokenizer(tok, out)
+    return {}
 
 
 def _copy_tokenizer(path: str, out: Path) -> str:
