@@ -99,15 +99,16 @@ class Block(nnx.Module):
 
 
 def _remat_block(
-    block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key, seg_BL, prefix: Prefix
-):
+    block: Block, policy_name: str, x_BLD, mask_BLS, rope: Rope, key, seg_BL, prefix: Prefix,
+    causal: bool = True,
+):  # fmt: skip
     """Runs `block` under `jax.checkpoint`, through a pure split/merge function."""
     graphdef, state = nnx.split(block)
 
     def run(state, x_BLD, mask_BLS, rope, key, seg_BL, prefix):
         block = nnx.merge(graphdef, state)
         return block(
-            x_BLD, mask_BLS, rope, key=key, causal=True, segment_ids_BL=seg_BL, prefix=prefix
+            x_BLD, mask_BLS, rope, key=key, causal=causal, segment_ids_BL=seg_BL, prefix=prefix
         )[0]
 
     policy = REMAT_POLICY[policy_name]
@@ -205,17 +206,19 @@ class Decoder(nnx.Module):
             x_BLD, positions_BL, segment_ids_BL
         )
         n_virtual = x_BLD.shape[1] - l_
-        kernel_seg_BL = segment_ids_BL if n_virtual else kernel_seg_BL
+        # every document attends to the prompt's segment -1 (`make_mask`): not the causal
+        # mask within segments a fused kernel computes, so the blocks run `attend`
+        causal = not n_virtual
         prefix = None if self.prefix is None else self.prefix()
         mask_BLS = prefixed_mask(segment_ids_BL, 0 if prefix is None else prefix[0].shape[1])
         rope = self._rope(positions_BL)
         if self.cfg.scan_layers:
             x_BLD = scan_blocks(
                 self.blocks, x_BLD, mask_BLS, rope, key=key, remat=self.cfg.remat,
-                segment_ids_BL=kernel_seg_BL, prefix=prefix,
+                segment_ids_BL=kernel_seg_BL, prefix=prefix, causal=causal,
             )  # fmt: skip
         else:
-            x_BLD = self._unrolled(x_BLD, mask_BLS, rope, key, kernel_seg_BL, prefix)
+            x_BLD = self._unrolled(x_BLD, mask_BLS, rope, key, kernel_seg_BL, prefix, causal)
         return self.final_norm(x_BLD[:, n_virtual:])
 
     def extend(
@@ -302,20 +305,23 @@ class Decoder(nnx.Module):
 
     # ----------------------------------------------------------------------- internals
 
-    def _unrolled(self, x_BLD, mask_BLS, rope: Rope, key, seg_BL, prefix: Prefix) -> jax.Array:
+    def _unrolled(
+        self, x_BLD, mask_BLS, rope: Rope, key, seg_BL, prefix: Prefix, causal: bool = True
+    ) -> jax.Array:
         """The blocks one after another (each its own copy in the compiled program)."""
         for i, block in enumerate(self.blocks):
             block_key = None if key is None else jax.random.fold_in(key, i)
             layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
             if self.cfg.remat == "none":
                 x_BLD = block(
-                    x_BLD, mask_BLS, rope, key=block_key, causal=True, segment_ids_BL=seg_BL,
+                    x_BLD, mask_BLS, rope, key=block_key, causal=causal, segment_ids_BL=seg_BL,
                     prefix=layer_prefix,
                 )[0]  # fmt: skip
             else:
                 x_BLD = _remat_block(
-                    block, self.cfg.remat, x_BLD, mask_BLS, rope, block_key, seg_BL, layer_prefix
-                )
+                    block, self.cfg.remat, x_BLD, mask_BLS, rope, block_key, seg_BL,
+                    layer_prefix, causal,
+                )  # fmt: skip
         return x_BLD
 
     def _prepend_prompt(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL):

@@ -106,15 +106,18 @@ def scan_blocks(
     remat: str,
     segment_ids_BL: jax.Array | None,
     prefix: tuple[jax.Array, jax.Array] | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """The training/scoring forward through the stacked blocks (causal, no cache);
-    `prefix`: prefix-tuning keys and values [n_layers, P, K, H], scanned with the blocks."""
+    `prefix`: prefix-tuning keys and values [n_layers, P, K, H], scanned with the blocks;
+    `causal`: the blocks' promise that the mask is causal within the segments (False: it is
+    not, and no fused kernel runs)."""
     graphdef, state = nnx.split(blocks)
 
     def layer(state_i, x_BLD, mask_BLL, rope, key, seg_BL, prefix_i):
         block = nnx.merge(graphdef, state_i)
         return block(
-            x_BLD, mask_BLL, rope, key=key, causal=True, segment_ids_BL=seg_BL, prefix=prefix_i
+            x_BLD, mask_BLL, rope, key=key, causal=causal, segment_ids_BL=seg_BL, prefix=prefix_i
         )[0]
 
     if remat != "none":

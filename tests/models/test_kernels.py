@@ -215,3 +215,29 @@ def test_cpu_layout_tricks_only_on_cpu(backend, monkeypatch):
     on_cpu = backend == "cpu"
     assert ("optimization_barrier" in names) == on_cpu
     assert ("reshape_to_32" in names) == on_cpu
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_prompt_tuning_with_a_fused_kernel_keeps_the_prompt_in_view(scan):
+    """Every document attends to the prompt's virtual tokens (segment -1), which no fused
+    kernel's segment masking expresses: with a prompt the layers run the xla path, so the
+    logits equal xla's and the prompt still moves them (it was invisible under splash)."""
+    from jaxllm.config import PeftConfig
+    from jaxllm.models.peft import apply_peft
+
+    m = cfg(positions="rope", max_seq_len=256, scan_layers=scan)
+    model = make_decoder(m, seed=0)
+    apply_peft(model, PeftConfig(method="prompt", num_virtual_tokens=8), nnx.Rngs(1))
+    tokens = jax.random.randint(jax.random.key(1), (2, 120), 0, 64)  # 8 + 120: one block
+    seg = jnp.asarray(packed(2, 120, seed=3))
+    ref = np.asarray(model(tokens, segment_ids_BL=seg))
+    layers = [model.blocks] if scan else list(model.blocks)
+    for block in layers:
+        block.attn.kernel = "splash"
+    out = np.asarray(model(tokens, segment_ids_BL=seg))
+    real = np.asarray(seg) != 0
+    np.testing.assert_allclose(out[real], ref[real], atol=5e-5)
+    noise = lambda x: x + jax.random.normal(jax.random.key(5), x.shape)  # noqa: E731
+    nnx.update(model.prompt, jax.tree.map(noise, nnx.state(model.prompt)))
+    moved = np.asarray(model(tokens, segment_ids_BL=seg))
+    assert np.abs(moved - out).max(-1)[real].min() > 1e-3  # every real position sees it
