@@ -142,8 +142,10 @@ class GRPOConfig:
     # POLICY_LOSSES); the defaults are GRPO as it was before them, bit for bit.
     advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     loss: Literal["ppo_clip", "dapo", "gspo", "cispo"] = "ppo_clip"
-    clip_eps_high: float = 0.0  # upper ratio width for dapo/gspo/cispo (0: clip_eps)
-    loss_norm: Literal["tokens", "constant"] = "tokens"  # constant: rows x max_new_tokens
+    clip_eps_high: float = 0.0  # upper ratio width, every loss (0: clip_eps, symmetric)
+    # tokens: / token count; constant: / rows x max_new_tokens (Dr. GRPO). gspo averages over
+    # responses instead and takes `tokens` only
+    loss_norm: Literal["tokens", "constant"] = "tokens"
     dynamic_sampling: bool = False  # DAPO: drop the groups whose rewards are all equal
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0: off)
     overlong_penalty: float = 1.0  # the punishment at max_new_tokens
@@ -181,6 +183,11 @@ class GRPOConfig:
             raise ValueError("rewards, reward_weights: need one weight per reward name")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0, got {self.beta}")
+        if self.loss == "gspo" and self.loss_norm == "constant":
+            raise ValueError(
+                "loss_norm: 'constant' divides token sums (Dr. GRPO); loss 'gspo' is a mean over "
+                "responses, each counted once (GSPO eq. 5): use loss_norm: tokens"
+            )
         if self.clip_eps_high < 0 or self.overlong_penalty < 0:
             raise ValueError("clip_eps_high, overlong_penalty: must be >= 0")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:

@@ -5,12 +5,16 @@ All episodes of a batch advance turn by turn together: each turn re-prefills eve
 episode (prompt + the turns so far) through the jitted KV-cache `Sampler` and samples up to
 `max_new_tokens` stopping at the end-of-turn tokens (no per-token Python loop; the loop
 here is over turns). A sampled turn that contains the environment's `stop` string
-(`</tool>`) is cut right after the token that completes it (what the model sampled after
-it is dropped: it was never part of the episode) and handed to `env.step`; its observation
-is encoded and appended as environment tokens, and the model continues in the next turn. A
-turn without it is the final answer. An episode ends there, when the environment says done,
-after `max_turns` model turns, or when the next turn (or an observation) would not fit in
-`seq_len` (truncated).
+(`</tool>`) is cut right after the token that completes it (the tokens sampled after it are
+dropped: they were never part of the episode) and its text up to the end of the first `stop`
+goes to `env.step`; its observation is encoded and appended as environment tokens, and the
+model continues in the next turn. A turn without it is the final answer. The completing
+token may carry text past `stop` (a merged BPE piece such as `><` in `</tool><`): it stays in
+the episode as the model's token, trained on with its sampler log-prob (a token cannot be
+split, and dropping or re-encoding it would put text the model did not sample in its place),
+and the environment reads the text only up to `stop`, as it reads nothing after a call. An
+episode ends there, when the environment says done, after `max_turns` model turns, or when
+the next turn (or an observation) would not fit in `seq_len` (truncated).
 
 Layout: `rollout.py`'s rows ([B, seq_len], prompt + response) with `mask` 1 only where the
 target is a model token (environment tokens are context, never trained on) and
@@ -78,10 +82,19 @@ def cut_at(tok: Any, ids: Sequence[int], stop: str) -> int | None:
     return next(k for k in range(1, len(ids) + 1) if stop in tok.decode(list(ids[:k])))
 
 
+def action_text(tok: Any, ids: Sequence[int], stop: str) -> str:
+    """The text of a turn's kept `ids` as the environment reads it: up to the end of the first
+    `stop` (the token that completes it may carry more text, e.g. `><`), else all of it."""
+    text = tok.decode(list(ids))
+    at = text.find(stop) if stop else -1
+    return text if at < 0 else text[: at + len(stop)]
+
+
 def model_turn(ep: Episode, ids: list[int], logps: list[float], stopped: bool, tok: Any,
                seq_len: int) -> None:  # fmt: skip
-    """One sampled turn into the episode: cut at the environment's stop string, the turn's
-    text to `env.step`, its observation appended as environment tokens."""
+    """One sampled turn into the episode: cut after the token that completes the
+    environment's stop string, the turn's text up to that string to `env.step` (the module
+    docstring), its observation appended as environment tokens."""
     cut = cut_at(tok, ids, ep.env.stop)
     if cut is not None:
         ids, logps, stopped = ids[:cut], logps[:cut], False
@@ -89,7 +102,7 @@ def model_turn(ep: Episode, ids: list[int], logps: list[float], stopped: bool, t
     if stopped:  # the end-of-turn token is learnt but is not text
         ep.hidden.add(len(ep.tokens) - 1)
     ep.turns += 1
-    obs, reward, done = ep.env.step(tok.decode(ids[:-1] if stopped else ids))
+    obs, reward, done = ep.env.step(action_text(tok, ids[:-1] if stopped else ids, ep.env.stop))
     ep.reward += float(reward)
     obs_ids = tok.encode(obs) if obs else []
     if len(ep.ids) + len(obs_ids) > seq_len:

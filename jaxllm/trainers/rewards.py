@@ -20,6 +20,7 @@ _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*\S", re.DOTALL)
 _TOOL_CALL = re.compile(re.escape(TOOL) + ".*?" + re.escape(END_TOOL), re.DOTALL)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _PUNCT = re.compile(r"[^\w\s]")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes '²', '٢', '４'
 
 # The fixed sentences of the shipped preference set's answer templates
 # (scripts/make_preference_data.py: POLITE, and EVASIVE + RUDE), as `template_phrases` gives
@@ -61,9 +62,10 @@ def format_reward(text: str, record: dict[str, Any]) -> float:
 def digits(text: str, record: dict[str, Any]) -> float:
     """Partial credit for a numeric answer: the share of the reference's digits matched
     position by position from the right (units first); 0 for a non-number or a wrong length.
-    A dense shaping signal for models that rarely get the whole answer right."""
+    A dense shaping signal for models that rarely get the whole answer right. Digits are
+    ASCII 0-9 only (superscripts and other scripts' digits are not a number here)."""
     ans, ref = final_answer(text), str(record.get("answer") or "").strip()
-    if not (ans.isdigit() and ref.isdigit()) or len(ans) != len(ref):
+    if not (_DIGITS.fullmatch(ans) and _DIGITS.fullmatch(ref)) or len(ans) != len(ref):
         return 0.0
     return sum(a == b for a, b in zip(ans[::-1], ref[::-1])) / len(ref)
 

@@ -5,8 +5,10 @@ clipped_BL)`: the per-token loss to minimise (before masking and aggregation) an
 indicator of the tokens whose ratio left the trust region (logged as `clip_frac`). `p` is a
 `LossParams`. The caller adds its KL term per token and sums over the mask; the step divides by
 the token count (token-level mean over the minibatch, DAPO's choice) or, with
-`loss_norm: constant`, by rows x max_new_tokens (Dr. GRPO's). All math in f32; advantages and
-the old log-probs are constants (stop-gradient).
+`loss_norm: constant`, by rows x max_new_tokens (Dr. GRPO's). The losses of `SEQUENCE_MEAN`
+(gspo) are a mean over responses instead: `rl_losses.grpo_loss` weighs each token of response
+i by 1 / |y_i| and the step divides by the number of responses. All math in f32; advantages
+and the old log-probs are constants (stop-gradient).
 
 `truncated_is_weights` is the sampler/learner correction (TIS) any of them can be multiplied by.
 """
@@ -44,15 +46,18 @@ def _clip_min(ratio_BL, adv_BL, lo: float, hi: float) -> tuple[jax.Array, jax.Ar
 
 def ppo_clip(logp_BL, old_logp_BL, adv_BL, mask_BL, p: LossParams):
     """PPO's clipped surrogate per token (Schulman et al. 2017, "Proximal Policy Optimization
-    Algorithms", arXiv:1707.06347): -min(r A, clip(r, 1 - eps, 1 + eps) A), r = pi / pi_old.
-    Uses `eps_low` on both sides (symmetric), the form GRPO (Shao et al. 2024,
-    arXiv:2402.03300) inherits. The op sequence is main's `_clipped_surrogate`, so the default
-    GRPO loss is bit-identical to before the registry (tested against recorded arrays)."""
+    Algorithms", arXiv:1707.06347): -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
+    r = pi / pi_old. Symmetric (eps_high = eps_low) unless `grpo.clip_eps_high` is set, the
+    form GRPO (Shao et al. 2024, arXiv:2402.03300) inherits; an upper width of its own is
+    DAPO's clip-higher (as TRL's `epsilon_high` on its standard loss). The op sequence is
+    main's `_clipped_surrogate` (|r - 1| > eps is r - 1 > eps or 1 - r > eps exactly: 1 - r is
+    -(r - 1) in floating point), so the default GRPO loss is bit-identical to before the
+    registry (tested against recorded arrays)."""
     del mask_BL
     ratio_BL = jnp.exp(logp_BL - sg(old_logp_BL))
-    clipped_BL = jnp.clip(ratio_BL, 1.0 - p.eps_low, 1.0 + p.eps_low)
+    clipped_BL = jnp.clip(ratio_BL, 1.0 - p.eps_low, 1.0 + p.eps_high)
     loss_BL = -jnp.minimum(ratio_BL * adv_BL, clipped_BL * adv_BL)
-    is_clipped_BL = sg(jnp.abs(ratio_BL - 1.0) > p.eps_low)
+    is_clipped_BL = sg((ratio_BL - 1.0 > p.eps_high) | (1.0 - ratio_BL > p.eps_low))
     return loss_BL, is_clipped_BL.astype(jnp.float32)
 
 
@@ -62,7 +67,8 @@ def dapo(logp_BL, old_logp_BL, adv_BL, mask_BL, p: LossParams):
     [1 - eps_low, 1 + eps_high] with eps_high > eps_low (paper: 0.2 / 0.28), so unlikely tokens
     with positive advantage can grow further and entropy does not collapse. Token-level mean over
     the batch is the step's default aggregation; DAPO's dynamic sampling and overlong reward
-    shaping act on the rollouts (`dynamic_sampling_keep`, `overlong_penalty`)."""
+    shaping act on the rollouts (`dynamic_sampling_keep`, `overlong_penalty`). The same clip
+    as `ppo_clip` with `clip_eps_high` set."""
     del mask_BL
     ratio_BL = jnp.exp(logp_BL - sg(old_logp_BL))
     return _clip_min(ratio_BL, adv_BL, 1.0 - p.eps_low, 1.0 + p.eps_high)
@@ -73,8 +79,9 @@ def gspo(logp_BL, old_logp_BL, adv_BL, mask_BL, p: LossParams):
     Optimization", arXiv:2507.18071): s_i = exp(mean over the response of log pi - log pi_old),
     the length-normalised sequence likelihood ratio, clipped to [1 - eps_low, 1 + eps_high]
     (the paper's widths are ~3e-4 / 4e-4: a sequence ratio moves far less than a token's).
-    The sequence loss is spread over its tokens (each token carries it), so the usual token
-    aggregation and the per-token KL term apply unchanged; the clip indicator is per sequence."""
+    Each token carries its sequence's loss and clip indicator; the objective is their mean over
+    responses, 1/G sum_i (eq. 5), which `grpo_loss` forms (it is in `SEQUENCE_MEAN`): a token
+    mean would weigh response i by |y_i| / sum |y|."""
     live_BL = mask_BL > 0
     log_r_BL = jnp.where(live_BL, logp_BL - sg(old_logp_BL), 0.0)
     n_B = jnp.maximum(jnp.sum(mask_BL, axis=-1), 1.0)
@@ -104,6 +111,11 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
     "gspo": gspo,
     "cispo": cispo,
 }
+
+
+# Losses whose objective is a mean over responses (each counts once, whatever its length),
+# not over tokens: `grpo_loss` weighs their tokens by 1 / |y_i|.
+SEQUENCE_MEAN = frozenset({"gspo"})
 
 
 def policy_loss(name: str) -> PolicyLoss:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.training.policy_losses import LossParams, policy_loss, ppo_clip
+from jaxllm.training.policy_losses import SEQUENCE_MEAN, LossParams, policy_loss, ppo_clip
 
 _KL_KINDS = ("k1", "k2", "k3")
 
@@ -186,7 +186,11 @@ def grpo_loss(
     rather than the original per-sequence mean, so long answers are not down-weighted;
     `constant_len` > 0 makes `weight` rows x constant_len instead (Dr. GRPO, Liu et al. 2025,
     arXiv:2503.20783: no dependence on the lengths at all; the metric sums are rescaled so they
-    still read as per-token means). aux sums: `kl` (unscaled), `clip_frac` (ratio outside the
+    still read as per-token means). A loss of `SEQUENCE_MEAN` (gspo) is a mean over responses
+    instead, each counting once whatever its length (GSPO eq. 5, 1/G sum_i): each token of
+    response i weighs 1 / |y_i| (the KL term too: its per-token mean) and `weight` is the number
+    of responses with a token; sums, so minibatches and accumulation add up exactly;
+    `constant_len` is refused there. aux sums: `kl` (unscaled), `clip_frac` (ratio outside the
     clip range), `weight`.
     """
     if kl_kind not in ("k2", "k3"):
@@ -194,6 +198,10 @@ def grpo_loss(
             f"grpo_loss kl_kind must be 'k3' or 'k2', got {kl_kind!r} (k1's gradient is zero "
             "in expectation when the KL is a loss term)"
         )
+    per_response = loss in SEQUENCE_MEAN
+    if per_response and constant_len:
+        raise ValueError(f"grpo_loss: loss {loss!r} is a mean over responses, not tokens: "
+                         "constant_len (loss_norm: constant) does not apply")  # fmt: skip
     logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL = _f32(
         logp_BL, old_logp_BL, ref_logp_BL, adv_B, mask_BL
     )
@@ -204,9 +212,14 @@ def grpo_loss(
         surr_BL = surr_BL * jax.lax.stop_gradient(_f32(is_weight_BL)[0])
     kl_BL = kl_estimate(logp_BL, jax.lax.stop_gradient(ref_logp_BL), kl_kind)
     loss_BL = surr_BL + beta * kl_BL
+    if per_response:  # token j of response i weighs 1 / |y_i|; the weight counts responses
+        n_B = jnp.sum(mask_BL, axis=-1)
+        mask_BL = mask_BL / jnp.maximum(n_B, 1.0)[:, None]
+        weight = jnp.sum((n_B > 0).astype(jnp.float32))
+    else:
+        weight = jnp.sum(mask_BL)
     kl = jax.lax.stop_gradient(jnp.sum(kl_BL * mask_BL))
     clip_frac = jnp.sum(is_clipped_BL * mask_BL)
-    weight = jnp.sum(mask_BL)
     if constant_len:
         # Dr. GRPO: divide by a constant; the metric sums are rescaled to stay per-token means.
         constant = jnp.float32(mask_BL.shape[0] * constant_len)

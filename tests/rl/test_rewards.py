@@ -48,6 +48,14 @@ def test_digits_partial_credit():
     assert digits("5", REC) == 0.0 and digits("abc", REC) == 0.0
 
 
+def test_digits_are_ascii_only():
+    # str.isdigit() takes superscripts, Arabic-Indic and full-width digits: none is a number
+    for text in ("4\u00b2", "4\u0662", "\uff14\uff12", "\u2074\u2082"):
+        assert digits(text, {"answer": "42"}) == 0.0, text
+    assert digits("4\u00b2", {"answer": "4\u00b2"}) == 0.0  # nor as the reference
+    assert digits("<think>x</think> 43", {"answer": "42"}) == 0.5
+
+
 def test_registry_and_weights():
     assert set(REWARDS) >= {"arithmetic", "format", "digits"}
     r = weighted_reward(["arithmetic", "format"], [1.0, 0.5])

@@ -1,6 +1,6 @@
 """`stage: grpo` with the registries' other choices, end to end on the tiny model: DAPO's
-pieces with truncated IS, and GSPO with RLOO and Dr. GRPO's constant normaliser; `stage: ppo`
-with truncated IS."""
+pieces with truncated IS and Dr. GRPO's constant normaliser, and GSPO (a mean over responses:
+it refuses the constant token normaliser) with RLOO; `stage: ppo` with truncated IS."""
 
 import json
 import math
@@ -21,6 +21,7 @@ VARIANTS = {
         dynamic_sampling=True,
         overlong_buffer=2,
         tis_cap=2.0,
+        loss_norm="constant",
         rewards=["digits"],
         reward_weights=[1.0],
     ),
@@ -29,7 +30,6 @@ VARIANTS = {
         clip_eps=3e-4,
         clip_eps_high=4e-4,
         advantage="rloo",
-        loss_norm="constant",
         rewards=["digits"],
         reward_weights=[1.0],
     ),

@@ -18,7 +18,7 @@ from flax import nnx
 from jaxllm.errors import ConfigError
 from jaxllm.generation import SampleResult
 from jaxllm.trainers.envs import CalculatorEnv, CalculatorError, calculate, get_env
-from jaxllm.trainers.episodes import cut_at, run_episodes
+from jaxllm.trainers.episodes import Episode, cut_at, layout_episodes, model_turn, run_episodes
 from jaxllm.trainers.rewards import arithmetic, tool_call
 from jaxllm.trainers.rl_loop import setup_stage
 from jaxllm.trainers.rollout import logprob_gap, stop_ids
@@ -209,6 +209,56 @@ def test_cut_at_the_token_that_completes_the_stop(tok):
     k = cut_at(tok, ids, "</tool>")
     assert tok.decode(ids[:k]).endswith("</tool>") and "</tool>" not in tok.decode(ids[: k - 1])
     assert cut_at(tok, tok.encode("no call here"), "</tool>") is None
+
+
+class MergedTok:
+    """Characters, plus one merged piece `><` (id 1000) as GPT-2 / Llama BPE vocabularies
+    have: `</tool><` is then completed by a token that carries one more character."""
+
+    def encode(self, s):
+        out, i = [], 0
+        while i < len(s):
+            out.append(1000 if s.startswith("><", i) else ord(s[i]))
+            i += 2 if out[-1] == 1000 else 1
+        return out
+
+    def decode(self, ids):
+        return "".join("><" if t == 1000 else chr(t) for t in ids)
+
+
+class SpyCalculator(CalculatorEnv):
+    def __init__(self):
+        self.seen = []
+
+    def step(self, text):
+        self.seen.append(text)
+        return super().step(text)
+
+
+def test_tool_call_completed_by_a_merged_token_reaches_the_env():
+    tok = MergedTok()
+    prompt = tok.encode("Q:")
+    sampled = tok.encode("<tool>17+25</tool><result>7")  # '><' completes '</tool>'
+    logps = [-(j + 1) / 100 for j in range(len(sampled))]
+    env = SpyCalculator()
+    ep = Episode(prompt=prompt, env=env)
+    model_turn(ep, sampled, logps, stopped=False, tok=tok, seq_len=128)
+    # the env reads the turn up to '</tool>' and answers: a tool call, not a final answer
+    assert env.seen == ["<tool>17+25</tool>"] and not ep.done
+    # kept: the sampled tokens through the completing '><' (the model's, with their sampler
+    # log-probs), then the observation as environment tokens; nothing sampled after it
+    k = sampled.index(1000) + 1
+    obs = tok.encode("<result>42</result>")
+    assert ep.tokens == sampled[:k] + obs
+    assert ep.model == [True] * k + [False] * len(obs)
+    assert ep.logps == logps[:k] + [0.0] * len(obs)
+    ro = layout_episodes([ep], tok, 64)
+    n = len(prompt) + k + len(obs)
+    want_mask = [0.0] * (len(prompt) - 1) + [1.0] * k + [0.0] * (64 - len(prompt) + 1 - k)
+    np.testing.assert_array_equal(ro.batch["mask"][0], want_mask)
+    np.testing.assert_allclose(ro.batch["sampler_logp"][0, len(prompt) - 1 : n - len(obs) - 1],
+                               logps[:k], rtol=1e-6)  # fmt: skip
+    assert ro.texts[0] == "<tool>17+25</tool><<result>42</result>"
 
 
 class EveryWordEnv:
