@@ -17,7 +17,10 @@ class ServeConfig:
     prefill_batch: int = 4  # prompts of one length bucket prefilled per call
     min_bucket: int = 16  # shortest prompt bucket (buckets: powers of two up to max_len)
     max_queue: int = 64  # requests waiting for a slot; more are answered 429
-    max_tokens: int = 256  # the most a request may ask for (default per request: 16)
+    # the most a request may ask for, and generate: a completions request without
+    # `max_tokens` gets 16 (OpenAI's legacy default), a chat request this many or what its
+    # context has room for, whichever is fewer (it stops earlier at a stop token or string)
+    max_tokens: int = 256
     # a key clients must send as `Authorization: Bearer <key>`; "env:NAME" reads it from
     # the environment variable NAME; empty: no key
     api_key: str = ""

@@ -18,7 +18,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -204,7 +204,8 @@ async def _stream(backend, job: Job, p: Params, chat: bool) -> AsyncIterator[str
 
     def chunk(i: int, text: str, tokens: list, reason: str | None, role: bool = False) -> str:
         lp = _logprobs(backend, p, chat, tokens, offsets[i]) if tokens else None
-        offsets[i] += len(text)
+        if lp is not None and not chat:  # offsets count the token strings, as `_complete`'s
+            offsets[i] += sum(len(s) for s in lp["tokens"])  # (text may be held back)
         if chat:  # OpenAI's: the role once, first; then content; the last delta is empty
             delta = {"role": "assistant", "content": ""} if role else {}
             delta.update({"content": text} if text or role else {})
@@ -273,6 +274,9 @@ def build_app(backend: Backend) -> Starlette:
                              max_n=engine.n_slots)  # fmt: skip
             ids = await run_in_threadpool(_prompt_ids, backend, p, chat)
             longest = max(len(x) for x in ids)
+            if p.max_tokens is None:  # chat's default: until a stop or the context is full
+                room = min(engine.max_len - longest, backend.max_tokens)
+                p = replace(p, max_tokens=max(room, 1))  # no room: the error below
             if longest + p.max_tokens > engine.max_len:
                 raise APIError(400, f"this model's maximum context length is {engine.max_len} "
                                f"tokens, but you requested {longest + p.max_tokens} ({longest} "

@@ -3,8 +3,10 @@
 A request body becomes a `Params` (or an `APIError` with OpenAI's status, type, param and
 code); parameters the server does not know are ignored, as OpenAI's own clients send some
 (e.g. `stream_options`). Supported: model, prompt / messages, max_tokens
-(max_completion_tokens), temperature, top_p, n, stop, seed, stream, logprobs (completions:
-an int 0..5; chat: a bool with top_logprobs 0..5).
+(max_completion_tokens; left out: 16 for completions, as OpenAI's legacy default; for chat,
+until a stop or the full context, within the server's `serve.max_tokens`), temperature,
+top_p, n, stop, seed, stream, logprobs (completions: an int 0..5; chat: a bool with
+top_logprobs 0..5).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 MAX_TOP_LOGPROBS = 5
 MAX_STOPS = 4
-DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default
+DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default (chat has none: `max_tokens` None)
 
 
 class APIError(Exception):
@@ -40,7 +42,7 @@ class Params:
 
     prompts: tuple[str, ...]
     messages: tuple[dict[str, str], ...]
-    max_tokens: int
+    max_tokens: int | None  # None: chat's default, the room left in the context (app.py)
     temperature: float
     top_p: float
     n: int
@@ -130,7 +132,7 @@ def parse_params(body: dict, *, chat: bool, max_tokens_limit: int, max_n: int) -
     """Checks a completions (`chat=False`) or chat completions body; raises `APIError`."""
     prompts, messages = _prompts(body, chat)
     key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _int(body, key, DEFAULT_MAX_TOKENS, 1, max_tokens_limit)
+    max_tokens = _int(body, key, None if chat else DEFAULT_MAX_TOKENS, 1, max_tokens_limit)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
@@ -141,7 +143,7 @@ def parse_params(body: dict, *, chat: bool, max_tokens_limit: int, max_n: int) -
     return Params(
         prompts=prompts,
         messages=messages,
-        max_tokens=int(max_tokens),  # type: ignore[arg-type]
+        max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
         n=int(_int(body, "n", 1, 1, max_n)),  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.models.encoder import Encoder
 from jaxllm.models.heads import HeadParam
-from jaxllm.models.layers import ParamKeys
+from jaxllm.models.layers import QUANT_SCALE, ParamKeys
 from jaxllm.models.peft import (
     apply_peft,
     fold_reparameterisations,
@@ -31,7 +31,7 @@ from jaxllm.models.peft import (
     methods_in,
     peft_method,
 )
-from jaxllm.models.quant import is_quantized, quantize_model
+from jaxllm.models.quant import QuantWeight, is_quantized, quantize_model
 from jaxllm.sharding.mesh import check_model_mesh
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.state import TrainState, master_weights, state_shardings
@@ -196,10 +196,14 @@ def quantize_state(
     graphdef: nnx.GraphDef, state: nnx.State, q: QuantizeConfig, mesh, rules: str = "dp"
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """`(graphdef, state)` of a loaded model with the weights `q.scope` matches quantised
-    (`q.method`: int8 / int4; a state already quantised, or `method: none`, comes back as
-    it is). What generate, score, eval and a server call on a model they loaded; errors
-    name the `quantize.*` key."""
-    if not q.enabled or is_quantized(state):
+    (`q.method`: int8 / int4; `method: none`, or a state already quantised as `q` asks,
+    comes back as it is; a state quantised otherwise is an error: it is not requantised).
+    What generate, score, eval and a server call on a model they loaded; errors name the
+    `quantize.*` key."""
+    if not q.enabled:
+        return graphdef, state
+    if is_quantized(state):
+        check_same_quantization(state, q)
         return graphdef, state
 
     def quantized(state: nnx.State) -> nnx.Module:
@@ -215,6 +219,37 @@ def quantize_state(
     shardings = state_shardings(abstract, mesh, rules)
     new = jax.jit(lambda s: nnx.state(quantized(s)), out_shardings=shardings)(state)
     return new_graphdef, new
+
+
+def check_same_quantization(state: nnx.State, q: QuantizeConfig) -> None:
+    """Raises ConfigError when a quantised state's weights are not what `q` would make:
+    another method, or (int4) another group along some weight's grouped input axis. Read
+    from the weights themselves: int dtype, and each scale's shape against its weight's
+    (int4 scales hold one value per group on that axis; int8 reduce the input axes to 1)."""
+    flat = dict(nnx.to_flat_state(state))
+    have_method, have_group, same = "", 0, True
+    for path, w in flat.items():
+        if not isinstance(w, QuantWeight):
+            continue
+        scale = flat.get((*path[:-1], f"{path[-1]}{QUANT_SCALE}"))
+        method = "int4" if jnp.dtype(w.get_value().dtype) == jnp.int4 else "int8"
+        have_method = have_method or method
+        same &= method == q.method
+        if method != "int4" or scale is None:
+            continue
+        shape, scale_shape = w.get_value().shape, scale.get_value().shape
+        for size, n_groups in zip(shape, scale_shape):
+            if size != n_groups and n_groups:  # the grouped axis (channelwise axes keep size)
+                group = size // n_groups
+                have_group = max(have_group, group)
+                same &= group == min(q.group_size, size)
+    if not same:
+        have = f"int4, group_size {have_group}" if have_method == "int4" else have_method
+        want = f"int4, group_size {q.group_size}" if q.method == "int4" else q.method
+        raise ConfigError(
+            f"config key 'quantize.method': the checkpoint is already quantised ({have}) and "
+            f"is not requantised as {want}; drop the quantize section or ask for {have}"
+        )
 
 
 def folded_final_save(graphdef: nnx.GraphDef, filt: Any) -> Callable[[TrainState], tuple]:

@@ -1,8 +1,10 @@
 """`stage: serve` — an OpenAI-compatible HTTP server over a checkpoint: `/v1/completions`,
 `/v1/chat/completions`, `/v1/models`, `/health`, streamed or not, with continuous batching
 (jaxllm/serving, jaxllm/generation/engine.py). Any decoder checkpoint serves: a stage's own,
-a LoRA run's (merged into plain weights), an imported HF model. Runs until interrupted;
-the summary holds the engine's counts. `server.json` in the run directory names the URL."""
+a LoRA run's (merged into plain weights), an imported HF model. Runs until Ctrl-C
+(SIGINT) or SIGTERM, which stop it gracefully and finish the run: the summary holds the
+engine's counts and the signal (`stopped_by`). `server.json` in the run directory names
+the URL."""
 
 from __future__ import annotations
 
@@ -79,5 +81,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             "max_len": backend.engine.max_len}  # fmt: skip
     atomic_write_text(run_dir.path / "server.json", json.dumps(info, indent=1) + "\n")
     print(f"serving '{backend.model_name}' at {server.url}/v1 (Ctrl-C stops)", file=sys.stderr)
-    server.run()
-    return {**info, "checkpoint_step": meta.get("step"), **backend.engine.stats}
+    server.run()  # returns once a signal (or `should_exit`) has stopped it
+    print(f"stopped ({server.stopped_by or 'shut down'}): writing the summary", file=sys.stderr)
+    return {**info, "checkpoint_step": meta.get("step"), "stopped_by": server.stopped_by,
+            **backend.engine.stats}  # fmt: skip

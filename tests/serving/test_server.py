@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import numpy as np
 import openai
 import pytest
 
@@ -261,3 +262,31 @@ def test_quantised_serving_equals_quantised_generate(tmp_path, tiny_ckpt):
             assert out.choices[0].text == text
     finally:
         srv.stop()
+
+
+def test_streamed_text_offsets_equal_the_token_lengths(client):
+    """A stop string holds text back from the chunks; `text_offset` still counts every token
+    string before it (the cumulative sum), streamed or not."""
+    kw = dict(model=MODEL, prompt="The LORD is", max_tokens=12, temperature=0, logprobs=1,
+              stop=["zzzzzz"])  # fmt: skip
+    whole = client.completions.create(**kw).choices[0].logprobs
+    want = np.concatenate([[0], np.cumsum([len(t) for t in whole.tokens])[:-1]]).tolist()
+    assert len(whole.tokens) == 12 and whole.text_offset == want
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    streamed = [x.logprobs for x in chunks if x.logprobs]
+    assert sum((lp.tokens for lp in streamed), []) == whole.tokens
+    assert sum((lp.text_offset for lp in streamed), []) == want
+
+
+def test_chat_without_max_tokens_runs_to_a_stop_or_the_full_context(client, server, monkeypatch):
+    messages = [{"role": "user", "content": "Write a long story about a dog and a cat."}]
+    kw = dict(model=MODEL, messages=messages, temperature=1.0, seed=3)
+    out = client.chat.completions.create(**kw)
+    used = out.usage.prompt_tokens + out.usage.completion_tokens
+    assert out.usage.completion_tokens > 16  # not completions' default
+    assert out.choices[0].finish_reason == "stop" or used == 64  # serve.max_len: 64
+    monkeypatch.setattr(server.backend, "max_tokens", 20)  # the server's cap still applies
+    capped = client.chat.completions.create(**kw)
+    assert capped.usage.completion_tokens == min(20, out.usage.completion_tokens)  # same seed
+    text = client.completions.create(model=MODEL, prompt="The LORD is", temperature=1.0, seed=3)
+    assert text.usage.completion_tokens <= 16  # completions keep OpenAI's legacy default
