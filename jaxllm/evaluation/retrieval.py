@@ -3,9 +3,12 @@ one `{"id", "text"}` per line) — BM25 (`bm25s`) or dense (cosine similarity of
 sentence vectors) — top-k passages per question, recall@k against a gold passage id, and the
 passages placed into a prompt within a token budget.
 
-BM25 terms: lower-cased Latin words and digits, and each CJK character on its own (classical
-Chinese has no spaces; a character is the usual unit of Chinese BM25), so one index serves
-the English and Chinese passages of the shipped corpus alike.
+BM25 terms: words of letters, digits and combining marks in any script (NFKC-normalised and
+case-folded: "Müller" and "MÜLLER" are one term; Cyrillic, Greek, Hangul, Devanagari alike;
+ASCII text gives exactly the lower-cased `[0-9a-z]+` runs), and each CJK ideograph on its own
+(classical Chinese has no spaces; a character is the usual unit of Chinese BM25), so one index
+serves the English and Chinese passages of the shipped corpus alike. Other scripts written
+without spaces (Thai, Japanese kana) give one term per unbroken run.
 
 Dense: the passages and the queries are embedded by an `Embed` function the caller supplies
 (`stage: eval` gives the embed stage's mean-pooled encoder vectors, `trainers/embedder.py`); the
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,11 +29,29 @@ import numpy as np
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.jsonl import read_jsonl
 
-_TERMS = re.compile(r"[0-9a-z]+|[\u3400-\u9fff\uf900-\ufaff]")
+_CJK = "\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f"  # ideographs: a term each
+
+
+def _mark_ranges() -> str:
+    """A character class body of every combining mark (Unicode category M), which `\\w`
+    leaves out: Devanagari's vowel signs, decomposed accents."""
+    marks = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c))[0] == "M"]
+    runs, start = [], marks[0]
+    for a, b in zip(marks, marks[1:] + [-1]):
+        if b != a + 1:
+            runs.append(f"\\U{start:08x}-\\U{a:08x}")
+            start = b
+    return "".join(runs)
+
+
+@functools.cache
+def _terms_re() -> re.Pattern[str]:
+    return re.compile(f"[{_CJK}]|(?:[^\\W_{_CJK}]|[{_mark_ranges()}])+")
 
 
 def terms(text: str) -> list[str]:
-    return _TERMS.findall(text.lower())
+    """BM25 terms of a text: case-folded words of any script, each CJK ideograph alone."""
+    return _terms_re().findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 class BM25Index:

@@ -8,6 +8,7 @@ request of a task in one batched call: no per-example loop over the model here.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,13 @@ import numpy as np
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.evaluation import metrics, retrieval
 from jaxllm.evaluation.tasks import Task, encoder_dir, fill, resolve_data
-from jaxllm.evaluation.templates import RETRIEVED, build_prompt, choices_and_gold, continuation
+from jaxllm.evaluation.templates import (
+    RETRIEVED,
+    Prompt,
+    build_prompt,
+    choices_and_gold,
+    continuation,
+)
 from jaxllm.tokenizer.chat import END_TOKEN
 
 
@@ -130,10 +137,12 @@ def run_multiple_choice(task: Task, backend: Backend, ks: Sequence[int]) -> Task
 
 
 def run_generate(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
-    """Match rate of every sample (`exact_match` / `contains`) and pass@k over `samples`
-    completions per example, for each k (number of demonstrations)."""
+    """Match rate (`exact_match` / `contains`: each example's share of right samples, its
+    stderr over examples) and pass@k over `samples` completions per example, for each k
+    (number of demonstrations). Completions stop at `until`, `</s>` and `<|end|>` (where an
+    SFT model ends its answer, chat or not: as the lm-eval bridge)."""
     spec, res = task.spec, TaskResult()
-    until = tuple(dict.fromkeys((*spec.until, "</s>", *([END_TOKEN] if spec.chat else []))))
+    until = tuple(dict.fromkeys((*spec.until, "</s>", END_TOKEN)))
     opts = GenOptions(spec.max_new_tokens, until, spec.temperature, spec.top_k, spec.top_p,
                       spec.seed)  # fmt: skip
     match = metrics.MATCHES[spec.match]
@@ -148,7 +157,7 @@ def run_generate(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
             answers = [metrics.extract(g.text, spec.extract) if spec.extract else g.text
                        for g in outs]  # fmt: skip
             correct = [a is not None and match(a, refs) for a in answers]
-            rates += [float(c) for c in correct]
+            rates.append(sum(correct) / len(correct))  # samples of one example: one value
             for j in spec.pass_at:
                 passes[j].append(metrics.pass_at_k(spec.samples, sum(correct), j))
             res.truncated += outs[0].truncated
@@ -156,20 +165,23 @@ def run_generate(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
                                 "completions": [g.text for g in outs], "answers": answers,
                                 "references": refs, "correct": correct})  # fmt: skip
         groups = groups_of(task)
-        res.add(k, "exact_match" if spec.match == "exact" else "contains", rates,
-                [g for g in groups or () for _ in range(spec.samples)] or None)  # fmt: skip
+        res.add(k, "exact_match" if spec.match == "exact" else "contains", rates, groups)
         for j, values in passes.items():
             res.add(k, f"pass@{j}", values, groups)
     return res
 
 
 def _references(task: Task, record) -> list[str]:
+    """The reference answers: a JSON scalar (string, number, true/false) or a non-empty list
+    of them, as text (a number as Python prints it, 0.5 → "0.5"; true → "true")."""
     where, obj = record
     ref = obj.get(task.spec.answer)
-    refs = [ref] if isinstance(ref, str | int) else ref
-    if not isinstance(refs, list) or not refs:
-        raise DataError(f"{where}: field '{task.spec.answer}' must be an answer or a list of them")
-    return [str(r) for r in refs]
+    refs = ref if isinstance(ref, list) else [ref]
+    if not refs or not all(isinstance(r, str | int | float) for r in refs):
+        got = "an empty list" if not refs else f"{ref!r}"[:60]
+        raise DataError(f"{where}: field '{task.spec.answer}' must be a string, a number or a "
+                        f"non-empty list of them, got {got}")  # fmt: skip
+    return [json.dumps(r) if isinstance(r, bool) else str(r) for r in refs]
 
 
 def run_perplexity(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
@@ -226,6 +238,19 @@ def evaluate(
     return res
 
 
+def _fits(task: Task, backend: Backend, record) -> Callable[[str], bool]:
+    """Whether a prompt fits with room for its answer: `max_new_tokens` to generate, or (multiple
+    choice) every choice's continuation, so the lowest-ranked passages go first, never the
+    start of the prompt (the scorer's left truncation)."""
+    if task.spec.kind != "multiple_choice":
+        reserve = task.spec.max_new_tokens if task.spec.kind == "generate" else 16
+        return lambda p: backend.fits(p, reserve)
+    choices, _ = choices_and_gold(task, record)
+    chat = task.spec.chat
+    return lambda p: all(backend.fits(p + continuation(task, Prompt(p, chat), c), 0)
+                         for c in choices)  # fmt: skip
+
+
 def retrieve(
     task: Task, backend: Backend, shots: int, embedder: Embedder | None = None
 ) -> tuple[Task, TaskResult]:
@@ -248,7 +273,6 @@ def retrieve(
                          f"task file {task.path}: key 'retrieval.encoder'")  # fmt: skip
     index = retrieval.cached_index(str(path), r.id_field, r.text_field, embed)
     top = index.search([fill(r.query, rec) for rec in task.examples], max((r.k, *r.recall_at)))
-    reserve = task.spec.max_new_tokens if task.spec.kind == "generate" else 16
     examples = list(task.examples)
     for i, (where, obj) in enumerate(task.examples):
         texts = [index.texts[j][: r.passage_chars or None] for j in top[i][: r.k]]
@@ -260,7 +284,7 @@ def retrieve(
             examples[i] = (where, {**obj, RETRIEVED: ctx})
             return build_prompt(dataclasses.replace(task, examples=examples), i, shots).text
 
-        _, dropped = retrieval.place_passages(passages, render, lambda p: backend.fits(p, reserve))
+        _, dropped = retrieval.place_passages(passages, render, _fits(task, backend, (where, obj)))
         found.passages_dropped += dropped
         found.samples.append({"retrieved": [index.ids[j] for j in top[i]]})
     if r.gold:

@@ -93,7 +93,7 @@ class TaskSpec:
     match: Literal["exact", "contains"] = "exact"
     extract: str = ""  # a regex; its first group of the last match is the answer
     max_new_tokens: int = 32
-    until: tuple[str, ...] = ("\n",)  # stop strings (plus </s>; <|end|> with chat)
+    until: tuple[str, ...] = ("\n",)  # stop strings (plus </s> and <|end|>)
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0
     top_p: float = 1.0

@@ -11,9 +11,12 @@ command line with the model registered) does first:
         --tasks my_task --include_path my_tasks/
 
 Model arguments: `checkpoint` (required), `tokenizer` (default: the checkpoint's),
-`max_length` (default: the model's context), `truncation` (left/error), `batch_size`, and
-the mesh's `data` / `fsdp` / `tensor` sizes and `rules`. `--apply_chat_template` renders
-conversations with jaxllm's chat template.
+`max_length` (default: the model's context), `truncation` (left/error), `batch_size` (wins
+over lm-eval's `--batch_size`, which is used otherwise: its default is 1), and the mesh's
+`data` / `fsdp` / `tensor` sizes and `rules`. `--apply_chat_template` renders conversations
+with jaxllm's chat template. A generation request without `max_gen_toks` gets 256 new tokens,
+or the room its prompt leaves in the context when that is less (a prompt that fills the
+context alone: half the context, the prompt losing its start, as lm-eval's HF model does).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from jaxllm.config import MeshConfig
-from jaxllm.evaluation.runner import GenOptions
+from jaxllm.errors import DataError
+from jaxllm.evaluation.runner import GenOptions, TooLong
 from jaxllm.tokenizer.chat import END_TOKEN, render_text
 from jaxllm.trainers.eval_model import EvalModel
 
@@ -49,21 +53,42 @@ class JaxLLM(LM):
             batch_size=size, truncation=truncation,
         )  # fmt: skip
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """`--model_args` and lm-eval's own flags; a key in both (`batch_size`) takes
+        `--model_args`' value (lm-eval's base class passes both and fails)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}  # fmt: skip
+        return cls(**arg_dict, **extra)
+
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        scored = self.model.loglikelihood([r.args for r in requests])
+        scored = _call(self.model.loglikelihood, [r.args for r in requests], requests,
+                       "--model_args truncation=left cuts a long prompt's start")  # fmt: skip
         return [(s.logprob, s.greedy) for s in scored]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [r.logprob for r in self.model.loglikelihood_rolling([r.args[0] for r in requests])]
+        texts = [r.args[0] for r in requests]
+        return [r.logprob for r in _call(self.model.loglikelihood_rolling, texts, requests, "")]
 
     def generate_until(self, requests) -> list[str]:
         """Requests grouped by their generation settings; each group is one batched call."""
         out: list[str | None] = [None] * len(requests)
         groups: dict[GenOptions, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(gen_options(r.args[1]), []).append(i)
+            room = self.model.max_len + 1 - len(self.model.encode_context(r.args[0]))
+            groups.setdefault(gen_options(r.args[1], room, self.model.max_len), []).append(i)
         for opts, idx in groups.items():
-            gens = self.model.generate([requests[i].args[0] for i in idx], opts)
+            hint = (f"max_gen_toks is {opts.max_new_tokens}: lower it (the task's "
+                    "generation_kwargs or --gen_kwargs max_gen_toks=N)")  # fmt: skip
+            mine = [requests[i] for i in idx]
+            gens = _call(lambda x, o=opts: self.model.generate(x, o),
+                         [r.args[0] for r in mine], mine, hint)  # fmt: skip
             for i, g in zip(idx, gens):
                 out[i] = g.text
         return out  # type: ignore[return-value]
@@ -81,9 +106,22 @@ class JaxLLM(LM):
         return render_text(chat_history, add_generation_prompt=add_generation_prompt)
 
 
-def gen_options(kwargs: dict[str, Any]) -> GenOptions:
+def _call(fn, args: list, requests, hint: str):
+    """`fn(args)`, a request that does not fit the context named (lm-eval's task and doc)."""
+    try:
+        return fn(args)
+    except TooLong as e:
+        r = requests[e.index]
+        where = f"task {getattr(r, 'task_name', None)}, doc {getattr(r, 'doc_id', None)}"
+        msg = f"lm-eval request ({where}): {e.what}" + (f"; {hint}" if hint else "")
+        raise DataError(msg) from None
+
+
+def gen_options(kwargs: dict[str, Any], room: int | None = None, max_len: int = 0) -> GenOptions:
     """lm-eval's generation kwargs (`until`, `max_gen_toks`, `do_sample`, `temperature`,
-    `top_k`, `top_p`) as the sampler's options; greedy unless sampling is asked for."""
+    `top_k`, `top_p`) as the sampler's options; greedy unless sampling is asked for. Without
+    `max_gen_toks`: 256 tokens, fewer where the prompt leaves less `room` in the context
+    (`max_len // 2` where it leaves none)."""
     kw = dict(kwargs or {})
     until = kw.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
@@ -91,8 +129,11 @@ def gen_options(kwargs: dict[str, Any]) -> GenOptions:
     if not kw.pop("do_sample", temperature > 0):
         temperature = 0.0
     stops = tuple(dict.fromkeys([*until, "</s>", END_TOKEN]))
+    default = DEFAULT_MAX_GEN
+    if room is not None:
+        default = min(default, room if room >= 1 else max(max_len // 2, 1))
     return GenOptions(
-        max_new_tokens=int(kw.pop("max_gen_toks", DEFAULT_MAX_GEN)), until=stops,
+        max_new_tokens=int(kw.pop("max_gen_toks", default)), until=stops,
         temperature=temperature, top_k=int(kw.pop("top_k", 0) or 0),
         top_p=float(kw.pop("top_p", 1.0) or 1.0), seed=int(kw.pop("seed", 0) or 0),
     )  # fmt: skip

@@ -144,3 +144,85 @@ def test_bad_task_files_name_the_place(tmp_path):
         load_task("nope")
     with pytest.raises(ConfigError, match="no variant 'cot'"):
         load_task("arith_mc:cot")
+
+
+class ScriptBackend:
+    """Generates `script(prompt, j)` for the j-th time a prompt is asked, cut by hand at the
+    first of the options' stop strings (what `EvalModel.generate` does)."""
+
+    def __init__(self, script):
+        self.script, self.seen, self.opts = script, {}, None
+
+    def fits(self, text, reserve):
+        return True
+
+    def generate(self, prompts, opts):
+        from jaxllm.evaluation.runner import Generation
+
+        self.opts, out = opts, []
+        for p in prompts:
+            j = self.seen[p] = self.seen.get(p, -1) + 1
+            text = self.script(p, j)
+            cut = min([text.index(s) for s in opts.until if s in text], default=len(text))
+            out.append(Generation(text[:cut], False))
+        return out
+
+
+def test_plain_generate_tasks_stop_at_the_end_token(tmp_path):
+    """An SFT model ends its answer with <|end|>, in plain-text tasks too (as the bridge)."""
+    from jaxllm.evaluation.runner import evaluate
+
+    rows = [{"q": "2+2", "answer": "4"}, {"q": "3+3", "answer": "6"}]
+    path = write_task(tmp_path, {"kind": "generate", "template": "{q}"}, rows)
+    raw = {"2+2": "4<|end|>\nmore", "3+3": "6<|end|><|user|>7"}
+    backend = ScriptBackend(lambda p, j: raw[p])
+    res = evaluate(load_task(str(path)), backend)
+    assert "<|end|>" in backend.opts.until and "\n" in backend.opts.until
+    assert [s["completions"] for s in res.samples] == [["4"], ["6"]]
+    assert {r["metric"]: r["value"] for r in res.rows}["exact_match"] == 1.0
+
+
+def test_match_rate_with_samples_is_clustered_by_example(tmp_path):
+    """samples > 1: each example's share of right samples is one value; stderr over examples."""
+    from jaxllm.evaluation.runner import evaluate
+
+    right = [0, 1, 2, 4, 3]  # right samples (of 4) per example
+    rows = [{"q": f"q{i}", "answer": "a", "g": "x" if i < 2 else "y"} for i in range(5)]
+    spec = {"kind": "generate", "template": "{q}", "temperature": 1.0, "samples": 4,
+            "pass_at": [1], "group_by": "g"}  # fmt: skip
+    path = write_task(tmp_path, spec, rows)
+    backend = ScriptBackend(lambda p, j: "a" if j < right[int(p[1:])] else "b")
+    res = evaluate(load_task(str(path)), backend)
+    rows_ = {r["metric"]: r for r in res.rows}
+    share = np.array(right) / 4
+    em = rows_["exact_match"]
+    assert em["n"] == 5 and em["value"] == pytest.approx(share.mean())
+    assert em["stderr"] == pytest.approx(np.std(share, ddof=1) / math.sqrt(5))
+    assert rows_["exact_match[y]"]["n"] == 3
+    assert rows_["exact_match[y]"]["stderr"] == pytest.approx(
+        np.std(share[2:], ddof=1) / math.sqrt(3)
+    )
+    assert rows_["pass@1"]["stderr"] == pytest.approx(em["stderr"])  # pass@1 = the same shares
+
+
+def test_reference_answers_are_any_json_scalar(tmp_path):
+    from jaxllm.evaluation.runner import evaluate
+
+    rows = [{"q": "a", "answer": 0.5}, {"q": "b", "answer": [2.50, "two and a half"]},
+            {"q": "c", "answer": True}, {"q": "d", "answer": 7}]  # fmt: skip
+    path = write_task(tmp_path, {"kind": "generate", "template": "{q}"}, rows)
+    said = {"a": "0.5", "b": "2.5", "c": "true", "d": "7"}
+    res = evaluate(load_task(str(path)), ScriptBackend(lambda p, j: said[p]))
+    assert [s["references"] for s in res.samples] == [
+        ["0.5"],
+        ["2.5", "two and a half"],
+        ["true"],
+        ["7"],
+    ]
+    assert {r["metric"]: r["value"] for r in res.rows}["exact_match"] == 1.0
+    for bad in (None, {"x": 1}, [], ["a", None]):
+        path = write_task(tmp_path, {"kind": "generate", "template": "{q}"},
+                          [{"q": "a", "answer": bad}])  # fmt: skip
+        with pytest.raises(DataError, match=r"d.jsonl:1: field 'answer' must be a string, a "
+                                            r"number or a non-empty list of them, got"):  # fmt: skip
+            evaluate(load_task(str(path)), ScriptBackend(lambda p, j: "a"))

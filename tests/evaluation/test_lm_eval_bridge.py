@@ -70,3 +70,47 @@ def test_rolling_loglikelihood_and_options(bridge):
     assert gen_options({}).temperature == 0.0
     chat = bridge.apply_chat_template([{"role": "user", "content": "hi"}])
     assert chat == "<s><|user|>hi<|end|><|assistant|>"
+
+
+class Req:
+    def __init__(self, *args, task_name="t", doc_id=0):
+        self.args, self.task_name, self.doc_id = args, task_name, doc_id
+
+
+def test_model_args_batch_size_wins_over_lm_evals_flag(monkeypatch):
+    """lm-eval passes its own `batch_size` (default 1) next to `--model_args`."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setattr("jaxllm.trainers.lm_eval_bridge.EvalModel.load",
+                        lambda checkpoint, **kw: SimpleNamespace(**kw))  # fmt: skip
+    cls, cli = get_model("jaxllm"), {"batch_size": 1, "max_batch_size": None, "device": None}
+    assert cls.create_from_arg_string("checkpoint=c,batch_size=32", cli).model.batch_size == 32
+    assert (
+        cls.create_from_arg_string("checkpoint=c", {**cli, "batch_size": 8}).model.batch_size == 8
+    )
+    assert cls.create_from_arg_obj({"checkpoint": "c", "batch_size": 4}, cli).model.batch_size == 4
+
+
+def test_default_max_gen_toks_fits_the_context(bridge, monkeypatch):
+    """Without `max_gen_toks`: 256 new tokens, or the room the prompt leaves (half the
+    context for a prompt that fills it); a `max_gen_toks` too large is named."""
+    from jaxllm.errors import DataError
+    from jaxllm.evaluation.runner import Generation
+
+    m = bridge.model
+    short, long = "What is 2 + 2?", "word " * (2 * m.max_len)
+    asked = []
+
+    def generate(prompts, opts):
+        asked.extend((p, opts.max_new_tokens) for p in prompts)
+        return [Generation("4", False) for _ in prompts]
+
+    monkeypatch.setattr(m, "generate", generate)
+    assert bridge.generate_until([Req(short, {"until": ["\n"]}), Req(long, {})]) == ["4", "4"]
+    n_short = len(m.tok.encode(short)) + 1  # with BOS
+    assert dict(asked) == {short: min(256, m.max_len - n_short + 1), long: m.max_len // 2}
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"task t, doc 0.*max_gen_toks is \d+: lower it"):
+        bridge.generate_until([Req(short, {"max_gen_toks": m.max_len + 1})])

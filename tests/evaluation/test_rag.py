@@ -3,6 +3,8 @@ context budget (dropped passages counted), recall@k, the closed-book variant, an
 errors for an empty store. A fake backend stands in for the model (no jax here)."""
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import yaml
 
 from jaxllm.errors import ConfigError, DataError
 from jaxllm.evaluation import retrieval
-from jaxllm.evaluation.runner import Generation, TaskResult, evaluate
+from jaxllm.evaluation.runner import Generation, Scored, TaskResult, evaluate
 from jaxllm.evaluation.tasks import load_task
 
 PASSAGES = [
@@ -169,3 +171,76 @@ def test_shipped_rag_task_loads():
     task = load_task("rag_qa", limit=2)
     assert task.spec.retrieval.k == 1 and task.examples[0][1]["passage_id"]
     assert load_task("rag_qa:closed").spec.retrieval.k == 0
+
+
+def test_terms_are_unicode_words():
+    text = "Müller café, MÜLLER! Москва ΑΘΉΝΑ 서울 床前 naïve_x cafe\u0301 हिन्दी"
+    assert retrieval.terms(text) == ["müller", "café", "müller", "москва", "αθήνα", "서울",
+                                     "床", "前", "naïve", "x", "café", "हिन्दी"]  # fmt: skip
+    rng = np.random.default_rng(0)  # ASCII text: the lower-cased [0-9a-z] runs, as before
+    for _ in range(200):
+        s = "".join(map(chr, rng.integers(32, 127, 40)))
+        assert retrieval.terms(s) == re.findall(r"[0-9a-z]+", s.lower())
+
+
+def hand_bm25(docs: list[list[str]], query: list[str], k1=1.5, b=0.75) -> list[float]:
+    """Okapi BM25 with Lucene's idf, written out (each query term once)."""
+    n, avgdl = len(docs), sum(map(len, docs)) / len(docs)
+    df = {t: sum(t in d for d in docs) for d in docs for t in d}
+    return [sum(math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) * d.count(t) * (k1 + 1)
+                / (d.count(t) + k1 * (1 - b + b * len(d) / avgdl))
+                for t in set(query) if t in df) for d in docs]  # fmt: skip
+
+
+def test_bm25_in_any_script_equals_a_hand_computation():
+    texts = ["Москва — столица России.", "Париж — столица Франции, Париж!",
+             "Der Bär schläft im Wald.", "Die Bärin jagt Fische im Wald.",
+             "The cat sat on the mat.", "Ἀθῆναι, Αθήνα: πόλη."]  # fmt: skip
+    hand = [["москва", "столица", "россии"], ["париж", "столица", "франции", "париж"],
+            ["der", "bär", "schläft", "im", "wald"], ["die", "bärin", "jagt", "fische", "im", "wald"],
+            ["the", "cat", "sat", "on", "the", "mat"], ["ἀθῆναι", "αθήνα", "πόλη"]]  # fmt: skip
+    index = retrieval.BM25Index([str(i) for i in range(len(texts))], texts)
+    for q, words in [("столица Франции", ["столица", "франции"]), ("Bär", ["bär"]),
+                     ("BÄRIN im Wald", ["bärin", "im", "wald"]), ("the MAT", ["the", "mat"]),
+                     ("ΠΌΛΗ", ["πόλη"]), ("Wald", ["wald"])]:  # fmt: skip
+        scores = hand_bm25(hand, words)
+        want = sorted((i for i in range(len(texts)) if scores[i] > 0), key=lambda i: -scores[i])
+        got = index.search([q], 3)[0]
+        assert [round(scores[i], 9) for i in got] == [round(scores[i], 9) for i in want[:3]], q
+
+
+def test_multiple_choice_reserves_room_for_the_longest_choice(tmp_path):
+    """Passages are placed so that the prompt and every choice fit: the lowest-ranked passages
+    go, the top one stays whole (left truncation would cut its start)."""
+    retrieval.cached_index.cache_clear()
+    passages = [{"id": "gold", "text": "Lighthouse keepers trimmed the lamp wicks nightly."},
+                {"id": "p2", "text": "The lighthouse keeper rang a bell in fog."},
+                {"id": "p3", "text": "A lighthouse guide lists the coast's towers."}]  # fmt: skip
+    long = "they trimmed the wicks of the lamp and polished the lens every night " * 3
+    question = {"question": "What did lighthouse keepers do?", "pid": "gold",
+                "choices": [long.strip(), "they slept"], "gold": 0}  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+    (tmp_path / "q.jsonl").write_text(json.dumps(question) + "\n")
+    spec = {"name": "mc", "kind": "multiple_choice", "data": "q.jsonl",
+            "template": "{context}Question: {question}\nAnswer:",
+            "retrieval": {"passages": "p.jsonl", "k": 3, "gold": "pid"}}  # fmt: skip
+    (tmp_path / "mc.yaml").write_text(yaml.safe_dump(spec))
+    ranked = {p["id"]: f"Passage: {p['text']}\n" for p in passages}
+
+    class CharBackend(CopyBackend):  # a character a token; records the scored pairs
+        def loglikelihood(self, pairs):
+            self.pairs = list(pairs)
+            return [Scored(-len(c), False, len(p) + len(c) > self.budget) for p, c in pairs]
+
+    # the budget: the top two passages, the question and the longest choice, exactly
+    task = load_task(str(tmp_path / "mc.yaml"))
+    order = retrieval.cached_index(str(tmp_path / "p.jsonl"), "id", "text").search(
+        [question["question"]], 3)[0]  # fmt: skip
+    ids = [passages[j]["id"] for j in order]
+    assert ids[0] == "gold" and len(ids) == 3
+    two = "".join(ranked[i] for i in ids[:2]) + f"Question: {question['question']}\nAnswer:"
+    backend = CharBackend(budget=len(two) + len(" " + long.strip()))
+    res = evaluate(task, backend)
+    assert res.passages_dropped == 1 and res.truncated == 0
+    assert res.samples[0]["prompt"] == two  # the top two, whole; the third dropped
+    assert all(len(p) + len(c) <= backend.budget for p, c in backend.pairs)
