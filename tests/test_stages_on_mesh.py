@@ -76,7 +76,7 @@ def test_black_box_distill_answers_on_the_mesh(tmp_path, tiny_ckpt, prefills):
     raw.update(name="ta", output_dir=str(tmp_path / "ta"), progress=False)
     raw["inputs"]["checkpoint"] = str(tiny_ckpt)
     raw["distill"].update(prompts_file=str(prompts), val_prompts_file="", max_prompts=3,
-                          max_new_tokens=4, batch_size=2)  # fmt: skip
+                          max_new_tokens=4, batch_size=2, keep_truncated=True)  # fmt: skip
     summary = run_stage(from_dict(raw))
     assert summary["answers_train"] + summary["empty_answers_train"] == 3
     assert len(prefills) == 2  # batches of 2: each padded to the 8 devices

@@ -19,6 +19,8 @@ class DistillConfig:
     `mode: black_box`: the teacher answers the prompts of `prompts_file` (and `val_prompts_file`)
     with the sampler and writes `{"prompt", "response"}` SFT records, handed on as outputs
     `sft_data` / `sft_val_data` to a following `stage: sft` (the student's fine-tuning).
+    Generation stops at any structural token; answers that hit `max_new_tokens` unfinished
+    are dropped (unless `keep_truncated`), and prompts with earlier assistant turns refused.
     """
 
     mode: Literal["white_box", "black_box"] = "white_box"
@@ -36,6 +38,8 @@ class DistillConfig:
     sample_temperature: float = 0.0  # 0: greedy answers
     top_p: float = 1.0
     batch_size: int = 64  # prompts generated together
+    # keep answers cut off at max_new_tokens (unfinished) as SFT targets; false: drop them
+    keep_truncated: bool = False
 
     def _validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -81,7 +81,7 @@ class PreferenceRecords:
             try:
                 pairs = _record_pairs(record)
             except DataError as e:
-                raise _error(self.source, r, str(e)) from None
+                raise record_error(self.source, r, str(e)) from None
             index += [(r, a, b, w) for a, b, w in pairs]
         self._record = np.array([p[0] for p in index], np.int64)
         self._better = np.array([p[1] for p in index], np.int32)
@@ -169,7 +169,7 @@ def _prompt_messages(record: dict[str, Any], allow_answer: bool) -> list[Message
     return messages
 
 
-def _error(source: JsonlSource, index: int, what: str) -> DataError:
+def record_error(source: JsonlSource, index: int, what: str) -> DataError:
     """`what` (a message from the checks above) as a DataError naming file:line."""
     what = what.removeprefix("record: ")
     file_index = int(np.searchsorted(source._ends, index, side="right"))
@@ -295,7 +295,7 @@ class PromptRecords:
         try:
             return _prompt_record(record)
         except DataError as e:
-            raise _error(self.source, int(index), str(e)) from None
+            raise record_error(self.source, int(index), str(e)) from None
 
 
 def _prompt_record(record: dict[str, Any]) -> dict[str, Any]:

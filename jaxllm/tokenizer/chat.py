@@ -40,7 +40,7 @@ THINK, END_THINK = "<think>", "</think>"  # a reasoning trace inside an assistan
 # special tokens: `trainers/envs.py` cuts the model's turn at END_TOOL).
 TOOL, END_TOOL, RESULT, END_RESULT = "<tool>", "</tool>", "<result>", "</result>"
 # Strings that would break the structure if they appeared inside a message's content.
-_RESERVED = ("<s>", "</s>", END_TOKEN, *ROLE_TOKENS.values())
+STRUCTURAL = ("<s>", "</s>", END_TOKEN, *ROLE_TOKENS.values())
 
 Message = dict[str, str]
 RecordFormat = Literal["auto", "prompt_response", "messages"]
@@ -70,7 +70,7 @@ class ChatTemplate:
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         # a tokenizer without a BOS (an imported Qwen2's) renders conversations without `<s>`
         no_bos = getattr(tokenizer, "bos_id", 0) < 0
-        missing = [s for s in _RESERVED if s not in tokenizer.special_ids]
+        missing = [s for s in STRUCTURAL if s not in tokenizer.special_ids]
         missing = [s for s in missing if not (s == "<s>" and no_bos)]
         if missing:
             raise DataError(
@@ -79,7 +79,7 @@ class ChatTemplate:
                 "imported HF tokenizer set hf.chat_tokens: true"
             )
         self.tok = tokenizer
-        self.ids = {s: tokenizer.special_ids[s] for s in _RESERVED if s in tokenizer.special_ids}
+        self.ids = {s: tokenizer.special_ids[s] for s in STRUCTURAL if s in tokenizer.special_ids}
         self.head = [self.ids["<s>"]] if "<s>" in self.ids else []
 
     def render(
@@ -171,7 +171,7 @@ def check_messages(messages: Any, where: str, need_answer: bool) -> list[Message
             )
         if role == "system" and i:
             raise DataError(f"{where}: message {i}: a system message may only come first")
-        bad = next((s for s in _RESERVED if s in content), None)
+        bad = next((s for s in STRUCTURAL if s in content), None)
         if bad:
             raise DataError(f"{where}: message {i} contains the reserved token {bad}; remove it")
         out.append({"role": role, "content": content})

@@ -26,14 +26,15 @@ from flax import nnx
 from jaxllm.config import Config, replace, to_dict
 from jaxllm.config.distill import DistillConfig
 from jaxllm.data.pipeline import make_eval_dataset, make_lm_dataset
-from jaxllm.data.preference import PromptRecords
+from jaxllm.data.preference import PromptRecords, record_error
 from jaxllm.data.sources import cleaned_shards
 from jaxllm.errors import ConfigError
-from jaxllm.generation import Sampler, response_texts, sample_all
+from jaxllm.generation import Sampler, sample_all
+from jaxllm.generation.sampler import SampleResult
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer import Tokenizer
-from jaxllm.tokenizer.chat import ChatTemplate
+from jaxllm.tokenizer.chat import END_TOKEN, STRUCTURAL, ChatTemplate
 from jaxllm.trainers import data_file, require_input
 from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
@@ -44,6 +45,7 @@ from jaxllm.trainers.lm import (
     load_frozen_model,
     load_model_tokenizer,
     loop_spec,
+    make_watch,
     model_fn,
     output_checkpoint,
     resolve_loss_chunk,
@@ -72,9 +74,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 def distill_lm_loss(
     teacher_graphdef: nnx.GraphDef, d: DistillConfig, z_loss: float = 0.0
 ):  # fmt: skip
-    """`loss_fn(student, batch, key, consts)`: `(1 - alpha) * CE + alpha * T^2 * KL` summed
-    over the loss-masked tokens; `consts["teacher"]` is the teacher's state. aux: `ce` (the
-    student's data loss), `kl` (unscaled), `distill` (the scaled KL term) and `weight`."""
+    """`loss_fn(student, batch, key, consts)`: `(1 - alpha) * CE + alpha * T^2 * KL
+    + z_loss * logsumexp^2` summed over the loss-masked tokens (the z-loss in full, as the
+    baseline and pretraining add it); `consts["teacher"]` is the teacher's state. aux: `ce`
+    (the student's data loss), `z_loss` (the lse^2 sum), `kl` (unscaled), `distill` (the
+    scaled KL term) and `weight`."""
 
     def loss_fn(model, batch, key, consts):
         kw = dict(positions_BL=batch["positions"], segment_ids_BL=batch["segment_ids"])
@@ -82,9 +86,11 @@ def distill_lm_loss(
         teacher = nnx.merge(teacher_graphdef, consts["teacher"])
         teacher_BLV = jax.lax.stop_gradient(teacher(batch["tokens"], deterministic=True, **kw))
         mask_BL = batch["loss_mask"]
-        ce, aux = cross_entropy(logits_BLV, batch["targets"], mask_BL, z_loss)
+        ce, aux = cross_entropy(logits_BLV, batch["targets"], mask_BL)
         kd, kd_aux = distill_loss(logits_BLV, teacher_BLV, mask_BL, d.temperature, d.kind)
         loss = (1.0 - d.alpha) * ce + d.alpha * kd
+        if z_loss:
+            loss = loss + z_loss * aux["z_loss"]
         return loss, {**aux, "kl": kd_aux["kl"], "distill": kd}
 
     return loss_fn
@@ -221,14 +227,16 @@ def _teacher_ce(teacher_graphdef: nnx.GraphDef):
 
 def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path) -> dict:
     """The same student, init and batches on the data alone (alpha = 0, no teacher forward);
-    its metrics go to `baseline/metrics.jsonl`, no checkpoints."""
+    its metrics go to `baseline/metrics.jsonl`, no checkpoints: early stopping applies as to
+    the student, but `keep_best` does not (`best/` is the distilled student's)."""
     t = cfg.train
     graphdef, state, shardings, _ = student.init()
     step = make_train_step(
         graphdef, lm_loss(t.z_loss, resolve_loss_chunk(cfg)), tx, lr_schedule(t.optim, t.steps), shardings, mesh,
         cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
-    spec = loop_spec(cfg, step, stream, mesh, evaluate, desc=f"baseline {cfg.name}")
+    watch = make_watch(replace(cfg, **{"train.keep_best": False}))
+    spec = loop_spec(cfg, step, stream, mesh, evaluate, desc=f"baseline {cfg.name}", watch=watch)
     out = run_dir / "baseline"
     if jax.process_index() == 0:  # its metrics: process 0's, like every run file
         out.mkdir(parents=True, exist_ok=True)
@@ -258,9 +266,14 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if d.val_prompts_file:
         splits.append(("val", d.val_prompts_file, "val_prompts_file", 0))
     for split, file, key, cap in splits:
-        rows, figures = answer(data_file(file, f"distill.{key}"), cap)
+        rows, figures = answer(data_file(file, f"distill.{key}"), key, cap)
         if not rows:
-            raise ConfigError(f"config key 'distill.{key}': no prompt fits in {limit} positions")
+            raise ConfigError(
+                f"config key 'distill.{key}': no usable teacher answer: "
+                f"{figures['skipped_too_long']} prompts too long for {limit} positions, "
+                f"{figures['empty_answers']} empty, {figures['dropped_truncated']} cut off at "
+                "distill.max_new_tokens (raise it, or set distill.keep_truncated: true)"
+            )
         path = run_dir.path / f"teacher_answers_{split}.jsonl"
         if jax.process_index() == 0:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -272,60 +285,93 @@ def teacher_answers(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
 
 
 class _Answerer:
-    """`(path, cap) -> (sft_rows, figures)`: the teacher's answers to a file's prompts, in
-    batches of `batch_size` split over the mesh (the last padded: one compiled program)."""
+    """`(path, key, cap) -> (sft_rows, figures)`: the teacher's answers to a file's prompts,
+    in batches of `batch_size` split over the mesh (the last padded: one compiled program).
+    Generation stops at any structural token (`<|end|>`, `</s>`, a role token, `<s>`); see
+    `clean_answer` for what is kept."""
 
     def __init__(self, sampler, state, template, d: DistillConfig, seed: int, limit) -> None:
         self.sampler, self.state, self.template, self.d = sampler, state, template, d
         self.key, self.limit = jax.random.key(seed), limit
-        self.stops = [template.ids["<|end|>"], template.ids["</s>"]]
+        self.stops = sorted(set(template.ids.values()))  # every structural id the tokenizer has
+        self.ends = {template.ids[END_TOKEN], template.ids["</s>"]}  # the turn's proper ends
 
-    def __call__(self, path: Path, cap: int) -> tuple[list[dict], dict[str, Any]]:
+    def __call__(self, path: Path, key: str, cap: int) -> tuple[list[dict], dict[str, Any]]:
         d, records = self.d, PromptRecords([path])
         picks, prompts, skipped = [], [], 0
         for i in range(len(records) if not cap else min(cap, len(records))):
-            ids = self.template.render(records[i]["messages"], add_generation_prompt=True).ids
+            msgs = records[i]["messages"]
+            if any(m["role"] == "assistant" for m in msgs):
+                raise record_error(
+                    records.source, i, f"distill.{key}: a prompt with earlier assistant turns, "
+                    "which the student's SFT would learn as the teacher's (black-box distillation "
+                    "takes prompts without answers in their history)",
+                )  # fmt: skip
+            ids = self.template.render(msgs, add_generation_prompt=True).ids
             if self.limit and len(ids) + d.max_new_tokens > self.limit:
                 skipped += 1
                 continue
             picks.append(i)
             prompts.append(ids)
-        texts, stopped = self._generate(prompts)
+        res = self._generate(prompts)
         rows, hits, refs = [], 0, 0
-        for i, text in zip(picks, texts):
+        counts = {"empty": 0, "cut": 0, "truncated": 0}
+        for i, toks, stopped in zip(picks, res.tokens, res.stopped):
+            text, outcome = clean_answer(self.template.tok, toks, stopped, self.ends)
             r = records[i]
             raw = records.source[i]
             ref = r["answer"] if r["answer"] is not None else raw.get("response")
             if isinstance(ref, str):
                 refs += 1
                 hits += text.strip() == ref.strip()
-            if text.strip():
+            if not text.strip():
+                counts["empty"] += 1
+            elif outcome == "truncated" and not d.keep_truncated:
+                counts["truncated"] += 1
+            else:
+                counts["cut"] += outcome == "cut"
                 rows.append(_sft_record(r, text))
         figures = {
             "answers": len(rows),
             "skipped_too_long": skipped,
-            "empty_answers": len(texts) - len(rows),
-            "stopped_share": round(float(np.mean(stopped)) if stopped else 0.0, 4),
+            "empty_answers": counts["empty"],
+            "dropped_truncated": counts["truncated"],
+            "cut_at_reserved": counts["cut"],
+            "stopped_share": round(float(np.mean(res.stopped)) if picks else 0.0, 4),
             "teacher_exact_match": round(hits / refs, 4) if refs else None,
         }
         return rows, figures
 
-    def _generate(self, prompts: list[list[int]]) -> tuple[list[str], list[bool]]:
+    def _generate(self, prompts: list[list[int]]) -> SampleResult:
         """Batch n samples with `fold_in(key, n)`; every process gets every answer."""
         if not prompts:
-            return [], []
+            return SampleResult([], [], [], [])
         d = self.d
-        res = sample_all(
+        return sample_all(
             self.sampler, self.state, prompts, batch_size=d.batch_size,
             key_for=lambda n: jax.random.fold_in(self.key, n), max_new_tokens=d.max_new_tokens,
             temperature=d.sample_temperature, top_p=d.top_p, stop_ids=self.stops,
         )  # fmt: skip
-        return response_texts(self.template.tok, res), list(res.stopped)
+
+
+def clean_answer(tok, tokens: list[int], stopped: bool, ends: set[int]) -> tuple[str, str]:
+    """`(text, outcome)` of one generated row (`stopped`: its last token is a stop id):
+    "ok" (ended by `<|end|>` / `</s>`), "cut" (ended by another structural token, or its
+    text held a reserved string such as `<|user|>` spelt by ordinary pieces: cut there, as
+    an SFT message may not contain one) or "truncated" (hit `max_new_tokens` unfinished)."""
+    body = tokens[:-1] if stopped else tokens
+    text = tok.decode(body)
+    at = min((j for j in (text.find(s) for s in STRUCTURAL) if j >= 0), default=-1)
+    if at >= 0:
+        return text[:at], "cut"
+    if stopped:
+        return text, "ok" if tokens[-1] in ends else "cut"
+    return text, "truncated"
 
 
 def _sft_record(r: dict[str, Any], response: str) -> dict[str, Any]:
-    """`{"prompt", "response"}` for a single user turn, else `{"messages"}` (system/history
-    kept), with the record's task."""
+    """`{"prompt", "response"}` for a single user turn, else `{"messages"}` (the system
+    message and user turns kept), with the record's task."""
     msgs = r["messages"]
     task = {"task": r["task"]} if r.get("task") else {}
     if len(msgs) == 1:

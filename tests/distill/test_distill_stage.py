@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from jaxllm.config import MeshConfig, from_dict, read_yaml
@@ -44,7 +45,9 @@ def white_box_raw(teacher: Path, out: Path, **model) -> dict:
 
 
 def test_white_box_stage(tmp_path, teacher, tok):
-    summary = run(white_box_raw(teacher, tmp_path / "wb"))
+    raw = white_box_raw(teacher, tmp_path / "wb")
+    raw["train"].update(keep_best=True, eval_every=3)  # best/ is handed on: the student's
+    summary = run(raw)
     for key in ("val_loss_distilled", "val_loss_baseline", "val_loss_teacher"):
         assert isinstance(summary[key], float) and summary[key] > 0
     assert summary["student_params"] < summary["teacher_params"]
@@ -54,10 +57,15 @@ def test_white_box_stage(tmp_path, teacher, tok):
     assert (tmp_path / "wb/baseline/metrics.jsonl").is_file()
     metrics = [json.loads(x) for x in (tmp_path / "wb/metrics.jsonl").read_text().splitlines()]
     assert any("kl" in m for m in metrics)
-    # the student's checkpoint is a plain decoder checkpoint (generate / sft load it by path)
+    # the student's checkpoint is a plain decoder checkpoint (generate / sft load it by path);
+    # with keep_best it is best/, the distilled student's (the baseline writes none there)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    _, _, m, meta = load_checkpoint_model(Path(summary["outputs"]["checkpoint"]), mesh)
+    assert summary["outputs"]["checkpoint"] == str(tmp_path / "wb/best")
+    _, best, m, meta = load_checkpoint_model(Path(summary["outputs"]["checkpoint"]), mesh)
     assert m.d_model == 16 and m.vocab_size == tok.vocab_size
+    _, last, _, _ = load_checkpoint_model(tmp_path / "wb/checkpoints", mesh)
+    assert summary["best_step"] == 3  # the only evaluation: best/3 is checkpoints/3
+    jax.tree.map(np.testing.assert_array_equal, best, last)
     assert meta["tokenizer"] == str(tmp_path / "wb/tokenizer.model")  # the run's own copy
     assert (tmp_path / "wb/tokenizer.model").read_bytes() == tok.path.read_bytes()
 
@@ -80,12 +88,15 @@ def test_black_box_writes_sft_records_for_the_next_stage(tmp_path, teacher):
     raw["distill"].update(
         prompts_file=str(prompts), val_prompts_file=str(prompts), max_prompts=4,
         max_new_tokens=6, batch_size=4, sample_temperature=1.0,
+        keep_truncated=True,  # the pretrained-only teacher rarely stops within 6 tokens
     )  # fmt: skip
     summary = run(raw)
     out = summary["outputs"]
     train = SFTRecords([out["sft_data"]])
     val = SFTRecords([out["sft_val_data"]])
     assert len(train) == summary["answers_train"] <= 4
+    assert summary["dropped_truncated_train"] == 0
+    assert summary["answers_train"] + summary["empty_answers_train"] == 4
     assert len(val) == summary["answers_val"] and summary["answers_val"] >= 1
     for i in range(len(val)):  # every record parses as a conversation ending in an answer
         assert val[i][-1]["role"] == "assistant" and val[i][-1]["content"].strip()

@@ -40,8 +40,9 @@ def np_log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def np_reference(s_logits, t_logits, batch, alpha, temp, kind):
-    """((1 - alpha) * CE + alpha * T^2 * KL) / tokens, in float64."""
+def np_reference(s_logits, t_logits, batch, alpha, temp, kind, z=0.0):
+    """((1 - alpha) * CE + alpha * T^2 * KL + z * lse^2) / tokens, in float64 (the PaLM
+    z-loss in full, not scaled by 1 - alpha, as pretraining and the baseline add it)."""
     s, t = s_logits.astype(np.float64), t_logits.astype(np.float64)
     mask = batch["loss_mask"].astype(np.float64)
     logp = np_log_softmax(s)
@@ -49,7 +50,9 @@ def np_reference(s_logits, t_logits, batch, alpha, temp, kind):
     ls, lt = np_log_softmax(s / temp), np_log_softmax(t / temp)
     p, q = (lt, ls) if kind == "forward" else (ls, lt)
     kl = (np.exp(p) * (p - q)).sum(-1)
+    lse = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
     total = (1 - alpha) * (nll * mask).sum() + alpha * temp**2 * (kl * mask).sum()
+    total += z * (lse**2 * mask).sum()
     return total / mask.sum(), (kl * mask).sum() / mask.sum()
 
 
@@ -61,8 +64,10 @@ def logits(model, batch):
     return np.asarray(out, np.float64)
 
 
-@pytest.mark.parametrize(("alpha", "temp", "kind"), [(0.7, 2.0, "forward"), (0.4, 1.0, "reverse")])
-def test_step_loss_matches_numpy_and_teacher_is_fixed(alpha, temp, kind):
+@pytest.mark.parametrize(
+    ("alpha", "temp", "kind", "z"), [(0.7, 2.0, "forward", 1e-2), (0.4, 1.0, "reverse", 0.0)]
+)
+def test_step_loss_matches_numpy_and_teacher_is_fixed(alpha, temp, kind, z):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     teacher = Decoder(TEACHER, rngs=nnx.Rngs(1))
     tg, tstate = nnx.split(teacher)
@@ -71,12 +76,12 @@ def test_step_loss_matches_numpy_and_teacher_is_fixed(alpha, temp, kind):
     graphdef, state, sh = create_train_state(model_fn(STUDENT, 0), tx, mesh, "dp", 0)
     d = DistillConfig(alpha=alpha, temperature=temp, kind=kind)
     step = make_train_step(
-        graphdef, distill_lm_loss(tg, d), tx, lr_schedule(OPT, 4), sh, mesh, "dp",
+        graphdef, distill_lm_loss(tg, d, z), tx, lr_schedule(OPT, 4), sh, mesh, "dp",
         const_shardings={"teacher": jax.tree.map(lambda x: x.sharding, tstate)},
     )  # fmt: skip
     batch = make_batch()
     s_logits = logits(nnx.merge(graphdef, state.params, state.frozen), batch)
-    ref_loss, ref_kl = np_reference(s_logits, logits(teacher, batch), batch, alpha, temp, kind)
+    ref_loss, ref_kl = np_reference(s_logits, logits(teacher, batch), batch, alpha, temp, kind, z)
     consts = {"teacher": tstate}
     state, metrics = step(state, to_global(batch, mesh), consts)
     np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=2e-5)
