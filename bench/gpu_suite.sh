@@ -90,7 +90,8 @@ if [ "$SMOKE" = 1 ]; then
   job attention 120 "$PY" bench/attention.py --smoke --repeats 2 --json "$RES"
   job mfu-tiny 120 "$PY" "${MFU[@]}" "${TINY[@]}" --label tiny-one
   job mfu-tiny-packed 120 "$PY" "${MFU[@]}" "${TINY[@]}" --quick-init --docs packed --doc-len 16 --label tiny-packed
-  job torch-tiny 120 "$PY" bench/torch_train.py --preset tiny --vocab 512 --batch 4 --seq 64 --steps 2 --no-compile --json "$RES" --label tiny
+  # the same model and shape as the jax rows: the config's overrides of the tiny preset included
+  job torch-tiny 120 "$PY" bench/torch_train.py "${TINY[@]}" --no-compile --json "$RES" --label tiny
   job decode-tiny 120 "$PY" bench/decode.py --preset tiny --vocab 512 --new 8 --batches 1 4 --no-uncached --json "$RES"
 else
   # Persistent compile cache: a job whose program an earlier job compiled starts at once.

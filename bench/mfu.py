@@ -198,7 +198,8 @@ def main() -> None:
     if args.json:
         row = dict(
             bench="mfu", label=args.label, config=args.config, sets=args.set,
-            preset=m.preset, params_m=round(param_count(m) / 1e6, 1), attention=kernel,
+            preset=m.preset, params=param_count(m), params_m=round(param_count(m) / 1e6, 1),
+            attention=kernel,
             loss_chunk=chunk, remat=m.remat, dtype=m.dtype, docs=args.docs,
             batch=cfg.loader.batch_size, seq_len=length, grad_accum=t.grad_accum,
             tokens_per_step=tokens_per_step, compile_s=round(compile_s, 1), xla_compile_s=round(t2 - t1, 1),

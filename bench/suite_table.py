@@ -1,8 +1,10 @@
 """The Markdown table of a `bench/gpu_suite.sh` run, from its results.jsonl.
 
 One line per training measurement (jax and torch), with each jax step's tokens/s as a ratio
-to the torch.compile step of the same preset and shape measured in the same run; then the
-decode and attention-kernel rows.
+to the torch step of the same model (preset and parameter count: a config's overrides of the
+preset's shape count) and batch shape measured in the same run; then the decode and
+attention-kernel rows. Rows without a parameter count (written before the benches stored one)
+get no ratio.
 
     python bench/suite_table.py bench_out/results.jsonl > bench_out/table.md
 """
@@ -13,8 +15,14 @@ import json
 import sys
 
 
+def same_model(r: dict) -> tuple:
+    """What a jax row and its torch baseline share: the model (preset, parameter count) and
+    the batch shape."""
+    return (r["preset"], r.get("params"), r["batch"], r["seq_len"])
+
+
 def table(rows: list[dict]) -> str:
-    torch = {(r["preset"], r["batch"], r["seq_len"]): r for r in rows if r["bench"] == "torch"}
+    torch = {same_model(r): r for r in rows if r["bench"] == "torch" and r.get("params")}
     out = [
         "| run | attention | loss_chunk | batch x seq | tokens/s | MFU | step ms | vs torch | memory GiB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -30,7 +38,7 @@ def table(rows: list[dict]) -> str:
             name, attn, chunk = r["label"] or r["preset"], r["attention"], r["loss_chunk"]
             if r.get("docs") != "one":
                 attn += f" ({r['docs']} docs)"
-            base = torch.get((r["preset"], r["batch"], r["seq_len"]))
+            base = torch.get(same_model(r)) if r.get("params") else None
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         out.append(
             f"| {name} | {attn} | {chunk} | {shape} | {r['tokens_per_s']:,} | {r['mfu']:.1%} "

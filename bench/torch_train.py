@@ -10,6 +10,12 @@ benches' figures compare one for one.
 
     python bench/torch_train.py --preset gpt2_124m --batch 64 --seq 1024 --json out.jsonl
     python bench/torch_train.py --preset tiny --batch 4 --seq 64 --steps 2 --no-compile  # CPU
+    python bench/torch_train.py --config configs/tiny_pretrain.yaml --vocab 512 --no-compile
+
+`--config` (with `--set`, as `bench/mfu.py` takes them) builds the model of a pretrain config,
+its overrides included, at the config's batch shape: the same model as `bench/mfu.py` with the
+same arguments. The JSON row holds the model's parameter count (`params`), which
+`bench/suite_table.py` matches the jax rows on.
 
 Bench only: jaxllm never imports torch.
 """
@@ -31,29 +37,40 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch_gpt import GPT, make_optimizer  # noqa: E402
 
-from jaxllm.config import ModelConfig, from_dict  # noqa: E402
-from jaxllm.models.flops import param_count, train_flops_per_token  # noqa: E402
-
-PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from jaxllm.config import from_dict, load_config, replace  # noqa: E402
+from jaxllm.models.flops import train_flops_per_token  # noqa: E402
+from jaxllm.training.peak import published_peak_of  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpt2_124m", help="a jaxllm GPT-2-family preset")
-    ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--config", default="", help="a pretrain config instead of --preset")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--vocab", type=int, default=50304,
+                    help="vocabulary when the config takes the tokenizer's (model.vocab_size 0)")  # fmt: skip
+    ap.add_argument("--batch", type=int, default=0, help="default: the config's, or 64")
+    ap.add_argument("--seq", type=int, default=0, help="default: the config's, or 1024")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 3 untimed)")
     ap.add_argument("--no-compile", action="store_true", help="eager (CPU smoke runs)")
     ap.add_argument("--json", default="")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
 
-    m: ModelConfig = from_dict(
-        {"model": {"preset": args.preset, "vocab_size": args.vocab}, "stage": "pretrain"}
-    ).model
+    if args.config:
+        cfg = load_config(args.config, args.set)
+        m = cfg.model if cfg.model.vocab_size else replace(cfg.model, vocab_size=args.vocab)
+        args.batch, args.seq = args.batch or cfg.loader.batch_size, args.seq or cfg.loader.seq_len
+    else:
+        m = from_dict(
+            {"model": {"preset": args.preset, "vocab_size": args.vocab}, "stage": "pretrain"}
+        ).model
+        args.batch, args.seq = args.batch or 64, args.seq or 1024
+    source = f"--config {args.config}" if args.config else f"--preset {args.preset}"
     if m.mlp != "gelu" or m.positions != "learned" or not m.tie_embeddings:
-        raise SystemExit(f"--preset {args.preset}: the torch baseline is GPT-2-shaped only")
+        raise SystemExit(f"{source}: the torch baseline is GPT-2-shaped only")
+    if args.seq > m.max_seq_len:
+        raise SystemExit(f"--seq {args.seq}: longer than the model's max_seq_len {m.max_seq_len}")
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
@@ -63,6 +80,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     fwd = model if args.no_compile else torch.compile(model)
+    n_params = sum(p.numel() for p in model.parameters())  # jaxllm's param_count(m), the same
 
     def step(tokens, targets):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
@@ -97,9 +115,9 @@ def main() -> None:
     tok = args.batch * args.seq
     flops = train_flops_per_token(m, args.seq) * tok
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK.items() if k in name), 0.0)
+    peak = published_peak_of(name) or 0.0
     mfu = flops / med / peak if peak else 0.0
-    print(f"torch {torch.__version__} on {name}; {args.preset} ({param_count(m) / 1e6:.1f} M), "
+    print(f"torch {torch.__version__} on {name}; {m.preset} ({n_params / 1e6:.1f} M), "
           f"{args.batch} x {args.seq}, {'eager' if args.no_compile else 'torch.compile'}; "
           f"first step (compile) {compile_s:.1f} s, loss {first:.4f}")  # fmt: skip
     print(f"median step {med * 1e3:.1f} ms  {tok / med:,.0f} tokens/s  MFU {mfu:.1%}  "
@@ -107,7 +125,8 @@ def main() -> None:
     if args.json:
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         row = dict(
-            bench="torch", label=args.label, preset=args.preset, compiled=not args.no_compile,
+            bench="torch", label=args.label, config=args.config, sets=args.set, preset=m.preset,
+            params=n_params, params_m=round(n_params / 1e6, 1), compiled=not args.no_compile,
             batch=args.batch, seq_len=args.seq, compile_s=round(compile_s, 1),
             step_ms=round(med * 1e3, 2), best_step_ms=round(best * 1e3, 2),
             tokens_per_s=round(tok / med), mfu=round(mfu, 4), peak_mem_gib=round(mem, 2),

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--plan", action="store_true", help="report; train nothing")
     plan.add_argument("--devices", type=int, default=0,
                       help="plan for N devices, simulated on CPU when this host has another count")  # fmt: skip
-    plan.add_argument("--hardware", default="h100", help="h100, h200, a100, v4, v5e, v5p, ...")
+    plan.add_argument("--hardware", default="h100", help="h100, h100_pcie, h100_nvl, h200, a100, l4, l40s, v4, v5e, v5p, ...")
     plan.add_argument("--mfu", type=float, default=0.4, help="for the step-time estimate")
     plan.add_argument("--no-compile", action="store_true", help="skip the AOT compile")
     args = parser.parse_args(argv)

@@ -27,23 +27,38 @@ from pathlib import Path
 REPO_URL = "https://github.com/"""
     + REPO
     + r'''.git"  # your fork, if you use one
+NOTEBOOK = "@NOTEBOOK@"  # runs go to runs/notebooks/<NOTEBOOK>/<stage>/
+
+
+def colab_accelerator(env=os.environ, dev=Path("/dev")) -> str:
+    """The jax extra for this runtime: "tpu" (v2-v4: COLAB_TPU_ADDR or /dev/accel*; v5e/v6e:
+    TPU_ACCELERATOR_TYPE or /dev/vfio/<group>), "cuda12" (/dev/nvidia0), or "" (CPU)."""
+    vfio_groups = [p for p in (dev / "vfio").glob("*") if p.name.isdigit()]
+    if env.get("COLAB_TPU_ADDR") or env.get("TPU_ACCELERATOR_TYPE") or vfio_groups or (
+            any(dev.glob("accel[0-9]*"))):
+        return "tpu"
+    return "cuda12" if (dev / "nvidia0").exists() else ""
+
+
 if "google.colab" in sys.modules:
     if not Path("jaxllm").exists():
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "jaxllm"], check=True)
-    accel = "tpu" if os.environ.get("COLAB_TPU_ADDR") or Path("/dev/accel0").exists() else (
-        "cuda12" if Path("/dev/nvidia0").exists() else "")
+    accel = colab_accelerator()
     if accel:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-U", f"jax[{accel}]"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "jaxllm"], check=True)
     sys.path.insert(0, str(Path("jaxllm").resolve()))
 
 import jax
+import yaml
 
 import jaxllm
+from jaxllm.config import load_config, to_dict
 from jaxllm.main import main
+from jaxllm.rundir import first_difference
 
 ROOT = Path(jaxllm.__file__).resolve().parents[1]  # the checkout: configs/ and the shipped data
-WORK = Path(os.environ.get("JAXLLM_NOTEBOOK_DIR", "runs/notebooks")).resolve()
+WORK = Path(os.environ.get("JAXLLM_NOTEBOOK_DIR", "runs/notebooks")).resolve() / NOTEBOOK
 SMOKE = os.environ.get("JAXLLM_NOTEBOOK_SMOKE") == "1"  # the test suite's tiny settings
 BACKEND = jax.default_backend()  # "tpu", "gpu" or "cpu": sizes below follow it
 
@@ -53,10 +68,36 @@ def steps(cpu: int, accelerator: int) -> int:
     return 4 if SMOKE else (cpu if BACKEND == "cpu" else accelerator)
 
 
+def _strings(tree) -> list:
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        return [s for v in tree for s in _strings(v)]
+    return [tree] if isinstance(tree, str) else []
+
+
 def run(config: str, name: str, *sets: str) -> dict:
-    """One stage, as `python -m jaxllm.main --config configs/<config> --set ...`; its summary."""
+    """One stage, as `python -m jaxllm.main --config configs/<config> --set ...`; its summary.
+    Run again ("Run all" twice), a finished stage is reused when its config is the same and no
+    run it reads (a folder of WORK) finished after it started; otherwise it runs again, over
+    the old one (overwrite=true). An interrupted stage with the same config resumes."""
     out = WORK / name
-    args = ["--config", str(ROOT / "configs" / config), "--set", f"output_dir={out}"]
+    sets = (f"output_dir={out}", *sets)
+    old_file = out / "config.yaml"
+    if old_file.is_file():
+        old = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
+        same = first_difference(old, to_dict(load_config(ROOT / "configs" / config, sets))) is None
+        inputs = {WORK / Path(s).relative_to(WORK).parts[0] for s in _strings(old)
+                  if s.startswith(f"{WORK}{os.sep}")} - {out}
+        stale = any((d / "summary.json").is_file() and (d / "summary.json").stat().st_mtime
+                    > old_file.stat().st_mtime for d in inputs)
+        finished = (out / "summary.json").is_file()
+        if finished and same and not stale:
+            print(f"{name}: reusing the finished run in {out} (delete it to run the stage again)")
+            return json.loads((out / "summary.json").read_text())
+        if finished or not same or stale:
+            sets += ("overwrite=true",)
+    args = ["--config", str(ROOT / "configs" / config)]
     for s in sets:
         args += ["--set", s]
     if main(args) != 0:
@@ -68,6 +109,11 @@ print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device
       f"runs in {WORK}{'; smoke settings' if SMOKE else ''}")
 '''
 )
+
+
+def setup(notebook: str) -> str:
+    """The first code cell of `notebook`: its runs go to runs/notebooks/<notebook>/."""
+    return SETUP.replace("@NOTEBOOK@", notebook)
 
 
 def badge(name: str) -> str:
@@ -82,11 +128,12 @@ def quickstart() -> list:
             "The whole tiny pipeline of `make demo`, one stage per cell: clean the shipped corpus, "
             "train a BPE tokenizer, pretrain a 3.3 M-parameter GPT, sample from it, then fine-tune "
             "it on chat data. Every cell is the same command as `python -m jaxllm.main --config "
-            "configs/<stage>.yaml`; each run writes `runs/notebooks/<name>/` (summary, metrics, "
-            "loss plot, checkpoints). Runs on CPU in a few minutes; on a Colab TPU or GPU it "
+            "configs/<stage>.yaml`; each run writes `runs/notebooks/quickstart/<name>/` (summary, "
+            "metrics, loss plot, checkpoints); run again, a finished stage with the same settings is "
+            "reused. Runs on CPU in a few minutes; on a Colab TPU or GPU it "
             "trains longer in the same time."
         ),
-        new_code_cell(SETUP),
+        new_code_cell(setup("quickstart")),
         new_markdown_cell("## 1. Data and tokenizer"),
         new_code_cell(
             'data = run("tiny_data.yaml", "data")\n'
@@ -139,7 +186,7 @@ def byo_model() -> list:
             "Left empty, the notebook builds a small random-weight Llama with `transformers`, so it "
             "runs anywhere without a download."
         ),
-        new_code_cell(SETUP),
+        new_code_cell(setup("bring_your_own_model")),
         new_code_cell(
             'HF_MODEL = os.environ.get("HF_MODEL", "")  # a local HF model directory; empty: a random tiny Llama\n'
             "if not HF_MODEL:\n"
@@ -251,7 +298,7 @@ def alignment() -> list:
             "against a frozen reference, PPO against the reward model, and GRPO with a rule "
             "reward (the exact answer). Each prints its held-out figures before and after."
         ),
-        new_code_cell(SETUP),
+        new_code_cell(setup("alignment")),
         new_markdown_cell("## A chat model to align"),
         new_code_cell(chain),
         new_markdown_cell("## Reward model (held-out pair accuracy)"),

@@ -11,26 +11,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak per device (vendor figures).
-_PUBLISHED = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
+# Dense (not 2:4-sparse) bf16 peak FLOP/s per device, from the vendors' datasheets. A key is
+# the words a `device_kind` (jax) or `torch.cuda.get_device_name()` must all contain (case
+# aside; words split on spaces and "-"); the key with the most words wins, so "NVIDIA H100
+# PCIe" is the PCIe card, never the SXM one, and "L4" never matches "L40S".
+_PUBLISHED: dict[tuple[str, ...], float] = {
+    # NVIDIA H100 datasheet: SXM 989.4 (1,979 sparse); PCIe 756 (1,513); NVL 835 (1,671)
+    ("h100",): 989e12,  # "NVIDIA H100 80GB HBM3" (SXM)
+    ("h100", "pcie"): 756e12,
+    ("h100", "nvl"): 835e12,
+    # NVIDIA H200 datasheet: SXM 989 (1,979 sparse); NVL 835 (1,671). GH200: the H100 SXM's
+    ("h200",): 989e12,
+    ("h200", "nvl"): 835e12,
+    ("gh200",): 989e12,
+    ("a100",): 312e12,  # A100 datasheet: 312 (624 sparse), SXM4 and PCIe alike
+    ("l4",): 121e12,  # L4 datasheet: 121 (242 sparse)
+    ("l40s",): 362e12,  # L40S datasheet: 362.05 (733 sparse)
+    ("l40",): 181e12,  # L40 datasheet: 181.05 (362.1 sparse)
+    # Google Cloud TPU docs, bf16 per chip (one jax device per chip from v4 on). jax names
+    # v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite".
+    ("tpu", "v4"): 275e12,
+    ("tpu", "v5"): 459e12,  # v5p
+    ("tpu", "v5p"): 459e12,
+    ("tpu", "v5", "lite"): 197e12,  # v5e
+    ("tpu", "v5e"): 197e12,
+    ("tpu", "v6", "lite"): 918e12,  # v6e (Trillium)
+    ("tpu", "v6e"): 918e12,
 }
 
 
 # name: (dense bf16 FLOP/s per chip, memory bytes per chip), for --plan's targets
 HARDWARE: dict[str, tuple[float, float]] = {
     "h100": (989e12, 80 * 2**30),
+    "h100_pcie": (756e12, 80 * 2**30),
+    "h100_nvl": (835e12, 94e9),
     "h200": (989e12, 141e9),
     "a100": (312e12, 80 * 2**30),
     "l4": (121e12, 24 * 2**30),
+    "l40s": (362e12, 48 * 2**30),
     "v4": (275e12, 32 * 2**30),
     "v5e": (197e12, 16 * 2**30),
     "v5p": (459e12, 95 * 2**30),
@@ -38,12 +56,16 @@ HARDWARE: dict[str, tuple[float, float]] = {
 }
 
 
+def published_peak_of(kind: str) -> float | None:
+    """The dense bf16 peak of a device named `kind` (jax's `device_kind`, or torch's device
+    name), or None for a device the table lacks (a CPU)."""
+    words = set(kind.lower().replace("-", " ").split())
+    keys = [k for k in _PUBLISHED if words.issuperset(k)]
+    return _PUBLISHED[max(keys, key=len)] if keys else None
+
+
 def published_peak(device: jax.Device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, flops in _PUBLISHED.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+    return published_peak_of(getattr(device, "device_kind", ""))
 
 
 @functools.cache

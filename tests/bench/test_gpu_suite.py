@@ -17,20 +17,39 @@ from suite_table import table  # noqa: E402
 
 def test_table_ratios_against_torch_of_the_same_shape():
     rows = [
-        dict(bench="torch", preset="gpt2_124m", compiled=True, batch=64, seq_len=1024,
-             tokens_per_s=400_000, mfu=0.35, step_ms=163.8, peak_mem_gib=60.0),
-        dict(bench="mfu", label="jax", preset="gpt2_124m", attention="cudnn", loss_chunk=0,
-             docs="one", batch=64, seq_len=1024, tokens_per_s=500_000, mfu=0.43, step_ms=131.0,
-             peak_mem_gib=40.0),
-        dict(bench="mfu", label="other", preset="gpt2_124m", attention="xla", loss_chunk=0,
-             docs="packed", batch=32, seq_len=1024, tokens_per_s=100, mfu=0.1, step_ms=1.0,
-             peak_mem_gib=1.0),
+        dict(bench="torch", preset="gpt2_124m", params=124_475_904, compiled=True, batch=64,
+             seq_len=1024, tokens_per_s=400_000, mfu=0.35, step_ms=163.8, peak_mem_gib=60.0),
+        dict(bench="mfu", label="jax", preset="gpt2_124m", params=124_475_904, attention="cudnn",
+             loss_chunk=0, docs="one", batch=64, seq_len=1024, tokens_per_s=500_000, mfu=0.43,
+             step_ms=131.0, peak_mem_gib=40.0),
+        dict(bench="mfu", label="other", preset="gpt2_124m", params=124_475_904, attention="xla",
+             loss_chunk=0, docs="packed", batch=32, seq_len=1024, tokens_per_s=100, mfu=0.1,
+             step_ms=1.0, peak_mem_gib=1.0),
     ]  # fmt: skip
     lines = table(rows).splitlines()
     assert "| jax | cudnn | 0 | 64 x 1024 | 500,000 | 43.0% | 131.0 | 1.25x | 40.0 |" in lines
     assert any(
         line.startswith("| other | xla (packed docs) |") and "| - |" in line for line in lines
     )
+
+
+def test_table_ratio_needs_the_same_model_not_only_the_preset():
+    """A config that overrides the preset's shape (tiny_pretrain.yaml: d_model 192 on the tiny
+    preset) is another model than the bare preset: no ratio to it, one to the same model."""
+    row = dict(compiled=False, batch=4, seq_len=64, mfu=0.1, step_ms=1.0, peak_mem_gib=0.0)
+    jax_row = dict(row, bench="mfu", label="tiny-one", preset="tiny", params=1_902_720,
+                   attention="xla", loss_chunk=32, docs="one", tokens_per_s=6000)  # fmt: skip
+    bare = dict(row, bench="torch", preset="tiny", params=16_102_912, tokens_per_s=1500)
+    same = dict(row, bench="torch", preset="tiny", params=1_902_720, tokens_per_s=4000)
+    old = {k: v for k, v in same.items() if k != "params"}  # results written before params
+
+    def ratio(rows):
+        line = next(x for x in table(rows).splitlines() if x.startswith("| tiny-one |"))
+        return line.split(" | ")[7]
+
+    assert ratio([bare, jax_row]) == "-"
+    assert ratio([bare, same, jax_row]) == f"{6000 / 4000:.2f}x"
+    assert ratio([old, jax_row]) == "-"
 
 
 @pytest.mark.slow
@@ -51,6 +70,14 @@ def test_suite_smoke_runs_every_bench(tmp_path):
         if r["bench"] == "mfu" and r["quick_init"]:  # the pattern's weights: finite, not random
             assert r["tokens_per_s"] > 0 and np.isfinite(r["first_loss"])
             assert abs(r["first_loss"] - 6.24) > 0.3
+    # the torch baseline is the jax rows' model: tiny_pretrain.yaml's d 192, 4 layers, d_ff 768,
+    # vocab 512, 128 positions; per block 2 LayerNorms, qkv, out, fc, proj (with biases)
+    d, f, n_layers, vocab, positions = 192, 768, 4, 512, 128
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    params = n_layers * block + 2 * d + vocab * d + positions * d
+    assert {r["params"] for r in rows if r["bench"] in ("mfu", "torch")} == {params}
     text = (tmp_path / "table.md").read_text()
     assert "tiny-packed" in text and "vs torch" in text
+    tiny_one = next(line for line in text.splitlines() if line.startswith("| tiny-one |"))
+    assert tiny_one.split(" | ")[7].endswith("x")  # a ratio to the torch row of that model
     assert "gpu_suite.sh done" in (tmp_path / "log.txt").read_text()
