@@ -39,6 +39,7 @@ from jaxllm.interop.export import write_hf
 from jaxllm.interop.hf_weights import check_names
 from jaxllm.interop.safetensors_io import load_params, path_key
 from jaxllm.models.lora import has_lora, merge_lora
+from jaxllm.models.peft import methods_in
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.wordpiece import WordPieceTokenizer, wordpiece_from_vocab
 from jaxllm.trainers.encoder_model import build_fn, load_encoder_model
@@ -172,6 +173,12 @@ def export_bert_checkpoint(
         model = nnx.merge(graphdef, state)
         merge_lora(model)
         graphdef, state = nnx.split(model)
+    left = [method.name for method in methods_in(state)]  # what merging could not fold in
+    if left:
+        raise InteropError(
+            f"config key 'inputs.checkpoint': {ckpt} was trained with peft.method {left[0]}, "
+            "which a HF BERT directory cannot hold (only lora merges into plain weights)"
+        )
     m, meta, kind = loaded.model, loaded.meta, loaded.kind
     own = meta.get("hf_architecture", "")
     arch = architecture or (own if own in _EXPORTS[kind] else DEFAULT_ARCHITECTURE[kind])

@@ -157,7 +157,12 @@ def _peft_model(
             f"{ckpt_dir}/{step}: the {name} base checkpoint {base} is gone; move or copy the "
             "base's run together with this one (base_checkpoint is kept relative to it)"
         )
-    bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules, arch=arch)
+    if arch == "encoder":  # the base's encoder, whatever heads it was saved with (an MLM's)
+        from jaxllm.trainers.encoder_model import load_encoder_model  # local: a cycle
+
+        bg, bstate = load_encoder_model(Path(base), mesh, rules).encoder()
+    else:
+        bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules, arch=arch)
     model = nnx.merge(bg, bstate)
     left = merge_peft(model)
     if left:

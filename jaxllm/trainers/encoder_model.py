@@ -97,8 +97,9 @@ def load_encoder_model(
     ckpt_dir: Path, mesh, rules: str = "dp", why: str = "",
     key: str = "config key 'inputs.checkpoint'",
 ) -> LoadedEncoder:  # fmt: skip
-    """The newest checkpoint of `ckpt_dir` with the heads it was saved with (weights only);
-    a decoder checkpoint is refused, saying `why` an encoder is needed and naming `key`."""
+    """The newest checkpoint of `ckpt_dir` with the heads it was saved with (weights only;
+    a PEFT run's: its base's encoder with the method put back, LoRA unmerged); a decoder
+    checkpoint is refused, saying `why` an encoder is needed and naming `key`."""
     if checkpoint_arch(ckpt_dir, key) != "encoder":
         raise ConfigError(
             f"{key}: {ckpt_dir} holds a decoder (model.arch: "
@@ -106,14 +107,8 @@ def load_encoder_model(
         )
     ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
     step = ckpt.latest_step()
-    kind, n = kind_of(ckpt.saved_shapes(step))
-    peft = ckpt.read_meta(step).get("config", {}).get("peft", {}).get("method", "none")
+    kind, n = kind_of(ckpt.saved_shapes(step))  # a PEFT run's: its method's variables + head
     ckpt.close()
-    if peft not in ("none", "", None):
-        raise ConfigError(
-            f"{key}: {ckpt_dir} is a {peft} run's checkpoint (its "
-            f"adapters only); {why or 'this'} needs a full encoder checkpoint"
-        )
     graphdef, state, m, meta = load_checkpoint_model(
         Path(ckpt_dir), mesh, rules, step, wrap=wrap_for(kind, n), arch="encoder"
     )

@@ -191,6 +191,48 @@ def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
                               saved_leaf(ckpt, 4, "head", "kernel"))  # fmt: skip
 
 
+@pytest.mark.slow  # its own BERT-shaped MLM run (learned positions: exportable), ~1 min
+def test_lora_classify_run_exports_and_embeds(wp_tok, enc_data, tmp_path):
+    """A LoRA classify run's checkpoint (adapters + head, its base an MLM run) loads whole:
+    exported, transformers' BertForSequenceClassification gives the probabilities the stage
+    wrote in predictions.jsonl; embedded, its encoder carries the adapters (not the base's)."""
+    import transformers
+
+    from jaxllm.trainers.bert_interop import export_bert_checkpoint
+    from jaxllm.trainers.embedder import TextEmbedder
+
+    mlm = tmp_path / "mlm"
+    sets = [*mlm_sets(mlm, enc_data, wp_tok.path, steps=2), "--set", "model.positions=learned"]
+    assert main(["--config", str(ROOT / "configs/tiny_mlm.yaml"), *sets]) == 0
+    base = mlm / "checkpoints"
+    files = sentiment_cut(tmp_path, 24)
+    lora = {"peft.method": "lora", "peft.rank": 2, "peft.targets": (r"attn\.(q|v)$",),
+            "classify.pooling": "cls", "train.optim.lr": 0.05}  # fmt: skip
+    run_classify(classify_config(base, tmp_path / "l", files, **lora))
+    ckpt = tmp_path / "l/checkpoints"
+
+    out = tmp_path / "hf_lora"
+    assert export_bert_checkpoint(ckpt, out)["architecture"] == "BertForSequenceClassification"
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    preds = [json.loads(x) for x in (ckpt.parent / "predictions.jsonl").read_text().splitlines()]
+    test = [p for p in preds if p["split"] == "test"]
+    texts = [json.loads(x)["text"] for x in (tmp_path / "test.jsonl").read_text().splitlines()]
+    enc = tok(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    import torch
+
+    with torch.no_grad():
+        probs = torch.softmax(hf(**enc).logits, -1).numpy()
+    order = [hf.config.id2label[i] for i in range(probs.shape[1])]
+    ours = np.array([[p["probabilities"][name] for name in order] for p in test])
+    np.testing.assert_allclose(probs, ours, atol=2e-4)  # predictions.jsonl rounds
+    mesh = make_mesh(from_dict({"stage": "embed"}).mesh)
+    tuned = TextEmbedder.load(ckpt, mesh)
+    plain = TextEmbedder.load(base, mesh)
+    a, b = tuned(texts[:4]), plain(texts[:4])
+    assert a.shape == b.shape and not np.allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_classify_keep_best_scores_and_hands_on_the_best_evaluation(mlm_run, tmp_path):
     from jaxllm.config import replace
@@ -253,6 +295,11 @@ def test_classify_adapters_train_only_themselves_and_the_head(mlm_run, tmp_path)
     assert 0 < s["trainable_params"] < s["total_params"]
     rest = saved_names(tmp_path / "a/checkpoints", 4) - {"head.kernel", "head.bias"}
     assert rest and all("_adapter." in n for n in rest)  # no base weight is saved
+    from jaxllm.interop import InteropError
+    from jaxllm.trainers.bert_interop import export_bert_checkpoint
+
+    with pytest.raises(InteropError, match="peft.method adapter"):  # it loads, cannot merge
+        export_bert_checkpoint(tmp_path / "a/checkpoints", tmp_path / "hf")
 
 
 @pytest.mark.slow
