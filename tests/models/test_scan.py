@@ -66,7 +66,11 @@ def test_scanned_init_is_the_unrolled_init_stacked(cfg):
     assert {p: v.get_value() for p, v in nnx.to_flat_state(decay_mask(ss))} == unrolled_mask
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+# the remat policies scanned are slow-set cases (17 s each); each policy's equivalence to no
+# remat is also a fast test of one unrolled layer (tests/models/test_decoder.py)
+@pytest.mark.parametrize(
+    "remat", ["none", *(pytest.param(r, marks=pytest.mark.slow) for r in ("full", "dots"))]
+)
 def test_same_loss_and_grads_with_dropout_and_remat(remat):
     """Dropout on (per-layer keys `fold_in(key, i)`, as unrolled) and each remat policy."""
     (gu, su), (gs, ss) = pair(replace(LLAMA, remat=remat))
