@@ -93,6 +93,11 @@ def setup_stage(cfg, section: str, total_steps: int, wrap=None) -> Stage:
     from jaxllm.training.optim import make_optimizer
 
     s, rules = getattr(cfg, section), cfg.mesh.rules
+    if cfg.train.grad_accum != 1:  # the RL steps take one optimizer step per minibatch
+        raise ConfigError(
+            f"config key 'train.grad_accum': {section} takes one optimizer step per "
+            f"minibatch; set grad_accum: 1 and a larger {section}.minibatch_size instead"
+        )
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.train.optim, total_steps)
     shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)

@@ -180,6 +180,9 @@ def test_too_few_prompts_for_an_iteration_is_a_config_error(tmp_path, tiny_ckpt)
         setup_stage(cfg, "ppo", 1)
     setup_stage(rl_config("grpo", tiny_ckpt, tmp_path / "h", **sec, prompts_per_iteration=2),
                 "grpo", 1)  # fmt: skip
+    accum = replace(cfg, **{"train.grad_accum": 2})  # the RL steps never accumulated
+    with pytest.raises(ConfigError, match=r"'train.grad_accum': ppo takes one optimizer step"):
+        setup_stage(accum, "ppo", 1)
 
 
 @pytest.mark.slow
