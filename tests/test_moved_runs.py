@@ -62,6 +62,8 @@ def test_moved_run_tree_loads_from_another_cwd(tmp_path, tok, monkeypatch):
     auto = AutoTokenizer.from_pretrained(str(elsewhere / "hf"))
     assert auto(text).input_ids == [tok.bos_id, *tok.encode(text)]
     written = json.loads((elsewhere / "hf/config.json").read_text())  # the tokenizer's ids
+    context = written.get("max_position_embeddings", written.get("n_positions"))
+    assert auto.model_max_length == context  # truncation=True cuts at the model's context
     assert (written["bos_token_id"], written["eos_token_id"]) == (tok.bos_id, tok.eos_id)
     gen = json.loads((elsewhere / "hf/generation_config.json").read_text())
     assert gen["eos_token_id"] == [tok.eos_id, tok.special_ids["<|end|>"]]

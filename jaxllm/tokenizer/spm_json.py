@@ -18,7 +18,9 @@ and `tokenizer_config.json` carries the chat template. Two known differences: a 
 the text is a space to HF, while jaxllm sends it as its three bytes; the text `<unk>` is the
 unk token to `transformers` (it matches every named special token), text to jaxllm. (And for
 unigram, a literal `<0x41>` where the model has no piece for `>` is that byte to HF; with
-`normalization: nmt_nfkc`, `tokenizers` maps a CRLF to one space where sentencepiece gives two.)
+`normalization: nmt_nfkc`, `tokenizers` maps a CRLF to one space where sentencepiece gives two;
+and unigram segmentations of exactly equal score, as in runs of one repeated character such as
+"!!!!", are broken the other way: other ids, the same text.)
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def convertible(tok: Any) -> str | None:
     return None
 
 
-def write_hf_tokenizer(tok: Any, out_dir: Path) -> list[Path]:
+def write_hf_tokenizer(tok: Any, out_dir: Path, max_len: int = 0) -> list[Path]:
     """Writes `tokenizer.json` and `tokenizer_config.json` for the sentencepiece `Tokenizer`
-    `tok` into `out_dir`; returns their paths. Raises ValueError when `convertible` says no."""
+    `tok` into `out_dir` (`max_len` > 0: the model's context, as `model_max_length`, so
+    `truncation=True` cuts there); returns their paths. Raises ValueError when `convertible`
+    says no."""
     why = convertible(tok)
     if why:
         raise ValueError(why)
@@ -73,6 +77,8 @@ def write_hf_tokenizer(tok: Any, out_dir: Path) -> list[Path]:
         },
         "clean_up_tokenization_spaces": False,  # it would eat the space in " ." on decode
     }
+    if max_len > 0:
+        conf["model_max_length"] = max_len
     if all(t in tok.special_ids for t in (*ROLE_TOKENS.values(), END_TOKEN)):
         conf["chat_template"] = CHAT_TEMPLATE
     (out_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=1) + "\n")

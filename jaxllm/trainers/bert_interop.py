@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.config import Config, MeshConfig, to_dict
+from jaxllm.errors import ConfigError
 from jaxllm.interop import HF_TOKENIZER_FILES, InteropError, SafetensorsReader, load_tokenizer
 from jaxllm.interop.bert import (
     ARCHITECTURES,
@@ -40,6 +41,7 @@ from jaxllm.interop.hf_weights import check_names
 from jaxllm.interop.safetensors_io import load_params, path_key
 from jaxllm.models.lora import has_lora, merge_lora
 from jaxllm.models.peft import methods_in
+from jaxllm.models.quant import dequantize_model, is_quantized
 from jaxllm.sharding import make_mesh
 from jaxllm.tokenizer.wordpiece import WordPieceTokenizer, wordpiece_from_vocab
 from jaxllm.trainers.encoder_model import build_fn, load_encoder_model
@@ -162,13 +164,25 @@ def copy_bert_tokenizer(hf_dir: Path, out: Path, vocab_size: int) -> str:
 
 def export_bert_checkpoint(
     ckpt: Path, out: Path, dtype: str = "float32", mesh_cfg: MeshConfig | None = None,
-    architecture: str = "",
+    architecture: str = "", dequantize: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Loads an encoder checkpoint (LoRA merged) on the mesh and writes it to `out` as
-    `architecture` (default: the checkpoint's own, else the class its heads hold)."""
+    `architecture` (default: the checkpoint's own, else the class its heads hold). A
+    quantised one (a QLoRA run's base) is refused unless `dequantize` (scale * int, the
+    adapters merged), as the decoder export does."""
     mesh_cfg = mesh_cfg or MeshConfig()
     loaded = load_encoder_model(ckpt, make_mesh(mesh_cfg), mesh_cfg.rules, "BERT export")
     graphdef, state = loaded.graphdef, loaded.state
+    if is_quantized(state):
+        if not dequantize:
+            raise ConfigError(
+                f"config key 'inputs.checkpoint': {ckpt} is quantised (int weights + scales), "
+                "which HF BERT safetensors cannot hold; set hf.dequantize: true to write "
+                "scale * int weights (adapters merged)"
+            )
+        model = nnx.merge(graphdef, state)
+        dequantize_model(model)
+        graphdef, state = nnx.split(model)
     if has_lora(state):
         model = nnx.merge(graphdef, state)
         merge_lora(model)

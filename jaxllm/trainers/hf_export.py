@@ -36,7 +36,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     out = Path(hf.out_dir).expanduser() if hf.out_dir else Path(run_dir.path) / "hf"
     ckpt = require_input(cfg, "checkpoint")
     if hf.architecture or checkpoint_arch(ckpt) == "encoder":
-        return export_bert_checkpoint(ckpt, out, hf.dtype, cfg.mesh, hf.architecture)
+        return export_bert_checkpoint(ckpt, out, hf.dtype, cfg.mesh, hf.architecture, hf.dequantize)
     return export_checkpoint(ckpt, out, hf.dtype, cfg.mesh, dequantize=hf.dequantize)
 
 
@@ -78,7 +78,7 @@ def export_checkpoint(
     tokenizer = _copy_tokenizer(meta.get("tokenizer", ""), out)
     note = {}
     if tokenizer.endswith(".model"):
-        note = _hf_tokenizer_files(Path(tokenizer), out)
+        note = _hf_tokenizer_files(Path(tokenizer), out, m.max_seq_len)
     return {
         **note,
         "params": count_params(state),
@@ -107,7 +107,7 @@ def _special_ids(path: str) -> dict[str, dict[str, Any]]:
     return {"config": config, "generation": generation}
 
 
-def _hf_tokenizer_files(model: Path, out: Path) -> dict[str, Any]:
+def _hf_tokenizer_files(model: Path, out: Path, max_len: int) -> dict[str, Any]:
     """tokenizer.json + tokenizer_config.json made from a jaxllm sentencepiece model (the same
     ids, and the chat template), so AutoTokenizer reads the export; a note when it cannot."""
     from jaxllm.tokenizer import Tokenizer
@@ -120,7 +120,7 @@ def _hf_tokenizer_files(model: Path, out: Path) -> dict[str, Any]:
         print(f"export: {note}")
         return {"tokenizer_note": note}
     if jax.process_index() == 0:
-        write_hf_tokenizer(tok, out)
+        write_hf_tokenizer(tok, out, max_len)
     return {}
 
 

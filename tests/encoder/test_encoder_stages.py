@@ -191,13 +191,13 @@ def test_classify_random_init_and_lora_head_trains(mlm_run, tmp_path):
                               saved_leaf(ckpt, 4, "head", "kernel"))  # fmt: skip
 
 
-@pytest.mark.slow  # its own BERT-shaped MLM run (learned positions: exportable), ~1 min
+@pytest.mark.slow  # its own BERT-shaped MLM run (learned positions: exportable), ~1.5 min
 def test_lora_classify_run_exports_and_embeds(wp_tok, enc_data, tmp_path):
     """A LoRA classify run's checkpoint (adapters + head, its base an MLM run) loads whole:
     exported, transformers' BertForSequenceClassification gives the probabilities the stage
-    wrote in predictions.jsonl; embedded, its encoder carries the adapters (not the base's)."""
-    import transformers
-
+    wrote in predictions.jsonl; embedded, its encoder carries the adapters (not the base's).
+    A QLoRA run (int8 base) exports only with hf.dequantize, then the same way."""
+    from jaxllm.errors import ConfigError
     from jaxllm.trainers.bert_interop import export_bert_checkpoint
     from jaxllm.trainers.embedder import TextEmbedder
 
@@ -210,27 +210,41 @@ def test_lora_classify_run_exports_and_embeds(wp_tok, enc_data, tmp_path):
             "classify.pooling": "cls", "train.optim.lr": 0.05}  # fmt: skip
     run_classify(classify_config(base, tmp_path / "l", files, **lora))
     ckpt = tmp_path / "l/checkpoints"
-
-    out = tmp_path / "hf_lora"
-    assert export_bert_checkpoint(ckpt, out)["architecture"] == "BertForSequenceClassification"
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    preds = [json.loads(x) for x in (ckpt.parent / "predictions.jsonl").read_text().splitlines()]
-    test = [p for p in preds if p["split"] == "test"]
+    export_bert_checkpoint(ckpt, tmp_path / "hf_lora")
     texts = [json.loads(x)["text"] for x in (tmp_path / "test.jsonl").read_text().splitlines()]
-    enc = tok(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
-    import torch
-
-    with torch.no_grad():
-        probs = torch.softmax(hf(**enc).logits, -1).numpy()
-    order = [hf.config.id2label[i] for i in range(probs.shape[1])]
-    ours = np.array([[p["probabilities"][name] for name in order] for p in test])
-    np.testing.assert_allclose(probs, ours, atol=2e-4)  # predictions.jsonl rounds
+    assert_hf_probabilities(tmp_path / "hf_lora", ckpt.parent / "predictions.jsonl", texts)
     mesh = make_mesh(from_dict({"stage": "embed"}).mesh)
     tuned = TextEmbedder.load(ckpt, mesh)
     plain = TextEmbedder.load(base, mesh)
     a, b = tuned(texts[:4]), plain(texts[:4])
     assert a.shape == b.shape and not np.allclose(a, b, atol=1e-6)
+
+    run_classify(
+        classify_config(base, tmp_path / "q", files, **lora, **{"quantize.method": "int8"})
+    )
+    qckpt = tmp_path / "q/checkpoints"
+    with pytest.raises(ConfigError, match="hf.dequantize"):
+        export_bert_checkpoint(qckpt, tmp_path / "hf_q")
+    export_bert_checkpoint(qckpt, tmp_path / "hf_q", dequantize=True)
+    assert_hf_probabilities(tmp_path / "hf_q", qckpt.parent / "predictions.jsonl", texts)
+
+
+def assert_hf_probabilities(hf_dir: Path, predictions: Path, texts: list[str]) -> None:
+    """transformers' BertForSequenceClassification from `hf_dir` gives the test split's
+    probabilities of a classify run's predictions.jsonl (rounded there)."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    preds = [json.loads(x) for x in predictions.read_text().splitlines()]
+    test = [p for p in preds if p["split"] == "test"]
+    enc = tok(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(hf(**enc).logits, -1).numpy()
+    order = [hf.config.id2label[i] for i in range(probs.shape[1])]
+    ours = np.array([[p["probabilities"][name] for name in order] for p in test])
+    np.testing.assert_allclose(probs, ours, atol=2e-4)
 
 
 @pytest.mark.slow
