@@ -7,12 +7,12 @@ the expected type and the value given.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from jaxllm.config.alignment import DPOConfig, RewardConfig
 from jaxllm.config.data import (
@@ -33,6 +33,8 @@ from jaxllm.config.load import (
     _convert,
     dump_yaml,
     is_remote,
+    key_type,
+    parse_set_value,
     read_yaml,
     replace,
     resolve_path,
@@ -104,6 +106,11 @@ __all__ = [
 ]
 
 
+def _home(path: Any) -> Any:
+    """`~/x` (a path as a config writes it) with the home directory put in."""
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
 @dataclass(frozen=True)
 class InputsConfig:
     """What a stage reads from earlier stages; `stage: pipeline` fills the empty ones."""
@@ -114,6 +121,10 @@ class InputsConfig:
     reward_checkpoint: str = ""  # a `stage: reward` checkpoint (ppo with `reward: model`)
     sft_data: str = ""  # SFT records (e.g. teacher answers); when set, sft trains on it
     sft_val_data: str = ""  # held-out SFT records; when set, sft scores on it
+
+    def __post_init__(self) -> None:  # `~/x` means the home directory, as in data paths
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _home(getattr(self, f.name)))
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,9 @@ class Config:
     # path plus keys that override it (dotted keys allowed); inlined when the file is loaded.
     pipeline: tuple[Config, ...] = ()
 
+    def __post_init__(self) -> None:  # `~/x` means the home directory, as in data paths
+        object.__setattr__(self, "output_dir", _home(self.output_dir))
+
     @property
     def run_dir(self) -> Path:
         """The run directory: a local `Path`, or an `epath.Path` for a bucket (`gs://...`)."""
@@ -173,20 +187,55 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     """Reads a YAML config, applies `a.b=value` overrides, returns the validated tree.
 
     A pipeline's entries are inlined here, so the resolved config is self-contained and every
-    stage's keys are checked before anything runs.
+    stage's keys are checked before anything runs. On a pipeline, an override of a stage's
+    section (`train.steps=5`) or of `seed` / `progress` reaches every stage, over the stage's
+    own value; `pipeline.<i>.key=v` sets one stage's key.
     """
     raw = read_yaml(path)
     raw.setdefault("name", _stem(path))
     sets = [_parse_set(item) for item in overrides]
-    for key, value in sets:
-        if not key.startswith("pipeline."):
-            set_dotted(raw, key, value)
+    late = [(k, v) for k, v in sets if k.split(".")[0] == "pipeline"]
+    early = [(k, v) for k, v in sets if k.split(".")[0] != "pipeline"]
+    stage = next((v for k, v in reversed(early) if k == "stage"), raw.get("stage"))
+    to_stages: list[tuple[str, Any]] = []
+    if stage == "pipeline":
+        early, to_stages = _split_pipeline_sets(early)
+    for key, value in early:
+        set_dotted(raw, key, value)
     if raw.get("stage") == "pipeline":
-        raw["pipeline"] = _expand_pipeline(raw, Path(path).parent)
-    for key, value in sets:
-        if key.startswith("pipeline."):
-            set_dotted(raw, key, value)
+        reached: set[str] = set()
+        raw["pipeline"] = _expand_pipeline(raw, Path(path).parent, sets=to_stages, reached=reached)
+        for key, _ in to_stages:
+            if key not in reached:
+                raise ConfigError(
+                    f"--set {key}: no stage of this pipeline has that list item; "
+                    f"set it on one stage: --set pipeline.<i>.{key}=... (i from 0)"
+                )
+    for key, value in late:
+        set_dotted(raw, key, value)
     return from_dict(raw)
+
+
+# keys of a pipeline itself; `seed` and `progress` are the pipeline's and every stage's
+_PIPELINE_KEYS = {"stage", "name", "output_dir", "overwrite", "distributed", "compile_cache"}
+_SHARED_KEYS = {"seed", "progress"}
+
+
+def _split_pipeline_sets(sets: list[tuple[str, Any]]) -> tuple[list, list]:
+    """A pipeline's top-level overrides: (the pipeline's own, those for every stage)."""
+    own, to_stages = [], []
+    for key, value in sets:
+        head = key.split(".")[0]
+        if head == "inputs":
+            raise ConfigError(
+                f"--set {key}: a pipeline hands each stage the outputs of the ones before; "
+                f"set one stage's input instead: --set pipeline.<i>.{key}=... (i from 0)"
+            )
+        if head in _PIPELINE_KEYS or head in _SHARED_KEYS or key_type(Config, key) is None:
+            own.append((key, value))  # an unknown key fails on the pipeline, with a hint
+        if head not in _PIPELINE_KEYS and key_type(Config, key) is not None:
+            to_stages.append((key, value))
+    return own, to_stages
 
 
 def _stem(path: str | Path) -> str:
@@ -195,17 +244,46 @@ def _stem(path: str | Path) -> str:
 
 def _parse_set(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. loader.seq_len=128")
-    return key.strip(), yaml.safe_load(value)
+    return key, parse_set_value(key, value, key_type(Config, key))
 
 
-def _expand_pipeline(raw: dict[str, Any], base_dir: Path, depth: int = 0) -> list[dict]:
+def _set_in_stage(sub: dict[str, Any], key: str, value: Any, reached: set[str]) -> None:
+    """A pipeline-wide override on one stage: skipped where a list item it names (e.g.
+    `data.sources.0.path`) is not in that stage."""
+    parts = key.split(".")
+    node: Any = sub
+    for i, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            if any(p.isdigit() for p in parts[i + 1 :]):
+                return
+            break
+    set_dotted(sub, key, value)
+    reached.add(key)
+
+
+def _expand_pipeline(
+    raw: dict[str, Any],
+    base_dir: Path,
+    depth: int = 0,
+    sets: typing.Sequence[tuple[str, Any]] = (),
+    reached: set[str] | None = None,
+) -> list[dict]:
     """Turns each entry (a config path, or {config: path, key: override...}) into a full config.
 
-    Sub-stages inherit the pipeline's seed and progress unless they set their own, and write
-    into `<pipeline run dir>/<i>-<name>`.
+    Sub-stages inherit the pipeline file's seed and progress unless they set their own, and
+    write into `<pipeline run dir>/<i>-<name>`. `sets` (command-line overrides) then go to
+    every stage, nested pipelines' stages included, over the stage's own values.
     """
+    reached = set() if reached is None else reached
     if depth > 4:
         raise ConfigError("pipeline: configs include each other too deeply (a cycle?)")
     entries = raw.get("pipeline") or []
@@ -227,7 +305,12 @@ def _expand_pipeline(raw: dict[str, Any], base_dir: Path, depth: int = 0) -> lis
             sub.setdefault("name", _stem(inc))
             if sub.get("stage") == "pipeline":
                 sub.setdefault("output_dir", f"{pipe_dir}/{i}-{sub['name']}")
-                sub["pipeline"] = _expand_pipeline(sub, inc.parent, depth + 1)
+                for key in _SHARED_KEYS:  # before its own stages inherit them
+                    if key in entry:
+                        sub[key] = entry[key]
+                    elif key in raw:
+                        sub.setdefault(key, raw[key])
+                sub["pipeline"] = _expand_pipeline(sub, inc.parent, depth + 1, sets, reached)
         for key, value in entry.items():
             set_dotted(sub, str(key), value)
         sub.setdefault("name", str(sub.get("stage", f"stage{i}")))
@@ -235,6 +318,9 @@ def _expand_pipeline(raw: dict[str, Any], base_dir: Path, depth: int = 0) -> lis
         for key in ("seed", "progress"):
             if key in raw:
                 sub.setdefault(key, raw[key])
+        for key, value in sets:
+            if sub.get("stage") != "pipeline" or key.split(".")[0] in _SHARED_KEYS:
+                _set_in_stage(sub, key, value, reached)
         out.append(sub)
     return out
 

@@ -59,6 +59,47 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
+def key_type(root: Any, key: str) -> Any:
+    """The declared type of dotted `key` under dataclass `root` (list items by index), or
+    None when the key names no field."""
+    tp = root
+    for part in key.split("."):
+        if get_origin(tp) in (Union, types.UnionType):
+            given = [a for a in get_args(tp) if a is not type(None)]
+            tp = given[0] if len(given) == 1 else None
+        if dataclasses.is_dataclass(tp):
+            if part not in {f.name for f in dataclasses.fields(tp)}:
+                return None
+            tp = get_type_hints(tp)[part]
+        elif get_origin(tp) is tuple and part.isdigit():
+            tp = get_args(tp)[0]
+        else:
+            return None
+    return tp
+
+
+def parse_set_value(key: str, text: str, tp: Any) -> Any:
+    """A `--set` value: YAML (numbers, bools, lists, mappings), except for a key declared as
+    text (a str, or a choice of strings), which takes the text as written — `*.jsonl`,
+    `[draft] be brief`, `Rules: be brief`, `123` stay strings — unless it is quoted."""
+    value = text.strip()
+    is_text = tp is str or (
+        get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp))
+    )
+    if is_text and value[:1] not in ("'", '"'):
+        return value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if tp is None:  # an unknown key: its own error (with the closest key) comes later
+            return value
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"--set {key}: {value!r} is not valid YAML ({problem}); quote it, "
+            f"e.g. --set '{key}=\"...\"'"
+        ) from None
+
+
 def _list_index(node: list, part: str, parts: list[str]) -> int:
     if not part.isdigit() or int(part) >= len(node):
         raise ConfigError(f"--set {'.'.join(parts)}: no list item {part} (list has {len(node)})")
