@@ -26,9 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--plan", action="store_true", help="report; train nothing")
     plan.add_argument("--devices", type=int, default=0,
                       help="plan for N devices, simulated on CPU when this host has another count")  # fmt: skip
-    plan.add_argument("--hardware", default="h100", help="h100, h100_pcie, h100_nvl, h200, a100, l4, l40s, v4, v5e, v5p, ...")
-    plan.add_argument("--mfu", type=float, default=0.4, help="for the step-time estimate")
-    plan.add_argument("--no-compile", action="store_true", help="skip the AOT compile")
+    plan.add_argument("--hardware", default="h100",
+                      help="the target: h100, h100_pcie, h100_nvl, h200, a100 (80 GB), l4, l40s, "
+                      "v4, v5e, v5p, v6e (default h100)")  # fmt: skip
+    plan.add_argument("--mfu", type=float, default=0.4,
+                      help="the model-FLOPs utilisation the step-time estimate assumes: a fraction "
+                      "in (0, 1], e.g. 0.4 for 40%% (the default)")  # fmt: skip
+    plan.add_argument("--no-compile", action="store_true",
+                      help="skip the AOT compile: count the state only (weights, gradients, "
+                      "optimizer), no activations, so no verdict unless that alone does not fit")  # fmt: skip
     args = parser.parse_args(argv)
     if args.plan and args.devices and os.environ.get("_JAXLLM_PLAN_DEVICES") != str(args.devices):
         return _plan_on_simulated_devices(args.devices, argv)

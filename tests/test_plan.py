@@ -7,11 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxllm.config import load_config
+from jaxllm.errors import ConfigError
+from jaxllm.main import main
 from jaxllm.models.flops import param_count
-from jaxllm.trainers.plan import make_plan, plan_model, report
+from jaxllm.trainers.plan import hlo_matmul_flops, make_plan, plan_model, report
+from jaxllm.training.peak import HARDWARE
+
+GiB, MiB = 2**30, 2**20
 
 ROOT = Path(__file__).resolve().parents[1]
 # llama_1b.yaml names the demo's tokenizer: after `make demo` the plan would take its small
@@ -28,7 +35,7 @@ def test_llama_1b_on_8_fsdp_devices_matches_the_closed_form():
     assert p["param_bytes"] == pytest.approx(4 * n / 8, rel=0.01)
     assert p["optimizer_bytes"] == pytest.approx(2 * 4 * n / 8, rel=0.01)
     assert p["model_flops_per_step"] > 6 * n * p["tokens_per_step"]  # + attention
-    assert p["fits"]
+    assert p["fits"] is None  # the state fits; without activations that is no verdict
 
 
 def test_a_config_that_does_not_fit_says_which_knob_helps():
@@ -41,16 +48,38 @@ def test_a_config_that_does_not_fit_says_which_knob_helps():
         4 * param_count(plan_model(cfg)), rel=0.01
     )
     text = "\n".join(report(p, cfg))
-    assert "DOES NOT FIT" in text and "mesh.fsdp" in text
+    assert "DOES NOT FIT: the state alone" in text and "mesh.fsdp" in text
+
+
+def test_no_compile_gives_no_fit_verdict_from_the_state_alone():
+    # gpt2_124m.yaml compiled needs ~146 GiB (activations); its state alone is ~1.9 GiB
+    cfg = load_config(ROOT / "configs/tiny_pretrain.yaml", ["model.vocab_size=512"])
+    p = make_plan(cfg, "h100", compile_step=False)
+    n = param_count(plan_model(cfg))
+    # dp: every device holds f32 weights, gradients and Adam's two moments (+ a step count)
+    assert p["state_bytes"] == pytest.approx(4 * 4 * n, rel=1e-3)
+    assert p["fits"] is None and "peak_bytes" not in p
+    text = "\n".join(report(p, cfg))
+    assert "state only (activations not counted)" in text
+    assert "fits:" not in text and "DOES NOT FIT" not in text
 
 
 def test_compiled_step_memory_and_flops():
+    # scanned layers and 2 micro-batches: both loops XLA's cost analysis counts once
     cfg = load_config(
         ROOT / "configs/tiny_pretrain.yaml",
-        ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1"],
-    )
+        ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1", "loader.seq_len=64",
+         "model.scan_layers=true", "train.grad_accum=2"],
+    )  # fmt: skip
     p = make_plan(cfg, "h100")
     assert p["temp_bytes"] > 0 and p["xla_flops_per_device"] > 0
+    # the step's matmuls by hand: per token forward 2 x (L (4 d^2 + 2 d f) + d V) for the
+    # weights and 2 x 2 S d per layer for QK^T and PV; backward twice the forward
+    d, f, n_l, v, s = 192, 768, 4, 512, 64
+    tokens = 8 * 64 * 2
+    by_hand = 3 * tokens * (2 * (n_l * (4 * d * d + 2 * d * f) + d * v) + n_l * 4 * s * d)
+    assert p["matmul_flops_per_device"] * p["devices"] == pytest.approx(by_hand, rel=1e-6)
+    assert p["xla_flops_per_device"] * p["devices"] < 0.5 * by_hand  # what it used to show
     assert p["loss_chunk"] == 0  # auto as an H100 resolves it (this CPU would fuse: 32)
     # the donated state comes back as the outputs: arguments hold at least params + optimizer
     assert p["argument_bytes"] >= p["param_bytes"] + p["optimizer_bytes"]
@@ -69,3 +98,46 @@ def test_cli_plans_on_simulated_devices_and_refuses_other_stages():
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "plans stage: pretrain configs" in bad.stderr
+
+
+def test_matmul_flops_count_every_loop_trip():
+    m, k, n = 8, 16, 4
+
+    def f(x, w):  # 3 outer x 5 inner steps of x @ w[i] and one matmul outside the loops
+        def inner(x, w_i):
+            return jnp.tanh(x @ w_i), None
+
+        def outer(x, _):
+            return jax.lax.scan(inner, x, w)[0], None
+
+        return jax.lax.scan(outer, x, None, length=3)[0] @ jnp.ones((k, n))
+
+    args = (jnp.ones((m, k)), jnp.ones((5, k, k)))
+    text = jax.jit(f).lower(*args).compile().as_text()
+    assert hlo_matmul_flops(text) == 3 * 5 * 2 * m * k * k + 2 * m * k * n
+
+
+def test_hardware_memory_is_the_cards_total_in_bytes():
+    # NVML's totals (nvidia-smi MiB) of the cards; TPU HBM per chip in GiB
+    nvml_mib = {"h100": 81_559, "h100_pcie": 81_559, "h100_nvl": 95_830, "h200": 143_771,
+                "a100": 81_920, "l4": 23_034, "l40s": 46_068}  # fmt: skip
+    for name, mib in nvml_mib.items():
+        assert HARDWARE[name][1] == mib * MiB, name
+    assert [HARDWARE[t][1] / GiB for t in ("v4", "v5e", "v5p", "v6e")] == [32, 16, 95, 32]
+    # a plan needing 135 GiB fits an H200 (140.4 GiB), and the report says so in GiB
+    cfg = load_config(ROOT / "configs/tiny_pretrain.yaml", ["model.vocab_size=512"])
+    p = make_plan(cfg, "h200", compile_step=False)
+    p.update(peak_bytes=135 * GiB, fits=135 * GiB <= p["hardware_memory_bytes"])
+    assert report(p, cfg)[-1] == "  fits: about 135.0 of 140.4 GiB per device"
+
+
+@pytest.mark.parametrize("mfu", ["0", "40", "nan", "-0.5"])
+def test_mfu_outside_0_1_is_refused_in_one_line(mfu, capsys):
+    args = ["--config", str(ROOT / "configs/tiny_pretrain.yaml"), "--set", "model.vocab_size=512",
+            "--plan", "--no-compile", "--mfu", mfu]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --mfu: expected a fraction in (0, 1]")
+    with pytest.raises(ConfigError, match="--mfu"):
+        make_plan(load_config(ROOT / "configs/tiny_pretrain.yaml", ["model.vocab_size=512"]),
+                  mfu=float(mfu), compile_step=False)  # fmt: skip

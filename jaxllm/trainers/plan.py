@@ -5,18 +5,30 @@ model and the optimizer state abstractly (`jax.eval_shape`: no weights) on the c
 — on N simulated CPU devices when the target hardware is not here — and reports per device:
 parameter, optimizer-state and gradient bytes from the shardings; the compiled train step's
 arguments, outputs and temporaries from XLA's memory analysis (ahead-of-time compile, unless
-`--no-compile`); model FLOPs per step (`train_flops_per_token`), XLA's own FLOP count, and the
-step time a given MFU implies on the named hardware. It says plainly when the config does not
-fit that hardware's memory and which knobs help.
+`--no-compile`); model FLOPs per step (`train_flops_per_token`), the compiled program's matmul
+FLOPs (`hlo_matmul_flops`: every loop body times its trip count, so a scanned model's layers and
+the grad-accum micro-batches all count, and so does remat's recompute), and the step time a
+given MFU implies on the named hardware. It says plainly when the config does not fit that
+hardware's memory and which knobs help. With `--no-compile` only the state (weights, gradients,
+optimizer) is counted: it gives a verdict only when that alone does not fit.
+
+XLA's own `cost_analysis()` FLOPs (`xla_flops_per_device` in the JSON) count each loop body
+once — one layer of a scanned model, one micro-batch — so they undercount a scanned or
+accumulating step many times over; the report shows them, so labelled, only where it cannot
+read the matmuls (library calls on a GPU host).
 
 Compiled on CPU for a GPU/TPU target, the temporaries are an estimate: CPU uses the XLA
 attention path (an [B, N, L, L] probability tensor per layer) where the accelerator would run
-a fused kernel, so for long sequences the figure is an upper bound.
+a fused kernel, so for long sequences the figure is an upper bound. There, too, the causal
+path runs in query blocks that skip the fully masked quarter of the scores (models/attention.py
+`_causal_blocks`), so the compiled matmul count sits below the model count, which takes the
+whole score matrix (gpt2_124m at seq 1024: 3.4 % below, exactly that quarter of attention).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -96,8 +108,73 @@ def _compile(cfg: Config, m: ModelConfig, spec, tx, mesh, hardware: str) -> dict
         "output_bytes": float(mem.output_size_in_bytes),
         "alias_bytes": float(mem.alias_size_in_bytes),
         "temp_bytes": float(mem.temp_size_in_bytes),
-        "xla_flops_per_device": float((cost or {}).get("flops", 0.0)),
+        "xla_flops_per_device": float((cost or {}).get("flops", 0.0)),  # loop bodies once
+        "matmul_flops_per_device": hlo_matmul_flops(compiled.as_text()),
     }
+
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_ARRAY = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
+_DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\(\s*(?:\w+\[[\d,]*\]\S*\s+)?%?([\w.\-]+)")
+_CONTRACT = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_CALLEE = re.compile(
+    r"\b(calls|to_apply|body|branch_computations|true_computation|false_computation)="
+    r"(\{[^}]*\}|%?[\w.\-]+)"
+)
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BRANCHES = ("branch_computations", "true_computation", "false_computation")
+
+
+def _dims(s: str) -> list[int]:
+    return [int(d) for d in s.split(",") if d]
+
+
+def hlo_matmul_flops(text: str) -> float | None:
+    """FLOPs of the `dot`s of a compiled HLO module (`compiled.as_text()`, one device's
+    program): 2 x output elements x contracted size each, a while loop's body times its
+    `known_trip_count` (XLA's `cost_analysis` counts a body once), nested calls and fusions
+    followed, a conditional's largest branch. None where the matmuls are library calls or
+    convolutions this does not read (cuBLAS/cuDNN custom calls on a GPU host, TPU convolutions),
+    or a loop's trip count is unknown."""
+    if re.search(r"custom_call_target=\"__cu(blas|dnn)| convolution\(", text):
+        return None
+    comps: dict[str, tuple[float, list, dict]] = {}
+    entry = cur = None
+    for line in text.splitlines():
+        if cur is None:
+            m = _HEADER.match(line)
+            if m and not line[0].isspace():
+                cur = m.group(1)
+                comps[cur] = (0.0, [], {})
+                entry = cur if line.startswith("ENTRY") else entry
+            continue
+        if line.strip() == "}":
+            cur = None
+            continue
+        flops, calls, shapes = comps[cur]
+        if a := _ARRAY.match(line):
+            shapes[a.group(1)] = _dims(a.group(2))
+        if (d := _DOT.search(line)) and (k := _CONTRACT.search(line)):
+            lhs = shapes[d.group(2)]
+            flops += 2.0 * math.prod(_dims(d.group(1))) * math.prod(lhs[i] for i in _dims(k[1]))
+        for kind, names in _CALLEE.findall(line):
+            trip = _TRIP.search(line) if kind == "body" else None
+            if kind == "body" and not trip:
+                return None
+            calls.append((kind, int(trip[1]) if trip else 1, re.findall(r"[\w.\-]+", names)))
+        comps[cur] = (flops, calls, shapes)
+    memo: dict[str, float] = {}
+
+    def total(name: str) -> float:
+        if name not in memo:
+            f, calls, _ = comps[name]
+            for kind, n, names in calls:
+                sub = [total(c) for c in names]
+                f += n * (max(sub) if kind in _BRANCHES else sum(sub))
+            memo[name] = f
+        return memo[name]
+
+    return total(entry) if entry else None
 
 
 def backend_of(hardware: str) -> str:
@@ -109,6 +186,8 @@ def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_ste
     """The plan as a dict (`report` turns it into lines)."""
     if hardware not in HARDWARE:
         raise ConfigError(f"--hardware: unknown '{hardware}' (known: {', '.join(HARDWARE)})")
+    if not 0 < mfu <= 1:  # also refuses NaN
+        raise ConfigError(f"--mfu: expected a fraction in (0, 1], e.g. 0.4 for 40 %; got {mfu}")
     m = plan_model(cfg)
     n_dev = jax.device_count()
     validate_mesh(replace(cfg, model=m), n_dev, m.vocab_size)
@@ -140,9 +219,12 @@ def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_ste
         out["peak_bytes"] = (
             out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
         )
+        out["fits"] = out["peak_bytes"] <= memory
     else:
-        out["peak_bytes"] = 2 * out["param_bytes"] + out["optimizer_bytes"]  # no activations
-    out["fits"] = out["peak_bytes"] <= memory
+        # weights + gradients + optimizer, no activations: a lower bound on the peak, so it
+        # can say "does not fit" (False) but never "fits" (None: not known)
+        out["state_bytes"] = 2 * out["param_bytes"] + out["optimizer_bytes"]
+        out["fits"] = False if out["state_bytes"] > memory else None
     return out
 
 
@@ -185,24 +267,37 @@ def report(p: dict[str, Any], cfg: Config) -> list[str]:
             f"  compiled step per device: arguments {g('argument_bytes')}, temporaries "
             f"{g('temp_bytes')}, outputs {g('output_bytes')}; peak about {g('peak_bytes')}"
         )
-        lines.append(
-            f"  FLOPs per step: model {p['model_flops_per_step'] / 1e12:,.2f} T "
-            f"(XLA counts {p['xla_flops_per_device'] * p['devices'] / 1e12:,.2f} T over all devices)"
+    flops = f"  FLOPs per step: model {p['model_flops_per_step'] / 1e12:,.2f} T"
+    if p.get("matmul_flops_per_device"):
+        flops += (
+            f"; the compiled step's matmuls {p['matmul_flops_per_device'] * p['devices'] / 1e12:,.2f}"
+            " T over all devices (every layer and micro-batch, remat's recompute included)"
         )
-    else:
-        lines.append(f"  FLOPs per step: model {p['model_flops_per_step'] / 1e12:,.2f} T")
+    elif p.get("xla_flops_per_device"):  # matmuls in library calls: XLA's figure, labelled
+        flops += (
+            f"; XLA's cost analysis {p['xla_flops_per_device'] * p['devices'] / 1e12:,.2f} T "
+            "over all devices, counting a loop body once (one layer if scanned, one micro-batch)"
+        )
+    lines.append(flops)
     lines.append(
         f"  on {p['devices']} x {p['hardware']} at {p['mfu']:.0%} MFU: "
         f"{_duration(p['step_s_at_mfu'])} per step, "
         f"{p['tokens_per_step'] / p['step_s_at_mfu']:,.0f} tokens/s"
     )
     mem = p["hardware_memory_bytes"] / GiB
-    if p["fits"]:
-        lines.append(f"  fits: about {p['peak_bytes'] / GiB:.1f} of {mem:.0f} GiB per device")
-    else:
+    if p["fits"] is None:  # --no-compile, state within memory: no verdict
         lines.append(
-            f"  DOES NOT FIT: about {p['peak_bytes'] / GiB:.1f} GiB per device, a "
-            f"{p['hardware']} has {mem:.0f} GiB"
+            f"  state only (activations not counted): {p['state_bytes'] / GiB:.1f} of {mem:.1f} "
+            "GiB per device; plan without --no-compile for whether it fits"
         )
+    elif p["fits"]:
+        lines.append(f"  fits: about {p['peak_bytes'] / GiB:.1f} of {mem:.1f} GiB per device")
+    else:
+        need = (
+            f"about {p['peak_bytes'] / GiB:.1f} GiB"
+            if "peak_bytes" in p
+            else f"the state alone (activations not counted) takes {p['state_bytes'] / GiB:.1f} GiB"
+        )
+        lines.append(f"  DOES NOT FIT: {need} per device, a {p['hardware']} has {mem:.1f} GiB")
         lines += [f"  - {tip}" for tip in advice(p, cfg)]
     return lines

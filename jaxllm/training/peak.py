@@ -40,15 +40,22 @@ _PUBLISHED: dict[tuple[str, ...], float] = {
 }
 
 
-# name: (dense bf16 FLOP/s per chip, memory bytes per chip), for --plan's targets
+# name: (dense bf16 FLOP/s per chip, memory bytes per chip), for --plan's targets. Memory is
+# in bytes, the whole card's as its driver reports it: a datasheet's "80 GB" / "141 GB" is
+# neither exact GB nor GiB. NVIDIA: NVML's total (nvidia-smi's MiB), as tabulated in
+# thundergolfer.com/blog/nvidia-gpu-memory-capacity (Modal, 2024: H100 81,559 MiB, H200
+# 143,771, A100 80GB 81,920, L40S 46,068, L4 23,034) and nvidia-smi logs of an H100 PCIe
+# (81,559 MiB) and an H100 NVL (95,830 MiB). TPUs: HBM per chip from the Cloud TPU system
+# architecture pages (v4 32, v5e 16, v5p 95, v6e 32 "GB"), taken as GiB: HBM stacks come in
+# binary sizes (not measured here on a TPU).
 HARDWARE: dict[str, tuple[float, float]] = {
-    "h100": (989e12, 80 * 2**30),
-    "h100_pcie": (756e12, 80 * 2**30),
-    "h100_nvl": (835e12, 94e9),
-    "h200": (989e12, 141e9),
-    "a100": (312e12, 80 * 2**30),
-    "l4": (121e12, 24 * 2**30),
-    "l40s": (362e12, 48 * 2**30),
+    "h100": (989e12, 81_559 * 2**20),  # 79.6 GiB
+    "h100_pcie": (756e12, 81_559 * 2**20),  # 79.6 GiB
+    "h100_nvl": (835e12, 95_830 * 2**20),  # 93.6 GiB
+    "h200": (989e12, 143_771 * 2**20),  # 140.4 GiB
+    "a100": (312e12, 81_920 * 2**20),  # 80.0 GiB (the 80 GB card)
+    "l4": (121e12, 23_034 * 2**20),  # 22.5 GiB
+    "l40s": (362e12, 46_068 * 2**20),  # 45.0 GiB
     "v4": (275e12, 32 * 2**30),
     "v5e": (197e12, 16 * 2**30),
     "v5p": (459e12, 95 * 2**30),
