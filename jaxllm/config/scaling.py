@@ -13,7 +13,10 @@ class ScalingConfig:
     every budget in `tokens` with its own cosine schedule ending at that budget (as Chinchilla
     requires), the learning rate `lr * lr_width / d_model` (larger for narrow models, a
     muP-style rule) and `warmup` of the steps. `holdout_layers` is a bigger model trained after
-    the fit on `holdout_tokens`, whose loss the fit predicts first."""
+    the fit on `holdout_tokens`, whose loss the fit predicts first. `params` is the N of every
+    fit and of the compute unit C = 6 N D: `total` (embeddings included, Hoffmann et al.'s
+    count, so tokens per parameter compare with Chinchilla's ~20) or `non_embedding`
+    (Kaplan et al.'s)."""
 
     base: str = "tiny_pretrain.yaml"  # the pretrain config every run starts from
     layers: tuple[int, ...] = (1, 2, 3, 4, 6)
@@ -27,11 +30,14 @@ class ScalingConfig:
     holdout_tokens: int = 500_000
     bootstrap: int = 100
     eval_batches: int = 8
+    params: str = "total"  # total | non_embedding
 
     def _validate(self) -> None:
         if len(self.layers) < 2 or len(self.tokens) < 1 or min(self.layers) < 1:
             raise ValueError("layers: need at least two sizes (and one budget)")
         if self.holdout_layers and self.holdout_layers <= max(self.layers):
             raise ValueError("holdout_layers: must be bigger than every size in the fit")
+        if self.params not in ("total", "non_embedding"):
+            raise ValueError(f"params: must be 'total' or 'non_embedding', got {self.params!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup: a fraction of the steps in [0, 1), got {self.warmup}")

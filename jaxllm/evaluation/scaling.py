@@ -9,7 +9,8 @@
   from a grid of starting points (the best one is kept).
 - `compute_optimal(C, fit)`: the N*, D* that minimise L(N, D) under C = 6 N D:
   N* = G (C/6)^(beta/(alpha+beta)), D* = (C/6)^(alpha/(alpha+beta)) / G with
-  G = (alpha A / (beta B))^(1/(alpha+beta)), and their ratio D*/N*.
+  G = (alpha A / (beta B))^(1/(alpha+beta)), and their ratio D*/N*; C is 6 N D in the fit's
+  own N (total or non-embedding parameters), not a model's full FLOP count.
 - `bootstrap(fit_fn, columns, n)`: percentile intervals of every fitted constant over fits
   to rows resampled with replacement.
 """
@@ -100,9 +101,17 @@ def fit_power_law(x, loss, delta: float = 1e-3) -> dict[str, float]:
 
 
 def compute_optimal(compute, fit: dict[str, float]) -> dict[str, np.ndarray]:
-    """N*(C), D*(C) = C / (6 N*) and D*/N* for compute budgets C (FLOPs), from a Chinchilla fit."""
+    """N*(C), D*(C) = C / (6 N*) and D*/N* for compute budgets C, from a Chinchilla fit.
+
+    C is in the unit 6 N D for the N the fit was made on (total or non-embedding parameters):
+    a model's full FLOP count (output layer, attention) is a different, larger number. With a
+    fitted alpha or beta <= 0 (a degenerate fit: the loss does not fall with N or with D)
+    there is no optimum: NaN."""
     c = np.asarray(compute, float)
     alpha, beta = fit["alpha"], fit["beta"]
+    if not (alpha > 0 and beta > 0):
+        nan = np.full_like(c, np.nan)
+        return {"N": nan, "D": nan, "tokens_per_param": nan}
     g = (alpha * fit["A"] / (beta * fit["B"])) ** (1.0 / (alpha + beta))
     n = g * (c / 6.0) ** (beta / (alpha + beta))
     d = c / (6.0 * n)

@@ -6,9 +6,11 @@ learning rate the rule gives), in `<run>/runs/L<layers>_T<tokens>/`; a run whose
 exists is not run again, so an interrupted sweep resumes. The fits (evaluation/scaling.py):
 Kaplan's L(N) at the largest budget and L(D) at the largest size, Chinchilla's L(N, D) with
 bootstrap intervals, the compute-optimal N*(C), D*(C). The prediction for the held-out model
-is written to `prediction.json` before that model trains. N counts non-embedding parameters
-(Kaplan's); C = 6 N D for the compute-optimal split, and each run's FLOPs are the project's
-own count (6 N + the attention term, over all its tokens).
+is written to `prediction.json` before that model trains. N is `scaling.params`: total
+parameters (default, Hoffmann et al.'s count) or non-embedding ones (Kaplan's), the same N in
+every fit, the prediction and the compute unit: the compute-optimal table's budgets C are
+6 N D for that N (`compute_unit` in the summary says which), not the runs' `flops` (the
+project's own count: the output layer and attention included), which stay in the runs' rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from jaxllm.evaluation.scaling import (
     fit_power_law,
 )
 from jaxllm.models.flops import param_count, train_flops_per_token
-from jaxllm.rundir import RunDir, atomic_write_text
+from jaxllm.rundir import RunDir, atomic_write_text, is_finished
 from jaxllm.sharding.multihost import is_primary
 from jaxllm.tokenizer.hf import load_tokenizer
 
@@ -64,6 +66,14 @@ def run_config(cfg: Config, base: Config, run_dir: Path, layers: int, tokens: in
     )  # fmt: skip
 
 
+# the N a fit uses (`scaling.params`) -> the key of the runs' rows that holds it
+N_KEY = {"total": "params", "non_embedding": "N"}
+UNIT = {
+    "total": "C = 6 N D, N = total parameters (embeddings included)",
+    "non_embedding": "C = 6 N D, N = non-embedding parameters",
+}
+
+
 def _row(sub: Config, summary: dict[str, Any], vocab: int) -> dict[str, Any]:
     m = sub.model if sub.model.vocab_size else replace(sub.model, vocab_size=vocab)
     tokens = summary["tokens_seen"]
@@ -89,7 +99,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         for tokens in s.tokens:
             sub = run_config(cfg, base, run_dir.path, layers, tokens)
             grid.append(_row(sub, run_stage(sub, reuse_finished=True), vocab))
-    fits = _fits(grid, s.bootstrap, cfg.seed)
+    fits = _fits(grid, s.bootstrap, cfg.seed, s.params)
     summary: dict[str, Any] = {"runs": grid, **fits}
     if s.holdout_layers:
         summary["prediction"] = _holdout(cfg, base, run_dir.path, fits["chinchilla"], vocab)
@@ -110,25 +120,33 @@ def _base(cfg: Config) -> Config:
     return base
 
 
-def _fits(grid: list[dict], n_boot: int, seed: int) -> dict[str, Any]:
-    n, d, loss = (np.array([r[k] for r in grid], float) for k in ("N", "D", "val_loss"))
+def _fits(grid: list[dict], n_boot: int, seed: int, params: str) -> dict[str, Any]:
+    """Every fit on N = the rows' `N_KEY[params]`; the compute-optimal table at budgets in the
+    same unit, C = 6 N D, from the smallest run's to 100x the largest run's (None when the
+    fit has no optimum: a fitted exponent <= 0)."""
+    n, d, loss = (np.array([r[k] for r in grid], float) for k in (N_KEY[params], "D", "val_loss"))
     fit = fit_chinchilla(n, d, loss)
     start = chinchilla_start(fit)
     ci = bootstrap(lambda *c: fit_chinchilla(*c, starts=[start]), (n, d, loss), n_boot, seed)
     big_d, big_n = d == d.max(), n == n.max()
-    flops = np.array([r["flops"] for r in grid])
-    budgets = np.geomspace(flops.min(), flops.max() * 100, 5)
+    kaplan_n = np.array([r["N"] for r in grid], float)
+    budgets = np.geomspace((6 * n * d).min(), (6 * n * d).max() * 100, 5)
     optimal = compute_optimal(budgets, fit)
     return {
+        "params": params,
         "chinchilla": fit,
         "chinchilla_ci90": ci,
         "residuals": [round(float(x), 4) for x in chinchilla_loss(n, d, fit) / loss - 1],
-        "kaplan_N": fit_power_law(n[big_d], loss[big_d]) if big_d.sum() >= 3 else None,
+        # Kaplan et al.'s L(N) is on non-embedding N, whatever `params` says
+        "kaplan_N": fit_power_law(kaplan_n[big_d], loss[big_d]) if big_d.sum() >= 3 else None,
         "kaplan_D": fit_power_law(d[big_n], loss[big_n]) if big_n.sum() >= 3 else None,
+        "compute_unit": UNIT[params],
         "compute_optimal": [
-            {"flops": float(c), "N": float(a), "D": float(b), "tokens_per_param": float(r)}
+            {"C": float(c), "N": float(a), "D": float(b), "tokens_per_param": float(r)}
             for c, a, b, r in zip(budgets, optimal["N"], optimal["D"], optimal["tokens_per_param"])
-        ],
+        ]
+        if np.isfinite(optimal["N"]).all()
+        else None,
     }
 
 
@@ -139,17 +157,31 @@ def _holdout(cfg: Config, base: Config, run_dir: Path, fit: dict, vocab: int) ->
     s = cfg.scaling
     sub = run_config(cfg, base, run_dir, s.holdout_layers, s.holdout_tokens)
     m = size_model(base.model, cfg, s.holdout_layers)
-    n, d = param_count(m, exclude_embeddings=True), _tokens(sub)
-    path = run_dir / "prediction.json"
-    if path.is_file():
-        pred = json.loads(path.read_text())
-    else:
-        pred = {"name": sub.name, "N": n, "D": d, "predicted": float(chinchilla_loss(n, d, fit))}
-        if is_primary():
-            atomic_write_text(path, json.dumps(pred, indent=1) + "\n")
+    m = m if m.vocab_size else replace(m, vocab_size=vocab)
+    n = param_count(m, exclude_embeddings=s.params == "non_embedding")
+    pred = _prediction(run_dir / "prediction.json", sub.name, s.params, n, _tokens(sub), fit,
+                       trained=is_finished(sub.run_dir))  # fmt: skip
     row = _row(sub, run_stage(sub, reuse_finished=True), vocab)
     pred.update(measured=row["val_loss"], row=row)
     pred["relative_error"] = round(pred["predicted"] / pred["measured"] - 1, 4)
+    return pred
+
+
+def _prediction(path: Path, name: str, params: str, n: int, d: int, fit: dict, trained: bool):
+    """The prediction in `path` if it was made on this N (`params`; a file without the key
+    predates the choice: non-embedding), else a new one written there; a new one made after
+    the held-out model trained says so (`after_training`) and keeps the file's earlier one."""
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old.get("params", "non_embedding") == params:
+        return old
+    pred = {"name": name, "params": params, "N": n, "D": d,
+            "predicted": float(chinchilla_loss(n, d, fit))}  # fmt: skip
+    if trained:
+        pred["after_training"] = True
+    if old is not None:
+        pred["earlier"] = old
+    if is_primary():
+        atomic_write_text(path, json.dumps(pred, indent=1) + "\n")
     return pred
 
 

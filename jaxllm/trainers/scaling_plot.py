@@ -17,7 +17,11 @@ def plot_scaling(summary: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from jaxllm.trainers.scaling import N_KEY
+
     runs, fit = summary["runs"], summary["chinchilla"]
+    params = summary.get("params", "non_embedding")  # summaries before the choice: Kaplan's N
+    runs = [{**r, "N": r[N_KEY[params]]} for r in runs]  # the fit's N; C = 6 N D in the same unit
     fig, ax = plt.subplots(2, 2, figsize=(11, 8.5))
     sizes = sorted({r["layers"] for r in runs})
     for layers in sizes:
@@ -27,10 +31,13 @@ def plot_scaling(summary: dict[str, Any], out: Path) -> None:
     c = np.geomspace(
         min(6 * r["N"] * r["D"] for r in runs), 10 * max(6 * r["N"] * r["D"] for r in runs), 50
     )
-    opt = compute_optimal(c, fit)
+    opt = compute_optimal(c, fit)  # NaN (nothing drawn) when the fit has no optimum
     ax[0, 0].plot(c, chinchilla_loss(opt["N"], opt["D"], fit), "k--", label="fitted frontier")
     ax[0, 0].set(
-        xscale="log", xlabel="compute 6ND (FLOPs)", ylabel="val loss", title="loss vs compute"
+        xscale="log",
+        xlabel=f"compute C = 6ND (N: {params})",
+        ylabel="val loss",
+        title="loss vs compute",
     )
     ax[0, 0].legend(fontsize=7)
     n_grid = np.geomspace(min(r["N"] for r in runs) / 2, max(r["N"] for r in runs) * 8, 60)
@@ -40,7 +47,7 @@ def plot_scaling(summary: dict[str, Any], out: Path) -> None:
         ax[0, 1].plot(n_grid, chinchilla_loss(n_grid, d, fit), "-", color=line.get_color(),
                       label=f"D {d / 1e6:.2f} M tokens")  # fmt: skip
     ax[0, 1].set(
-        xscale="log", xlabel="non-embedding parameters N", ylabel="val loss", title="loss vs N"
+        xscale="log", xlabel=f"parameters N ({params})", ylabel="val loss", title="loss vs N"
     )
     ax[0, 1].legend(fontsize=7)
     for budget in np.geomspace(c[0], c[-1], 4):

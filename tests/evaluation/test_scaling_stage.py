@@ -47,6 +47,14 @@ def test_tiny_sweep_fits_predicts_and_resumes(tmp_path, tok, tiny_ckpt):
     assert set(fit) >= {"E", "A", "alpha", "B", "beta"} and len(summary["residuals"]) == 4
     pred = summary["prediction"]
     assert pred["name"] == "L3_T1024" and pred["measured"] > 0
+    # every N is total parameters (the default), the compute unit 6 N D of that N
+    assert summary["params"] == pred["params"] == "total" and "after_training" not in pred
+    assert pred["N"] == pred["row"]["params"]
+    smallest = min(6 * r["params"] * r["D"] for r in runs.values())
+    if summary["compute_optimal"] is None:  # 4 tiny runs can give a degenerate fit
+        assert min(fit["alpha"], fit["beta"]) <= 0
+    else:
+        assert summary["compute_optimal"][0]["C"] == pytest.approx(smallest)
     assert (out / "prediction.json").stat().st_mtime_ns < (
         out / "runs/L3_T1024/summary.json"
     ).stat().st_mtime_ns
