@@ -61,7 +61,10 @@ class ChatConfig:
 
     def _validate(self) -> None:
         if self.system and self.prompt:
-            raise ValueError("system: give a system prompt or a library prompt, not both")
+            raise ValueError(
+                f"system: set beside the library prompt chat.prompt ({self.prompt!r}); keep one "
+                "(--set \"chat.prompt=''\" clears the library prompt)"
+            )
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
         if self.max_new_tokens < 1 or self.max_turns < 0 or self.stream < 1:

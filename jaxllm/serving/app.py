@@ -54,7 +54,9 @@ class Backend:
             self.template = None  # a tokenizer without the chat tokens: completions only
         end = self.tok.special_ids.get(END_TOKEN)
         self.stop_ids = frozenset({self.tok.eos_id})
-        self.chat_stop_ids = self.stop_ids | ({end} if end is not None else set())
+        # a chat answer ends at <|end|>, or at any other structural token (a role tag, <s>)
+        structural = set(self.template.ids.values()) if self.template else set()
+        self.chat_stop_ids = self.stop_ids | ({end} if end is not None else set()) | structural
 
 
 def _error(e: APIError) -> JSONResponse:

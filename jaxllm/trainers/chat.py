@@ -2,11 +2,14 @@
 template, the conversation's history, and the answer streamed to the terminal.
 
 Commands: `/reset` (forget the history), `/system <text>` (a new system prompt, history
-reset), `/quit` or `exit` (or end of input). The oldest turns are dropped when the
-conversation no longer fits the model's context. The answer is sampled `chat.stream` tokens
-at a time (each chunk a sampler call continuing the text so far) and printed as it grows.
-The conversation is written to `chat.jsonl` in the run directory. Also `python -m
-jaxllm.chat --checkpoint DIR [--set chat.temperature=0 ...]`.
+reset), `/quit` or `exit` (or end of input, or Ctrl-C at the input). The oldest turns are
+dropped when the conversation no longer fits the model's context; a message that does not fit
+even alone is not sent (the history stays). The answer is sampled `chat.stream` tokens at a
+time (each chunk a sampler call continuing the text so far) and printed as it grows; it ends
+at `<|end|>`, `</s>` or any other structural token (a role token, `<s>`: not kept), and Ctrl-C
+while it streams cancels it (the turn is dropped, the chat goes on). Input bytes that are not
+text in the terminal's encoding read as U+FFFD. The conversation is written to `chat.jsonl` in
+the run directory. Also `python -m jaxllm.chat --checkpoint DIR [--set chat.temperature=0 ...]`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import jax
 import yaml
 
 from jaxllm.config import Config, resolve_path
-from jaxllm.errors import ConfigError, JaxllmError
+from jaxllm.errors import ConfigError, DataError, JaxllmError
 from jaxllm.generation import Sampler, sample_all
 from jaxllm.interop import load_tokenizer
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
-from jaxllm.tokenizer.chat import END_TOKEN, ChatTemplate
+from jaxllm.tokenizer.chat import STRUCTURAL, ChatTemplate
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model
 
@@ -56,8 +59,14 @@ class Conversation:
         self.template = ChatTemplate(tok)
         self.sampler = Sampler(graphdef, mesh=mesh, rules=rules)
         self.system = cfg.system or (library_prompt(cfg.prompt) if cfg.prompt else "")
+        bad = next((s for s in STRUCTURAL if s in self.system), None)
+        if bad:
+            key = "chat.system" if cfg.system else f"chat.prompt ({cfg.prompt})"
+            raise ConfigError(f"config key '{key}': the system prompt holds the token {bad}")
         self.history: list[dict[str, str]] = []
-        self.stop_ids = [tok.special_ids[END_TOKEN], tok.eos_id]
+        # every structural token ends the answer: a role token in a reply would be refused by
+        # the template on the next turn (`<|end|>` and `</s>` are the proper ends)
+        self.stop_ids = sorted(i for i in {*self.template.ids.values(), tok.eos_id} if i >= 0)
         self.key, self.calls = jax.random.key(0), 0
 
     def reset(self, system: str | None = None) -> None:
@@ -67,32 +76,40 @@ class Conversation:
 
     def prompt_ids(self) -> list[int]:
         """The conversation ending `<|assistant|>`, oldest turns dropped until it fits;
-        `TooLong` when the system prompt and the newest message alone do not."""
-        room = self.max_len - self.cfg.max_new_tokens
+        `TooLong` when the system prompt and the newest message alone do not (the history
+        is then left as it was)."""
+        room, history = self.max_len - self.cfg.max_new_tokens, self.history
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         while True:
-            sys_msg = [{"role": "system", "content": self.system}] if self.system else []
-            ids = self.template.prompt_ids([*sys_msg, *self.history])
+            ids = self.template.prompt_ids([*sys_msg, *history])
             if len(ids) <= room:
+                self.history = history
                 return ids
-            if len(self.history) <= 1:
-                self.history = []
+            if len(history) <= 1:
                 raise TooLong(
                     f"(that message is {len(ids)} tokens with the system prompt; {room} fit "
                     "beside the answer's chat.max_new_tokens: not sent)"
                 )
-            self.history = self.history[2:]
+            history = history[2:]
 
     def prepare(self, user: str) -> list[int]:
-        """Adds the user's turn; the prompt ids (`TooLong`: the turn is not kept)."""
-        self.history.append({"role": "user", "content": user})
-        return self.prompt_ids()
+        """Adds the user's turn; the prompt ids (`TooLong`, `DataError` for a message holding
+        a reserved token: the turn is not kept, the history stays)."""
+        before = self.history
+        self.history = [*before, {"role": "user", "content": user}]
+        try:
+            return self.prompt_ids()
+        except (TooLong, DataError):
+            self.history = before
+            raise
 
     def answer(self, user: str, emit: Callable[[str], None]) -> str:
         """`reply` to a new user turn."""
         return self.reply(self.prepare(user), emit)
 
     def reply(self, ids: list[int], emit: Callable[[str], None]) -> str:
-        """Samples the reply `chat.stream` tokens per call, emitting the text as it grows."""
+        """Samples the reply `chat.stream` tokens per call, emitting the text as it grows; it
+        ends at a stop token or at a structural string spelt by ordinary pieces (cut there)."""
         new, shown = [], ""
         while len(new) < self.cfg.max_new_tokens:
             n = min(self.cfg.stream, self.cfg.max_new_tokens - len(new))
@@ -105,51 +122,98 @@ class Conversation:
             )  # fmt: skip
             toks, stopped = res.tokens[0], res.stopped[0]
             new += toks[:-1] if stopped else toks
-            # a chunk may end inside a character (its bytes split over tokens): hold that back
-            text = self.tok.decode(new).rstrip("\ufffd")
-            if text.startswith(shown):
-                emit(text[len(shown) :])
-                shown = text
-            if stopped:
+            text, cut = cut_structural(self.tok.decode(new))
+            part = text if cut else held_back(text)
+            if part.startswith(shown):
+                emit(part[len(shown) :])
+                shown = part
+            if stopped or cut:
                 break
-        text = self.tok.decode(new)
+        text = cut_structural(self.tok.decode(new))[0]
         emit(text[len(shown) :] if text.startswith(shown) else "")
         self.history.append({"role": "assistant", "content": text})
         return text
 
 
+def cut_structural(text: str) -> tuple[str, bool]:
+    """`text` up to its first structural string (`<|user|>`, ...), and whether it had one."""
+    at = min((j for j in (text.find(s) for s in STRUCTURAL) if j >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
+def held_back(text: str) -> str:
+    """What of a growing answer may be shown: not a character split over chunks (U+FFFD at
+    the end), nor an end that may begin a structural string (`<|us`), both held back."""
+    text = text.rstrip("\ufffd")
+    for k in range(min(len(text), max(map(len, STRUCTURAL)) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in STRUCTURAL):
+            return text[:-k]
+    return text
+
+
 def repl(conv: Conversation, lines: Iterable[str], out: TextIO, max_turns: int = 0) -> list[dict]:
-    """Reads user lines, prints streamed answers; returns the transcript."""
+    """Reads user lines, prints streamed answers; returns the transcript. Ctrl-C while an
+    answer streams cancels it; anywhere else it ends the chat, like end of input."""
     transcript: list[dict] = []
-    turns = 0
     out.write("chat: /reset, /system <text>, /quit\n")
-    for raw in lines:
-        line = raw.rstrip("\n")
-        if line.strip() in ("/quit", "exit", "/exit"):
-            break
-        if line.strip() == "/reset":
-            conv.reset()
-            out.write("(history cleared)\n")
-            continue
-        if line.startswith("/system"):
-            conv.reset(line.removeprefix("/system").strip())
+    try:
+        for raw in lines:
+            go_on = _turn(conv, raw.rstrip("\n"), out, transcript)
+            out.flush()  # a pipe's reader sees each turn's lines as they come
+            if not go_on:
+                break
+            if max_turns and len(transcript) >= max_turns:
+                break
+    except KeyboardInterrupt:
+        out.write("\n")
+    return transcript
+
+
+def _turn(conv: Conversation, line: str, out: TextIO, transcript: list[dict]) -> bool:
+    """One input line (a command or a message); False to end the chat."""
+    if line.strip() in ("/quit", "exit", "/exit"):
+        return False
+    if line.strip() == "/reset":
+        conv.reset()
+        out.write("(history cleared)\n")
+    elif line.startswith("/system"):
+        text = line.removeprefix("/system").strip()
+        bad = next((s for s in STRUCTURAL if s in text), None)
+        if bad:
+            out.write(f"(a system prompt may not contain the reserved token {bad}: not set)\n")
+        else:
+            conv.reset(text)
             out.write("(system prompt set, history cleared)\n")
-            continue
-        if not line.strip():
-            continue
+    elif line.strip():
+        before = conv.history
         try:
             ids = conv.prepare(line)
         except TooLong as e:
             out.write(f"{e}\n")
-            continue
+            return True
+        except DataError as e:
+            bad = next((s for s in STRUCTURAL if s in line), None)
+            why = f"contains the reserved token {bad}" if bad else f"is refused: {e}"
+            out.write(f"(that message {why}: not sent)\n")
+            return True
         out.write("assistant: ")
-        reply = conv.reply(ids, lambda s: (out.write(s), out.flush()))
+        try:
+            reply = conv.reply(ids, lambda s: (out.write(s), out.flush()))
+        except KeyboardInterrupt:
+            conv.history = before
+            out.write("\n(answer cancelled: not kept in the history)\n")
+            return True
         out.write("\n")
         transcript.append({"user": line, "assistant": reply, "system": conv.system})
-        turns += 1
-        if max_turns and turns >= max_turns:
-            break
-    return transcript
+    return True
+
+
+def input_lines(stream: TextIO) -> Iterable[str]:
+    """The lines of `stream` (stdin), a byte that is not text in its encoding read as U+FFFD
+    (a surrogate escape would reach the tokenizer)."""
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="replace")
+    return stream
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
@@ -162,7 +226,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     conv = Conversation(graphdef, state, load_tokenizer(tok_path), m.max_seq_len, cfg.chat,
                         mesh, rules)  # fmt: skip
     conv.key = jax.random.key(cfg.seed)
-    transcript = repl(conv, sys.stdin, sys.stdout, cfg.chat.max_turns)
+    transcript = repl(conv, input_lines(sys.stdin), sys.stdout, cfg.chat.max_turns)
     if jax.process_index() == 0:
         text = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in transcript)
         atomic_write_text(run_dir.path / "chat.jsonl", text)

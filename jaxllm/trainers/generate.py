@@ -17,7 +17,7 @@ from jaxllm.interop import load_tokenizer
 from jaxllm.jsonl import read_jsonl
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
-from jaxllm.tokenizer.chat import END_TOKEN, render_text
+from jaxllm.tokenizer.chat import END_TOKEN, STRUCTURAL, render_text
 from jaxllm.trainers import require_input
 from jaxllm.trainers.lm import load_checkpoint_model, quantize_state
 
@@ -41,7 +41,8 @@ def read_prompts(cfg: Config) -> list[str]:
 def chat_prompts(prompts: list[str], gen: GenerateConfig) -> tuple[list[str], GenerateConfig]:
     """With `generate.chat`, each prompt becomes a user turn of the chat template (after the
     system prompt, if any) ending in the assistant's tag; the template's text carries its
-    own `<s>`, and the answer stops at `<|end|>` as well as at `generate.stop`."""
+    own `<s>`, and the answer stops at `<|end|>` (or any other structural token: a role
+    tag, `<s>`) as well as at `generate.stop`."""
     if not gen.chat:
         return prompts, gen
     system = [{"role": "system", "content": gen.system}] if gen.system else []
@@ -49,7 +50,7 @@ def chat_prompts(prompts: list[str], gen: GenerateConfig) -> tuple[list[str], Ge
         render_text([*system, {"role": "user", "content": p}], add_generation_prompt=True)
         for p in prompts
     ]
-    stop = gen.stop if END_TOKEN in gen.stop else (*gen.stop, END_TOKEN)
+    stop = tuple(dict.fromkeys((*gen.stop, END_TOKEN, *STRUCTURAL)))
     return texts, replace(gen, add_bos=False, stop=stop)
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from jaxllm.config import ChatConfig
 from jaxllm.generation import sample_all
-from jaxllm.tokenizer.chat import END_TOKEN, ChatTemplate, render_text
+from jaxllm.tokenizer.chat import END_TOKEN, STRUCTURAL, ChatTemplate, render_text
 from jaxllm.trainers.chat import Conversation, library_prompt, repl
 from jaxllm.trainers.eval_model import EvalModel
 
@@ -44,6 +44,9 @@ def test_repl_streams_the_greedy_answer_and_keeps_history(tiny_ckpt):
                      key_for=lambda n: jax.random.key(0), max_new_tokens=6, temperature=0.0,
                      stop_ids=[m.tok.special_ids[END_TOKEN], m.tok.eos_id])  # fmt: skip
     toks = res.tokens[0][:-1] if res.stopped[0] else res.tokens[0]
+    # the answer ends at the first structural token (a role token too): cut the reference there
+    structural = {m.tok.special_ids[s] for s in STRUCTURAL if s in m.tok.special_ids}
+    toks = toks[: next((i for i, t in enumerate(toks) if t in structural), len(toks))]
     assert transcript[0]["assistant"] == m.tok.decode(toks)
     assert f"assistant: {transcript[0]['assistant']}\n" in out.getvalue()
 

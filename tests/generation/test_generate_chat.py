@@ -18,7 +18,9 @@ def test_chat_prompts_are_the_sft_prompt_ids(tok):
     for text, q in zip(texts, ["2 + 3 = ?", "除夕夜应该吃什么呢？"]):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
         assert tok.encode(text, add_bos=out.add_bos) == template.prompt_ids(messages)
-    assert out.stop == ("</s>", "<|end|>") and not out.add_bos
+    # an answer ends at <|end|> or any other structural string (a role tag would start a turn)
+    roles = ("<|system|>", "<|user|>", "<|assistant|>")
+    assert out.stop == ("</s>", "<|end|>", "<s>", *roles) and not out.add_bos
     plain, same = generate.chat_prompts(["x"], GenerateConfig())
     assert plain == ["x"] and same == GenerateConfig()
 
@@ -34,7 +36,7 @@ def test_generate_stage_with_chat(tmp_path, tiny_ckpt):
     summary = run_dir.finish(generate.run(cfg, run_dir))
     row = json.loads((tmp_path / "g/generations.jsonl").read_text())
     assert row["prompt"] == "2 + 3 = ?" and summary["prompts"] == 1
-    assert "<|end|>" not in row["completion"]
+    assert not any(t in row["completion"] for t in ("<|end|>", "<|user|>", "<|assistant|>"))
 
 
 def test_system_prompt_needs_chat():
