@@ -186,8 +186,9 @@ def check_same_config(path: Path, cfg: Config) -> None:
     old = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
     diff = first_difference(old, to_dict(cfg), defaults=_defaults())
     if diff:
+        state = "a finished" if is_finished(path) else "an unfinished"
         raise RunDirError(
-            f"{path} holds an unfinished run with another config ({diff}); "
+            f"{path} holds {state} run with another config ({diff}); "
             "set overwrite: true to start over, or choose another output_dir"
         )
 

@@ -33,8 +33,19 @@ def test_unfinished_run_resumes_with_same_config_and_refuses_another(tmp_path):
     (cfg.run_dir / "x.txt").write_text("an output")
     assert RunDir.open(replace(cfg, progress=False)).resumed  # progress may change
     assert RunDir.open(replace(cfg, **{"mesh.data": 2, "mesh.fsdp": 4})).resumed  # and the mesh
-    with pytest.raises(RunDirError, match=r"another config \(seed: 1 -> 2\)"):
+    with pytest.raises(
+        RunDirError, match=r"an unfinished run with another config \(seed: 1 -> 2\)"
+    ):
         RunDir.open(replace(cfg, seed=2))
+
+
+def test_a_pipeline_reusing_a_finished_run_of_another_config_says_finished(tmp_path):
+    from jaxllm.rundir import check_same_config
+
+    cfg = cfg_at(tmp_path / "r", seed=1)
+    RunDir.open(cfg).finish({"steps": 1})  # what `run_stage(reuse_finished=True)` checks
+    with pytest.raises(RunDirError, match=r"holds a finished run with another config \(seed"):
+        check_same_config(cfg.run_dir, replace(cfg, seed=7))
 
 
 def test_a_run_that_wrote_only_its_config_starts_over_with_another(tmp_path):
