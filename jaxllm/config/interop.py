@@ -16,9 +16,11 @@ class HFConfig:
     out_dir: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
     # import: add jaxllm's chat tokens (<|system|> <|user|> <|assistant|> <|end|> <think>
-    # </think>) to a tokenizer.json that lacks them, growing the embedding (and an untied
-    # head) by as many rows, initialised to the mean row, so that sft/dpo/... can use the
-    # chat template on the imported model.
+    # </think>) to a tokenizer.json that lacks them (a directory with both tokenizer.model
+    # and tokenizer.json then keeps the tokenizer.json), growing the embedding (and an untied
+    # head) by as many rows, each the mean row plus a little seeded noise (distinct, so
+    # training can tell them apart), so that sft/dpo/... can use the chat template on the
+    # imported model.
     chat_tokens: bool = False
     # export: the transformers class to write an encoder checkpoint as (empty: the one its
     # heads hold, or the class it was imported from); a decoder checkpoint is refused

@@ -74,16 +74,21 @@ def generate_text(
     """Completions (the text after each prompt) with the settings of `cfg`, on `mesh` when
     given (every process gets every completion).
 
-    Stop strings in `cfg.stop` that encode to one token become stop ids, and so does the
-    tokenizer's EOS (unless `stop_ids` is given); every completion is also cut at the first
-    stop string. A BOS goes first (`cfg.add_bos`) where the tokenizer has one. Prompts run in batches of
-    `cfg.batch_size`; batch n draws with `fold_in(key, n * batch_size)`.
+    Stop strings in `cfg.stop` that name a special token or encode to one token become stop
+    ids, and so do the tokenizer's EOS and any other end ids it has (`eos_ids`: a HF model's
+    generation_config.json list) unless `stop_ids` is given; every completion is also cut at
+    the first stop string. A BOS goes first (`cfg.add_bos`) where the tokenizer has one.
+    Prompts run in batches of `cfg.batch_size`; batch n draws with
+    `fold_in(key, n * batch_size)`.
     """
     if stop_ids is None:
-        encoded = (tokenizer.encode(s, add_bos=False) for s in cfg.stop)
+        named = getattr(tokenizer, "special_ids", {})  # (an HF model's <s> alias: its BOS)
+        encoded = (
+            [named[s]] if s in named else tokenizer.encode(s, add_bos=False) for s in cfg.stop
+        )
         stop_ids = [ids[0] for ids in encoded if len(ids) == 1]
-        eos = getattr(tokenizer, "eos_id", -1)
-        stop_ids += [eos] if eos >= 0 and eos not in stop_ids else []  # EOS always ends one
+        eos = getattr(tokenizer, "eos_ids", [getattr(tokenizer, "eos_id", -1)])
+        stop_ids += [i for i in eos if i >= 0 and i not in stop_ids]  # EOS always ends one
     add_bos = cfg.add_bos and getattr(tokenizer, "bos_id", 0) >= 0  # (Qwen2 has no BOS)
     ids = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
     res = sample_all(

@@ -1,8 +1,11 @@
 """`HFTokenizer`: a HF `tokenizer.json` (byte-level BPE of GPT-2, Llama 3, Qwen2, ...) behind
 the interface of `jaxllm.tokenizer.Tokenizer`, built on the `tokenizers` library.
 
-Special tokens (bos/eos/pad/unk) come from `tokenizer_config.json` next to the file when it is
-there; encoding never adds them implicitly (`add_bos`/`add_eos` do, as in `Tokenizer`).
+Special tokens (bos/eos/pad/unk) come from `tokenizer_config.json` next to the file; a kind it
+does not name (GPT-2's hub layout names none) from `special_tokens_map.json`, else from the ids
+of `generation_config.json` / `config.json`. Encoding never adds them implicitly
+(`add_bos`/`add_eos` do, as in `Tokenizer`). `eos_ids`: the EOS and every other id that
+`generation_config.json` lists as an end of generation (Llama-3-Instruct's two).
 """
 
 from __future__ import annotations
@@ -17,8 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm.errors import JaxllmError
+from jaxllm.tokenizer.chat import END_TOKEN, ROLE_TOKENS
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# (generation_config.json: its eos ids end generation too; an export merges it into its own)
+HF_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"
+)  # fmt: skip
+SPECIAL_KINDS = ("bos", "eos", "pad", "unk")
+# Where the `<s>` / `</s>` aliases apply: only in jaxllm's chat template as text (`render_text`:
+# `<s>` right before a role token, `</s>` right after `<|end|>`); elsewhere they are text.
+_ALIAS_AT = {
+    "<s>": "<s>(?=" + "|".join(map(re.escape, ROLE_TOKENS.values())) + ")",
+    "</s>": "(?<=" + re.escape(END_TOKEN) + ")</s>",
+}
 
 
 def _token_str(value: Any) -> str | None:
@@ -40,17 +54,15 @@ class HFTokenizer:
         except Exception as e:  # the Rust error types are not importable
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise JaxllmError(f"{path}: not a valid tokenizer.json ({first})") from None
-        conf_path = path.parent / "tokenizer_config.json"
-        conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
-        self._ids = {
-            kind: self._id_of(_token_str(conf.get(f"{kind}_token")))
-            for kind in ("bos", "eos", "pad", "unk")
-        }
+        self._ids = self._special_token_ids(path.parent)
+        self._gen_eos = [i for i in _id_list(_read_json(path.parent / "generation_config.json"))
+                         if self._valid(i)]  # fmt: skip
         added = self._tok.get_added_tokens_decoder()
         self.special_ids: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
         # the chat template's <s> / </s> are the model's own bos / eos, whatever their names:
-        # `encode` maps these aliases itself (the tokenizers library knows only the real names)
-        # (a model without a BOS, e.g. Qwen2: `<s>` stands for no token at all)
+        # `encode` maps these aliases itself where the template puts them (`_ALIAS_AT`; the
+        # tokenizers library knows only the real names); a literal "<s>" elsewhere is text, as
+        # in transformers (a model without a BOS, e.g. Qwen2: `<s>` stands for no token at all)
         self._alias: dict[str, list[int]] = {}
         for name, kind in (("<s>", "bos"), ("</s>", "eos")):
             if name not in self.special_ids and self._ids[kind] >= 0:
@@ -58,7 +70,26 @@ class HFTokenizer:
                 self._alias[name] = [self._ids[kind]]
             elif name == "<s>" and name not in self.special_ids and self._ids["eos"] >= 0:
                 self._alias[name] = []  # a decoder's tokenizer without a BOS
-        self._alias_re = re.compile("(" + "|".join(map(re.escape, self._alias)) + ")")
+        self._alias_re = re.compile("(" + "|".join(_ALIAS_AT[n] for n in self._alias) + ")")
+
+    def _valid(self, tid: Any) -> bool:
+        return isinstance(tid, int) and 0 <= tid < self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special_token_ids(self, directory: Path) -> dict[str, int]:
+        """bos/eos/pad/unk: named by tokenizer_config.json (a null there: none), else by
+        special_tokens_map.json, else generation_config.json's / config.json's `<kind>_token_id`
+        (the first of a list); -1 where none names one."""
+        names = _read_json(directory / "special_tokens_map.json")
+        names.update(_read_json(directory / "tokenizer_config.json"))
+        configs = [_read_json(directory / f) for f in ("generation_config.json", "config.json")]
+        ids = {}
+        for kind in SPECIAL_KINDS:
+            if f"{kind}_token" in names:
+                ids[kind] = self._id_of(_token_str(names[f"{kind}_token"]))
+                continue
+            found = (_id_list(c, f"{kind}_token_id") for c in configs)
+            ids[kind] = next((i[0] for i in found if i and self._valid(i[0])), -1)
+        return ids
 
     @functools.cached_property
     def _plain(self) -> Any:
@@ -107,6 +138,12 @@ class HFTokenizer:
         return self._ids["eos"]
 
     @property
+    def eos_ids(self) -> list[int]:
+        """The ids that end generation: the EOS, then generation_config.json's eos ids."""
+        head = [self.eos_id] if self.eos_id >= 0 else []
+        return list(dict.fromkeys(head + self._gen_eos))
+
+    @property
     def pad_id(self) -> int:
         return self._ids["pad"]
 
@@ -142,8 +179,9 @@ class HFTokenizer:
         num_threads=2,
         specials: bool = True,
     ) -> list[list[int]]:
-        """Token ids per text; special-token strings in the text (and the `<s>`/`</s>`
-        aliases of bos/eos) become their ids, or with `specials=False` stay text."""
+        """Token ids per text; special-token strings in the text become their ids (and so do
+        the `<s>`/`</s>` aliases of bos/eos where jaxllm's chat template puts them: `<s>`
+        before a role token, `</s>` after `<|end|>`), or with `specials=False` stay text."""
         if add_bos and self.bos_id < 0 or add_eos and self.eos_id < 0:
             raise JaxllmError(f"{self.path}: add_bos/add_eos asked but the tokenizer has none")
         head = [self.bos_id] if add_bos else []
@@ -170,6 +208,25 @@ class HFTokenizer:
     def decode_batch(self, batch: Any, skip_special: bool = False, num_threads=2) -> list[str]:
         rows = [ids.tolist() if hasattr(ids, "tolist") else list(ids) for ids in batch]
         return self._tok.decode_batch(rows, skip_special_tokens=skip_special)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file's content; {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise JaxllmError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise JaxllmError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _id_list(conf: dict[str, Any], key: str = "eos_token_id") -> list[Any]:
+    """A config's token id(s) under `key` as a list (HF writes an int or a list)."""
+    value = conf.get(key)
+    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

@@ -3,11 +3,13 @@
 checkpoint is merged into plain weights first; adapter, prefix and prompt checkpoints are
 refused: a HF causal-LM directory has no place for them, and they cannot be merged); the
 checkpoint's tokenizer is copied next to it when it is a HF `tokenizer.json` or a `.model`
-(with a `tokenizer.json` made from it that gives the same ids: `tokenizer/spm_json.py`).
+(with a `tokenizer.json` made from it that gives the same ids: `tokenizer/spm_json.py`); a
+tokenizer with jaxllm's chat tokens gets jaxllm's chat template in `tokenizer_config.json`.
 Encoder checkpoints (and `hf.architecture: Bert*`) go to `bert_interop`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from jaxllm.models.peft import merge_peft, methods_in
 from jaxllm.models.quant import dequantize_model, is_quantized
 from jaxllm.rundir import RunDir, atomic_write_json
 from jaxllm.sharding import make_mesh
-from jaxllm.tokenizer.chat import END_TOKEN
+from jaxllm.tokenizer.chat import END_TOKEN, ROLE_TOKENS
 from jaxllm.trainers import require_input
 from jaxllm.trainers.bert_interop import export_bert_checkpoint
 from jaxllm.trainers.encoder_model import checkpoint_arch
@@ -90,9 +92,11 @@ def export_checkpoint(
 
 
 def _special_ids(path: str) -> dict[str, dict[str, Any]]:
-    """The tokenizer's bos/eos/pad ids for config.json, and generation_config.json's (whose
-    eos also lists `<|end|>`, where the tokenizer has the chat tokens, so `generate` stops at
-    the end of an answer); without a tokenizer here, neither."""
+    """The tokenizer's bos/eos/pad ids for config.json, and generation_config.json's: the
+    source model's generation_config.json (kept with an imported tokenizer) with these ids,
+    its eos a list of the EOS, the source's other eos ids (Llama-3-Instruct's
+    `<|end_of_text|>`) and `<|end|>` where the tokenizer has the chat tokens (so `generate`
+    stops at the end of an answer); without a tokenizer here, neither."""
     if not path or not Path(path).exists():
         return {"config": {}, "generation": {}}
     from jaxllm.interop import load_tokenizer
@@ -100,10 +104,14 @@ def _special_ids(path: str) -> dict[str, dict[str, Any]]:
     tok = load_tokenizer(path)
     named = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     config = {k: v for k, v in named.items() if v >= 0}
-    generation = dict(config)
+    source = Path(path) / "generation_config.json"
+    generation = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
+    generation.update(config)
     end = tok.special_ids.get(END_TOKEN)
-    if end is not None and "eos_token_id" in generation:
-        generation["eos_token_id"] = [generation["eos_token_id"], end]
+    eos = [*getattr(tok, "eos_ids", [tok.eos_id]), *([end] if end is not None else [])]
+    eos = list(dict.fromkeys(i for i in eos if i >= 0))
+    if "eos_token_id" in config and len(eos) > 1:
+        generation["eos_token_id"] = eos
     return {"config": config, "generation": generation}
 
 
@@ -125,6 +133,9 @@ def _hf_tokenizer_files(model: Path, out: Path, max_len: int) -> dict[str, Any]:
 
 
 def _copy_tokenizer(path: str, out: Path) -> str:
+    """The checkpoint's tokenizer files into `out` (generation_config.json is the export's
+    own); with jaxllm's chat tokens, jaxllm's chat template replaces the source's (ChatML,
+    Llama-3 headers, or none) in tokenizer_config.json: the template it was fine-tuned on."""
     src = Path(path) if path else None
     if src is None or not src.exists():
         return ""
@@ -132,6 +143,27 @@ def _copy_tokenizer(path: str, out: Path) -> str:
         shutil.copyfile(src, out / src.name)
         return str(out / src.name)
     for name in HF_TOKENIZER_FILES:
-        if (src / name).is_file():
+        if (src / name).is_file() and name != "generation_config.json":
             shutil.copyfile(src / name, out / name)
+    if jax.process_index() == 0:
+        _write_chat_template(src, out)
     return str(out)
+
+
+def _write_chat_template(src: Path, out: Path) -> None:
+    """Sets `chat_template` (and bos/eos token names the config lacks, which the template
+    renders) in `out/tokenizer_config.json` when the tokenizer in `src` has the chat tokens."""
+    from jaxllm.interop import load_tokenizer
+    from jaxllm.tokenizer.spm_json import CHAT_TEMPLATE
+
+    tok = load_tokenizer(src)
+    if not all(t in tok.special_ids for t in (*ROLE_TOKENS.values(), END_TOKEN)):
+        return
+    conf_path = out / "tokenizer_config.json"
+    conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
+    for kind in ("bos", "eos"):
+        tid = getattr(tok, f"{kind}_id")
+        if f"{kind}_token" not in conf and tid >= 0:
+            conf[f"{kind}_token"] = tok.id_to_piece(tid)
+    conf["chat_template"] = CHAT_TEMPLATE
+    atomic_write_json(conf_path, conf)

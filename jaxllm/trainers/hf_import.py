@@ -1,7 +1,8 @@
 """`stage: import` — a HF model directory (config.json + safetensors) → a jaxllm checkpoint at
 step 0 in `<run_dir>/checkpoints`, loadable by `load_checkpoint_model` and `stage: generate`,
 plus the model's tokenizer next to it (sentencepiece `tokenizer.model` copied as is, or the
-`tokenizers` files of a `tokenizer.json` model in `<run_dir>/tokenizer/`). BERT checkpoints
+`tokenizers` files of a `tokenizer.json` model, with its generation_config.json, in
+`<run_dir>/tokenizer/`; `hf.chat_tokens` takes the tokenizer.json where both are). BERT checkpoints
 (`model_type: bert`) go to `bert_interop.import_bert`."""
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def import_hf(hf_dir: Path, out: Path, cfg: Config, dtype: str = "float32") -> d
 
         return import_bert(hf_dir, out, cfg, hf, dtype)
     family, m = to_model_config(hf, dtype, where=str(hf_dir / "config.json"))
-    tok_path = copy_tokenizer(hf_dir, out)
+    tok_path = copy_tokenizer(hf_dir, out, prefer_json=cfg.hf.chat_tokens)
     added, vocab = add_chat_tokens(tok_path) if cfg.hf.chat_tokens else (0, 0)
     state, m = build_state(hf_dir, family, m, cfg, grow_to=vocab)
     ckpt = Checkpointer(checkpoint_dir(out), keep=1, async_save=False, save_concurrent_gb=1)
@@ -84,8 +85,8 @@ def build_state(
 ) -> tuple[TrainState, ModelConfig]:
     """A step-0 TrainState whose params are the HF weights, built in its shardings, and its
     model config. With `grow_to` > the model's vocabulary, the embedding (and an untied
-    head) get new rows up to it, each the mean of the existing rows (added tokens start as
-    an "average" token rather than noise).
+    head) get new rows up to it, each the mean of the existing rows plus a little noise
+    (`_grow_vocab`, seeded by `cfg.seed`).
 
     The params are placed by the loader; `init` adds the rest of the state under jit, so XLA
     drops the random init it never uses and nothing is gathered on one device. The fresh
@@ -119,7 +120,9 @@ def build_state(
         hf_shardings = state_shardings(hf_abstract, mesh, cfg.mesh.rules)
         params = load_hf_params(hf_dir, family, hf_m, hf_abstract, hf_shardings)
         grow = jax.jit(
-            lambda p: _grow_vocab(p, m.vocab_size), out_shardings=shardings.params, donate_argnums=0
+            lambda p: _grow_vocab(p, m.vocab_size, jax.random.key(cfg.seed)),
+            out_shardings=shardings.params,
+            donate_argnums=0,
         )
         with warnings.catch_warnings():
             # Donated so that every unchanged weight is aliased, not copied; the two resized
@@ -132,19 +135,33 @@ def build_state(
     return state(params).replace(opt_state=opt_state), m
 
 
-def _grow_vocab(params: nnx.State, vocab: int) -> nnx.State:
-    """The embedding [V, D] (and an untied head [D, V]) padded to `vocab` with mean rows."""
+# The variance of the new rows' noise, as a fraction of each dimension's variance over the old
+# rows: transformers' `resize_token_embeddings(mean_resizing=True)` scale (there on the full
+# covariance; here per dimension, which needs no D x D matrix).
+GROW_NOISE_VAR = 1e-5
 
-    def pad(x: jax.Array, axis: int) -> jax.Array:
-        mean = jnp.mean(x.astype(jnp.float32), axis=axis, keepdims=True).astype(x.dtype)
+
+def _grow_vocab(params: nnx.State, vocab: int, key: jax.Array) -> nnx.State:
+    """The embedding [V, D] (and an untied head [D, V]) padded to `vocab`: each new row the
+    mean of the old rows plus `N(0, GROW_NOISE_VAR * var_d)` per dimension d (var_d: the old
+    rows' variance there), so the new tokens start near an "average" token (old logits are
+    unchanged, new ones near the mean's) yet distinct: identical rows get identical gradients
+    and would stay tied through any training that does not touch them."""
+
+    def pad(x: jax.Array, axis: int, k: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=axis, keepdims=True)
+        std = jnp.std(x32, axis=axis, keepdims=True)
         shape = list(x.shape)
         shape[axis] = vocab - x.shape[axis]
-        return jnp.concatenate([x, jnp.broadcast_to(mean, shape)], axis=axis)
+        noise = jax.random.normal(k, shape, jnp.float32) * std * GROW_NOISE_VAR**0.5
+        return jnp.concatenate([x, (mean + noise).astype(x.dtype)], axis=axis)
 
+    k_embed, k_head = jax.random.split(key)
     emb = params["embed"]["embedding"]
-    emb.set_value(pad(emb.get_value(), 0))
+    emb.set_value(pad(emb.get_value(), 0, k_embed))
     if "head" in params:
-        params["head"].set_value(pad(params["head"].get_value(), 1))
+        params["head"].set_value(pad(params["head"].get_value(), 1, k_head))
     return params
 
 
@@ -191,9 +208,13 @@ def fresh_opt_state(tx: optax.GradientTransformation, params: Any, shardings: An
     return jax.tree.unflatten(jax.tree.structure(jax.eval_shape(tx.init, params)), out)
 
 
-def copy_tokenizer(hf_dir: Path, out: Path) -> str:
-    """Copies the HF tokenizer into the run directory; returns its path ("" when none)."""
-    if (hf_dir / "tokenizer.model").is_file():
+def copy_tokenizer(hf_dir: Path, out: Path, prefer_json: bool = False) -> str:
+    """Copies the HF tokenizer into the run directory; returns its path ("" when none). A
+    directory with both keeps `tokenizer.model` unless `prefer_json` (`hf.chat_tokens`: new
+    tokens go into the tokenizer.json, which gives the same ids)."""
+    out.mkdir(parents=True, exist_ok=True)
+    use_json = prefer_json and (hf_dir / "tokenizer.json").is_file()
+    if (hf_dir / "tokenizer.model").is_file() and not use_json:
         dest = out / "tokenizer.model"
         shutil.copyfile(hf_dir / "tokenizer.model", dest)
         return str(dest)

@@ -1,5 +1,6 @@
-"""`HFTokenizer` (a tokenizer.json): the `<s>`/`</s>` aliases of the model's own BOS/EOS,
-special-token strings kept as text on request, and a model without a BOS (Qwen2's)."""
+"""`HFTokenizer` (a tokenizer.json): the `<s>`/`</s>` aliases of the model's own BOS/EOS in
+jaxllm's chat template (elsewhere they are text), special-token strings kept as text on
+request, and a model without a BOS (Qwen2's)."""
 
 import json
 
@@ -37,7 +38,9 @@ def gpt2(tmp_path_factory):
 def test_aliases_are_the_models_bos_and_eos(gpt2):
     eot, plain = gpt2.piece_to_id(EOT), gpt2.encode("hello world")
     assert gpt2.bos_id == gpt2.eos_id == eot and eot not in plain
-    assert gpt2.encode("<s>hello world</s>") == [eot, *plain, eot]  # not the characters < s >
+    # outside the chat template they are text, as transformers encodes them
+    assert gpt2.decode(gpt2.encode("<s>hello world</s>")) == "<s>hello world</s>"
+    assert gpt2.encode("<s><|user|>") == [eot, gpt2.piece_to_id("<|user|>")]
     r = ChatTemplate(gpt2).render(CHAT)
     assert r.ids == gpt2.encode(render_text(CHAT)) and r.ids[0] == r.ids[-1] == eot
 
