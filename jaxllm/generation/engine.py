@@ -53,6 +53,7 @@ class Seq:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    choice: int = 0  # which of a request's draws: 0 the seed's own key, k > 0 one derived
     stop_ids: frozenset[int] = frozenset()
     on_token: Callable[[Token], bool] = lambda t: False
     on_done: Callable[[str], None] = lambda reason: None
@@ -99,7 +100,7 @@ class Engine:
                 f"prompt of {len(seq.prompt)} tokens + max_tokens {seq.max_tokens} must be "
                 f"1..{self.max_len} tokens (the served context)"
             )
-        seq.key_data = programs.seed_key_data(seq.seed)
+        seq.key_data = programs.choice_key_data(seq.seed, seq.choice)
         with self.cond:
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests already waiting")

@@ -56,6 +56,22 @@ def seed_key_data(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(key), np.uint32)
 
 
+CHOICE_TAG = 0x63686F69  # "choi": marks a key derived for a request's further draws
+
+
+def choice_key_data(seed: int, choice: int = 0) -> np.ndarray:
+    """The key data of draw `choice` of a request seeded with `seed`: choice 0 is the seed's
+    own key (`seed_key_data`); choice k > 0 folds in CHOICE_TAG then k. Two folds more than
+    any seed's key has, so no choice's key is another seed's: requests with neighbouring
+    seeds draw independently, and one with the same seed and n draws the same again."""
+    data = seed_key_data(seed)
+    if not choice:
+        return data
+    key = jax.random.wrap_key_data(data)
+    key = jax.random.fold_in(jax.random.fold_in(key, CHOICE_TAG), int(choice))
+    return np.asarray(jax.random.key_data(key), np.uint32)
+
+
 def row_params(temperature, top_p, seeds, drawn) -> RowParams:
     """RowParams from per-row lists; each seed becomes its key's raw data (`seed_key_data`)."""
     keys = np.stack([seed_key_data(s) for s in seeds])

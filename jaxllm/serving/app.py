@@ -53,7 +53,8 @@ class Backend:
         except DataError:
             self.template = None  # a tokenizer without the chat tokens: completions only
         end = self.tok.special_ids.get(END_TOKEN)
-        self.stop_ids = frozenset({self.tok.eos_id})
+        # the EOS, and a HF model's other generation_config.json end ids (Llama-3-Instruct's)
+        self.stop_ids = frozenset(getattr(self.tok, "eos_ids", [self.tok.eos_id]))
         # a chat answer ends at <|end|>, or at any other structural token (a role tag, <s>)
         structural = set(self.template.ids.values()) if self.template else set()
         self.chat_stop_ids = self.stop_ids | ({end} if end is not None else set()) | structural
@@ -80,8 +81,8 @@ def _prompt_ids(backend: Backend, p: Params, chat: bool) -> list[list[int]]:
         return ids
     if backend.template is None:
         raise APIError(400, "this model's tokenizer has no chat tokens: use /v1/completions")
-    try:
-        return [backend.template.prompt_ids(list(p.messages))]
+    try:  # the whole conversation (a last assistant turn too), then a new assistant turn
+        return [backend.template.render(list(p.messages), add_generation_prompt=True).ids]
     except DataError as e:
         raise APIError(400, str(e).removeprefix("render: "), param="messages") from None
 
@@ -96,7 +97,9 @@ class Job:
             with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody to tell
                 loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
-        base = p.seed if p.seed is not None else secrets.randbits(31)
+        # every choice draws from the request's seed: choice 0 with the seed's own key (an
+        # n=1 request draws what it always did), choice k with a key derived from it
+        seed = (p.seed if p.seed is not None else secrets.randbits(31)) % 2**63
         self.choices, self.seqs = [], []
         for j, prompt in enumerate(ids):
             for i in range(p.n):
@@ -104,7 +107,7 @@ class Job:
                 self.choices.append(c)
                 self.seqs.append(Seq(
                     prompt=prompt, max_tokens=p.max_tokens, temperature=p.temperature,
-                    top_p=p.top_p, seed=(base + j * p.n + i) % 2**63, on_token=c.on_token,
+                    top_p=p.top_p, seed=seed, choice=c.index, on_token=c.on_token,
                     on_done=c.on_done,
                     stop_ids=backend.chat_stop_ids if chat else backend.stop_ids,
                 ))  # fmt: skip

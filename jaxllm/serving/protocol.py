@@ -110,16 +110,29 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return (top or 0) if want else None
 
 
+def _content(m: Any) -> str | None:
+    """A message's text: its `content` string, or its list of text parts joined (the OpenAI
+    API's `[{"type": "text", "text": ...}]`); None when it is neither."""
+    content = m.get("content") if isinstance(m, dict) else None
+    if isinstance(content, list):
+        if not all(isinstance(c, dict) and c.get("type") == "text" for c in content):
+            raise APIError(400, "'messages': only text content parts are supported",
+                           param="messages")  # fmt: skip
+        parts = [c.get("text") for c in content]
+        return "".join(parts) if all(isinstance(t, str) for t in parts) else None
+    return content if isinstance(content, str) else None
+
+
 def _prompts(body: dict, chat: bool) -> tuple[tuple[str, ...], tuple[dict, ...]]:
     if chat:
         messages = body.get("messages")
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
-        )  # fmt: skip
-        if not ok:
+        texts = [_content(m) for m in messages] if isinstance(messages, list) else []
+        if not texts or any(t is None for t in texts):
             raise APIError(400, "'messages' must be a non-empty list of {role, content: string}",
                            param="messages")  # fmt: skip
-        return (), tuple({"role": m.get("role"), "content": m["content"]} for m in messages)
+        # the OpenAI API's `developer` role is its newer name for `system`
+        roles = ["system" if m.get("role") == "developer" else m.get("role") for m in messages]
+        return (), tuple({"role": r, "content": t} for r, t in zip(roles, texts))
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):

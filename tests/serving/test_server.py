@@ -290,3 +290,65 @@ def test_chat_without_max_tokens_runs_to_a_stop_or_the_full_context(client, serv
     assert capped.usage.completion_tokens == min(20, out.usage.completion_tokens)  # same seed
     text = client.completions.create(model=MODEL, prompt="The LORD is", temperature=1.0, seed=3)
     assert text.usage.completion_tokens <= 16  # completions keep OpenAI's legacy default
+
+
+def test_chat_keeps_a_last_assistant_turn_and_answers_after_it(client, tok):
+    """OpenAI's chat: a conversation that ends with an assistant turn keeps it in the prompt,
+    and the model writes the next assistant turn; a lone assistant message is a conversation."""
+    q = [{"role": "user", "content": "What is 2 + 3?"}]
+    a = [{"role": "assistant", "content": "The answer is 5, and that is all."}]
+    for messages in (q + a, a):
+        # the prompt written out by hand: every turn, then a new assistant tag
+        turns = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+        want = tok.encode(turns + "<|assistant|>", add_bos=True)
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                             temperature=0, logprobs=True)  # fmt: skip
+        assert out.usage.prompt_tokens == len(want)
+        # the same ids as a completions prompt: the same first token and log-prob
+        ref = client.completions.create(model=MODEL, prompt=turns + "<|assistant|>",
+                                        max_tokens=1, temperature=0, logprobs=1)  # fmt: skip
+        assert ref.usage.prompt_tokens == len(want)
+        first = out.choices[0].logprobs.content[0]
+        assert abs(first.logprob - ref.choices[0].logprobs.token_logprobs[0]) < 1e-5
+
+
+def test_chat_takes_text_content_parts_and_the_developer_role(client, tok):
+    """The OpenAI API's `content: [{"type": "text", ...}]` parts are joined, and its
+    `developer` role is rendered as `system` (the prompt counted against a hand-written one)."""
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is "},
+                                     {"type": "text", "text": "2 + 3?"}]},
+    ]  # fmt: skip
+    want = tok.encode("<|system|>Be brief.<|end|><|user|>What is 2 + 3?<|end|><|assistant|>",
+                      add_bos=True)  # fmt: skip
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                         temperature=0)  # fmt: skip
+    assert out.usage.prompt_tokens == len(want)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(openai.BadRequestError, match="only text content parts"):
+        client.chat.completions.create(model=MODEL, messages=image, max_tokens=1)
+
+
+def test_each_choice_draws_from_its_own_key_of_the_request_seed(client, server, monkeypatch):
+    """(seed, n) choice i never shares a key with (seed + 1, n) choice i - 1 (nor with a seed
+    past 32 bits); n=1 keeps the seed's plain `jax.random.key`; the same request repeats."""
+    import jax
+
+    engine, seen = server.backend.engine, []
+    real = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda seq: real(seq) or seen.append(seq.key_data))
+
+    def keys(seed, n, prompt="x"):
+        seen.clear()
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=1.0,
+                                  n=n, seed=seed)  # fmt: skip
+        return [k.tobytes() for k in seen]
+
+    a, b, again = keys(0, 4), keys(1, 4), keys(0, 4)
+    assert len(set(a + b)) == 8 and a == again
+    assert not set(a) & set(keys(2**32, 2) + keys(2 * 2**32, 1))
+    plain = np.asarray(jax.random.key_data(jax.random.key(5)), np.uint32).tobytes()
+    assert keys(5, 1) == [plain] and keys(5, 3)[0] == plain
+    two = keys(0, 2, prompt=["x", "y"])  # a prompt list: index j * n + i, all distinct
+    assert two[:2] == a[:2] and len(set(two)) == 4
