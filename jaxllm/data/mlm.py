@@ -176,19 +176,24 @@ def choose_masks(
 
 class PairMaker:
     """`(doc_index, rng) -> rows`: the masked pairs of one document of this process's slice,
-    for grain's `random_map`. Negatives come from other documents of the same slice."""
+    for grain's `random_map`. Negatives come from other documents of the same slice, so NSP
+    needs 2 documents per process (`mlm.nsp: false`: 1). `where` names the split's shards
+    in messages."""
 
     def __init__(
         self, source: JsonlSource, tok: WordPieceTokenizer, cfg: MLMConfig, seq_len: int,
-        process_index: int, process_count: int,
+        process_index: int, process_count: int, where: str = "",
     ) -> None:  # fmt: skip
         self.source, self.tok, self.cfg, self.seq_len = source, tok, cfg, seq_len
         self.pi, self.pc = process_index, process_count
         self.local = len(range(process_index, len(source), process_count))
-        if self.local < 2:
+        need = 2 if cfg.nsp else 1
+        if self.local < need:
+            why = ("sentence pairs (mlm.nsp: true) need at least 2 documents per process "
+                   "(negatives come from another one)" if cfg.nsp else
+                   "mlm needs at least 1 document per process")  # fmt: skip
             raise DataError(
-                f"{len(source)} documents for {process_count} processes: sentence pairs "
-                "need at least 2 documents per process (negatives come from another one)"
+                f"{where or repr(source)}: {len(source)} documents for {process_count} processes; {why}"
             )
         self.m = max_predictions(cfg, seq_len)
         self.special_V = tok.special_mask()
@@ -279,7 +284,8 @@ def make_mlm_dataset(
         docs = docs.shuffle(seed=_grain_seed(seed))
     if repeat:
         docs = docs.repeat()
-    maker = PairMaker(source, tok, cfg, loader.seq_len, process_index, process_count)
+    maker = PairMaker(source, tok, cfg, loader.seq_len, process_index, process_count,
+                      _where(shards))  # fmt: skip
     rows = _rows(docs, maker, loader, seed)
     if loader.shuffle:
         rows = grain.experimental.WindowShuffleIterDataset(
@@ -303,12 +309,21 @@ def make_mlm_eval_dataset(
     the last batch padded (weights 0); topped up with empty batches to `num_batches`."""
     source = _source(shards)
     docs = grain.MapDataset.range(len(source))[process_index::process_count]
-    maker = PairMaker(source, tok, cfg, loader.seq_len, process_index, process_count)
+    maker = PairMaker(source, tok, cfg, loader.seq_len, process_index, process_count,
+                      _where(shards))  # fmt: skip
     batches = _batches(_rows(docs, maker, loader, seed), loader, cfg, process_count)
     if num_batches is not None:
         empty = _empty_batch(local_batch_size(loader, process_count), loader.seq_len, cfg)
         batches = _PadBatchesIterDataset(batches, num_batches, empty)
     return batches
+
+
+def _where(shards: Sequence[Path]) -> str:
+    """The split the shards are, for messages: `split 'val' (<data_dir>/val/shard-*.jsonl)`."""
+    folders = sorted({str(Path(s).parent) for s in shards})
+    if len(folders) != 1:
+        return ", ".join(map(str, shards))
+    return f"split '{Path(folders[0]).name}' ({folders[0]}/shard-*.jsonl)"
 
 
 def _source(shards: Sequence[Path]) -> JsonlSource:

@@ -5,6 +5,7 @@
   BertForMaskedLM                ↔ BertPretrainModel        (its pooler and NSP head are new)
   BertForPreTraining             ↔ BertPretrainModel
   BertForSequenceClassification  ↔ ClassifierModel(num_labels)
+  BertModel                      ← ElectraPretrainModel     (export only: its discriminator)
 
 Layouts: torch `Linear` weights are [out, in], so every matrix is transposed; q/k/v
 [N*H, D] → [D, N, H]; the attention output [D, N*H] → [N, H, D]. The MLM decoder is the word
@@ -30,6 +31,7 @@ ARCHITECTURES = {
 DEFAULT_ARCHITECTURE = {
     "encoder": "BertModel",
     "pretrain": "BertForPreTraining",
+    "electra": "BertModel",  # ELECTRA's discriminator (no MLM/NSP head of its own)
     "classifier": "BertForSequenceClassification",
 }
 _EXACT_GELU = ("gelu", "gelu_python")

@@ -12,8 +12,12 @@ punctuation before WordPiece. So `decode(encode(t))` gives `t` back up to that n
 and the spaces between words (`same_text`, tested): WordPiece does not keep whitespace.
 
 Saved as `tokenizer.json` + `tokenizer_config.json` (BERT's keys), which `transformers`'
-`BertTokenizerFast` loads too. Sentence pairs: `encode_pair` gives `[CLS] a [SEP] b [SEP]` and
-the token-type ids (0 for a, 1 for b).
+`BertTokenizerFast` loads too. With `tokenizer.normalization: nfkc` the config names
+`PreTrainedTokenizerFast` instead: `BertTokenizerFast` rebuilds its normaliser from the
+config's BERT keys and drops the NFKC step, while `PreTrainedTokenizerFast` runs
+`tokenizer.json` as saved (the same ids as jaxllm); the slow `BertTokenizer` (`vocab.txt`)
+has no NFKC step at all. Sentence pairs: `encode_pair` gives `[CLS] a [SEP] b [SEP]` and the
+token-type ids (0 for a, 1 for b).
 """
 
 from __future__ import annotations
@@ -73,8 +77,48 @@ def train_wordpiece(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -
         **{f"{k}_token": t for k, t in zip(SPECIAL_KINDS, BERT_SPECIALS)},
         "model_max_length": 512,
     }  # fmt: skip
+    conf = transformers_config(conf, cfg.normalization == "nfkc")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=1) + "\n")
     return path
+
+
+# what transformers needs to run a tokenizer.json as saved: the class that does not rebuild
+# the normaliser, and the inputs BERT takes (PreTrainedTokenizerFast's default has no types)
+_AS_SAVED = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+}
+
+
+def transformers_config(conf: dict[str, Any], nfkc: bool) -> dict[str, Any]:
+    """`tokenizer_config.json` for transformers: as given (`BertTokenizerFast`, which rebuilds
+    BERT's normaliser from `do_lower_case` / `strip_accents` / `tokenize_chinese_chars`) when
+    the normaliser is BERT's alone; with an NFKC step (`nfkc`), `PreTrainedTokenizerFast`,
+    which runs `tokenizer.json` as saved, its five special tokens named as before."""
+    return {**conf, **_AS_SAVED} if nfkc else conf
+
+
+def has_nfkc(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a parsed `tokenizer.json`'s normaliser has an NFKC step (alone or in a
+    Sequence)."""
+    norm = tokenizer_json.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    return any(isinstance(x, dict) and x.get("type") == "NFKC" for x in steps)
+
+
+def fix_transformers_config(directory: Path) -> bool:
+    """Rewrites `directory/tokenizer_config.json` with `transformers_config` when its
+    `tokenizer.json` normalises with NFKC (a tokenizer trained before the config said
+    `PreTrainedTokenizerFast`); returns whether the tokenizer has NFKC."""
+    tok_json = json.loads((Path(directory) / "tokenizer.json").read_text(encoding="utf-8"))
+    if not has_nfkc(tok_json):
+        return False
+    conf_path = Path(directory) / "tokenizer_config.json"
+    conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
+    fixed = transformers_config(conf, True)
+    if fixed != conf:
+        conf_path.write_text(json.dumps(fixed, indent=1) + "\n")
+    return True
 
 
 def _continuation_alphabet(tok: Any, texts: Sequence[str]) -> list[str]:
@@ -204,7 +248,8 @@ class WordPieceTokenizer(HFTokenizer):
 
     def save_vocab(self, directory: Path) -> Path:
         """Writes `vocab.txt` (one token a line in id order) for BERT's slow tokenizer; an id
-        no token has (a repeated line of the original) gets a placeholder, keeping ids."""
+        no token has (a repeated line of the original) gets a placeholder, keeping ids. The
+        slow tokenizer runs BERT's normaliser only: an NFKC step is not in vocab.txt."""
         by_id = {i: t for t, i in self._tok.get_vocab(with_added_tokens=True).items()}
         lines = [by_id.get(i, f"[unused_id_{i}]") for i in range(max(by_id) + 1)]
         path = Path(directory) / "vocab.txt"

@@ -43,7 +43,11 @@ from jaxllm.models.lora import has_lora, merge_lora
 from jaxllm.models.peft import methods_in
 from jaxllm.models.quant import dequantize_model, is_quantized
 from jaxllm.sharding import make_mesh
-from jaxllm.tokenizer.wordpiece import WordPieceTokenizer, wordpiece_from_vocab
+from jaxllm.tokenizer.wordpiece import (
+    WordPieceTokenizer,
+    fix_transformers_config,
+    wordpiece_from_vocab,
+)
 from jaxllm.trainers.encoder_model import build_fn, load_encoder_model
 from jaxllm.trainers.lm import checkpoint_dir
 from jaxllm.training.checkpoint import Checkpointer
@@ -54,6 +58,7 @@ from jaxllm.training.state import TrainState, count_params, state_shardings
 _EXPORTS = {
     "encoder": ("BertModel",),
     "pretrain": ("BertForPreTraining", "BertForMaskedLM", "BertModel"),
+    "electra": ("BertModel",),  # the discriminator; its MLM head is the generator's
     "classifier": ("BertForSequenceClassification", "BertModel"),
 }
 
@@ -196,6 +201,12 @@ def export_bert_checkpoint(
     m, meta, kind = loaded.model, loaded.meta, loaded.kind
     own = meta.get("hf_architecture", "")
     arch = architecture or (own if own in _EXPORTS[kind] else DEFAULT_ARCHITECTURE[kind])
+    if kind == "electra" and arch != "BertModel":
+        raise InteropError(
+            f"hf.architecture: {ckpt} is an ELECTRA run (mlm.objective: electra): its encoder "
+            f"is the discriminator, which has no MLM or NSP head to write as {arch} (the MLM "
+            "head belongs to the smaller generator); export it as BertModel"
+        )
     if arch not in _EXPORTS[kind]:
         raise InteropError(
             f"hf.architecture: a {kind} checkpoint cannot be written as {arch} (it can be: "
@@ -213,12 +224,18 @@ def export_bert_checkpoint(
     labels = _labels(meta, loaded.num_labels) if arch == "BertForSequenceClassification" else None
     pad = tok.pad_id if tok is not None else 0
     config = bert_config_json(m, arch, dtype, labels, pad)
-    specs = bert_specs(m, arch, loaded.num_labels, wrapped=kind != "encoder")
+    wrapped = kind != "encoder"
+    if kind == "electra":  # the discriminator alone: the generator is no part of the export
+        graphdef, state = nnx.split(nnx.merge(graphdef, state).encoder)
+        wrapped = False
+    specs = bert_specs(m, arch, loaded.num_labels, wrapped=wrapped)
     write_hf(state, specs, config, out, dtype, "is it a BERT model?")
+    nfkc = False
     if tok is not None and jax.process_index() == 0:
         tok.save(out)
         tok.save_vocab(out)
-    return {
+        nfkc = fix_transformers_config(out)  # a config written before NFKC models said so
+    summary = {
         "params": count_params(state),
         "family": "bert",
         "architecture": arch,
@@ -226,6 +243,16 @@ def export_bert_checkpoint(
         "dtype": dtype,
         "outputs": {"hf": str(out), "tokenizer": str(out) if tok is not None else ""},
     }
+    if nfkc:
+        summary["tokenizer_note"] = _NFKC_NOTE
+    return summary
+
+
+_NFKC_NOTE = (
+    "the tokenizer normalises with NFKC (tokenizer.normalization: nfkc): AutoTokenizer reads "
+    "tokenizer.json as saved (PreTrainedTokenizerFast) and gives jaxllm's ids; vocab.txt "
+    "(the slow BertTokenizer) cannot hold the NFKC step and tokenizes some text differently"
+)
 
 
 def _tokenizer(path: str) -> WordPieceTokenizer | None:

@@ -1,12 +1,15 @@
 """Encoder (BERT) checkpoints: which model wrote one, read from its saved parameter names, and
 that model loaded with its heads.
 
-Three models hold an encoder (`models/heads.py`): a bare `Encoder` (an imported `BertModel`;
+Four models hold an encoder (`models/heads.py`): a bare `Encoder` (an imported `BertModel`;
 parameters `params.embed...`), `BertPretrainModel` (stage mlm, an imported BertForMaskedLM or
-BertForPreTraining; `params.encoder...`, `params.mlm...`, `params.nsp...`) and
-`ClassifierModel` (stage classify, an imported BertForSequenceClassification;
-`params.encoder...`, `params.head.kernel` [D, num_labels]). Stages that only need the
-features (`embed`, export as `BertModel`) take `.encoder` of whichever it is.
+BertForPreTraining; `params.encoder...`, `params.mlm...`, `params.nsp...`),
+`ElectraPretrainModel` (stage mlm with `mlm.objective: electra`; `params.encoder...` the
+discriminator, `params.generator...` + `params.mlm...` the generator, `params.rtd_*` the
+replaced-token head; no NSP head) and `ClassifierModel` (stage classify, an imported
+BertForSequenceClassification; `params.encoder...`, `params.head.kernel` [D, num_labels]).
+Stages that only need the features (`embed`, dense retrieval, export as `BertModel`, a PEFT
+run's base) take `.encoder` of whichever it is: ELECTRA's discriminator.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ from typing import Any
 
 from flax import nnx
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import MLMConfig, ModelConfig, from_dict, replace
 from jaxllm.errors import ConfigError
 from jaxllm.models.encoder import Encoder
-from jaxllm.models.heads import BertPretrainModel, ClassifierModel
+from jaxllm.models.heads import BertPretrainModel, ClassifierModel, ElectraPretrainModel
 from jaxllm.models.layers import ParamKeys
 from jaxllm.trainers.checkpoint_model import Wrap, load_checkpoint_model
 from jaxllm.training.checkpoint import Checkpointer
 
-KINDS = ("encoder", "pretrain", "classifier")
+KINDS = ("encoder", "pretrain", "electra", "classifier")
 
 
 @dataclass
@@ -48,7 +51,10 @@ class LoadedEncoder:
 
 
 def kind_of(shapes: dict[str, tuple[int, ...]]) -> tuple[str, int]:
-    """`(kind, num_labels)` from a checkpoint's saved shapes (`Checkpointer.saved_shapes`)."""
+    """`(kind, num_labels)` from a checkpoint's saved shapes (`Checkpointer.saved_shapes`).
+    ELECTRA's generator has an MLM head too: its replaced-token head tells it apart."""
+    if "params.rtd_out" in shapes:
+        return "electra", 0
     if "params.mlm.kernel" in shapes:
         return "pretrain", 0
     head = shapes.get("params.head.kernel")
@@ -57,10 +63,21 @@ def kind_of(shapes: dict[str, tuple[int, ...]]) -> tuple[str, int]:
     return "encoder", 0
 
 
-def wrap_for(kind: str, num_labels: int = 0) -> Wrap | None:
-    """The `wrap` that puts `kind`'s heads around an `Encoder` (None: the bare encoder)."""
+def generator_config(m: ModelConfig, mlm: MLMConfig) -> ModelConfig:
+    """ELECTRA's generator: the encoder `m`, `mlm.generator_layers` deep and
+    `mlm.generator_d_ff` wide (0: a quarter of `m.d_ff`)."""
+    return replace(m, n_layers=mlm.generator_layers, d_ff=mlm.generator_d_ff or max(m.d_ff // 4, 1))
+
+
+def wrap_for(kind: str, num_labels: int = 0, generator: ModelConfig | None = None) -> Wrap | None:
+    """The `wrap` that puts `kind`'s heads around an `Encoder` (None: the bare encoder);
+    `generator`: ELECTRA's generator config (`generator_config`), for kind electra."""
     if kind == "pretrain":
         return lambda enc, rngs: BertPretrainModel(enc, rngs=rngs)
+    if kind == "electra":
+        if generator is None:
+            raise ValueError("wrap_for('electra') needs the generator's ModelConfig")
+        return lambda enc, rngs: ElectraPretrainModel(enc, Encoder(generator, rngs=rngs), rngs=rngs)
     if kind == "classifier":
         return lambda enc, rngs: ClassifierModel(enc, num_labels, rngs=rngs)
     return None
@@ -108,8 +125,13 @@ def load_encoder_model(
     ckpt = Checkpointer(Path(ckpt_dir), async_save=False)
     step = ckpt.latest_step()
     kind, n = kind_of(ckpt.saved_shapes(step))  # a PEFT run's: its method's variables + head
+    generator = None
+    if kind == "electra":  # the generator's shape: the run's mlm.generator_* settings
+        meta = ckpt.read_meta(step)
+        m = from_dict({"stage": "mlm", "model": meta["model"]}).model
+        generator = generator_config(m, from_dict(meta["config"]).mlm)
     ckpt.close()
     graphdef, state, m, meta = load_checkpoint_model(
-        Path(ckpt_dir), mesh, rules, step, wrap=wrap_for(kind, n), arch="encoder"
+        Path(ckpt_dir), mesh, rules, step, wrap=wrap_for(kind, n, generator), arch="encoder"
     )
     return LoadedEncoder(graphdef, state, m, meta, kind, n)

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import Config, ModelConfig, replace, to_dict
+from jaxllm.data.jsonl_source import JsonlSource
 from jaxllm.data.mlm import make_mlm_dataset, make_mlm_eval_dataset, split_sentences
-from jaxllm.data.sources import cleaned_shards, iter_cleaned
+from jaxllm.data.sources import cleaned_shards
 from jaxllm.errors import ConfigError
 from jaxllm.models.encoder import Encoder
 from jaxllm.models.heads import BertPretrainModel, ElectraPretrainModel
@@ -35,6 +36,7 @@ from jaxllm.tokenizer.wordpiece import WordPieceTokenizer
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import fresh_train_state
 from jaxllm.trainers.encoder import checkpoint_encoder, encoder_inputs, load_wordpiece
+from jaxllm.trainers.encoder_model import generator_config
 from jaxllm.trainers.held_out import make_totals
 from jaxllm.trainers.lm import (
     best_figures,
@@ -54,6 +56,7 @@ from jaxllm.training.state import count_params, create_train_state
 from jaxllm.training.step import make_eval_step, make_train_step
 
 _UNIGRAM_DOCS = 5000  # train documents the unigram baseline is fitted on
+_UNIGRAM_CHUNK = 500  # of them tokenized at a time
 
 
 def mlm_loss(model: BertPretrainModel, batch: dict[str, jax.Array], key, nsp: bool = True):
@@ -98,8 +101,7 @@ def pretrain_model(cfg: Config, encoder: Encoder, m: ModelConfig, rngs: nnx.Rngs
     generator (`generator_layers` deep, `generator_d_ff` wide) and replaced-token head."""
     if cfg.mlm.objective != "electra":
         return BertPretrainModel(encoder, rngs=rngs)
-    g = cfg.mlm
-    gm = replace(m, n_layers=g.generator_layers, d_ff=g.generator_d_ff or max(m.d_ff // 4, 1))
+    gm = generator_config(m, cfg.mlm)  # what encoder_model rebuilds to load the checkpoint
     return ElectraPretrainModel(encoder, Encoder(gm, rngs=rngs), rngs=rngs)
 
 
@@ -122,13 +124,22 @@ def with_unigram(loss_fn, logp_V: np.ndarray):
 def unigram_log_probs(tok: WordPieceTokenizer, data_dir: Path) -> np.ndarray:
     """[V] add-one smoothed unigram log-probabilities of the non-special tokens of
     `_UNIGRAM_DOCS` train documents spread evenly over the split (shards hold sources in
-    turn: the first documents would be one source's), specials -inf (never a target)."""
-    texts = [r["text"] for r in iter_cleaned(data_dir, "train")]
-    texts = [" ".join(split_sentences(t)) for t in texts[:: max(1, len(texts) // _UNIGRAM_DOCS)]]
+    turn: the first documents would be one source's), specials -inf (never a target).
+    Of N documents, every k-th from the first (k = max(1, N // _UNIGRAM_DOCS)), read by
+    index (`JsonlSource`): memory holds the sample, not the split."""
+    shards = cleaned_shards(data_dir, "train")
+    source = JsonlSource(shards, require=("text",))
+    picked = range(0, len(source), max(1, len(source) // _UNIGRAM_DOCS))
     special = tok.special_mask()
     counts = np.where(special, 0.0, 1.0)
-    for ids in tok.encode_batch(texts):
-        counts += np.bincount(np.asarray(ids, np.int64), minlength=len(counts))[: len(counts)]
+    for start in range(0, len(picked), _UNIGRAM_CHUNK):
+        texts = [
+            " ".join(split_sentences(source[i]["text"]))
+            for i in picked[start : start + _UNIGRAM_CHUNK]
+        ]
+        for ids in tok.encode_batch(texts):
+            counts += np.bincount(np.asarray(ids, np.int64), minlength=len(counts))[: len(counts)]
+    source.close()
     counts[special] = 0.0
     with np.errstate(divide="ignore"):
         return np.log(counts / counts.sum())

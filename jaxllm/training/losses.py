@@ -300,18 +300,24 @@ def mlm_nsp_loss(
     nsp_weights_B: jax.Array,
     nsp: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """BERT's pretraining loss, summed over pairs; `weight` = number of pairs (rows:
-    `nsp_weights_B` is 1 on every real row). `nsp=False` (RoBERTa): the loss is the MLM term
-    alone, and aux has no NSP figures.
+    """The masked-LM + NSP pretraining loss, summed over rows; `weight` = number of rows
+    (pairs: `nsp_weights_B` is 1 on every real row). `nsp=False` (RoBERTa): the loss is the
+    MLM term alone, and aux has no NSP figures.
 
-    Each pair is one example: its masked-LM term is the mean cross-entropy over its chosen
-    positions, its NSP term the cross-entropy of its label, so loss / weight is the mean
-    MLM loss plus the mean NSP loss (BERT's sum of the two), and it stays a plain sum over
-    rows, exact under gradient accumulation. aux sums: `mlm_loss`, `nsp_loss` (per pair),
-    `mlm_ce` / `mlm_correct` / `mlm_tokens` (over chosen tokens: their ratios are the
-    token-level MLM loss and accuracy), `mlm_accuracy` (each pair's share of its chosen tokens
-    predicted right: / weight, the mean over pairs, as `mlm_loss`), `nsp_accuracy` (correct
-    pairs).
+    Each row is one example: its masked-LM term is the mean cross-entropy over its own chosen
+    positions, its NSP term the cross-entropy of its label, so loss / weight = (the mean over
+    rows of each row's mean MLM cross-entropy) + (the mean NSP cross-entropy). The MLM term
+    weights rows equally, not tokens: a token of a row with few chosen positions (a short
+    row) counts more than one of a full row. BERT (Google's `run_pretraining.py`) and HF's
+    `BertForPreTraining` / `BertForMaskedLM` average the MLM cross-entropy over all chosen
+    tokens of the batch instead (every token equal), then add the mean NSP loss; the two
+    agree only when every row has as many chosen tokens. Per-row means keep the loss a
+    plain sum over rows, exact under gradient accumulation and over processes. aux sums:
+    `mlm_loss`, `nsp_loss` (per row), `mlm_ce` / `mlm_correct` / `mlm_tokens` (over chosen
+    tokens: `mlm_ce / mlm_tokens` is the token mean, HF's MLM loss, which stage mlm's
+    held-out `val_mlm_loss_*` report; the training log's `mlm_loss` is the row mean),
+    `mlm_accuracy` (each row's share of its chosen tokens predicted right: / weight, the mean
+    over rows, as `mlm_loss`), `nsp_accuracy` (correct rows).
     """
     ce_B, mlm_B = jax.vmap(cross_entropy)(mlm_logits_BMV, targets_BM, weights_BM)
     nsp_ce, nsp_aux = cross_entropy(nsp_logits_B2, nsp_labels_B, nsp_weights_B)

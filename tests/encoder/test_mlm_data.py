@@ -243,3 +243,25 @@ def test_too_few_documents_per_process_is_an_error(wp_tok, tmp_path):
     shards = find_shards(tmp_path, "train")
     with pytest.raises(DataError, match="at least 2 documents per process"):
         make_mlm_dataset(shards, wp_tok, LOADER, MLMConfig(), seed=0, process_count=2)
+
+
+def test_one_document_per_process_is_enough_without_nsp(wp_tok, tmp_path):
+    """`nsp: false` takes no negatives: one document per process makes its rows; NSP refuses
+    it, naming the split and its shards."""
+    write_split(tmp_path, "val", [marker_doc("天", sentences=4)])
+    shards = find_shards(tmp_path, "val")
+    cfg = MLMConfig(nsp=False, mask_prob=0.3)
+    rows = []
+    for batch in make_mlm_eval_dataset(shards, wp_tok, LOADER, cfg, seed=0):
+        rows += [batch["segment_ids"][r].sum() for r in np.flatnonzero(batch["nsp_weights"])]
+    # 天天。天天天。天天天天。天天。 → 2+1 + 3+1 + 4+1 + 2+1 characters, [CLS] and [SEP]
+    assert rows == [15 + 2]
+    with pytest.raises(DataError) as e:
+        make_mlm_eval_dataset(shards, wp_tok, LOADER, MLMConfig(nsp=True), seed=0)
+    msg = str(e.value)
+    assert (
+        msg.startswith("split 'val' (") and str(tmp_path / "val") in msg and "mlm.nsp: true" in msg
+    )
+    assert "at least 2 documents per process" in msg and "\n" not in msg
+    with pytest.raises(DataError, match=r"split 'val' .*1 documents for 2 processes; mlm needs"):
+        make_mlm_eval_dataset(shards, wp_tok, LOADER, cfg, seed=0, process_index=1, process_count=2)

@@ -159,3 +159,51 @@ def test_tokenizer_from_a_bert_vocab_keeps_its_special_ids(tmp_path):
     (src / "tokenizer_config.json").write_text('{"pad_token": "<pad>", "mask_token": "<mask>"}')
     with pytest.raises(JaxllmError, match="vocab.txt: no special token '<mask>'"):
         wordpiece_from_vocab(src / "vocab.txt", tmp_path / "bad")
+
+
+NFKC_TEXTS = ["ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３ and ﬁne ½", "™ ㎏ Ⅻ ① café", "好吃，不贵！"]
+
+
+def test_an_nfkc_wordpiece_gives_jaxllms_ids_in_transformers(tmp_path):
+    """`normalization: nfkc`: AutoTokenizer on the saved files runs tokenizer.json as saved
+    (BertTokenizerFast rebuilt BERT's normaliser from the config and dropped NFKC), pairs with
+    token types, the five special tokens named; an identity model keeps BertTokenizerFast; an
+    nfkc tokenizer saved before (BertTokenizerFast in its config) is fixed on export."""
+    import unicodedata
+
+    from jaxllm.tokenizer.wordpiece import fix_transformers_config
+
+    transformers = pytest.importorskip("transformers")
+    cfg = TokenizerConfig(model_type="wordpiece", vocab_size=600, normalization="nfkc",
+                          lowercase=True)  # fmt: skip
+    path = train_wordpiece([*TEXTS[:120], *NFKC_TEXTS], cfg, tmp_path / "nfkc")
+    ours = load_tokenizer(path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "nfkc"))
+    for text in [*NFKC_TEXTS, *TEXTS[300:330]]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+        # NFKC is applied first: the text as the unicode module normalises it, the same ids
+        assert ours.encode(unicodedata.normalize("NFKC", text)) == ours.encode(text)
+    assert hf("ｆｕｌｌ ＡＢＣ")["input_ids"] == ours.encode_single("full abc")  # lowercased too
+    enc = hf("ｆｕｌｌ ＡＢＣ", "１２３")
+    assert (enc["input_ids"], enc["token_type_ids"]) == ours.encode_pair(
+        "ｆｕｌｌ ＡＢＣ", "１２３"
+    )
+    names = [hf.pad_token, hf.unk_token, hf.cls_token, hf.sep_token, hf.mask_token]
+    assert names == list(BERT_SPECIALS) and hf.mask_token_id == ours.mask_id
+    # identity: unchanged, BertTokenizerFast from BERT's keys
+    plain = train_wordpiece(TEXTS[:50], replace_norm(cfg, "identity"), tmp_path / "plain")
+    conf = json.loads((plain.parent / "tokenizer_config.json").read_text())
+    assert conf["tokenizer_class"] == "BertTokenizerFast" and "model_input_names" not in conf
+    assert not fix_transformers_config(plain.parent)
+    # an nfkc tokenizer saved with the old config: export rewrites it
+    conf_path = tmp_path / "nfkc" / "tokenizer_config.json"
+    old = {k: v for k, v in json.loads(conf_path.read_text()).items() if k != "model_input_names"}
+    conf_path.write_text(json.dumps({**old, "tokenizer_class": "BertTokenizerFast"}))
+    assert fix_transformers_config(tmp_path / "nfkc")
+    assert json.loads(conf_path.read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def replace_norm(cfg: TokenizerConfig, normalization: str) -> TokenizerConfig:
+    from jaxllm.config import replace
+
+    return replace(cfg, normalization=normalization)
