@@ -38,6 +38,9 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo uses length-averaged log-probs
     reference: str = ""  # reference checkpoint directory; "" = inputs.checkpoint
     precompute_reference: bool = False  # score the train pairs with the reference once, up front
+    # the policy's log-probs without dropout (model and LoRA dropout), as the reference's
+    # always are (TRL's default); false: with dropout in the training steps
+    disable_dropout: bool = True
 
     def _validate(self) -> None:
         if not self.train_file:
@@ -48,3 +51,8 @@ class DPOConfig:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.loss not in ("sigmoid", "ipo"):
             raise ValueError(f"loss: must be 'sigmoid' or 'ipo', got {self.loss!r}")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError(
+                f"label_smoothing: {self.label_smoothing} is conservative DPO (loss: sigmoid); "
+                "loss 'ipo' has no label smoothing: set dpo.label_smoothing 0 or dpo.loss sigmoid"
+            )

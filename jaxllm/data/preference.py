@@ -16,8 +16,10 @@ Batches (`make_preference_dataset`, `make_preference_eval_dataset`) hold B pairs
 loss mask covers the answer, its `<|end|>` and `</s>`), `weight` [B] (0 on padding rows) and
 `pair` [B], the pair's index in its `PreferenceRecords` (-1 on padding rows: the key to
 per-pair tables such as DPO's precomputed reference log-probs, and to the tasks).
-A conversation longer than L+1 tokens is cut to L targets (the end of its answer is lost);
-keep prompt + answer within the model's context instead. int32 except loss_mask and weight.
+A conversation longer than L+1 tokens is cut to L targets (the end of its answer is lost:
+keep prompt + answer within the model's context instead); a pair cut to two identical rows
+(the prompt, or the answers' common start, fills L) carries no signal and is left out of the
+batches (`fit_pairs` counts both). int32 except loss_mask and weight.
 
 `PromptRecords` + `prompt_rows` give RL stages the prompts ready for generation (any of the
 formats above, SFT records, or `{"prompt", "answer"}` problems with a checkable answer).
@@ -25,6 +27,7 @@ formats above, SFT records, or `{"prompt", "answer"}` problems with a checkable 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,9 +47,16 @@ from jaxllm.data.pipeline import (
 )
 from jaxllm.data.sft import _padded_row, example_features
 from jaxllm.errors import DataError
-from jaxllm.tokenizer.chat import ChatTemplate, Message, check_messages, split_answer
+from jaxllm.tokenizer.chat import (
+    STRUCTURAL,
+    ChatTemplate,
+    Message,
+    check_messages,
+    split_answer,
+)
 
 PAIR_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+_ROW = ("tokens", "targets", "loss_mask")  # what a row holds (the rest follows its length)
 _FORMATS = '{"prompt", "chosen", "rejected"} or {"prompt", "responses", "ranking"}'
 
 
@@ -70,7 +80,8 @@ class PreferenceRecords:
     """Random-access weighted pairs of preference JSONL files (both formats, mixed freely).
 
     Every record is read and checked once on opening (errors name file:line); the pairs are
-    an index (record, better, worse, weight) into the files, read again on access.
+    an index (record, better, worse, weight) into the files, read again on access. `select`
+    gives a view of some of the pairs, each keeping its index (`PreferencePair.index`).
     """
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
@@ -87,6 +98,15 @@ class PreferenceRecords:
         self._better = np.array([p[1] for p in index], np.int32)
         self._worse = np.array([p[2] for p in index], np.int32)
         self.weights = np.array([p[3] for p in index], np.float32)
+        self._ids = np.arange(len(index), dtype=np.int64)
+        self.total = len(index)  # pairs in the files, `select`ed or not
+
+    def select(self, keep: np.ndarray) -> PreferenceRecords:
+        """The pairs where `keep` (bool per pair of this object) is true, indices kept."""
+        view = copy.copy(self)
+        for name in ("_record", "_better", "_worse", "weights", "_ids"):
+            setattr(view, name, getattr(self, name)[keep])
+        return view
 
     def __len__(self) -> int:
         return len(self._record)
@@ -101,7 +121,7 @@ class PreferenceRecords:
             rejected=answers[self._worse[index]],
             weight=float(self.weights[index]),
             task=record.get("task", ""),
-            index=index,
+            index=int(self._ids[index]),
         )
 
 
@@ -126,6 +146,7 @@ def _record_pairs(record: dict[str, Any]) -> list[tuple[int, int, float]]:
                 raise DataError(f'expected a string "{key}" (records are {_FORMATS})')
         if record["chosen"] == record["rejected"]:
             raise DataError('"chosen" and "rejected" are the same text; a pair needs two answers')
+        _check_answers([record["chosen"], record["rejected"]], ['"chosen"', '"rejected"'])
         return [(0, 1, 1.0)]
     responses, ranking = record.get("responses"), record.get("ranking")
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
@@ -135,6 +156,7 @@ def _record_pairs(record: dict[str, Any]) -> list[tuple[int, int, float]]:
         raise DataError(f'"responses" has {k} answer(s); a ranking needs at least 2')
     if len(set(responses)) < k:
         raise DataError('"responses" repeats an answer; each ranked answer must differ')
+    _check_answers(responses, [f'"responses"[{i}]' for i in range(k)])
     is_int = isinstance(ranking, list) and all(type(i) is int for i in ranking)
     if not is_int or sorted(ranking) != list(range(k)):
         raise DataError(
@@ -143,6 +165,15 @@ def _record_pairs(record: dict[str, Any]) -> list[tuple[int, int, float]]:
         )
     pairs = ranking_pairs(ranking)
     return [(a, b, 1.0 / len(pairs)) for a, b in pairs]
+
+
+def _check_answers(answers: list[str], names: list[str]) -> None:
+    """An answer is an assistant message's content: no reserved token strings (as
+    `check_messages` checks every message), so a record fails here, not at render time."""
+    for answer, name in zip(answers, names):
+        bad = next((s for s in STRUCTURAL if s in answer), None)
+        if bad:
+            raise DataError(f"{name} contains the reserved token {bad}; remove it")
 
 
 def _check_task(record: dict[str, Any]) -> None:
@@ -181,20 +212,64 @@ def record_error(source: JsonlSource, index: int, what: str) -> DataError:
 
 def pair_features(pair: PreferencePair, template: ChatTemplate, seq_len: int) -> Batch:
     """One pair as [2, L] arrays (chosen, rejected) plus its scalar `weight` and `pair`."""
-    rows = []
-    # Only the answer is learnt and scored: an assistant turn inside a multi-turn prompt is
-    # context (`render` would mark it, as SFT wants), so the prompt's targets are masked out.
-    n_prompt = len(template.render(pair.prompt, add_generation_prompt=True).ids)
-    for answer in (pair.chosen, pair.rejected):
-        conv = [*pair.prompt, {"role": "assistant", "content": answer}]
-        feats = example_features(conv, template, train_on_prompt=False)
-        feats["loss_mask"][: n_prompt - 1] = 0
-        rows.append(_padded_row(feats, seq_len))
+    n_prompt = _prompt_length(pair.prompt, template)
+    rows = [
+        _padded_row(_answer_features(pair.prompt, a, template, n_prompt), seq_len)
+        for a in (pair.chosen, pair.rejected)
+    ]
     out = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in PAIR_KEYS}
     out["loss_mask"] = out["loss_mask"].astype(np.float32)
     out["weight"] = np.float32(pair.weight)
     out["pair"] = np.int32(pair.index)
     return out
+
+
+def _prompt_length(prompt: list[Message], template: ChatTemplate) -> int:
+    return len(template.render(prompt, add_generation_prompt=True).ids)
+
+
+def _answer_features(
+    prompt: list[Message], answer: str, template: ChatTemplate, n_prompt: int
+) -> dict[str, np.ndarray]:
+    """prompt + answer as uncut `tokens, targets, loss_mask`. Only the answer is learnt and
+    scored: an assistant turn inside a multi-turn prompt is context (`render` would mark it,
+    as SFT wants), so the prompt's targets are masked out."""
+    conv = [*prompt, {"role": "assistant", "content": answer}]
+    feats = example_features(conv, template, train_on_prompt=False)
+    feats["loss_mask"][: n_prompt - 1] = 0
+    return feats
+
+
+def fit_pairs(
+    records: PreferenceRecords, template: ChatTemplate, seq_len: int
+) -> tuple[np.ndarray, dict[str, int]]:
+    """How the pairs fit rows of `seq_len` targets: `(keep, fit)`, `keep` a bool per pair
+    (false: cut to two identical rows, no signal) and `fit` the counts `pairs`, `cut` (a
+    side longer than seq_len, cut: its end, `<|end|>`, `</s>`, is lost and a reward is read
+    mid-answer), `identical` (cut to two identical rows: dropped) and `without_answer` (cut
+    before any answer token; identical too). Renders each answer once."""
+    keep = np.ones(len(records), bool)
+    cut = identical = empty = 0
+    rows: dict[int, list] = {}  # the current record's answers (pairs come in record order)
+    for i in range(len(records)):
+        r = int(records._record[i])
+        if r not in rows:
+            record = records.source[r]
+            prompt = _prompt_messages(record, allow_answer=False)
+            n_prompt = _prompt_length(prompt, template)
+            feats = [_answer_features(prompt, a, template, n_prompt) for a in _answers(record)]
+            # (cut?, the row's contents as bytes: equal iff the rows are, any answer token?)
+            rows = {r: [(len(f["tokens"]) > seq_len,
+                         b"".join(f[k][:seq_len].astype(np.int32).tobytes() for k in _ROW),
+                         bool(f["loss_mask"][:seq_len].any())) for f in feats]}  # fmt: skip
+        a, b = rows[r][records._better[i]], rows[r][records._worse[i]]
+        cut += a[0] or b[0]
+        if a[1] == b[1]:
+            identical += 1
+            keep[i] = False
+        empty += not (a[2] and b[2])
+    fit = {"pairs": len(records), "cut": cut, "identical": identical, "without_answer": empty}
+    return keep, fit
 
 
 def make_preference_dataset(
@@ -206,10 +281,12 @@ def make_preference_dataset(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool = True,
+    records: PreferenceRecords | None = None,
 ) -> grain.IterDataset:
-    """Training batches of this process: B = batch_size // process_count pairs, shuffled."""
+    """Training batches of this process: B = batch_size // process_count pairs, shuffled;
+    the pairs of `open_pairs(files)`, or `records` (its result, reused)."""
     rows = local_batch_size(loader_cfg, process_count)
-    pairs = _pairs(files, process_index, process_count)
+    pairs = _pairs(files, template, loader_cfg.seq_len, process_index, process_count, records)
     if loader_cfg.shuffle:
         pairs = pairs.shuffle(seed=_grain_seed(seed))
     if repeat:
@@ -225,13 +302,15 @@ def make_preference_eval_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_batches: int | None = None,
+    records: PreferenceRecords | None = None,
 ) -> grain.IterDataset:
-    """One pass in file order; the last batch is padded with zero rows of weight 0.
+    """One pass in file order (of `open_pairs(files)`, or `records`); the last batch is
+    padded with zero rows of weight 0.
 
     `num_batches` tops the stream up with all-padding batches, as in `make_eval_dataset`.
     """
     rows = local_batch_size(loader_cfg, process_count)
-    pairs = _pairs(files, process_index, process_count)
+    pairs = _pairs(files, template, loader_cfg.seq_len, process_index, process_count, records)
     batches = _batches(pairs, template, loader_cfg, rows)
     if num_batches is not None:
         empty = _fill_rows({}, rows, loader_cfg.seq_len)
@@ -239,12 +318,32 @@ def make_preference_eval_dataset(
     return batches
 
 
-def _pairs(files: Sequence[Path], process_index: int, process_count: int) -> grain.MapDataset:
+def open_pairs(
+    files: Sequence[Path], template: ChatTemplate, seq_len: int
+) -> tuple[PreferenceRecords, dict[str, int]]:
+    """The pairs of `files` that do not cut to two identical rows at `seq_len` (a `select`
+    view) and `fit_pairs`'s counts; refuses files whose every pair does."""
+    records = PreferenceRecords(files)
+    keep, fit = fit_pairs(records, template, seq_len)
+    if fit["pairs"] and not keep.any():
+        raise DataError(
+            f"loader.seq_len {seq_len} cuts every pair in {files[0]} to two identical rows "
+            "(the prompt or the answers' common start fills it); raise it"
+        )
+    return records.select(keep), fit
+
+
+def _pairs(
+    files: Sequence[Path], template: ChatTemplate, seq_len: int, process_index: int,
+    process_count: int, records: PreferenceRecords | None,
+) -> grain.MapDataset:  # fmt: skip
+    """This process's share of the pairs (`records`, else `open_pairs(files)`)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if not files:
         raise DataError(f"no preference files given; expected JSONL files of {_FORMATS}")
-    records = PreferenceRecords(files)
+    if records is None:
+        records = open_pairs(files, template, seq_len)[0]
     if len(records) < process_count:
         raise DataError(
             f"{len(records)} preference pairs in {files[0]} for {process_count} processes"

@@ -10,10 +10,16 @@ every training pair once before the first step; its log-probs then ride in the b
 and the reference leaves device memory. The held-out reference log-probs are computed once
 either way.
 
-Held-out figures before and after (of every pair, on one host or many): the DPO margin (mean
-of (pi_c - ref_c) - (pi_r - ref_r), 0 before training) and its pair accuracy, and —
-meaningful before training too — the raw policy margin log p(chosen) - log p(rejected) and
-the pair accuracy by it, overall and by task.
+The policy's log-probs are taken without dropout, as the reference's (`dpo.disable_dropout`,
+TRL's default), so at step 0 (policy == reference) every margin is exactly 0.
+
+Held-out figures before and after (of every pair, on one host or many; after: of the weights
+handed on, with `train.keep_best` the best evaluation's): the DPO margin (mean of
+beta ((pi_c - ref_c) - (pi_r - ref_r)), the training metric `margin`, TRL's rewards/margins;
+0 before training) and its pair accuracy (a tie half a win, as the training `accuracy`), and
+— meaningful before training too — the raw policy margin log p(chosen) - log p(rejected) and
+the pair accuracy by it, overall and by task. Pairs cut by `loader.seq_len` are counted
+(`train_fit`, `val_fit`); those cut to two identical rows are left out.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from jaxllm.trainers.lm import (
 from jaxllm.trainers.pairs import (
     PairPass,
     by_task,
+    fit_report,
     pair_rows,
     pair_wins,
     train_pairs,
@@ -85,7 +92,9 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
     average = d.loss == "ipo"
 
     def loss_fn(model, batch, key, consts=None):
-        pi_c_B, pi_r_B = pair_logprobs(model, batch, key, average)
+        # the reference runs without dropout: so does the policy, unless asked (at step 0,
+        # policy == reference, so h = 0 exactly, not dropout noise)
+        pi_c_B, pi_r_B = pair_logprobs(model, batch, None if d.disable_dropout else key, average)
         if consts is None:
             ref_c_B, ref_r_B = batch["ref_logp"][:, 0], batch["ref_logp"][:, 1]
         else:
@@ -115,30 +124,38 @@ def reference_table(pass_: PairPass, ref, mesh, rules: str, average: bool) -> np
     return table
 
 
-def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template):
-    """`evaluate(state) -> figures` on `dpo.val_file` (sequence log-probs, summed); the
-    reference's are computed here, once."""
+def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict):
+    """`evaluate(state) -> figures` on `dpo.val_file` (sequence log-probs, summed; its
+    `fit_report` into `fits["val_fit"]`); the reference's are computed here, once."""
     if not cfg.dpo.val_file:
         return None
-    held_out = PairPass([data_file(cfg.dpo.val_file, "dpo.val_file")], template, cfg.loader,
-                        mesh)  # fmt: skip
+    file = data_file(cfg.dpo.val_file, "dpo.val_file")
+    pairs, fits["val_fit"] = fit_report("dpo", file, template, cfg.loader.seq_len)
+    held_out = PairPass([file], template, cfg.loader, mesh, pairs)
     ref_table = reference_table(held_out, ref, mesh, cfg.mesh.rules, average=False)
 
-    @partial(jax.jit, in_shardings=(shardings, None))
-    def fn(state: TrainState, batch):
-        with use_rules(mesh, cfg.mesh.rules):
-            pi_c_B, pi_r_B = pair_logprobs(nnx.merge(graphdef, state.params, state.frozen), batch)
-        return {"pi_c": pi_c_B, "pi_r": pi_r_B}
+    def scorer(graphdef, shardings):
+        @partial(jax.jit, in_shardings=(shardings, None))
+        def fn(state: TrainState, batch):
+            with use_rules(mesh, cfg.mesh.rules):
+                model = nnx.merge(graphdef, state.params, state.frozen)
+                pi_c_B, pi_r_B = pair_logprobs(model, batch)
+            return {"pi_c": pi_c_B, "pi_r": pi_r_B}
 
-    def evaluate(state: TrainState) -> dict[str, Any]:
-        p = held_out.collect(fn, state)
+        return fn
+
+    own = scorer(graphdef, shardings)
+
+    def evaluate(state: TrainState, model=None) -> dict[str, Any]:
+        """`model`: another (graphdef, shardings) for `state` (a folded best/)."""
+        p = held_out.collect(own if model is None else scorer(*model), state)
         ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
         w = (p["weight"] > 0).astype(np.float64)  # every held-out pair counts once
         raw = p["pi_c"] - p["pi_r"]
-        h = (p["pi_c"] - ref_c) - (p["pi_r"] - ref_r)
+        margin = cfg.dpo.beta * ((p["pi_c"] - ref_c) - (p["pi_r"] - ref_r))  # as in training
         return {
-            "dpo_margin": wmean(h, w),
-            "dpo_accuracy": wmean(pair_wins(h), w),
+            "dpo_margin": wmean(margin, w),
+            "dpo_accuracy": wmean(pair_wins(margin), w),
             "logp_margin": wmean(raw, w),
             "logp_accuracy": wmean(pair_wins(raw), w),
             "logp_chosen": wmean(p["pi_c"], w),
@@ -170,15 +187,18 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(d.train_file, "dpo.train_file")]
-    ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed, **opts)
+    pairs, fit = fit_report("dpo", train_files[0], template, cfg.loader.seq_len)
+    fits = {"train_fit": fit}
+    ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed,
+                                 records=pairs, **opts)  # fmt: skip
     if d.precompute_reference:
-        table = reference_table(PairPass(train_files, template, cfg.loader, mesh), ref, mesh,
-                                cfg.mesh.rules, average=d.loss == "ipo")  # fmt: skip
+        pass_ = PairPass(train_files, template, cfg.loader, mesh, pairs)
+        table = reference_table(pass_, ref, mesh, cfg.mesh.rules, average=d.loss == "ipo")
         ds = ds.map(lambda b: {**b, "ref_logp": table[np.maximum(b["pair"], 0)]})
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)
     batches = iter(ds)
-    evaluate = _evaluator(cfg, graphdef, shardings, ref, mesh, template)
+    evaluate = _evaluator(cfg, graphdef, shardings, ref, mesh, template, fits)
     before = evaluate(state) if evaluate else {}
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
@@ -199,4 +219,4 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     for key in ("reward_chosen", "reward_rejected", "margin", "accuracy"):
         summary[f"final_train_{key}"] = last.get(key)
     summary["reference"] = str(ref_dir)
-    return summary
+    return {**summary, **fits}

@@ -1,6 +1,8 @@
-"""What the preference-pair stages (`reward`, `dpo`) share: the held-out pass over pairs
-that gives the same figures on one host or many (`PairPass`), win rates and weighted means
-by task, and the loop + summary after a pair stage's setup (`train_pairs`)."""
+"""What the preference-pair stages (`reward`, `dpo`) share: how the pairs of a file fit
+`loader.seq_len` (`fit_report`), the held-out pass over pairs that gives the same figures on
+one host or many (`PairPass`), win rates and weighted means by task, and the loop + summary
+after a pair stage's setup (`train_pairs`, whose figures after training are the weights it
+hands on: with `train.keep_best`, the best evaluation's)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm.data.preference import PreferenceRecords, make_preference_eval_dataset
+from jaxllm.data.preference import (
+    PreferenceRecords,
+    fit_pairs,
+    make_preference_eval_dataset,
+    open_pairs,
+)
+from jaxllm.errors import ConfigError
+from jaxllm.trainers.checkpoint_model import restore_folded, trainable_filter
 from jaxllm.trainers.lm import (
+    best_dir,
     best_figures,
     loop_spec,
     output_checkpoint,
     param_figures,
+    restore_latest,
 )
+from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.state import to_global
@@ -28,24 +40,51 @@ def pair_rows(batch: dict[str, jax.Array], key: str) -> jax.Array:
     return x.reshape(x.shape[0] * 2, *x.shape[2:])
 
 
+def fit_report(stage: str, file: Path, template, seq_len: int):
+    """`(records, fit)`: the pairs of a preference file that do not cut to two identical
+    rows at `seq_len` (`open_pairs`, for the batches) and `fit_pairs`'s counts, said (as
+    SFT says its cut conversations) when a pair is cut; refuses a file whose every pair is
+    cut to two identical rows (nothing to learn or score)."""
+    records = PreferenceRecords([file])
+    keep, fit = fit_pairs(records, template, seq_len)
+    if fit["cut"] and jax.process_index() == 0:
+        print(f"{stage}: {fit['cut']} of {fit['pairs']} pairs in {file} are longer than "
+              f"loader.seq_len {seq_len} and cut (an answer's end lost); {fit['identical']} of "
+              f"them cut to two identical rows ({fit['without_answer']} before any answer "
+              "token) and left out")  # fmt: skip
+    if fit["pairs"] and not keep.any():
+        raise ConfigError(
+            f"config key 'loader.seq_len': {seq_len} cuts every pair in {file} to two "
+            "identical rows (the prompt or the answers' common start fills it); raise it"
+        )
+    return records.select(keep), fit
+
+
 class PairPass:
     """One ordered pass over preference files that gives the same figures on one host or
     many: every process scores its share of the pairs (all with the same number of
     batches), and `collect` gathers each batch's per-pair outputs to every process, so the
     figures cover all pairs. Rows are keyed by `pair` (the pair's index in the files) —
-    how `task` is found, and how per-pair tables (DPO's reference log-probs) are indexed."""
+    how `task` is found, and how per-pair tables (DPO's reference log-probs) are indexed.
+    `records`: `open_pairs(files)` (pairs cut to identical rows left out), if already made."""
 
-    def __init__(self, files: list[Path], template, loader, mesh) -> None:
+    def __init__(self, files: list[Path], template, loader, mesh, records=None) -> None:
         import math
 
         from jaxllm.data.pipeline import local_batch_size
 
         self.files, self.template, self.loader, self.mesh = files, template, loader, mesh
-        records = PreferenceRecords(files)
-        self.size = len(records)
-        self.tasks = np.array([records[i].task or "all" for i in range(self.size)])
+        if records is None:
+            records = open_pairs(files, template, loader.seq_len)[0]
+        self.records = records
+        self.size = records.total  # `pair` indexes all pairs of the files
+        self.tasks = np.full(self.size, "all", dtype=object)
+        for i in range(len(records)):
+            pair = records[i]
+            self.tasks[pair.index] = pair.task or "all"
+        self.tasks = self.tasks.astype(str)
         pc = jax.process_count()
-        share = math.ceil(self.size / pc)
+        share = math.ceil(len(records) / pc)
         self.num_batches = math.ceil(share / local_batch_size(loader, pc))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._gather = jax.jit(lambda tree: tree, out_shardings=replicated)
@@ -56,6 +95,7 @@ class PairPass:
         batches = make_preference_eval_dataset(
             self.files, self.template, self.loader, process_index=jax.process_index(),
             process_count=jax.process_count(), num_batches=self.num_batches,
+            records=self.records,
         )  # fmt: skip
         out: dict[str, list] = {}
         for batch in batches:
@@ -71,7 +111,8 @@ class PairPass:
 
 def pair_wins(gap: np.ndarray) -> np.ndarray:
     """1 where the chosen answer scores higher, 0 where lower, 1/2 on a tie (so an untrained,
-    zero-initialised head stands at chance, 0.5)."""
+    zero-initialised head stands at chance, 0.5): the training metrics' `accuracy` counts the
+    same way (`rl_losses`)."""
     return np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0))
 
 
@@ -97,8 +138,10 @@ def train_pairs(
     tok_path,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """What the pair stages (reward, dpo) share after their setup: the loop from `start`,
-    the held-out figures after it, the loss plot and the summary (with the parameter
-    figures). Returns `(summary, last logged metrics)`."""
+    the held-out figures after it (of the weights handed on: with `train.keep_best` the best
+    evaluation's), the loss plot and the summary (with the parameter figures). `evaluate`
+    is `evaluate(state, model=None)`, `model` a `(graphdef, shardings)` other than the
+    run's (a folded PEFT best/). Returns `(summary, last logged metrics)`."""
     eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
     meta = start_point.checkpoint_meta(cfg, tok_path)
     spec = loop_spec(
@@ -107,10 +150,35 @@ def train_pairs(
     )  # fmt: skip
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
-    after = evaluate(state) if evaluate else {}
+    after = {}
+    if evaluate:
+        state, model = best_state(cfg, run_dir.path, start_point, state, mesh)
+        after = evaluate(state, model)
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path)
     return {**param_figures(start_point, run_dir.path), **summary}, last
+
+
+def best_state(cfg, run_dir: Path, start, state, mesh):
+    """`(state, model)`: with `train.keep_best`, the best evaluation's state (what the stage
+    hands on), else `state`; `model` is None, or for a reparameterised PEFT run, whose
+    best/ holds the folded prefixes/prompts, the folded model's `(graphdef, shardings)`
+    (as classify's `_best_state`)."""
+    if not cfg.train.keep_best:
+        return state, None
+    best = Checkpointer(best_dir(run_dir), async_save=False)
+    try:
+        step = best.latest_step()
+        if step is not None and best.read_meta(step).get("peft_folded"):
+            graphdef, folded, shardings = restore_folded(
+                best, step, start.graphdef, state, trainable_filter(cfg.peft), mesh,
+                cfg.mesh.rules,
+            )  # fmt: skip
+            return folded, (graphdef, shardings)
+        found = restore_latest(best, state, start.shardings)
+        return (state if found is None else found[0]), None
+    finally:
+        best.close()
 
 
 def stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[str, Any]:

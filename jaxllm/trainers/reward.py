@@ -5,10 +5,12 @@ start, so every reward is 0 before training); the reward of a (prompt, response)
 head's value at the row's last real token. Batches of B pairs [B, 2, L] run as [2B, L]; the
 loss is `pairwise_loss` with the pair weights of `data/preference.py` (a ranking of K answers
 gives K(K-1)/2 pairs of weight 1/(K(K-1)/2)) and an optional margin. Held-out figures before
-and after training (of every pair, on one host or many: `PairPass`): pair accuracy (each
-pair counts once, a tie as half a win: the usual definition, as in TRL's reward trainer and
-RewardBench), prompt accuracy (the same wins weighted by the pair weights, so each prompt
-counts once), mean reward gap and accuracy by task.
+and after training (of every pair, on one host or many: `PairPass`; after: of the weights
+handed on, with `train.keep_best` the best evaluation's): pair accuracy (each pair counts
+once, a tie as half a win, as the training metric `accuracy` counts too), prompt accuracy
+(the same wins weighted by the pair weights, so each prompt counts once), mean reward gap and
+accuracy by task. Pairs cut by `loader.seq_len` are counted (`train_fit`, `val_fit`); those
+cut to two identical rows are left out (`data/preference.py`).
 
 PPO (and anything else that scores text) uses `reward_model.py`; what the pair stages share
 (the held-out pass, the loop and summary) is in `pairs.py`.
@@ -37,7 +39,15 @@ from jaxllm.trainers.lm import (
     restore_or_init,
     stage_tokenizer,
 )
-from jaxllm.trainers.pairs import PairPass, by_task, pair_rows, pair_wins, train_pairs, wmean
+from jaxllm.trainers.pairs import (
+    PairPass,
+    by_task,
+    fit_report,
+    pair_rows,
+    pair_wins,
+    train_pairs,
+    wmean,
+)
 from jaxllm.trainers.reward_model import sequence_scores
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.optim import lr_schedule, make_optimizer
@@ -73,22 +83,30 @@ def reward_loss(margin: float = 0.0):
 # ----------------------------------------------------------------------------- held-out
 
 
-def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template):
-    """`evaluate(state) -> {pair_accuracy, reward_gap, accuracy_by_task, ...}` on val_file."""
+def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template, fits: dict):
+    """`evaluate(state) -> {pair_accuracy, reward_gap, accuracy_by_task, ...}` on val_file
+    (its `fit_report` into `fits["val_fit"]`)."""
     if not cfg.reward.val_file:
         return None
-    held_out = PairPass([data_file(cfg.reward.val_file, "reward.val_file")], template,
-                        cfg.loader, mesh)  # fmt: skip
+    file = data_file(cfg.reward.val_file, "reward.val_file")
+    pairs, fits["val_fit"] = fit_report("reward", file, template, cfg.loader.seq_len)
+    held_out = PairPass([file], template, cfg.loader, mesh, pairs)
 
-    @partial(jax.jit, in_shardings=(shardings, None))
-    def fn(state: TrainState, batch):
-        with use_rules(mesh, cfg.mesh.rules):
-            model = nnx.merge(graphdef, state.params, state.frozen)
-            chosen_B, rejected_B = pair_rewards(model, batch)
-        return {"chosen": chosen_B, "rejected": rejected_B}
+    def scorer(graphdef, shardings):
+        @partial(jax.jit, in_shardings=(shardings, None))
+        def fn(state: TrainState, batch):
+            with use_rules(mesh, cfg.mesh.rules):
+                model = nnx.merge(graphdef, state.params, state.frozen)
+                chosen_B, rejected_B = pair_rewards(model, batch)
+            return {"chosen": chosen_B, "rejected": rejected_B}
 
-    def evaluate(state: TrainState) -> dict[str, Any]:
-        p = held_out.collect(fn, state)
+        return fn
+
+    own = scorer(graphdef, shardings)
+
+    def evaluate(state: TrainState, model=None) -> dict[str, Any]:
+        """`model`: another (graphdef, shardings) for `state` (a folded best/)."""
+        p = held_out.collect(own if model is None else scorer(*model), state)
         gap, w = p["chosen"] - p["rejected"], p["weight"]
         real, wins = (w > 0).astype(np.float64), pair_wins(gap)
         return {
@@ -117,11 +135,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(cfg.reward.train_file, "reward.train_file")]
-    ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed, **opts)
+    pairs, fit = fit_report("reward", train_files[0], template, cfg.loader.seq_len)
+    fits = {"train_fit": fit}
+    ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed,
+                                 records=pairs, **opts)  # fmt: skip
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)
     batches = iter(ds)
-    evaluate = _reward_evaluator(cfg, graphdef, shardings, mesh, template)
+    evaluate = _reward_evaluator(cfg, graphdef, shardings, mesh, template, fits)
     before = evaluate(state) if evaluate else {}
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
@@ -134,4 +155,4 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     # under its own key: a pipeline's next stage (ppo) keeps the policy's `checkpoint`
     summary["outputs"]["reward_checkpoint"] = summary["outputs"].pop("checkpoint")
     summary["final_train_accuracy"] = last.get("accuracy")
-    return summary
+    return {**summary, **fits}

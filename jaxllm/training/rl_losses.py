@@ -33,6 +33,12 @@ def kl_estimate(logp_BL: jax.Array, ref_logp_BL: jax.Array, kind: str = "k3") ->
     return jnp.expm1(d_BL) - d_BL
 
 
+def _wins(gap_B: jax.Array) -> jax.Array:
+    """1 where gap > 0, 0 where < 0, 1/2 on a tie: pair accuracy as the held-out figures count
+    it (`trainers/pairs.pair_wins`), so an untrained model stands at 0.5 in both."""
+    return (gap_B > 0).astype(jnp.float32) + 0.5 * (gap_B == 0).astype(jnp.float32)
+
+
 def pairwise_loss(
     chosen_B: jax.Array,
     rejected_B: jax.Array,
@@ -41,7 +47,8 @@ def pairwise_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Bradley-Terry reward-model loss: sum of -w * log sigmoid(r_chosen - r_rejected - margin).
     The optional margin (Llama 2) demands a larger gap for pairs rated far apart.
-    aux sums: `accuracy` (w * [rc > rr]), `reward_gap` (w * (rc - rr)), `weight` (sum w).
+    aux sums: `accuracy` (w * ([rc > rr] + [rc = rr] / 2): a tie is half a win),
+    `reward_gap` (w * (rc - rr)), `weight` (sum w).
     """
     chosen_B, rejected_B, weight_B = _f32(chosen_B, rejected_B, weight_B)
     gap_B = chosen_B - rejected_B
@@ -49,7 +56,7 @@ def pairwise_loss(
     loss = -jnp.sum(weight_B * jax.nn.log_sigmoid(shifted_B))
     gap_B = jax.lax.stop_gradient(gap_B)
     return loss, {
-        "accuracy": jnp.sum(weight_B * (gap_B > 0)),
+        "accuracy": jnp.sum(weight_B * _wins(gap_B)),
         "reward_gap": jnp.sum(weight_B * gap_B),
         "weight": jnp.sum(weight_B),
     }
@@ -72,9 +79,10 @@ def dpo_loss(
     which assumes a fraction ls of preference labels are flipped. `kind="ipo"` (Azar et al.):
     (h - 1 / (2 beta))^2, which regresses the margin to a finite target instead of pushing it to
     infinity; callers should pass *length-averaged* log-probs for IPO (as the IPO paper and TRL
-    do), and label_smoothing is ignored. The loss is a weighted sum over pairs.
+    do), and label_smoothing does not apply (`DPOConfig` refuses it). The loss is a weighted sum over pairs.
     aux sums (weighted): `reward_chosen` = beta (pi_c - ref_c), `reward_rejected`, `margin`
-    (their difference), `accuracy` ([reward_chosen > reward_rejected]), `weight`.
+    (their difference, beta h: TRL's rewards/margins), `accuracy` ([margin > 0], a tie
+    half a win), `weight`.
     """
     if kind not in ("sigmoid", "ipo"):
         raise ValueError(f"dpo_loss kind must be 'sigmoid' or 'ipo', got {kind!r}")
@@ -95,7 +103,7 @@ def dpo_loss(
         "reward_chosen": jnp.sum(w_B * rc_B),
         "reward_rejected": jnp.sum(w_B * rr_B),
         "margin": jnp.sum(w_B * (rc_B - rr_B)),
-        "accuracy": jnp.sum(w_B * (rc_B > rr_B)),
+        "accuracy": jnp.sum(w_B * _wins(rc_B - rr_B)),
         "weight": jnp.sum(w_B),
     }
 

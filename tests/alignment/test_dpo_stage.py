@@ -19,6 +19,7 @@ from jaxllm.models import Decoder
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import dpo
 from jaxllm.trainers.dpo import make_dpo_loss
+from jaxllm.trainers.lm import load_frozen_model
 from jaxllm.training.state import create_train_state, to_global
 from jaxllm.training.step import make_train_step
 
@@ -63,6 +64,31 @@ def np_dpo(pi, ref, d: DPOConfig, w):
     return float(np.sum(w * per) / np.sum(w)), float(np.sum(w * d.beta * h) / np.sum(w))
 
 
+def test_policy_runs_without_dropout_like_the_reference(template):
+    """A model with dropout 0.1 as policy and reference (step 0): the policy's log-probs
+    are taken without dropout too, so h = 0 for every pair and the loss is log 2 per pair,
+    the margin 0 and every pair a tie (half a win)."""
+    records = PreferenceRecords([VAL])
+    feats = [pair_features(records[i], template, 64) for i in (0, 1, 2, 200, 201, 202)]
+    batch = {k: jnp.asarray(np.stack([f[k] for f in feats])) for k in feats[0]}
+    m = ModelConfig(vocab_size=template.tok.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                    d_ff=64, max_seq_len=64, dropout=0.1)  # fmt: skip
+    graphdef, state = nnx.split(Decoder(m, rngs=nnx.Rngs(0)))
+    loss_fn = make_dpo_loss(DPOConfig(beta=0.1), graphdef)
+    dpo = jax.jit(lambda s, b: loss_fn(nnx.merge(graphdef, s), b, jax.random.key(1), {"ref": s}))
+    loss, aux = dpo(state, batch)  # a training step's call: with a dropout key
+    w = float(aux["weight"])  # the pair weights (rankings: 1/15 a pair)
+    assert float(loss) / w == pytest.approx(np.log(2.0), rel=1e-6)
+    assert float(aux["margin"]) == 0.0 and float(aux["accuracy"]) / w == pytest.approx(0.5)
+
+
+def test_ipo_with_label_smoothing_is_refused():
+    from jaxllm.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"'dpo.label_smoothing': 0.1 .*loss 'ipo'"):
+        from_dict({"stage": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}})
+
+
 @pytest.mark.parametrize("d", [DPOConfig(beta=0.5, label_smoothing=0.1), DPOConfig(loss="ipo")])
 def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     vocab = template.tok.vocab_size
@@ -98,7 +124,7 @@ def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     assert all(jax.tree.leaves(same))  # ... the reference does not, bit for bit
 
 
-def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt):
+def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt, template):
     val = small_val(tmp_path)
     cfg = stage_config("dpo", tiny_ckpt, tmp_path / "dpo", dpo={"val_file": str(val)},
                        peft={"method": "lora", "rank": 4}, train={"optim": {"lr": 1e-2}})  # fmt: skip
@@ -113,6 +139,20 @@ def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt):
     train = [m for m in metrics if "loss" in m]
     assert {"reward_chosen", "reward_rejected", "margin", "accuracy"} <= set(train[0])
     assert [m["step"] for m in metrics if "eval_dpo_margin" in m] == [2, 4]
+    # held-out dpo_margin is the training metric's quantity, beta h (TRL's rewards/margins):
+    # recomputed in numpy from the handed-on policy and the reference checkpoint
+    records = PreferenceRecords([val])
+    feats = [pair_features(records[i], template, 64) for i in range(len(records))]
+    batch = {k: np.stack([f[k] for f in feats]) for k in ("tokens", "targets", "loss_mask",
+                                                          "segment_ids", "positions")}  # fmt: skip
+    mesh = make_mesh(MeshConfig())
+    pi, ref = (np_seq_logprobs(nnx.merge(*load_frozen_model(path, mesh, "dp")[:2]), batch, False)
+               for path in (tmp_path / "dpo/checkpoints", tiny_ckpt))  # fmt: skip
+    margin = 0.1 * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))  # beta 0.1 (tiny_dpo)
+    assert cfg.dpo.beta == 0.1
+    assert summary["dpo_margin_after"] == pytest.approx(margin.mean(), abs=2e-4)
+    wins = (margin > 0) + 0.5 * (margin == 0)
+    assert summary["dpo_accuracy_after"] == pytest.approx(wins.mean(), abs=1e-3)
     # a crash after step 2: the resumed run starts there and reproduces steps 3-4 exactly
     shutil.rmtree(tmp_path / "dpo/checkpoints/4")
     (tmp_path / "dpo/summary.json").unlink()

@@ -14,10 +14,12 @@ from jaxllm.data.preference import (
     make_preference_eval_dataset,
     pair_features,
 )
+from jaxllm.errors import ConfigError
 from jaxllm.models import Decoder
 from jaxllm.models.heads import ScalarModel
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import reward
+from jaxllm.trainers.pairs import fit_report
 from jaxllm.trainers.reward import pair_rewards
 from jaxllm.trainers.reward_model import load_reward_model, reward_scores
 
@@ -66,13 +68,34 @@ def test_reward_read_at_last_real_token(template):
     np.testing.assert_allclose(np.asarray(r_left), want, rtol=1e-4, atol=1e-5)
 
 
+def test_fit_report_says_what_is_cut_and_refuses_a_file_cut_to_nothing(tmp_path, template,
+                                                                       capsys):  # fmt: skip
+    long = "Please tell me about my order and the refund and the shipping. " * 4
+    fits = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}
+    cut = {"prompt": long, "chosen": "Happy to help!", "rejected": "No."}  # the prompt fills L
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(fits) + "\n" + json.dumps(cut) + "\n")
+    pairs, fit = fit_report("reward", path, template, 32)
+    assert fit == {"pairs": 2, "cut": 1, "identical": 1, "without_answer": 1}
+    assert [pairs[i].index for i in range(len(pairs))] == [0]  # the identical pair left out
+    assert (f"reward: 1 of 2 pairs in {path} are longer than loader.seq_len 32 and cut"
+            in capsys.readouterr().out)  # fmt: skip
+    path.write_text(json.dumps(cut) + "\n")
+    with pytest.raises(ConfigError, match=r"'loader.seq_len': 32 cuts every pair in .*pairs"):
+        fit_report("reward", path, template, 32)
+
+
 def test_reward_stage_lora_end_to_end(tmp_path, tiny_ckpt, template):
     val = small_val(tmp_path)
+    # keep_best with a min_delta no later evaluation beats: best/ is step 2's, not the last
+    best = {"keep_best": True, "early_stopping": {"metric": "reward_gap", "min_delta": 1e9}}
     cfg = stage_config(
         "reward", tiny_ckpt, tmp_path / "rm", reward={"val_file": str(val), "margin": 0.5},
-        peft={"method": "lora", "rank": 4},
+        peft={"method": "lora", "rank": 4}, train=best,
     )  # fmt: skip
     summary = run_stage(reward, cfg)
+    assert summary["best_step"] == 2 and summary["outputs"]["reward_checkpoint"].endswith("best")
+    assert summary["train_fit"]["pairs"] == 9060 and summary["train_fit"]["identical"] == 0
     # zero head: every reward 0, so every pair a tie, half a win
     assert summary["pair_accuracy_before"] == summary["prompt_accuracy_before"] == 0.5
     assert summary["reward_gap_before"] == 0.0
@@ -82,9 +105,11 @@ def test_reward_stage_lora_end_to_end(tmp_path, tiny_ckpt, template):
     metrics = [json.loads(x) for x in (tmp_path / "rm/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval_pair_accuracy" in m] == [2, 4]
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
-    # the LoRA checkpoint loads as a plain fixed reward model that scores like the run's eval
+    # the handed-on LoRA checkpoint (best/, step 2) loads as a plain fixed reward model that
+    # scores as the summary's figures after training say
     mesh = make_mesh(cfg.mesh)
-    graphdef, state, _, m, meta = load_reward_model(tmp_path / "rm/checkpoints", mesh)
+    handed_on = summary["outputs"]["reward_checkpoint"]
+    graphdef, state, _, m, meta = load_reward_model(handed_on, mesh)
     assert m.d_model == 32 and meta["config"]["stage"] == "reward"
     head = np.asarray(state["head"]["kernel"][...])
     assert np.abs(head).max() > 0  # the head trained under LoRA
@@ -104,7 +129,7 @@ def test_reward_stage_lora_end_to_end(tmp_path, tiny_ckpt, template):
     # trained on from its own checkpoint (full fine-tuning now): the LoRA folded in and the
     # trained head kept, so the new run starts where this one ended, not at a zero head
     more = stage_config(
-        "reward", tmp_path / "rm/checkpoints", tmp_path / "rm2", reward={"val_file": str(val)},
+        "reward", handed_on, tmp_path / "rm2", reward={"val_file": str(val)},
         train={"steps": 1, "eval_every": 1, "checkpoint_every": 1},
     )  # fmt: skip
     again = run_stage(reward, more)

@@ -9,6 +9,7 @@ from jaxllm.config import LoaderConfig
 from jaxllm.data.preference import (
     PreferenceRecords,
     PromptRecords,
+    fit_pairs,
     make_preference_dataset,
     make_preference_eval_dataset,
     prompt_rows,
@@ -99,6 +100,12 @@ def test_records_expand_to_weighted_pairs(pref_file):
         ({"prompt": "q", "response": "a"}, "expected {"),
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
           "chosen": "a", "rejected": "b"}, "must end with a user turn"),
+        ({"prompt": "q", "chosen": "a <|end|> b", "rejected": "c"},
+         '"chosen" contains the reserved token <|end|>'),
+        ({"prompt": "q", "chosen": "a", "rejected": "<|user|> hi"},
+         '"rejected" contains the reserved token <|user|>'),
+        ({"prompt": "q", "responses": ["a", "b </s>"], "ranking": [1, 0]},
+         '"responses"[1] contains the reserved token </s>'),
     ],
 )  # fmt: skip
 def test_bad_records_name_file_and_line(tmp_path, bad, expected):
@@ -172,10 +179,53 @@ def test_eval_padding_rows_have_weight_zero(pref_file, pref_template):
     assert extra[0]["tokens"].shape == (4, 2, 64)
 
 
-def test_long_pairs_are_cut_to_seq_len(pref_file, pref_template):
-    b = next(iter(make_preference_eval_dataset([pref_file], pref_template, loader(seq_len=8))))
-    assert b["tokens"].shape == (4, 2, 8)
-    assert b["segment_ids"][:3].all()  # every real pair fills the short rows
+LONG = "Please tell me about my order and the refund and the shipping. " * 3
+SHARED = "We accept all major cards, PayPal and bank transfer. " * 3
+CUT_RECORDS = [
+    {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."},  # fits
+    {"prompt": LONG, "chosen": "Happy to help!", "rejected": "No."},  # prompt fills L
+    {"prompt": "Card?", "chosen": SHARED + "Thanks!", "rejected": SHARED + "Go away."},
+    {"prompt": "Card?", "chosen": "Yes, " + SHARED, "rejected": "No, " + SHARED},  # cut, differ
+    {"prompt": "Hours?", "responses": ["Nine to five.", SHARED + "a", SHARED + "b"],
+     "ranking": [0, 1, 2]},  # pairs (0, 1), (0, 2) cut but differ; (1, 2) identical
+]  # fmt: skip
+
+
+def test_long_pairs_are_counted_and_identical_rows_left_out(tmp_path, pref_template):
+    """`fit_pairs` against the template's text encoded in one piece: a side longer than
+    L + 1 ids is cut; a pair whose first L + 1 ids agree gives two identical rows (dropped
+    from the batches), without an answer token when the prompt alone fills L."""
+    L, tok = 24, pref_template.tok
+    path = write(tmp_path / "long.jsonl", CUT_RECORDS)
+    recs = PreferenceRecords([path])
+    want = {"pairs": len(recs), "cut": 0, "identical": 0, "without_answer": 0}
+    kept = []
+    for i in range(len(recs)):
+        pair = recs[i]
+        ids = [tok.encode(render_text([*pair.prompt, {"role": "assistant", "content": a}]))
+               for a in (pair.chosen, pair.rejected)]  # fmt: skip
+        n_prompt = len(tok.encode(render_text(pair.prompt, add_generation_prompt=True)))
+        want["cut"] += max(map(len, ids)) - 1 > L
+        same = ids[0][: L + 1] == ids[1][: L + 1]
+        want["identical"] += same
+        want["without_answer"] += n_prompt - 1 >= L
+        kept += [] if same else [i]
+    assert want == {"pairs": 7, "cut": 6, "identical": 3, "without_answer": 1}  # all cases hit
+    keep, fit = fit_pairs(recs, pref_template, L)
+    assert fit == want and list(np.nonzero(keep)[0]) == kept
+    batches = list(make_preference_eval_dataset([path], pref_template, loader(L)))
+    got = [int(p) for b in batches for p in b["pair"] if p >= 0]
+    assert got == kept  # each kept pair once, with its index in the file's pairs
+    for b in batches:
+        for row in np.nonzero(b["weight"])[0]:  # the two sides of a kept pair differ
+            assert any(not np.array_equal(*b[k][row]) for k in ("tokens", "targets"))
+    train = make_preference_dataset([path], pref_template, loader(L, shuffle=False), seed=0)
+    first = next(iter(train))
+    assert [int(p) for p in first["pair"]] == kept[:4]
+    # every pair cut to identical rows: refused, naming the key
+    write(path, [CUT_RECORDS[1], CUT_RECORDS[2]])
+    with pytest.raises(DataError, match=r"loader.seq_len 24 cuts every pair in .*long.jsonl"):
+        make_preference_dataset([path], pref_template, loader(L), seed=0)
 
 
 def test_training_iterator_state_round_trips_through_json(pref_file, pref_template):

@@ -69,6 +69,26 @@ def test_pairwise_loss_with_weights_and_margin():
     np.testing.assert_allclose(float(no_margin), want0, rtol=1e-5)
 
 
+def test_pair_accuracy_counts_a_tie_as_half_a_win():
+    """Training `accuracy` counts as the held-out pair accuracy does (`pairs.pair_wins`): a
+    win 1, a loss 0, a tie 1/2 — so a zero reward head, or a DPO policy equal to its
+    reference, stands at 0.5 in both."""
+    rc = np.array([1.0, 0.0, -2.0, 0.5], np.float32)
+    rr = np.array([0.0, 0.0, -1.0, 0.5], np.float32)  # win, tie, loss, tie
+    w = np.array([1.0, 2.0, 1.0, 0.5], np.float32)
+    want = (1.0 * 1 + 2.0 * 0.5 + 1.0 * 0 + 0.5 * 0.5) / w.sum()  # 2.25 / 4.5 = 0.5
+    _, aux = pairwise_loss(jnp.asarray(rc), jnp.asarray(rr), jnp.asarray(w))
+    assert float(aux["accuracy"]) / float(aux["weight"]) == pytest.approx(want)
+    # DPO: pi_c - ref_c vs pi_r - ref_r, with ref = 0: the same four gaps
+    zero = jnp.zeros(4)
+    _, aux = dpo_loss(
+        jnp.asarray(rc), jnp.asarray(rr), zero, zero, beta=0.1, weight_B=jnp.asarray(w)
+    )
+    assert float(aux["accuracy"]) / float(aux["weight"]) == pytest.approx(want)
+    _, aux = dpo_loss(zero, zero, zero, zero, beta=0.1)  # policy == reference: all ties
+    assert float(aux["accuracy"]) == 2.0 and float(aux["margin"]) == 0.0
+
+
 def test_dpo_hand_case():
     # beta = 0.1; pi_c = -10, pi_r = -12, ref_c = ref_r = -11.
     # h = (-10 + 11) - (-12 + 11) = 2, beta * h = 0.2.
