@@ -1,7 +1,9 @@
 """`python -m jaxllm.chat --checkpoint DIR [--set chat.temperature=0 ...]`: talk to a
 checkpoint with the chat template (`stage: chat`, configs/chat.yaml's settings, without a
-config file; the transcript goes to runs/chat/chat.jsonl). The system prompt is the library's
-`assistant` prompt unless `--set chat.system=TEXT` (or `chat.prompt=NAME`) names another."""
+config file; the transcript goes to runs/chat/chat.jsonl). No system prompt unless
+`--set chat.system=TEXT` gives one or `--set chat.prompt=NAME` names a library prompt
+(jaxllm/assets/prompts/, e.g. `assistant`): the shipped SFT data has no system turn, so a
+model fine-tuned on it answers best without one."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from jaxllm.main import main as run_main
 
 DEFAULTS = {"stage": "chat", "output_dir": "runs/chat", "overwrite": True, "progress": False,
             "mesh": {"data": -1}}  # fmt: skip
-DEFAULT_PROMPT = "assistant"  # the library prompt when no chat.system / chat.prompt is given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="key=value (chat.*, mesh.*)")
     args = ap.parse_args(argv)
     raw = {**DEFAULTS, "inputs": {"checkpoint": args.checkpoint}}
-    keys = {s.partition("=")[0].strip() for s in args.set}
-    if not keys & {"chat", "chat.system", "chat.prompt"}:
-        # a default, not a setting: an explicit chat.system replaces it (both explicit: refused)
-        raw["chat"] = {"prompt": DEFAULT_PROMPT}
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "chat.yaml"
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")

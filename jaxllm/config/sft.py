@@ -21,7 +21,7 @@ class SFTConfig:
     # e.g. [service] for a second, domain-only pass over a mixed file
     tasks: tuple[str, ...] = ()
     train_on_prompt: bool = False  # also learn the system/user tokens (default: answers only)
-    packing: bool = True  # concat-then-split rows; false: one conversation per padded row
+    packing: bool = True  # whole conversations share rows (best-fit); false: one per padded row
     # `<think>…</think>` reasoning traces in answers: keep (learn trace + answer), mask (trace
     # in the input, loss on the answer only), drop (remove traces: the answers-only baseline).
     # Exact match always compares the final answers (the text after the last </think>).

@@ -184,7 +184,8 @@ def finish_batches(batches: grain.IterDataset, cfg: LoaderConfig) -> grain.IterD
 
 
 def packed_lm_batch(packed: dict[str, np.ndarray], rows: int) -> Batch:
-    """ConcatThenSplit's output under the batch keys: the loss counts real tokens only (times
+    """A grain packer's output (pretraining's ConcatThenSplit, SFT's best-fit packing: the same
+    `*_segment_ids` / `*_positions` features) under the batch keys: the loss counts real tokens only (times
     the packed `loss_mask`, when the examples carry one), and a short last batch is padded
     with all-zero rows."""
     segment_ids = packed["tokens_segment_ids"]

@@ -1,7 +1,8 @@
 """Grain pipelines for supervised fine-tuning: chat records → batches shaped like pretraining's.
 
     JsonlSource ─► ds[process_index::process_count] ─► shuffle ─► repeat ─► render (template)
-      ─► to_iter_dataset(read threads) ─► ConcatThenSplit(L) or pad to L ─► batch(B) ─► prefetch
+      ─► to_iter_dataset(read threads) ─► cut to L ─► best-fit pack or pad to L ─► batch(B)
+      ─► prefetch
 
 Batches have the keys of `data/pipeline.py` (`tokens, targets, segment_ids, positions,
 loss_mask`), so the pretraining loss and step run unchanged. A conversation's ids become
@@ -9,11 +10,15 @@ loss_mask`), so the pretraining loss and step run unchanged. A conversation's id
 `loss_mask = mask[1:]`: a target counts when the token it predicts is one to learn (assistant
 content, its `<|end|>`, the final `</s>`).
 
-- `packing=True`: conversations are laid end to end by grain's ConcatThenSplit with the mask as
-  a third feature packed in lock step, so it stays on its tokens (a conversation that does not
-  fit is split, its rest starting the next row, as in pretraining).
-- `packing=False`: one conversation per row, right-padded; longer ones are cut to L targets.
-Padding anywhere has segment id 0 and loss mask 0. Iterator state is JSON data (resumable).
+- `packing=True`: whole conversations share rows, placed by grain's BestFitPackIterDataset
+  (`PACK_BINS` rows filled at once, each conversation into the row it fits most tightly, the
+  rest of a row padded), each its own segment from position 0 (document masking), the mask a
+  third feature packed in lock step. A conversation is never split over rows: every trained
+  token sees its whole prompt in its own segment.
+- `packing=False`: one conversation per row, right-padded.
+Either way a conversation longer than L targets is cut to its first L (`length_census`
+counts them). Padding has segment id 0 and loss mask 0. Iterator state is JSON data
+(resumable mid-run, the packer's open rows included).
 
 Reasoning traces (`trace=`): an assistant turn may hold `<think>…</think>` before its answer.
 "keep" trains on trace and answer; "mask" keeps the trace in the input but gives its tokens
@@ -56,6 +61,7 @@ from jaxllm.tokenizer.chat import (
     parse_record,
 )
 
+PACK_BINS = 64  # rows best-fit packing fills at once (tiny_sft: 16 → 92.5 % full, 64 → 94.7 %)
 TraceMode = Literal["keep", "mask", "drop"]
 TRACE_MODES = ("keep", "mask", "drop")
 _TRACE = re.compile(re.escape(THINK) + ".*?" + re.escape(END_THINK), re.DOTALL)
@@ -122,9 +128,10 @@ def length_census(
     records: SFTRecords, template: ChatTemplate, seq_len: int, train_on_prompt: bool,
     trace: TraceMode = "keep",
 ) -> dict[str, int]:  # fmt: skip
-    """How the conversations fit rows of `seq_len` targets: `conversations`, `longer` (cut,
-    or with packing split over rows) and `without_answer` (cut before any trained token: an
-    unpacked row of them trains nothing). Renders every record once."""
+    """How the conversations fit rows of `seq_len` targets (packed or not): `conversations`,
+    `longer` (cut to their first `seq_len` targets) and `without_answer` (cut before any
+    trained token: they train nothing). Renders every record once, so a malformed one raises
+    its `DataError` (file:line) here, before training."""
     longer = empty = 0
     for i in range(len(records)):
         f = example_features(records[i], template, train_on_prompt, trace=trace)
@@ -259,7 +266,10 @@ def _batches(
     seqs = feats.to_iter_dataset(read)
     if packing:
         lengths = {"tokens": L, "targets": L, "loss_mask": L}
-        seqs = grain.experimental.ConcatThenSplitIterDataset(seqs, length_struct=lengths)
+        seqs = grain.experimental.BestFitPackIterDataset(
+            seqs.map(lambda x: {k: v[:L] for k, v in x.items()}), length_struct=lengths,
+            num_packing_bins=max(rows, PACK_BINS), shuffle_bins=False,
+        )  # fmt: skip
         batches = seqs.batch(rows, drop_remainder=False).map(lambda b: packed_lm_batch(b, rows))
     else:
         seqs = seqs.map(lambda x: _padded_row(x, L))

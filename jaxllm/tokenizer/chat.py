@@ -9,23 +9,32 @@ Format (no separators; message content is taken verbatim, whitespace included)::
 - `prompt_ids(messages)` is the same rendering of the messages before the last assistant turn,
   ending with `<|assistant|>`: a model continues with the answer and stops at `<|end|>`.
 - The role mask is 1 on the tokens whose loss counts: each assistant turn's content and its
-  closing `<|end|>`, and the final `</s>` (so the model learns to stop). With
-  `train_on_prompt=True` it is 1 on every token but the first `<s>` (nothing predicts it).
-- Each piece is encoded on its own, and the tokenizer splits at special tokens anyway, so
-  `render(m).ids == tok.encode(render_text(m))`: the mask boundaries are exact (when no user
-  turn holds a special token's string). User contents are encoded as plain text
+  closing `<|end|>`, and the final `</s>` (so the model learns to stop). A tool's answer
+  inside an assistant turn, `<result>…</result>` (tags included, complete pairs only), is
+  the environment's text, not the model's: mask 0, as GRPO's environment appends it
+  (`trainers/episodes.py`); the `<tool>…</tool>` call before it and the answer after it
+  are learnt. With `train_on_prompt=True` the mask is 1 on every token but the first `<s>`
+  (nothing predicts it).
+- Each piece is encoded on its own (a message; in an assistant turn also each tool result,
+  encoded alone as the environment's observation is), and the tokenizer splits at special
+  tokens anyway, so `render(m).ids == tok.encode(render_text(m))`: the mask boundaries are
+  exact (when no user turn holds a special token's string, and the tokenizer merges no
+  piece across a `<result>` / `</result>` boundary; jaxllm's trained tokenizers do not). User contents are encoded as plain text
   (`specials=False`): a special token's string there (`<pad>`, `<think>`) stays text, so a
   user cannot inject the token; the system prompt (the operator's, e.g. naming `<think>`) and
   assistant turns keep theirs. The structural strings (`<s>`, `</s>`, `<|end|>`, the role
   tokens) are refused in any message.
 
 Records: `{"prompt": str, "response": str}` (a user turn then an assistant turn, optional
-`"system"`) or `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
-A record that is neither raises `DataError` naming the place given as `where` ("file:line").
+`"system"` string) or `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+A record that is neither, has both shapes' keys, a non-string `"system"`, or an assistant
+turn with no text (empty or whitespace only) raises `DataError` naming the place given as
+`where` ("file:line").
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -41,6 +50,7 @@ THINK, END_THINK = "<think>", "</think>"  # a reasoning trace inside an assistan
 TOOL, END_TOOL, RESULT, END_RESULT = "<tool>", "</tool>", "<result>", "</result>"
 # Strings that would break the structure if they appeared inside a message's content.
 STRUCTURAL = ("<s>", "</s>", END_TOKEN, *ROLE_TOKENS.values())
+_RESULT = re.compile(f"({re.escape(RESULT)}.*?{re.escape(END_RESULT)})", re.DOTALL)
 
 Message = dict[str, str]
 RecordFormat = Literal["auto", "prompt_response", "messages"]
@@ -91,14 +101,19 @@ class ChatTemplate:
         """Ids and loss mask of a conversation; with `add_generation_prompt`, ends `<|assistant|>`."""
         messages = check_messages(messages, "render", need_answer=not add_generation_prompt)
         ids, mask = list(self.head), [0] * len(self.head)
+        context = 1 if train_on_prompt else 0  # the mask of text the model is given
         for m in messages:
             learn = 1 if (train_on_prompt or m["role"] == "assistant") else 0
-            head = [self.ids[ROLE_TOKENS[m["role"]]]]
+            ids.append(self.ids[ROLE_TOKENS[m["role"]]])
+            mask.append(context)
             # a user's text is text: a special token's string there is not that token
             plain = m["role"] == "user"
-            body = [*self.tok.encode(m["content"], specials=not plain), self.ids[END_TOKEN]]
-            ids += head + body
-            mask += [1 if train_on_prompt else 0] * len(head) + [learn] * len(body)
+            for text, env in content_pieces(m):
+                piece = self.tok.encode(text, specials=not plain)
+                ids += piece
+                mask += [context if env else learn] * len(piece)
+            ids.append(self.ids[END_TOKEN])
+            mask.append(learn)
         if add_generation_prompt:
             ids.append(self.ids[ROLE_TOKENS["assistant"]])
             mask.append(1 if train_on_prompt else 0)
@@ -110,6 +125,16 @@ class ChatTemplate:
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """The prompt for generating the last assistant turn (or the next one, if none ends it)."""
         return self.render(split_answer(messages)[0], add_generation_prompt=True).ids
+
+
+def content_pieces(message: Message) -> list[tuple[str, bool]]:
+    """A message's content as `(text, from_environment)` pieces, in order: an assistant
+    turn's `<result>…</result>` spans (tags included) are the environment's; all else is
+    the message's own (a user's or system's whole content, an assistant's own text)."""
+    if message["role"] != "assistant":
+        return [(message["content"], False)]
+    parts = _RESULT.split(message["content"])  # odd indices: the captured results
+    return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
 
 
 def render_text(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
@@ -137,6 +162,12 @@ def parse_record(record: Any, where: str, fmt: RecordFormat = "auto") -> list[Me
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if fmt == "auto":
         fmt = "messages" if "messages" in record else "prompt_response"
+        extra = [k for k in ("prompt", "response", "system") if k in record]
+        if fmt == "messages" and extra:
+            raise DataError(
+                f'{where}: has both "messages" and "{extra[0]}" (records are {{"prompt", '
+                '"response", "system"} or {"messages": [...]}); keep one shape'
+            )
     if fmt == "prompt_response":
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
@@ -145,7 +176,9 @@ def parse_record(record: Any, where: str, fmt: RecordFormat = "auto") -> list[Me
                     'or {"messages": [...]})'
                 )
         system = record.get("system")
-        head = [{"role": "system", "content": system}] if isinstance(system, str) else []
+        if "system" in record and not isinstance(system, str):
+            raise DataError(f'{where}: "system" must be a string, got {type(system).__name__}')
+        head = [{"role": "system", "content": system}] if "system" in record else []
         messages = [
             *head,
             {"role": "user", "content": record["prompt"]},
@@ -153,7 +186,11 @@ def parse_record(record: Any, where: str, fmt: RecordFormat = "auto") -> list[Me
         ]
     else:
         messages = record.get("messages")
-    return check_messages(messages, where, need_answer=True)
+    out = check_messages(messages, where, need_answer=True)
+    for i, m in enumerate(out):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: message {i}: an assistant message with no text to learn")
+    return out
 
 
 def check_messages(messages: Any, where: str, need_answer: bool) -> list[Message]:

@@ -2,8 +2,11 @@
 in, batched through the jitted scorer and the KV-cache sampler on the mesh. `stage: eval` and
 the lm-evaluation-harness bridge share it, so the two give the same numbers.
 
-- Contexts get the tokenizer's BOS first (unless they already start with it: a chat-template
-  text carries its own `<s>`).
+- Plain-text contexts get the tokenizer's BOS first (its EOS for a model without a BOS, as
+  lm-eval's HF model starts a rolling text with its prefix token), unless they already start
+  with it. A chat-template text (`<s>` then a role token) gets nothing: it carries its own
+  `<s>`, which encodes to nothing for a model without a BOS, so it is encoded exactly as SFT
+  trained on it and as chat / serve / generate prompt it.
 - A (context, continuation) pair is tokenized as lm-eval's Hugging Face model does: trailing
   spaces of the context move to the continuation, the whole string is encoded once and the
   continuation is what follows the context's own encoding.
@@ -33,6 +36,7 @@ from jaxllm.generation.batched import response_texts, sample_all
 from jaxllm.generation.scoring import score_continuations
 from jaxllm.interop import load_tokenizer
 from jaxllm.sharding import make_mesh
+from jaxllm.tokenizer.chat import ROLE_TOKENS
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model, quantize_state
 
 
@@ -76,7 +80,7 @@ class EvalModel:
 
     def encode_context(self, text: str) -> list[int]:
         ids = self.tok.encode(text)
-        return ids if ids[:1] == [self.bos] else [self.bos, *ids]
+        return ids if is_chat_text(text) or ids[:1] == [self.bos] else [self.bos, *ids]
 
     def encode_pair(self, context: str, cont: str) -> tuple[list[int], list[int]]:
         """lm-eval's split: trailing spaces join the continuation; the continuation's ids
@@ -145,6 +149,11 @@ class EvalModel:
         )  # fmt: skip
         texts = [cut_at(t, opts.until) for t in response_texts(self.tok, res)]
         return [Generation(t, c) for t, (_, c) in zip(texts, fitted)]
+
+
+def is_chat_text(text: str) -> bool:
+    """Whether `text` is the chat template's rendering (`render_text`): `<s>` and a role token."""
+    return text.startswith("<s>") and text[3:].startswith(tuple(ROLE_TOKENS.values()))
 
 
 def cut_at(text: str, stops: Sequence[str]) -> str:

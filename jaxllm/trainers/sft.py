@@ -4,7 +4,9 @@ The same machine as pretraining, fed different parts: the weights come from `inp
 (model config from its metadata, fresh optimizer), the batches from `data/sft.py` (same keys,
 the loss mask on the answer tokens only), and `lm_loss` + `make_train_step` + `run_loop` run
 unchanged, with checkpoints and resume. Before and after training it scores the held-out set:
-the loss on answer tokens and the exact-match rate of greedy answers to the chat prompts.
+the loss on answer tokens and the exact-match rate of greedy answers to the chat prompts (after:
+with `train.keep_best`, of the best/ checkpoint the stage hands on). Every training record is
+rendered once at start-up (`train_fit`), so a malformed one stops the run before step 1.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from jaxllm.trainers.lm import (
     restore_or_init,
     stage_tokenizer,
 )
+from jaxllm.trainers.pairs import best_state
 from jaxllm.trainers.rewards import final_answer
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
@@ -80,21 +83,21 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     )
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
-    after = score(state)
+    kept, folded = best_state(cfg, run_dir.path, start_point, state, mesh)
+    if folded is not None:  # a reparameterised PEFT run's best/: the folded model scores it
+        score = _scorer(cfg, s, m, folded[0], folded[1], mesh, loss_fn, template, opts)
+    after = score(kept)
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = _summary(cfg, start, last, before, after, plot, run_dir, tok_path)
     summary.update(kernel_choices(cfg, m))
-    if fit:
-        summary["train_fit"] = fit
+    summary["train_fit"] = fit
     return {**param_figures(start_point, run_dir.path), **summary}
 
 
-def _fit_report(cfg: Config, s: SFTConfig, template: ChatTemplate) -> dict[str, int] | None:
-    """Unpacked rows (one conversation each, cut at seq_len): `length_census` of the training
-    file; says how many conversations are cut, and refuses a file whose every conversation is
-    cut before its answer (nothing to learn). Packed rows split, never cut: None."""
-    if s.packing:
-        return None
+def _fit_report(cfg: Config, s: SFTConfig, template: ChatTemplate) -> dict[str, int]:
+    """`length_census` of the training file (packed or not, a conversation longer than
+    seq_len is cut): says how many are cut, and refuses a file whose every conversation is cut
+    before its answer (nothing to learn). Checks every record (file:line) before training."""
     file = data_file(s.train_file, "sft.train_file")
     records = SFTRecords([file], s.format, s.tasks)
     L = cfg.loader.seq_len

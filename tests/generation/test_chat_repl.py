@@ -4,6 +4,7 @@ session), Ctrl-C cancels an answer or ends the chat with its transcript, non-UTF
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -55,7 +56,9 @@ def conv_for(tok, max_len=64, **cfg) -> Conversation:
     return Conversation(None, None, tok, max_len, ChatConfig(**{"max_new_tokens": 16, **cfg}))
 
 
-def test_cli_chat_system_replaces_the_default_library_prompt(monkeypatch):
+def test_cli_chat_has_no_system_prompt_unless_one_is_given(monkeypatch):
+    """No shipped SFT record has a system turn: the chat's default is none (the library's
+    `assistant` prompt only by name)."""
     from jaxllm import chat as cli
 
     seen = []
@@ -69,10 +72,12 @@ def test_cli_chat_system_replaces_the_default_library_prompt(monkeypatch):
     cli.main(["--checkpoint", "ck", "--set", "chat.system=Be brief."])
     cli.main(["--checkpoint", "ck", "--set", "chat.prompt=assistant"])
     assert [(c.system, c.prompt) for c in seen] == [
-        ("", "assistant"), ("Be brief.", ""), ("", "assistant")
+        ("", ""), ("Be brief.", ""), ("", "assistant")
     ]  # fmt: skip
     with pytest.raises(ConfigError, match=r"'chat.system': set beside .*chat.prompt=''"):
         cli.main(["--checkpoint", "ck", "--set", "chat.system=x", "--set", "chat.prompt=assistant"])
+    shipped = load_config(str(Path(__file__).parents[2] / "configs/chat.yaml")).chat
+    assert (shipped.system, shipped.prompt) == ("", "")
 
 
 def test_a_too_long_message_keeps_the_earlier_conversation(monkeypatch, tok):

@@ -4,6 +4,7 @@ base stays bit-identical, the checkpoint restored onto its base gives the traine
 answers, and export / a later training stage refuse what cannot be merged; an early stop
 and the best checkpoint hold folded prefixes too."""
 
+import json
 from types import SimpleNamespace
 
 import jax
@@ -123,6 +124,11 @@ def test_an_early_stop_and_the_best_checkpoint_hold_the_folded_prefixes(tmp_path
     cfg = replace(cfg, peft=CASES["prefix"][0], train=t)
     summary = run_sft(cfg)
     assert summary["stopped_early_at"] == 2 and summary["best_step"] == 1
+    # the figures after training are best/'s (step 1, folded), not the last weights' (step 2)
+    rows = (tmp_path / "es/metrics.jsonl").read_text().splitlines()
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, rows) if "eval_loss" in r}
+    assert abs(evals[1] - evals[2]) > 4e-4  # the summary rounds to 4 decimals
+    assert summary["val_loss_after"] == pytest.approx(evals[1], abs=1.5e-4)
     ckpts, best = tmp_path / "es/checkpoints", tmp_path / "es/best"
     assert saved(ckpts, 1) == (CASES["prefix"][2], {"opt_state", "rng", "step"})
     assert saved(ckpts, 2) == saved(best, 1) == ({"prefix.kv"}, {"step"})
