@@ -28,7 +28,12 @@ class PeftConfig:
     tokens (`prompt_encoder: mlp`: P-tuning's MLP of width `prompt_hidden` in front, folded
     the same way). Only the method's variables (and a stage's new heads) train; checkpoints
     hold only them, and name the base checkpoint they apply to. Widths of 0 mean the model's
-    `d_model`."""
+    `d_model`.
+
+    `trainable_tokens` (lora only): token strings (e.g. chat tokens added by `hf.chat_tokens`)
+    whose embedding rows train as a delta [K, D] (zeros at start), resolved to ids with the
+    run's tokenizer; the output layer uses the same delta when tied, its own [D, K] for an
+    untied head (models/peft/tokens.py). LoRA alone never changes embedding rows."""
 
     method: Literal["none", "lora", "adapter", "prefix", "prompt"] = "none"
     rank: int = 8
@@ -41,6 +46,7 @@ class PeftConfig:
     prefix_hidden: int = 0
     prompt_encoder: Literal["none", "mlp"] = "none"
     prompt_hidden: int = 0
+    trainable_tokens: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -72,3 +78,14 @@ class PeftConfig:
         for key in ("prefix_hidden", "prompt_hidden"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must be >= 0 (0: the model's d_model)")
+        if self.trainable_tokens and self.method != "lora":
+            raise ValueError(
+                f"trainable_tokens: works with method lora only (the tokens' delta merges "
+                f"into the embedding as LoRA does), got method {self.method}"
+            )
+        for t in self.trainable_tokens:
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"trainable_tokens: {t!r} is not a token string")
+        dup = sorted({t for t in self.trainable_tokens if self.trainable_tokens.count(t) > 1})
+        if dup:
+            raise ValueError(f"trainable_tokens: {dup} listed twice")

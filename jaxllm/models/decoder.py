@@ -17,7 +17,9 @@ layer) and prompt-tuning virtual tokens (`Decoder.prompt`: embeddings before the
 token, RoPE positions -P..-1, no learned/sinusoidal position). Both kinds of virtual slots
 are seen by every real token (`GLOBAL_SEGMENT`), so each document of a packed row sees them
 as if they came right before it; `features` returns the real tokens' columns only, and
-`init_cache` fills the virtual slots, so generation starts after them.
+`init_cache` fills the virtual slots, so generation starts after them. Trainable tokens
+(`Decoder.trainable_tokens`, beside LoRA) add their rows' deltas to the embedding on input
+and to the output layer (`logits`, `output_weight`).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class Decoder(nnx.Module):
         )
         self.prefix = nnx.data(None)  # PEFT virtual slots (models/peft/prefix.py, prompt.py)
         self.prompt = nnx.data(None)
+        self.trainable_tokens = nnx.data(None)  # PEFT token rows (models/peft/tokens.py)
 
     # ----------------------------------------------------------------- public entry points
 
@@ -286,14 +289,18 @@ class Decoder(nnx.Module):
 
     def output_weight(self) -> jax.Array | None:
         """The output layer as [V, D] (the embedding when tied), for a loss that fuses it
-        (`head_cross_entropy`); None when a LoRA adapter sits on the untied head."""
+        (`head_cross_entropy`), trainable tokens' deltas included; None when a LoRA adapter
+        sits on the untied head."""
         if self.head is None:
-            return self.embed.embedding[...]
-        if getattr(self, "head" + LORA_A, None) is not None:
+            w_VD = self.embed.embedding[...]
+        elif getattr(self, "head" + LORA_A, None) is not None:
             return None
-        if getattr(self, "head" + QUANT_SCALE, None) is not None:  # dequantised, float32
-            return weight_value(self, "head", jnp.float32).T
-        return self.head[...].T
+        elif getattr(self, "head" + QUANT_SCALE, None) is not None:  # dequantised, float32
+            w_VD = weight_value(self, "head", jnp.float32).T
+        else:
+            w_VD = self.head[...].T
+        tokens = self.trainable_tokens
+        return w_VD if tokens is None else tokens.output_weight(w_VD)
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Output layer in float32: tied (`x @ E.T`) or the untied head."""
@@ -301,6 +308,8 @@ class Decoder(nnx.Module):
             logits_BLV = self.embed.attend(x_BLD)
         else:
             logits_BLV = project(self, "head", x_BLD.astype(self.dtype), out_dtype=jnp.float32)
+        if self.trainable_tokens is not None:
+            logits_BLV = self.trainable_tokens.add_logits(x_BLD.astype(self.dtype), logits_BLV)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))
 
     # ----------------------------------------------------------------------- internals
@@ -342,6 +351,8 @@ class Decoder(nnx.Module):
 
     def _embed(self, tokens_BL: jax.Array, positions_BL: jax.Array, key) -> jax.Array:
         x_BLD = self.embed(tokens_BL)
+        if self.trainable_tokens is not None:
+            x_BLD = x_BLD + self.trainable_tokens.input_delta(tokens_BL).astype(x_BLD.dtype)
         if self.pos_embed is not None:
             x_BLD = x_BLD + lookup(self.pos_embed[...], positions_BL, None).astype(x_BLD.dtype)
         elif self.cfg.positions == "sinusoidal":

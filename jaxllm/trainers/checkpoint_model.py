@@ -170,13 +170,49 @@ def _peft_model(
     model = wrap(model, nnx.Rngs(0)) if wrap else model
     if run_cfg.quantize.enabled and not is_quantized(bstate):  # QLoRA on a float base
         model = quantize_loaded(model, run_cfg.quantize, mesh, rules)
+    token_ids = peft_token_ids(run_cfg.peft, meta.get("tokenizer", ""))
     with nnx.use_eager_sharding(False):
-        apply_peft(model, run_cfg.peft, nnx.Rngs(0))
+        apply_peft(model, run_cfg.peft, nnx.Rngs(0), token_ids)
     if meta.get("peft_folded"):
         fold_reparameterisations(model)
     graphdef, params, frozen = nnx.split(model, trainable_filter(run_cfg.peft), ...)
     params = master_weights(params)  # trained variables were saved as float32
     return graphdef, params, frozen
+
+
+def peft_token_ids(peft: PeftConfig, tokenizer: str | Path) -> tuple[int, ...]:
+    """`peft.trainable_tokens` as ids of the run's tokenizer (a training run's
+    `inputs.tokenizer` or its input checkpoint's; a PEFT checkpoint's own when reloaded), one
+    token each: a vocabulary piece (an added/special token, `Ġword`) or a string that
+    encodes to exactly one token. `()` when none are asked for."""
+    if not peft.trainable_tokens:
+        return ()
+    if not tokenizer:
+        raise ConfigError(
+            "config key 'peft.trainable_tokens': no tokenizer to resolve them with; set "
+            "inputs.tokenizer"
+        )
+    from jaxllm.interop import load_tokenizer  # local: interop is only needed here
+
+    tok = load_tokenizer(Path(tokenizer))
+    ids = []
+    for text in peft.trainable_tokens:
+        tid = tok.piece_to_id(text)
+        if tok.id_to_piece(tid) != text:  # not a piece as written: its encoding, if one token
+            encoded = tok.encode(text)
+            if len(encoded) != 1:
+                raise ConfigError(
+                    f"config key 'peft.trainable_tokens': {text!r} is not a single token of "
+                    f"{tokenizer} (it encodes to {len(encoded)}); list vocabulary tokens"
+                )
+            tid = encoded[0]
+        ids.append(int(tid))
+    if len(set(ids)) != len(ids):
+        raise ConfigError(
+            f"config key 'peft.trainable_tokens': two of {list(peft.trainable_tokens)} are the "
+            f"same token of {tokenizer} (ids {ids})"
+        )
+    return tuple(ids)
 
 
 def _quantized_fn(fn: Callable[[], nnx.Module], cfg) -> Callable[[], nnx.Module]:

@@ -26,7 +26,7 @@ from jaxllm.models.quant import is_quantized
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import Wrap as Wrap
-from jaxllm.trainers.checkpoint_model import folded_final_save, quantize_loaded
+from jaxllm.trainers.checkpoint_model import folded_final_save, peft_token_ids, quantize_loaded
 from jaxllm.trainers.checkpoint_model import fresh_train_state as fresh_train_state
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model as load_checkpoint_model
 from jaxllm.trainers.checkpoint_model import load_frozen_model as load_frozen_model
@@ -273,8 +273,9 @@ def start_from_model(
     `peft` asks, and a fresh optimizer state over what trains."""
     if cfg.peft.enabled:
         try:
+            ids = peft_token_ids(cfg.peft, cfg.inputs.tokenizer or meta.get("tokenizer", ""))
             with nnx.use_eager_sharding(False):
-                apply_peft(model, cfg.peft, rngs)
+                apply_peft(model, cfg.peft, rngs, ids)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     filt = trainable_filter(cfg.peft)

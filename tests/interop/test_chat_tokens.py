@@ -1,6 +1,6 @@
 """An imported tokenizer.json model made chat-ready: `hf.chat_tokens` adds the template's
 tokens, grows the embedding/head with distinct near-mean rows (old logits unchanged), and the
-result fine-tunes with LoRA (the untied head's included) through `configs/hf_sft_lora.yaml`."""
+result fine-tunes with LoRA (and the chat tokens' rows) through `configs/hf_sft_lora.yaml`."""
 
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ def test_chat_tokens_grow_vocab_and_lora_sft(tmp_path):
     run_dir = RunDir.open(cfg)
     out = run_dir.finish(sft.run(cfg, run_dir))
     # rank 16 on d 32 (2 heads of 16, 1 kv head), d_ff 64: q, o (32 + 32) * 16 each; k, v
-    # (32 + 16) * 16 each; up, gate, down (32 + 64) * 16 each; the untied head (32 + V + 4) * 16
+    # (32 + 16) * 16 each; up, gate, down (32 + 64) * 16 each; the six chat tokens' rows and head columns 2 * 6 * 32
     blocks = 2 * 64 * 16 + 2 * 48 * 16 + 3 * 96 * 16
-    assert blocks == 8192 and out["trainable_params"] == blocks + (32 + V + 4) * 16
+    assert blocks == 8192 and out["trainable_params"] == blocks + 2 * 6 * 32
     assert out["val_loss_after"] < out["val_loss_before"]
     kept = tmp_path / "lora/tokenizer"  # the run keeps the imported tokenizer's files
     names = {p.name for p in kept.iterdir()}

@@ -14,7 +14,7 @@ model, so a reward model's `decoder` or a classifier's `encoder` is adapted in p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -26,6 +26,7 @@ from jaxllm.models.peft.adapter import AdapterParam, adapter_count, apply_adapte
 from jaxllm.models.peft.lora import TARGETABLE, apply_lora, lora_targets, merge_lora
 from jaxllm.models.peft.prefix import PrefixParam, apply_prefix, prefix_count
 from jaxllm.models.peft.prompt import PromptParam, apply_prompt, prompt_count
+from jaxllm.models.peft.tokens import TokenParam, apply_tokens, tokens_count
 from jaxllm.models.scan import is_stacked
 
 Backbones = list[tuple[str, nnx.Module]]
@@ -69,8 +70,9 @@ def _strip(attribute: str) -> Callable[[nnx.Module], int]:
 
 
 def _lora_count(model: nnx.Module, cfg: PeftConfig) -> int:
-    """rank·(fan_in + fan_out) per adapted weight (per layer of a stacked one)."""
-    total = 0
+    """rank·(fan_in + fan_out) per adapted weight (per layer of a stacked one), plus the
+    trainable tokens' K·D (and D·K for an untied head)."""
+    total = tokens_count(model)
     for _, module, name in lora_targets(model, cfg.targets):
         w = getattr(module, name)
         k = 1 if is_stacked(w) else 0
@@ -120,12 +122,26 @@ def peft_method(name: str) -> PeftMethod:
     return PEFT_METHODS[name]
 
 
-def apply_peft(model: nnx.Module, cfg: PeftConfig, rngs: nnx.Rngs | ParamKeys) -> list[str]:
-    """Attaches `cfg.method` in place (call under `nnx.use_eager_sharding(False)`);
-    returns what it attached. Errors (ValueError) when it finds nothing to attach to."""
+def apply_peft(
+    model: nnx.Module,
+    cfg: PeftConfig,
+    rngs: nnx.Rngs | ParamKeys,
+    token_ids: Sequence[int] = (),
+) -> list[str]:
+    """Attaches `cfg.method` in place (call under `nnx.use_eager_sharding(False)`), and
+    trainable tokens for `token_ids` (`cfg.trainable_tokens` resolved by the caller's
+    tokenizer, one id each); returns what it attached. Errors (ValueError) when it finds
+    nothing to attach to."""
+    if len(token_ids) != len(cfg.trainable_tokens):
+        raise ValueError(
+            f"config key 'peft.trainable_tokens': {len(cfg.trainable_tokens)} tokens, "
+            f"{len(token_ids)} ids given (resolve them with the run's tokenizer)"
+        )
     paths = peft_method(cfg.method).apply(model, cfg, rngs)
     if not paths:
         raise ValueError(f"peft.method {cfg.method}: the model has no decoder or encoder")
+    if token_ids:
+        paths += apply_tokens(backbones(model), list(token_ids))
     return paths
 
 
@@ -164,6 +180,7 @@ __all__ = [
     "PeftMethod",
     "PrefixParam",
     "PromptParam",
+    "TokenParam",
     "apply_peft",
     "backbones",
     "fold_reparameterisations",

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxllm.config import PeftConfig
 from jaxllm.models.layers import LORA_A, LORA_B, QUANT_SCALE, ParamKeys
+from jaxllm.models.peft.tokens import merge_tokens
 from jaxllm.models.scan import is_stacked
 
 # weight attribute → number of leading input axes (the rest are output axes)
@@ -92,9 +93,10 @@ def _adapters(
 
 def merge_lora(model: nnx.Module) -> int:
     """Folds every adapter into its weight (`W += scale * A B`, in float32) and removes the
-    adapters, in place. Returns how many weights were merged. A 16-bit weight becomes float32
-    (bf16 would round away most of a small update); a quantised weight (QLoRA's int base)
-    cannot take the float update: ValueError."""
+    adapters, in place, trainable tokens' deltas too (`merge_tokens`). Returns how many
+    weights were merged. A 16-bit weight becomes float32 (bf16 would round away most of a
+    small update); a quantised weight (QLoRA's int base) cannot take the float update:
+    ValueError."""
     merged = 0
     for path, module in list(nnx.iter_modules(model)):
         for name in TARGETABLE:
@@ -120,7 +122,7 @@ def merge_lora(model: nnx.Module) -> int:
             delattr(module, name + LORA_A)
             delattr(module, name + LORA_B)
             merged += 1
-    return merged
+    return merged + merge_tokens(model)
 
 
 def has_lora(state: nnx.State) -> bool:
