@@ -126,7 +126,8 @@ def reference_table(pass_: PairPass, ref, mesh, rules: str, average: bool) -> np
 
 def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict):
     """`evaluate(state) -> figures` on `dpo.val_file` (sequence log-probs, summed; its
-    `fit_report` into `fits["val_fit"]`); the reference's are computed here, once."""
+    `fit_report` into `fits["val_fit"]`); the reference's are computed here, once. The DPO
+    margin is the training one: of log-probs averaged over each answer's tokens for IPO."""
     if not cfg.dpo.val_file:
         return None
     file = data_file(cfg.dpo.val_file, "dpo.val_file")
@@ -140,7 +141,8 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
             with use_rules(mesh, cfg.mesh.rules):
                 model = nnx.merge(graphdef, state.params, state.frozen)
                 pi_c_B, pi_r_B = pair_logprobs(model, batch)
-            return {"pi_c": pi_c_B, "pi_r": pi_r_B}
+            n_B2 = jnp.sum(pair_rows(batch, "loss_mask"), axis=1).reshape(-1, 2)
+            return {"pi_c": pi_c_B, "pi_r": pi_r_B, "n_c": n_B2[:, 0], "n_r": n_B2[:, 1]}
 
         return fn
 
@@ -152,7 +154,10 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
         ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
         w = (p["weight"] > 0).astype(np.float64)  # every held-out pair counts once
         raw = p["pi_c"] - p["pi_r"]
-        margin = cfg.dpo.beta * ((p["pi_c"] - ref_c) - (p["pi_r"] - ref_r))  # as in training
+        h_c, h_r = p["pi_c"] - ref_c, p["pi_r"] - ref_r
+        if cfg.dpo.loss == "ipo":  # IPO's log-probs are means over the answer's tokens
+            h_c, h_r = h_c / np.maximum(p["n_c"], 1), h_r / np.maximum(p["n_r"], 1)
+        margin = cfg.dpo.beta * (h_c - h_r)  # as in training
         return {
             "dpo_margin": wmean(margin, w),
             "dpo_accuracy": wmean(pair_wins(margin), w),

@@ -140,7 +140,9 @@ class EvalModel:
         room = self.max_len - opts.max_new_tokens + 1  # learned positions: prompt + new - 1
         fitted = [self._fit(i, self.encode_context(p), room) for i, p in enumerate(prompts)]
         encoded = (self.tok.encode(s) for s in opts.until)
-        stop_ids = sorted({ids[0] for ids in encoded if len(ids) == 1} | {self.tok.eos_id})
+        # the EOS, and a HF model's other generation_config.json end ids (as generate/serve)
+        ends = set(getattr(self.tok, "eos_ids", [self.tok.eos_id]))
+        stop_ids = sorted({ids[0] for ids in encoded if len(ids) == 1} | ends)
         key = jax.random.key(opts.seed)
         res = sample_all(
             self.sampler, self.state, [ids for ids, _ in fitted], batch_size=self.batch_size,

@@ -162,6 +162,33 @@ def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt, template):
     assert again["dpo_margin_after"] == summary["dpo_margin_after"]
 
 
+def test_ipo_held_out_margin_is_of_length_averaged_logprobs(tmp_path, tiny_ckpt, template):
+    """IPO trains on log-probs averaged over each answer's tokens: its held-out dpo_margin and
+    accuracy are of those too (numpy, from the handed-on policy and the reference)."""
+    val = small_val(tmp_path)
+    cfg = stage_config("dpo", tiny_ckpt, tmp_path / "ipo", dpo={"val_file": str(val), "loss": "ipo"},
+                       train={"steps": 1, "eval_every": 1, "checkpoint_every": 1,
+                              "optim": {"lr": 1e-2}})  # fmt: skip
+    summary = run_stage(dpo, cfg)
+    records = PreferenceRecords([val])
+    feats = [pair_features(records[i], template, 64) for i in range(len(records))]
+    batch = {k: np.stack([f[k] for f in feats]) for k in ("tokens", "targets", "loss_mask",
+                                                          "segment_ids", "positions")}  # fmt: skip
+    mesh = make_mesh(MeshConfig())
+    pi, ref = (np_seq_logprobs(nnx.merge(*load_frozen_model(path, mesh, "dp")[:2]), batch, True)
+               for path in (tmp_path / "ipo/checkpoints", tiny_ckpt))  # fmt: skip
+    margin = cfg.dpo.beta * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))
+    summed = [np_seq_logprobs(nnx.merge(*load_frozen_model(p, mesh, "dp")[:2]), batch, False)
+              for p in (tmp_path / "ipo/checkpoints", tiny_ckpt)]  # fmt: skip
+    other = cfg.dpo.beta * (
+        (summed[0][:, 0] - summed[1][:, 0]) - (summed[0][:, 1] - summed[1][:, 1])
+    )
+    assert abs(other.mean() - margin.mean()) > 1e-3  # the two definitions differ here
+    assert summary["dpo_margin_after"] == pytest.approx(margin.mean(), abs=2e-4)
+    wins = (margin > 0) + 0.5 * (margin == 0)
+    assert summary["dpo_accuracy_after"] == pytest.approx(wins.mean(), abs=1e-3)
+
+
 def test_qlora_reference_is_the_quantised_base(tmp_path, tiny_ckpt):
     cfg = stage_config("dpo", tiny_ckpt, tmp_path / "q", dpo={"val_file": str(small_val(tmp_path))},
                        peft={"method": "lora", "rank": 4}, quantize={"method": "int4", "group_size": 32},

@@ -103,6 +103,26 @@ def test_generation_config_eos_ids_are_kept_and_stop_generate(tmp_path, hf_dir, 
     assert sorted(seen["stop_ids"]) == [0, 1, 2]
 
 
+def test_eval_generation_stops_at_generation_config_eos_ids(tmp_path, hf_dir, monkeypatch):
+    """`stage: eval` / the lm-eval bridge stop where generate and serve do: the EOS and the
+    generation config's other eos ids (here 2 and 1)."""
+    from jaxllm.evaluation.runner import GenOptions
+    from jaxllm.trainers import eval_model
+
+    tok = load_tokenizer(copy_tokenizer(hf_dir, tmp_path / "run"))
+    seen = {}
+
+    def fake_sample_all(sampler, state, prompts, **kw):
+        seen.update(kw)
+        return SampleResult(*([[[]] * len(prompts)] * 4))
+
+    monkeypatch.setattr(eval_model, "sample_all", fake_sample_all)
+    monkeypatch.setattr(eval_model, "Sampler", lambda *a, **k: None)
+    model = eval_model.EvalModel(None, None, tok, max_len=64)
+    model.generate(["hi"], GenOptions(max_new_tokens=4, until=()))
+    assert sorted(seen["stop_ids"]) == [1, 2]
+
+
 def test_export_merges_eos_list_and_writes_jaxllm_chat_template(tmp_path, hf_dir):
     src = copy_tokenizer(hf_dir, tmp_path / "imp")
     add_chat_tokens(src)
