@@ -3,7 +3,8 @@
 A run is *finished* once `summary.json` exists (written last, atomically). A finished run is
 never replaced unless the config says `overwrite: true`; an unfinished one with the same config
 is resumed; an unfinished one with a different config is refused, naming the first key that
-differs, so one run never silently writes over another's outputs.
+differs, so one run never silently writes over another's outputs. A run that stopped before
+any output (a wrong input path) left only `config.yaml` and its kept tokenizer: it starts over.
 
 A run that writes checkpoints holds its tokenizer (`tokenizer.model`, or `tokenizer/` with the
 `tokenizer.json` files; `trainers.lm.keep_tokenizer`), and checkpoint metadata names it, and a
@@ -156,7 +157,7 @@ def _prepare(cfg: Config) -> bool:
                 "(--set overwrite=true) to replace it, or choose another output_dir"
             )
         _rmtree(path)
-    elif path.exists() and {p.name for p in path.iterdir()} <= {"config.yaml"}:
+    elif path.exists() and _not_started({p.name for p in path.iterdir()}):
         pass  # empty, or a run that failed before writing anything: nothing to keep
     elif path.exists():
         if cfg.overwrite and (path / "config.yaml").is_file():  # a jaxllm run, unfinished
@@ -167,6 +168,19 @@ def _prepare(cfg: Config) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "config.yaml", dump_yaml(cfg))
     return resumed
+
+
+# What a stage writes before it checks its inputs: its config and the tokenizer it keeps
+# (`trainers.lm.keep_tokenizer`), which the stage writes again when it starts over.
+_KEPT_TOKENIZER = {"tokenizer.model", "tokenizer"}
+
+
+def _not_started(names: set[str]) -> bool:
+    """Whether a directory holding `names` is empty or a run that failed before any output
+    (a wrong input path): only `config.yaml`, and beside it at most the kept tokenizer."""
+    return names <= {"config.yaml"} or (
+        "config.yaml" in names and names <= {"config.yaml"} | _KEPT_TOKENIZER
+    )
 
 
 def _rmtree(path: Path) -> None:

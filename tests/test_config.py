@@ -52,6 +52,8 @@ def test_unknown_top_level_key_without_close_match():
         ),
         ({"train": {"optim": {"b2": 1.5}}}, "'train.optim.b2': must be in [0, 1), got 1.5"),
         ({"train": {"grad_accum": 0}}, "'train.grad_accum': must be >= 1, got 0"),
+        ({"train": {"keep_checkpoints": 0}}, "'train.keep_checkpoints': must be >= 1"),
+        ({"train": {"keep_checkpoints": -1}}, "'train.keep_checkpoints': must be >= 1"),
     ],
 )
 def test_wrong_values_name_key_type_and_value(raw, expect):

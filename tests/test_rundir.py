@@ -55,6 +55,26 @@ def test_a_run_that_wrote_only_its_config_starts_over_with_another(tmp_path):
     assert "seed: 2" in (tmp_path / "r/config.yaml").read_text()
 
 
+@pytest.mark.parametrize("kept", ["tokenizer.model", "tokenizer/tokenizer.json"])
+def test_a_run_that_wrote_only_its_config_and_tokenizer_starts_over(tmp_path, kept):
+    """A training stage keeps its tokenizer before it checks its inputs: a wrong data path
+    leaves config.yaml and tokenizer.model (or tokenizer/), and the corrected command runs."""
+    cfg = cfg_at(tmp_path / "r", seed=1)
+    RunDir.open(cfg)
+    (tmp_path / "r" / kept).parent.mkdir(exist_ok=True)
+    (tmp_path / "r" / kept).write_text("tok")
+    assert not RunDir.open(replace(cfg, seed=2)).resumed
+    assert "seed: 2" in (tmp_path / "r/config.yaml").read_text()
+    (tmp_path / "r/metrics.jsonl").write_text('{"step": 1}\n')  # it trained: refused again
+    with pytest.raises(RunDirError, match=r"an unfinished run with another config \(seed"):
+        RunDir.open(replace(cfg, seed=3))
+    alone = tmp_path / "t"  # a tokenizer without a run's config.yaml is no run: refused
+    alone.mkdir()
+    (alone / "tokenizer.model").write_text("tok")
+    with pytest.raises(RunDirError, match="holds no jaxllm run"):
+        RunDir.open(cfg_at(alone))
+
+
 def test_foreign_nonempty_directory_is_refused(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "precious.txt").write_text("keep me")

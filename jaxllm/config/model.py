@@ -245,6 +245,11 @@ class TrainConfig:
             raise ValueError(f"grad_accum: must be >= 1, got {self.grad_accum}")
         if self.loss_chunk < -1:
             raise ValueError(f"loss_chunk: must be >= 0 or -1 (auto), got {self.loss_chunk}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(
+                f"keep_checkpoints: must be >= 1 (the newest checkpoints kept), "
+                f"got {self.keep_checkpoints}"
+            )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ corpus, with periodic validation, checkpoints and resume."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -37,6 +38,7 @@ from jaxllm.trainers.lm import (
     resolve_model,
     restore_or_init,
 )
+from jaxllm.trainers.pairs import best_state
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
@@ -119,7 +121,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         "steps": t.steps,
         "resumed_from_step": start,
         "started_from": start_from or None,
-        "tokens_seen": tokens_per_step * t.steps,
+        "tokens_seen": tokens_per_step * last.get("stopped_early_at", t.steps),
         "final_train_loss": last.get("loss"),
         "tokens_per_s": last.get("tokens_per_s"),
         "mfu": last.get("mfu"),
@@ -129,8 +131,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         "outputs": {"checkpoint": output_checkpoint(cfg, run_dir.path), "tokenizer": str(tok_path)},
     }
     if val_shards:
-        final = {k: v for k, v in last.items() if k.startswith("eval_")}
-        summary.update({k.replace("eval_", "val_"): v for k, v in final.items()})
+        final = {k[len("eval_") :]: v for k, v in last.items() if k.startswith("eval_")}
+        if t.keep_best and last.get("best_step") != int(state.step):
+            # the figures of what the run hands on: best/, not the last state
+            # (a pretrain run's best/ is never folded: best_state needs the shardings alone)
+            start_point = SimpleNamespace(graphdef=graphdef, shardings=shardings)
+            kept, _ = best_state(cfg, run_dir.path, start_point, state, mesh)
+            final = evaluate(kept)
+        summary.update({f"val_{k}": v for k, v in final.items()})
         summary["unigram_val_loss"] = _unigram(tok, data_dir)
     return summary
 

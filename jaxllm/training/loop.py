@@ -6,6 +6,11 @@ exceptions are checkpoint and eval steps, where the state must be known good bef
 saved. A non-finite loss stops the run naming the step; the last checkpoint stays the last
 good one.
 
+Rates (step_time, tokens_per_s, mfu) time training steps only: each log interval's clock
+starts when a step's result is read, so the first step (its JIT compile included) is logged
+apart as `first_step_time`, and evaluations and saves, after which the clock starts again,
+are left out. The clock reads the host time where the loop syncs anyway.
+
 With many processes every one runs this loop in lock step (the same steps, evals and saves:
 each is a collective); process 0 alone shows progress and writes metrics.
 """
@@ -114,11 +119,11 @@ def run_loop(
     )
     last: dict[str, Any] = {}
     pending: tuple[int, dict] | None = None
-    clock = _Clock(spec)
     meta = checkpointer.read_meta(start) if checkpointer and start else {}
     if spec.watch and meta:
         spec.watch.load(meta.get("watch"))
     end = start if meta.get("stopped_early") else spec.total_steps  # it stopped: no more steps
+    clock = _Clock(spec)
     try:
         for step in range(start + 1, end + 1):
             batch = spec.to_device(next(spec.batches))
@@ -135,10 +140,12 @@ def run_loop(
                 last.update(figures)
                 stop = _watch(spec, state, step, figures)
                 if checkpointer and (stop or _due(step, spec.checkpoint_every, spec.total_steps)):
+                    writer.flush()  # every row up to the checkpoint on disk before it exists
                     _save(spec, checkpointer, state, step, final=stop)
                 if stop:
                     last["stopped_early_at"] = step
                     break
+                clock.restart()  # the evaluation and the save are no training time
         if pending is not None:
             last = _log(spec, writer, bar, clock, *pending, force=True) or last
         if start >= end:
@@ -200,31 +207,55 @@ def _save(
     ckpt.save(step, tree, dict(spec.meta, step=step, **watch, **extra), data=data)
 
 
+_now = time.perf_counter  # the clock's time source (a test's fake clock replaces it)
+
+
 class _Clock:
-    """Per-log-interval means of the step metrics, tokens/s and MFU."""
+    """Per-log-interval means of the step metrics, and rates over the steps timed.
+
+    `add` runs when a step's result has reached the host: with the next step already queued,
+    the time from one `add` to the next is one step's. The first step's own time (its
+    compile) is `first_step_time`; `restart` after an evaluation or a save starts the clock
+    again, so the interval's rates count the steps dispatched after it alone."""
 
     def __init__(self, spec: LoopSpec) -> None:
         self.spec = spec
-        self.t = time.perf_counter()
-        self.steps = 0
+        self.t = _now()  # just before the first step is dispatched
+        self.first = True
+        self.steps = 0  # steps in the interval's means
+        self.timed = 0  # of them, those wholly after `t`
         self.sums: dict[str, float] = {}
+        self.extra: dict[str, float] = {}
 
     def add(self, host: dict[str, float]) -> None:
+        now = _now()
+        if self.first:  # the compile and the first step: apart, and the clock starts now
+            self.extra["first_step_time"] = now - self.t
+            self.first, self.t = False, now
+        else:
+            self.timed += 1
         self.steps += 1
         for k, v in host.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def restart(self) -> None:
+        """After an evaluation or a save (just after a logged row): the clock starts now."""
+        self.t, self.timed = _now(), 0
+
     def means(self) -> dict[str, float]:
-        """Averages since the last call (so a logged loss is the interval's mean), and rates."""
-        now = time.perf_counter()
-        dt, n = max(now - self.t, 1e-9), max(self.steps, 1)
-        out = {k: v / n for k, v in self.sums.items()}
-        out["step_time"] = dt / n
-        if self.spec.tokens_per_step:
-            out["tokens_per_s"] = self.spec.tokens_per_step * n / dt
-        if self.spec.flops_per_step and self.spec.peak_flops:
-            out["mfu"] = self.spec.flops_per_step * n / dt / self.spec.peak_flops
-        self.t, self.steps, self.sums = now, 0, {}
+        """Averages since the last call (so a logged loss is the interval's mean), and rates
+        (none when no step of the interval was timed: the first step's alone)."""
+        now = _now()
+        out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        out.update(self.extra)
+        if self.timed:
+            dt, n = max(now - self.t, 1e-9), self.timed
+            out["step_time"] = dt / n
+            if self.spec.tokens_per_step:
+                out["tokens_per_s"] = self.spec.tokens_per_step * n / dt
+            if self.spec.flops_per_step and self.spec.peak_flops:
+                out["mfu"] = self.spec.flops_per_step * n / dt / self.spec.peak_flops
+        self.t, self.steps, self.timed, self.sums, self.extra = now, 0, 0, {}, {}
         return out
 
 

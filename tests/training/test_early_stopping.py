@@ -44,6 +44,12 @@ def test_stage_stops_keeps_best_and_resumes_to_the_same_stop(tmp_path, tiny_ckpt
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early_at"] == 3 and summary["best_step"] == 1
     assert summary["outputs"]["checkpoint"] == str(out / "best")
+    assert summary["tokens_seen"] == 8 * 64 * 3  # batch × seq_len × the 3 steps trained
+    # the held-out figures are best/'s (step 1's evaluation), not the last state's (step 3)
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert summary["val_loss"] == pytest.approx(evals[1], abs=2e-6)
+    assert summary["val_loss"] != pytest.approx(evals[3], abs=2e-6)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     _, best, _, _ = load_checkpoint_model(out / "best", mesh)
     _, first, _, _ = load_checkpoint_model(out / "checkpoints", mesh, step=1)
@@ -62,6 +68,7 @@ def test_stage_stops_keeps_best_and_resumes_to_the_same_stop(tmp_path, tiny_ckpt
     assert main(run) == 0
     last = json.loads((out / "summary.json").read_text())
     assert last["stopped_early_at"] == 3 and last["resumed_from_step"] == 3
+    assert last["val_loss"] == pytest.approx(evals[1], abs=2e-6)
     for key in ("final_train_loss", "best_step", "best_value"):
         assert last[key] == again[key], key
     assert (out / "metrics.jsonl").read_text() == rows

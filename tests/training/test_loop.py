@@ -1,0 +1,119 @@
+"""The training loop's reporting, on a fake device with a fake clock: rates time the training
+steps alone (no compile, evaluation or save in them) and the loop still reads each step's
+result only after the next is queued; every logged row is on disk, TensorBoard's too, before
+a checkpoint is written."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from jaxllm.training import loop as loop_mod
+from jaxllm.training.loop import LoopSpec, run_loop
+from jaxllm.training.metrics import read_metrics
+from tests.training.test_metrics import tb_scalars
+
+STEP_S, COMPILE_S, EVAL_S, SAVE_S = 1.0, 50.0, 100.0, 7.0
+
+
+class FakeDevice:
+    """A device running the dispatched steps one after another, `STEP_S` each; the host waits
+    (its clock jumps) only where it reads a result. The first dispatch compiles on the host."""
+
+    def __init__(self):
+        self.host = 0.0
+        self.done = 0.0  # when the last dispatched step finishes
+        self.dispatched = 0
+        self.reads: list[tuple[int, int]] = []  # (step read, steps dispatched by then)
+
+    def step(self, state, batch):
+        if self.dispatched == 0:
+            self.host += COMPILE_S
+        self.dispatched += 1
+        self.done = max(self.host, self.done) + STEP_S
+        return State(state.step + 1), {"loss": Result(self, self.dispatched, self.done)}
+
+    def sync(self, extra: float = 0.0) -> None:
+        self.host = max(self.host, self.done) + extra
+
+
+@dataclass
+class State:
+    step: int
+
+
+@dataclass
+class Result:
+    device: FakeDevice
+    step: int
+    ready: float
+
+    def __float__(self) -> float:
+        d = self.device
+        if not d.reads or d.reads[-1][0] != self.step:
+            d.reads.append((self.step, d.dispatched))
+        d.host = max(d.host, self.ready)
+        return 1.0
+
+
+class FakeCheckpointer:
+    def __init__(self, device, run_dir):
+        self.device, self.run_dir, self.on_disk = device, run_dir, {}
+
+    def save(self, step, state, meta, data=None):
+        # what a run killed right now would have left, then the save's own time
+        tb = [s for s, _ in tb_scalars(self.run_dir / "tensorboard").get("loss", [])]
+        rows = [r["step"] for r in read_metrics(self.run_dir / "metrics.jsonl") if "loss" in r]
+        self.on_disk[step] = (tb, rows)
+        self.device.sync(SAVE_S)
+
+    def wait(self):
+        pass
+
+
+def test_rates_time_training_steps_only_and_rows_reach_disk_before_a_checkpoint(
+    tmp_path, monkeypatch
+):
+    dev = FakeDevice()
+    monkeypatch.setattr(loop_mod, "_now", lambda: dev.host)
+    tokens, flops, peak = 64, 2.0e3, 1.0e3
+    spec = LoopSpec(
+        step_fn=dev.step, batches=iter(lambda: {}, None), to_device=lambda b: b,
+        total_steps=30, log_every=5, eval_every=10, checkpoint_every=15,
+        eval_fn=lambda s: dev.sync(EVAL_S) or {"loss": 2.0}, tokens_per_step=tokens,
+        flops_per_step=flops, peak_flops=peak, progress=False,
+    )  # fmt: skip
+    ckpt = FakeCheckpointer(dev, tmp_path)
+    run_loop(spec, State(0), ckpt, tmp_path)
+
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    # each interval: one step's time per step, whatever came before it (compile, eval, save)
+    for r in rows:
+        assert r["step_time"] == pytest.approx(STEP_S), r
+        assert r["tokens_per_s"] == pytest.approx(tokens / STEP_S), r
+        assert r["mfu"] == pytest.approx(flops / STEP_S / peak), r
+    assert rows[0]["first_step_time"] == pytest.approx(COMPILE_S + STEP_S)
+    assert all("first_step_time" not in r for r in rows[1:])
+    # no sync inside a step: step k is read once step k+1 is queued, except where the loop
+    # must know the state (an evaluation, a save, the last step)
+    forced = {10, 15, 20, 30}
+    assert [k for k, n in dev.reads if n != k + 1] == sorted(forced)
+    # at each checkpoint every row up to it is on disk, in metrics.jsonl and in TensorBoard
+    for step in (15, 30):
+        tb, jsonl = ckpt.on_disk[step]
+        expect = [s for s in (5, 10, 15, 20, 25, 30) if s <= step]
+        assert tb == expect and jsonl == expect, (step, tb, jsonl)
+
+
+def test_an_interval_of_the_first_step_alone_has_no_rates(tmp_path, monkeypatch):
+    dev = FakeDevice()
+    monkeypatch.setattr(loop_mod, "_now", lambda: dev.host)
+    spec = LoopSpec(
+        step_fn=dev.step, batches=iter(lambda: {}, None), to_device=lambda b: b,
+        total_steps=3, log_every=1, tokens_per_step=8, progress=False,
+    )  # fmt: skip
+    run_loop(spec, State(0), None, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["first_step_time"] == pytest.approx(COMPILE_S + STEP_S)
+    assert "tokens_per_s" not in rows[0] and "step_time" not in rows[0]
+    assert [r["tokens_per_s"] for r in rows[1:]] == pytest.approx([8 / STEP_S] * 2)
