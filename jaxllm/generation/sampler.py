@@ -23,6 +23,12 @@ the KV cache are sharded by row, the rules apply inside prefill and decode (weig
 where the train state put them), and the outputs come back row-sharded. Random draws do not
 depend on the layout (partitionable threefry), so a row gets the same tokens on one device
 or many.
+
+Step t of a call draws the whole batch with `fold_in(key, t)`, so a row's draw depends on
+its index in the batch. With `row_ids` (an int per row) row b draws alone with
+`fold_in(fold_in(key, row_ids[b]), t)` instead: its tokens depend only on the key, its id and
+its own logits, not on which rows share the call or where it sits (multi-turn episodes, which
+re-batch their unfinished rows every turn, use it; `episodes.py`).
 """
 
 from __future__ import annotations
@@ -114,12 +120,26 @@ class Mode(NamedTuple):
 
 
 def _sample(logits_BV: jax.Array, key: jax.Array, knobs: tuple, mode: Mode) -> jax.Array:
+    """One draw for the whole batch with `key`."""
     if mode.greedy:
         return sample_logits(logits_BV, key, temperature=0.0)
     temperature, top_k, top_p = knobs
     if not mode.filtered:
         return sample_logits(logits_BV, key, temperature=temperature)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def _draw(logits_BV, key, t, rows_B, knobs: tuple, mode: Mode) -> jax.Array:
+    """Step `t`'s tokens [B]: one draw with `fold_in(key, t)` (`rows_B` None), else row b
+    draws alone with `fold_in(fold_in(key, rows_B[b]), t)` (the module docstring)."""
+    if rows_B is None or mode.greedy:
+        return _sample(logits_BV, jax.random.fold_in(key, t), knobs, mode)
+
+    def one(logits_V, row):
+        row_key = jax.random.fold_in(jax.random.fold_in(key, row), t)
+        return _sample(logits_V[None], row_key, knobs, mode)[0]
+
+    return jax.vmap(one)(logits_BV, rows_B)
 
 
 def _logprobs(logits_BV: jax.Array, tok_B: jax.Array, knobs: tuple, mode: Mode) -> jax.Array:
@@ -156,9 +176,10 @@ def _cache_rows(cache):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_size", "layout"))
-def _prefill(graphdef, state, prompt, key_data, knobs, *, mode: Mode, cache_size: int, layout):
+def _prefill(graphdef, state, prompt, key_data, knobs, rows_B=None, *, mode: Mode,
+             cache_size: int, layout):  # fmt: skip
     """Runs the padded prompts (tokens, segment ids, positions) into a fresh cache; returns
-    (cache, first token [B], its log-prob [B]), all split by row."""
+    (cache, first token [B], its log-prob [B]), all split by row. `rows_B`: `_draw`'s."""
     tokens_BP, seg_BP, pos_BP = prompt
     key = jax.random.wrap_key_data(key_data)
     with _rules(layout):
@@ -167,7 +188,7 @@ def _prefill(graphdef, state, prompt, key_data, knobs, *, mode: Mode, cache_size
         logits_B1V, cache = model.extend(
             tokens_BP, cache, positions_BL=pos_BP, segment_ids_BL=seg_BP, last_only=True
         )
-        tok_B = _sample(logits_B1V[:, 0], jax.random.fold_in(key, 0), knobs, mode)
+        tok_B = _draw(logits_B1V[:, 0], key, 0, rows_B, knobs, mode)
         logp_B = _logprobs(logits_B1V[:, 0], tok_B, knobs, mode)
         return _cache_rows(cache), _rows(tok_B), _rows(logp_B)
 
@@ -190,12 +211,12 @@ def _decode_init(cache, tok_B, logp_B, pos_B, stop_B, max_new, out_len: int) -> 
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "mode", "out_len", "layout"), donate_argnames=("cache",)
 )
-def _decode(graphdef, state, cache, first, key_data, knobs, stop_T, max_new, *, mode, out_len,
-            layout):  # fmt: skip
+def _decode(graphdef, state, cache, first, key_data, knobs, stop_T, max_new, rows_B=None, *,
+            mode, out_len, layout):  # fmt: skip
     """The decode loop, one `lax.while_loop`: feeds each row's last token at the next cache
     slot and samples the next, until every row hit a stop id or `max_new` tokens. `first` is
     (token, log-prob, position) of the first generated token of each row. The cache is
-    donated; every output is split by row."""
+    donated; every output is split by row. `rows_B`: `_draw`'s."""
     key = jax.random.wrap_key_data(key_data)
     with _rules(layout):
         model = nnx.merge(graphdef, state)
@@ -210,9 +231,8 @@ def _decode(graphdef, state, cache, first, key_data, knobs, stop_T, max_new, *, 
         def body(c):
             tok_B1, pos_B1 = c["tok"][:, None], c["pos"][:, None]
             logits_B1V, cache = model.extend(tok_B1, c["cache"], positions_BL=pos_B1)
-            step_key = jax.random.fold_in(key, c["t"])
             live_B = ~c["done"]
-            new_B = jnp.where(live_B, _sample(logits_B1V[:, 0], step_key, knobs, mode), 0)
+            new_B = jnp.where(live_B, _draw(logits_B1V[:, 0], key, c["t"], rows_B, knobs, mode), 0)
             logp_B = jnp.where(live_B, _logprobs(logits_B1V[:, 0], new_B, knobs, mode), 0.0)
             stop_B = live_B & is_stop(new_B)
             return dict(
@@ -257,13 +277,20 @@ class Sampler:
         """This process's rows of an `n`-row global batch (a multiple of `shards`)."""
         return slice(0, n) if self.layout is None else process_rows(*self.layout, n)
 
-    def __call__(self, state: nnx.State, prompts: Sequence[Sequence[int]], **kw) -> SampleResult:
+    def __call__(
+        self, state: nnx.State, prompts: Sequence[Sequence[int]], *,
+        row_ids: Sequence[int] | None = None, **kw,
+    ) -> SampleResult:  # fmt: skip
         """Generates for this process's `prompts` (token-id lists of any lengths; any
         number: padded with copies to split over the mesh). Keywords as `generate`."""
         if not prompts:
             raise ValueError("Sampler: no prompts given")
         multiple = 1 if self.layout is None else rows_multiple(*self.layout)
         padded, n = pad_rows(np.arange(len(prompts)), multiple)
+        if row_ids is not None:
+            if len(row_ids) != n:
+                raise ValueError(f"Sampler: {len(row_ids)} row_ids for {n} prompts")
+            kw["row_ids"] = np.asarray(row_ids)[padded]
         out = self.generate(state, [prompts[i] for i in padded], **kw)
         return to_result(*(local_rows(x)[:n] for x in out))
 
@@ -278,29 +305,40 @@ class Sampler:
         top_k: int = 0,
         top_p: float = 1.0,
         stop_ids: Sequence[int] = (),
+        row_ids: Sequence[int] | None = None,
     ) -> Generated:
         """Up to `max_new_tokens` for each of this process's `prompts` (on a mesh their
-        number times the processes must be a multiple of `shards`), as global arrays."""
+        number times the processes must be a multiple of `shards`), as global arrays.
+        `row_ids` (one int >= 0 per prompt): each row draws by its id, not its index (the
+        module docstring); None: the whole batch draws with one key per step."""
         if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError("need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
         if not prompts:
             raise ValueError("Sampler: no prompts given")
+        rows = None if row_ids is None else np.asarray(row_ids, np.int32)
+        if rows is not None and (rows.shape != (len(prompts),) or rows.min() < 0):
+            raise ValueError(
+                f"Sampler: row_ids must be {len(prompts)} ints >= 0 (one per prompt), got "
+                f"{np.asarray(row_ids).tolist()}"
+            )
         longest = process_max(max(len(p) for p in prompts))  # one bucket on every process
         tokens, seg, pos, lens = pad_prompts(prompts, prompt_bucket(longest, self.min_prompt))
         self._validate(state, tokens, longest, max_new_tokens)
         if self.layout is not None:
-            tokens, seg, pos, lens = rows_to_global((tokens, seg, pos, lens), *self.layout)
+            tokens, seg, pos, lens, rows = rows_to_global(
+                (tokens, seg, pos, lens, rows), *self.layout
+            )
         gen_len = _round_up(max_new_tokens, self.gen_multiple)
         mode = Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1.0)
         knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
         key_data = _key_data(key)
         cache, tok, logp = _prefill(
-            self.graphdef, state, (tokens, seg, pos), key_data, knobs, mode=mode,
+            self.graphdef, state, (tokens, seg, pos), key_data, knobs, rows, mode=mode,
             cache_size=tokens.shape[1] + gen_len, layout=self.layout,
         )  # fmt: skip
         out, _ = _decode(
             self.graphdef, state, cache, (tok, logp, lens), key_data, knobs,
-            _stop_array(stop_ids), np.int32(max_new_tokens), mode=mode, out_len=gen_len,
+            _stop_array(stop_ids), np.int32(max_new_tokens), rows, mode=mode, out_len=gen_len,
             layout=self.layout,
         )  # fmt: skip
         return out

@@ -25,7 +25,10 @@ is the sum of the environment's step rewards.
 
 Multi-process: each process runs its own rows; every turn every process calls the sampler
 with the same number of rows (the largest live count, padded to a power of two so that few
-batch shapes compile).
+batch shapes compile). Only the unfinished episodes are sampled, so a row's place in a call
+changes from turn to turn: each episode draws by its row's index in the global batch
+(`Sampler`'s `row_ids`), so its tokens depend on the key, the turn and that index alone,
+the same on any number of processes (and on a resume on another number).
 """
 
 from __future__ import annotations
@@ -115,11 +118,12 @@ def model_turn(ep: Episode, ids: list[int], logps: list[float], stopped: bool, t
 def run_episodes(
     sampler: Sampler, weights: nnx.State, rows: Sequence[dict], envs: Sequence[Env], tok: Any,
     *, seq_len: int, max_new_tokens: int, max_turns: int, key: jax.Array, temperature: float,
-    stop_ids: Sequence[int],
+    stop_ids: Sequence[int], first_row: int = 0,
 ) -> Rollouts:  # fmt: skip
     """This process's prompt rows (`ids`) played out against one fresh env each, all
-    episodes advancing together one model turn per sampler call; turn t draws with
-    `fold_in(key, t)`. Returns the rows laid out for the learner (the module docstring)."""
+    episodes advancing together one model turn per sampler call; turn t samples with key
+    `fold_in(key, t)` and row id `first_row + i` for `rows[i]` (its index in the global
+    batch). Returns the rows laid out for the learner (the module docstring)."""
     eps = [Episode(list(r["ids"]), env) for r, env in zip(rows, envs, strict=True)]
     for ep, row in zip(eps, rows):
         first = ep.env.reset(row)
@@ -132,11 +136,12 @@ def run_episodes(
         if n == 0:
             break
         size = min(1 << (n - 1).bit_length(), len(eps))
-        prompts = [eps[i].ids for i in live] or [eps[0].ids]  # a process with none still calls
-        prompts += [prompts[-1]] * (size - len(prompts))
+        calls = live or [0]  # a process with none still calls
+        calls = calls + [calls[-1]] * (size - len(calls))  # copies: their draws are dropped
         res = sampler(
-            weights, prompts, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, turn),
-            temperature=temperature, stop_ids=stop_ids,
+            weights, [eps[i].ids for i in calls], max_new_tokens=max_new_tokens,
+            key=jax.random.fold_in(key, turn), temperature=temperature, stop_ids=stop_ids,
+            row_ids=[first_row + i for i in calls],
         )  # fmt: skip
         for i, ids, logps, stopped in zip(live, res.tokens, res.logprobs, res.stopped):
             model_turn(eps[i], ids, logps, stopped, tok, seq_len)
@@ -163,8 +168,8 @@ def layout_episodes(eps: Sequence[Episode], tok: Any, seq_len: int) -> Rollouts:
 
 @dataclass(frozen=True)
 class EpisodeRunner:
-    """A stage's episodes: `runner(weights, rows, max_new_tokens=, key=, temperature=)` plays
-    each row against a fresh `make_env()` (see `run_episodes`)."""
+    """A stage's episodes: `runner(weights, rows, max_new_tokens=, key=, temperature=,
+    first_row=)` plays each row against a fresh `make_env()` (see `run_episodes`)."""
 
     sampler: Sampler
     tok: Any
@@ -174,9 +179,9 @@ class EpisodeRunner:
     max_turns: int
 
     def __call__(self, weights: nnx.State, rows: Sequence[dict], *, max_new_tokens: int,
-                 key: jax.Array, temperature: float) -> Rollouts:  # fmt: skip
+                 key: jax.Array, temperature: float, first_row: int = 0) -> Rollouts:  # fmt: skip
         return run_episodes(
             self.sampler, weights, rows, [self.make_env() for _ in rows], self.tok,
             seq_len=self.seq_len, max_new_tokens=max_new_tokens, max_turns=self.max_turns,
-            key=key, temperature=temperature, stop_ids=self.stop_ids,
+            key=key, temperature=temperature, stop_ids=self.stop_ids, first_row=first_row,
         )  # fmt: skip

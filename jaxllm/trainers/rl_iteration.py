@@ -59,12 +59,13 @@ def produce(
     """Samples this process's rows of `recs` with `weights` (key `fold_in(seed, it)`), lays
     them out as a global batch and scores them with `algo.rewards`."""
     s = getattr(cfg, cfg.stage)
-    mine = recs[st.sampler.my_rows(len(recs))]
+    span = st.sampler.my_rows(len(recs))
+    mine = recs[span]
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.key(cfg.seed), it)
     if st.episodes is not None:  # multi-turn, with the environment
         ro = st.episodes(weights, mine, max_new_tokens=s.max_new_tokens, key=key,
-                         temperature=s.temperature)  # fmt: skip
+                         temperature=s.temperature, first_row=span.start)  # fmt: skip
     else:
         ro = sample_rollouts(
             st.sampler, weights, [r["ids"] for r in mine], st.tok, seq_len=cfg.loader.seq_len,

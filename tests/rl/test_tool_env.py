@@ -106,7 +106,7 @@ class ScriptedModel:
     answers with the result's number. Log-probs are -position/100 (recognisable)."""
 
     def __init__(self, tok, end: int):
-        self.tok, self.end, self.calls = tok, end, []
+        self.tok, self.end, self.calls, self.row_ids = tok, end, [], []
 
     def reply(self, ids: list[int]) -> tuple[list[int], bool]:
         text = self.tok.decode(ids)
@@ -123,8 +123,9 @@ class ScriptedModel:
         junk = self.tok.encode("<result>7</result>7")
         return self.tok.encode(call) + junk + [self.end], True
 
-    def __call__(self, weights, prompts, *, max_new_tokens, key, temperature, stop_ids):
+    def __call__(self, weights, prompts, *, max_new_tokens, key, temperature, stop_ids, row_ids):
         self.calls.append(len(prompts))
+        self.row_ids.append(list(row_ids))
         out = [self.reply(list(p)) for p in prompts]
         toks = [t[:max_new_tokens] for t, _ in out]
         logps = [[-(len(p) + j) / 100 for j in range(len(t))] for p, t in zip(prompts, toks)]
@@ -178,6 +179,7 @@ def test_scripted_episodes_layout_by_hand(tok, template):
     assert ro.batch["env_reward"].tolist() == [0.0, 0.0, 0.0]
     # turn by turn: 3 live rows, then 2 (row 1 answered), then 1 (row 2's second call)
     assert model.calls == [3, 2, 1]
+    assert model.row_ids == [[0, 1, 2], [0, 2], [2]]  # each live episode's own row id
 
 
 def test_max_turns_and_room_end_episodes(tok, template):
@@ -315,6 +317,17 @@ def test_multi_turn_rollout_logprobs_agree_with_the_learner(tmp_path, tiny_ckpt)
     on = mask > 0
     np.testing.assert_allclose(batch["sampler_logp"][on], sc["logp"][on], atol=1e-5, rtol=0)
     assert logprob_gap(batch["sampler_logp"], sc["logp"], mask, 1e-5)[1] <= 1e-5
+    # as two processes would play them (rows 0-3 and 4-7, fewer live at each turn): every
+    # episode draws by its global row, so each comes out the same as in the whole batch
+    for part in (slice(0, 4), slice(4, 8)):
+        half = run_episodes(
+            st.sampler, weights, rows[part], [EveryWordEnv() for _ in rows[part]], st.tok,
+            seq_len=cfg.loader.seq_len, max_new_tokens=8, max_turns=2, key=jax.random.key(1),
+            temperature=1.0, stop_ids=stop_ids(st.template), first_row=part.start,
+        )  # fmt: skip
+        np.testing.assert_array_equal(half.batch["tokens"], batch["tokens"][part])
+        np.testing.assert_allclose(half.batch["sampler_logp"], batch["sampler_logp"][part],
+                                   atol=1e-5, rtol=0)  # fmt: skip
 
 
 @pytest.mark.slow  # ~30 s: a whole stage (its parts are tested above)
