@@ -37,7 +37,6 @@ from jaxllm.models.heads import ClassifierModel
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import data_file, require_input
-from jaxllm.trainers.checkpoint_model import restore_folded
 from jaxllm.trainers.classify_eval import (
     ClassifierPass,
     make_logits_fn,
@@ -53,17 +52,15 @@ from jaxllm.trainers.encoder import (
 )
 from jaxllm.trainers.lm import (
     StartPoint,
-    best_dir,
     best_figures,
+    best_state,
     checkpoint_dir,
     loop_spec,
     output_checkpoint,
     param_figures,
     resolve_model,
-    restore_latest,
     restore_or_init,
     start_from_model,
-    trainable_filter,
 )
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
@@ -163,8 +160,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     spec = loop_spec(cfg, step_fn, batches, mesh, eval_fn, meta, final_save=start_point.final_save)
     state, last = run_loop(spec, state, ckpt, run_dir.path)
     ckpt.close()
-    state, folded_logits = _best_state(cfg, run_dir.path, start_point, state, mesh)
-    if folded_logits is not None:  # best/ holds folded prefixes/prompts: score that model
+    state, folded = best_state(cfg, run_dir.path, start_point, state, mesh)
+    if folded is not None:  # best/ holds folded prefixes/prompts: score that model
+        folded_logits = make_logits_fn(*folded, mesh, cfg.mesh.rules)
         passes = {s: ClassifierPass(splits[s], tok, cfg.loader, mesh, folded_logits)
                   for s in passes}  # fmt: skip
         probs.clear()
@@ -178,28 +176,6 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     summary["outputs"] = {"checkpoint": output_checkpoint(cfg, run_dir.path),
                           "tokenizer": str(tok_path)}  # fmt: skip
     return {**param_figures(start_point, run_dir.path), **summary}
-
-
-def _best_state(cfg: Config, run_dir: Path, start: StartPoint, state, mesh):
-    """`(state, logits_fn)`: with `train.keep_best`, the best evaluation's state (the final
-    figures and the predictions are the checkpoint's the stage hands on), else `state`. A
-    reparameterised PEFT run's best/ holds the folded prefixes/prompts: then the folded
-    model's state and `logits_fn` (else None: the run's own)."""
-    if not cfg.train.keep_best:
-        return state, None
-    best = Checkpointer(best_dir(run_dir), async_save=False)
-    try:
-        step = best.latest_step()
-        if step is not None and best.read_meta(step).get("peft_folded"):
-            rules, filt = cfg.mesh.rules, trainable_filter(cfg.peft)
-            graphdef, folded, shardings = restore_folded(
-                best, step, start.graphdef, state, filt, mesh, rules
-            )
-            return folded, make_logits_fn(graphdef, shardings, mesh, rules)
-        found = restore_latest(best, state, start.shardings)
-        return (state if found is None else found[0]), None
-    finally:
-        best.close()
 
 
 def _scalars(evaluate):

@@ -26,7 +26,12 @@ from jaxllm.models.quant import is_quantized
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import Wrap as Wrap
-from jaxllm.trainers.checkpoint_model import folded_final_save, peft_token_ids, quantize_loaded
+from jaxllm.trainers.checkpoint_model import (
+    folded_final_save,
+    peft_token_ids,
+    quantize_loaded,
+    restore_folded,
+)
 from jaxllm.trainers.checkpoint_model import fresh_train_state as fresh_train_state
 from jaxllm.trainers.checkpoint_model import load_checkpoint_model as load_checkpoint_model
 from jaxllm.trainers.checkpoint_model import load_frozen_model as load_frozen_model
@@ -184,6 +189,28 @@ def make_watch(cfg: Config) -> Watch | None:
         )
     best = Checkpointer(best_dir(cfg.run_dir), 1, False) if t.keep_best else None
     return Watch(es.metric, es.mode, es.patience, es.min_delta, best=best)
+
+
+def best_state(cfg, run_dir: Path, start, state, mesh):
+    """`(state, model)`: with `train.keep_best`, the best evaluation's state (what the stage
+    hands on), else `state`; `model` is None, or for a reparameterised PEFT run, whose
+    best/ holds the folded prefixes/prompts, the folded model's `(graphdef, shardings)`.
+    Every stage's figures after training are of this state: the checkpoint it hands on."""
+    if not cfg.train.keep_best:
+        return state, None
+    best = Checkpointer(best_dir(run_dir), async_save=False)
+    try:
+        step = best.latest_step()
+        if step is not None and best.read_meta(step).get("peft_folded"):
+            graphdef, folded, shardings = restore_folded(
+                best, step, start.graphdef, state, trainable_filter(cfg.peft), mesh,
+                cfg.mesh.rules,
+            )  # fmt: skip
+            return folded, (graphdef, shardings)
+        found = restore_latest(best, state, start.shardings)
+        return (state if found is None else found[0]), None
+    finally:
+        best.close()
 
 
 def best_figures(last: dict[str, Any]) -> dict[str, Any]:

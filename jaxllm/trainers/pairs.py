@@ -19,16 +19,13 @@ from jaxllm.data.preference import (
     open_pairs,
 )
 from jaxllm.errors import ConfigError
-from jaxllm.trainers.checkpoint_model import restore_folded, trainable_filter
 from jaxllm.trainers.lm import (
-    best_dir,
     best_figures,
+    best_state,
     loop_spec,
     output_checkpoint,
     param_figures,
-    restore_latest,
 )
-from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.state import to_global
@@ -157,28 +154,6 @@ def train_pairs(
     plot = plot_losses(run_dir.path / "metrics.jsonl", run_dir.path / "loss.png", cfg.name)
     summary = stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path)
     return {**param_figures(start_point, run_dir.path), **summary}, last
-
-
-def best_state(cfg, run_dir: Path, start, state, mesh):
-    """`(state, model)`: with `train.keep_best`, the best evaluation's state (what the stage
-    hands on), else `state`; `model` is None, or for a reparameterised PEFT run, whose
-    best/ holds the folded prefixes/prompts, the folded model's `(graphdef, shardings)`
-    (as classify's `_best_state`)."""
-    if not cfg.train.keep_best:
-        return state, None
-    best = Checkpointer(best_dir(run_dir), async_save=False)
-    try:
-        step = best.latest_step()
-        if step is not None and best.read_meta(step).get("peft_folded"):
-            graphdef, folded, shardings = restore_folded(
-                best, step, start.graphdef, state, trainable_filter(cfg.peft), mesh,
-                cfg.mesh.rules,
-            )  # fmt: skip
-            return folded, (graphdef, shardings)
-        found = restore_latest(best, state, start.shardings)
-        return (state if found is None else found[0]), None
-    finally:
-        best.close()
 
 
 def stage_summary(cfg, start, last, before, after, plot, run_dir, tok_path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from jaxllm.trainers.continued import (
 from jaxllm.trainers.held_out import make_evaluator, unigram_cross_entropy
 from jaxllm.trainers.lm import (
     best_figures,
+    best_state,
     checkpoint_dir,
     keep_tokenizer,
     kernel_choices,
@@ -38,7 +39,6 @@ from jaxllm.trainers.lm import (
     resolve_model,
     restore_or_init,
 )
-from jaxllm.trainers.pairs import best_state
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
 from jaxllm.training.metrics import plot_losses

@@ -30,6 +30,7 @@ from jaxllm.trainers import data_file
 from jaxllm.trainers.held_out import make_evaluator
 from jaxllm.trainers.lm import (
     best_figures,
+    best_state,
     checkpoint_dir,
     init_from_checkpoint,
     kernel_choices,
@@ -41,7 +42,6 @@ from jaxllm.trainers.lm import (
     restore_or_init,
     stage_tokenizer,
 )
-from jaxllm.trainers.pairs import best_state
 from jaxllm.trainers.rewards import final_answer
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.loop import run_loop
