@@ -37,8 +37,10 @@ class Group:
         n: int = 2,
         devices: int = 4,
         extra: dict[int, list[str]] | None = None,
+        module: str = "",
     ) -> None:
-        """`extra[i]`: arguments only process `i` gets (to make processes disagree)."""
+        """`extra[i]`: arguments only process `i` gets (to make processes disagree);
+        `module`: run `python -m module ARGS` instead of jaxllm.main under the write audit."""
         logs.mkdir(parents=True, exist_ok=True)
         self.logs, self.n = logs, n
         port = free_port()
@@ -54,7 +56,8 @@ class Group:
                 "JAX_PROCESS_ID": str(i),
             }
             out = (logs / f"out{i}.txt").open("a")
-            cmd = [sys.executable, "-m", "tests.audit_writes", str(logs / f"writes{i}.jsonl")]
+            audit = ["tests.audit_writes", str(logs / f"writes{i}.jsonl")]
+            cmd = [sys.executable, "-m", *([module] if module else audit)]
             self.procs.append(
                 subprocess.Popen(
                     [*cmd, *args, *(extra or {}).get(i, [])],

@@ -4,47 +4,19 @@ by its global row (`Sampler`'s `row_ids`), so the run's rewards, losses and KL e
 process × 8 devices', and a two-process run killed after a checkpoint resumes on ONE
 process to the same figures."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from jaxllm.trainers.envs import ENVS
-from tests.multiprocess import ROOT, Group, free_port
+from tests.multiprocess import Group
 from tests.rl.env_worker import EveryWordEnv
 from tests.rl.test_multiprocess_rl import close, figures
 
 CONFIG = "configs/tiny_grpo_tool.yaml"
+WORKER = "tests.rl.env_worker"  # jaxllm.main with the every_word env
 
 pytestmark = pytest.mark.slow
-
-
-class EnvGroup(Group):
-    """`Group`'s processes running tests.rl.env_worker (jaxllm.main with `every_word`)."""
-
-    def __init__(self, args: list[str], logs: Path, n: int = 2, devices: int = 4) -> None:
-        logs.mkdir(parents=True, exist_ok=True)
-        self.logs, self.n, port = logs, n, free_port()
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.rl.env_worker", *args],
-                cwd=ROOT,
-                env={
-                    **os.environ,
-                    "PYTHONPATH": str(ROOT),
-                    "JAX_PLATFORMS": "cpu",
-                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                    "JAX_NUM_PROCESSES": str(n),
-                    "JAX_PROCESS_ID": str(i),
-                },  # fmt: skip
-                stdout=(logs / f"out{i}.txt").open("a"),
-                stderr=subprocess.STDOUT,
-            )
-            for i in range(n)
-        ]
 
 
 def args(ckpt: Path, out: Path) -> list[str]:
@@ -62,7 +34,7 @@ def test_two_process_episodes_draw_like_one_and_resume_on_one(tiny_ckpt, tmp_pat
     from jaxllm.main import main
 
     two = tmp_path / "two"
-    EnvGroup(args(tiny_ckpt, two), tmp_path / "logs").wait(timeout=400)
+    Group(args(tiny_ckpt, two), tmp_path / "logs", module=WORKER).wait(timeout=400)
     monkeypatch.setitem(ENVS, "every_word", EveryWordEnv)
     one = tmp_path / "one"
     assert main(args(tiny_ckpt, one)) == 0
@@ -70,7 +42,7 @@ def test_two_process_episodes_draw_like_one_and_resume_on_one(tiny_ckpt, tmp_pat
     close(figures(two), figures(one))
 
     killed = tmp_path / "killed"
-    EnvGroup(args(tiny_ckpt, killed), tmp_path / "l1").kill_when(killed / "resume/1")
+    Group(args(tiny_ckpt, killed), tmp_path / "l1", module=WORKER).kill_when(killed / "resume/1")
     assert not (killed / "summary.json").exists(), "the run finished before it was killed"
     assert main(args(tiny_ckpt, killed)) == 0  # resumed on one process
     close(figures(killed), figures(one))

@@ -25,6 +25,7 @@ from jaxllm.trainers.rollout import logprob_gap, stop_ids
 from jaxllm.training.state import to_global
 
 from .conftest import rl_config
+from .env_worker import EveryWordEnv
 
 
 def _tree(rng: random.Random, depth: int) -> tuple[str, int]:
@@ -261,23 +262,6 @@ def test_tool_call_completed_by_a_merged_token_reaches_the_env():
     np.testing.assert_allclose(ro.batch["sampler_logp"][0, len(prompt) - 1 : n - len(obs) - 1],
                                logps[:k], rtol=1e-6)  # fmt: skip
     assert ro.texts[0] == "<tool>17+25</tool><<result>42</result>"
-
-
-class EveryWordEnv:
-    """A test environment whose stop string a random tiny model writes often (a space), so
-    its rollouts have several turns: answers each turn with a fixed observation."""
-
-    stop = " "
-
-    def __init__(self):
-        self.steps = 0
-
-    def reset(self, record):
-        return "<result>"
-
-    def step(self, text):
-        self.steps += 1
-        return "<result>7</result>", 1.0, False
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
