@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from jaxllm.config import from_dict, read_yaml, replace
 from jaxllm.config.peft import PeftConfig
 from jaxllm.trainers import run_stage
@@ -32,6 +34,7 @@ def stored_meta(ckpt: Path, step: int) -> dict:
     return json.loads((ckpt / str(step) / "meta" / "metadata").read_text())
 
 
+@pytest.mark.slow  # 19 s: a chain of real runs; path resolution stays fast below
 def test_moved_run_tree_loads_from_another_cwd(tmp_path, tok, monkeypatch):
     made, moved, elsewhere = tmp_path / "made", tmp_path / "moved", tmp_path / "elsewhere"
     for d in (made, moved, elsewhere):

@@ -99,6 +99,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow  # 27 s; exact resume stays fast in the stage tests (sft, dpo, early stopping)
 def test_sigkill_then_resume_reproduces_losses(prepared, tmp_path):
     full = tmp_path / "full"
     subprocess.run(
