@@ -53,6 +53,19 @@ def np_seq_logprobs(model, batch, average):
     return seq.reshape(-1, 2)
 
 
+def np_margins(val, template, policy, reference, beta: float, average: bool) -> np.ndarray:
+    """beta ((pi_c - ref_c) - (pi_r - ref_r)) per pair of `val`, in numpy, from the two
+    checkpoints (sequence log-probs summed, or `average`d over each answer's tokens)."""
+    records = PreferenceRecords([val])
+    feats = [pair_features(records[i], template, 64) for i in range(len(records))]
+    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+    batch = {k: np.stack([f[k] for f in feats]) for k in keys}
+    mesh = make_mesh(MeshConfig())
+    pi, ref = (np_seq_logprobs(nnx.merge(*load_frozen_model(p, mesh, "dp")[:2]), batch, average)
+               for p in (policy, reference))  # fmt: skip
+    return beta * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))
+
+
 def np_dpo(pi, ref, d: DPOConfig, w):
     h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
     ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
@@ -141,15 +154,8 @@ def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt, template):
     assert [m["step"] for m in metrics if "eval_dpo_margin" in m] == [2, 4]
     # held-out dpo_margin is the training metric's quantity, beta h (TRL's rewards/margins):
     # recomputed in numpy from the handed-on policy and the reference checkpoint
-    records = PreferenceRecords([val])
-    feats = [pair_features(records[i], template, 64) for i in range(len(records))]
-    batch = {k: np.stack([f[k] for f in feats]) for k in ("tokens", "targets", "loss_mask",
-                                                          "segment_ids", "positions")}  # fmt: skip
-    mesh = make_mesh(MeshConfig())
-    pi, ref = (np_seq_logprobs(nnx.merge(*load_frozen_model(path, mesh, "dp")[:2]), batch, False)
-               for path in (tmp_path / "dpo/checkpoints", tiny_ckpt))  # fmt: skip
-    margin = 0.1 * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))  # beta 0.1 (tiny_dpo)
-    assert cfg.dpo.beta == 0.1
+    assert cfg.dpo.beta == 0.1  # tiny_dpo's
+    margin = np_margins(val, template, tmp_path / "dpo/checkpoints", tiny_ckpt, 0.1, False)
     assert summary["dpo_margin_after"] == pytest.approx(margin.mean(), abs=2e-4)
     wins = (margin > 0) + 0.5 * (margin == 0)
     assert summary["dpo_accuracy_after"] == pytest.approx(wins.mean(), abs=1e-3)
@@ -170,19 +176,9 @@ def test_ipo_held_out_margin_is_of_length_averaged_logprobs(tmp_path, tiny_ckpt,
                        train={"steps": 1, "eval_every": 1, "checkpoint_every": 1,
                               "optim": {"lr": 1e-2}})  # fmt: skip
     summary = run_stage(dpo, cfg)
-    records = PreferenceRecords([val])
-    feats = [pair_features(records[i], template, 64) for i in range(len(records))]
-    batch = {k: np.stack([f[k] for f in feats]) for k in ("tokens", "targets", "loss_mask",
-                                                          "segment_ids", "positions")}  # fmt: skip
-    mesh = make_mesh(MeshConfig())
-    pi, ref = (np_seq_logprobs(nnx.merge(*load_frozen_model(path, mesh, "dp")[:2]), batch, True)
-               for path in (tmp_path / "ipo/checkpoints", tiny_ckpt))  # fmt: skip
-    margin = cfg.dpo.beta * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))
-    summed = [np_seq_logprobs(nnx.merge(*load_frozen_model(p, mesh, "dp")[:2]), batch, False)
-              for p in (tmp_path / "ipo/checkpoints", tiny_ckpt)]  # fmt: skip
-    other = cfg.dpo.beta * (
-        (summed[0][:, 0] - summed[1][:, 0]) - (summed[0][:, 1] - summed[1][:, 1])
-    )
+    policy, beta = tmp_path / "ipo/checkpoints", cfg.dpo.beta
+    margin = np_margins(val, template, policy, tiny_ckpt, beta, average=True)
+    other = np_margins(val, template, policy, tiny_ckpt, beta, average=False)
     assert abs(other.mean() - margin.mean()) > 1e-3  # the two definitions differ here
     assert summary["dpo_margin_after"] == pytest.approx(margin.mean(), abs=2e-4)
     wins = (margin > 0) + 0.5 * (margin == 0)
