@@ -10,6 +10,7 @@ import sys
 
 from jaxllm.config import load_config
 from jaxllm.errors import JaxllmError
+from jaxllm.training.preemption import Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except JaxllmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return Preempted.exit_code
     except KeyboardInterrupt:
         print("interrupted: the run can be resumed with the same command", file=sys.stderr)
         return 130

@@ -53,6 +53,7 @@ from jaxllm.trainers.rollout import (
     make_scoring_pass,
     stop_ids,
 )
+from jaxllm.training.preemption import Preempted, PreemptionWatch, stop_message
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -234,22 +235,40 @@ def run_iterations(
     writer = MetricsWriter(Path(run_dir), resume_step=start)
     bar = tqdm(total=s.iterations, initial=start, desc=f"{cfg.stage} {cfg.name}",
                disable=not cfg.progress)  # fmt: skip
+    preemption = PreemptionWatch()
     try:
+        preemption.install()
         for it in range(start + 1, s.iterations + 1):
             t0 = time.perf_counter()
             state, last = iteration(state, rng, it, clock)
             clock["wall"] = clock.get("wall", 0.0) + time.perf_counter() - t0
+            preempted = preemption.reached(it)  # every process, every iteration
             writer.write(it, last)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
-            if it == s.iterations or (s.checkpoint_every and it % s.checkpoint_every == 0):
+            due = it == s.iterations or (s.checkpoint_every and it % s.checkpoint_every == 0)
+            # asynchronous rollouts: the host RNG has already drawn for iterations ahead, so
+            # only a segment's end is a state a rerun repeats exactly; keep the last one
+            if due or (preempted and not s.max_staleness):
                 meta = {  # copies: the save is async and the loop goes on
                     "iteration": it, "rng": rng.bit_generator.state, "clock": dict(clock),
                     "last": dict(last), "before": before,
                     "extra": extra.get_state() if extra is not None else {},
                 }  # fmt: skip
                 ckpt.save(it, state, meta)
+            if preempted:
+                ckpt.wait()
+                kept = ckpt.latest_step()
+                why = "; with max_staleness only a checkpoint_every iteration is exact to resume"
+                if kept == it:
+                    saved = f"state saved to {resume_path(run_dir)}/{it}"
+                elif kept:
+                    saved = f"the rerun goes on from {resume_path(run_dir)}/{kept}{why}"
+                else:
+                    saved = f"no checkpoint yet, the rerun starts over{why}"
+                raise Preempted(stop_message("iteration", it, saved))
     finally:
+        preemption.remove()
         bar.close()
         writer.close()
         ckpt.close()

@@ -13,6 +13,9 @@ are left out. The clock reads the host time where the loop syncs anyway.
 
 With many processes every one runs this loop in lock step (the same steps, evals and saves:
 each is a collective); process 0 alone shows progress and writes metrics.
+
+On a preemption notice (SIGTERM; `preemption.py`) a loop with a checkpointer saves the step
+it is at and raises `Preempted`; the rerun resumes from that step exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tqdm import tqdm
 from jaxllm.errors import JaxllmError
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsWriter, plain_value
+from jaxllm.training.preemption import Preempted, PreemptionWatch, stop_message
 from jaxllm.training.state import TrainState
 
 
@@ -124,13 +128,17 @@ def run_loop(
         spec.watch.load(meta.get("watch"))
     end = start if meta.get("stopped_early") else spec.total_steps  # it stopped: no more steps
     clock = _Clock(spec)
+    preemption = PreemptionWatch(enabled=checkpointer is not None)
     try:
+        preemption.install()
         for step in range(start + 1, end + 1):
             batch = spec.to_device(next(spec.batches))
             state, metrics = spec.step_fn(state, batch)
+            preempted = preemption.reached(step)  # every process, every step
             if pending is not None:  # read the previous step while this one runs
                 last = _log(spec, writer, bar, clock, *pending) or last
             pending = (step, metrics)
+            saved = False
             if _due(step, spec.checkpoint_every, spec.total_steps) or _due(
                 step, spec.eval_every, spec.total_steps
             ):
@@ -142,10 +150,21 @@ def run_loop(
                 if checkpointer and (stop or _due(step, spec.checkpoint_every, spec.total_steps)):
                     writer.flush()  # every row up to the checkpoint on disk before it exists
                     _save(spec, checkpointer, state, step, final=stop)
+                    saved = True
                 if stop:
                     last["stopped_early_at"] = step
                     break
                 clock.restart()  # the evaluation and the save are no training time
+            if preempted and checkpointer:
+                if pending is not None:
+                    _log(spec, writer, bar, clock, *pending, force=True)
+                if not saved:
+                    writer.flush()
+                    _save(spec, checkpointer, state, step)
+                checkpointer.wait()
+                raise Preempted(
+                    stop_message("step", step, f"checkpoint {checkpointer.directory}/{step}")
+                )
         if pending is not None:
             last = _log(spec, writer, bar, clock, *pending, force=True) or last
         if start >= end:
@@ -157,6 +176,7 @@ def run_loop(
             if meta.get("stopped_early"):
                 last["stopped_early_at"] = start
     finally:
+        preemption.remove()
         bar.close()
         writer.close()
         for ckpt in (checkpointer, spec.watch and spec.watch.best):

@@ -4,7 +4,9 @@ surfacing in the learner's thread, and the stage end to end on the tiny model (t
 each rollout was sampled with, determinism, resume equality, an error in the producer)."""
 
 import json
+import os
 import shutil
+import signal
 import threading
 
 import jax
@@ -16,6 +18,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
 from jaxllm.trainers import grpo, ppo, rl_async, rl_iteration
 from jaxllm.trainers.rl_async import RolloutPipeline, RolloutTimeout, staleness
+from jaxllm.training.preemption import Preempted
 
 from .conftest import rl_config
 
@@ -224,3 +227,29 @@ def test_async_ppo(tmp_path, tiny_ckpt, monkeypatch):
     assert [r["staleness"] for r in rows] == [0, 1, 1] and summary["steps"] == 3
     assert all(r["logprob_gap"] < 1e-4 for r in rows)
     assert rows[1]["policy_shift"] > 1e-3 and abs(rows[1]["tis_weight"] - 1) > 1e-4
+
+
+@pytest.mark.slow
+def test_async_sigterm_keeps_the_last_checkpoint(tmp_path, tiny_ckpt, monkeypatch):
+    """With rollouts drawn ahead, a preemption notice between checkpoints saves nothing new
+    (the host RNG is already past the iteration): the run stops at once and goes on from its
+    last checkpoint, repeating the uninterrupted run."""
+    sec = dict(iterations=4, max_staleness=1, checkpoint_every=2)
+    _, rows = _run(grpo, _cfg(tiny_ckpt, tmp_path / "a", **sec))
+    calls = []
+
+    def reward(text, row):  # scored in the producer thread: iteration 3's first row
+        calls.append(1)
+        if len(calls) == 8 * 2 + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 0.0
+
+    cfg = _cfg(tiny_ckpt, tmp_path / "b", **sec)
+    with monkeypatch.context() as m:
+        m.setattr(grpo, "arithmetic", reward)
+        with pytest.raises(Preempted, match=r"the rerun goes on from .*resume/2;"):
+            _run(grpo, cfg)
+    assert sorted(p.name for p in (tmp_path / "b/resume").iterdir()) == ["2"]
+    resumed, again = _run(grpo, cfg)
+    assert resumed["resumed_from_iteration"] == 2
+    _same(rows, again)

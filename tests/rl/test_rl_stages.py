@@ -5,7 +5,9 @@ the frozen reference stays bit-identical while the policy moves."""
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -20,6 +22,7 @@ from jaxllm.trainers.lm import load_checkpoint_model
 from jaxllm.trainers.rl_iteration import rl_iteration
 from jaxllm.trainers.rl_loop import local_scores, setup_stage
 from jaxllm.trainers.rollout import logprob_gap, sample_rollouts, stop_ids
+from jaxllm.training.preemption import Preempted
 from jaxllm.training.state import to_global
 
 from ..conftest import split_over_devices
@@ -201,3 +204,24 @@ def test_ppo_with_qlora_saves_the_dequantised_merged_policy(tmp_path, tiny_ckpt)
         meta["config"]["quantize"]["method"] == "none"
         and meta["config"]["peft"]["method"] == "none"
     )
+
+
+def test_grpo_sigterm_saves_the_iteration_and_the_rerun_goes_on(tmp_path, tiny_ckpt, monkeypatch):
+    """A preemption notice during iteration 1 of 2 (no scheduled checkpoint before the last):
+    the run saves iteration 1's resume state and stops; the same config goes on from it."""
+    sent = []
+
+    def reward(text, row):  # grpo's accuracy rule, called while iteration 1 is scored
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return 0.0
+
+    monkeypatch.setattr(grpo, "arithmetic", reward)
+    sec = dict(SMALL, prompts_per_iteration=2, group_size=4, minibatch_size=8, epochs=1)
+    cfg = rl_config("grpo", tiny_ckpt, tmp_path / "g", **dict(sec, eval_examples=0))
+    with pytest.raises(Preempted, match=r"after iteration 1: state saved to .*resume/1;"):
+        _run(grpo, cfg)
+    assert sorted(p.name for p in (tmp_path / "g/resume").iterdir()) == ["1"]
+    assert [json.loads(x)["step"] for x in (tmp_path / "g/metrics.jsonl").open()] == [1]
+    assert not (tmp_path / "g/checkpoints").exists()
+    assert _run(grpo, cfg)["resumed_from_iteration"] == 1

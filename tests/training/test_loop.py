@@ -1,8 +1,10 @@
 """The training loop's reporting, on a fake device with a fake clock: rates time the training
 steps alone (no compile, evaluation or save in them) and the loop still reads each step's
 result only after the next is queued; every logged row is on disk, TensorBoard's too, before
-a checkpoint is written."""
+a checkpoint is written. A SIGTERM makes the loop save the step it is at and stop."""
 
+import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from jaxllm.training import loop as loop_mod
 from jaxllm.training.loop import LoopSpec, run_loop
 from jaxllm.training.metrics import read_metrics
+from jaxllm.training.preemption import Preempted
 from tests.training.test_metrics import tb_scalars
 
 STEP_S, COMPILE_S, EVAL_S, SAVE_S = 1.0, 50.0, 100.0, 7.0
@@ -58,6 +61,7 @@ class Result:
 class FakeCheckpointer:
     def __init__(self, device, run_dir):
         self.device, self.run_dir, self.on_disk = device, run_dir, {}
+        self.directory = run_dir / "checkpoints"
 
     def save(self, step, state, meta, data=None):
         # what a run killed right now would have left, then the save's own time
@@ -117,3 +121,29 @@ def test_an_interval_of_the_first_step_alone_has_no_rates(tmp_path, monkeypatch)
     assert rows[0]["first_step_time"] == pytest.approx(COMPILE_S + STEP_S)
     assert "tokens_per_s" not in rows[0] and "step_time" not in rows[0]
     assert [r["tokens_per_s"] for r in rows[1:]] == pytest.approx([8 / STEP_S] * 2)
+
+
+@pytest.mark.parametrize("at", [7, 15])  # between checkpoints; at a checkpoint step
+def test_sigterm_saves_the_step_it_arrives_in_and_stops(tmp_path, monkeypatch, at):
+    dev = FakeDevice()
+    monkeypatch.setattr(loop_mod, "_now", lambda: dev.host)
+
+    def step(state, batch):
+        if state.step + 1 == at:  # the notice arrives while step `at` is dispatched
+            os.kill(os.getpid(), signal.SIGTERM)
+        return dev.step(state, batch)
+
+    spec = LoopSpec(
+        step_fn=step, batches=iter(lambda: {}, None), to_device=lambda b: b,
+        total_steps=30, log_every=5, checkpoint_every=15, progress=False,
+    )  # fmt: skip
+    ckpt = FakeCheckpointer(dev, tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match=rf"after step {at}: checkpoint .*checkpoints/{at};"):
+        run_loop(spec, State(0), ckpt, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the loop's alone
+    assert list(ckpt.on_disk) == [at]  # saved once, at that step, and no step after it ran
+    assert dev.dispatched == at
+    tb, jsonl = ckpt.on_disk[at]
+    expect = sorted({s for s in (5, 10, 15) if s <= at} | {at})
+    assert tb == expect and jsonl == expect, (tb, jsonl)

@@ -1,9 +1,13 @@
 """`stage: pretrain` on two real processes × 4 CPU devices (joined by `jax.distributed` from
 the environment, gloo collectives) on an fsdp × tensor mesh: the same losses as one process
 × 8 devices reading the same global batches; only process 0 writes the run files; each
-process saves its own data position and a run killed on both resumes exactly."""
+process saves its own data position; a run killed on both resumes exactly, and a SIGTERM to
+one process stops both at one saved step."""
 
 import json
+import re
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +104,25 @@ def test_two_processes_train_like_one_and_only_process_0_writes(
     assert err.count("\n") == 0 and "saved by 2 processes, this run has 1" in err, err
 
 
+LONG = {"train.steps": 60, "train.checkpoint_every": 5, "train.eval_every": 30}
+
+
+@pytest.fixture(scope="module")
+def full(data_dir, tok, tmp_path_factory) -> Path:
+    """The uninterrupted 60-step pair the interrupted ones are compared with."""
+    out = tmp_path_factory.mktemp("full")
+    Group(
+        main_args(CONFIG, out / "run", settings(data_dir, tok, out / "run", **LONG)), out / "l"
+    ).wait()
+    return out / "run"
+
+
 @pytest.mark.slow
-def test_two_processes_killed_together_resume_exactly(data_dir, tok, tmp_path):
+def test_two_processes_killed_together_resume_exactly(data_dir, tok, full, tmp_path):
     """SIGKILL both processes after a checkpoint; the restarted pair resumes each from its
     own data position and logs the uninterrupted pair's losses."""
-    sets = {"train.steps": 60, "train.checkpoint_every": 5, "train.eval_every": 30}
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    Group(main_args(CONFIG, full, settings(data_dir, tok, full, **sets)), tmp_path / "l0").wait()
+    sets = LONG
+    killed = tmp_path / "killed"
     args = main_args(CONFIG, killed, settings(data_dir, tok, killed, **sets))
     Group(args, tmp_path / "l1").kill_when(killed / "checkpoints/10")
     assert not (killed / "summary.json").exists(), "the run finished before it was killed"
@@ -116,6 +132,38 @@ def test_two_processes_killed_together_resume_exactly(data_dir, tok, tmp_path):
     assert 10 <= resumed < 60
     for key in ("loss", "eval_loss"):
         a, b = series(full, key), series(killed, key)
+        assert sorted(a) == sorted(b)
+        np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(data_dir, tok, full, tmp_path):
+    """A preemption notice reaches one host: jax's preemption service agrees a step with the
+    other, both save it (each its own data position) and exit 143; the rerun pair resumes
+    there and logs the uninterrupted pair's losses."""
+    run = tmp_path / "run"
+    args = main_args(
+        CONFIG, run, settings(data_dir, tok, run, **{**LONG, "train.checkpoint_every": 50})
+    )
+    group = Group(args, tmp_path / "l1")
+    deadline = time.time() + 300
+    while (
+        time.time() < deadline
+        and max(series(run, "loss") if (run / "metrics.jsonl").exists() else [0]) < 12
+    ):
+        time.sleep(0.05)
+    group.procs[1].send_signal(signal.SIGTERM)
+    outs = group.wait(timeout=120, code=143)
+    stops = [re.findall(r"preempted \(SIGTERM\) after step (\d+)", o) for o in outs]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, outs
+    stop = int(stops[0][0])
+    assert 12 <= stop < 50
+    saved = sorted(p.name for p in (run / f"checkpoints/{stop}/data").glob("process_*"))
+    assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
+    outs = Group(args, tmp_path / "l2").wait()
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == stop
+    for key in ("loss", "eval_loss"):
+        a, b = series(full, key), series(run, key)
         assert sorted(a) == sorted(b)
         np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
 

@@ -1,5 +1,5 @@
-"""`stage: pretrain` as a user runs it: resume after SIGKILL reproduces the uninterrupted
-run's losses, a diverging run stops naming the step, a checkpoint of another model is refused."""
+"""`stage: pretrain` as a user runs it: resume after SIGKILL, or after a SIGTERM that saves
+the step it arrives in, reproduces the uninterrupted run's losses, a diverging run stops naming the step, a checkpoint of another model is refused."""
 
 import json
 import os
@@ -99,12 +99,18 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.slow  # 27 s; exact resume stays fast in the stage tests (sft, dpo, early stopping)
-def test_sigkill_then_resume_reproduces_losses(prepared, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def full(prepared, tmp_path_factory):
+    """The uninterrupted 80-step run the interrupted ones are compared with."""
+    out = tmp_path_factory.mktemp("full") / "run"
     subprocess.run(
-        pretrain_cmd(prepared, full), cwd=ROOT, env=env1(), check=True, capture_output=True
+        pretrain_cmd(prepared, out), cwd=ROOT, env=env1(), check=True, capture_output=True
     )
+    return out
+
+
+@pytest.mark.slow  # 27 s; exact resume stays fast in the stage tests (sft, dpo, early stopping)
+def test_sigkill_then_resume_reproduces_losses(prepared, full, tmp_path):
     summary = json.loads((full / "summary.json").read_text())
     assert summary["val_loss"] < summary["unigram_val_loss"] + 1.0
     assert (full / "loss.png").stat().st_size > 1000
@@ -127,6 +133,41 @@ def test_sigkill_then_resume_reproduces_losses(prepared, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 81))
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
     assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] >= 20
+
+
+@pytest.mark.slow  # 20 s: two runs beside the shared uninterrupted one
+def test_sigterm_saves_where_it_is_and_the_rerun_resumes_exactly(prepared, full, tmp_path):
+    """A preemption notice between checkpoints (every 10 steps) loses no step: the run saves
+    the step it is at, exits 143, and the same command goes on from there."""
+    run = tmp_path / "run"
+    cmd = pretrain_cmd(prepared, run)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env1(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline
+        and max(losses(run) if (run / "metrics.jsonl").exists() else [0]) < 13
+    ):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    stop = saved[-1]
+    assert 13 <= stop < 80 and stop % 10, saved  # not a scheduled checkpoint: its own
+    line = err.strip().splitlines()[-1]
+    assert (
+        line.startswith(f"preempted (SIGTERM) after step {stop}: checkpoint ") and "resume" in line
+    )
+    assert max(losses(run)) == stop  # every step it trained is logged, none after
+    assert not (run / "summary.json").exists()
+    done = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == stop
+    a, b = losses(full), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 81))
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
 
 
 def test_divergence_stops_naming_the_step(prepared, tmp_path, capsys):

@@ -1,0 +1,94 @@
+"""Saving on a preemption notice: a training loop that is told to stop (SIGTERM, what a spot
+VM, a TPU maintenance event, SLURM or Kubernetes send before they kill a job) saves a
+checkpoint at the next step and exits, so a rerun of the same command loses nothing.
+
+One process: a SIGTERM handler (installed by `PreemptionWatch` for the loop's duration, on the
+main thread) sets a flag the loop reads once per step; no device sync. Many processes (or any
+run that joined `jax.distributed`): jax's preemption service catches SIGTERM in whichever
+process gets it and agrees with the others on one step to stop at
+(`multihost_utils.reached_preemption_sync_point`, called by every process at every step), so
+every process saves the same step, as the collective checkpoint needs.
+
+A run preempted this way raises `Preempted`; `python -m jaxllm.main` prints where the
+checkpoint is and exits with 143 (128 + SIGTERM), so a scheduler sees a terminated job.
+(jax is imported only when used: `python -m jaxllm.main` imports this module before it
+reads the config.)
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+
+class Preempted(Exception):
+    """The run stopped on a preemption notice after saving a checkpoint (or, where it could
+    not save one exactly, keeping the last one); rerunning the same command resumes it."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _distributed() -> bool:
+    from jax._src import distributed  # the public API has no "is the client up" query
+
+    return distributed.global_state.client is not None
+
+
+class PreemptionWatch:
+    """`with PreemptionWatch() as watch:` ... `if watch.reached(step): save and raise`.
+
+    `reached(step)` must be called at every step by every process (steps counting up from
+    the same start on all of them); it is True at the step the run should save and stop."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.notice: str | None = None  # the signal's name, once one arrived (one process)
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> PreemptionWatch:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def install(self) -> None:
+        # With jax.distributed up, jax's own notifier owns SIGTERM (and a Python handler would
+        # take it away from the other processes' agreement); off the main thread Python cannot
+        # install a handler: the signal then keeps its old meaning.
+        if (
+            self.enabled
+            and not _distributed()
+            and threading.current_thread() is threading.main_thread()
+        ):
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+
+    def remove(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        self.notice = signal.Signals(signum).name
+
+    def reached(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if _distributed():
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.notice is not None
+
+
+def stop_message(what: str, step: int, saved: str) -> str:
+    """The line `Preempted` carries: which step, what was saved, how to go on."""
+    import jax
+
+    return (
+        f"preempted (SIGTERM) after {what} {step}: {saved}; run the same command again to "
+        f"resume{'' if jax.process_count() == 1 else ' (on every process)'}"
+    )
