@@ -142,6 +142,9 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+
+
 def _peft_model(
     ckpt_dir: Path, step: int, meta: dict, run_cfg, mesh, rules: str, wrap: Wrap | None,
     arch: str = "decoder",
@@ -162,7 +165,15 @@ def _peft_model(
 
         bg, bstate = load_encoder_model(Path(base), mesh, rules).encoder()
     else:
-        bg, bstate, _, _ = load_checkpoint_model(Path(base), mesh, rules, arch=arch)
+        bg, bstate, bm, _ = load_checkpoint_model(Path(base), mesh, rules, arch=arch)
+        for key in SHAPE_KEYS:  # the base replaced since (e.g. re-imported other chat tokens)
+            want, got = meta["model"].get(key), getattr(bm, key)
+            if want is not None and want != got:
+                raise ConfigError(
+                    f"{ckpt_dir}/{step}: its base {base} now has model.{key} {got}, this "
+                    f"{name} run was trained on {want}: the base changed since (an import "
+                    "redone with other hf.chat_tokens?); put back the base it was trained on"
+                )
     model = nnx.merge(bg, bstate)
     left = merge_peft(model)
     if left:

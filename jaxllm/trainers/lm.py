@@ -326,10 +326,14 @@ def _qlora_base(cfg: Config, model: nnx.Module, mesh) -> nnx.Module:
     if not (cfg.quantize.enabled or is_quantized(model)):
         return model
     if not cfg.peft.enabled:
+        if is_quantized(model):  # the checkpoint itself: quantize.method cannot undo it
+            why = (f"inputs.checkpoint {cfg.inputs.checkpoint} is quantised (stage: quantize); "
+                   "train its float source instead")  # fmt: skip
+        else:
+            why = f"quantize.method {cfg.quantize.method} makes it so; or set quantize.method: none"
         raise ConfigError(
-            "config key 'peft.method': a quantised base (quantize.method "
-            f"{cfg.quantize.method}, or a quantised inputs.checkpoint) has int weights that "
-            "cannot train; set peft.method: lora (QLoRA) or quantize.method: none"
+            "config key 'peft.method': a quantised base has int weights that cannot train: set "
+            f"peft.method: lora (QLoRA), or {why}"
         )
     return quantize_loaded(model, cfg.quantize, mesh, cfg.mesh.rules)
 

@@ -1,14 +1,17 @@
 """LoRA through `stage: sft`: only adapters train and are saved, the base stays bit-identical,
 an adapter-only checkpoint restores onto a fresh base, and `merge_lora` matches it."""
 
+import json
 import shutil
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxllm.config import replace
 from jaxllm.config.peft import PeftConfig
+from jaxllm.errors import ConfigError
 from jaxllm.models.lora import merge_lora
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers.lm import load_checkpoint_model
@@ -56,3 +59,16 @@ def test_lora_sft_adapters_only(tmp_path, tok, tiny_ckpt):
     again = run_sft(cfg)
     assert again["resumed_from_step"] == 2
     assert again["final_train_loss"] == summary["final_train_loss"]
+
+    # the base replaced since by another model (an import redone with other chat tokens):
+    # named in one line, not a shape error deep in the restore
+    meta_file = tmp_path / "lora/checkpoints/4/meta/metadata"
+    meta = json.loads(meta_file.read_text())
+    vocab = meta["model"]["vocab_size"]
+    meta["model"]["vocab_size"] = vocab + 6
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(
+        ConfigError,
+        match=rf"now has model.vocab_size {vocab}, this lora run was trained on {vocab + 6}",
+    ):
+        load_checkpoint_model(tmp_path / "lora/checkpoints", mesh)

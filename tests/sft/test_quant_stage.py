@@ -64,6 +64,10 @@ def test_quantize_stage_checkpoint_and_export_refusal(tmp_path, tok, tiny_ckpt, 
     data = f"inputs.data_dir={tiny_ckpt.parent.parent / 'data'}"
     assert main(args(tmp_path / "q8/checkpoints", tmp_path / "cont", data)) == 2
     assert "holds quantised int weights" in capsys.readouterr().err
+    # and so does full fine-tuning of it, naming the checkpoint (no quantize: section to undo)
+    full = sft_config(tmp_path / "q8/checkpoints", tmp_path / "sft_q8")
+    with pytest.raises(ConfigError, match=r"inputs.checkpoint .*q8/checkpoints is quantised"):
+        run_sft(full)
 
 
 @pytest.mark.slow
