@@ -72,7 +72,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def is_finished(path: Path) -> bool:
-    return (storage_path(path) / "summary.json").is_file()
+    """A jaxllm run that wrote its summary: `summary.json` beside its `config.yaml` (a folder
+    of another tool's that holds a summary.json is no run, and never replaced)."""
+    path = storage_path(path)
+    return (path / "summary.json").is_file() and (path / "config.yaml").is_file()
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -83,6 +83,11 @@ def test_foreign_nonempty_directory_is_refused(tmp_path):
     with pytest.raises(RunDirError, match="holds no jaxllm run"):  # overwrite replaces runs only
         RunDir.open(cfg_at(tmp_path / "r", overwrite=True))
     assert (tmp_path / "r" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "r" / "summary.json").write_text("{}")  # another tool's summary: still no run
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match="holds no jaxllm run"):
+            RunDir.open(cfg_at(tmp_path / "r", overwrite=overwrite))
+    assert (tmp_path / "r" / "precious.txt").read_text() == "keep me"
 
 
 def test_first_difference_reports_nested_key():

@@ -25,7 +25,12 @@ from jaxllm.models.quant import QuantWeight, is_quantized, quant_bytes
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh
 from jaxllm.trainers import require_input
-from jaxllm.trainers.lm import checkpoint_dir, load_frozen_model, quantize_state
+from jaxllm.trainers.lm import (
+    checkpoint_dir,
+    load_frozen_model,
+    quantize_state,
+    stage_tokenizer,
+)
 from jaxllm.training.checkpoint import Checkpointer
 
 
@@ -48,6 +53,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             f"{left[0]}, which cannot be merged into the weights to quantise; quantise its "
             "base and put the method on top (QLoRA), or train with lora"
         )
+    _, tok_path = stage_tokenizer(cfg, meta, m)  # kept here: the run dir loads alone
     float_bytes = quant_bytes(state)["total"]
     graphdef, qstate = quantize_state(graphdef, state, q, mesh, rules)
     del state
@@ -58,7 +64,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     saved_meta = {
         "config": to_dict(cfg),
         "model": to_dict(m),
-        "tokenizer": meta.get("tokenizer", ""),
+        "tokenizer": tok_path,
         "step": step,
         "quantize": to_dict(q),
         "source_checkpoint": str(Path(ckpt_in).absolute()),

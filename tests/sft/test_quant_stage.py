@@ -2,6 +2,8 @@
 scales that load as such (equal to quantising on load), export refuses them (or dequantises on
 request), and `peft: lora` on an int4 base trains only the adapters, the base bit-identical."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -39,6 +41,9 @@ def test_quantize_stage_checkpoint_and_export_refusal(tmp_path, tok, tiny_ckpt, 
     mesh = make_mesh(cfg.mesh)
     g, state, _, meta = load_checkpoint_model(tmp_path / "q8/checkpoints", mesh)
     assert meta["quantize"]["method"] == "int8" and is_quantized(state)
+    # the run keeps its tokenizer, so the folder loads alone once moved
+    assert Path(meta["tokenizer"]).parent.resolve() == (tmp_path / "q8").resolve()
+    assert (tmp_path / "q8/tokenizer.model").read_bytes() == Path(tok.path).read_bytes()
     saved = Checkpointer(tmp_path / "q8/checkpoints", async_save=False)
     step = saved.latest_step()
     names = str(saved.manager.item_metadata(step)["state"])
