@@ -197,3 +197,172 @@ def test_loss_chunk_auto_per_backend_and_explicit_must_divide():
         resolve_loss_chunk(cfg(48), "cpu")
     with pytest.raises(ConfigError, match="loss_chunk"):
         cfg(-2)
+
+
+def _raw(key, value):
+    from jaxllm.config import set_dotted
+
+    raw = {"stage": "data"}
+    set_dotted(raw, key, value)
+    return raw
+
+
+# (dotted key, a value out of range, the bound itself or a value at it, which loads)
+RANGES = [
+    ("generate.batch_size", -1, 1),
+    ("generate.batch_size", 0, 1),
+    ("train.eval_batches", -1, 0),  # 0: the whole validation split
+    ("train.eval_every", -1, 0),  # 0: at the last step only
+    ("train.checkpoint_every", -1, 0),
+    ("train.log_every", 0, 1),
+    ("train.z_loss", -0.1, 0),
+    ("train.early_stopping.min_delta", -1, 0),
+    ("ppo.rollout_batch", 0, 16),
+    ("ppo.rollout_batch", -16, 16),  # divisible by minibatch_size 16: passed before
+    ("ppo.eval_max_new_tokens", 0, 1),
+    ("grpo.eval_max_new_tokens", 0, 1),
+    ("ppo.vf_coef", -1, 0),
+    ("ppo.ent_coef", -1, 0),
+    ("ppo.value_clip", 0, 0.01),
+    ("ppo.value_clip", -1, 0.01),
+    ("seed", -1, 0),
+    ("seed", 2**63, 2**63 - 1),
+    ("model.n_kv_heads", -1, 0),
+    ("model.head_dim", -1, 0),
+    ("model.vocab_size", -1, 0),
+    ("model.type_vocab_size", -1, 0),
+    ("model.max_seq_len", 0, 1),
+    ("model.norm_eps", 0, 1e-12),
+    ("model.init_std", -1, 1e-6),
+    ("model.rope_theta", 0, 1.5),
+    ("model.rope_scaling.factor", 0, 0.5),
+    ("model.rope_scaling.original_max_seq_len", 0, 1),
+    ("mesh.data", 0, -1),
+    ("mesh.tensor", -2, 1),
+    ("tokenizer.num_threads", 0, 1),
+    ("tokenizer.num_threads", 1025, 1024),
+    ("tokenizer.max_sentence_length", 0, 4),
+    ("tokenizer.max_sentence_length", 3, 4),  # a UTF-8 character is up to 4 bytes
+    ("tokenizer.max_train_chars", 0, 1),
+    ("loader.num_threads", -1, 0),
+    ("loader.prefetch", -1, 0),
+    ("eval.samples", -2, -1),  # -1: all
+    ("scaling.bootstrap", 0, 1),
+    ("scaling.eval_batches", -1, 0),
+    ("scaling.aspect", 0, 1),
+    ("scaling.holdout_tokens", 0, 1),
+    ("scaling.tokens", [1000, 0], [1000, 1]),
+    ("scaling.lr", 0, 1e-9),
+    ("mlm.generator_layers", 0, 1),
+    ("mlm.disc_weight", 0, 0.5),
+]
+
+
+@pytest.mark.parametrize(("key", "bad", "good"), RANGES)
+def test_out_of_range_counts_and_sizes_fail_at_load_naming_the_key(key, bad, good):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_raw(key, bad))
+    msg = str(e.value)
+    assert msg.startswith(f"config key '{key}': ") and "\n" not in msg
+    assert f"got {bad}" in msg or f"got {list(bad)}" in msg or f"got {float(bad)}" in msg
+    node = from_dict(_raw(key, good))  # the bound itself loads
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert node == (tuple(good) if isinstance(good, list) else good)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"model": {"rope_scaling": {"type": "llama3", "high_freq_factor": 1.0}}},
+         "model.rope_scaling.high_freq_factor"),  # (hi - lo) divides: 0 gives NaN frequencies
+        ({"mesh": {"data": -1, "fsdp": -1}}, "mesh.fsdp"),  # one axis takes the rest
+        ({"eval": {"models": [{"name": "a", "checkpoint": ""}]}}, "eval.models.0.checkpoint"),
+        ({"eval": {"models": [{"name": "", "checkpoint": "c"}]}}, "eval.models.0.name"),
+        ({"ppo": {"kl_horizon": 0}}, "ppo.kl_horizon"),
+        ({"scaling": {"tokens": []}}, "scaling.tokens"),
+    ],
+)  # fmt: skip
+def test_combined_checks_name_the_key_that_is_wrong(raw, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"stage": "data", **raw})
+    assert str(e.value).startswith(f"config key '{key}': ")
+
+
+FLOAT_KEYS = [
+    "train.optim.lr", "train.optim.eps", "train.optim.grad_clip", "train.z_loss", "dpo.beta",
+    "peft.alpha", "generate.temperature", "chat.temperature", "distill.temperature",
+    "ppo.kl_target", "ppo.logprob_tol", "ppo.tis_cap", "grpo.beta", "grpo.clip_eps_high",
+    "grpo.reward_weights.0", "model.norm_eps", "model.rope_scaling.factor", "reward.margin",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "1e999"])
+def test_non_finite_floats_fail_at_load_naming_the_key(tmp_path, key, text):
+    p = write(tmp_path, "x.yaml", {"stage": "grpo", "grpo": {"reward_weights": [1.0]}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [f"{key}={text}"])
+    assert str(e.value).startswith(f"config key '{key}': expected a finite number, got ")
+
+
+def _nan_cases():
+    import jaxllm.config as c
+
+    return [
+        (c.OptimConfig, ("lr", "eps", "weight_decay", "grad_clip")),
+        (c.TrainConfig, ("z_loss",)), (c.EarlyStoppingConfig, ("min_delta",)),
+        (c.DPOConfig, ("beta",)), (c.RewardConfig, ("margin",)), (c.PeftConfig, ("alpha",)),
+        (c.DistillConfig, ("temperature", "sample_temperature")),
+        (c.GenerateConfig, ("temperature",)), (c.ChatConfig, ("temperature",)),
+        (c.PPOConfig, ("kl_target", "kl_coef", "logprob_tol", "tis_cap", "value_clip", "vf_coef")),
+        (c.GRPOConfig, ("beta", "clip_eps_high", "overlong_penalty", "tis_cap")),
+        (c.ModelConfig, ("norm_eps", "init_std", "rope_theta")), (c.MLMConfig, ("disc_weight",)),
+        (c.RopeScalingConfig, ("factor", "low_freq_factor")), (c.ScalingConfig, ("lr",)),
+    ]  # fmt: skip
+
+
+def test_range_checks_themselves_fail_nan():
+    """Conversion refuses NaN first; each `_validate` must refuse it too (`not x > 0`, not
+    `x <= 0`, which NaN passes), e.g. for a section built in code."""
+    for cls, keys in _nan_cases():
+        for key in keys:
+            with pytest.raises(ValueError, match=f"^{key}: "):
+                cls(**{key: float("nan")})._validate()
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "first"),
+    [
+        ("stage: sft\ntrain:\n  steps: 3\n  steps: 5\n", 4, "steps", 3),
+        ("stage: sft\nloader: {seq_len: 64}\nmesh: {rules: dp}\nloader: {shuffle: false}\n",
+         4, "loader", 2),  # the second block would have thrown the first away
+        ("stage: sft\ngenerate: {max_new_tokens: 4, max_new_tokens: 8}\n", 2, "max_new_tokens", 2),
+    ],
+)  # fmt: skip
+def test_duplicate_yaml_keys_name_file_line_and_key(tmp_path, text, line, key, first):
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (
+        f"{p}:{line}: key '{key}' given twice in one mapping (first at line {first}); keep one"
+    )
+
+
+def test_yaml_merge_keys_still_override_and_tags_stay_refused(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("stage: sft\nloader:\n  <<: {seq_len: 64, batch_size: 4}\n  batch_size: 8\n")
+    assert (load_config(p).loader.seq_len, load_config(p).loader.batch_size) == (64, 8)
+    p.write_text("stage: sft\nname: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match=r"m.yaml:2: invalid YAML"):
+        load_config(p)
+
+
+def test_config_file_not_utf8_is_one_line_naming_the_byte(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("stage: sft\nname: caf\u00e9\n".encode("latin-1"))
+    offset = len(b"stage: sft\nname: caf")  # where the lone Latin-1 byte 0xe9 sits
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: not UTF-8 text (byte {offset})"

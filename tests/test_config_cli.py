@@ -131,3 +131,37 @@ def test_tilde_in_output_dir_and_inputs_is_the_home_directory(tmp_path, monkeypa
         tmp_path / "p.yaml", {"stage": "pipeline", "output_dir": "~/p", "pipeline": ["s.yaml"]}
     )
     assert load_config(p).pipeline[0].run_dir == tmp_path / "p" / "1-s"
+
+
+def test_pipeline_stage_typo_fails_before_the_first_stage_runs(tmp_path, capsys):
+    from jaxllm.main import main
+
+    (tmp_path / "docs.jsonl").write_text('{"text": "one document"}\n')
+    data = {"stage": "data", "data": {"sources": [{"path": str(tmp_path / "docs.jsonl")}]}}
+    write(tmp_path / "d.yaml", data)
+    out = tmp_path / "out"
+    p = write(
+        tmp_path / "p.yaml",
+        {
+            "stage": "pipeline",
+            "output_dir": str(out),
+            "progress": False,
+            "pipeline": ["d.yaml", {"config": "d.yaml", "stage": "genrate"}],
+        },
+    )
+    assert main(["--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key 'pipeline.1.stage': unknown stage 'genrate'; ")
+    assert "did you mean 'generate'?" in err and err.count("\n") == 1
+    assert not out.exists()  # stage 1 (data) wrote nothing: it never started
+
+
+def test_nested_pipeline_stage_typo_names_its_path(tmp_path):
+    from jaxllm.trainers import check_stages
+
+    write(tmp_path / "a.yaml", {"stage": "data"})
+    write(tmp_path / "inner.yaml", {"stage": "pipeline", "pipeline": ["a.yaml", "a.yaml"]})
+    p = write(tmp_path / "p.yaml", {"stage": "pipeline", "pipeline": ["a.yaml", "inner.yaml"]})
+    check_stages(load_config(p))  # every stage known: nothing raised
+    with pytest.raises(ConfigError, match=r"^config key 'pipeline.1.pipeline.0.stage': unknown"):
+        check_stages(load_config(p, ["pipeline.1.pipeline.0.stage=dta"]))

@@ -174,6 +174,10 @@ class Config:
     def __post_init__(self) -> None:  # `~/x` means the home directory, as in data paths
         object.__setattr__(self, "output_dir", _home(self.output_dir))
 
+    def _validate(self) -> None:
+        if not 0 <= self.seed < 2**63:  # numpy's and jax's seeds: non-negative, 64-bit
+            raise ValueError(f"seed: must be in [0, 2**63), got {self.seed}")
+
     @property
     def run_dir(self) -> Path:
         """The run directory: a local `Path`, or an `epath.Path` for a bucket (`gs://...`)."""
@@ -187,7 +191,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     """Reads a YAML config, applies `a.b=value` overrides, returns the validated tree.
 
     A pipeline's entries are inlined here, so the resolved config is self-contained and every
-    stage's keys are checked before anything runs. On a pipeline, an override of a stage's
+    stage's keys are checked before anything runs (the stage names by `trainers.run_stage`,
+    before the first stage starts). On a pipeline, an override of a stage's
     section (`train.steps=5`) or of `seed` / `progress` reaches every stage, over the stage's
     own value; `pipeline.<i>.key=v` sets one stage's key.
     """

@@ -22,7 +22,7 @@ class RewardConfig:
     def _validate(self) -> None:
         if not self.train_file:
             raise ValueError("train_file: must not be empty")
-        if self.margin < 0:
+        if not self.margin >= 0:
             raise ValueError(f"margin: must be >= 0, got {self.margin}")
 
 
@@ -45,7 +45,7 @@ class DPOConfig:
     def _validate(self) -> None:
         if not self.train_file:
             raise ValueError("train_file: must not be empty")
-        if self.beta <= 0:
+        if not self.beta > 0:
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")

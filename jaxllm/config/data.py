@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from jaxllm.config.checks import at_least
+
 
 @dataclass(frozen=True)
 class SourceConfig:
@@ -109,6 +111,11 @@ class TokenizerConfig:
     lowercase: bool = False  # wordpiece: lower-case and strip accents (BERT "uncased")
 
     def _validate(self) -> None:
+        at_least(self, 1, "max_train_chars")
+        # a piece of a split line holds one UTF-8 character (up to 4 bytes) at least
+        at_least(self, 4, "max_sentence_length", note=" (bytes)")
+        if not 1 <= self.num_threads <= 1024:  # sentencepiece's trainer range
+            raise ValueError(f"num_threads: must be in [1, 1024], got {self.num_threads}")
         if self.model_type == "wordpiece":
             if self.normalization == "nmt_nfkc":
                 raise ValueError("normalization: wordpiece takes identity or nfkc")
@@ -145,3 +152,5 @@ class LoaderConfig:
             raise ValueError(f"seq_len: must be >= 2, got {self.seq_len}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        at_least(self, 0, "num_threads", note=" (0: read in the calling thread)")
+        at_least(self, 0, "prefetch", note=" (0: none)")

@@ -44,13 +44,13 @@ class DistillConfig:
     def _validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         if self.max_prompts < 0:
             raise ValueError(f"max_prompts: must be >= 0, got {self.max_prompts}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.sample_temperature < 0:
+        if not self.sample_temperature >= 0:
             raise ValueError(f"sample_temperature: must be >= 0, got {self.sample_temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")

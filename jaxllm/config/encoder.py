@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from jaxllm.config.checks import above, at_least
+
 
 @dataclass(frozen=True)
 class MLMConfig:
@@ -38,10 +40,9 @@ class MLMConfig:
     def _validate(self) -> None:
         if self.objective == "electra" and self.nsp:
             raise ValueError("objective: electra has no next-sentence task; set nsp: false")
-        if self.generator_layers < 1 or self.generator_d_ff < 0 or self.disc_weight <= 0:
-            raise ValueError(
-                "generator_layers >= 1, generator_d_ff >= 0 and disc_weight > 0 are required"
-            )
+        at_least(self, 1, "generator_layers")
+        at_least(self, 0, "generator_d_ff", note=" (0: a quarter of the encoder's d_ff)")
+        above(self, 0, "disc_weight")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob: must be in (0, 1), got {self.mask_prob}")
         if not 0.0 <= self.short_seq_prob <= 1.0:

@@ -13,6 +13,11 @@ class EvalModelConfig:
     name: str
     checkpoint: str
 
+    def _validate(self) -> None:
+        for key in ("name", "checkpoint"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}: must not be empty")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -39,6 +44,8 @@ class EvalConfig:
             raise ValueError("tasks: name at least one task")
         if self.batch_size < 1 or self.limit < 0 or self.max_len < 0:
             raise ValueError("batch_size: need batch_size >= 1, limit >= 0, max_len >= 0")
+        if self.samples < -1:
+            raise ValueError(f"samples: -1 (all), 0 (none) or a count, got {self.samples}")
         if self.num_fewshot < -1:
             raise ValueError(f"num_fewshot: -1 (the tasks' own) or >= 0, got {self.num_fewshot}")
         names = [m.name for m in self.models]
@@ -65,7 +72,7 @@ class ChatConfig:
                 f"system: set beside the library prompt chat.prompt ({self.prompt!r}); keep one "
                 "(--set \"chat.prompt=''\" clears the library prompt)"
             )
-        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+        if not self.temperature >= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
         if self.max_new_tokens < 1 or self.max_turns < 0 or self.stream < 1:
             raise ValueError("max_new_tokens: must be >= 1 (and max_turns >= 0, stream >= 1)")

@@ -3,12 +3,15 @@
 Every section is a frozen dataclass. Loading is strict: an unknown key fails with its dotted
 path and the closest valid key; a value of the wrong type names the key, the expected type and
 the value given; range checks live in each section's `_validate` and are reported the same way.
+A float key takes finite numbers only; a file that is not UTF-8, or that gives a key twice in
+one mapping, fails naming the file (and line).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 from importlib import resources
@@ -22,12 +25,52 @@ from jaxllm.errors import ConfigError
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader (plain data only, no objects from tags), except that a key
+    given twice in one mapping is an error: YAML would keep the last silently, so a second
+    `loader:` block would throw the first away. A merge (`<<: *base`) may still be overridden
+    by the mapping's own keys."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(key, line, first)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"{p}:{e.line}: key {e.key!r} given twice in one mapping (first at line "
+            f"{e.first}); keep one"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -212,10 +255,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            number = float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
+        if number is not None:
+            if not math.isfinite(number):  # .nan, .inf, 1e999: no setting means these
+                raise ConfigError(f"config key '{path}': expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from jaxllm.config.checks import above, at_least
+
 
 @dataclass(frozen=True)
 class RopeScalingConfig:
@@ -15,6 +17,15 @@ class RopeScalingConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+    def _validate(self) -> None:
+        above(self, 0, "factor", "low_freq_factor", "high_freq_factor")
+        at_least(self, 1, "original_max_seq_len")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor: must be > low_freq_factor ({self.low_freq_factor}) for "
+                f"llama3 scaling, got {self.high_freq_factor}"
+            )
 
 
 _GPT2 = dict(
@@ -129,6 +140,12 @@ class ModelConfig:
     def _validate(self) -> None:
         if self.d_model < 1 or self.n_layers < 1 or self.n_heads < 1 or self.d_ff < 1:
             raise ValueError("d_model: d_model, n_layers, n_heads and d_ff must be >= 1")
+        at_least(self, 0, "vocab_size", note=" (0: the tokenizer's vocabulary size)")
+        at_least(self, 0, "n_kv_heads", note=" (0: n_heads)")
+        at_least(self, 0, "head_dim", note=" (0: d_model // n_heads)")
+        at_least(self, 0, "type_vocab_size", note=" (0: no token types)")
+        at_least(self, 1, "max_seq_len")
+        above(self, 0, "norm_eps", "init_std", "rope_theta")
         if not self.head_dim and self.d_model % self.n_heads:
             raise ValueError(f"n_heads: d_model {self.d_model} is not divisible by {self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -165,6 +182,15 @@ class MeshConfig:
     tensor: int = 1
     rules: Literal["dp", "fsdp", "fsdp_tp"] = "fsdp"
 
+    def _validate(self) -> None:
+        for key in ("data", "fsdp", "tensor"):
+            v = getattr(self, key)
+            if v == 0 or v < -1:
+                raise ValueError(f"{key}: must be >= 1 or -1 (the remaining devices), got {v}")
+        rest = [k for k in ("data", "fsdp", "tensor") if getattr(self, k) == -1]
+        if len(rest) > 1:
+            raise ValueError(f"{rest[1]}: at most one axis may be -1, got -1 for {rest}")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -182,14 +208,14 @@ class OptimConfig:
 
     def _validate(self) -> None:
         bad = {
-            "lr": self.lr <= 0,
+            "lr": not self.lr > 0,
             "warmup_steps": self.warmup_steps < 0,
             "min_lr_ratio": not 0 <= self.min_lr_ratio <= 1,
             "b1": not 0 <= self.b1 < 1,
             "b2": not 0 <= self.b2 < 1,
-            "eps": self.eps <= 0,
-            "weight_decay": self.weight_decay < 0,
-            "grad_clip": self.grad_clip < 0,
+            "eps": not self.eps > 0,
+            "weight_decay": not self.weight_decay >= 0,
+            "grad_clip": not self.grad_clip >= 0,
         }
         want = {"lr": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]", "b1": "in [0, 1)",
                 "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0 (0: off)"}  # fmt: skip
@@ -211,8 +237,8 @@ class EarlyStoppingConfig:
     min_delta: float = 0.0
 
     def _validate(self) -> None:
-        if self.patience < 0 or self.min_delta < 0:
-            raise ValueError("patience: patience and min_delta must be >= 0")
+        at_least(self, 0, "patience", note=" (0: never stop)")
+        at_least(self, 0, "min_delta")
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,10 @@ class TrainConfig:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum: must be >= 1, got {self.grad_accum}")
+        at_least(self, 0, "z_loss")
+        at_least(self, 1, "log_every")
+        at_least(self, 0, "eval_every", "checkpoint_every", note=" (0: at the last step only)")
+        at_least(self, 0, "eval_batches", note=" (0: the whole validation split)")
         if self.loss_chunk < -1:
             raise ValueError(f"loss_chunk: must be >= 0 or -1 (auto), got {self.loss_chunk}")
         if self.keep_checkpoints < 1:
@@ -273,7 +303,6 @@ class GenerateConfig:
     def _validate(self) -> None:
         if self.system and not self.chat:
             raise ValueError("system: a system prompt needs chat: true")
-        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+        if not self.temperature >= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        at_least(self, 1, "max_new_tokens", "batch_size")

@@ -59,7 +59,7 @@ class PeftConfig:
     def _validate(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank: must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
+        if not self.alpha > 0:
             raise ValueError(f"alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")

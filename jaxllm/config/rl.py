@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from jaxllm.config.checks import above, at_least
+
 _KL = ("k1", "k2", "k3")
 
 
@@ -15,6 +17,7 @@ def _check_common(c) -> None:
     for key in ("iterations", "max_new_tokens", "epochs", "minibatch_size"):
         if getattr(c, key) < 1:
             raise ValueError(f"{key}: must be >= 1, got {getattr(c, key)}")
+    at_least(c, 1, "eval_max_new_tokens")
     if not c.temperature > 0:
         raise ValueError(
             f"temperature: training rollouts sample, so it must be > 0, got {c.temperature} "
@@ -24,9 +27,8 @@ def _check_common(c) -> None:
         raise ValueError(f"clip_eps: must be in (0, 1), got {c.clip_eps}")
     if c.eval_examples < 0:
         raise ValueError(f"eval_examples: must be >= 0, got {c.eval_examples}")
-    if c.logprob_tol <= 0:
-        raise ValueError(f"logprob_tol: must be > 0, got {c.logprob_tol}")
-    if c.tis_cap < 0 or 0 < c.tis_cap < 1:
+    above(c, 0, "logprob_tol")
+    if not (c.tis_cap == 0 or c.tis_cap >= 1):
         raise ValueError(
             f"tis_cap: 0 (off) or a cap >= 1 (below 1 biases every token), got {c.tis_cap}"
         )
@@ -98,6 +100,11 @@ class PPOConfig:
 
     def _validate(self) -> None:
         _check_common(self)
+        at_least(self, 1, "rollout_batch")
+        # 0 would pin the value head to the rollout's estimates (no learning), not switch
+        # clipping off
+        above(self, 0, "value_clip")
+        at_least(self, 0, "vf_coef", "ent_coef")
         if len(self.rule_rewards) != len(self.rule_weights):
             raise ValueError(
                 f"rule_rewards, rule_weights: need one weight per rule, got "
@@ -110,8 +117,9 @@ class PPOConfig:
             )
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("gamma, lam: must be in [0, 1]")
-        if self.kl_coef < 0 or self.kl_target <= 0 or self.kl_horizon < 1:
-            raise ValueError("kl_coef >= 0, kl_target > 0 and kl_horizon >= 1 are required")
+        at_least(self, 0, "kl_coef")
+        above(self, 0, "kl_target")
+        at_least(self, 1, "kl_horizon")
         if not 0 <= self.kl_coef_min <= self.kl_coef:
             raise ValueError(
                 f"kl_coef_min: must be in [0, kl_coef = {self.kl_coef}], got {self.kl_coef_min}"
@@ -181,15 +189,13 @@ class GRPOConfig:
             raise ValueError(f"minibatch_size: {self.minibatch_size} does not divide {n}")
         if not self.rewards or len(self.rewards) != len(self.reward_weights):
             raise ValueError("rewards, reward_weights: need one weight per reward name")
-        if self.beta < 0:
-            raise ValueError(f"beta: must be >= 0, got {self.beta}")
+        at_least(self, 0, "beta")
         if self.loss == "gspo" and self.loss_norm == "constant":
             raise ValueError(
                 "loss_norm: 'constant' divides token sums (Dr. GRPO); loss 'gspo' is a mean over "
                 "responses, each counted once (GSPO eq. 5): use loss_norm: tokens"
             )
-        if self.clip_eps_high < 0 or self.overlong_penalty < 0:
-            raise ValueError("clip_eps_high, overlong_penalty: must be >= 0")
+        at_least(self, 0, "clip_eps_high", "overlong_penalty")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(
                 f"overlong_buffer: must be in [0, max_new_tokens={self.max_new_tokens}], got "

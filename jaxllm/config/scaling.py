@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxllm.config.checks import above, at_least
+
 
 @dataclass(frozen=True)
 class ScalingConfig:
@@ -33,8 +35,16 @@ class ScalingConfig:
     params: str = "total"  # total | non_embedding
 
     def _validate(self) -> None:
-        if len(self.layers) < 2 or len(self.tokens) < 1 or min(self.layers) < 1:
-            raise ValueError("layers: need at least two sizes (and one budget)")
+        if len(self.layers) < 2 or min(self.layers) < 1:
+            raise ValueError(f"layers: need at least two sizes, each >= 1, got {list(self.layers)}")
+        if not self.tokens or min(self.tokens) < 1:
+            raise ValueError(
+                f"tokens: need at least one budget, each >= 1, got {list(self.tokens)}"
+            )
+        at_least(self, 1, "aspect", "head_dim", "lr_width", "holdout_tokens", "bootstrap")
+        at_least(self, 0, "holdout_layers", note=" (0: no held-out prediction)")
+        at_least(self, 0, "eval_batches", note=" (0: the whole validation split)")
+        above(self, 0, "lr")
         if self.holdout_layers and self.holdout_layers <= max(self.layers):
             raise ValueError("holdout_layers: must be bigger than every size in the fit")
         if self.params not in ("total", "non_embedding"):

@@ -56,13 +56,23 @@ STAGES = {
 HOST_ONLY = {"data", "tokenizer"}  # no devices: process 0 does the work and writes it
 
 
-def check_stage(name: str) -> None:
+def check_stage(name: str, key: str = "stage") -> None:
+    """`name` is a stage; `key` is the config key the message names."""
     if name not in STAGES:
         close = difflib.get_close_matches(name, list(STAGES), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(
-            f"config key 'stage': unknown stage '{name}'; {hint}(stages: {', '.join(STAGES)})"
+            f"config key '{key}': unknown stage '{name}'; {hint}(stages: {', '.join(STAGES)})"
         )
+
+
+def check_stages(cfg: Config, prefix: str = "") -> None:
+    """`cfg.stage` and, for a pipeline, every stage's (nested pipelines included) is a
+    stage: a misspelt stage fails before the stages ahead of it run."""
+    check_stage(cfg.stage, f"{prefix}stage")
+    if cfg.stage == "pipeline":
+        for i, sub in enumerate(cfg.pipeline):
+            check_stages(sub, f"{prefix}pipeline.{i}.")
 
 
 def run_stage(cfg: Config, reuse_finished: bool = False) -> dict[str, Any]:
@@ -72,7 +82,7 @@ def run_stage(cfg: Config, reuse_finished: bool = False) -> dict[str, Any]:
     its summary (and so its outputs) is returned as it is. With many processes, they must
     all have the same config, and process 0's look at the run directory counts for all.
     """
-    check_stage(cfg.stage)
+    check_stages(cfg)
     check_same_across_processes(cfg)
     if reuse_finished and not cfg.overwrite:
         done = primary_decides(_finished_summary, cfg)
