@@ -69,12 +69,13 @@ def _label(record: dict[str, Any], where: str) -> str:
     return str(value)
 
 
-def read_labelled(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
+def read_labelled(path: Path, key: str = "") -> tuple[list[tuple[int, dict[str, Any]]], bool]:
     """`((line, record) pairs, is a pair file)` of a labelled JSONL file; a file without
-    records is an error."""
+    records is an error (naming the config `key` that names the file, when given)."""
     rows = list(read_jsonl(path))
     if not rows:
-        raise DataError(f"{path}: no records; expected JSONL lines of {{'text', 'label'}}")
+        head = f"config key '{key}': {path} holds no records" if key else f"{path}: no records"
+        raise DataError(f"{head}; expected JSONL lines of {{'text', 'label'}}")
     return rows, "text_pair" in rows[0][1]
 
 

@@ -7,11 +7,11 @@ A record is read with `os.pread`, which is thread-safe (no shared file position)
 read threads can share one source. File descriptors are opened lazily per process and dropped
 on pickling, so the source can be copied to grain worker processes.
 
-Blank lines (empty or whitespace only, e.g. a trailing newline or `\\r\\n` endings) are skipped:
-they carry no record, and writers commonly leave one at the end. Each line is parsed by
-`jaxllm.jsonl.parse_line` (hostile lines included: too deep, lone surrogates, not UTF-8); a
-line that is not a usable JSON object (or lacks a `require`d key, or holds a non-string there)
-raises `DataError` naming the file and line when it is read.
+Blank lines (empty or whitespace only, of any length, e.g. a trailing newline or `\\r\\n`
+endings) are skipped: they carry no record, and writers commonly leave one at the end. Each
+line is parsed by `jaxllm.jsonl.parse_line` (hostile lines included: too deep, lone
+surrogates, not UTF-8); a line that is not a usable JSON object (or lacks a `require`d key,
+or holds a non-string there) raises `DataError` naming the file and line when it is read.
 A last line without a trailing newline is a record like any other.
 """
 
@@ -30,30 +30,38 @@ from jaxllm.errors import DataError
 from jaxllm.jsonl import BadLine, parse_line
 
 _CHUNK = 16 << 20  # bytes read per step while indexing
-_SHORT = 16  # lines up to this many bytes are checked for being whitespace only
+_TEXT = np.ones(256, bool)  # bytes that make a line non-blank (all but ASCII whitespace,
+_TEXT[list(b" \t\n\r\x0b\x0c")] = False  # the set `bytes.isspace` and `read_jsonl` use)
 
 
 def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offsets and lengths of the non-blank lines of `path` (without the newline)."""
-    newlines = []
-    size = 0
+    """Byte offsets and lengths of the non-blank lines of `path` (without the newline),
+    streamed chunk by chunk; a line of any length that is whitespace only is left out."""
+    newlines, text = [], []  # per chunk: newline offsets, whether the line each ends has text
+    size, open_text = 0, False  # open_text: the line running on into the next chunk has text
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
-            size += len(chunk)
+            buf = np.frombuffer(chunk, np.uint8)
+            nl = np.flatnonzero(buf == 10)
+            has = _segment_text(buf, nl)
+            has[0] |= open_text
+            newlines.append(nl + size)
+            text.append(has[:-1])
+            size, open_text = size + len(chunk), bool(has[-1])
     ends = np.concatenate([*newlines, np.array([size], np.int64)]).astype(np.int64)
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
     lengths = ends - starts
-    keep = lengths > 0
-    short = np.flatnonzero(keep & (lengths <= _SHORT))
-    if len(short):
-        with open(path, "rb") as f:
-            for i in short:
-                f.seek(starts[i])
-                keep[i] = bool(f.read(lengths[i]).strip())
+    keep = np.concatenate([*text, np.array([open_text])])
     if lengths.max(initial=0) >= 2**31:
         raise DataError(f"{path}: a line is longer than 2 GiB; is this really JSONL?")
     return starts[keep], lengths[keep].astype(np.int32)
+
+
+def _segment_text(buf: np.ndarray, nl: np.ndarray) -> np.ndarray:
+    """Whether each of the len(nl) + 1 pieces of a chunk cut at its newlines holds a byte that
+    is not whitespace: one vectorised pass (piece k > 0 starts at its newline, a blank byte, so
+    no piece is empty for `reduceat`)."""
+    return np.logical_or.reduceat(_TEXT[buf], np.concatenate([[0], nl]))
 
 
 class JsonlSource:
@@ -81,6 +89,16 @@ class JsonlSource:
 
     def __repr__(self) -> str:
         return f"JsonlSource({len(self._paths)} files, {len(self)} records)"
+
+    def require_records(self, expected: str, key: str = "") -> None:
+        """Raises `DataError` when the files hold no record (empty, or blank lines only),
+        naming them, the config `key` that names them (if given) and the `expected` records:
+        an empty file is its own problem, not one of what later filters or cuts keep."""
+        if len(self):
+            return
+        where = ", ".join(str(p) for p in self._paths) or "no files"
+        head = f"config key '{key}': {where} holds no records" if key else f"{where}: no records"
+        raise DataError(f"{head}; expected JSONL lines of {expected}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

@@ -1,7 +1,7 @@
 """Preference data for reward models and DPO, and prompt lists for RL stages.
 
 Records (JSONL, one object a line; the prompt side is `{"prompt": str}` with an optional
-`"system"`, or `{"messages": [...]}` ending with a user turn, as in `tokenizer/chat.py`):
+`"system": str`, or `{"messages": [...]}` ending with a user turn, as in `tokenizer/chat.py`):
 
     pairs     {"prompt", "chosen": str, "rejected": str, "task"?}
     rankings  {"prompt", "responses": [r0, ..., rK-1], "ranking": [best, ..., worst], "task"?}
@@ -58,6 +58,7 @@ from jaxllm.tokenizer.chat import (
 PAIR_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 _ROW = ("tokens", "targets", "loss_mask")  # what a row holds (the rest follows its length)
 _FORMATS = '{"prompt", "chosen", "rejected"} or {"prompt", "responses", "ranking"}'
+_PROMPTS = '{"prompt", "answer"?} or {"messages": [...]} (or SFT or preference records)'
 
 
 class PreferencePair(NamedTuple):
@@ -84,8 +85,9 @@ class PreferenceRecords:
     gives a view of some of the pairs, each keeping its index (`PreferencePair.index`).
     """
 
-    def __init__(self, paths: Sequence[str | Path]) -> None:
+    def __init__(self, paths: Sequence[str | Path], key: str = "") -> None:
         self.source = JsonlSource(paths)
+        self.source.require_records(_FORMATS, key)  # `key`: the config key naming the files
         index = []
         for r in range(len(self.source)):
             record = self.source[r]
@@ -190,7 +192,9 @@ def _prompt_messages(record: dict[str, Any], allow_answer: bool) -> list[Message
             messages = split_answer(messages)[0]
     elif isinstance(record.get("prompt"), str):
         system = record.get("system")
-        head = [{"role": "system", "content": system}] if isinstance(system, str) else []
+        if "system" in record and not isinstance(system, str):
+            raise DataError(f'"system" must be a string, got {type(system).__name__}')
+        head = [{"role": "system", "content": system}] if "system" in record else []
         user = {"role": "user", "content": record["prompt"]}
         messages = check_messages([*head, user], "record", need_answer=False)
     else:
@@ -383,8 +387,9 @@ class PromptRecords:
     `{"prompt", "answer"}`: dicts of `messages` (ending with a user turn), `answer` (str or
     None), `task` and, when the record has one, `chosen` (a pair's, or a ranking's best)."""
 
-    def __init__(self, paths: Sequence[str | Path]) -> None:
+    def __init__(self, paths: Sequence[str | Path], key: str = "") -> None:
         self.source = JsonlSource(paths)
+        self.source.require_records(_PROMPTS, key)  # `key`: the config key naming the files
 
     def __len__(self) -> int:
         return len(self.source)

@@ -61,6 +61,7 @@ from jaxllm.tokenizer.chat import (
     parse_record,
 )
 
+SFT_FORMATS = '{"prompt", "response", "system"?} or {"messages": [...]}'
 PACK_BINS = 64  # rows best-fit packing fills at once (tiny_sft: 16 → 92.5 % full, 64 → 94.7 %)
 TraceMode = Literal["keep", "mask", "drop"]
 TRACE_MODES = ("keep", "mask", "drop")
@@ -70,12 +71,15 @@ _TRACE = re.compile(re.escape(THINK) + ".*?" + re.escape(END_THINK), re.DOTALL)
 class SFTRecords:
     """Random-access conversations (lists of messages) of JSONL files; errors name file:line.
 
-    `tasks` keeps only the records whose `"task"` is one of them (empty: all records)."""
+    `tasks` keeps only the records whose `"task"` is one of them (empty: all records). Files
+    without a record are refused, naming the config `key` that names them when given."""
 
     def __init__(
-        self, paths: Sequence[str | Path], fmt: RecordFormat = "auto", tasks: Sequence[str] = ()
-    ) -> None:
+        self, paths: Sequence[str | Path], fmt: RecordFormat = "auto", tasks: Sequence[str] = (),
+        key: str = "",
+    ) -> None:  # fmt: skip
         self.source = JsonlSource(paths)
+        self.source.require_records(SFT_FORMATS, key)
         self.fmt = fmt
         self.index: np.ndarray | None = None
         if tasks:

@@ -33,6 +33,7 @@ from jaxllm.data.classify import (
     make_examples,
     read_labelled,
 )
+from jaxllm.errors import DataError
 from jaxllm.models.heads import ClassifierModel
 from jaxllm.rundir import RunDir, atomic_write_text
 from jaxllm.sharding import make_mesh
@@ -81,13 +82,19 @@ def classify_loss(model: ClassifierModel, batch: dict[str, jax.Array], key):
 def read_splits(c: ClassifyConfig) -> tuple[Splits, tuple[str, ...], bool]:
     """`(examples by split, label set, is a pair task)`: every file read and checked."""
     train = data_file(c.train_file, "classify.train_file")
-    rows, pairs = read_labelled(train)
+    rows, pairs = read_labelled(train, "classify.train_file")
     labels = c.labels or labels_of(rows, train)
+    if len(labels) == 1:  # as ClassifyConfig checks `labels:`, for labels read from the file
+        raise DataError(
+            f"config key 'classify.train_file': every record of {train} has the label "
+            f"{labels[0]!r}; a classifier needs at least two labels (add records of another)"
+        )
     splits = {"train": make_examples(rows, train, labels, pairs, train)}
     for split, value in (("val", c.val_file), ("test", c.test_file)):
         if value:
-            path = data_file(value, f"classify.{split}_file")
-            splits[split] = make_examples(read_labelled(path)[0], path, labels, pairs, train)
+            key = f"classify.{split}_file"
+            path = data_file(value, key)
+            splits[split] = make_examples(read_labelled(path, key)[0], path, labels, pairs, train)
     return splits, tuple(labels), pairs
 
 

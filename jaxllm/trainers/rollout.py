@@ -49,7 +49,7 @@ def load_prompts(
     from jaxllm.trainers import data_file
 
     path = data_file(value, key)
-    records = PromptRecords([path])
+    records = PromptRecords([path], key)  # refuses a file without records
     rows = prompt_rows(records, template)
     for i, row in enumerate(rows):
         if row.get("answer") is None:

@@ -99,7 +99,7 @@ def _fit_report(cfg: Config, s: SFTConfig, template: ChatTemplate) -> dict[str, 
     seq_len is cut): says how many are cut, and refuses a file whose every conversation is cut
     before its answer (nothing to learn). Checks every record (file:line) before training."""
     file = data_file(s.train_file, "sft.train_file")
-    records = SFTRecords([file], s.format, s.tasks)
+    records = SFTRecords([file], s.format, s.tasks, key="sft.train_file")
     L = cfg.loader.seq_len
     fit = length_census(records, template, L, s.train_on_prompt, s.trace)
     if fit["longer"] and jax.process_index() == 0:
@@ -142,6 +142,7 @@ def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, 
     if not s.val_file:
         return _Scorer(None, None)
     val_files = [data_file(s.val_file, "sft.val_file")]
+    records = SFTRecords(val_files, s.format, s.tasks, key="sft.val_file")  # not empty
     eval_step = make_eval_step(graphdef, loss_fn, shardings, mesh, cfg.mesh.rules)
 
     def val_batches(num_batches: int | None):  # answer tokens only, whatever train_on_prompt
@@ -152,7 +153,6 @@ def _scorer(cfg, s: SFTConfig, m, graphdef, shardings, mesh, loss_fn, template, 
     evaluate = make_evaluator(eval_step, val_batches, mesh, cfg.train.eval_batches)
     answers = None
     if s.eval_examples:
-        records = SFTRecords(val_files, s.format, s.tasks)
         limit = m.max_seq_len if m.positions == "learned" else None
         answers = make_answer_scorer(
             graphdef, template, records, s, cfg.seed, limit, mesh=mesh, rules=cfg.mesh.rules

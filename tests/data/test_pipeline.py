@@ -322,3 +322,36 @@ def test_jsonl_source_index_spans_read_chunks(tmp_path, monkeypatch):
     src = JsonlSource([p])
     assert len(src) == 500
     assert all(src[i]["text"].startswith(f"doc {i} ") for i in (0, 1, 77, 250, 499))
+
+
+def test_jsonl_source_skips_whitespace_lines_of_any_length(tmp_path, monkeypatch):
+    """A whitespace-only line is blank however long (17+ bytes used to fail as malformed
+    JSON), in chunks of any size, few or many per chunk; the records are the ones
+    `read_jsonl` reads, and an indented record is kept."""
+    from jaxllm.jsonl import read_jsonl
+
+    lines = ['{"n": 0}', " " * 17, "\t" * 40, " " * 16, " \t\r\x0b\x0c" * 9, "", '{"n": 1}',
+             " " * 30 + '{"n": 2}', "\r", " " * 100, '{"n": 3}']  # fmt: skip
+    p = tmp_path / "ws.jsonl"
+    p.write_text("\n".join(lines * 50) + "\n" + " " * 20)  # ends in a blank line, no newline
+    want = [{"n": i % 4} for i in range(200)]  # by hand: 4 records in each copy of `lines`
+    offsets, at = [], 0
+    for line in lines * 50:
+        if line.lstrip(" \t\r\x0b\x0c"):
+            offsets.append(at)
+        at += len(line) + 1
+    assert [r for _, r in read_jsonl(p)] == want
+    for chunk in (1 << 20, 64, 7):  # one chunk (many unsure lines: vectorised), small chunks
+        monkeypatch.setattr("jaxllm.data.jsonl_source._CHUNK", chunk)
+        src = JsonlSource([p])
+        assert len(src) == 200 and [src[i] for i in range(200)] == want
+        assert src._starts.tolist() == offsets
+    empty = tmp_path / "blank.jsonl"
+    empty.write_text(" " * 40 + "\n\t\t\n")
+    with pytest.raises(DataError) as e:
+        JsonlSource([empty]).require_records('{"text"}', key="x.file")
+    assert str(e.value) == (
+        f"config key 'x.file': {empty} holds no records; expected JSONL lines of {{\"text\"}}"
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: no records; expected"):
+        JsonlSource([empty]).require_records('{"text"}')

@@ -106,6 +106,10 @@ def test_records_expand_to_weighted_pairs(pref_file):
          '"rejected" contains the reserved token <|user|>'),
         ({"prompt": "q", "responses": ["a", "b </s>"], "ranking": [1, 0]},
          '"responses"[1] contains the reserved token </s>'),
+        ({"prompt": "q", "system": 5, "chosen": "a", "rejected": "b"},
+         '"system" must be a string, got int'),
+        ({"prompt": "q", "system": None, "chosen": "a", "rejected": "b"},
+         '"system" must be a string, got NoneType'),
     ],
 )  # fmt: skip
 def test_bad_records_name_file_and_line(tmp_path, bad, expected):
@@ -277,3 +281,36 @@ def test_prompt_rows_for_rl(tmp_path, pref_template):
     assert rows[3]["ids"] == pref_template.render(hi, add_generation_prompt=True).ids
     with pytest.raises(DataError, match=r"p2.jsonl:2: \"answer\" must be a string"):
         PromptRecords([write(tmp_path / "p2.jsonl", [records[0], {"prompt": "q", "answer": 8}])])[1]
+
+
+@pytest.mark.parametrize("system, kind", [(5, "int"), (None, "NoneType"), (["x"], "list")])
+def test_prompt_records_refuse_a_non_string_system_as_sft_does(tmp_path, system, kind):
+    """RL / distill prompt files: the same one-line error at file:line as the SFT reader's."""
+    from jaxllm.data.sft import SFTRecords
+
+    bad = {"prompt": "q", "system": system, "response": "a"}
+    path = write(tmp_path / "p.jsonl", [{"prompt": "fine", "system": "Be kind."}, bad])
+    prompts = PromptRecords([path])
+    assert prompts[0]["messages"][0] == {"role": "system", "content": "Be kind."}
+    want = f'{path}:2: "system" must be a string, got {kind}; fix or remove the line'
+    for read in (lambda: prompts[1], lambda: SFTRecords([path])[1]):
+        with pytest.raises(DataError) as e:
+            read()
+        assert str(e.value) == want
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", " " * 40 + "\n"])
+def test_files_without_records_are_refused_naming_the_key(tmp_path, text):
+    """An empty (or blank-lines-only) file: "no records", not a count or a length problem."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        PreferenceRecords([path], key="dpo.val_file")
+    assert str(e.value) == (
+        f"config key 'dpo.val_file': {path} holds no records; expected JSONL lines of "
+        '{"prompt", "chosen", "rejected"} or {"prompt", "responses", "ranking"}'
+    )
+    with pytest.raises(DataError, match=rf"^{path}: no records; expected JSONL lines of "):
+        PreferenceRecords([path])  # no key: the reward / DPO fit report's call
+    with pytest.raises(DataError, match=rf"^config key 'grpo.prompt_file': {path} holds no rec"):
+        PromptRecords([path], key="grpo.prompt_file")

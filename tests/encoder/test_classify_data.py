@@ -148,3 +148,33 @@ def test_exported_classifier_names_its_labels():
     imported = {"id2label": {"1": "pos", "0": "neg"}, **trained}
     assert _labels(imported, 2) == ["neg", "pos"]  # an imported classifier's own names
     assert _labels({}, 2) == ["LABEL_0", "LABEL_1"]
+
+
+def test_a_one_label_training_file_or_an_empty_split_is_refused(tmp_path):
+    """`classify.labels: []` reads the labels from the training file: one label there is the
+    same error as one in the config (it trained a 1-class model); an empty split names its key."""
+    from jaxllm.config import ClassifyConfig
+    from jaxllm.trainers.classify import read_splits
+
+    one = write(tmp_path / "one.jsonl", [{"text": t, "label": "positive"} for t in "abc"])
+    c = ClassifyConfig(train_file=str(one), val_file="", test_file="", labels=())
+    with pytest.raises(DataError) as e:
+        read_splits(c)
+    assert str(e.value) == (
+        f"config key 'classify.train_file': every record of {one} has the label 'positive'; "
+        "a classifier needs at least two labels (add records of another)"
+    )
+    two = write(tmp_path / "two.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}])
+    empty = write(tmp_path / "empty.jsonl", ["", " " * 30])
+    splits, labels, _ = read_splits(ClassifyConfig(train_file=str(two), val_file="",
+                                                   test_file="", labels=()))  # fmt: skip
+    assert labels == ("0", "1") and [e.label for e in splits["train"]] == [1, 0]
+    for split in ("val", "test"):
+        c = ClassifyConfig(train_file=str(two), labels=(), **{"val_file": "", "test_file": "",
+                                                              f"{split}_file": str(empty)})  # fmt: skip
+        with pytest.raises(DataError) as e:
+            read_splits(c)
+        assert str(e.value) == (
+            f"config key 'classify.{split}_file': {empty} holds no records; expected JSONL "
+            "lines of {'text', 'label'}"
+        )

@@ -188,6 +188,25 @@ def test_too_few_prompts_for_an_iteration_is_a_config_error(tmp_path, tiny_ckpt)
         setup_stage(accum, "ppo", 1)
 
 
+def test_an_empty_prompt_file_is_reported_as_empty(tmp_path, template):
+    """Not as "no prompt fits in N tokens": the file holds no record (its config key named);
+    a prompt with a non-string "system" fails at file:line (it was dropped)."""
+    from jaxllm.errors import DataError
+    from jaxllm.trainers.rollout import load_prompts
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(" " * 30 + "\n\n")
+    for key in ("grpo.prompt_file", "ppo.val_file"):
+        with pytest.raises(DataError) as e:
+            load_prompts(str(empty), key, template, "", 64)
+        assert str(e.value).startswith(f"config key '{key}': {empty} holds no records; expected")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b", "system": 5}\n')
+    with pytest.raises(DataError) as e:
+        load_prompts(str(bad), "grpo.prompt_file", template, "", 64)
+    assert str(e.value) == f'{bad}:2: "system" must be a string, got int; fix or remove the line'
+
+
 @pytest.mark.slow
 def test_ppo_with_qlora_saves_the_dequantised_merged_policy(tmp_path, tiny_ckpt):
     sec = dict(SMALL, iterations=1, rollout_batch=8, minibatch_size=8, epochs=1, reward="digits",

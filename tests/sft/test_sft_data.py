@@ -217,3 +217,26 @@ def test_length_census_counts_cut_rows_and_rows_without_an_answer(tmp_path, temp
         _fit_report(from_dict(raw), from_dict(raw).sft, template)
     packed = from_dict({**raw, "loader": {"seq_len": L}, "sft": {"train_file": str(path)}})
     assert _fit_report(packed, packed.sft, template) == got  # packed rows cut the same ones
+
+
+def test_an_empty_train_or_val_file_is_reported_as_empty(tmp_path, template):
+    """Not as "loader.seq_len cuts every conversation" (train) or "no held-out prompt fits"
+    (val): the file holds no record, and the message names its config key."""
+    from jaxllm.config import from_dict
+    from jaxllm.trainers.sft import _fit_report, _scorer
+
+    empty, good = tmp_path / "empty.jsonl", tmp_path / "good.jsonl"
+    empty.write_text("\n" + " " * 20 + "\n")
+    good.write_text(json.dumps({"prompt": "hi", "response": "ok"}) + "\n")
+    expected = '{"prompt", "response", "system"?} or {"messages": [...]}'
+    cfg = from_dict({"stage": "sft", "sft": {"train_file": str(empty)}})
+    with pytest.raises(DataError) as e:
+        _fit_report(cfg, cfg.sft, template)
+    assert str(e.value) == (
+        f"config key 'sft.train_file': {empty} holds no records; expected JSONL lines of {expected}"
+    )
+    cfg = from_dict({"stage": "sft", "sft": {"train_file": str(good), "val_file": str(empty)}})
+    with pytest.raises(DataError, match=rf"^config key 'sft.val_file': {empty} holds no records"):
+        _scorer(cfg, cfg.sft, *[None] * 6, {})  # refused before any model is needed
+    with pytest.raises(DataError, match=rf"^{empty}: no records; expected JSONL lines of"):
+        SFTRecords([empty])
