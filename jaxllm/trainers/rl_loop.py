@@ -256,7 +256,8 @@ def run_iterations(
                     "extra": extra.get_state() if extra is not None else {},
                 }  # fmt: skip
                 ckpt.save(it, state, meta)
-            if preempted:
+                preempted = preempted or preemption.noticed()  # came during the save: stop
+            if preempted and it < s.iterations:  # at the last: finish the stage
                 ckpt.wait()
                 kept = ckpt.latest_step()
                 why = "; with max_staleness only a checkpoint_every iteration is exact to resume"

@@ -128,6 +128,7 @@ def run_loop(
         spec.watch.load(meta.get("watch"))
     end = start if meta.get("stopped_early") else spec.total_steps  # it stopped: no more steps
     clock = _Clock(spec)
+    clock.resume(meta.get("log_interval"))  # a preempted run's unfinished log interval
     preemption = PreemptionWatch(enabled=checkpointer is not None)
     try:
         preemption.install()
@@ -155,12 +156,14 @@ def run_loop(
                     last["stopped_early_at"] = step
                     break
                 clock.restart()  # the evaluation and the save are no training time
-            if preempted and checkpointer:
-                if pending is not None:
-                    _log(spec, writer, bar, clock, *pending, force=True)
+            preempted = preempted or (saved and preemption.noticed())  # came during the save
+            if preempted and checkpointer and step < end:  # at the end: finish the stage
+                if pending is not None:  # the log interval goes on after the resume
+                    last = _log(spec, writer, bar, clock, *pending) or last
+                    pending = None
                 if not saved:
                     writer.flush()
-                    _save(spec, checkpointer, state, step)
+                    _save(spec, checkpointer, state, step, interval=clock.partial())
                 checkpointer.wait()
                 raise Preempted(
                     stop_message("step", step, f"checkpoint {checkpointer.directory}/{step}")
@@ -213,10 +216,12 @@ def _evaluate(spec: LoopSpec, state: TrainState, step: int, writer: MetricsWrite
 
 
 def _save(
-    spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int, final: bool = False
-) -> None:
+    spec: LoopSpec, ckpt: Checkpointer, state: TrainState, step: int, final: bool = False,
+    interval: dict | None = None,
+) -> None:  # fmt: skip
     """Saves the state (or at the last step, or a `final` one such as an early stop, what
-    `final_save` makes of it), and each process's own data position with it."""
+    `final_save` makes of it), and each process's own data position with it; `interval`: the
+    unfinished log interval's sums (a preemption between log steps), for the resumed run."""
     data = spec.batches if hasattr(spec.batches, "get_state") else None
     tree, extra = state, {}
     if spec.final_save is not None and (final or step == spec.total_steps):
@@ -224,6 +229,8 @@ def _save(
     watch = {"watch": spec.watch.state()} if spec.watch else {}
     if final:
         watch["stopped_early"] = True  # a rerun after a crash trains no further
+    if interval:
+        watch["log_interval"] = interval
     ckpt.save(step, tree, dict(spec.meta, step=step, **watch, **extra), data=data)
 
 
@@ -257,6 +264,16 @@ class _Clock:
         self.steps += 1
         for k, v in host.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def partial(self) -> dict[str, Any] | None:
+        """The steps and metric sums since the last logged row (None: none)."""
+        return {"steps": self.steps, "sums": dict(self.sums)} if self.steps else None
+
+    def resume(self, saved: dict[str, Any] | None) -> None:
+        """Takes `partial()` of a preempted run, so the next row's means span the whole
+        interval, as the uninterrupted run's do."""
+        if saved:
+            self.steps, self.sums = int(saved["steps"]), dict(saved["sums"])
 
     def restart(self) -> None:
         """After an evaluation or a save (just after a logged row): the clock starts now."""

@@ -29,10 +29,18 @@ class Preempted(Exception):
     exit_code = 128 + signal.SIGTERM
 
 
-def _distributed() -> bool:
+def _mode() -> str:
+    """ "service": joined by jax.distributed with its preemption service (the default), which
+    owns SIGTERM; "local": one process, a Python handler; "off": several processes without
+    the service (JAX_ENABLE_PREEMPTION_SERVICE=false), where a process that saved alone would
+    hang the others' collective save, so SIGTERM keeps its default meaning."""
+    import jax
     from jax._src import distributed  # the public API has no "is the client up" query
 
-    return distributed.global_state.client is not None
+    g = distributed.global_state
+    if g.client is not None and g.preemption_sync_manager is not None:
+        return "service"
+    return "local" if jax.process_count() == 1 else "off"
 
 
 class PreemptionWatch:
@@ -42,7 +50,7 @@ class PreemptionWatch:
     the same start on all of them); it is True at the step the run should save and stop."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+        self.mode = _mode() if enabled else "off"
         self.notice: str | None = None  # the signal's name, once one arrived (one process)
         self._previous: Any = None
         self._installed = False
@@ -55,14 +63,10 @@ class PreemptionWatch:
         self.remove()
 
     def install(self) -> None:
-        # With jax.distributed up, jax's own notifier owns SIGTERM (and a Python handler would
-        # take it away from the other processes' agreement); off the main thread Python cannot
-        # install a handler: the signal then keeps its old meaning.
-        if (
-            self.enabled
-            and not _distributed()
-            and threading.current_thread() is threading.main_thread()
-        ):
+        # With the service, jax's own notifier owns SIGTERM (a Python handler would take it
+        # away from the processes' agreement); off the main thread Python cannot install a
+        # handler: the signal then keeps its old meaning.
+        if self.mode == "local" and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
 
@@ -75,13 +79,17 @@ class PreemptionWatch:
         self.notice = signal.Signals(signum).name
 
     def reached(self, step: int) -> bool:
-        if not self.enabled:
-            return False
-        if _distributed():
+        if self.mode == "service":
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self.notice is not None
+        return self.noticed()
+
+    def noticed(self) -> bool:
+        """One process: whether a notice has arrived by now (a loop asks again after a save,
+        to stop at it rather than save once more). With the service: False (the processes
+        agree only at `reached`)."""
+        return self._installed and self.notice is not None
 
 
 def stop_message(what: str, step: int, saved: str) -> str:

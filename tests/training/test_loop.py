@@ -3,10 +3,12 @@ steps alone (no compile, evaluation or save in them) and the loop still reads ea
 result only after the next is queued; every logged row is on disk, TensorBoard's too, before
 a checkpoint is written. A SIGTERM makes the loop save the step it is at and stop."""
 
+import json
 import os
 import signal
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from jaxllm.training import loop as loop_mod
@@ -62,8 +64,10 @@ class FakeCheckpointer:
     def __init__(self, device, run_dir):
         self.device, self.run_dir, self.on_disk = device, run_dir, {}
         self.directory = run_dir / "checkpoints"
+        self.meta = {}
 
     def save(self, step, state, meta, data=None):
+        self.meta[step] = meta
         # what a run killed right now would have left, then the save's own time
         tb = [s for s, _ in tb_scalars(self.run_dir / "tensorboard").get("loss", [])]
         rows = [r["step"] for r in read_metrics(self.run_dir / "metrics.jsonl") if "loss" in r]
@@ -123,21 +127,29 @@ def test_an_interval_of_the_first_step_alone_has_no_rates(tmp_path, monkeypatch)
     assert [r["tokens_per_s"] for r in rows[1:]] == pytest.approx([8 / STEP_S] * 2)
 
 
-@pytest.mark.parametrize("at", [7, 15])  # between checkpoints; at a checkpoint step
-def test_sigterm_saves_the_step_it_arrives_in_and_stops(tmp_path, monkeypatch, at):
-    dev = FakeDevice()
-    monkeypatch.setattr(loop_mod, "_now", lambda: dev.host)
-
+def _sigterm_spec(dev, at=0, log_every=5):
     def step(state, batch):
         if state.step + 1 == at:  # the notice arrives while step `at` is dispatched
             os.kill(os.getpid(), signal.SIGTERM)
         return dev.step(state, batch)
 
-    spec = LoopSpec(
+    return LoopSpec(
         step_fn=step, batches=iter(lambda: {}, None), to_device=lambda b: b,
-        total_steps=30, log_every=5, checkpoint_every=15, progress=False,
+        total_steps=30, log_every=log_every, checkpoint_every=15, progress=False,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("at", [7, 15, "save"])  # between checkpoints; at one; during its save
+def test_sigterm_saves_the_step_it_arrives_in_and_stops(tmp_path, monkeypatch, at):
+    dev = FakeDevice()
+    monkeypatch.setattr(loop_mod, "_now", lambda: dev.host)
     ckpt = FakeCheckpointer(dev, tmp_path)
+    if at == "save":  # a notice during the scheduled save at 15: stop there, save once
+        at, save = 15, ckpt.save
+        ckpt.save = lambda *a, **k: (save(*a, **k), os.kill(os.getpid(), signal.SIGTERM))
+        spec = _sigterm_spec(dev)
+    else:
+        spec = _sigterm_spec(dev, at)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted, match=rf"after step {at}: checkpoint .*checkpoints/{at};"):
         run_loop(spec, State(0), ckpt, tmp_path)
@@ -145,5 +157,50 @@ def test_sigterm_saves_the_step_it_arrives_in_and_stops(tmp_path, monkeypatch, a
     assert list(ckpt.on_disk) == [at]  # saved once, at that step, and no step after it ran
     assert dev.dispatched == at
     tb, jsonl = ckpt.on_disk[at]
-    expect = sorted({s for s in (5, 10, 15) if s <= at} | {at})
+    expect = [s for s in (5, 10, 15) if s <= at]  # no row off the log grid
     assert tb == expect and jsonl == expect, (tb, jsonl)
+    # the unfinished interval (steps 6, 7) goes into the checkpoint for the resumed run
+    assert ckpt.meta[at].get("log_interval") == (
+        {"steps": 2, "sums": {"loss": 2.0}} if at == 7 else None
+    )
+
+
+def test_sigterm_at_the_last_step_finishes_the_stage(tmp_path, monkeypatch):
+    dev = FakeDevice()
+    monkeypatch.setattr(loop_mod, "_now", lambda: dev.host)
+    ckpt = FakeCheckpointer(dev, tmp_path)
+    run_loop(_sigterm_spec(dev, 30), State(0), ckpt, tmp_path)  # no Preempted: it is done
+    assert list(ckpt.on_disk) == [15, 30]
+
+
+def test_a_resumed_log_interval_means_the_whole_interval():
+    """The row after a preemption between log steps averages every step of its interval, as
+    the uninterrupted run's row does (steps 1, 2 before the stop; 3, 4, 5 after)."""
+    spec = LoopSpec(step_fn=None, batches=None, to_device=None, total_steps=5, progress=False)
+    first = loop_mod._Clock(spec)
+    for loss in (1.0, 2.0):
+        first.add({"loss": loss})
+    second = loop_mod._Clock(spec)
+    second.resume(json.loads(json.dumps(first.partial())))  # through the checkpoint's JSON
+    for loss in (3.0, 4.0, 5.0):
+        second.add({"loss": loss})
+    assert second.means()["loss"] == pytest.approx(np.mean([1, 2, 3, 4, 5]))
+
+
+@pytest.mark.parametrize(
+    "client, manager, processes, mode",
+    [(None, None, 1, "local"), (object(), object(), 2, "service"), (object(), None, 1, "local"),
+     (object(), None, 2, "off")],
+)  # fmt: skip
+def test_preemption_mode_follows_jax_distributed(monkeypatch, client, manager, processes, mode):
+    """jax's preemption service when the processes joined with it; without it (turned off)
+    one process handles SIGTERM itself and several leave it alone (a lone save would hang)."""
+    import jax
+    from jax._src import distributed
+
+    from jaxllm.training import preemption
+
+    monkeypatch.setattr(distributed.global_state, "client", client)
+    monkeypatch.setattr(distributed.global_state, "preemption_sync_manager", manager)
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    assert preemption._mode() == mode
