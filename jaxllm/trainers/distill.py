@@ -297,7 +297,7 @@ class _Answerer:
         self.ends = {template.ids[END_TOKEN], template.ids["</s>"]}  # the turn's proper ends
 
     def __call__(self, path: Path, key: str, cap: int) -> tuple[list[dict], dict[str, Any]]:
-        d, records = self.d, PromptRecords([path])
+        d, records = self.d, PromptRecords([path], f"distill.{key}")
         picks, prompts, skipped = [], [], 0
         for i in range(len(records) if not cap else min(cap, len(records))):
             msgs = records[i]["messages"]

@@ -131,7 +131,7 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
     if not cfg.dpo.val_file:
         return None
     file = data_file(cfg.dpo.val_file, "dpo.val_file")
-    pairs, fits["val_fit"] = fit_report("dpo", file, template, cfg.loader.seq_len)
+    pairs, fits["val_fit"] = fit_report("dpo", file, template, cfg.loader.seq_len, "dpo.val_file")
     held_out = PairPass([file], template, cfg.loader, mesh, pairs)
     ref_table = reference_table(held_out, ref, mesh, cfg.mesh.rules, average=False)
 
@@ -192,7 +192,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(d.train_file, "dpo.train_file")]
-    pairs, fit = fit_report("dpo", train_files[0], template, cfg.loader.seq_len)
+    pairs, fit = fit_report("dpo", train_files[0], template, cfg.loader.seq_len, "dpo.train_file")
     fits = {"train_fit": fit}
     ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed,
                                  records=pairs, **opts)  # fmt: skip

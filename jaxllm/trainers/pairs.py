@@ -37,12 +37,13 @@ def pair_rows(batch: dict[str, jax.Array], key: str) -> jax.Array:
     return x.reshape(x.shape[0] * 2, *x.shape[2:])
 
 
-def fit_report(stage: str, file: Path, template, seq_len: int):
+def fit_report(stage: str, file: Path, template, seq_len: int, key: str = ""):
     """`(records, fit)`: the pairs of a preference file that do not cut to two identical
     rows at `seq_len` (`open_pairs`, for the batches) and `fit_pairs`'s counts, said (as
     SFT says its cut conversations) when a pair is cut; refuses a file whose every pair is
-    cut to two identical rows (nothing to learn or score)."""
-    records = PreferenceRecords([file])
+    cut to two identical rows (nothing to learn or score). `key`: the config key naming
+    `file`, for the message about a file without records."""
+    records = PreferenceRecords([file], key)
     keep, fit = fit_pairs(records, template, seq_len)
     if fit["cut"] and jax.process_index() == 0:
         print(f"{stage}: {fit['cut']} of {fit['pairs']} pairs in {file} are longer than "

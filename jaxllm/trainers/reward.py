@@ -89,7 +89,9 @@ def _reward_evaluator(cfg: Config, graphdef, shardings, mesh, template, fits: di
     if not cfg.reward.val_file:
         return None
     file = data_file(cfg.reward.val_file, "reward.val_file")
-    pairs, fits["val_fit"] = fit_report("reward", file, template, cfg.loader.seq_len)
+    pairs, fits["val_fit"] = fit_report(
+        "reward", file, template, cfg.loader.seq_len, "reward.val_file"
+    )
     held_out = PairPass([file], template, cfg.loader, mesh, pairs)
 
     def scorer(graphdef, shardings):
@@ -135,7 +137,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(cfg.reward.train_file, "reward.train_file")]
-    pairs, fit = fit_report("reward", train_files[0], template, cfg.loader.seq_len)
+    pairs, fit = fit_report(
+        "reward", train_files[0], template, cfg.loader.seq_len, "reward.train_file"
+    )
     fits = {"train_fit": fit}
     ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed,
                                  records=pairs, **opts)  # fmt: skip

@@ -314,3 +314,13 @@ def test_files_without_records_are_refused_naming_the_key(tmp_path, text):
         PreferenceRecords([path])  # no key: the reward / DPO fit report's call
     with pytest.raises(DataError, match=rf"^config key 'grpo.prompt_file': {path} holds no rec"):
         PromptRecords([path], key="grpo.prompt_file")
+
+
+def test_stage_fit_report_names_the_file_key(tmp_path, template):
+    """reward / dpo read their files through `fit_report`: an empty one names its key."""
+    from jaxllm.trainers.pairs import fit_report
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=rf"^config key 'reward.val_file': {path} holds no records"):
+        fit_report("reward", path, template, 64, "reward.val_file")
