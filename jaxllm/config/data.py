@@ -94,7 +94,8 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """`stage: tokenizer` — train a sentencepiece model; later stages load it from `path`."""
+    """`stage: tokenizer` — train a sentencepiece (or WordPiece) model into the run directory;
+    later stages load it through `inputs.tokenizer`."""
 
     # bpe/unigram/char/word: sentencepiece (decoders); wordpiece: BERT's, via HF tokenizers
     # (encoders; byte_fallback, character_coverage and max_sentence_length are sentencepiece's)
@@ -107,10 +108,15 @@ class TokenizerConfig:
     max_train_chars: int = 50_000_000  # cap on the text fed to the trainer (seeded sample)
     max_sentence_length: int = 16_384  # longest training line in bytes (longer lines are split)
     num_threads: int = 2
-    path: str = ""  # an existing tokenizer model; "" = the pipeline's or this run's
+    path: str = ""  # no effect, kept so older run configs load: refused unless empty
     lowercase: bool = False  # wordpiece: lower-case and strip accents (BERT "uncased")
 
     def _validate(self) -> None:
+        if self.path:  # a setting that did nothing would look like it chose the tokenizer
+            raise ValueError(
+                "path: has no effect; a stage takes its tokenizer from inputs.tokenizer (or "
+                "its input checkpoint's), stage: tokenizer trains one into its run directory"
+            )
         at_least(self, 1, "max_train_chars")
         # a piece of a split line holds one UTF-8 character (up to 4 bytes) at least
         at_least(self, 4, "max_sentence_length", note=" (bytes)")
