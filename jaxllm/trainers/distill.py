@@ -227,8 +227,9 @@ def _teacher_ce(teacher_graphdef: nnx.GraphDef):
 
 def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path) -> dict:
     """The same student, init and batches on the data alone (alpha = 0, no teacher forward);
-    its metrics go to `baseline/metrics.jsonl`, no checkpoints: early stopping applies as to
-    the student, but `keep_best` does not (`best/` is the distilled student's)."""
+    its metrics go to `baseline/metrics.jsonl` and its checkpoints to `baseline/checkpoints`
+    (so a killed or preempted run resumes the baseline too): early stopping applies as to the
+    student, but `keep_best` does not (`best/` is the distilled student's)."""
     t = cfg.train
     graphdef, state, shardings, _ = student.init()
     step = make_train_step(
@@ -240,7 +241,10 @@ def _baseline(cfg, student: _Student, tx, mesh, stream, evaluate, run_dir: Path)
     out = run_dir / "baseline"
     if jax.process_index() == 0:  # its metrics: process 0's, like every run file
         out.mkdir(parents=True, exist_ok=True)
-    _, last = run_loop(spec, state, None, out)
+    ckpt = Checkpointer(out / "checkpoints", t.keep_checkpoints, t.async_checkpoint)
+    state, _ = restore_or_init(ckpt, state, shardings, stream)
+    _, last = run_loop(spec, state, ckpt, out)
+    ckpt.close()
     return {
         "final_train_loss_baseline": last.get("loss"),
         "val_loss_baseline": round(last["eval_loss"], 4),

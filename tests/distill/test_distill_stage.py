@@ -2,7 +2,10 @@
 both validation losses and the teacher's in the summary; the student's checkpoint loads as a
 plain decoder) and black-box (the teacher's answers are valid SFT records, handed to sft)."""
 
+import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import jax
@@ -17,6 +20,7 @@ from jaxllm.sharding import make_mesh
 from jaxllm.trainers import distill
 from jaxllm.trainers.lm import load_checkpoint_model
 from jaxllm.trainers.pipeline import fill_inputs
+from jaxllm.training.preemption import Preempted
 from tests.sft.conftest import ROOT
 
 STUDENT = {"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32, "max_seq_len": 128}
@@ -106,3 +110,37 @@ def test_black_box_writes_sft_records_for_the_next_stage(tmp_path, teacher):
     filled = fill_inputs(sft_cfg, out)
     assert filled.inputs.sft_data == out["sft_data"]
     assert filled.inputs.sft_val_data == out["sft_val_data"]
+
+
+def test_preempted_baseline_resumes_from_its_checkpoint(tmp_path, teacher, monkeypatch):
+    """The baseline trains after the student, in the same run: a SIGTERM there saves the
+    baseline's step, and the rerun finishes it with the uninterrupted run's figures."""
+    full = run(white_box_raw(teacher, tmp_path / "full"))
+    real = distill.run_loop
+
+    def run_loop(spec, state, ckpt, run_dir):  # the notice arrives in the baseline's step 2
+        if spec.desc.startswith("baseline"):
+            step_fn = spec.step_fn
+
+            def step(s, b):
+                if int(s.step) == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step_fn(s, b)
+
+            spec = dataclasses.replace(spec, step_fn=step)
+        return real(spec, state, ckpt, run_dir)
+
+    raw = white_box_raw(teacher, tmp_path / "cut")
+    with monkeypatch.context() as m:
+        m.setattr(distill, "run_loop", run_loop)
+        with pytest.raises(Preempted, match=r"after step 2: checkpoint .*baseline/checkpoints/2"):
+            run(raw)
+    again = run(raw)
+    for key in ("val_loss_baseline", "final_train_loss_baseline", "val_loss_distilled"):
+        assert again[key] == full[key], key
+
+    def losses(d):
+        lines = (d / "baseline/metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, lines)]
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
