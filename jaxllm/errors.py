@@ -15,3 +15,8 @@ class DataError(JaxllmError):
 
 class RunDirError(JaxllmError):
     """A run directory that would be overwritten or resumed against the user's intent."""
+
+
+class PromptError(JaxllmError, ValueError):
+    """A prompt the model cannot take (too long for its learned positions, ids outside its
+    vocabulary): one line for a user; still a ValueError for library callers."""

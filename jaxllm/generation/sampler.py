@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxllm.errors import PromptError
 from jaxllm.generation.sampling import sample_logits, token_logprobs
 from jaxllm.sharding import constrain, use_rules
 from jaxllm.sharding.batch import (
@@ -349,14 +350,15 @@ class Sampler:
             self._cfg = nnx.merge(self.graphdef, state).cfg
         cfg = self._cfg
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise ValueError(
+            raise PromptError(
                 f"prompt token ids must be in [0, {cfg.vocab_size}) (the model's vocab_size), "
                 f"got {tokens.min()}..{tokens.max()}: tokenizer and model do not match?"
             )
         if cfg.positions == "learned" and longest + max_new_tokens - 1 > cfg.max_seq_len:
-            raise ValueError(
+            raise PromptError(
                 f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                f"model's max_seq_len {cfg.max_seq_len} (learned positions): shorten either"
+                f"model's max_seq_len {cfg.max_seq_len} (learned positions): shorten the "
+                "prompt or lower max_new_tokens (e.g. generate.max_new_tokens)"
             )
 
 

@@ -66,7 +66,9 @@ class Conversation:
         self.history: list[dict[str, str]] = []
         # every structural token ends the answer: a role token in a reply would be refused by
         # the template on the next turn (`<|end|>` and `</s>` are the proper ends)
-        self.stop_ids = sorted(i for i in {*self.template.ids.values(), tok.eos_id} if i >= 0)
+        # the answer's end, a HF model's other generation_config.json end ids (as generate)
+        ends = {*self.template.ids.values(), *getattr(tok, "eos_ids", [tok.eos_id])}
+        self.stop_ids = sorted(i for i in ends if i >= 0)
         self.key, self.calls = jax.random.key(0), 0
 
     def reset(self, system: str | None = None) -> None:

@@ -180,3 +180,22 @@ def test_the_chat_stage_writes_its_transcript_after_ctrl_c(monkeypatch, tok, tin
     rows = [json.loads(x) for x in (tmp_path / "chat.jsonl").read_text().splitlines()]
     assert [(r["user"], r["assistant"]) for r in rows] == [("caf\ufffd?", "ok")]
     assert json.loads((tmp_path / "summary.json").read_text())["turns"] == 1
+
+
+class _TwoEnds:
+    """`tok` with a HF model's second end id (generation_config.json's eos list)."""
+
+    def __init__(self, tok, extra: int):
+        self._tok, self.eos_ids = tok, [tok.eos_id, extra]
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_every_eos_id_of_the_tokenizer_ends_the_reply(monkeypatch, tok):
+    """As generate, serve and eval: an imported model's other end ids stop the answer too."""
+    extra = tok.encode("zz", specials=False)[0]  # an ordinary piece, standing in for one
+    Script(monkeypatch, [tok.encode("ab") + [extra] + tok.encode("cd") + [end(tok)]])
+    conv = Conversation(None, None, _TwoEnds(tok, extra), 64, ChatConfig(max_new_tokens=16))
+    transcript = repl(conv, ["Hi"], io.StringIO())
+    assert transcript[0]["assistant"] == tok.decode(tok.encode("ab"))

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxllm.config import GenerateConfig, ModelConfig
+from jaxllm.errors import JaxllmError, PromptError
 from jaxllm.generation import Sampler, generate_text, sample_logits, token_logprobs
 from jaxllm.generation import sampler as sampler_mod
 from jaxllm.generation.sampling import filter_logits
@@ -215,10 +216,12 @@ def test_max_new_tokens_one_and_length_check():
     res = run("gpt2", max_new_tokens=1)
     assert res.num_tokens == [1] * 4
     assert [t[0] for t in res.tokens] == [t[0] for t in run("gpt2").tokens]
-    with pytest.raises(ValueError, match="max_seq_len"):
+    # a JaxllmError (one line from `python -m jaxllm.main`) that is still a ValueError
+    with pytest.raises(PromptError, match="max_seq_len") as e:
         run("gpt2", max_new_tokens=60)  # learned positions stop at 64
+    assert isinstance(e.value, JaxllmError) and isinstance(e.value, ValueError)
     graphdef, state = model("gpt2")
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(PromptError, match="vocab_size"):
         Sampler(graphdef)(state, [[1, V]], max_new_tokens=2, key=jax.random.key(0))
 
 
