@@ -368,9 +368,10 @@ def test_config_file_not_utf8_is_one_line_naming_the_byte(tmp_path):
     assert str(e.value) == f"{p}: not UTF-8 text (byte {offset})"
 
 
-def test_tokenizer_path_that_would_do_nothing_is_refused():
+def test_tokenizer_path_that_would_do_nothing_is_refused(tmp_path):
     """`tokenizer.path` is kept so older run configs (all keys dumped) still load, empty;
     a value would have looked like it chose the tokenizer, and done nothing."""
-    assert from_dict({"stage": "tokenizer", "tokenizer": {"path": ""}}).tokenizer.path == ""
+    old = from_dict({"stage": "tokenizer", "tokenizer": {"path": "my.model"}})  # metadata
+    assert old.tokenizer.path == "my.model"
     with pytest.raises(ConfigError, match=r"'tokenizer.path': has no effect; .*inputs.tokenizer"):
-        from_dict({"stage": "tokenizer", "tokenizer": {"path": "my.model"}})
+        load_config(write(tmp_path, "t.yaml", {"stage": "tokenizer"}), ["tokenizer.path=my.model"])

@@ -218,7 +218,22 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
                 )
     for key, value in late:
         set_dotted(raw, key, value)
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    _refuse_dead_keys(cfg)
+    return cfg
+
+
+def _refuse_dead_keys(cfg: Config, prefix: str = "") -> None:
+    """Keys kept only so that older run configs (checkpoint metadata, every key dumped) still
+    load: a config a user writes must not set them, as they would do nothing."""
+    if cfg.tokenizer.path:
+        raise ConfigError(
+            f"config key '{prefix}tokenizer.path': has no effect; a stage takes its tokenizer "
+            "from inputs.tokenizer (or its input checkpoint's), stage: tokenizer trains one "
+            "into its run directory"
+        )
+    for i, sub in enumerate(cfg.pipeline):
+        _refuse_dead_keys(sub, f"{prefix}pipeline.{i}.")
 
 
 # keys of a pipeline itself; `seed` and `progress` are the pipeline's and every stage's

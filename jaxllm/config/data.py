@@ -108,15 +108,10 @@ class TokenizerConfig:
     max_train_chars: int = 50_000_000  # cap on the text fed to the trainer (seeded sample)
     max_sentence_length: int = 16_384  # longest training line in bytes (longer lines are split)
     num_threads: int = 2
-    path: str = ""  # no effect, kept so older run configs load: refused unless empty
+    path: str = ""  # no effect, kept so older run configs load (load_config refuses a value)
     lowercase: bool = False  # wordpiece: lower-case and strip accents (BERT "uncased")
 
     def _validate(self) -> None:
-        if self.path:  # a setting that did nothing would look like it chose the tokenizer
-            raise ValueError(
-                "path: has no effect; a stage takes its tokenizer from inputs.tokenizer (or "
-                "its input checkpoint's), stage: tokenizer trains one into its run directory"
-            )
         at_least(self, 1, "max_train_chars")
         # a piece of a split line holds one UTF-8 character (up to 4 bytes) at least
         at_least(self, 4, "max_sentence_length", note=" (bytes)")

@@ -58,6 +58,7 @@ from jaxllm.training.loop import run_loop
 from jaxllm.training.losses import cross_entropy, distill_loss
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.optim import lr_schedule, make_optimizer
+from jaxllm.training.preemption import check_deferred, clear_deferred
 from jaxllm.training.state import count_params, create_train_state
 from jaxllm.training.step import make_eval_step, make_train_step
 
@@ -135,6 +136,7 @@ class _Student:
 
 def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     """Trains the student on the teacher's logits (and, with `baseline`, without them)."""
+    clear_deferred()  # a notice from an earlier run of this process is not this run's
     d, t, mesh = cfg.distill, cfg.train, make_mesh(cfg.mesh)
     tg, tstate, tshard, tm, tmeta = load_frozen_model(
         require_input(cfg, "checkpoint"), mesh, cfg.mesh.rules
@@ -205,6 +207,7 @@ def white_box(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     }
     del state
     if d.baseline:
+        check_deferred("the baseline student")  # a notice at the student's last step
         summary.update(_baseline(cfg, student, tx, mesh, batches(), evaluate, run_dir.path))
         gain = summary["val_loss_baseline"] - summary["val_loss_distilled"]
         summary.update(distill_gain=round(gain, 4), distilled_beats_baseline=gain > 0)

@@ -16,11 +16,15 @@ from jaxllm.rundir import RunDir
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     from jaxllm.trainers import run_stage
+    from jaxllm.training.preemption import check_deferred, clear_deferred
 
+    clear_deferred()
     outputs: dict[str, str] = {}
     stages = []
     for i, sub in enumerate(cfg.pipeline, start=1):
         sub = fill_inputs(sub, outputs)
+        if i > 1:  # a notice the last stage's loop got at its end: stop between stages
+            check_deferred(f"stage {i} ({sub.name})")
         print(
             f"[pipeline {cfg.name}] {i}/{len(cfg.pipeline)}: {sub.stage} ({sub.name}) → {sub.run_dir}"
         )

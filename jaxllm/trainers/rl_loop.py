@@ -53,7 +53,7 @@ from jaxllm.trainers.rollout import (
     make_scoring_pass,
     stop_ids,
 )
-from jaxllm.training.preemption import Preempted, PreemptionWatch, stop_message
+from jaxllm.training.preemption import Preempted, PreemptionWatch, defer, stop_message
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -236,6 +236,7 @@ def run_iterations(
     bar = tqdm(total=s.iterations, initial=start, desc=f"{cfg.stage} {cfg.name}",
                disable=not cfg.progress)  # fmt: skip
     preemption = PreemptionWatch()
+    preempted = False
     try:
         preemption.install()
         for it in range(start + 1, s.iterations + 1):
@@ -267,7 +268,9 @@ def run_iterations(
                     saved = f"the rerun goes on from {resume_path(run_dir)}/{kept}{why}"
                 else:
                     saved = f"no checkpoint yet, the rerun starts over{why}"
-                raise Preempted(stop_message("iteration", it, saved))
+                raise Preempted(stop_message(f"iteration {it}", saved))
+        if preempted or preemption.noticed():  # at the last iteration: the stage finishes,
+            defer()  # and the process starts no other loop
     finally:
         preemption.remove()
         bar.close()

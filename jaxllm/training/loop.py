@@ -33,7 +33,7 @@ from tqdm import tqdm
 from jaxllm.errors import JaxllmError
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.metrics import MetricsWriter, plain_value
-from jaxllm.training.preemption import Preempted, PreemptionWatch, stop_message
+from jaxllm.training.preemption import Preempted, PreemptionWatch, defer, stop_message
 from jaxllm.training.state import TrainState
 
 
@@ -130,6 +130,7 @@ def run_loop(
     clock = _Clock(spec)
     clock.resume(meta.get("log_interval"))  # a preempted run's unfinished log interval
     preemption = PreemptionWatch(enabled=checkpointer is not None)
+    preempted = False
     try:
         preemption.install()
         for step in range(start + 1, end + 1):
@@ -166,8 +167,10 @@ def run_loop(
                     _save(spec, checkpointer, state, step, interval=clock.partial())
                 checkpointer.wait()
                 raise Preempted(
-                    stop_message("step", step, f"checkpoint {checkpointer.directory}/{step}")
+                    stop_message(f"step {step}", f"checkpoint {checkpointer.directory}/{step}")
                 )
+        if preempted or preemption.noticed():  # at the last step or an early stop: the stage
+            defer()  # finishes, and the process starts no other loop (`check_deferred`)
         if pending is not None:
             last = _log(spec, writer, bar, clock, *pending, force=True) or last
         if start >= end:

@@ -43,6 +43,30 @@ def _mode() -> str:
     return "local" if jax.process_count() == 1 else "off"
 
 
+_deferred: list[str] = []  # a notice a loop got at its last step, when it finished instead
+
+
+def defer() -> None:
+    """A loop got the notice at its last step (or an early stop) and finished its stage: the
+    next loop of this process (a pipeline's next stage, distillation's baseline) must not
+    start. The flag is this process's alone; with the service every process sets it alike
+    (they agreed on the step)."""
+    _deferred[:] = ["SIGTERM"]
+
+
+def clear_deferred() -> None:
+    """At the start of a run that checks (a long-lived process, e.g. a notebook kernel, may
+    hold a notice from an earlier, finished run)."""
+    _deferred.clear()
+
+
+def check_deferred(what: str) -> None:
+    """Raises `Preempted` (once) if a finished loop deferred a notice, before `what` starts."""
+    if _deferred:
+        _deferred.clear()
+        raise Preempted(stop_message("the stage before it finished", f"{what} not started"))
+
+
 class PreemptionWatch:
     """`with PreemptionWatch() as watch:` ... `if watch.reached(step): save and raise`.
 
@@ -92,11 +116,12 @@ class PreemptionWatch:
         return self._installed and self.notice is not None
 
 
-def stop_message(what: str, step: int, saved: str) -> str:
-    """The line `Preempted` carries: which step, what was saved, how to go on."""
+def stop_message(after: str, saved: str) -> str:
+    """The line `Preempted` carries: where it stopped ("step 7"), what was saved, how to go
+    on."""
     import jax
 
     return (
-        f"preempted (SIGTERM) after {what} {step}: {saved}; run the same command again to "
+        f"preempted (SIGTERM) after {after}: {saved}; run the same command again to "
         f"resume{'' if jax.process_count() == 1 else ' (on every process)'}"
     )

@@ -112,18 +112,26 @@ def test_black_box_writes_sft_records_for_the_next_stage(tmp_path, teacher):
     assert filled.inputs.sft_val_data == out["sft_val_data"]
 
 
-def test_preempted_baseline_resumes_from_its_checkpoint(tmp_path, teacher, monkeypatch):
-    """The baseline trains after the student, in the same run: a SIGTERM there saves the
-    baseline's step, and the rerun finishes it with the uninterrupted run's figures."""
+@pytest.mark.parametrize(
+    "where, message",
+    [("baseline", r"after step 2: checkpoint .*baseline/checkpoints/2"),
+     ("student", r"after the stage before it finished: the baseline student not started")],
+)  # fmt: skip
+def test_preempted_baseline_resumes_from_its_checkpoint(
+    tmp_path, teacher, monkeypatch, where, message
+):
+    """The baseline trains after the student, in the same run: a SIGTERM in the baseline's
+    step 2 saves that step; one in the student's last step lets the student finish, and the
+    baseline does not start. Either way the rerun gives the uninterrupted run's figures."""
     full = run(white_box_raw(teacher, tmp_path / "full"))
     real = distill.run_loop
 
-    def run_loop(spec, state, ckpt, run_dir):  # the notice arrives in the baseline's step 2
-        if spec.desc.startswith("baseline"):
-            step_fn = spec.step_fn
+    def run_loop(spec, state, ckpt, run_dir):
+        if spec.desc.startswith("baseline") == (where == "baseline"):
+            step_fn, at = spec.step_fn, 1 if where == "baseline" else spec.total_steps - 1
 
             def step(s, b):
-                if int(s.step) == 1:
+                if int(s.step) == at:  # the notice arrives in step at + 1
                     os.kill(os.getpid(), signal.SIGTERM)
                 return step_fn(s, b)
 
@@ -133,7 +141,7 @@ def test_preempted_baseline_resumes_from_its_checkpoint(tmp_path, teacher, monke
     raw = white_box_raw(teacher, tmp_path / "cut")
     with monkeypatch.context() as m:
         m.setattr(distill, "run_loop", run_loop)
-        with pytest.raises(Preempted, match=r"after step 2: checkpoint .*baseline/checkpoints/2"):
+        with pytest.raises(Preempted, match=message):
             run(raw)
     again = run(raw)
     for key in ("val_loss_baseline", "final_train_loss_baseline", "val_loss_distilled"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxllm.training import loop as loop_mod
+from jaxllm.training import preemption
 from jaxllm.training.loop import LoopSpec, run_loop
 from jaxllm.training.metrics import read_metrics
 from jaxllm.training.preemption import Preempted
@@ -171,6 +172,10 @@ def test_sigterm_at_the_last_step_finishes_the_stage(tmp_path, monkeypatch):
     ckpt = FakeCheckpointer(dev, tmp_path)
     run_loop(_sigterm_spec(dev, 30), State(0), ckpt, tmp_path)  # no Preempted: it is done
     assert list(ckpt.on_disk) == [15, 30]
+    # ... but the process starts no other loop: a pipeline's next stage stops before it starts
+    with pytest.raises(Preempted, match="the stage before it finished: stage 2 .* not started"):
+        preemption.check_deferred("stage 2 (sft)")
+    preemption.check_deferred("stage 3")  # once: the notice was acted on
 
 
 def test_a_resumed_log_interval_means_the_whole_interval():
