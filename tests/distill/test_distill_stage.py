@@ -112,18 +112,25 @@ def test_black_box_writes_sft_records_for_the_next_stage(tmp_path, teacher):
     assert filled.inputs.sft_val_data == out["sft_val_data"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(teacher, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("full") / "run"
+    return run(white_box_raw(teacher, out)), out
+
+
 @pytest.mark.parametrize(
     "where, message",
     [("baseline", r"after step 2: checkpoint .*baseline/checkpoints/2"),
-     ("student", r"after the stage before it finished: the baseline student not started")],
+     pytest.param("student", r"after the stage before it finished: the baseline student not "
+                  "started", marks=pytest.mark.slow)],  # the deferral: fast in test_loop.py
 )  # fmt: skip
 def test_preempted_baseline_resumes_from_its_checkpoint(
-    tmp_path, teacher, monkeypatch, where, message
+    tmp_path, teacher, monkeypatch, uninterrupted, where, message
 ):
     """The baseline trains after the student, in the same run: a SIGTERM in the baseline's
     step 2 saves that step; one in the student's last step lets the student finish, and the
     baseline does not start. Either way the rerun gives the uninterrupted run's figures."""
-    full = run(white_box_raw(teacher, tmp_path / "full"))
+    full, full_dir = uninterrupted
     real = distill.run_loop
 
     def run_loop(spec, state, ckpt, run_dir):
@@ -151,4 +158,4 @@ def test_preempted_baseline_resumes_from_its_checkpoint(
         lines = (d / "baseline/metrics.jsonl").read_text().splitlines()
         return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, lines)]
 
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert losses(tmp_path / "cut") == losses(full_dir)
