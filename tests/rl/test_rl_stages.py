@@ -225,6 +225,7 @@ def test_ppo_with_qlora_saves_the_dequantised_merged_policy(tmp_path, tiny_ckpt)
     )
 
 
+@pytest.mark.slow  # 15 s; the loop's preemption logic is fast in tests/training/test_loop.py
 def test_grpo_sigterm_saves_the_iteration_and_the_rerun_goes_on(tmp_path, tiny_ckpt, monkeypatch):
     """A preemption notice during iteration 1 of 2 (no scheduled checkpoint before the last):
     the run saves iteration 1's resume state and stops; the same config goes on from it."""
