@@ -43,7 +43,7 @@ def _mode() -> str:
     return "local" if jax.process_count() == 1 else "off"
 
 
-_deferred: list[str] = []  # a notice a loop got at its last step, when it finished instead
+_deferred: list[str] = []  # ["SIGTERM"]: a loop got the notice at its last step and finished
 
 
 def defer() -> None:
@@ -68,7 +68,8 @@ def check_deferred(what: str) -> None:
 
 
 class PreemptionWatch:
-    """`with PreemptionWatch() as watch:` ... `if watch.reached(step): save and raise`.
+    """`watch.install()` before a loop, `if watch.reached(step): save and raise` in it,
+    `watch.remove()` after it (in a `finally`).
 
     `reached(step)` must be called at every step by every process (steps counting up from
     the same start on all of them); it is True at the step the run should save and stop."""
@@ -78,13 +79,6 @@ class PreemptionWatch:
         self.notice: str | None = None  # the signal's name, once one arrived (one process)
         self._previous: Any = None
         self._installed = False
-
-    def __enter__(self) -> PreemptionWatch:
-        self.install()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def install(self) -> None:
         # With the service, jax's own notifier owns SIGTERM (a Python handler would take it
