@@ -281,12 +281,36 @@ def test_out_of_range_counts_and_sizes_fail_at_load_naming_the_key(key, bad, goo
         ({"eval": {"models": [{"name": "", "checkpoint": "c"}]}}, "eval.models.0.name"),
         ({"ppo": {"kl_horizon": 0}}, "ppo.kl_horizon"),
         ({"scaling": {"tokens": []}}, "scaling.tokens"),
+        # these were one message per group, named after its first key
+        ({"generate": {"top_k": -1}}, "generate.top_k"),
+        ({"generate": {"top_p": 0.0}}, "generate.top_p"),
+        ({"chat": {"top_p": 1.5}}, "chat.top_p"),
+        ({"chat": {"stream": 0}}, "chat.stream"),
+        ({"chat": {"max_turns": -1}}, "chat.max_turns"),
+        ({"eval": {"limit": -1}}, "eval.limit"),
+        ({"eval": {"max_len": -1}}, "eval.max_len"),
+        ({"serve": {"max_queue": 0}}, "serve.max_queue"),
+        ({"serve": {"min_bucket": 0}}, "serve.min_bucket"),
+        ({"score": {"max_len": 1}}, "score.max_len"),
+        ({"embed": {"max_len": 1}}, "embed.max_len"),
+        ({"ppo": {"lam": 1.5}}, "ppo.lam"),
     ],
 )  # fmt: skip
 def test_combined_checks_name_the_key_that_is_wrong(raw, key):
     with pytest.raises(ConfigError) as e:
         from_dict({"stage": "data", **raw})
     assert str(e.value).startswith(f"config key '{key}': ")
+
+
+def test_set_into_a_list_the_file_does_not_give_says_to_set_the_list(tmp_path):
+    p = write(tmp_path, "x.yaml", {"stage": "grpo", "grpo": {"rewards": ["arithmetic"]}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["grpo.reward_weights.0=2"])
+    assert str(e.value) == (
+        "--set grpo.reward_weights.0: the config gives no list at grpo.reward_weights to "
+        "index; set the whole list, e.g. --set 'grpo.reward_weights=[...]'"
+    )
+    assert load_config(p, ["grpo.reward_weights=[2]"]).grpo.reward_weights == (2.0,)
 
 
 FLOAT_KEYS = [

@@ -332,7 +332,7 @@ def _expand_pipeline(
                         sub.setdefault(key, raw[key])
                 sub["pipeline"] = _expand_pipeline(sub, inc.parent, depth + 1, sets, reached)
         for key, value in entry.items():
-            set_dotted(sub, str(key), value)
+            set_dotted(sub, str(key), value, where=f"pipeline.{i - 1}:")
         sub.setdefault("name", str(sub.get("stage", f"stage{i}")))
         sub.setdefault("output_dir", f"{pipe_dir}/{i}-{sub['name']}")
         for key in ("seed", "progress"):

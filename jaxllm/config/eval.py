@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from jaxllm.config.checks import at_least, sampling
+
 
 @dataclass(frozen=True)
 class EvalModelConfig:
@@ -42,8 +44,9 @@ class EvalConfig:
     def _validate(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: name at least one task")
-        if self.batch_size < 1 or self.limit < 0 or self.max_len < 0:
-            raise ValueError("batch_size: need batch_size >= 1, limit >= 0, max_len >= 0")
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "limit", note=" (0: every record)")
+        at_least(self, 0, "max_len", note=" (0: the model's max_seq_len)")
         if self.samples < -1:
             raise ValueError(f"samples: -1 (all), 0 (none) or a count, got {self.samples}")
         if self.num_fewshot < -1:
@@ -72,7 +75,6 @@ class ChatConfig:
                 f"system: set beside the library prompt chat.prompt ({self.prompt!r}); keep one "
                 "(--set \"chat.prompt=''\" clears the library prompt)"
             )
-        if not self.temperature >= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
-        if self.max_new_tokens < 1 or self.max_turns < 0 or self.stream < 1:
-            raise ValueError("max_new_tokens: must be >= 1 (and max_turns >= 0, stream >= 1)")
+        sampling(self)
+        at_least(self, 1, "max_new_tokens", "stream")
+        at_least(self, 0, "max_turns", note=" (0: until `exit` or end of input)")

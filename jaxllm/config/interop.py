@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from jaxllm.config.checks import at_least
+
 
 @dataclass(frozen=True)
 class HFConfig:
@@ -42,8 +44,8 @@ class ScoreConfig:
     max_len: int = 512  # longer inputs are cut
 
     def _validate(self) -> None:
-        if self.batch_size < 1 or self.max_len < 2:
-            raise ValueError("batch_size: need batch_size >= 1 and max_len >= 2")
+        at_least(self, 1, "batch_size")
+        at_least(self, 2, "max_len")
 
 
 @dataclass(frozen=True)
@@ -59,5 +61,5 @@ class EmbedConfig:
     max_len: int = 512  # longer texts are cut (to the model's max_seq_len at most)
 
     def _validate(self) -> None:
-        if self.batch_size < 1 or self.max_len < 2:
-            raise ValueError("batch_size: need batch_size >= 1 and max_len >= 2")
+        at_least(self, 1, "batch_size")
+        at_least(self, 2, "max_len")

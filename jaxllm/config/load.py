@@ -82,22 +82,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Sets `a.b.0.c` inside nested dicts/lists, creating missing mappings."""
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str = "--set") -> None:
+    """Sets `a.b.0.c` inside nested dicts/lists, creating missing mappings; errors name the
+    key after `where` (the command line's `--set`, or the pipeline entry that gave it)."""
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node = node[_list_index(node, part, parts[: i + 1])]
+            node = node[_list_index(node, part, parts[: i + 1], where)]
             continue
         if not isinstance(node.get(part), dict | list):
+            if parts[i + 1].isdigit():  # an index into a list the config does not give
+                at = ".".join(parts[: i + 1])
+                whole = f"--set '{at}=[...]'" if where == "--set" else f"{at}: [...]"
+                raise ConfigError(
+                    f"{where} {key}: the config gives no list at {at} to index; set the "
+                    f"whole list, e.g. {whole}"
+                )
             node[part] = {}
         node = node[part]
     if isinstance(node, list):
-        node[_list_index(node, parts[-1], parts)] = value
+        node[_list_index(node, parts[-1], parts, where)] = value
     elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
         for k, v in value.items():  # a mapping merges into a mapping, key by key
-            set_dotted(node[parts[-1]], str(k), v)
+            set_dotted(node[parts[-1]], str(k), v, where)
     else:
         node[parts[-1]] = value
 
@@ -143,9 +151,9 @@ def parse_set_value(key: str, text: str, tp: Any) -> Any:
         ) from None
 
 
-def _list_index(node: list, part: str, parts: list[str]) -> int:
+def _list_index(node: list, part: str, parts: list[str], where: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {'.'.join(parts)}: no list item {part} (list has {len(node)})")
+        raise ConfigError(f"{where} {'.'.join(parts)}: no list item {part} (list has {len(node)})")
     return int(part)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from jaxllm.config.checks import above, at_least
+from jaxllm.config.checks import above, at_least, sampling
 
 
 @dataclass(frozen=True)
@@ -303,6 +303,5 @@ class GenerateConfig:
     def _validate(self) -> None:
         if self.system and not self.chat:
             raise ValueError("system: a system prompt needs chat: true")
-        if not self.temperature >= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ValueError("temperature: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        sampling(self)
         at_least(self, 1, "max_new_tokens", "batch_size")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from jaxllm.config.checks import above, at_least
+from jaxllm.config.checks import above, at_least, within
 
 _KL = ("k1", "k2", "k3")
 
@@ -115,8 +115,7 @@ class PPOConfig:
                 f"minibatch_size: {self.minibatch_size} does not divide rollout_batch "
                 f"{self.rollout_batch}"
             )
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("gamma, lam: must be in [0, 1]")
+        within(self, 0.0, 1.0, "gamma", "lam")
         at_least(self, 0, "kl_coef")
         above(self, 0, "kl_target")
         at_least(self, 1, "kl_horizon")

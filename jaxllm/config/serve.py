@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxllm.config.checks import at_least
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -27,9 +29,7 @@ class ServeConfig:
     warmup: bool = True  # compile the programs before listening
 
     def _validate(self) -> None:
-        if self.slots < 1 or self.prefill_batch < 1 or self.max_queue < 1:
-            raise ValueError("slots: need slots, prefill_batch and max_queue >= 1")
-        if self.max_len < 0 or self.max_tokens < 1 or self.min_bucket < 1:
-            raise ValueError("max_len: need max_len >= 0, max_tokens >= 1, min_bucket >= 1")
+        at_least(self, 1, "slots", "prefill_batch", "max_queue", "max_tokens", "min_bucket")
+        at_least(self, 0, "max_len", note=" (0: the model's max_seq_len)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: must be 0..65535, got {self.port}")

@@ -140,7 +140,8 @@ def _documents(shards: Sequence[Path], process_index: int, process_count: int) -
     source = JsonlSource(shards, require=("text",))
     if len(source) < process_count:
         raise DataError(
-            f"{len(source)} documents in {shards[0].parent} for {process_count} processes"
+            f"{len(source)} documents in {shards[0].parent} for {process_count} processes: "
+            "each process needs at least one"
         )
     return grain.MapDataset.source(source)[process_index::process_count]
 

@@ -350,7 +350,8 @@ def _pairs(
         records = open_pairs(files, template, seq_len)[0]
     if len(records) < process_count:
         raise DataError(
-            f"{len(records)} preference pairs in {files[0]} for {process_count} processes"
+            f"{len(records)} preference pairs in {files[0]} for {process_count} processes: "
+            "each process needs at least one"
         )
     return grain.MapDataset.source(records)[process_index::process_count]
 

@@ -249,7 +249,10 @@ def _conversations(
         raise DataError("no SFT files given; expected JSONL files of chat records")
     records = SFTRecords(files, fmt, tasks)
     if len(records) < process_count:
-        raise DataError(f"{len(records)} SFT records in {files[0]} for {process_count} processes")
+        raise DataError(
+            f"{len(records)} SFT records in {files[0]} for {process_count} processes: each "
+            "process needs at least one"
+        )
     return grain.MapDataset.source(records)[process_index::process_count]
 
 

@@ -240,3 +240,14 @@ def test_an_empty_train_or_val_file_is_reported_as_empty(tmp_path, template):
         _scorer(cfg, cfg.sft, *[None] * 6, {})  # refused before any model is needed
     with pytest.raises(DataError, match=rf"^{empty}: no records; expected JSONL lines of"):
         SFTRecords([empty])
+
+
+def test_fewer_records_than_processes_says_each_needs_one(tmp_path, template):
+    good = tmp_path / "one.jsonl"
+    good.write_text(json.dumps({"prompt": "hi", "response": "ok"}) + "\n")
+    cfg = LoaderConfig(seq_len=32, batch_size=4)
+    with pytest.raises(DataError) as e:
+        make_sft_dataset([good], template, cfg, seed=0, process_index=1, process_count=2)
+    assert str(e.value) == (
+        f"1 SFT records in {good} for 2 processes: each process needs at least one"
+    )
