@@ -133,16 +133,25 @@ def restore_latest(
     """The newest checkpoint in `ckpt` restored into `state`'s shapes and shardings (its
     `frozen` part, never saved, taken from `state`), with its step and metadata; None if the
     directory holds none. `data_iter` (with `set_state`) is put back at this process's
-    saved position."""
+    saved position.
+
+    A reparameterised PEFT run's last checkpoint (its last step or an early stop) holds only
+    the folded prefixes/prompts: no MLP, no optimizer state. Found without the run's summary
+    (the run was killed after saving it), it is dropped and the run goes back to the newest
+    checkpoint before it, or to its start, and repeats the steps after that: the same steps
+    give the same folded values."""
     step = ckpt.latest_step()
+    while step is not None and ckpt.read_meta(step).get("peft_folded"):
+        ckpt.drop_from(step)
+        back = ckpt.latest_step()
+        print(
+            f"{ckpt.directory}/{step}: the run stopped after saving its folded PEFT "
+            "prefixes/prompts, which cannot be trained on; repeating the steps after "
+            f"{back or 0} to finish it"
+        )
+        step = back
     if step is None:
         return None
-    if ckpt.read_meta(step).get("peft_folded"):
-        raise ConfigError(
-            f"{ckpt.directory}/{step}: this run finished (its last step or an early stop) and "
-            "saved only the folded PEFT prefixes/prompts there (no reparameterisation MLP, no "
-            "optimizer state), so it cannot resume; load it as an input, or start a new run"
-        )
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )

@@ -22,7 +22,7 @@ from jaxllm.tokenizer.chat import ChatTemplate
 from jaxllm.trainers import data_file
 from jaxllm.trainers.continued import checkpoint_model_config
 from jaxllm.trainers.hf_export import export_checkpoint
-from jaxllm.trainers.lm import init_from_checkpoint, load_checkpoint_model, restore_latest
+from jaxllm.trainers.lm import init_from_checkpoint, load_checkpoint_model
 from jaxllm.trainers.sft import make_answer_scorer
 from jaxllm.training.checkpoint import Checkpointer, _flat
 from jaxllm.training.optim import make_optimizer
@@ -88,8 +88,6 @@ def test_peft_sft_trains_and_saves_only_its_variables(tmp_path, tok, tiny_ckpt, 
         assert saved(ckpts, 4) == saved(ckpts, 2)
     else:  # the last step holds the values the MLP folds into (step 2 it, to resume)
         assert saved(ckpts, 4) == (at_4, {"step"})
-        with pytest.raises(ConfigError, match="cannot resume"):
-            restore_latest(Checkpointer(ckpts, async_save=False), None, None)
 
     mesh = make_mesh(cfg.mesh)
     _, base, _, _ = load_checkpoint_model(tiny_ckpt, mesh)
@@ -112,6 +110,17 @@ def test_peft_sft_trains_and_saves_only_its_variables(tmp_path, tok, tiny_ckpt, 
         with pytest.raises(ConfigError, match="cannot be merged into plain weights to continue"):
             checkpoint_model_config(ckpts)  # nor continued pretraining
 
+        # killed after the last save, before its summary: the rerun drops the folded step,
+        # repeats steps 3-4 from step 2 and folds the same values again
+        (tmp_path / name / "summary.json").unlink()
+        again = run_sft(cfg)
+        assert again["resumed_from_step"] == 2
+        assert again["final_train_loss"] == summary["final_train_loss"]
+        assert again["val_loss_after"] == summary["val_loss_after"]
+        _, rerun, _, _ = load_checkpoint_model(ckpts, mesh)
+        for a, b in zip(jax.tree.leaves(rerun), jax.tree.leaves(adapted), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 
 def test_an_early_stop_and_the_best_checkpoint_hold_the_folded_prefixes(tmp_path, tiny_ckpt):
     """`train.early_stopping` + `keep_best` with a reparameterised method: the stop's
@@ -132,8 +141,6 @@ def test_an_early_stop_and_the_best_checkpoint_hold_the_folded_prefixes(tmp_path
     ckpts, best = tmp_path / "es/checkpoints", tmp_path / "es/best"
     assert saved(ckpts, 1) == (CASES["prefix"][2], {"opt_state", "rng", "step"})
     assert saved(ckpts, 2) == saved(best, 1) == ({"prefix.kv"}, {"step"})
-    with pytest.raises(ConfigError, match="early stop"):
-        restore_latest(Checkpointer(ckpts, async_save=False), None, None)
     mesh = make_mesh(cfg.mesh)
     graphdef, at_1, _, _ = load_checkpoint_model(ckpts, mesh, step=1)  # the MLP, unfolded
     model = nnx.merge(graphdef, at_1)
@@ -145,3 +152,10 @@ def test_an_early_stop_and_the_best_checkpoint_hold_the_folded_prefixes(tmp_path
         rtol=1e-6,
         atol=1e-6,
     )
+    # killed after the stop's save, before its summary: the rerun repeats step 2 from step 1
+    # and stops there again
+    (tmp_path / "es/summary.json").unlink()
+    again = run_sft(cfg)
+    assert again["resumed_from_step"] == 1 and again["stopped_early_at"] == 2
+    assert again["val_loss_after"] == summary["val_loss_after"]
+    assert saved(ckpts, 2) == ({"prefix.kv"}, {"step"})
