@@ -6,9 +6,10 @@ import tempfile
 
 # LLVM's -O0 for the compiled programs unless the caller chose a level: the suite's programs
 # are tiny and compiled once or twice each, so compiling is most of its time, and -O0 cuts the
-# suite's wall time by about a sixth (594 -> 499 s on one VM). It rounds differently (no fused multiply-adds), never
-# differently in meaning: every check compares against a tolerance or against a second program
-# compiled the same way. `make demo`, the benches and users' runs keep XLA's default level.
+# suite's wall time by about a sixth (594 -> 499 s on one VM). It rounds differently (no fused
+# multiply-adds), never differently in meaning: every check compares against a tolerance or
+# against a second program compiled the same way. `make demo`, the benches and users' runs
+# keep XLA's default level.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
