@@ -4,15 +4,20 @@
 #   bench/gpu_suite.sh [--out DIR] [--budget SECONDS] [--smoke] [--only NAME,NAME...]
 #
 # Runs, each in its own process with its own time limit, in priority order, skipping what no
-# longer fits in --budget (default 480 s of wall time): gpt2_124m's train step at 16 x 1024
-# (bf16, auto attention = cudnn on GPUs; scanned, unrolled, without document masking), the
-# torch.compile nanoGPT step of the same shape (bench/torch_train.py), ablations (fused loss,
-# no z-loss, no Triton GEMMs), 64 x 1024 (llm.c's batch) for both, gpt2_350m for both, the xla
-# attention path, KV-cache decode (batch 1 and 64), llama_1b, the attention kernels alone.
+# longer fits in --budget (default 480 s of wall time): gpt2_124m's train step at 16 x 1024 as
+# shipped (bf16, scanned layers, auto attention = cudnn on GPUs, one document per row) and the
+# torch.compile nanoGPT step of the same shape (bench/torch_train.py), both profiled; then one
+# change at a time (unrolled layers, bf16 logits, fused loss, no Triton GEMMs, no z-loss);
+# then the combination of the changes that paid (bench/suite_best.py) without and with
+# document masking, profiled, for gpt2_124m and gpt2_350m (torch too), 64 x 1024 (llm.c's
+# batch) for both, llama_1b, the xla attention path, KV-cache decode (batch 1 and 64) and the
+# attention kernels alone.
 # Missing Python packages on the machine (grain, tensorboardX): bench/gpu_wheels.sh fetches
 # them here into .gpu_wheels/, which this script installs when present.
 # Results: DIR/results.jsonl (one JSON object per measurement), DIR/table.md (the same as a
-# table, jax against torch in the same run), DIR/log.txt (everything printed).
+# table, jax against torch in the same run), DIR/log.txt (everything printed, with the kernel
+# time per kind of the profiled steps), DIR/*.xplane.pb (their traces:
+# bench/profile_summary.py reads them), DIR/*.hlo.txt (the combined step's optimised HLO).
 # --smoke: tiny shapes on whatever device there is (CPU), for the test suite.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -85,13 +90,27 @@ print("devices:", jax.devices())
 EOF
 
 MFU=(bench/mfu.py --json "$RES")
+# best BASE: the --set arguments (into BEST_SETS) and XLA flags (BEST_XLA) of the ablations of
+# BASE that made its step faster (bench/suite_best.py), so that the jobs after it run the
+# combination in the same call; z-loss is a diagnostic (it changes the loss), never taken.
+best() {
+  local sets
+  sets=$("$PY" bench/suite_best.py "$RES" "$1" --exclude train.z_loss --sets 2>>"$LOG")
+  read -ra BEST_SETS <<<"$sets"
+  BEST_XLA=$("$PY" bench/suite_best.py "$RES" "$1" --exclude train.z_loss --xla 2>/dev/null)
+  log "== best of $1's ablations: sets [${BEST_SETS[*]}] xla [$BEST_XLA]"
+}
 if [ "$SMOKE" = 1 ]; then
   TINY=(--config configs/tiny_pretrain.yaml --vocab 512 --steps 2 --set loader.batch_size=4 --set loader.seq_len=64)
   job attention 120 "$PY" bench/attention.py --smoke --repeats 2 --json "$RES"
   job mfu-tiny 120 "$PY" "${MFU[@]}" "${TINY[@]}" --label tiny-one
+  job mfu-tiny-logits_bf16 120 "$PY" "${MFU[@]}" "${TINY[@]}" --set model.logits_dtype=bfloat16 --label tiny-one-logits_bf16
+  best tiny-one
+  XLA_FLAGS="$BEST_XLA" job mfu-tiny-best 120 "$PY" "${MFU[@]}" "${TINY[@]}" "${BEST_SETS[@]}" \
+    --profile "$OUT_DIR/tiny-best.xplane.pb" --hlo "$OUT_DIR/tiny-best.hlo.txt" --label tiny-best
   job mfu-tiny-packed 120 "$PY" "${MFU[@]}" "${TINY[@]}" --quick-init --docs packed --doc-len 16 --label tiny-packed
   # the same model and shape as the jax rows: the config's overrides of the tiny preset included
-  job torch-tiny 120 "$PY" bench/torch_train.py "${TINY[@]}" --no-compile --json "$RES" --label tiny
+  job torch-tiny 120 "$PY" bench/torch_train.py "${TINY[@]}" --no-compile --profile --json "$RES" --label tiny
   job decode-tiny 120 "$PY" bench/decode.py --preset tiny --vocab 512 --new 8 --batches 1 4 --no-uncached --json "$RES"
 else
   # Persistent compile cache: a job whose program an earlier job compiled starts at once.
@@ -101,25 +120,34 @@ else
   # H200 on 2026-12-04); the step is the same program.
   Q=(--quick-init --config configs/gpt2_124m.yaml --set train.grad_accum=1 --steps 10)
   B16=(--set loader.batch_size=16)
-  U=(--set model.scan_layers=false)
   L1B=(--quick-init --config configs/llama_1b.yaml --vocab 128256 --set train.grad_accum=1 --set train.loss_chunk=256 --steps 4)
-  # 2026-12-04: scanned, cudnn, 16 x 1024: 272,602 tokens/s (no masking 286k) against
-  # torch.compile's 387,148. First the ablations that say where the rest goes.
-  job gpt2_124m-b16 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --label gpt2_124m-b16
-  job gpt2_124m-b16-unrolled 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --label gpt2_124m-b16-unrolled
-  job gpt2_124m-b16-unrolled-nomask 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --docs none --label gpt2_124m-b16-unrolled-nomask
-  job torch-gpt2_124m-b16 90 "$PY" bench/torch_train.py --preset gpt2_124m --batch 16 --seq 1024 --json "$RES" --label gpt2_124m-b16
-  job gpt2_124m-b16-loss_chunk 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --set train.loss_chunk=256 --label gpt2_124m-b16-unrolled-loss_chunk256
-  job gpt2_124m-b16-noz 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --set train.z_loss=0 --label gpt2_124m-b16-unrolled-no-z_loss
+  # 2026-12-04 (H200): scanned, cudnn, 16 x 1024: 272,602 tokens/s (no masking 286k) against
+  # torch.compile's 387,148. The base as shipped (scanned), then one change at a time.
+  BASE=gpt2_124m-b16
+  job "$BASE" 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --profile "$OUT_DIR/$BASE.xplane.pb" \
+    --hlo "$OUT_DIR/$BASE.hlo.txt" --label "$BASE"
+  job torch-gpt2_124m-b16 90 "$PY" bench/torch_train.py --preset gpt2_124m --batch 16 --seq 1024 --profile --json "$RES" --label gpt2_124m-b16
+  job "$BASE-unrolled" 75 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set model.scan_layers=false --label "$BASE-unrolled"
+  job "$BASE-logits_bf16" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set model.logits_dtype=bfloat16 --label "$BASE-logits_bf16"
+  job "$BASE-loss_chunk" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set train.loss_chunk=256 --label "$BASE-loss_chunk256"
   XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-    job gpt2_124m-b16-notriton 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --label gpt2_124m-b16-unrolled-no-triton-gemm
-  job gpt2_124m-b64 90 "$PY" "${MFU[@]}" "${Q[@]}" "${U[@]}" --label gpt2_124m-b64-unrolled
-  job torch-gpt2_124m 100 "$PY" bench/torch_train.py --preset gpt2_124m --batch 64 --seq 1024 --json "$RES" --label gpt2_124m
-  job gpt2_350m-b16 90 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" "${U[@]}" --set model.preset=gpt2_350m --label gpt2_350m-b16-unrolled
+    job "$BASE-notriton" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --label "$BASE-no_triton_gemm"
+  best "$BASE"
+  BEST=("${Q[@]}" "${B16[@]}" "${BEST_SETS[@]}")
+  XLA_FLAGS="$BEST_XLA" job best-nomask 60 "$PY" "${MFU[@]}" "${BEST[@]}" --docs none \
+    --profile "$OUT_DIR/best-nomask.xplane.pb" --hlo "$OUT_DIR/best-nomask.hlo.txt" --label gpt2_124m-best-nomask
+  XLA_FLAGS="$BEST_XLA" job best 60 "$PY" "${MFU[@]}" "${BEST[@]}" --label gpt2_124m-best
+  XLA_FLAGS="$BEST_XLA" job gpt2_350m-best-nomask 90 "$PY" "${MFU[@]}" "${BEST[@]}" --set model.preset=gpt2_350m --docs none --label gpt2_350m-best-nomask
   job torch-gpt2_350m-b16 90 "$PY" bench/torch_train.py --preset gpt2_350m --batch 16 --seq 1024 --json "$RES" --label gpt2_350m-b16
+  XLA_FLAGS="$BEST_XLA" job gpt2_350m-best 60 "$PY" "${MFU[@]}" "${BEST[@]}" --set model.preset=gpt2_350m --label gpt2_350m-best
+  # diagnostic (changes the loss): what the z-loss pass costs
+  job "$BASE-noz" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set train.z_loss=0 --label "$BASE-no_z_loss"
+  # llm.c's batch (64 x 1024), both frameworks
+  XLA_FLAGS="$BEST_XLA" job best-b64-nomask 90 "$PY" "${MFU[@]}" "${Q[@]}" "${BEST_SETS[@]}" --docs none --label gpt2_124m-best-b64-nomask
+  job torch-gpt2_124m 100 "$PY" bench/torch_train.py --preset gpt2_124m --batch 64 --seq 1024 --json "$RES" --label gpt2_124m
+  XLA_FLAGS="$BEST_XLA" job llama_1b 120 "$PY" "${MFU[@]}" "${L1B[@]}" --label llama_1b
   job gpt2_124m-xla-b16 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set model.attention=xla --label gpt2_124m-xla-b16
   job decode-gpt2_124m 100 "$PY" bench/decode.py --preset gpt2_124m --dtype bfloat16 --batches 1 64 --no-uncached --json "$RES"
-  job llama_1b 150 "$PY" "${MFU[@]}" "${L1B[@]}" --label llama_1b
   job attention 90 "$PY" bench/attention.py --repeats 5 --json "$RES"
 fi
 

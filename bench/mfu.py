@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -104,6 +105,30 @@ def quick_state(abstract):
     )
 
 
+def profile_steps(step, state, batch, dest: str, steps: int = 3):
+    """Runs `steps` more steps under `jax.profiler.trace`, copies the trace file to `dest`
+    and prints its kernel-time summary; returns the state."""
+    import shutil
+    import tempfile
+
+    from profile_summary import kernel_times, summary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                state, metrics = step(state, batch)
+            float(metrics["loss"])
+        found = sorted(Path(tmp).rglob("*.xplane.pb"))
+        if not found:
+            print("--profile: the tracer wrote no .xplane.pb")
+            return state
+        shutil.copyfile(found[0], dest)
+    for device, times in kernel_times(dest).items():
+        print(f"profile {device}:")
+        print("\n".join(summary(times, steps)))
+    return state
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -121,6 +146,10 @@ def main() -> None:
     ap.add_argument("--quick-init", action="store_true",
                     help="fill the weights with a cheap deterministic pattern (timing only: "
                          "the state builds without compiling the random initialisers)")  # fmt: skip
+    ap.add_argument("--profile", default="",
+                    help="trace 3 more steps with jax.profiler, save the trace (.xplane.pb) "
+                         "here and print where the device time goes (bench/profile_summary.py)")  # fmt: skip
+    ap.add_argument("--hlo", default="", help="write the compiled step's optimised HLO here")
     ap.add_argument("--json", default="", help="append the figures to this JSONL file")
     ap.add_argument("--label", default="", help="a name for the JSON row")
     args = ap.parse_args()
@@ -171,6 +200,8 @@ def main() -> None:
     step = lowered.compile()
     t2 = time.perf_counter()
     print(f"compile {t2 - t1:.1f} s", flush=True)
+    if args.hlo:
+        Path(args.hlo).write_text(step.as_text())
     state, metrics = step(state, batch)
     first_loss = float(metrics["loss"])
     compile_s = time.perf_counter() - t0
@@ -213,6 +244,8 @@ def main() -> None:
         )  # fmt: skip
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
+    if args.profile:  # after the row is written: a profiler failure loses no figure
+        state = profile_steps(step, state, batch, args.profile)
     if args.ceiling and jax.device_count() > 1:
         print("--ceiling: skipped, it times the unsharded dots on one device (run on one device)")
     elif args.ceiling:

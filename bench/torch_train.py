@@ -35,11 +35,32 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from profile_summary import summary  # noqa: E402
 from torch_gpt import GPT, make_optimizer  # noqa: E402
 
 from jaxllm.config import from_dict, load_config, replace  # noqa: E402
 from jaxllm.models.flops import train_flops_per_token  # noqa: E402
 from jaxllm.training.peak import published_peak_of  # noqa: E402
+
+
+def profile_steps(run_step, sync, cuda: bool, steps: int = 3) -> None:
+    """Prints the device (CPU: host) time of `steps` steps per kernel, in the same groups and
+    format as `bench/profile_summary.py` prints a jax trace's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            run_step()
+        sync()
+    times = {}
+    for e in prof.events():
+        if cuda and e.device_type.name != "CUDA":
+            continue
+        ns, n = times.get(e.name, (0.0, 0))
+        times[e.name] = (ns + e.device_time * 1e3 if cuda else ns + e.cpu_time * 1e3, n + 1)
+    print("profile torch:")
+    print("\n".join(summary(times, steps)))
 
 
 def main() -> None:
@@ -53,6 +74,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=0, help="default: the config's, or 1024")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 3 untimed)")
     ap.add_argument("--no-compile", action="store_true", help="eager (CPU smoke runs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 more steps (torch.profiler) and print the kernel time by "
+                         "kind, grouped as bench/profile_summary.py groups jax's")  # fmt: skip
     ap.add_argument("--json", default="")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
@@ -134,6 +158,8 @@ def main() -> None:
         )  # fmt: skip
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
+    if args.profile:  # after the row is written: a profiler failure loses no figure
+        profile_steps(lambda: step(tokens, targets), sync, cuda)
 
 
 if __name__ == "__main__":

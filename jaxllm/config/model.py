@@ -122,6 +122,10 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # the output layer's result: float32 (accumulated and written in f32) or bfloat16 (written
+    # in bf16 as PyTorch autocast does: half the bytes of the [B, L, V] logits; the losses
+    # still reduce them in f32)
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
     # blocks stacked on a leading `layers` axis and run by lax.scan: one compiled block, so
     # compile time does not grow with depth (the checkpoint layout differs from unrolled)

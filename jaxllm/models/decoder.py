@@ -118,7 +118,7 @@ def _remat_block(
 
 
 class Decoder(nnx.Module):
-    """Token ids → next-token logits (float32). `cfg.vocab_size` must be set (> 0)."""
+    """Token ids → next-token logits (`cfg.logits_dtype`). `cfg.vocab_size` must be set (> 0)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.vocab_size <= 0:
@@ -163,7 +163,7 @@ class Decoder(nnx.Module):
         deterministic: bool = True,
         key: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, L, V] (float32) for a batch, causal within each segment.
+        """Logits [B, L, V] (`model.logits_dtype`: float32 by default), causal per segment.
 
         `positions_BL` default to 0..L-1; packed rows pass positions restarting per document.
         `segment_ids_BL` (0 = padding) default to all ones. Dropout (`cfg.dropout`) runs when
@@ -303,11 +303,12 @@ class Decoder(nnx.Module):
         return w_VD if tokens is None else tokens.output_weight(w_VD)
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        """Output layer in float32: tied (`x @ E.T`) or the untied head."""
+        """Output layer, tied (`x @ E.T`) or the untied head, in `model.logits_dtype`."""
+        out_dtype = jnp.dtype(self.cfg.logits_dtype)
         if self.head is None:
-            logits_BLV = self.embed.attend(x_BLD)
+            logits_BLV = self.embed.attend(x_BLD, out_dtype)
         else:
-            logits_BLV = project(self, "head", x_BLD.astype(self.dtype), out_dtype=jnp.float32)
+            logits_BLV = project(self, "head", x_BLD.astype(self.dtype), out_dtype=out_dtype)
         if self.trainable_tokens is not None:
             logits_BLV = self.trainable_tokens.add_logits(x_BLD.astype(self.dtype), logits_BLV)
         return constrain(logits_BLV, ("act_batch", "act_length", "act_vocab"))

@@ -132,6 +132,32 @@ def _dense_2d_bwd(w_is_MK, out_dtype, res, g_NM):
 _dense_2d.defvjp(_dense_2d_fwd, _dense_2d_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_wide_out(x_NK: jax.Array, w: jax.Array, w_is_MK: bool, out_dtype) -> jax.Array:
+    """A matmul whose result is wider than its inputs (bf16 in, f32 logits out) on GPU/TPU.
+    Autodiff would feed the f32 cotangent into the backward dots beside the bf16 inputs,
+    i.e. f32 GEMMs; here it is cast to the inputs' dtype first, as the CPU path (`_dense_2d`)
+    and PyTorch's autocast do, so both backward matmuls run in bf16 like every other layer's."""
+    return _matmul_NM(x_NK, w, w_is_MK, out_dtype)
+
+
+def _dense_wide_out_fwd(x_NK, w, w_is_MK, out_dtype):
+    return _matmul_NM(x_NK, w, w_is_MK, out_dtype), (x_NK, w)
+
+
+def _dense_wide_out_bwd(w_is_MK, out_dtype, res, g_NM):
+    x_NK, w = res
+    g_NM = g_NM.astype(x_NK.dtype)
+    dx_NK = jax.lax.dot_general(g_NM, w, (((1,), (0 if w_is_MK else 1,)), ((), ())))
+    dw = jax.lax.dot_general(  # [M, K] = g.T @ x, or [K, M] = x.T @ g
+        *((g_NM, x_NK) if w_is_MK else (x_NK, g_NM)), (((0,), (0,)), ((), ()))
+    )  # fmt: skip
+    return dx_NK.astype(x_NK.dtype), dw.astype(w.dtype)
+
+
+_dense_wide_out.defvjp(_dense_wide_out_fwd, _dense_wide_out_bwd)
+
+
 def dense(
     x: jax.Array,
     w: jax.Array,
@@ -151,6 +177,8 @@ def dense(
     x2 = x.reshape(-1, k)
     if jax.default_backend() == "cpu":
         y = _dense_2d(x2, w2, w_is_out_in, out_dtype)
+    elif out_dtype is not None and jnp.dtype(out_dtype).itemsize > jnp.dtype(x2.dtype).itemsize:
+        y = _dense_wide_out(x2, w2, w_is_out_in, out_dtype)
     else:
         y = _matmul_NM(x2, w2, w_is_out_in, out_dtype)
     return y.reshape(batch + out_shape)
@@ -276,10 +304,10 @@ class Embed(nnx.Module):
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
         return lookup(self.embedding[...], tokens_BL, "vocab").astype(self.dtype)
 
-    def attend(self, x_BLD: jax.Array) -> jax.Array:
-        """Tied logits `x @ E.T`, accumulated and returned in float32."""
+    def attend(self, x_BLD: jax.Array, out_dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        """Tied logits `x @ E.T`, accumulated in float32, returned in `out_dtype`."""
         emb_VD = self.embedding[...].astype(self.dtype)
-        return dense(x_BLD, emb_VD, w_is_out_in=True, out_dtype=jnp.float32)
+        return dense(x_BLD, emb_VD, w_is_out_in=True, out_dtype=out_dtype)
 
 
 def lookup(table_RD: jax.Array, ids_BL: jax.Array, row_axis: str | None) -> jax.Array:

@@ -36,10 +36,11 @@ def _vocab_max(logits_BLV: jax.Array) -> jax.Array:
 
 
 def _max_and_sumexp(logits_BLV: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The shifted log-sum-exp pieces, as `jax.nn.logsumexp` forms them."""
-    m_BL = _vocab_max(logits_BLV)
+    """The shifted log-sum-exp pieces, as `jax.nn.logsumexp` forms them, in float32 (16-bit
+    logits are upcast element by element inside the reduction)."""
+    m_BL = _vocab_max(logits_BLV).astype(jnp.float32)
     m_BL = jnp.where(jnp.isfinite(m_BL), m_BL, 0.0)
-    return m_BL, jnp.sum(jnp.exp(logits_BLV - m_BL[..., None]), axis=-1)
+    return m_BL, jnp.sum(jnp.exp(logits_BLV.astype(jnp.float32) - m_BL[..., None]), axis=-1)
 
 
 def _is_target(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
@@ -48,14 +49,17 @@ def _is_target(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _lse_and_target_logit(logits_BLV: jax.Array, targets_BL: jax.Array):
-    """(logsumexp(logits), logits[target]) per token, with a one-pass backward."""
+    """(logsumexp(logits), logits[target]) per token in float32, with a one-pass backward.
+    bf16 logits stay bf16 in memory (the residual and the gradient): only the arithmetic
+    is f32, as PyTorch's cross-entropy under autocast does it."""
     return _lse_and_target_logit_fwd(logits_BLV, targets_BL)[0]
 
 
 def _lse_and_target_logit_fwd(logits_BLV, targets_BL):
     m_BL, s_BL = _max_and_sumexp(logits_BLV)
     target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    return (jnp.log(s_BL) + m_BL, target_BL), (logits_BLV, targets_BL, m_BL, s_BL)
+    lse_BL = jnp.log(s_BL) + m_BL
+    return (lse_BL, target_BL.astype(jnp.float32)), (logits_BLV, targets_BL, m_BL, s_BL)
 
 
 def _lse_and_target_logit_bwd(res, g):
@@ -63,9 +67,9 @@ def _lse_and_target_logit_bwd(res, g):
     # take_along_axis) that XLA:CPU then transposed: here it is one fused elementwise pass.
     logits_BLV, targets_BL, m_BL, s_BL = res
     g_lse_BL, g_target_BL = g
-    d_BLV = jnp.exp(logits_BLV - m_BL[..., None]) * (g_lse_BL / s_BL)[..., None]
+    d_BLV = jnp.exp(logits_BLV.astype(jnp.float32) - m_BL[..., None]) * (g_lse_BL / s_BL)[..., None]
     d_BLV = jnp.where(_is_target(logits_BLV, targets_BL), d_BLV + g_target_BL[..., None], d_BLV)
-    return d_BLV, np.zeros(targets_BL.shape, jax.dtypes.float0)
+    return d_BLV.astype(logits_BLV.dtype), np.zeros(targets_BL.shape, jax.dtypes.float0)
 
 
 _lse_and_target_logit.defvjp(_lse_and_target_logit_fwd, _lse_and_target_logit_bwd)
@@ -107,7 +111,6 @@ def cross_entropy(
     """
     chex.assert_rank(logits_BLV, targets_BL.ndim + 1)
     chex.assert_equal_shape([logits_BLV[..., 0], targets_BL, mask_BL])
-    logits_BLV = logits_BLV.astype(jnp.float32)
     mask_BL = mask_BL.astype(jnp.float32)
     targets_BL = targets_BL.astype(jnp.int32)
     lse_BL, target_logit_BL = _lse_and_target_logit(logits_BLV, targets_BL)

@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from profile_summary import kind, summary  # noqa: E402
+from suite_best import choose  # noqa: E402
 from suite_table import table  # noqa: E402
 
 
@@ -52,6 +54,48 @@ def test_table_ratio_needs_the_same_model_not_only_the_preset():
     assert ratio([old, jax_row]) == "-"
 
 
+def _mfu(label, tps, sets=(), flags="", docs="one", batch=16):
+    return dict(bench="mfu", label=label, tokens_per_s=tps, sets=list(sets), xla_flags=flags,
+                docs=docs, batch=batch, seq_len=1024)  # fmt: skip
+
+
+def test_best_combination_takes_each_change_that_paid():
+    q = ["train.grad_accum=1", "loader.batch_size=16"]
+    rows = [
+        _mfu("b", 100_000, q),
+        _mfu("b-unrolled", 110_000, q + ["model.scan_layers=false"]),  # +10 %: taken
+        _mfu("b-bf16", 101_000, q + ["model.logits_dtype=bfloat16"]),  # +1 %: below the gain
+        _mfu("b-chunk128", 104_000, q + ["train.loss_chunk=128"]),  # one key, two values:
+        _mfu("b-chunk256", 106_000, q + ["train.loss_chunk=256"]),  # the faster one
+        _mfu("b-notriton", 103_000, q, "--xla_gpu_enable_triton_gemm=false"),  # taken
+        _mfu("b-noz", 120_000, q + ["train.z_loss=0"]),  # diagnostic: excluded
+        _mfu("b-two", 150_000, q + ["model.remat=dots", "train.loss_chunk=64"]),  # not an ablation
+        _mfu("b-nomask", 150_000, q + ["model.remat=dots"], docs="none"),  # other rows
+        _mfu("other", 200_000, q + ["model.remat=full"]),  # not b's
+        dict(bench="torch", label="b-torch", tokens_per_s=300_000),
+    ]
+    sets, flags, reasons = choose(rows, "b", exclude=("train.z_loss",))
+    assert sorted(sets) == ["model.scan_layers=false", "train.loss_chunk=256"]
+    assert flags == ["--xla_gpu_enable_triton_gemm=false"]
+    assert any("b-noz" in r and "excluded" in r for r in reasons)
+    assert any("b-two" in r and "not an ablation" in r for r in reasons)
+    assert choose(rows, "missing")[:2] == ([], [])
+
+
+def test_profile_groups_kernel_names_and_sums_per_step():
+    assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNT") == "matmul"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind("aten::addmm") == kind("aten::mm") == "matmul"
+    assert kind("loop_add_fusion") == kind("input_reduce_fusion_3") == "other"
+    assert kind("Memcpy DtoD (Device -> Device)") == "copy"
+    assert kind("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    lines = summary({"gemm_a": (6e6, 6), "loop_add_fusion": (3e6, 3), "fmha_b": (3e6, 3)}, steps=3)
+    assert lines[0] == "busy 4.00 ms per step over 3 steps"
+    assert lines[1].split() == ["matmul", "2.00", "ms", "50.0%"]
+    assert lines[-3].split() == ["2.000", "2.0", "matmul", "gemm_a"]
+
+
 @pytest.mark.slow
 def test_suite_smoke_runs_every_bench(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
@@ -80,4 +124,10 @@ def test_suite_smoke_runs_every_bench(tmp_path):
     assert "tiny-packed" in text and "vs torch" in text
     tiny_one = next(line for line in text.splitlines() if line.startswith("| tiny-one |"))
     assert tiny_one.split(" | ")[7].endswith("x")  # a ratio to the torch row of that model
-    assert "gpu_suite.sh done" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    assert "gpu_suite.sh done" in log
+    # the combined step ran, profiled (its trace and HLO kept), and so did torch's
+    assert any(r.get("label") == "tiny-best" for r in rows)
+    assert (tmp_path / "tiny-best.xplane.pb").stat().st_size > 0
+    assert "ENTRY" in (tmp_path / "tiny-best.hlo.txt").read_text()
+    assert "profile /host:CPU:" in log and "profile torch:" in log

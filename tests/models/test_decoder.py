@@ -4,6 +4,7 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -211,6 +212,50 @@ def test_bfloat16_compute_is_close_to_float32():
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(abstract)))
+
+
+def _mixed_dots(jaxpr) -> list[str]:
+    """dot_generals (at any depth of the jaxpr) whose two operands differ in dtype."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            a, b = (v.aval.dtype for v in eqn.invars)
+            if a != b:
+                found.append(f"{a} x {b}")
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        found += _mixed_dots(sub)
+    return found
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_accelerator_backward_runs_the_output_layer_in_bf16(monkeypatch, name):
+    """On GPU/TPU (here: the backend check answering "gpu") a bf16 model's f32 logits must
+    not make f32 GEMMs of the output layer's backward: autodiff fed the f32 cotangent into
+    dots beside bf16 operands. The gradient is the plain one with that cotangent rounded to
+    bf16, as on the CPU path."""
+    cfg = ModelConfig(**{**CONFIGS[name].__dict__, "dtype": "bfloat16", "attention": "xla"})
+    graphdef, state = nnx.split(make_decoder(cfg, seed=0))
+    tokens = jnp.asarray(packed_batch(V)[0])
+    rng = np.random.default_rng(0)
+    g_logits = jnp.asarray(rng.normal(size=(*tokens.shape, V)), jnp.float32)
+
+    def loss(s):  # d loss / d logits = g_logits exactly (f32)
+        return jnp.sum(nnx.merge(graphdef, s)(tokens) * g_logits)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _mixed_dots(jax.make_jaxpr(jax.grad(loss))(state).jaxpr) == []
+    grads = jax.jit(jax.grad(loss))(state)
+    monkeypatch.undo()
+    if cfg.tie_embeddings:  # the tied table's gradient also holds the input lookup's share
+        return
+    # reference: the head's gradient h.T @ g from the bf16 hidden states and the cotangent
+    # rounded to bf16, in f32 numpy
+    h = nnx.merge(graphdef, state).features(tokens).reshape(-1, 32)
+    g = g_logits.astype(jnp.bfloat16).reshape(-1, V)
+    want = np.asarray(h, np.float32).T @ np.asarray(g, np.float32)  # [D, V]
+    got = np.asarray(grads["head"].get_value(), np.float32)
+    assert grads["head"].get_value().dtype == jnp.float32  # into the f32 master weight
+    np.testing.assert_allclose(got, want, atol=0.01 * np.abs(want).max())
 
 
 @functools.cache

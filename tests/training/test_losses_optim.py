@@ -35,6 +35,28 @@ def test_cross_entropy_matches_numpy(z):
     assert float(aux["correct"]) == acc
 
 
+def test_cross_entropy_of_bf16_logits_reduces_in_f32_and_returns_a_bf16_gradient():
+    """bf16 logits (`model.logits_dtype: bfloat16`): the loss is the f64 reference on the
+    same rounded values to f32 accuracy, and the gradient w.r.t. the logits is bf16, equal
+    to (softmax - onehot) * mask rounded to bf16."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 6, 37)) * 4, jnp.bfloat16)
+    targets = rng.integers(0, 37, size=(2, 6))
+    mask = (rng.random((2, 6)) > 0.2).astype(np.float32)
+
+    def loss(x):
+        return cross_entropy(x, jnp.asarray(targets), jnp.asarray(mask))[0]
+
+    total, grad = jax.value_and_grad(loss)(logits)
+    x = np.asarray(logits.astype(jnp.float32), np.float64)
+    lp = np_log_softmax(x)
+    want = -(np.take_along_axis(lp, targets[..., None], -1)[..., 0] * mask).sum()
+    np.testing.assert_allclose(float(total), want, rtol=1e-6)
+    assert grad.dtype == jnp.bfloat16
+    want_g = (np.exp(lp) - np.eye(37)[targets]) * mask[..., None]
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want_g, atol=4e-3, rtol=8e-3)
+
+
 def test_masked_tokens_do_not_contribute():
     logits = jnp.zeros((1, 2, 4)).at[0, 1].set(jnp.array([100.0, -100, 0, 0]))
     total, _ = cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1.0, 0.0]]))
