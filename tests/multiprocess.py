@@ -38,9 +38,11 @@ class Group:
         devices: int = 4,
         extra: dict[int, list[str]] | None = None,
         module: str = "",
+        more_env: dict[str, str] | None = None,
     ) -> None:
         """`extra[i]`: arguments only process `i` gets (to make processes disagree);
-        `module`: run `python -m module ARGS` instead of jaxllm.main under the write audit."""
+        `module`: run `python -m module ARGS` instead of jaxllm.main under the write audit;
+        `more_env`: more environment variables for every process."""
         logs.mkdir(parents=True, exist_ok=True)
         self.logs, self.n = logs, n
         port = free_port()
@@ -54,6 +56,7 @@ class Group:
                 "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                 "JAX_NUM_PROCESSES": str(n),
                 "JAX_PROCESS_ID": str(i),
+                **(more_env or {}),
             }
             out = (logs / f"out{i}.txt").open("a")
             audit = ["tests.audit_writes", str(logs / f"writes{i}.jsonl")]

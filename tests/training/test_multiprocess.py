@@ -169,6 +169,39 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(data_dir, tok, full
 
 
 @pytest.mark.slow
+def test_sigterm_without_the_preemption_service_ends_like_a_crash(data_dir, tok, full, tmp_path):
+    """jax's preemption service turned off (JAX_ENABLE_PREEMPTION_SERVICE=false): a process
+    that saved alone would hang the other's collective save, so SIGTERM keeps its default
+    meaning. The process that gets it dies at once (no save at its step, no "preempted"
+    line), the other is stopped as after a crashed host, and the rerun resumes from the last
+    periodic checkpoint with the uninterrupted pair's losses."""
+    run = tmp_path / "run"
+    args = main_args(CONFIG, run, settings(data_dir, tok, run, **LONG))  # saves every 5 steps
+    group = Group(args, tmp_path / "l1", more_env={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
+    deadline = time.time() + 300
+    while (
+        time.time() < deadline
+        and max(series(run, "loss") if (run / "metrics.jsonl").exists() else [0]) < 12
+    ):
+        time.sleep(0.05)
+    group.procs[1].send_signal(signal.SIGTERM)
+    assert group.procs[1].wait(timeout=60) == -signal.SIGTERM
+    group.kill()  # process 0 waits in a collective for its dead peer: a scheduler ends it
+    outs = group.outputs()
+    assert not any("preempted" in o for o in outs), outs[1][-2000:]
+    assert not (run / "summary.json").exists()
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and all(s % 5 == 0 for s in saved), saved  # only the periodic saves
+    Group(args, tmp_path / "l2").wait()
+    resumed = json.loads((run / "summary.json").read_text())["resumed_from_step"]
+    assert resumed == saved[-1] >= 10, (resumed, saved)  # the newest save before the signal
+    for key in ("loss", "eval_loss"):
+        a, b = series(full, key), series(run, key)
+        assert sorted(a) == sorted(b)
+        np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_processes_that_disagree_fail_in_one_line(data_dir, tok, tmp_path):
     """Different configs, or a mesh whose batch axes do not span the processes: every
     process stops with the same one-line error instead of hanging in a collective."""
