@@ -58,6 +58,7 @@ def bidirectional_mask(segment_ids_BL: jax.Array, n_prefix: int = 0) -> jax.Arra
     """[B, L, P + L] bool over P prefix slots and the L tokens: a query sees every key of its
     own segment and every `GLOBAL_SEGMENT` key (prefixes, virtual tokens); a virtual token
     sees every non-padding key of its row; padding (0) sees nothing."""
+    segment_ids_BL = jnp.asarray(segment_ids_BL)  # int64 numpy ids (HF inputs) become int32
     b = segment_ids_BL.shape[0]
     prefix_BP = jnp.full((b, n_prefix), GLOBAL_SEGMENT, segment_ids_BL.dtype)
     kv_BS = jnp.concatenate([prefix_BP, segment_ids_BL], axis=1)[:, None, :]

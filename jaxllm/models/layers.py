@@ -104,20 +104,30 @@ def _materialized_T(a: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(a.T)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense_2d(x_NK: jax.Array, w: jax.Array, w_is_MK: bool, out_dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dense_2d(x_NK: jax.Array, w: jax.Array, w_is_MK: bool, out_dtype, cpu: bool) -> jax.Array:
+    """The matmul with a backward that casts the cotangent to the inputs' dtype first, so a
+    result wider than the inputs (bf16 in, f32 logits out) still gets bf16 backward matmuls,
+    as PyTorch's autocast does (autodiff made them f32 x bf16 dots: f32 GEMMs). On CPU
+    (`cpu`, every dense layer) the backward also materialises the smaller operand's
+    transpose, which YNNPACK needs; elsewhere it is only used for wider results."""
     return _matmul_NM(x_NK, w, w_is_MK, out_dtype)
 
 
-def _dense_2d_fwd(x_NK, w, w_is_MK, out_dtype):
+def _dense_2d_fwd(x_NK, w, w_is_MK, out_dtype, cpu):
     return _matmul_NM(x_NK, w, w_is_MK, out_dtype), (x_NK, w)
 
 
-def _dense_2d_bwd(w_is_MK, out_dtype, res, g_NM):
+def _dense_2d_bwd(w_is_MK, out_dtype, cpu, res, g_NM):
     x_NK, w = res
     g_NM = g_NM.astype(x_NK.dtype)
     dims = (((1,), (0 if w_is_MK else 1,)), ((), ()))
     dx_NK = jax.lax.dot_general(g_NM, w, dims).astype(x_NK.dtype)  # g @ w_KM.T
+    if not cpu:  # [M, K] = g.T @ x, or [K, M] = x.T @ g
+        dw = jax.lax.dot_general(
+            *((g_NM, x_NK) if w_is_MK else (x_NK, g_NM)), (((0,), (0,)), ((), ()))
+        )
+        return dx_NK, dw.astype(w.dtype)
     k, m = x_NK.shape[1], g_NM.shape[1]
     # dW = x^T @ g, contracting over the N tokens: transpose whichever of x, g is smaller.
     if k <= m:
@@ -130,32 +140,6 @@ def _dense_2d_bwd(w_is_MK, out_dtype, res, g_NM):
 
 
 _dense_2d.defvjp(_dense_2d_fwd, _dense_2d_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense_wide_out(x_NK: jax.Array, w: jax.Array, w_is_MK: bool, out_dtype) -> jax.Array:
-    """A matmul whose result is wider than its inputs (bf16 in, f32 logits out) on GPU/TPU.
-    Autodiff would feed the f32 cotangent into the backward dots beside the bf16 inputs,
-    i.e. f32 GEMMs; here it is cast to the inputs' dtype first, as the CPU path (`_dense_2d`)
-    and PyTorch's autocast do, so both backward matmuls run in bf16 like every other layer's."""
-    return _matmul_NM(x_NK, w, w_is_MK, out_dtype)
-
-
-def _dense_wide_out_fwd(x_NK, w, w_is_MK, out_dtype):
-    return _matmul_NM(x_NK, w, w_is_MK, out_dtype), (x_NK, w)
-
-
-def _dense_wide_out_bwd(w_is_MK, out_dtype, res, g_NM):
-    x_NK, w = res
-    g_NM = g_NM.astype(x_NK.dtype)
-    dx_NK = jax.lax.dot_general(g_NM, w, (((1,), (0 if w_is_MK else 1,)), ((), ())))
-    dw = jax.lax.dot_general(  # [M, K] = g.T @ x, or [K, M] = x.T @ g
-        *((g_NM, x_NK) if w_is_MK else (x_NK, g_NM)), (((0,), (0,)), ((), ()))
-    )  # fmt: skip
-    return dx_NK.astype(x_NK.dtype), dw.astype(w.dtype)
-
-
-_dense_wide_out.defvjp(_dense_wide_out_fwd, _dense_wide_out_bwd)
 
 
 def dense(
@@ -175,10 +159,10 @@ def dense(
     k, m = math.prod(k_shape), math.prod(out_shape)
     w2 = w.reshape((m, k) if w_is_out_in else (k, m))
     x2 = x.reshape(-1, k)
-    if jax.default_backend() == "cpu":
-        y = _dense_2d(x2, w2, w_is_out_in, out_dtype)
-    elif out_dtype is not None and jnp.dtype(out_dtype).itemsize > jnp.dtype(x2.dtype).itemsize:
-        y = _dense_wide_out(x2, w2, w_is_out_in, out_dtype)
+    cpu = jax.default_backend() == "cpu"
+    wider = out_dtype is not None and jnp.dtype(out_dtype).itemsize > x2.dtype.itemsize
+    if cpu or wider:
+        y = _dense_2d(x2, w2, w_is_out_in, out_dtype, cpu)
     else:
         y = _matmul_NM(x2, w2, w_is_out_in, out_dtype)
     return y.reshape(batch + out_shape)

@@ -136,6 +136,16 @@ def test_two_processes_killed_together_resume_exactly(data_dir, tok, full, tmp_p
         np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
 
 
+def wait_for_step(run: Path, step: int, timeout: float = 300) -> None:
+    """Until the run's metrics log a loss at `step` or later."""
+    deadline = time.time() + timeout
+    while (
+        time.time() < deadline
+        and max(series(run, "loss") if (run / "metrics.jsonl").exists() else [0]) < step
+    ):
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_saved_step(data_dir, tok, full, tmp_path):
     """A preemption notice reaches one host: jax's preemption service agrees a step with the
@@ -146,12 +156,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(data_dir, tok, full
         CONFIG, run, settings(data_dir, tok, run, **{**LONG, "train.checkpoint_every": 50})
     )
     group = Group(args, tmp_path / "l1")
-    deadline = time.time() + 300
-    while (
-        time.time() < deadline
-        and max(series(run, "loss") if (run / "metrics.jsonl").exists() else [0]) < 12
-    ):
-        time.sleep(0.05)
+    wait_for_step(run, 12)
     group.procs[1].send_signal(signal.SIGTERM)
     outs = group.wait(timeout=120, code=143)
     stops = [re.findall(r"preempted \(SIGTERM\) after step (\d+)", o) for o in outs]
@@ -178,12 +183,7 @@ def test_sigterm_without_the_preemption_service_ends_like_a_crash(data_dir, tok,
     run = tmp_path / "run"
     args = main_args(CONFIG, run, settings(data_dir, tok, run, **LONG))  # saves every 5 steps
     group = Group(args, tmp_path / "l1", more_env={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
-    deadline = time.time() + 300
-    while (
-        time.time() < deadline
-        and max(series(run, "loss") if (run / "metrics.jsonl").exists() else [0]) < 12
-    ):
-        time.sleep(0.05)
+    wait_for_step(run, 12)
     group.procs[1].send_signal(signal.SIGTERM)
     assert group.procs[1].wait(timeout=60) == -signal.SIGTERM
     group.kill()  # process 0 waits in a collective for its dead peer: a scheduler ends it
