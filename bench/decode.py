@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -156,7 +157,7 @@ def main() -> None:
                 ms_per_token=round(1e3 * t_cached / new, 3), ttft_ms=round(1e3 * ttft_cached, 2),
                 uncached_tokens_per_s=None if args.no_uncached else round(b * new / t_unc, 1),
                 device=jax.devices()[0].device_kind,
-                jax=jax.__version__,
+                jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
             )  # fmt: skip
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")

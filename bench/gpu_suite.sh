@@ -7,11 +7,12 @@
 # longer fits in --budget (default 480 s of wall time): gpt2_124m's train step at 16 x 1024 as
 # shipped (bf16, scanned layers, auto attention = cudnn on GPUs, one document per row) and the
 # torch.compile nanoGPT step of the same shape (bench/torch_train.py), both profiled; then one
-# change at a time (unrolled layers, bf16 logits, fused loss, no Triton GEMMs, no z-loss);
+# change at a time (unrolled layers, bf16 logits, fused loss, no Triton GEMMs, the layer loop
+# as a CUDA graph, no z-loss);
 # then the combination of the changes that paid (bench/suite_best.py) without and with
 # document masking, profiled, for gpt2_124m and gpt2_350m (torch too), 64 x 1024 (llm.c's
-# batch) for both, llama_1b, the xla attention path, KV-cache decode (batch 1 and 64) and the
-# attention kernels alone.
+# batch) for both, llama_1b, the xla attention path, KV-cache decode (batch 1 and 64; plain
+# and its loop as a CUDA graph) and the attention kernels alone.
 # Missing Python packages on the machine (grain, tensorboardX): bench/gpu_wheels.sh fetches
 # them here into .gpu_wheels/, which this script installs when present.
 # Results: DIR/results.jsonl (one JSON object per measurement), DIR/table.md (the same as a
@@ -124,6 +125,7 @@ else
   # 2026-12-04 (H200): scanned, cudnn, 16 x 1024: 272,602 tokens/s (no masking 286k) against
   # torch.compile's 387,148. The base as shipped (scanned), then one change at a time.
   BASE=gpt2_124m-b16
+  CMDBUF="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
   job "$BASE" 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --profile "$OUT_DIR/$BASE.xplane.pb" \
     --hlo "$OUT_DIR/$BASE.hlo.txt" --label "$BASE"
   job torch-gpt2_124m-b16 90 "$PY" bench/torch_train.py --preset gpt2_124m --batch 16 --seq 1024 --profile --json "$RES" --label gpt2_124m-b16
@@ -132,6 +134,8 @@ else
   job "$BASE-loss_chunk" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set train.loss_chunk=256 --label "$BASE-loss_chunk256"
   XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
     job "$BASE-notriton" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --label "$BASE-no_triton_gemm"
+  # the scanned layers' while loop (and the cond inside) as one CUDA graph
+  XLA_FLAGS="$CMDBUF" job "$BASE-cmdbuf" 45 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --label "$BASE-cmdbuf_while"
   best "$BASE"
   BEST=("${Q[@]}" "${B16[@]}" "${BEST_SETS[@]}")
   XLA_FLAGS="$BEST_XLA" job best-nomask 60 "$PY" "${MFU[@]}" "${BEST[@]}" --docs none \
@@ -148,6 +152,8 @@ else
   XLA_FLAGS="$BEST_XLA" job llama_1b 120 "$PY" "${MFU[@]}" "${L1B[@]}" --label llama_1b
   job gpt2_124m-xla-b16 60 "$PY" "${MFU[@]}" "${Q[@]}" "${B16[@]}" --set model.attention=xla --label gpt2_124m-xla-b16
   job decode-gpt2_124m 100 "$PY" bench/decode.py --preset gpt2_124m --dtype bfloat16 --batches 1 64 --no-uncached --json "$RES"
+  # the decode loop (a while_loop) as one CUDA graph: batch 1 ran 0.74 ms per token of launches
+  XLA_FLAGS="$CMDBUF" job decode-gpt2_124m-cmdbuf 100 "$PY" bench/decode.py --preset gpt2_124m --dtype bfloat16 --batches 1 64 --no-uncached --json "$RES"
   job attention 90 "$PY" bench/attention.py --repeats 5 --json "$RES"
 fi
 

@@ -46,10 +46,14 @@ def table(rows: list[dict]) -> str:
         )
     dec = [r for r in rows if r["bench"] == "decode"]
     if dec:
-        out += ["", "| decode | batch | tokens/s | ms/token | TTFT ms |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            "| decode | batch | tokens/s | ms/token | TTFT ms | XLA flags |",
+            "|---|---|---|---|---|---|",
+        ]
         out += [
             f"| {r['preset']} {r['dtype']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
-            f"| {r['ms_per_token']:.2f} | {r['ttft_ms']:.1f} |"
+            f"| {r['ms_per_token']:.2f} | {r['ttft_ms']:.1f} | {r.get('xla_flags') or '-'} |"
             for r in dec
         ]
     att = [r for r in rows if r["bench"] == "attention"]
