@@ -92,21 +92,48 @@ def _splash(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
 ATTENTION: dict[str, AttentionFn] = {"xla": _xla, "cudnn": _cudnn, "splash": _splash}
 
 
-def resolve_attention(cfg: ModelConfig, backend: str | None = None) -> str:
+def _gpu_capability() -> str:
+    """The first device's CUDA compute capability ("9.0"), "" where jax reports none (an
+    AMD GPU, an older plugin)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "") or "")
+
+
+def _cudnn_runs_on(capability: str) -> bool:
+    """cuDNN's fused attention needs an Ampere or newer NVIDIA GPU (compute capability 8.0:
+    A100, L4, H100); a T4 (7.5) or V100 (7.0) has none, nor does a ROCm device."""
+    try:
+        return float(capability) >= 8.0
+    except ValueError:
+        return False
+
+
+def resolve_attention(
+    cfg: ModelConfig, backend: str | None = None, capability: str | None = None
+) -> str:
     """The kernel `cfg.attention` means on `backend` (default: jax's): `auto` takes the
     fused kernel of the platform when the compute dtype is 16-bit and there is no attention
-    dropout, else xla; an explicit choice the platform cannot run is an error."""
+    dropout, else xla; an explicit choice the platform cannot run is an error. On a GPU,
+    cudnn also needs compute capability 8.0 or newer (`capability`; default: the device's
+    when `backend` is jax's own, else assumed)."""
+    if capability is None and backend is None and jax.default_backend() == "gpu":
+        capability = _gpu_capability()
     backend = backend or jax.default_backend()
     native = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend)
+    old_gpu = native == "cudnn" and capability is not None and not _cudnn_runs_on(capability)
     fits = cfg.dtype in _LOW_PRECISION or native == "splash"
     if cfg.attention == "auto":
-        return native if native and fits and cfg.dropout == 0.0 else "xla"
+        return native if native and fits and cfg.dropout == 0.0 and not old_gpu else "xla"
     if cfg.attention == "xla":
         return "xla"
     if native != cfg.attention:
         raise ValueError(
             f"model.attention: {cfg.attention!r} needs a "
             f"{'GPU' if cfg.attention == 'cudnn' else 'TPU'}, this is {backend}; use auto or xla"
+        )
+    if old_gpu:
+        raise ValueError(
+            "model.attention: cudnn needs an NVIDIA GPU of compute capability 8.0 or newer "
+            f"(A100, L4, H100), this one reports {capability or 'none'}; use auto or xla"
         )
     if not fits:
         raise ValueError(f"model.attention: cudnn needs dtype bfloat16 or float16, got {cfg.dtype}")

@@ -147,6 +147,27 @@ def test_resolve_attention_per_backend_and_dtype():
         resolve_attention(cfg(attention="splash"), "gpu")
 
 
+def test_cudnn_needs_an_ampere_or_newer_gpu(monkeypatch):
+    """A T4 (7.5) or V100 (7.0) has no cuDNN fused attention: auto falls back to xla, an
+    explicit cudnn names the capability; 8.0 and up (A100, L4, H100) take cudnn. On jax's own
+    GPU backend the capability is read from the device (here faked)."""
+    bf16 = cfg(dtype="bfloat16")
+    for cap, want in (("7.5", "xla"), ("7.0", "xla"), ("8.0", "cudnn"), ("8.9", "cudnn"),
+                      ("9.0", "cudnn"), ("10.0", "cudnn"), ("gfx90a", "xla"), ("", "xla")):  # fmt: skip
+        assert resolve_attention(bf16, "gpu", cap) == want, cap
+    with pytest.raises(ValueError, match="compute capability 8.0 or newer .* reports 7.5; use"):
+        resolve_attention(cfg(attention="cudnn", dtype="bfloat16"), "gpu", "7.5")
+
+    class T4:
+        compute_capability = "7.5"
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [T4()])
+    assert resolve_attention(bf16) == "xla"
+    T4.compute_capability = "9.0"
+    assert resolve_attention(bf16) == "cudnn"
+
+
 def test_decoder_with_a_fused_kernel_gives_the_xla_logits():
     """The module's dispatch: the same model with its attention layers switched to splash
     (interpret mode) gives the same logits on real tokens, packed rows included."""
