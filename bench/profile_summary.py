@@ -49,6 +49,7 @@ def kernel_times(path: str) -> dict[str, dict[str, tuple[float, int]]]:
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(path)
+    has_device = any(p.name.startswith("/device:") for p in data.planes)
     out: dict[str, dict[str, list]] = {}
     for plane in data.planes:
         if plane.name.startswith("/device:"):
@@ -58,7 +59,7 @@ def kernel_times(path: str) -> dict[str, dict[str, tuple[float, int]]]:
             print(f"{plane.name}: lines {[ln.name for ln in plane.lines]}, "
                   f"kernels from {[ln.name for ln in lines]}")  # fmt: skip
             events = [e for ln in lines for e in ln.events]
-        elif plane.name == "/host:CPU":
+        elif plane.name == "/host:CPU" and not has_device:  # a GPU trace's host launches: no
             events = [e for ln in plane.lines for e in ln.events
                       if any(k == "hlo_op" for k, _ in e.stats)]  # fmt: skip
         else:
