@@ -141,3 +141,51 @@ def test_mfu_outside_0_1_is_refused_in_one_line(mfu, capsys):
     with pytest.raises(ConfigError, match="--mfu"):
         make_plan(load_config(ROOT / "configs/tiny_pretrain.yaml", ["model.vocab_size=512"]),
                   mfu=float(mfu), compile_step=False)  # fmt: skip
+
+
+def _barriers(cfg, platform: str) -> int:
+    """optimization_barriers (the CPU-only layout tricks) in the step traced for `platform`."""
+    from jaxllm.models.target import lowering_for
+    from jaxllm.sharding import make_mesh
+    from jaxllm.trainers.lm import model_fn
+    from jaxllm.trainers.plan import _traced_step
+    from jaxllm.training.optim import make_optimizer
+    from jaxllm.training.state import train_state_spec
+
+    mesh, tx = make_mesh(cfg.mesh), make_optimizer(cfg.train.optim, cfg.train.steps)
+    with lowering_for(platform):
+        spec = train_state_spec(model_fn(plan_model(cfg), 0), tx, mesh, cfg.mesh.rules, 0)
+        return str(_traced_step(cfg, spec, tx, mesh, 0).jaxpr).count("optimization_barrier")
+
+
+@pytest.mark.parametrize("seq_len", [200, 384])
+def test_a_tpu_plan_lowers_the_step_with_its_splash_kernels(seq_len):
+    """On this CPU host the plan lowers a v5e's program: splash attention as three distinct
+    Mosaic kernels (forward, dq and dkv backward; the four layers call the same ones). 200
+    positions are padded to 256, 384 run in 128-blocks."""
+    sets = ["model.vocab_size=512", f"loader.seq_len={seq_len}", f"model.max_seq_len={seq_len}",
+            "loader.batch_size=8", "mesh.data=-1"]  # fmt: skip
+    cfg = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)
+    p = make_plan(cfg, "v5e")
+    assert p["target_lowering"] == {
+        "platform": "tpu", "attention": "splash", "lowered": True, "fused_kernels": 3,
+    }  # fmt: skip
+    assert (
+        "TPU program (v5e), attention splash: lowers from this host (3 distinct Mosaic"
+        in "\n".join(report(p, cfg))
+    )
+    # the CPU's layout tricks stay out of the accelerator's program
+    assert _barriers(cfg, "cpu") > 0 and _barriers(cfg, "tpu") == _barriers(cfg, "gpu") == 0
+
+
+def test_a_gpu_plan_says_cudnn_is_not_lowered_off_a_gpu_and_lowers_the_xla_path():
+    sets = ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1"]
+    bf16 = load_config(ROOT / "configs/tiny_pretrain.yaml", [*sets, "model.dtype=bfloat16"])
+    p = make_plan(bf16, "h100")
+    assert p["target_lowering"] == {"platform": "gpu", "attention": "cudnn", "lowered": None}
+    assert "not lowered here (cuDNN attention traces only on a GPU host)" in "\n".join(
+        report(p, bf16)
+    )
+    f32 = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)  # f32: the xla path
+    low = make_plan(f32, "a100")["target_lowering"]
+    assert low == {"platform": "gpu", "attention": "xla", "lowered": True, "fused_kernels": 0}

@@ -37,6 +37,7 @@ from flax import nnx, struct
 from jaxllm.config import ModelConfig
 from jaxllm.models.kernels import ATTENTION, resolve_attention
 from jaxllm.models.layers import apply_rope, compute_dtype, constrain, dropout, param, project
+from jaxllm.models.target import on_cpu
 
 _QKV_AXES = ("act_batch", "act_length", "act_heads", None)
 _KV_CACHE_AXES = ("act_batch", "act_heads", None, None)
@@ -156,14 +157,8 @@ def _with_prefix(x_BKLH: jax.Array, p_PKH: jax.Array) -> jax.Array:
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def _on_cpu() -> bool:
-    """The CPU-only layout tricks below are for XLA:CPU's matmul library; GPUs and TPUs
-    compile the plain program (their compilers choose layouts themselves)."""
-    return jax.default_backend() == "cpu"
-
-
 def _barrier(a: jax.Array) -> jax.Array:
-    return jax.lax.optimization_barrier(a) if _on_cpu() else a
+    return jax.lax.optimization_barrier(a) if on_cpu() else a
 
 
 def _T(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -225,7 +220,7 @@ def _causal_blocks(length: int) -> int:
     """Query blocks for the causal path on CPU: blocks of 128+ queries (2 blocks skip 1/4
     of the score matrix; more, smaller blocks measured no faster on a 2-core CPU). Other
     backends run one block (accelerators take the fused kernels, models/kernels.py)."""
-    return 2 if _on_cpu() and length >= 256 and length % 2 == 0 else 1
+    return 2 if on_cpu() and length >= 256 and length % 2 == 0 else 1
 
 
 def _attend_with_dropout(q_BKGLH, k_BKSH, v_BKSH, mask_BLS, rate, key):

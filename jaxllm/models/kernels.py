@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.target import target_platform
 
 AttentionFn = Callable[..., jax.Array]
 KERNELS = ("xla", "cudnn", "splash")
@@ -98,11 +99,11 @@ def _gpu_capability() -> str:
     return str(getattr(jax.devices()[0], "compute_capability", "") or "")
 
 
-def _cudnn_runs_on(capability: str) -> bool:
+def _cudnn_runs_on(capability: str, at_least: float = 8.0) -> bool:
     """cuDNN's fused attention needs an Ampere or newer NVIDIA GPU (compute capability 8.0:
     A100, L4, H100); a T4 (7.5) or V100 (7.0) has none, nor does a ROCm device."""
     try:
-        return float(capability) >= 8.0
+        return float(capability) >= at_least
     except ValueError:
         return False
 
@@ -110,19 +111,29 @@ def _cudnn_runs_on(capability: str) -> bool:
 def resolve_attention(
     cfg: ModelConfig, backend: str | None = None, capability: str | None = None
 ) -> str:
-    """The kernel `cfg.attention` means on `backend` (default: jax's): `auto` takes the
-    fused kernel of the platform when the compute dtype is 16-bit and there is no attention
-    dropout, else xla; an explicit choice the platform cannot run is an error. On a GPU,
-    cudnn also needs compute capability 8.0 or newer (`capability`; default: the device's
-    when `backend` is jax's own, else assumed)."""
-    if capability is None and backend is None and jax.default_backend() == "gpu":
+    """The kernel `cfg.attention` means on `backend` (default: `target_platform()`, this
+    host's unless lowering for another): `auto` takes the fused kernel of the platform when
+    the compute dtype is 16-bit and there is no attention dropout, else xla; an explicit
+    choice the platform cannot run is an error. On a GPU, cudnn also needs compute
+    capability 8.0 or newer (`capability`; default: the device's when `backend` is jax's own,
+    else assumed) and a head size that is a multiple of 8, at most 128 (256 from Hopper, 9.0,
+    on; assumed when the capability is not known)."""
+    if (
+        capability is None
+        and backend is None
+        and target_platform() == jax.default_backend() == "gpu"
+    ):
         capability = _gpu_capability()
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     native = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend)
     old_gpu = native == "cudnn" and capability is not None and not _cudnn_runs_on(capability)
+    h = cfg.head_size
+    head_max = 128 if capability is not None and not _cudnn_runs_on(capability, 9.0) else 256
+    odd_head = native == "cudnn" and (h % 8 or h > head_max)
     fits = cfg.dtype in _LOW_PRECISION or native == "splash"
     if cfg.attention == "auto":
-        return native if native and fits and cfg.dropout == 0.0 and not old_gpu else "xla"
+        usable = native and fits and cfg.dropout == 0.0 and not old_gpu and not odd_head
+        return native if usable else "xla"
     if cfg.attention == "xla":
         return "xla"
     if native != cfg.attention:
@@ -134,6 +145,11 @@ def resolve_attention(
         raise ValueError(
             "model.attention: cudnn needs an NVIDIA GPU of compute capability 8.0 or newer "
             f"(A100, L4, H100), this one reports {capability or 'none'}; use auto or xla"
+        )
+    if odd_head:
+        raise ValueError(
+            f"model.attention: cudnn needs a head size that is a multiple of 8 and at most "
+            f"{head_max}, this model's is {h}; use auto or xla"
         )
     if not fits:
         raise ValueError(f"model.attention: cudnn needs dtype bfloat16 or float16, got {cfg.dtype}")

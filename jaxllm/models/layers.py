@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig, RopeScalingConfig
+from jaxllm.models.target import on_cpu
 
 try:
     from jaxllm.sharding.rules import constrain
@@ -159,7 +160,7 @@ def dense(
     k, m = math.prod(k_shape), math.prod(out_shape)
     w2 = w.reshape((m, k) if w_is_out_in else (k, m))
     x2 = x.reshape(-1, k)
-    cpu = jax.default_backend() == "cpu"
+    cpu = on_cpu()
     wider = out_dtype is not None and jnp.dtype(out_dtype).itemsize > x2.dtype.itemsize
     if cpu or wider:
         y = _dense_2d(x2, w2, w_is_out_in, out_dtype, cpu)

@@ -4,12 +4,18 @@ The kernel (jax.experimental.pallas.ops.tpu.splash_attention) runs one example a
 [heads, L, H] blocks, skips the key blocks the causal mask hides, and takes GQA key/value
 heads as they are. It is a custom call XLA cannot partition, so under an active mesh it runs
 inside `shard_map`: each device takes its rows (the `act_batch` axes) and, with tensor
-parallelism, its heads. Off TPU it runs in Pallas's interpret mode (tests on CPU).
+parallelism, its heads. The kernel's blocks are multiples of 128 positions, so a row whose
+length is not is padded at its end (causality hides the padded keys from every real query)
+and the padding's outputs dropped. Which form runs is chosen where the program is lowered
+(`lax.platform_dependent`): the compiled Mosaic kernel for a TPU, Pallas's interpret mode
+for anything else (tests on CPU), so a TPU program lowered ahead of time on another machine
+(`jax.export`) holds the real kernel.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,33 +25,48 @@ from jax.sharding import PartitionSpec
 
 from jaxllm.sharding.rules import active_rules
 
+_LANES = 128  # the kernel's block sizes are multiples of this
+
 
 def _block_sizes(length: int) -> sk.BlockSizes:
-    b = min(512, length)
+    """Blocks of 512 positions, or the largest of 256 and 128 that divides `length` (a
+    multiple of 128)."""
+    b = next(size for size in (512, 256, _LANES) if length % size == 0)
     return sk.BlockSizes(
         block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
         block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
     )  # fmt: skip
 
 
-def _local(q_BLNH, k_BLKH, v_BLKH, seg_BL):
-    """The kernel on this device's rows and heads."""
-    _, length, n, h = q_BLNH.shape
+def _kernel(q_BNLH, k_BKLH, v_BKLH, seg_BL, *, interpret: bool):
+    """Splash attention on [heads, L, H] blocks, one example at a time; L a multiple of 128."""
+    _, n, length, _ = q_BNLH.shape
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(n)])
     kernel = sk.make_splash_mha(
         mask, head_shards=1, q_seq_shards=1, block_sizes=_block_sizes(length),
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )  # fmt: skip
+    if seg_BL is None:
+        return jax.vmap(kernel)(q_BNLH, k_BKLH, v_BKLH)
+    ids = sk.SegmentIds(q=seg_BL, kv=seg_BL)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q_BNLH, k_BKLH, v_BKLH, ids)
+
+
+def _local(q_BLNH, k_BLKH, v_BLKH, seg_BL):
+    """The kernel on this device's rows and heads."""
+    _, length, _, h = q_BLNH.shape
+    pad = -length % _LANES
     q_BNLH = jnp.swapaxes(q_BLNH * jnp.asarray(1.0 / math.sqrt(h), q_BLNH.dtype), 1, 2)
     k_BKLH, v_BKLH = jnp.swapaxes(k_BLKH, 1, 2), jnp.swapaxes(v_BLKH, 1, 2)
-    if seg_BL is None:
-        out_BNLH = jax.vmap(kernel)(q_BNLH, k_BKLH, v_BKLH)
-    else:
-        ids = sk.SegmentIds(q=seg_BL, kv=seg_BL)
-        out_BNLH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(
-            q_BNLH, k_BKLH, v_BKLH, ids
-        )
-    return jnp.swapaxes(out_BNLH, 1, 2).astype(q_BLNH.dtype)
+    if pad:
+        widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+        q_BNLH, k_BKLH, v_BKLH = (jnp.pad(x, widths) for x in (q_BNLH, k_BKLH, v_BKLH))
+        seg_BL = None if seg_BL is None else jnp.pad(seg_BL, ((0, 0), (0, pad)))
+    out_BNLH = jax.lax.platform_dependent(
+        q_BNLH, k_BKLH, v_BKLH, seg_BL,
+        tpu=partial(_kernel, interpret=False), default=partial(_kernel, interpret=True),
+    )  # fmt: skip
+    return jnp.swapaxes(out_BNLH[:, :, :length], 1, 2).astype(q_BLNH.dtype)
 
 
 def splash_attention(

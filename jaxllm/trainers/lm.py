@@ -23,6 +23,7 @@ from jaxllm.config import (
 from jaxllm.errors import ConfigError
 from jaxllm.models.peft import apply_peft, merge_peft, peft_method
 from jaxllm.models.quant import is_quantized
+from jaxllm.models.target import target_platform
 from jaxllm.sharding import validate_mesh
 from jaxllm.trainers import require_input
 from jaxllm.trainers.checkpoint_model import Wrap as Wrap
@@ -86,7 +87,7 @@ def resolve_loss_chunk(cfg: Config, backend: str | None = None) -> int:
     divide `loader.seq_len`."""
     chunk, length = cfg.train.loss_chunk, cfg.loader.seq_len
     if chunk == -1:
-        on_cpu = (backend or jax.default_backend()) == "cpu"
+        on_cpu = (backend or target_platform()) == "cpu"
         return CPU_LOSS_CHUNK if on_cpu and length % CPU_LOSS_CHUNK == 0 else 0
     if chunk > 0 and length % chunk:
         raise ConfigError(

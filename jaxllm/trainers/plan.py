@@ -23,6 +23,10 @@ a fused kernel, so for long sequences the figure is an upper bound. There, too, 
 path runs in query blocks that skip the fully masked quarter of the scores (models/attention.py
 `_causal_blocks`), so the compiled matmul count sits below the model count, which takes the
 whole score matrix (gpt2_124m at seq 1024: 3.4 % below, exactly that quarter of attention).
+
+The step is also traced for the target platform and lowered (no compiler of that platform is
+needed): a TPU's program holds splash attention's Mosaic kernels, so what would fail to build
+on the TPU (a block size the kernel refuses) shows here as `DOES NOT LOWER`.
 """
 
 from __future__ import annotations
@@ -87,18 +91,24 @@ def _abstract_batch(cfg: Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
 
 
-def _compile(cfg: Config, m: ModelConfig, spec, tx, mesh, hardware: str) -> dict[str, float]:
-    graphdef, abstract, shardings = spec.graphdef, spec.abstract, spec.shardings
+def _traced_step(cfg: Config, spec, tx, mesh, chunk: int):
+    """The train step traced on abstract state and batch (nothing allocated)."""
     t = cfg.train
-    chunk = resolve_loss_chunk(cfg, backend_of(hardware))  # the target's choice, not this host's
     step = make_train_step(
-        graphdef, lm_loss(t.z_loss, chunk), tx, lr_schedule(t.optim, t.steps),
-        shardings, mesh, cfg.mesh.rules, t.grad_accum,
+        spec.graphdef, lm_loss(t.z_loss, chunk), tx, lr_schedule(t.optim, t.steps),
+        spec.shardings, mesh, cfg.mesh.rules, t.grad_accum,
     )  # fmt: skip
     state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        spec.abstract,
+        spec.shardings,
     )
-    compiled = step.lower(state, _abstract_batch(cfg, mesh)).compile()
+    return step.trace(state, _abstract_batch(cfg, mesh))
+
+
+def _compile(cfg: Config, spec, tx, mesh, hardware: str) -> dict[str, float]:
+    chunk = resolve_loss_chunk(cfg, backend_of(hardware))  # the target's choice, not this host's
+    compiled = _traced_step(cfg, spec, tx, mesh, chunk).lower().compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -177,6 +187,34 @@ def hlo_matmul_flops(text: str) -> float | None:
     return total(entry) if entry else None
 
 
+_FUSED = {"tpu": ("tpu_custom_call", "Mosaic"), "gpu": ("__cudnn$fmha", "cuDNN attention")}
+
+
+def lower_for_target(cfg: Config, m: ModelConfig, tx, mesh, hardware: str) -> dict[str, Any]:
+    """The train step as the target platform's program, traced and lowered on this host
+    (`lowering_for`: the target's attention kernel and layouts) without its compiler: whether
+    it lowers, and how many distinct fused kernels it holds (a TPU's splash attention is
+    three Mosaic kernels: forward, dq and dkv, one program each whatever the layer count). cuDNN attention traces only where cuDNN is (a GPU host): not
+    checked elsewhere."""
+    from jaxllm.models.kernels import resolve_attention
+    from jaxllm.models.target import lowering_for
+
+    platform = backend_of(hardware)
+    out: dict[str, Any] = {"platform": platform}
+    with lowering_for(platform):
+        out["attention"] = kernel = resolve_attention(m)
+        if kernel == "cudnn" and jax.default_backend() != "gpu":
+            return {**out, "lowered": None}
+        try:
+            spec = train_state_spec(model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed)
+            traced = _traced_step(cfg, spec, tx, mesh, resolve_loss_chunk(cfg))
+            text = traced.lower(lowering_platforms=({"gpu": "cuda"}.get(platform, platform),))
+            text = text.as_text()
+        except Exception as e:  # any failure is the finding: reported, not raised
+            return {**out, "lowered": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    return {**out, "lowered": True, "fused_kernels": text.count("@" + _FUSED[platform][0])}
+
+
 def backend_of(hardware: str) -> str:
     """The JAX backend a `HARDWARE` name runs: TPUs are named v4, v5e, ...; the rest are GPUs."""
     return "tpu" if hardware.startswith("v") else "gpu"
@@ -214,7 +252,8 @@ def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_ste
     }
     out["gradient_bytes"] = out["param_bytes"]  # one gradient per trainable weight
     if compile_step:
-        out.update(_compile(cfg, m, spec, tx, mesh, hardware))
+        out.update(_compile(cfg, spec, tx, mesh, hardware))
+        out["target_lowering"] = lower_for_target(cfg, m, tx, mesh, hardware)
         # donated state aliases the outputs: live = arguments + temporaries + new outputs
         out["peak_bytes"] = (
             out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"] - out["alias_bytes"]
@@ -252,6 +291,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds:,.2f} s" if seconds >= 1 else f"{seconds * 1e3:,.3g} ms"
 
 
+def _lowering_line(low: dict[str, Any], hardware: str) -> str:
+    where = f"{low['platform'].upper()} program ({hardware}), attention {low['attention']}"
+    if low["lowered"] is None:
+        return f"  {where}: not lowered here (cuDNN attention traces only on a GPU host)"
+    if not low["lowered"]:
+        return f"  {where}: DOES NOT LOWER: {low['error']}"
+    kind = _FUSED[low["platform"]][1]
+    return f"  {where}: lowers from this host ({low['fused_kernels']} distinct {kind} kernels)"
+
+
 def report(p: dict[str, Any], cfg: Config) -> list[str]:
     def g(key):
         return f"{p[key] / GiB:8.2f} GiB"
@@ -284,6 +333,8 @@ def report(p: dict[str, Any], cfg: Config) -> list[str]:
         f"{_duration(p['step_s_at_mfu'])} per step, "
         f"{p['tokens_per_step'] / p['step_s_at_mfu']:,.0f} tokens/s"
     )
+    if "target_lowering" in p:
+        lines.append(_lowering_line(p["target_lowering"], p["hardware"]))
     mem = p["hardware_memory_bytes"] / GiB
     if p["fits"] is None:  # --no-compile, state within memory: no verdict
         lines.append(

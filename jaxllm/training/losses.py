@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models.logits import temper
+from jaxllm.models.target import on_cpu
 
 _CHUNK = 32  # vocab reductions run as [.., V / 32, 32]: see `_chunked`
 
@@ -23,7 +24,7 @@ def _chunked(x_BLV: jax.Array) -> jax.Array | None:
     CPU only: other backends compile the plain reduction.
     """
     v = x_BLV.shape[-1]
-    if v % _CHUNK or jax.default_backend() != "cpu":  # GPUs/TPUs reduce V in one pass
+    if v % _CHUNK or not on_cpu():  # GPUs/TPUs reduce V in one pass
         return None
     return x_BLV.reshape(*x_BLV.shape[:-1], v // _CHUNK, _CHUNK)
 

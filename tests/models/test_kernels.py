@@ -97,10 +97,11 @@ def masked_grads(fn, q, k, v, seg):
     return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("docs", ["none", "packed"])
-def test_splash_matches_xla_with_gqa_and_segments(docs):
-    q, k, v = qkv()
-    seg = None if docs == "none" else jnp.asarray(packed(2, 128, seed=3))
+@pytest.mark.parametrize("docs,length", [("none", 128), ("packed", 128), ("packed", 200)])
+def test_splash_matches_xla_with_gqa_and_segments(docs, length):
+    """200 positions are padded to the kernel's 256 and the padding's outputs dropped."""
+    q, k, v = qkv(length=length)
+    seg = None if docs == "none" else jnp.asarray(packed(2, length, seed=3))
     ref_out, ref_g = masked_grads(ATTENTION["xla"], q, k, v, seg)
     out, g = masked_grads(ATTENTION["splash"], q, k, v, seg)
     chex.assert_trees_all_close(out, ref_out, atol=2e-5)
@@ -166,6 +167,20 @@ def test_cudnn_needs_an_ampere_or_newer_gpu(monkeypatch):
     assert resolve_attention(bf16) == "xla"
     T4.compute_capability = "9.0"
     assert resolve_attention(bf16) == "cudnn"
+
+
+def test_cudnn_needs_a_head_size_it_has_kernels_for():
+    """cuDNN's flash attention takes head sizes that are multiples of 8, up to 128 before
+    Hopper and 256 from it (jax's check_is_flash_attention): auto falls back to xla, an
+    explicit cudnn names the size."""
+    for head, cap, want in ((64, "8.0", "cudnn"), (128, "8.0", "cudnn"), (160, "8.0", "xla"),
+                            (160, "9.0", "cudnn"), (256, "9.0", "cudnn"), (264, "9.0", "xla"),
+                            (60, "9.0", "xla"), (160, None, "cudnn")):  # fmt: skip
+        m = cfg(dtype="bfloat16", head_dim=head)
+        assert resolve_attention(m, "gpu", cap) == want, (head, cap)
+    assert resolve_attention(cfg(dtype="bfloat16", head_dim=60), "tpu") == "splash"
+    with pytest.raises(ValueError, match="multiple of 8 and at most 128, this model's is 160"):
+        resolve_attention(cfg(attention="cudnn", dtype="bfloat16", head_dim=160), "gpu", "8.6")
 
 
 def test_decoder_with_a_fused_kernel_gives_the_xla_logits():
