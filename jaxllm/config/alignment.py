@@ -29,18 +29,29 @@ class RewardConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     """`stage: dpo` — direct preference optimisation of `inputs.checkpoint` (the policy)
-    against a frozen reference (by default the same checkpoint)."""
+    against a frozen reference (by default the same checkpoint), or without one (`loss:
+    simpo` or `orpo`)."""
 
     train_file: str = "asset:preference/train.jsonl"
     val_file: str = "asset:preference/val.jsonl"  # "" for none: no held-out figures
-    beta: float = 0.1  # strength of the implicit KL to the reference
-    label_smoothing: float = 0.0  # conservative DPO: share of labels assumed flipped (sigmoid)
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo uses length-averaged log-probs
+    # sigmoid/ipo: strength of the implicit KL to the reference; simpo: the reward scale;
+    # orpo: the odds-ratio term's weight (the paper's lambda)
+    beta: float = 0.1
+    label_smoothing: float = (
+        0.0  # conservative DPO: share of labels assumed flipped (sigmoid, simpo)
+    )
+    # ipo, simpo and orpo use length-averaged log-probs; simpo and orpo have no reference
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
     reference: str = ""  # reference checkpoint directory; "" = inputs.checkpoint
     precompute_reference: bool = False  # score the train pairs with the reference once, up front
     # the policy's log-probs without dropout (model and LoRA dropout), as the reference's
     # always are (TRL's default); false: with dropout in the training steps
     disable_dropout: bool = True
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in ("simpo", "orpo")
 
     def _validate(self) -> None:
         if not self.train_file:
@@ -49,10 +60,24 @@ class DPOConfig:
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss not in ("sigmoid", "ipo"):
-            raise ValueError(f"loss: must be 'sigmoid' or 'ipo', got {self.loss!r}")
-        if self.loss == "ipo" and self.label_smoothing:
+        if self.loss not in ("sigmoid", "ipo", "simpo", "orpo"):
             raise ValueError(
-                f"label_smoothing: {self.label_smoothing} is conservative DPO (loss: sigmoid); "
-                "loss 'ipo' has no label smoothing: set dpo.label_smoothing 0 or dpo.loss sigmoid"
+                f"loss: must be 'sigmoid', 'ipo', 'simpo' or 'orpo', got {self.loss!r}"
+            )
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma: must be >= 0, got {self.gamma}")
+        if self.loss in ("ipo", "orpo") and self.label_smoothing:
+            raise ValueError(
+                f"label_smoothing: {self.label_smoothing} is conservative DPO (loss: sigmoid or "
+                f"simpo); loss '{self.loss}' has no label smoothing: set dpo.label_smoothing 0"
+            )
+        if self.reference_free and self.reference:
+            raise ValueError(
+                f"reference: loss '{self.loss}' has no reference model; leave dpo.reference "
+                "empty or use loss sigmoid or ipo"
+            )
+        if self.reference_free and self.precompute_reference:
+            raise ValueError(
+                f"precompute_reference: loss '{self.loss}' has no reference to precompute; "
+                "set it false"
             )

@@ -1,9 +1,11 @@
-"""`stage: dpo` — direct preference optimisation of an SFT policy against a frozen reference.
+"""`stage: dpo` — direct preference optimisation of an SFT policy against a frozen reference,
+or reference-free (SimPO, ORPO).
 
 The policy is `inputs.checkpoint` (LoRA optional, via `peft:`); the reference is the same
 checkpoint (or `dpo.reference`) loaded with `load_frozen_model`. A pair's sequence log-prob is
 the sum of `token_logprobs` over its response tokens (the loss mask: answer, `<|end|>`,
-`</s>`); IPO uses their mean. The reference either runs in every step, handed to it as
+`</s>`); IPO, SimPO and ORPO use their mean. SimPO and ORPO load no reference at all: the
+step runs the policy alone (`training/rl_losses.dpo_loss` has the formulas). The reference either runs in every step, handed to it as
 `consts` (never trained, donated or checkpointed), or — `dpo.precompute_reference` — scores
 every training pair once before the first step; its log-probs then ride in the batches
 (`ref_logp` [B, 2], looked up by the batch's `pair` index), the step runs the policy alone
@@ -16,9 +18,11 @@ TRL's default), so at step 0 (policy == reference) every margin is exactly 0.
 Held-out figures before and after (of every pair, on one host or many; after: of the weights
 handed on, with `train.keep_best` the best evaluation's): the DPO margin (mean of
 beta ((pi_c - ref_c) - (pi_r - ref_r)), the training metric `margin`, TRL's rewards/margins;
-0 before training) and its pair accuracy (a tie half a win, as the training `accuracy`), and
+0 before training; reference-free: beta times the difference of the averaged log-probs) and
+its pair accuracy (a tie half a win, as the training `accuracy`), and
 — meaningful before training too — the raw policy margin log p(chosen) - log p(rejected) and
-the pair accuracy by it, overall and by task. Pairs cut by `loader.seq_len` are counted
+the pair accuracy by it, overall and by task, and the accuracy by the margin of log-probs
+averaged over each answer's tokens (`avg_logp_accuracy`: what SimPO and ORPO rank by). Pairs cut by `loader.seq_len` are counted
 (`train_fit`, `val_fit`); those cut to two identical rows are left out.
 """
 
@@ -88,21 +92,23 @@ def pair_logprobs(
 
 def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
     """`loss_fn(model, batch, key, consts)` with `consts = {"ref": reference state}`, or with
-    `ref_graphdef=None` `loss_fn(model, batch, key)` reading the batch's `ref_logp` [B, 2]."""
-    average = d.loss == "ipo"
+    `ref_graphdef=None` `loss_fn(model, batch, key)` reading the batch's `ref_logp` [B, 2]
+    (reference-free losses: no reference at all)."""
+    average = d.loss != "sigmoid"
 
     def loss_fn(model, batch, key, consts=None):
         # the reference runs without dropout: so does the policy, unless asked (at step 0,
         # policy == reference, so h = 0 exactly, not dropout noise)
         pi_c_B, pi_r_B = pair_logprobs(model, batch, None if d.disable_dropout else key, average)
-        if consts is None:
+        if d.reference_free:
+            ref_c_B = ref_r_B = None
+        elif consts is None:
             ref_c_B, ref_r_B = batch["ref_logp"][:, 0], batch["ref_logp"][:, 1]
         else:
             ref_c_B, ref_r_B = pair_logprobs(nnx.merge(ref_graphdef, consts["ref"]), batch,
                                              None, average)  # fmt: skip
-        return dpo_loss(
-            pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss, batch["weight"]
-        )
+        return dpo_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss,
+                        batch["weight"], d.gamma)  # fmt: skip
 
     return loss_fn
 
@@ -126,14 +132,15 @@ def reference_table(pass_: PairPass, ref, mesh, rules: str, average: bool) -> np
 
 def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict):
     """`evaluate(state) -> figures` on `dpo.val_file` (sequence log-probs, summed; its
-    `fit_report` into `fits["val_fit"]`); the reference's are computed here, once. The DPO
-    margin is the training one: of log-probs averaged over each answer's tokens for IPO."""
+    `fit_report` into `fits["val_fit"]`); the reference's (`ref`; None: reference-free) are
+    computed here, once. The DPO margin is the training one: of log-probs averaged over each
+    answer's tokens for IPO, SimPO and ORPO."""
     if not cfg.dpo.val_file:
         return None
     file = data_file(cfg.dpo.val_file, "dpo.val_file")
     pairs, fits["val_fit"] = fit_report("dpo", file, template, cfg.loader.seq_len, "dpo.val_file")
     held_out = PairPass([file], template, cfg.loader, mesh, pairs)
-    ref_table = reference_table(held_out, ref, mesh, cfg.mesh.rules, average=False)
+    ref_table = None if ref is None else reference_table(held_out, ref, mesh, cfg.mesh.rules, False)
 
     def scorer(graphdef, shardings):
         @partial(jax.jit, in_shardings=(shardings, None))
@@ -151,18 +158,22 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
     def evaluate(state: TrainState, model=None) -> dict[str, Any]:
         """`model`: another (graphdef, shardings) for `state` (a folded best/)."""
         p = held_out.collect(own if model is None else scorer(*model), state)
-        ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
         w = (p["weight"] > 0).astype(np.float64)  # every held-out pair counts once
         raw = p["pi_c"] - p["pi_r"]
-        h_c, h_r = p["pi_c"] - ref_c, p["pi_r"] - ref_r
-        if cfg.dpo.loss == "ipo":  # IPO's log-probs are means over the answer's tokens
-            h_c, h_r = h_c / np.maximum(p["n_c"], 1), h_r / np.maximum(p["n_r"], 1)
+        n_c, n_r = np.maximum(p["n_c"], 1), np.maximum(p["n_r"], 1)
+        h_c, h_r = p["pi_c"], p["pi_r"]  # reference-free: the policy's own
+        if ref_table is not None:
+            ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
+            h_c, h_r = h_c - ref_c, h_r - ref_r
+        if cfg.dpo.loss != "sigmoid":  # these log-probs are means over the answer's tokens
+            h_c, h_r = h_c / n_c, h_r / n_r
         margin = cfg.dpo.beta * (h_c - h_r)  # as in training
         return {
             "dpo_margin": wmean(margin, w),
             "dpo_accuracy": wmean(pair_wins(margin), w),
             "logp_margin": wmean(raw, w),
             "logp_accuracy": wmean(pair_wins(raw), w),
+            "avg_logp_accuracy": wmean(pair_wins(p["pi_c"] / n_c - p["pi_r"] / n_r), w),
             "logp_chosen": wmean(p["pi_c"], w),
             "logp_rejected": wmean(p["pi_r"], w),
             "logp_accuracy_by_task": by_task(pair_wins(raw), p),
@@ -174,21 +185,24 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
-    """DPO / IPO of `inputs.checkpoint` on `dpo.train_file` against a frozen reference."""
+    """DPO / IPO of `inputs.checkpoint` on `dpo.train_file` against a frozen reference, or
+    SimPO / ORPO without one."""
     d, t, mesh = cfg.dpo, cfg.train, make_mesh(cfg.mesh)
     tx = make_optimizer(t.optim, t.steps)
     start_point = init_from_checkpoint(cfg, tx, mesh)
     graphdef, state, shardings = start_point.graphdef, start_point.state, start_point.shardings
-    ref_dir = Path(d.reference or start_point.checkpoint)
+    ref_dir = None if d.reference_free else Path(d.reference or start_point.checkpoint)
     if d.reference and not ref_dir.is_dir():
         raise ConfigError(f"config key 'dpo.reference': {ref_dir} is not a checkpoint directory")
-    # no other reference given: the policy's start, quantised as its base is (QLoRA)
-    own = None if d.reference else cfg.quantize
-    *ref, ref_m, ref_meta = load_frozen_model(ref_dir, mesh, cfg.mesh.rules, quantize=own)
-    ref = tuple(ref)  # (graphdef, state, shardings): no other name holds the state
     tok, tok_path = stage_tokenizer(cfg, start_point.meta, start_point.model)
-    if d.reference:
-        check_same_vocab("dpo.reference", ref_m, ref_meta, start_point.model, tok_path)
+    ref = None
+    if ref_dir is not None:
+        # no other reference given: the policy's start, quantised as its base is (QLoRA)
+        own = None if d.reference else cfg.quantize
+        *ref, ref_m, ref_meta = load_frozen_model(ref_dir, mesh, cfg.mesh.rules, quantize=own)
+        ref = tuple(ref)  # (graphdef, state, shardings): no other name holds the state
+        if d.reference:
+            check_same_vocab("dpo.reference", ref_m, ref_meta, start_point.model, tok_path)
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_files = [data_file(d.train_file, "dpo.train_file")]
@@ -208,8 +222,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
     sched = lr_schedule(t.optim, t.steps)
-    if d.precompute_reference:
-        del ref  # the reference's work is done: only the policy stays on the device
+    if ref is None or d.precompute_reference:
+        del ref  # the reference's work is done (or there is none): only the policy is on device
         step_fn = make_train_step(graphdef, make_dpo_loss(d, None), tx, sched, shardings, mesh,
                                   cfg.mesh.rules, t.grad_accum)  # fmt: skip
     else:
@@ -221,7 +235,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         step_fn = lambda s, b: step(s, b, consts)  # noqa: E731
     summary, last = train_pairs(cfg, start_point, state, start, step_fn, batches, mesh, ckpt,
                                 evaluate, before, run_dir, tok_path)  # fmt: skip
-    for key in ("reward_chosen", "reward_rejected", "margin", "accuracy"):
-        summary[f"final_train_{key}"] = last.get(key)
-    summary["reference"] = str(ref_dir)
+    for key in ("reward_chosen", "reward_rejected", "margin", "accuracy", "nll", "log_odds"):
+        if key in last:
+            summary[f"final_train_{key}"] = last[key]
+    summary["reference"] = None if ref_dir is None else str(ref_dir)
     return {**summary, **fits}

@@ -1,4 +1,4 @@
-"""Pure alignment losses: reward-model pairwise loss, DPO / IPO, PPO (policy + value), GRPO and
+"""Pure alignment losses: reward-model pairwise loss, DPO / IPO / SimPO / ORPO, PPO (policy + value), GRPO and
 the KL estimators they share. Like `losses.py`, each returns `(loss_sum, aux)` where aux holds
 *sums* of metrics and `aux["weight"]` is what they sum over; the step divides once at the end.
 All math runs in f32 whatever the input dtype."""
@@ -62,49 +62,83 @@ def pairwise_loss(
     }
 
 
+DPO_KINDS = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # no reference model: its log-probs are None
+
+
+def _log1mexp(a_B: jax.Array) -> jax.Array:
+    """log(1 - exp(a)) for a log-probability a < 0 (clamped just below 0: p = 1 exactly
+    would make ORPO's odds infinite)."""
+    return jnp.log(-jnp.expm1(jnp.minimum(a_B, -1e-6)))
+
+
 def dpo_loss(
     pi_chosen_B: jax.Array,
     pi_rejected_B: jax.Array,
-    ref_chosen_B: jax.Array,
-    ref_rejected_B: jax.Array,
+    ref_chosen_B: jax.Array | None,
+    ref_rejected_B: jax.Array | None,
     beta: float,
     label_smoothing: float = 0.0,
     kind: str = "sigmoid",
     weight_B: jax.Array | None = None,
+    gamma: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """DPO on sequence log-probs of the policy (pi) and frozen reference (ref).
+    """Preference optimisation on sequence log-probs of the policy (pi) and, for the kinds
+    that have one, a frozen reference (ref).
 
-    h = (pi_c - ref_c) - (pi_r - ref_r). `kind="sigmoid"` (Rafailov et al.):
-    -(1 - ls) * log sigmoid(beta h) - ls * log sigmoid(-beta h); ls > 0 is conservative DPO,
-    which assumes a fraction ls of preference labels are flipped. `kind="ipo"` (Azar et al.):
-    (h - 1 / (2 beta))^2, which regresses the margin to a finite target instead of pushing it to
-    infinity; callers should pass *length-averaged* log-probs for IPO (as the IPO paper and TRL
-    do), and label_smoothing does not apply (`DPOConfig` refuses it). The loss is a weighted sum over pairs.
-    aux sums (weighted): `reward_chosen` = beta (pi_c - ref_c), `reward_rejected`, `margin`
-    (their difference, beta h: TRL's rewards/margins), `accuracy` ([margin > 0], a tie
-    half a win), `weight`.
+    With a reference, h = (pi_c - ref_c) - (pi_r - ref_r). `kind="sigmoid"` (DPO, Rafailov et
+    al.): -(1 - ls) * log sigmoid(beta h) - ls * log sigmoid(-beta h); ls > 0 is conservative
+    DPO, which assumes a fraction ls of preference labels are flipped. `kind="ipo"` (Azar et
+    al.): (h - 1 / (2 beta))^2, which regresses the margin to a finite target instead of
+    pushing it to infinity. Rewards: beta (pi - ref).
+
+    Reference-free (`ref_*` None; pi are log-probs *averaged* over each answer's tokens, as
+    for IPO: the caller's part): `kind="simpo"` (Meng et al. 2024): the sigmoid loss of
+    z = beta (pi_c - pi_r) - gamma, gamma the target reward margin (label smoothing as DPO's);
+    `kind="orpo"` (Hong et al. 2024): -pi_c - beta log sigmoid(log odds_c - log odds_r), the
+    chosen answer's NLL per token plus beta (the paper's lambda) times the odds-ratio loss,
+    odds = p / (1 - p) of p = exp(pi). Rewards: beta pi (TRL's, for both).
+
+    The loss is a weighted sum over pairs. aux sums (weighted): `reward_chosen`,
+    `reward_rejected`, `margin` (their difference: beta h with a reference, TRL's
+    rewards/margins), `accuracy` ([margin > 0], a tie half a win), `weight`; ORPO adds `nll`
+    and `log_odds`.
     """
-    if kind not in ("sigmoid", "ipo"):
-        raise ValueError(f"dpo_loss kind must be 'sigmoid' or 'ipo', got {kind!r}")
-    pi_c, pi_r, ref_c, ref_r = _f32(pi_chosen_B, pi_rejected_B, ref_chosen_B, ref_rejected_B)
+    if kind not in DPO_KINDS:
+        raise ValueError(f"dpo_loss kind must be one of {DPO_KINDS}, got {kind!r}")
+    if (ref_chosen_B is None) != (kind in REFERENCE_FREE):
+        raise ValueError(f"dpo_loss: {kind!r} takes reference log-probs only if it has a reference")
+    pi_c, pi_r = _f32(pi_chosen_B, pi_rejected_B)
     w_B = jnp.ones_like(pi_c) if weight_B is None else _f32(weight_B)[0]
-    ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
-    h_B = (pi_c - ref_c) - (pi_r - ref_r)
-    if kind == "sigmoid":
-        ls = label_smoothing
-        per_pair_B = -(1.0 - ls) * jax.nn.log_sigmoid(beta * h_B) - ls * jax.nn.log_sigmoid(
-            -beta * h_B
-        )
+    ls = label_smoothing
+    extra: dict[str, jax.Array] = {}
+    if kind in REFERENCE_FREE:
+        rc_B, rr_B = beta * pi_c, beta * pi_r
+        if kind == "simpo":
+            z_B = beta * (pi_c - pi_r) - gamma
+            per_pair_B = -(1 - ls) * jax.nn.log_sigmoid(z_B) - ls * jax.nn.log_sigmoid(-z_B)
+        else:
+            log_odds_B = (pi_c - pi_r) - (_log1mexp(pi_c) - _log1mexp(pi_r))
+            per_pair_B = -pi_c - beta * jax.nn.log_sigmoid(log_odds_B)
+            extra = {"nll": -pi_c, "log_odds": jax.lax.stop_gradient(log_odds_B)}
     else:
-        per_pair_B = jnp.square(h_B - 1.0 / (2.0 * beta))
-    rc_B = jax.lax.stop_gradient(beta * (pi_c - ref_c))
-    rr_B = jax.lax.stop_gradient(beta * (pi_r - ref_r))
+        ref_c, ref_r = jax.lax.stop_gradient(_f32(ref_chosen_B, ref_rejected_B))
+        h_B = (pi_c - ref_c) - (pi_r - ref_r)
+        if kind == "sigmoid":
+            per_pair_B = -(1 - ls) * jax.nn.log_sigmoid(beta * h_B) - ls * jax.nn.log_sigmoid(
+                -beta * h_B
+            )
+        else:
+            per_pair_B = jnp.square(h_B - 1.0 / (2.0 * beta))
+        rc_B, rr_B = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    rc_B, rr_B = jax.lax.stop_gradient(rc_B), jax.lax.stop_gradient(rr_B)
     return jnp.sum(w_B * per_pair_B), {
         "reward_chosen": jnp.sum(w_B * rc_B),
         "reward_rejected": jnp.sum(w_B * rr_B),
         "margin": jnp.sum(w_B * (rc_B - rr_B)),
         "accuracy": jnp.sum(w_B * _wins(rc_B - rr_B)),
         "weight": jnp.sum(w_B),
+        **{k: jnp.sum(w_B * jax.lax.stop_gradient(v)) for k, v in extra.items()},
     }
 
 

@@ -232,3 +232,92 @@ def test_a_reference_of_another_vocabulary_is_a_config_error(tmp_path):
     copy.write_bytes(a.read_bytes())  # a run's own copy of the same tokenizer
     check_same_vocab("dpo.reference", m, {"tokenizer": str(copy)}, m, str(a))
     check_same_vocab("dpo.reference", m, {"tokenizer": "gs://bucket/tok.model"}, m, str(a))
+
+
+@pytest.mark.parametrize(
+    "d", [DPOConfig(loss="simpo", beta=2.0, gamma=0.5, label_smoothing=0.1),
+          DPOConfig(loss="orpo", beta=0.2)],
+)  # fmt: skip
+def test_reference_free_step_loss_matches_numpy(template, d):
+    """SimPO and ORPO steps run the policy alone (no consts, no ref_logp in the batch) on
+    log-probs averaged over each answer's tokens: the first step's loss against numpy."""
+    records = PreferenceRecords([VAL])
+    feats = [pair_features(records[i], template, 64) for i in (0, 1, 2, 200, 201, 202, 203, 5)]
+    batch = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
+    mesh, tx = make_mesh(MeshConfig()), optax.adam(1e-2)
+    make = lambda: tiny_decoder(template.tok.vocab_size, 0)  # noqa: E731
+    graphdef, state, shardings = create_train_state(make, tx, mesh, "dp", 0)
+    policy = nnx.merge(graphdef, jax.tree.map(np.array, state.params), state.frozen)
+    a = np_seq_logprobs(policy, batch, average=True)
+    w = batch["weight"]
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    if d.loss == "simpo":
+        z = d.beta * (a[:, 0] - a[:, 1]) - d.gamma
+        per = -(1 - d.label_smoothing) * np.log(sig(z)) - d.label_smoothing * np.log(sig(-z))
+    else:
+        log_odds = lambda x: x - np.log1p(-np.exp(x))  # noqa: E731
+        per = -a[:, 0] - d.beta * np.log(sig(log_odds(a[:, 0]) - log_odds(a[:, 1])))
+    step = make_train_step(graphdef, make_dpo_loss(d, None), tx, lambda s: 1e-2, shardings,
+                           mesh, "dp")  # fmt: skip
+    gbatch = to_global(batch, mesh)
+    state, metrics = step(state, gbatch)
+    np.testing.assert_allclose(float(metrics["loss"]), np.sum(w * per) / np.sum(w), rtol=2e-4)
+    margin = np.sum(w * d.beta * (a[:, 0] - a[:, 1])) / np.sum(w)
+    np.testing.assert_allclose(float(metrics["margin"]), margin, rtol=2e-3, atol=1e-5)
+    for _ in range(2):
+        state, metrics = step(state, gbatch)
+    assert float(metrics["loss"]) < np.sum(w * per) / np.sum(w)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_stage_loads_no_reference_and_resumes(tmp_path, tiny_ckpt, template,
+                                                              monkeypatch, loss):  # fmt: skip
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss loaded a reference model")
+
+    monkeypatch.setattr(dpo, "load_frozen_model", no_reference)
+    val = small_val(tmp_path)
+    cfg = stage_config("dpo", tiny_ckpt, tmp_path / loss, train={"optim": {"lr": 1e-2}},
+                       dpo={"val_file": str(val), "loss": loss, "beta": 1.0})  # fmt: skip
+    summary = run_stage(dpo, cfg)
+    assert summary["reference"] is None
+    # the held-out margin is beta (mean log-prob of chosen - of rejected): numpy, from the
+    # start checkpoint (before) and the handed-on policy (after)
+    monkeypatch.undo()
+    for when, ckpt in (("before", tiny_ckpt), ("after", tmp_path / f"{loss}/checkpoints")):
+        avg = avg_logps(val, template, ckpt)
+        margin = avg[:, 0] - avg[:, 1]
+        assert summary[f"dpo_margin_{when}"] == pytest.approx(margin.mean(), abs=2e-4)
+        wins = (margin > 0) + 0.5 * (margin == 0)
+        assert summary[f"avg_logp_accuracy_{when}"] == pytest.approx(wins.mean(), abs=1e-3)
+    assert summary["dpo_margin_after"] > summary["dpo_margin_before"]
+    assert ("final_train_nll" in summary) == (loss == "orpo")
+    shutil.rmtree(tmp_path / f"{loss}/checkpoints/4")
+    (tmp_path / f"{loss}/summary.json").unlink()
+    again = run_stage(dpo, cfg)
+    assert again["resumed_from_step"] == 2
+    assert again["final_train_loss"] == summary["final_train_loss"]
+
+
+def avg_logps(val, template, ckpt) -> np.ndarray:
+    """[pairs, 2] log-probs of `val`'s answers averaged over their tokens, numpy, from `ckpt`."""
+    records = PreferenceRecords([val])
+    feats = [pair_features(records[i], template, 64) for i in range(len(records))]
+    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+    batch = {k: np.stack([f[k] for f in feats]) for k in keys}
+    model = nnx.merge(*load_frozen_model(ckpt, make_mesh(MeshConfig()), "dp")[:2])
+    return np_seq_logprobs(model, batch, average=True)
+
+
+@pytest.mark.parametrize(
+    "dpo_section,match",
+    [({"loss": "simpo", "reference": "runs/x"}, r"'dpo.reference': loss 'simpo' has no reference"),
+     ({"loss": "orpo", "precompute_reference": True}, r"'dpo.precompute_reference': loss 'orpo'"),
+     ({"loss": "orpo", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'orpo'"),
+     ({"loss": "simpo", "gamma": -1.0}, r"'dpo.gamma': must be >= 0")],
+)  # fmt: skip
+def test_reference_free_settings_that_cannot_apply_are_refused(dpo_section, match):
+    from jaxllm.config import from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict({"stage": "dpo", "dpo": dpo_section})

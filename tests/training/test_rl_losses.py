@@ -1,4 +1,5 @@
-"""Alignment losses (KL estimators, pairwise, DPO/IPO, PPO, GRPO) against numpy references."""
+"""Alignment losses (KL estimators, pairwise, DPO/IPO/SimPO/ORPO, PPO, GRPO) against numpy
+references."""
 
 import math
 
@@ -12,7 +13,7 @@ from jaxllm.training import rl_losses
 # Jitted once per shape: eager op-by-op dispatch compiles every primitive and is much slower.
 kl_estimate = jax.jit(rl_losses.kl_estimate, static_argnames="kind")
 pairwise_loss = jax.jit(rl_losses.pairwise_loss)
-dpo_loss = jax.jit(rl_losses.dpo_loss, static_argnames=("beta", "label_smoothing", "kind"))
+dpo_loss = jax.jit(rl_losses.dpo_loss, static_argnames=("beta", "label_smoothing", "kind", "gamma"))
 ppo_policy_loss = jax.jit(rl_losses.ppo_policy_loss, static_argnames="clip_eps")
 ppo_value_loss = jax.jit(rl_losses.ppo_value_loss, static_argnames="clip")
 grpo_loss = jax.jit(rl_losses.grpo_loss, static_argnames=("clip_eps", "beta", "kl_kind"))
@@ -139,6 +140,73 @@ def test_ipo_loss_and_reference_gets_no_gradient():
         *map(jnp.asarray, (pc, pr, rc, rr))
     )
     assert all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+def _avg_logps(seed):
+    """Length-averaged log-probs per token of 6 pairs (chosen, rejected): -0.2 to -4."""
+    rng = np.random.default_rng(seed)
+    return [-rng.uniform(0.2, 4.0, size=6).astype(np.float32) for _ in range(2)]
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_simpo_loss_and_gradient_match_numpy(ls):
+    """SimPO (Meng et al. 2024): -log sigmoid(beta (a_c - a_r) - gamma) on averaged log-probs,
+    no reference; d/d a_c = -beta sigmoid(-z) (ls = 0), rewards beta a."""
+    ac, ar = _avg_logps(5)
+    w = np.array([1.0, 0.0, 2.0, 1.0, 0.5, 1.0], np.float32)
+    beta, gamma = 2.0, 0.8
+    fn = lambda c, r: rl_losses.dpo_loss(c, r, None, None, beta, ls, "simpo", jnp.asarray(w), gamma)  # noqa: E731
+    (total, aux), (g_c, g_r) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+        jnp.asarray(ac), jnp.asarray(ar)
+    )
+    z = beta * (ac.astype(np.float64) - ar) - gamma
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    want = -(1 - ls) * np.log(sig(z)) - ls * np.log(sig(-z))
+    np.testing.assert_allclose(float(total), np.sum(w * want), rtol=1e-5)
+    # d per-pair / dz = -(1 - ls) sigmoid(-z) + ls sigmoid(z); dz / d a_c = beta = -dz / d a_r
+    dz = -(1 - ls) * sig(-z) + ls * sig(z)
+    np.testing.assert_allclose(np.asarray(g_c), w * beta * dz, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g_r), -w * beta * dz, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(aux["margin"]), np.sum(w * beta * (ac - ar)), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["accuracy"]), np.sum(w * (ac > ar)), rtol=1e-6)
+
+
+def test_orpo_loss_is_nll_plus_the_odds_ratio_term():
+    """ORPO (Hong et al. 2024): -a_c - lambda log sigmoid(log odds_c - log odds_r), odds
+    p / (1 - p) of p = exp(a) the answer's mean per-token probability; numpy in float64, and
+    the gradient against central differences of that numpy loss."""
+    ac, ar = _avg_logps(6)
+    lam = 0.25
+
+    def np_orpo(c, r):
+        c, r = np.asarray(c, np.float64), np.asarray(r, np.float64)
+        odds = lambda a: np.exp(a) / (1 - np.exp(a))  # noqa: E731
+        ratio = np.log(odds(c)) - np.log(odds(r))
+        return -c - lam * -np.log1p(np.exp(-ratio)), ratio
+
+    fn = lambda c, r: rl_losses.dpo_loss(c, r, None, None, lam, kind="orpo")  # noqa: E731
+    (total, aux), g_c = jax.jit(jax.value_and_grad(fn, has_aux=True))(
+        jnp.asarray(ac), jnp.asarray(ar)
+    )
+    per, ratio = np_orpo(ac, ar)
+    np.testing.assert_allclose(float(total), per.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["nll"]), -ac.astype(np.float64).sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(aux["log_odds"]), ratio.sum(), rtol=1e-4)
+    eps = 1e-5
+    c64 = ac.astype(np.float64)
+    numeric = (np_orpo(c64 + eps, ar)[0] - np_orpo(c64 - eps, ar)[0]) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(g_c), numeric, rtol=1e-4)
+    # p -> 1 (a = 0): finite loss and gradient
+    loss0, g0 = jax.value_and_grad(lambda c: fn(c, jnp.asarray(ar))[0])(jnp.zeros(6))
+    assert np.isfinite(float(loss0)) and np.all(np.isfinite(np.asarray(g0)))
+
+
+def test_reference_free_kinds_take_no_reference_and_the_others_need_one():
+    a = jnp.array([-1.0])
+    with pytest.raises(ValueError, match="'simpo' takes reference log-probs only if"):
+        rl_losses.dpo_loss(a, a, a, a, 1.0, kind="simpo")
+    with pytest.raises(ValueError, match="'sigmoid' takes reference log-probs only if"):
+        rl_losses.dpo_loss(a, a, None, None, 1.0)
 
 
 def test_ppo_policy_loss_hand_case():
