@@ -189,3 +189,15 @@ def test_a_gpu_plan_says_cudnn_is_not_lowered_off_a_gpu_and_lowers_the_xla_path(
     f32 = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)  # f32: the xla path
     low = make_plan(f32, "a100")["target_lowering"]
     assert low == {"platform": "gpu", "attention": "xla", "lowered": True, "fused_kernels": 0}
+
+
+def test_an_explicit_kernel_is_planned_on_this_host_and_checked_on_the_target():
+    """`model.attention: splash` cannot run on this CPU: the memory estimate takes the host's
+    kernel, and the target lowering says whether the target can run the configured one."""
+    sets = ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1", "model.attention=splash"]
+    cfg = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)
+    assert make_plan(cfg, "v5p")["target_lowering"]["lowered"] is True
+    low = make_plan(cfg, "h100")["target_lowering"]
+    assert low == {"platform": "gpu", "attention": "splash", "lowered": False,
+                   "error": "config key 'model.attention': 'splash' needs a TPU, this is gpu; "
+                            "use auto or xla"}  # fmt: skip

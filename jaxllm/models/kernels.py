@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.errors import ConfigError
 from jaxllm.models.target import target_platform
 
 AttentionFn = Callable[..., jax.Array]
 KERNELS = ("xla", "cudnn", "splash")
 _LOW_PRECISION = ("bfloat16", "float16")
+_KEY = "config key 'model.attention':"
 
 
 def segment_runs(segment_ids_BL: jax.Array, max_runs: int) -> tuple[jax.Array, jax.Array]:
@@ -137,22 +139,22 @@ def resolve_attention(
     if cfg.attention == "xla":
         return "xla"
     if native != cfg.attention:
-        raise ValueError(
-            f"model.attention: {cfg.attention!r} needs a "
+        raise ConfigError(
+            f"{_KEY} {cfg.attention!r} needs a "
             f"{'GPU' if cfg.attention == 'cudnn' else 'TPU'}, this is {backend}; use auto or xla"
         )
     if old_gpu:
-        raise ValueError(
-            "model.attention: cudnn needs an NVIDIA GPU of compute capability 8.0 or newer "
+        raise ConfigError(
+            f"{_KEY} cudnn needs an NVIDIA GPU of compute capability 8.0 or newer "
             f"(A100, L4, H100), this one reports {capability or 'none'}; use auto or xla"
         )
     if odd_head:
-        raise ValueError(
-            f"model.attention: cudnn needs a head size that is a multiple of 8 and at most "
+        raise ConfigError(
+            f"{_KEY} cudnn needs a head size that is a multiple of 8 and at most "
             f"{head_max}, this model's is {h}; use auto or xla"
         )
     if not fits:
-        raise ValueError(f"model.attention: cudnn needs dtype bfloat16 or float16, got {cfg.dtype}")
+        raise ConfigError(f"{_KEY} cudnn needs dtype bfloat16 or float16, got {cfg.dtype}")
     if cfg.dropout:
-        raise ValueError(f"model.attention: {cfg.attention} runs without attention dropout")
+        raise ConfigError(f"{_KEY} {cfg.attention} runs without attention dropout")
     return cfg.attention

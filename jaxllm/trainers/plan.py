@@ -194,15 +194,18 @@ def lower_for_target(cfg: Config, m: ModelConfig, tx, mesh, hardware: str) -> di
     """The train step as the target platform's program, traced and lowered on this host
     (`lowering_for`: the target's attention kernel and layouts) without its compiler: whether
     it lowers, and how many distinct fused kernels it holds (a TPU's splash attention is
-    three Mosaic kernels: forward, dq and dkv, one program each whatever the layer count). cuDNN attention traces only where cuDNN is (a GPU host): not
-    checked elsewhere."""
+    three Mosaic kernels: forward, dq and dkv, one program each whatever the layer count).
+    cuDNN attention traces only where cuDNN is (a GPU host): not checked elsewhere."""
     from jaxllm.models.kernels import resolve_attention
     from jaxllm.models.target import lowering_for
 
     platform = backend_of(hardware)
     out: dict[str, Any] = {"platform": platform}
     with lowering_for(platform):
-        out["attention"] = kernel = resolve_attention(m)
+        try:
+            out["attention"] = kernel = resolve_attention(m)
+        except ConfigError as e:  # an explicit kernel the target cannot run
+            return {**out, "attention": m.attention, "lowered": False, "error": str(e)}
         if kernel == "cudnn" and jax.default_backend() != "gpu":
             return {**out, "lowered": None}
         try:
@@ -220,6 +223,19 @@ def backend_of(hardware: str) -> str:
     return "tpu" if hardware.startswith("v") else "gpu"
 
 
+def _host_model(m: ModelConfig) -> ModelConfig:
+    """The model as this host builds it for the memory estimate: an explicit attention kernel
+    it cannot run (splash on a CPU) becomes auto (the XLA path); `lower_for_target` checks
+    the target's kernel."""
+    from jaxllm.models.kernels import resolve_attention
+
+    try:
+        resolve_attention(m)
+        return m
+    except ConfigError:
+        return replace(m, attention="auto")
+
+
 def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_step: bool = True):
     """The plan as a dict (`report` turns it into lines)."""
     if hardware not in HARDWARE:
@@ -232,7 +248,7 @@ def make_plan(cfg: Config, hardware: str = "h100", mfu: float = 0.4, compile_ste
     mesh = make_mesh(cfg.mesh)
     t = cfg.train
     tx = make_optimizer(t.optim, t.steps)
-    spec = train_state_spec(model_fn(m, cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed)
+    spec = train_state_spec(model_fn(_host_model(m), cfg.seed), tx, mesh, cfg.mesh.rules, cfg.seed)
     tokens = cfg.loader.batch_size * cfg.loader.seq_len * t.grad_accum
     flops = train_flops_per_token(m, cfg.loader.seq_len) * tokens
     peak, memory = HARDWARE[hardware]

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.config import MeshConfig, ModelConfig
+from jaxllm.errors import ConfigError
 from jaxllm.models import make_decoder
 from jaxllm.models.attention import make_mask
 from jaxllm.models.kernels import ATTENTION, resolve_attention, segment_runs
@@ -140,11 +141,11 @@ def test_resolve_attention_per_backend_and_dtype():
     assert resolve_attention(cfg(dtype="bfloat16", dropout=0.1), "gpu") == "xla"
     assert resolve_attention(cfg(), "tpu") == "splash"
     assert resolve_attention(cfg(attention="xla"), "tpu") == "xla"
-    with pytest.raises(ValueError, match="model.attention: 'cudnn' needs a GPU"):
+    with pytest.raises(ConfigError, match="'model.attention': 'cudnn' needs a GPU"):
         resolve_attention(cfg(attention="cudnn", dtype="bfloat16"), "cpu")
-    with pytest.raises(ValueError, match="cudnn needs dtype bfloat16 or float16"):
+    with pytest.raises(ConfigError, match="cudnn needs dtype bfloat16 or float16"):
         resolve_attention(cfg(attention="cudnn"), "gpu")
-    with pytest.raises(ValueError, match="'splash' needs a TPU"):
+    with pytest.raises(ConfigError, match="'splash' needs a TPU"):
         resolve_attention(cfg(attention="splash"), "gpu")
 
 
@@ -156,7 +157,7 @@ def test_cudnn_needs_an_ampere_or_newer_gpu(monkeypatch):
     for cap, want in (("7.5", "xla"), ("7.0", "xla"), ("8.0", "cudnn"), ("8.9", "cudnn"),
                       ("9.0", "cudnn"), ("10.0", "cudnn"), ("gfx90a", "xla"), ("", "xla")):  # fmt: skip
         assert resolve_attention(bf16, "gpu", cap) == want, cap
-    with pytest.raises(ValueError, match="compute capability 8.0 or newer .* reports 7.5; use"):
+    with pytest.raises(ConfigError, match="compute capability 8.0 or newer .* reports 7.5; use"):
         resolve_attention(cfg(attention="cudnn", dtype="bfloat16"), "gpu", "7.5")
 
     class T4:
@@ -179,7 +180,7 @@ def test_cudnn_needs_a_head_size_it_has_kernels_for():
         m = cfg(dtype="bfloat16", head_dim=head)
         assert resolve_attention(m, "gpu", cap) == want, (head, cap)
     assert resolve_attention(cfg(dtype="bfloat16", head_dim=60), "tpu") == "splash"
-    with pytest.raises(ValueError, match="multiple of 8 and at most 128, this model's is 160"):
+    with pytest.raises(ConfigError, match="multiple of 8 and at most 128, this model's is 160"):
         resolve_attention(cfg(attention="cudnn", dtype="bfloat16", head_dim=160), "gpu", "8.6")
 
 
