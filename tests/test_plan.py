@@ -143,6 +143,16 @@ def test_mfu_outside_0_1_is_refused_in_one_line(mfu, capsys):
                   mfu=float(mfu), compile_step=False)  # fmt: skip
 
 
+def _target(cfg, hardware: str) -> dict:
+    """`lower_for_target` alone (no compile for this host's memory figures)."""
+    from jaxllm.sharding import make_mesh
+    from jaxllm.trainers.plan import lower_for_target
+    from jaxllm.training.optim import make_optimizer
+
+    tx = make_optimizer(cfg.train.optim, cfg.train.steps)
+    return lower_for_target(cfg, plan_model(cfg), tx, make_mesh(cfg.mesh), hardware)
+
+
 def _barriers(cfg, platform: str) -> int:
     """optimization_barriers (the CPU-only layout tricks) in the step traced for `platform`."""
     from jaxllm.models.target import lowering_for
@@ -158,46 +168,53 @@ def _barriers(cfg, platform: str) -> int:
         return str(_traced_step(cfg, spec, tx, mesh, 0).jaxpr).count("optimization_barrier")
 
 
+def _tiny(*sets: str):
+    return load_config(
+        ROOT / "configs/tiny_pretrain.yaml",
+        ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1", *sets],
+    )
+
+
 @pytest.mark.parametrize("seq_len", [200, 384])
 def test_a_tpu_plan_lowers_the_step_with_its_splash_kernels(seq_len):
     """On this CPU host the plan lowers a v5e's program: splash attention as three distinct
     Mosaic kernels (forward, dq and dkv backward; the four layers call the same ones). 200
     positions are padded to 256, 384 run in 128-blocks."""
-    sets = ["model.vocab_size=512", f"loader.seq_len={seq_len}", f"model.max_seq_len={seq_len}",
-            "loader.batch_size=8", "mesh.data=-1"]  # fmt: skip
-    cfg = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)
-    p = make_plan(cfg, "v5e")
-    assert p["target_lowering"] == {
-        "platform": "tpu", "attention": "splash", "lowered": True, "fused_kernels": 3,
-    }  # fmt: skip
+    cfg = _tiny(f"loader.seq_len={seq_len}", f"model.max_seq_len={seq_len}")
+    want = {"platform": "tpu", "attention": "splash", "lowered": True, "fused_kernels": 3}
+    if seq_len == 384:
+        assert _target(cfg, "v5e") == want
+        # the CPU's layout tricks stay out of the accelerator's program
+        assert _barriers(cfg, "cpu") > 0 and _barriers(cfg, "tpu") == _barriers(cfg, "gpu") == 0
+        return
+    p = make_plan(cfg, "v5e")  # the whole plan, as the CLI prints it
+    assert p["target_lowering"] == want
     assert (
         "TPU program (v5e), attention splash: lowers from this host (3 distinct Mosaic"
         in "\n".join(report(p, cfg))
     )
-    # the CPU's layout tricks stay out of the accelerator's program
-    assert _barriers(cfg, "cpu") > 0 and _barriers(cfg, "tpu") == _barriers(cfg, "gpu") == 0
 
 
 def test_a_gpu_plan_says_cudnn_is_not_lowered_off_a_gpu_and_lowers_the_xla_path():
-    sets = ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1"]
-    bf16 = load_config(ROOT / "configs/tiny_pretrain.yaml", [*sets, "model.dtype=bfloat16"])
-    p = make_plan(bf16, "h100")
-    assert p["target_lowering"] == {"platform": "gpu", "attention": "cudnn", "lowered": None}
-    assert "not lowered here (cuDNN attention traces only on a GPU host)" in "\n".join(
-        report(p, bf16)
+    from jaxllm.trainers.plan import _lowering_line
+
+    low = _target(_tiny("model.dtype=bfloat16"), "h100")
+    assert low == {"platform": "gpu", "attention": "cudnn", "lowered": None}
+    assert _lowering_line(low, "h100").endswith(
+        "not lowered here (cuDNN attention traces only on a GPU host)"
     )
-    f32 = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)  # f32: the xla path
-    low = make_plan(f32, "a100")["target_lowering"]
+    low = _target(_tiny(), "a100")  # f32: the xla path
     assert low == {"platform": "gpu", "attention": "xla", "lowered": True, "fused_kernels": 0}
 
 
 def test_an_explicit_kernel_is_planned_on_this_host_and_checked_on_the_target():
     """`model.attention: splash` cannot run on this CPU: the memory estimate takes the host's
-    kernel, and the target lowering says whether the target can run the configured one."""
-    sets = ["model.vocab_size=512", "loader.batch_size=8", "mesh.data=-1", "model.attention=splash"]
-    cfg = load_config(ROOT / "configs/tiny_pretrain.yaml", sets)
-    assert make_plan(cfg, "v5p")["target_lowering"]["lowered"] is True
-    low = make_plan(cfg, "h100")["target_lowering"]
-    assert low == {"platform": "gpu", "attention": "splash", "lowered": False,
-                   "error": "config key 'model.attention': 'splash' needs a TPU, this is gpu; "
-                            "use auto or xla"}  # fmt: skip
+    kernel (the plan builds the model), and the target lowering says whether the target can run the
+    configured one."""
+    cfg = _tiny("model.attention=splash")
+    assert make_plan(cfg, "v5p", compile_step=False)["param_bytes"] > 0
+    assert _target(cfg, "v5p")["lowered"] is True
+    assert _target(cfg, "h100") == {
+        "platform": "gpu", "attention": "splash", "lowered": False,
+        "error": "config key 'model.attention': 'splash' needs a TPU, this is gpu; use auto or xla",
+    }  # fmt: skip

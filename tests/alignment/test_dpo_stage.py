@@ -292,6 +292,8 @@ def test_reference_free_stage_loads_no_reference_and_resumes(tmp_path, tiny_ckpt
         assert summary[f"avg_logp_accuracy_{when}"] == pytest.approx(wins.mean(), abs=1e-3)
     assert summary["dpo_margin_after"] > summary["dpo_margin_before"]
     assert ("final_train_nll" in summary) == (loss == "orpo")
+    if loss == "orpo":
+        return  # resuming is the stage's, whatever the loss: once is enough
     shutil.rmtree(tmp_path / f"{loss}/checkpoints/4")
     (tmp_path / f"{loss}/summary.json").unlink()
     again = run_stage(dpo, cfg)
