@@ -34,14 +34,14 @@ class DPOConfig:
 
     train_file: str = "asset:preference/train.jsonl"
     val_file: str = "asset:preference/val.jsonl"  # "" for none: no held-out figures
-    # sigmoid/ipo: strength of the implicit KL to the reference; simpo: the reward scale;
+    # sigmoid/hinge/robust/ipo: strength of the implicit KL to the reference; simpo: the reward scale;
     # orpo: the odds-ratio term's weight (the paper's lambda)
     beta: float = 0.1
-    label_smoothing: float = (
-        0.0  # conservative DPO: share of labels assumed flipped (sigmoid, simpo)
-    )
-    # ipo, simpo and orpo use length-averaged log-probs; simpo and orpo have no reference
-    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    # the share of labels assumed flipped: conservative DPO (sigmoid, simpo), robust DPO's eps
+    label_smoothing: float = 0.0
+    # hinge: SLiC's; robust: unbiased under label noise (Chowdhury et al.); ipo, simpo and orpo
+    # use length-averaged log-probs; simpo and orpo have no reference
+    loss: Literal["sigmoid", "hinge", "robust", "ipo", "simpo", "orpo"] = "sigmoid"
     gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
     reference: str = ""  # reference checkpoint directory; "" = inputs.checkpoint
     precompute_reference: bool = False  # score the train pairs with the reference once, up front
@@ -53,6 +53,11 @@ class DPOConfig:
     def reference_free(self) -> bool:
         return self.loss in ("simpo", "orpo")
 
+    @property
+    def averaged(self) -> bool:
+        """The loss takes log-probs averaged over each answer's tokens (else summed)."""
+        return self.loss in ("ipo", "simpo", "orpo")
+
     def _validate(self) -> None:
         if not self.train_file:
             raise ValueError("train_file: must not be empty")
@@ -60,16 +65,21 @@ class DPOConfig:
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.loss not in ("sigmoid", "ipo", "simpo", "orpo"):
-            raise ValueError(
-                f"loss: must be 'sigmoid', 'ipo', 'simpo' or 'orpo', got {self.loss!r}"
-            )
+        kinds = ("sigmoid", "hinge", "robust", "ipo", "simpo", "orpo")
+        if self.loss not in kinds:
+            raise ValueError(f"loss: must be one of {', '.join(kinds)}; got {self.loss!r}")
         if not self.gamma >= 0:
             raise ValueError(f"gamma: must be >= 0, got {self.gamma}")
-        if self.loss in ("ipo", "orpo") and self.label_smoothing:
+        if self.loss in ("hinge", "ipo", "orpo") and self.label_smoothing:
             raise ValueError(
                 f"label_smoothing: {self.label_smoothing} is conservative DPO (loss: sigmoid or "
-                f"simpo); loss '{self.loss}' has no label smoothing: set dpo.label_smoothing 0"
+                f"simpo) or robust DPO; loss '{self.loss}' has no label smoothing: set "
+                "dpo.label_smoothing 0"
+            )
+        if self.loss == "robust" and not self.label_smoothing:
+            raise ValueError(
+                "label_smoothing: loss 'robust' needs the assumed share of flipped labels, in "
+                "(0, 0.5) (with 0 it is the sigmoid loss)"
             )
         if self.reference_free and self.reference:
             raise ValueError(

@@ -94,7 +94,7 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
     """`loss_fn(model, batch, key, consts)` with `consts = {"ref": reference state}`, or with
     `ref_graphdef=None` `loss_fn(model, batch, key)` reading the batch's `ref_logp` [B, 2]
     (reference-free losses: no reference at all)."""
-    average = d.loss != "sigmoid"
+    average = d.averaged
 
     def loss_fn(model, batch, key, consts=None):
         # the reference runs without dropout: so does the policy, unless asked (at step 0,
@@ -165,7 +165,7 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
         if ref_table is not None:
             ref_c, ref_r = ref_table[np.maximum(p["pair"], 0)].T
             h_c, h_r = h_c - ref_c, h_r - ref_r
-        if cfg.dpo.loss != "sigmoid":  # these log-probs are means over the answer's tokens
+        if cfg.dpo.averaged:  # these log-probs are means over the answer's tokens
             h_c, h_r = h_c / n_c, h_r / n_r
         margin = cfg.dpo.beta * (h_c - h_r)  # as in training
         return {
@@ -212,7 +212,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
                                  records=pairs, **opts)  # fmt: skip
     if d.precompute_reference:
         pass_ = PairPass(train_files, template, cfg.loader, mesh, pairs)
-        table = reference_table(pass_, ref, mesh, cfg.mesh.rules, average=d.loss == "ipo")
+        table = reference_table(pass_, ref, mesh, cfg.mesh.rules, average=d.averaged)
         ds = ds.map(lambda b: {**b, "ref_logp": table[np.maximum(b["pair"], 0)]})
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)

@@ -62,7 +62,7 @@ def pairwise_loss(
     }
 
 
-DPO_KINDS = ("sigmoid", "ipo", "simpo", "orpo")
+DPO_KINDS = ("sigmoid", "hinge", "robust", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")  # no reference model: its log-probs are None
 
 
@@ -90,7 +90,10 @@ def dpo_loss(
     al.): -(1 - ls) * log sigmoid(beta h) - ls * log sigmoid(-beta h); ls > 0 is conservative
     DPO, which assumes a fraction ls of preference labels are flipped. `kind="ipo"` (Azar et
     al.): (h - 1 / (2 beta))^2, which regresses the margin to a finite target instead of
-    pushing it to infinity. Rewards: beta (pi - ref).
+    pushing it to infinity. `kind="hinge"` (SLiC, Zhao et al. 2023): max(0, 1 - beta h).
+    `kind="robust"` (Chowdhury et al. 2024): the sigmoid loss made unbiased when a fraction
+    eps = ls of labels is flipped, ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps) with
+    l(h) = -log sigmoid(beta h). Rewards: beta (pi - ref).
 
     Reference-free (`ref_*` None; pi are log-probs *averaged* over each answer's tokens, as
     for IPO: the caller's part): `kind="simpo"` (Meng et al. 2024): the sigmoid loss of
@@ -128,6 +131,12 @@ def dpo_loss(
             per_pair_B = -(1 - ls) * jax.nn.log_sigmoid(beta * h_B) - ls * jax.nn.log_sigmoid(
                 -beta * h_B
             )
+        elif kind == "hinge":
+            per_pair_B = jax.nn.relu(1.0 - beta * h_B)
+        elif kind == "robust":
+            per_pair_B = (
+                -(1 - ls) * jax.nn.log_sigmoid(beta * h_B) + ls * jax.nn.log_sigmoid(-beta * h_B)
+            ) / (1 - 2 * ls)
         else:
             per_pair_B = jnp.square(h_B - 1.0 / (2.0 * beta))
         rc_B, rr_B = beta * (pi_c - ref_c), beta * (pi_r - ref_r)

@@ -71,6 +71,9 @@ def np_dpo(pi, ref, d: DPOConfig, w):
     ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     if d.loss == "ipo":
         per = (h - 1 / (2 * d.beta)) ** 2
+    elif d.loss == "robust":
+        e = d.label_smoothing
+        per = ((1 - e) * -ls(d.beta * h) + e * ls(-d.beta * h)) / (1 - 2 * e)
     else:
         s = d.label_smoothing
         per = -(1 - s) * ls(d.beta * h) - s * ls(-d.beta * h)
@@ -102,7 +105,11 @@ def test_ipo_with_label_smoothing_is_refused():
         from_dict({"stage": "dpo", "dpo": {"loss": "ipo", "label_smoothing": 0.1}})
 
 
-@pytest.mark.parametrize("d", [DPOConfig(beta=0.5, label_smoothing=0.1), DPOConfig(loss="ipo")])
+@pytest.mark.parametrize(
+    "d",
+    [DPOConfig(beta=0.5, label_smoothing=0.1), DPOConfig(loss="ipo"),
+     DPOConfig(loss="robust", label_smoothing=0.2)],
+)  # fmt: skip
 def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     vocab = template.tok.vocab_size
     records = PreferenceRecords([VAL])
@@ -316,7 +323,9 @@ def avg_logps(val, template, ckpt) -> np.ndarray:
     [({"loss": "simpo", "reference": "runs/x"}, r"'dpo.reference': loss 'simpo' has no reference"),
      ({"loss": "orpo", "precompute_reference": True}, r"'dpo.precompute_reference': loss 'orpo'"),
      ({"loss": "orpo", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'orpo'"),
-     ({"loss": "simpo", "gamma": -1.0}, r"'dpo.gamma': must be >= 0")],
+     ({"loss": "simpo", "gamma": -1.0}, r"'dpo.gamma': must be >= 0"),
+     ({"loss": "hinge", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'hinge'"),
+     ({"loss": "robust"}, r"'dpo.label_smoothing': loss 'robust' needs the assumed share")],
 )  # fmt: skip
 def test_reference_free_settings_that_cannot_apply_are_refused(dpo_section, match):
     from jaxllm.config import from_dict

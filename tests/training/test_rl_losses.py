@@ -142,6 +142,27 @@ def test_ipo_loss_and_reference_gets_no_gradient():
     assert all(np.all(np.asarray(g) == 0) for g in grads)
 
 
+@pytest.mark.parametrize("kind,ls", [("hinge", 0.0), ("robust", 0.2)])
+def test_hinge_and_robust_dpo_match_numpy(kind, ls):
+    """SLiC's hinge max(0, 1 - beta h) and robust DPO ((1 - e) l(h) - e l(-h)) / (1 - 2e), l
+    the sigmoid loss: per pair in float64, and robust's expectation over a label flipped with
+    probability e is the clean sigmoid loss (its point: unbiased under that noise)."""
+    pc, pr, rc, rr = _dpo_inputs(7)
+    w = np.array([1.0, 0.0, 2.0, 1.0, 0.5], np.float32)
+    beta = 0.3
+    total, aux = dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta=beta, label_smoothing=ls,
+                          kind=kind, weight_B=jnp.asarray(w))  # fmt: skip
+    z = beta * ((pc.astype(np.float64) - rc) - (pr.astype(np.float64) - rr))
+    if kind == "hinge":
+        per = np.maximum(0.0, 1.0 - z)
+    else:
+        per = ((1 - ls) * -np_log_sigmoid(z) - ls * -np_log_sigmoid(-z)) / (1 - 2 * ls)
+        flipped = ((1 - ls) * -np_log_sigmoid(-z) - ls * -np_log_sigmoid(z)) / (1 - 2 * ls)
+        np.testing.assert_allclose((1 - ls) * per + ls * flipped, -np_log_sigmoid(z), rtol=1e-12)
+    np.testing.assert_allclose(float(total), np.sum(w * per), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["margin"]), np.sum(w * z), rtol=1e-5)
+
+
 def _avg_logps(seed):
     """Length-averaged log-probs per token of 6 pairs (chosen, rejected): -0.2 to -4."""
     rng = np.random.default_rng(seed)
