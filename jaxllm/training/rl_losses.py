@@ -5,6 +5,8 @@ All math runs in f32 whatever the input dtype."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -62,14 +64,49 @@ def pairwise_loss(
     }
 
 
-DPO_KINDS = ("sigmoid", "hinge", "robust", "ipo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")  # no reference model: its log-probs are None
-
-
 def _log1mexp(a_B: jax.Array) -> jax.Array:
     """log(1 - exp(a)) for a log-probability a < 0 (clamped just below 0: p = 1 exactly
     would make ORPO's odds infinite)."""
     return jnp.log(-jnp.expm1(jnp.minimum(a_B, -1e-6)))
+
+
+def _smoothed(z_B: jax.Array, ls: float) -> jax.Array:
+    """-(1 - ls) log sigmoid(z) - ls log sigmoid(-z): the sigmoid loss with a share ls of
+    labels assumed flipped (conservative DPO)."""
+    return -(1 - ls) * jax.nn.log_sigmoid(z_B) - ls * jax.nn.log_sigmoid(-z_B)
+
+
+def _robust(z_B: jax.Array, ls: float) -> jax.Array:
+    return (-(1 - ls) * jax.nn.log_sigmoid(z_B) + ls * jax.nn.log_sigmoid(-z_B)) / (1 - 2 * ls)
+
+
+# Per-pair losses of the reference-based kinds, of h = (pi_c - ref_c) - (pi_r - ref_r) and
+# (beta, label_smoothing, gamma); the rewards are beta (pi - ref).
+_WITH_REFERENCE: dict[str, Callable[..., jax.Array]] = {
+    "sigmoid": lambda h, beta, ls, gamma: _smoothed(beta * h, ls),
+    "hinge": lambda h, beta, ls, gamma: jax.nn.relu(1.0 - beta * h),
+    "robust": lambda h, beta, ls, gamma: _robust(beta * h, ls),
+    "ipo": lambda h, beta, ls, gamma: jnp.square(h - 1.0 / (2.0 * beta)),
+}
+
+
+def _simpo(pi_c, pi_r, beta, ls, gamma):
+    return _smoothed(beta * (pi_c - pi_r) - gamma, ls), {}
+
+
+def _orpo(pi_c, pi_r, beta, ls, gamma):
+    log_odds = (pi_c - pi_r) - (_log1mexp(pi_c) - _log1mexp(pi_r))
+    return -pi_c - beta * jax.nn.log_sigmoid(log_odds), {"nll": -pi_c, "log_odds": log_odds}
+
+
+# Reference-free kinds: (per-pair loss, extra metrics) of the averaged log-probs; the rewards
+# are beta pi.
+_REFERENCE_FREE: dict[str, Callable[..., tuple[jax.Array, dict[str, jax.Array]]]] = {
+    "simpo": _simpo,
+    "orpo": _orpo,
+}
+DPO_KINDS = (*_WITH_REFERENCE, *_REFERENCE_FREE)
+REFERENCE_FREE = tuple(_REFERENCE_FREE)  # no reference model: its log-probs are None
 
 
 def dpo_loss(
@@ -113,32 +150,13 @@ def dpo_loss(
         raise ValueError(f"dpo_loss: {kind!r} takes reference log-probs only if it has a reference")
     pi_c, pi_r = _f32(pi_chosen_B, pi_rejected_B)
     w_B = jnp.ones_like(pi_c) if weight_B is None else _f32(weight_B)[0]
-    ls = label_smoothing
-    extra: dict[str, jax.Array] = {}
     if kind in REFERENCE_FREE:
+        per_pair_B, extra = _REFERENCE_FREE[kind](pi_c, pi_r, beta, label_smoothing, gamma)
         rc_B, rr_B = beta * pi_c, beta * pi_r
-        if kind == "simpo":
-            z_B = beta * (pi_c - pi_r) - gamma
-            per_pair_B = -(1 - ls) * jax.nn.log_sigmoid(z_B) - ls * jax.nn.log_sigmoid(-z_B)
-        else:
-            log_odds_B = (pi_c - pi_r) - (_log1mexp(pi_c) - _log1mexp(pi_r))
-            per_pair_B = -pi_c - beta * jax.nn.log_sigmoid(log_odds_B)
-            extra = {"nll": -pi_c, "log_odds": jax.lax.stop_gradient(log_odds_B)}
     else:
         ref_c, ref_r = jax.lax.stop_gradient(_f32(ref_chosen_B, ref_rejected_B))
         h_B = (pi_c - ref_c) - (pi_r - ref_r)
-        if kind == "sigmoid":
-            per_pair_B = -(1 - ls) * jax.nn.log_sigmoid(beta * h_B) - ls * jax.nn.log_sigmoid(
-                -beta * h_B
-            )
-        elif kind == "hinge":
-            per_pair_B = jax.nn.relu(1.0 - beta * h_B)
-        elif kind == "robust":
-            per_pair_B = (
-                -(1 - ls) * jax.nn.log_sigmoid(beta * h_B) + ls * jax.nn.log_sigmoid(-beta * h_B)
-            ) / (1 - 2 * ls)
-        else:
-            per_pair_B = jnp.square(h_B - 1.0 / (2.0 * beta))
+        per_pair_B, extra = _WITH_REFERENCE[kind](h_B, beta, label_smoothing, gamma), {}
         rc_B, rr_B = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
     rc_B, rr_B = jax.lax.stop_gradient(rc_B), jax.lax.stop_gradient(rr_B)
     return jnp.sum(w_B * per_pair_B), {
