@@ -34,8 +34,8 @@ class DPOConfig:
 
     train_file: str = "asset:preference/train.jsonl"
     val_file: str = "asset:preference/val.jsonl"  # "" for none: no held-out figures
-    # sigmoid/hinge/robust/ipo: strength of the implicit KL to the reference; simpo: the reward scale;
-    # orpo: the odds-ratio term's weight (the paper's lambda)
+    # sigmoid/hinge/robust/ipo: strength of the implicit KL to the reference; simpo: the
+    # reward scale; orpo: the odds-ratio term's weight (the paper's lambda)
     beta: float = 0.1
     # the share of labels assumed flipped: conservative DPO (sigmoid, simpo), robust DPO's eps
     label_smoothing: float = 0.0

@@ -5,11 +5,11 @@ The policy is `inputs.checkpoint` (LoRA optional, via `peft:`); the reference is
 checkpoint (or `dpo.reference`) loaded with `load_frozen_model`. A pair's sequence log-prob is
 the sum of `token_logprobs` over its response tokens (the loss mask: answer, `<|end|>`,
 `</s>`); IPO, SimPO and ORPO use their mean. SimPO and ORPO load no reference at all: the
-step runs the policy alone (`training/rl_losses.dpo_loss` has the formulas). The reference either runs in every step, handed to it as
-`consts` (never trained, donated or checkpointed), or — `dpo.precompute_reference` — scores
-every training pair once before the first step; its log-probs then ride in the batches
-(`ref_logp` [B, 2], looked up by the batch's `pair` index), the step runs the policy alone
-and the reference leaves device memory. The held-out reference log-probs are computed once
+step runs the policy alone (`training/rl_losses.dpo_loss` has the formulas). Otherwise the
+reference either runs in every step, handed to it as `consts` (never trained, donated or
+checkpointed), or — `dpo.precompute_reference` — scores every training pair once before the
+first step; its log-probs then ride in the batches (`ref_logp` [B, 2], looked up by the
+batch's `pair` index), the step runs the policy alone and the reference leaves device memory. The held-out reference log-probs are computed once
 either way.
 
 The policy's log-probs are taken without dropout, as the reference's (`dpo.disable_dropout`,
@@ -22,8 +22,9 @@ beta ((pi_c - ref_c) - (pi_r - ref_r)), the training metric `margin`, TRL's rewa
 its pair accuracy (a tie half a win, as the training `accuracy`), and
 — meaningful before training too — the raw policy margin log p(chosen) - log p(rejected) and
 the pair accuracy by it, overall and by task, and the accuracy by the margin of log-probs
-averaged over each answer's tokens (`avg_logp_accuracy`: what SimPO and ORPO rank by). Pairs cut by `loader.seq_len` are counted
-(`train_fit`, `val_fit`); those cut to two identical rows are left out.
+averaged over each answer's tokens (`avg_logp_accuracy`: what SimPO and ORPO rank by). Pairs
+cut by `loader.seq_len` are counted (`train_fit`, `val_fit`); those cut to two identical rows
+are left out.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Pure alignment losses: reward-model pairwise loss, DPO / IPO / SimPO / ORPO, PPO (policy + value), GRPO and
-the KL estimators they share. Like `losses.py`, each returns `(loss_sum, aux)` where aux holds
-*sums* of metrics and `aux["weight"]` is what they sum over; the step divides once at the end.
-All math runs in f32 whatever the input dtype."""
+"""Pure alignment losses: reward-model pairwise loss, the preference losses (DPO and its
+variants, IPO, SimPO, ORPO), PPO (policy + value), GRPO and the KL estimators they share. Like
+`losses.py`, each returns `(loss_sum, aux)` where aux holds *sums* of metrics and
+`aux["weight"]` is what they sum over; the step divides once at the end. All math runs in f32
+whatever the input dtype."""
 
 from __future__ import annotations
 
