@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -14,6 +14,35 @@ import numpy as np
 from jaxllm.training.state import TrainState, to_global
 
 EvalBatches = Callable[[int | None], Iterable[dict]]  # num_batches (None: as many as there are)
+KEEP_BYTES = 256 << 20  # the most host memory a held-out pass's batches are kept in
+
+
+class Replayed:
+    """A held-out stream read once and replayed: `iter()` gives `make()`'s batches, and after
+    the first complete pass, the same batches again from host memory when they fit in
+    `limit` bytes (a larger stream is read again each pass). Held-out streams are the same
+    on every pass (file order, seeded masks), so a later evaluation re-reads no file and
+    renders, tokenizes or masks nothing: it costs the model's forward passes alone."""
+
+    def __init__(self, make: Callable[[], Iterable[dict]], limit: int = KEEP_BYTES) -> None:
+        self.make, self.limit = make, limit
+        self.kept: list[dict] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list[dict] | None = []
+        size = 0
+        for batch in self.make():
+            if kept is not None:
+                size += sum(np.asarray(v).nbytes for v in batch.values())
+                if size > self.limit:
+                    kept = None
+                else:
+                    kept.append(batch)
+            yield batch
+        self.kept = kept  # only a pass that ran to its end is kept
 
 
 def make_totals(
@@ -25,16 +54,18 @@ def make_totals(
     all-padding batches to `num_batches` when that is given. Each eval batch is a collective
     step, so with many processes all must run the same number: their slices of the data
     give different counts, so the first call counts each process's batches (up to
-    `max_batches`) and every call runs the largest count on every process."""
+    `max_batches`) and every call runs the largest count on every process. The batches are
+    read once and replayed from host memory (`Replayed`)."""
     count: list[int | None] = []  # the common count, found once
+    stream: list[Replayed] = []  # its batches, kept after the first evaluation
 
     def totals(state: TrainState) -> dict[str, float]:
         if not count:
             count.append(common_batch_count(batches, max_batches))
-        stream = batches(count[0])
-        limit = count[0] if count[0] is not None else (max_batches or None)
+            limit = count[0] if count[0] is not None else (max_batches or None)
+            stream.append(Replayed(lambda: itertools.islice(batches(count[0]), limit)))
         out: dict[str, float] = {}
-        for batch in itertools.islice(stream, limit):
+        for batch in stream[0]:
             for k, v in jax.device_get(eval_step(state, to_global(batch, mesh))).items():
                 out[k] = out.get(k, 0.0) + float(v)
         return out

@@ -19,6 +19,7 @@ from jaxllm.data.preference import (
     open_pairs,
 )
 from jaxllm.errors import ConfigError
+from jaxllm.trainers.held_out import Replayed
 from jaxllm.trainers.lm import (
     best_figures,
     best_state,
@@ -86,17 +87,17 @@ class PairPass:
         self.num_batches = math.ceil(share / local_batch_size(loader, pc))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._gather = jax.jit(lambda tree: tree, out_shardings=replicated)
+        self.batches = Replayed(lambda: make_preference_eval_dataset(
+            files, template, loader, process_index=jax.process_index(),
+            process_count=pc, num_batches=self.num_batches, records=records,
+        ))  # fmt: skip
 
     def collect(self, fn, *args) -> dict[str, np.ndarray]:
-        """Runs `fn(*args, global_batch) -> {name: [B]}` over the batches; the rows of every
-        process with their `weight`, `pair` and `task` (padding rows: weight 0, pair -1)."""
-        batches = make_preference_eval_dataset(
-            self.files, self.template, self.loader, process_index=jax.process_index(),
-            process_count=jax.process_count(), num_batches=self.num_batches,
-            records=self.records,
-        )  # fmt: skip
+        """Runs `fn(*args, global_batch) -> {name: [B]}` over the batches (rendered once, then
+        replayed); the rows of every process with their `weight`, `pair` and `task` (padding
+        rows: weight 0, pair -1)."""
         out: dict[str, list] = {}
-        for batch in batches:
+        for batch in self.batches:
             g = to_global(batch, self.mesh)
             vals = jax.device_get(self._gather({**fn(*args, g), "weight": g["weight"],
                                                 "pair": g["pair"]}))  # fmt: skip
