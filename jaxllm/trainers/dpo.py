@@ -214,6 +214,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     if d.precompute_reference:
         pass_ = PairPass(train_files, template, cfg.loader, mesh, pairs)
         table = reference_table(pass_, ref, mesh, cfg.mesh.rules, average=d.averaged)
+        del pass_  # one pass: its replayable batches go now, not at the end of the stage
         ds = ds.map(lambda b: {**b, "ref_logp": table[np.maximum(b["pair"], 0)]})
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)

@@ -28,6 +28,7 @@ optimizer state). `restore` returns the state with `frozen=None`; the caller put
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -59,7 +60,13 @@ def _whole_replica_writes_on_cpu() -> None:
         whole = ocp.type_handlers.ArrayHandler(
             use_replica_parallel=False, array_metadata_store=store
         )
-        ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+        absl = logging.getLogger("absl")  # orbax warns of every override: this one is meant
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+        finally:
+            absl.setLevel(level)
 
 
 class CheckpointMismatch(JaxllmError):
