@@ -198,12 +198,15 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine (or constant) decay, and global-norm clipping."""
+    """AdamW with linear warmup then cosine, linear, constant or warmup-stable-decay (`wsd`:
+    lr held, then a 1 - sqrt cooldown over the last `decay_fraction` of the steps), and
+    global-norm clipping."""
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 100
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    schedule: Literal["cosine", "constant", "linear", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the share of the steps that cools down
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -220,9 +223,11 @@ class OptimConfig:
             "eps": not self.eps > 0,
             "weight_decay": not self.weight_decay >= 0,
             "grad_clip": not self.grad_clip >= 0,
+            "decay_fraction": not 0 < self.decay_fraction <= 1,
         }
         want = {"lr": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]", "b1": "in [0, 1)",
-                "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0 (0: off)"}  # fmt: skip
+                "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0 (0: off)",
+                "decay_fraction": "in (0, 1]"}  # fmt: skip
         for key, wrong in bad.items():
             if wrong:
                 raise ValueError(f"{key}: must be {want[key]}, got {getattr(self, key)}")

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm.config import OptimConfig
+from jaxllm.config import OptimConfig, replace
+from jaxllm.errors import ConfigError
 from jaxllm.training.losses import cross_entropy, head_cross_entropy
 from jaxllm.training.optim import decay_mask, lr_schedule
 
@@ -93,6 +94,31 @@ def test_constant_and_linear_schedules():
     assert [float(c(i)) for i in (2, 4, 50)] == [1.0, 2.0, 2.0]
     lin = lr_schedule(OptimConfig(lr=2.0, warmup_steps=0, min_lr_ratio=0.5, schedule="linear"), 10)
     np.testing.assert_allclose([float(lin(i)) for i in (0, 5, 10)], [2.0, 1.5, 1.0], rtol=1e-6)
+
+
+def test_wsd_holds_lr_then_cools_down_by_one_minus_sqrt():
+    """100 steps, warmup 10, the last 20 % cooling from 1.0 to 0.1: written out by hand."""
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd")
+    s = lr_schedule(cfg, 100)
+    want = {0: 0.0, 5: 0.5, 10: 1.0, 50: 1.0, 80: 1.0, 85: 0.1 + 0.9 * (1 - math.sqrt(5 / 20)),
+            90: 0.1 + 0.9 * (1 - math.sqrt(0.5)), 100: 0.1, 120: 0.1}  # fmt: skip
+    np.testing.assert_allclose([float(s(k)) for k in want], list(want.values()), rtol=1e-6)
+    values = np.array([float(s(k)) for k in range(10, 101)])
+    assert np.all(np.diff(values) <= 0)  # after the warmup it never rises
+    # a short run: 30 % of 10 steps is 3, after a warmup of 8 only 2 are left to cool down
+    short = lr_schedule(replace(cfg, warmup_steps=8, decay_fraction=0.3), 10)
+    np.testing.assert_allclose([float(short(k)) for k in (8, 9, 10)],
+                               [1.0, 0.1 + 0.9 * (1 - math.sqrt(0.5)), 0.1], rtol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5])
+def test_wsd_decay_fraction_out_of_range_names_the_key(bad):
+    from jaxllm.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"decay_fraction.*in \(0, 1\]"):
+        from_dict(
+            {"stage": "pretrain", "train": {"optim": {"schedule": "wsd", "decay_fraction": bad}}}
+        )
 
 
 def test_grad_norm_helper_is_global_l2():
