@@ -198,10 +198,12 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine, linear, constant or warmup-stable-decay (`wsd`:
+    """AdamW (or Muon on the attention and MLP matrices, AdamW on the rest) with linear
+    warmup then cosine, linear, constant or warmup-stable-decay (`wsd`:
     lr held, then a 1 - sqrt cooldown over the last `decay_fraction` of the steps), and
     global-norm clipping."""
 
+    name: Literal["adamw", "muon"] = "adamw"  # muon: on the attention/MLP matrices
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 100

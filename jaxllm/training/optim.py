@@ -1,6 +1,9 @@
-"""AdamW with warmup + cosine/linear/constant/WSD decay, a weight-decay mask and clipping."""
+"""AdamW or Muon with warmup + cosine/linear/constant/WSD decay, a weight-decay mask and
+clipping."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -57,25 +60,77 @@ def decay_mask(params):
     [heads, head_dim] q/k/v biases) or norm scales."""
 
     def decays(path, p) -> bool:
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        name = next((n for n in reversed(names) if n and n != "value"), "")
+        name = _leaf_name(path)
         return p.ndim >= 2 and "bias" not in name and "scale" not in name
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _leaf_name(path) -> str:
+    """The parameter's own name: the last key of its path other than nnx's `value`."""
+    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+    return next((n for n in reversed(names) if n and n != "value"), "")
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    parts = []
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(
-        optax.adamw(
-            lr_schedule(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=decay_mask,
-        )
-    )
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(_OPTIMIZERS[cfg.name](cfg, lr_schedule(cfg, total_steps)))
     return optax.chain(*parts)
+
+
+def _adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )
+
+
+# Muon's matrices, by parameter name: (reduction axes, output axes) of x @ W, counted from the
+# end, so a scanned stack's leading layer axis is a batch axis (each layer orthogonalised
+# alone). q/k/v are [d, heads, head_dim], o [heads, head_dim, d], the MLP's [in, out].
+_MUON_AXES = {
+    **dict.fromkeys(("q", "k", "v"), ((-3,), (-2, -1))),
+    "o": ((-3, -2), (-1,)),
+    **dict.fromkeys(("up", "gate", "down"), ((-2,), (-1,))),
+}
+MUON_BETA, MUON_RMS = 0.95, 0.2  # momentum; the update RMS matched to AdamW's (Moonlight)
+
+
+def _muon_dims(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: optax.contrib.MuonDimensionNumbers(*_MUON_AXES[_leaf_name(path)]), params
+    )
+
+
+def _muon_label(path, p) -> str:
+    axes = _MUON_AXES.get(_leaf_name(path))
+    return "muon" if axes and p.ndim >= len(axes[0]) + len(axes[1]) else "adam"
+
+
+def _muon_rms(updates, state, params=None):
+    """Scales each orthogonalised update by 0.2 sqrt(max(fan_in, fan_out)): an RMS like
+    AdamW's, so Muon takes AdamW's learning rate and weight decay (Liu et al. 2025)."""
+
+    def scale(path, u):
+        reduce, out = _MUON_AXES[_leaf_name(path)]
+        fans = (math.prod(u.shape[a] for a in reduce), math.prod(u.shape[a] for a in out))
+        return u * (MUON_RMS * math.sqrt(max(fans)))
+
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+
+def _muon(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    """Muon (Jordan et al. 2024) on the attention and MLP matrices: Nesterov momentum
+    (beta 0.95), orthogonalised by five Newton-Schulz steps per matrix, scaled to AdamW's RMS,
+    decoupled weight decay; AdamW (the config's betas, eps and decay mask) on everything else:
+    embeddings, output layer, norms, biases, PEFT variables."""
+    muon = optax.chain(
+        optax.contrib.scale_by_muon(beta=MUON_BETA, weight_dimension_numbers=_muon_dims),
+        optax.GradientTransformation(lambda params: optax.EmptyState(), _muon_rms),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.scale_by_learning_rate(lr),
+    )
+    labels = lambda params: jax.tree_util.tree_map_with_path(_muon_label, params)  # noqa: E731
+    return optax.partition({"muon": muon, "adam": _adamw(cfg, lr)}, labels)
+
+
+_OPTIMIZERS = {"adamw": _adamw, "muon": _muon}

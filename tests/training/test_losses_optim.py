@@ -11,7 +11,7 @@ import pytest
 from jaxllm.config import OptimConfig, replace
 from jaxllm.errors import ConfigError
 from jaxllm.training.losses import cross_entropy, head_cross_entropy
-from jaxllm.training.optim import decay_mask, lr_schedule
+from jaxllm.training.optim import decay_mask, lr_schedule, make_optimizer
 
 
 def np_log_softmax(x):
@@ -203,3 +203,52 @@ def test_loss_inputs_of_the_wrong_shape_fail_at_the_boundary():
         cross_entropy(logits, targets, jnp.ones((2, 4)))
     with pytest.raises(AssertionError):
         head_cross_entropy(jnp.zeros((2, 5, 3)), jnp.zeros((7, 4)), targets, jnp.ones((2, 5)))
+
+
+def _polar(g: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    return u @ vt
+
+
+def test_muon_orthogonalises_each_matrix_and_adamw_takes_the_rest():
+    """One step from zero momentum on a scanned stack [2 layers, 32, 64] (the MLP's up), an
+    unscanned q [32, 4, 8] and an embedding: each Muon matrix's update is 0.2 sqrt(max fan)
+    times a near-orthogonal matrix close to the SVD's polar factor of its gradient (per layer,
+    whatever the layers' scales), plus decoupled decay; the embedding gets AdamW's update."""
+    rng = np.random.default_rng(0)
+
+    def spread(shape):  # singular values from 1 to 100: far from orthogonal
+        a = rng.normal(size=(shape[0], shape[0]))
+        b = rng.normal(size=(shape[0], shape[1]))
+        u, _ = np.linalg.qr(a)
+        return u @ np.diag(np.geomspace(100, 1, shape[0])) @ np.linalg.qr(b.T)[0].T
+
+    g_up = np.stack([spread((32, 64)), 1e-3 * spread((32, 64))])
+    g_q = spread((32, 32)).reshape(32, 4, 8)
+    params = {"blocks": {"mlp": {"up": rng.normal(size=(2, 32, 64))},
+                         "attn": {"q": rng.normal(size=(32, 4, 8))}},
+              "embed": {"embedding": rng.normal(size=(50, 32))}}  # fmt: skip
+    grads = {"blocks": {"mlp": {"up": g_up}, "attn": {"q": g_q}},
+             "embed": {"embedding": rng.normal(size=(50, 32))}}  # fmt: skip
+    params, grads = (
+        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t) for t in (params, grads)
+    )
+    cfg = OptimConfig(name="muon", lr=0.5, warmup_steps=0, schedule="constant", grad_clip=0,
+                      weight_decay=0.1)  # fmt: skip
+    tx = make_optimizer(cfg, 10)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    decay = lambda p: -0.5 * 0.1 * np.asarray(p)  # noqa: E731
+    for u, g, p, fan in [
+        (upd["blocks"]["mlp"]["up"][0], g_up[0], params["blocks"]["mlp"]["up"][0], 64),
+        (upd["blocks"]["mlp"]["up"][1], g_up[1], params["blocks"]["mlp"]["up"][1], 64),
+        (upd["blocks"]["attn"]["q"], g_q, params["blocks"]["attn"]["q"], 32),
+    ]:
+        o = (np.asarray(u) - decay(p)).reshape(32, -1) / (-0.5 * 0.2 * np.sqrt(fan))
+        sv = np.linalg.svd(o, compute_uv=False)
+        assert sv.min() > 0.5 and sv.max() < 1.3  # 1 to 100 before: flattened
+        polar = _polar(np.asarray(g).reshape(32, -1))
+        assert np.sum(o * polar) / (np.linalg.norm(o) * np.linalg.norm(polar)) > 0.95
+    adamw = optax.adamw(0.5, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.1)
+    emb = params["embed"]["embedding"]
+    want, _ = adamw.update(grads["embed"]["embedding"], adamw.init(emb), emb)
+    np.testing.assert_allclose(upd["embed"]["embedding"], want, rtol=1e-6)

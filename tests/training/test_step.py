@@ -49,13 +49,13 @@ def batches(n, b=8, length=16, seed=0):
     return out
 
 
-def setup(mesh_cfg, devices, grad_accum=1, model=MODEL, loss_chunk=0):
+def setup(mesh_cfg, devices, grad_accum=1, model=MODEL, loss_chunk=0, opt=OPT):
     mesh = make_mesh(mesh_cfg, devices)
-    tx = make_optimizer(OPT, 10)
+    tx = make_optimizer(opt, 10)
     graphdef, state, sh = create_train_state(model_fn(model, 0), tx, mesh, mesh_cfg.rules, 0)
     loss = lm_loss(loss_chunk=loss_chunk) if loss_chunk else lm_loss()
     step = make_train_step(
-        graphdef, loss, tx, lr_schedule(OPT, 10), sh, mesh, mesh_cfg.rules, grad_accum
+        graphdef, loss, tx, lr_schedule(opt, 10), sh, mesh, mesh_cfg.rules, grad_accum
     )
     return mesh, state, step, sh
 
@@ -67,6 +67,16 @@ def losses(mesh_cfg, devices, n=5, **kw):
         state, m = step(state, to_global(b, mesh))
         out.append(float(m["loss"]))
     return out, state, sh
+
+
+def test_muon_on_a_mesh_matches_one_device():
+    """Muon's per-matrix Newton-Schulz on weights split over fsdp and tensor axes: the losses
+    of one device."""
+    muon = replace(OPT, name="muon")
+    ref, _, _ = losses(MeshConfig(data=1, rules="dp"), jax.devices()[:1], opt=muon)
+    got, _, _ = losses(MeshConfig(2, 2, 2, rules="fsdp_tp"), jax.devices(), opt=muon)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    assert ref[-1] < ref[0]
 
 
 def test_step_compiles_once():
