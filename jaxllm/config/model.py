@@ -227,9 +227,9 @@ class OptimConfig:
             "grad_clip": not self.grad_clip >= 0,
             "decay_fraction": not 0 < self.decay_fraction <= 1,
         }
-        want = {"lr": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]", "b1": "in [0, 1)",
-                "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0 (0: off)",
-                "decay_fraction": "in (0, 1]"}  # fmt: skip
+        want = {"lr": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]",
+                "b1": "in [0, 1)", "b2": "in [0, 1)", "eps": "> 0", "weight_decay": ">= 0",
+                "grad_clip": ">= 0 (0: off)", "decay_fraction": "in (0, 1]"}  # fmt: skip
         for key, wrong in bad.items():
             if wrong:
                 raise ValueError(f"{key}: must be {want[key]}, got {getattr(self, key)}")
