@@ -65,14 +65,23 @@ def master_weights(params: nnx.State) -> nnx.State:
 
 
 def state_shardings(abstract: Any, mesh: Mesh, rules: str) -> Any:
-    """NamedShardings for every leaf from the logical axes the variables carry."""
+    """NamedShardings for every leaf from the logical axes the variables carry, in the
+    abstract state's own structure: a variable that holds `optax.MaskedNode` (the empty slot
+    `optax.partition` leaves in one group's state for another group's parameter, as Muon's
+    does) has no array, so it gets no sharding."""
     table = RULES[rules]
-    specs = nnx.get_partition_spec(abstract)
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, logical_spec(tuple(spec), table)),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+
+    def place(leaf: Any, spec: Any) -> Any:
+        if is_var(leaf) and isinstance(leaf.get_value(), optax.MaskedNode):
+            return leaf
+        return jax.tree.map(
+            lambda p: NamedSharding(mesh, logical_spec(tuple(p), table)),
+            spec,
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+
+    return jax.tree.map(place, abstract, nnx.get_partition_spec(abstract), is_leaf=is_var)
 
 
 def train_state_init(

@@ -74,9 +74,14 @@ def test_muon_on_a_mesh_matches_one_device():
     of one device."""
     muon = replace(OPT, name="muon")
     ref, _, _ = losses(MeshConfig(data=1, rules="dp"), jax.devices()[:1], opt=muon)
-    got, _, _ = losses(MeshConfig(2, 2, 2, rules="fsdp_tp"), jax.devices(), opt=muon)
+    got, state, sh = losses(MeshConfig(2, 2, 2, rules="fsdp_tp"), jax.devices(), opt=muon)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     assert ref[-1] < ref[0]
+    # one sharding per array of the optimizer state (optax.partition's empty slots get none),
+    # each of the array's rank: what --plan and checkpoint restores read leaf by leaf
+    arrays, shardings = jax.tree.leaves(state.opt_state), jax.tree.leaves(sh.opt_state)
+    assert len(arrays) == len(shardings)
+    assert all(a.sharding == s for a, s in zip(arrays, shardings, strict=True))
 
 
 def test_step_compiles_once():
