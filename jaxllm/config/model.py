@@ -199,9 +199,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW (or Muon on the attention and MLP matrices, AdamW on the rest) with linear
-    warmup then cosine, linear, constant or warmup-stable-decay (`wsd`:
-    lr held, then a 1 - sqrt cooldown over the last `decay_fraction` of the steps), and
-    global-norm clipping."""
+    warmup then cosine, linear, constant or warmup-stable-decay (`wsd`: lr held, then a
+    1 - sqrt cooldown over the last `decay_fraction` of the steps), and global-norm clipping."""
 
     name: Literal["adamw", "muon"] = "adamw"  # muon: on the attention/MLP matrices
     lr: float = 3e-4
