@@ -88,3 +88,29 @@ def split_over_devices(tokens_BL, weights=()) -> None:
     assert len(tokens_BL.sharding.device_set) == n
     assert {s.data.shape[0] for s in tokens_BL.addressable_shards} == {tokens_BL.shape[0] // n}
     assert all(len(x.sharding.device_set) == n for x in jax.tree.leaves(weights))
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """`gs://bucket/...` served from `tmp_path/bucket` through etils.epath's backend (the
+    way a TPU pod's run writes to a bucket), run from `tmp_path` so a path mangled by
+    pathlib (`gs:/bucket/...`) would show up as a local `gs:` directory."""
+    import os
+
+    from etils.epath import testing
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+
+    def local(p):
+        s = os.fspath(p)
+        return str(root / s[len("gs://bucket/") :]) if s.startswith("gs://bucket") else s
+
+    def redirect(orig, path, *args, **kwargs):
+        return orig(local(path), *[local(a) if isinstance(a, str) else a for a in args], **kwargs)
+
+    names = "copy exists glob isdir listdir makedirs mkdir open remove rename replace rmtree stat"
+    monkeypatch.chdir(tmp_path)
+    with testing.mock_epath(**{n: redirect for n in names.split()} | {"walk": None}):
+        yield root
+    assert not (tmp_path / "gs:").exists()  # nothing went through pathlib

@@ -54,6 +54,14 @@ def test_unknown_top_level_key_without_close_match():
         ({"train": {"grad_accum": 0}}, "'train.grad_accum': must be >= 1, got 0"),
         ({"train": {"keep_checkpoints": 0}}, "'train.keep_checkpoints': must be >= 1"),
         ({"train": {"keep_checkpoints": -1}}, "'train.keep_checkpoints': must be >= 1"),
+        (
+            {"train": {"steps": 10, "checkpoint_at": [5, 11, 0]}},
+            "'train.checkpoint_at': steps must be in [1, steps = 10], got [11, 0]",
+        ),
+        (
+            {"scaling": {"schedule": "wsd", "warmup": 0.3, "decay_fraction": 0.7}},
+            "'scaling.decay_fraction': with schedule wsd, warmup + decay_fraction must be < 1",
+        ),
     ],
 )
 def test_wrong_values_name_key_type_and_value(raw, expect):
@@ -252,6 +260,7 @@ RANGES = [
     ("scaling.aspect", 0, 1),
     ("scaling.holdout_tokens", 0, 1),
     ("scaling.tokens", [1000, 0], [1000, 1]),
+    ("scaling.decay_fraction", 0, 1),
     ("scaling.lr", 0, 1e-9),
     ("mlm.generator_layers", 0, 1),
     ("mlm.disc_weight", 0, 0.5),

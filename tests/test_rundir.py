@@ -113,32 +113,6 @@ def test_cli_reports_errors_on_one_line(tmp_path, capsys):
     assert "did you mean 'data.on_error'" in capsys.readouterr().err
 
 
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-    """`gs://bucket/...` served from `tmp_path/bucket` through etils.epath's backend (the
-    way a TPU pod's run writes to a bucket), run from `tmp_path` so a path mangled by
-    pathlib (`gs:/bucket/...`) would show up as a local `gs:` directory."""
-    import os
-
-    from etils.epath import testing
-
-    root = tmp_path / "bucket"
-    root.mkdir()
-
-    def local(p):
-        s = os.fspath(p)
-        return str(root / s[len("gs://bucket/") :]) if s.startswith("gs://bucket") else s
-
-    def redirect(orig, path, *args, **kwargs):
-        return orig(local(path), *[local(a) if isinstance(a, str) else a for a in args], **kwargs)
-
-    names = "copy exists glob isdir listdir makedirs mkdir open remove rename replace rmtree stat"
-    monkeypatch.chdir(tmp_path)
-    with testing.mock_epath(**{n: redirect for n in names.split()} | {"walk": None}):
-        yield root
-    assert not (tmp_path / "gs:").exists()  # nothing went through pathlib
-
-
 def test_run_dir_in_a_bucket(bucket):
     from jaxllm.training.metrics import MetricsWriter, plot_losses, read_metrics
 

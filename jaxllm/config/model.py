@@ -266,6 +266,9 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 0  # 0: the whole validation split
     checkpoint_every: int = 200
+    # steps saved besides every checkpoint_every-th (e.g. the branch points of a WSD scaling
+    # sweep); they count in keep_checkpoints like the others
+    checkpoint_at: tuple[int, ...] = ()
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
     # pretrain from inputs.checkpoint (continued pretraining): Adam's moments fresh or the
@@ -289,6 +292,11 @@ class TrainConfig:
             raise ValueError(
                 f"keep_checkpoints: must be >= 1 (the newest checkpoints kept), "
                 f"got {self.keep_checkpoints}"
+            )
+        wrong = [s for s in self.checkpoint_at if not 1 <= s <= self.steps]
+        if wrong:
+            raise ValueError(
+                f"checkpoint_at: steps must be in [1, steps = {self.steps}], got {wrong}"
             )
 
 

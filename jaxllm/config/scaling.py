@@ -4,6 +4,7 @@ scaling-law fits, and a prediction checked on a held-out bigger model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from jaxllm.config.checks import above, at_least
 
@@ -12,9 +13,14 @@ from jaxllm.config.checks import above, at_least
 class ScalingConfig:
     """Sizes follow one rule: `n_layers` from `layers`, `d_model = aspect * n_layers`, heads of
     `head_dim`, `d_ff = 4 d_model` (Kaplan et al.'s fixed aspect ratio). Every size trains on
-    every budget in `tokens` with its own cosine schedule ending at that budget (as Chinchilla
+    every budget in `tokens` with its own schedule ending at that budget (as Chinchilla
     requires), the learning rate `lr * lr_width / d_model` (larger for narrow models, a
-    muP-style rule) and `warmup` of the steps. `holdout_layers` is a bigger model trained after
+    muP-style rule). `schedule: cosine` trains each (size, budget) from scratch with a cosine
+    decay, warming up over `warmup` of its steps; `schedule: wsd` trains each size once, to the
+    largest budget, at a constant rate, and cools every smaller budget down from that run's
+    checkpoint over its last `decay_fraction` of steps (Hagele et al. 2024: a fraction of the
+    compute; the warmup is then `warmup` of the smallest budget's steps, the same in every
+    run). `holdout_layers` is a bigger model trained after
     the fit on `holdout_tokens`, whose loss the fit predicts first. `params` is the N of every
     fit and of the compute unit C = 6 N D: `total` (embeddings included, Hoffmann et al.'s
     count, so tokens per parameter compare with Chinchilla's ~20) or `non_embedding`
@@ -28,6 +34,8 @@ class ScalingConfig:
     lr: float = 2e-3
     lr_width: int = 128
     warmup: float = 0.05
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the share of each budget's steps that cools down
     holdout_layers: int = 10
     holdout_tokens: int = 500_000
     bootstrap: int = 100
@@ -51,3 +59,11 @@ class ScalingConfig:
             raise ValueError(f"params: must be 'total' or 'non_embedding', got {self.params!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup: a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if self.schedule == "wsd" and self.warmup + self.decay_fraction >= 1:
+            raise ValueError(
+                f"decay_fraction: with schedule wsd, warmup + decay_fraction must be < 1 (the "
+                f"smallest budget warms up, then cools down), got {self.warmup} + "
+                f"{self.decay_fraction}"
+            )

@@ -432,6 +432,7 @@ def loop_spec(
         log_every=t.log_every,
         eval_every=t.eval_every,
         checkpoint_every=t.checkpoint_every,
+        checkpoint_at=t.checkpoint_at,
         eval_fn=eval_fn,
         tokens_per_step=tokens,
         meta=meta or {},

@@ -3,7 +3,11 @@ model's loss before training it, then train it and check the prediction.
 
 Every run is the real `stage: pretrain` (the `scaling.base` config with the size, budget and
 learning rate the rule gives), in `<run>/runs/L<layers>_T<tokens>/`; a run whose summary
-exists is not run again, so an interrupted sweep resumes. The fits (evaluation/scaling.py):
+exists is not run again, so an interrupted sweep resumes. With `scaling.schedule: wsd` each
+size's largest budget runs first (the trunk, warmup-stable-decay) and every smaller budget's
+run starts from the trunk's checkpoint where its own cooldown begins (`wsd_branch.py`).
+
+The fits (evaluation/scaling.py):
 Kaplan's L(N) at the largest budget and L(D) at the largest size, Chinchilla's L(N, D) with
 bootstrap intervals, the compute-optimal N*(C), D*(C). The prediction for the held-out model
 is written to `prediction.json` before that model trains. N is `scaling.params`: total
@@ -35,6 +39,7 @@ from jaxllm.models.flops import param_count, train_flops_per_token
 from jaxllm.rundir import RunDir, atomic_write_text, is_finished
 from jaxllm.sharding.multihost import is_primary
 from jaxllm.tokenizer.hf import load_tokenizer
+from jaxllm.trainers.wsd_branch import branch_step, seed_branch
 
 
 def size_model(m: ModelConfig, cfg: Config, layers: int) -> ModelConfig:
@@ -47,16 +52,26 @@ def size_model(m: ModelConfig, cfg: Config, layers: int) -> ModelConfig:
                    n_kv_heads=0, head_dim=0, d_ff=4 * d)  # fmt: skip
 
 
-def run_config(cfg: Config, base: Config, run_dir: Path, layers: int, tokens: int) -> Config:
-    """The pretrain config of one sweep run: its size, its budget's steps, its own schedule."""
+def run_config(
+    cfg: Config, base: Config, run_dir: Path, layers: int, tokens: int,
+    checkpoint_at: tuple[int, ...] = (),
+) -> Config:  # fmt: skip
+    """The pretrain config of one sweep run: its size, its budget's steps, its own schedule
+    (`scaling.schedule`); `checkpoint_at`: a WSD trunk's branch points."""
     s, t = cfg.scaling, base.train
-    per_step = base.loader.batch_size * base.loader.seq_len * t.grad_accum
-    steps = max(1, round(tokens / per_step))
+    steps = _steps(base, tokens)
     m = size_model(base.model, cfg, layers)
-    optim = replace(t.optim, lr=s.lr * s.lr_width / m.d_model, schedule="cosine",
-                    warmup_steps=int(s.warmup * steps))  # fmt: skip
+    lr = s.lr * s.lr_width / m.d_model
+    if s.schedule == "wsd":  # one warmup in every run, so their stable phases coincide
+        warmup = int(s.warmup * _steps(base, min(s.tokens)))
+        optim = replace(t.optim, lr=lr, schedule="wsd", decay_fraction=s.decay_fraction,
+                        warmup_steps=warmup)  # fmt: skip
+    else:
+        optim = replace(t.optim, lr=lr, schedule="cosine", warmup_steps=int(s.warmup * steps))
     train = replace(t, steps=steps, optim=optim, eval_every=steps, checkpoint_every=steps,
-                    eval_batches=s.eval_batches, log_every=max(1, steps // 20))  # fmt: skip
+                    eval_batches=s.eval_batches, log_every=max(1, steps // 20),
+                    checkpoint_at=checkpoint_at,
+                    keep_checkpoints=max(t.keep_checkpoints, len(checkpoint_at) + 1))  # fmt: skip
     name = f"L{layers}_T{tokens}"
     return replace(
         base, name=name, output_dir=str(run_dir / "runs" / name), model=m, train=train,
@@ -64,6 +79,11 @@ def run_config(cfg: Config, base: Config, run_dir: Path, layers: int, tokens: in
             base.inputs, data_dir=cfg.inputs.data_dir or base.inputs.data_dir,
             tokenizer=cfg.inputs.tokenizer or base.inputs.tokenizer),
     )  # fmt: skip
+
+
+def _steps(base: Config, tokens: int) -> int:
+    per_step = base.loader.batch_size * base.loader.seq_len * base.train.grad_accum
+    return max(1, round(tokens / per_step))
 
 
 # the N a fit uses (`scaling.params`) -> the key of the runs' rows that holds it
@@ -89,23 +109,48 @@ def _row(sub: Config, summary: dict[str, Any], vocab: int) -> dict[str, Any]:
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
-    from jaxllm.trainers import run_stage
-
     s = cfg.scaling
     base = _base(cfg)
     vocab = load_tokenizer(cfg.inputs.tokenizer or base.inputs.tokenizer).vocab_size
-    grid = []
+    grid, steps = [], {"trained": 0, "from_scratch": 0}
     for layers in s.layers:
-        for tokens in s.tokens:
-            sub = run_config(cfg, base, run_dir.path, layers, tokens)
-            grid.append(_row(sub, run_stage(sub, reuse_finished=True), vocab))
+        for sub, summary, trained in _train_size(cfg, base, run_dir.path, layers):
+            grid.append(_row(sub, summary, vocab))
+            steps["trained"] += trained
+            steps["from_scratch"] += sub.train.steps
     fits = _fits(grid, s.bootstrap, cfg.seed, s.params)
-    summary: dict[str, Any] = {"runs": grid, **fits}
+    # the sweep's cost in optimizer steps (the held-out model's excluded): with wsd each
+    # size trains its largest budget and the cooldowns, not every budget from scratch
+    summary: dict[str, Any] = {"runs": grid, "schedule": s.schedule, "sweep_steps": steps, **fits}
     if s.holdout_layers:
         summary["prediction"] = _holdout(cfg, base, run_dir.path, fits["chinchilla"], vocab)
     plot = _plot(summary, run_dir.path / "scaling.png")
     summary["plot"] = plot
     return summary
+
+
+def _train_size(cfg: Config, base: Config, path: Path, layers: int):
+    """(config, summary, steps trained) of one size's run per budget, in `scaling.tokens`
+    order. With wsd the largest budget's run (the trunk) saves a checkpoint where each smaller
+    budget's cooldown begins, and each of those runs starts from it (`wsd_branch`)."""
+    from jaxllm.trainers import run_stage
+
+    s = cfg.scaling
+    subs = {t: run_config(cfg, base, path, layers, t) for t in s.tokens}
+    start = dict.fromkeys(s.tokens, 0)
+    if s.schedule == "wsd":
+        top = max(s.tokens)
+        start = {t: 0 if t == top else branch_step(subs[top], sub) for t, sub in subs.items()}
+        points = tuple(sorted({b for b in start.values() if b > 0}))
+        subs[top] = trunk = run_config(cfg, base, path, layers, top, checkpoint_at=points)
+        run_stage(trunk, reuse_finished=True)
+        for t, b in start.items():
+            if b > 0:
+                seed_branch(trunk, subs[t], b)
+    return [
+        (sub, run_stage(sub, reuse_finished=True), sub.train.steps - start[t])
+        for t, sub in subs.items()
+    ]
 
 
 def _base(cfg: Config) -> Config:

@@ -94,6 +94,7 @@ class LoopSpec:
     log_every: int = 10
     eval_every: int = 0
     checkpoint_every: int = 0
+    checkpoint_at: tuple[int, ...] = ()  # steps saved besides every checkpoint_every-th
     eval_fn: Callable[[TrainState], dict[str, float]] | None = None
     tokens_per_step: int = 0  # for tokens/s
     flops_per_step: float = 0.0  # for MFU
@@ -141,15 +142,13 @@ def run_loop(
                 last = _log(spec, writer, bar, clock, *pending) or last
             pending = (step, metrics)
             saved = False
-            if _due(step, spec.checkpoint_every, spec.total_steps) or _due(
-                step, spec.eval_every, spec.total_steps
-            ):
+            if _save_due(spec, step) or _due(step, spec.eval_every, spec.total_steps):
                 last = _log(spec, writer, bar, clock, *pending, force=True) or last
                 pending = None
                 figures = _evaluate(spec, state, step, writer)
                 last.update(figures)
                 stop = _watch(spec, state, step, figures)
-                if checkpointer and (stop or _due(step, spec.checkpoint_every, spec.total_steps)):
+                if checkpointer and (stop or _save_due(spec, step)):
                     writer.flush()  # every row up to the checkpoint on disk before it exists
                     _save(spec, checkpointer, state, step, final=stop)
                     saved = True
@@ -208,6 +207,10 @@ def _watch(spec: LoopSpec, state: TrainState, step: int, figures: dict) -> bool:
 
 def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
+
+
+def _save_due(spec: LoopSpec, step: int) -> bool:
+    return _due(step, spec.checkpoint_every, spec.total_steps) or step in spec.checkpoint_at
 
 
 def _evaluate(spec: LoopSpec, state: TrainState, step: int, writer: MetricsWriter) -> dict:

@@ -72,3 +72,25 @@ def _config(run_dir):
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+@pytest.mark.slow  # two sizes, each one trunk and two cooldowns: ~1 min of CPU
+def test_wsd_sweep_trains_each_size_once_and_cools_down(tmp_path, tok, tiny_ckpt):
+    out = tmp_path / "sweep"
+    args = sweep_args(tiny_ckpt, tok, out) + [
+        "--set", "scaling.schedule=wsd", "--set", "scaling.tokens=[8192, 16384, 32768]",
+        "--set", "scaling.holdout_layers=0",
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schedule"] == "wsd" and "prediction" not in summary
+    # 2048 tokens a step: 4, 8 and 16 steps; the cooldowns of round(0.2 * 4) = 1 and
+    # round(0.2 * 8) = 2 steps leave the plateau at counts 4 and 7, and a branch trains at
+    # least its last step: 1 + 1 steps besides each trunk's 16
+    assert summary["sweep_steps"] == {"trained": 2 * (16 + 1 + 1), "from_scratch": 2 * 28}
+    trunk = _config(out / "runs/L2_T32768")["train"]
+    assert trunk["checkpoint_at"] == [3, 7] and trunk["optim"]["schedule"] == "wsd"
+    for name, start in (("L2_T8192", 3), ("L2_T16384", 7), ("L1_T16384", 7)):
+        run = json.loads((out / f"runs/{name}/summary.json").read_text())
+        assert run["resumed_from_step"] == start, name
+    assert len(summary["runs"]) == 6 and len(summary["residuals"]) == 6
