@@ -4,6 +4,11 @@
   prediction is the argmax of the choices' summed log-likelihoods (`acc`) or of those
   divided by each choice's length in characters, the choice string itself without the
   target delimiter (`acc_norm`); ties go to the first choice (`np.argmax`).
+- `brier_score`: lm-eval's too: the squared distance between the softmax of the choices'
+  log-likelihoods and the one-hot answer, summed over the choices (0 is perfect, 1 - 1/n a
+  uniform guess among n); a continuous score of the same question, which moves where an
+  accuracy near chance cannot (Schaeffer et al. 2023, "Are Emergent Abilities of Large
+  Language Models a Mirage?").
 - `pass_at_k`: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) from n
   samples of which c are correct, as a numerically stable product.
 - `mean_stderr`: the standard error of a mean, sample std (ddof 1) / sqrt(n), as lm-eval.
@@ -30,6 +35,15 @@ def choice_accuracy(lls: Sequence[float], choices: Sequence[str], gold: int) -> 
         "acc": float(int(np.argmax(lls_C)) == gold),
         "acc_norm": float(int(np.argmax(lls_C / chars_C)) == gold),
     }
+
+
+def brier_score(lls: Sequence[float], gold: int) -> float:
+    """The Brier score of one question: sum over choices of (softmax(lls) - one_hot(gold))^2."""
+    lls_C = np.asarray(lls, np.float64)
+    p_C = np.exp(lls_C - lls_C.max())
+    p_C /= p_C.sum()
+    p_C[gold] -= 1.0
+    return float(np.sum(p_C**2))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

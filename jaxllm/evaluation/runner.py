@@ -111,7 +111,7 @@ def _call(fn: Callable[..., Any], args: tuple, task: Task, owners: Sequence[int]
 
 
 def run_multiple_choice(task: Task, backend: Backend, ks: Sequence[int]) -> TaskResult:
-    """acc and acc_norm (lm-eval's definitions, `metrics.choice_accuracy`) for each k."""
+    """acc, acc_norm and brier_score (lm-eval's definitions, `metrics`) for each k."""
     res = TaskResult()
     for k in ks:
         prompts = [build_prompt(task, i, k) for i in range(len(task.examples))]
@@ -121,16 +121,18 @@ def run_multiple_choice(task: Task, backend: Backend, ks: Sequence[int]) -> Task
             pairs += [(p.text, continuation(task, p, c)) for c in choices]
             owners += [i] * len(choices)
         scored = iter(_call(backend.loglikelihood, (pairs,), task, owners))
-        accs = {"acc": [], "acc_norm": []}
+        accs = {"acc": [], "acc_norm": [], "brier_score": []}
         for i, (p, (choices, gold)) in enumerate(zip(prompts, items)):
             got = [next(scored) for _ in choices]
-            figures = metrics.choice_accuracy([s.logprob for s in got], choices, gold)
+            lls = [s.logprob for s in got]
+            figures = metrics.choice_accuracy(lls, choices, gold)
+            figures["brier_score"] = metrics.brier_score(lls, gold)
             for name, v in figures.items():
                 accs[name].append(v)
             res.truncated += any(s.truncated for s in got)
             res.samples.append({"example": task.examples[i][0], "index": i, "num_fewshot": k, "prompt": p.text,
                                 "choices": choices, "gold": gold,
-                                "logprobs": [s.logprob for s in got], **figures})  # fmt: skip
+                                "logprobs": lls, **figures})  # fmt: skip
         for name, values in accs.items():
             res.add(k, name, values, groups_of(task))
     return res

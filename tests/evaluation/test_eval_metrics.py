@@ -21,6 +21,15 @@ def test_acc_and_acc_norm_follow_lm_eval():
     assert metrics.choice_accuracy([-1.0, -1.0], ["a", "b"], gold=0)["acc"] == 1.0  # tie: first
 
 
+def test_brier_score_is_the_squared_distance_to_the_answer():
+    # probabilities 1/2, 1/4, 1/4 (log-likelihoods shifted alike: only the softmax counts)
+    lls = list(np.log([0.5, 0.25, 0.25]) - 7.0)
+    assert metrics.brier_score(lls, gold=0) == pytest.approx(0.25 + 0.0625 + 0.0625)
+    assert metrics.brier_score(lls, gold=2) == pytest.approx(0.25 + 0.0625 + 0.5625)
+    assert metrics.brier_score([-3.0] * 4, gold=1) == pytest.approx(1 - 1 / 4)  # a uniform guess
+    assert metrics.brier_score([0.0, -800.0], gold=0) == pytest.approx(0.0)  # no overflow
+
+
 @pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 3), (6, 0, 2), (4, 4, 4), (7, 3, 5)])
 def test_pass_at_k_is_the_probability_over_subsets(n, c, k):
     samples = [True] * c + [False] * (n - c)

@@ -117,7 +117,7 @@ def test_eval_stage_writes_tables_and_samples(tmp_path, tiny_ckpt, model):
     summary = run_dir.finish(eval_stage.run(cfg, run_dir))
     rows = summary["tasks"]["mc"]["rows"]
     assert {(r["num_fewshot"], r["metric"]) for r in rows} == {
-        (k, m) for k in (0, 2) for m in ("acc", "acc_norm")
+        (k, m) for k in (0, 2) for m in ("acc", "acc_norm", "brier_score")
     }
     samples = [json.loads(x) for x in (tmp_path / "run/samples/tiny/mc.jsonl").open()]
     zero = [s for s in samples if s["num_fewshot"] == 0]
@@ -125,6 +125,8 @@ def test_eval_stage_writes_tables_and_samples(tmp_path, tiny_ckpt, model):
         lls = [model.loglikelihood([(s["prompt"], " " + c)])[0].logprob for c in s["choices"]]
         assert s["logprobs"] == pytest.approx(lls, abs=2e-4)
         assert s["acc"] == float(int(np.argmax(lls)) == s["gold"])
+        p = np.exp(lls) / np.sum(np.exp(lls))  # the two choices' probabilities
+        assert s["brier_score"] == pytest.approx(2 * (1 - p[s["gold"]]) ** 2, abs=1e-3)
     acc0 = next(r for r in rows if r["num_fewshot"] == 0 and r["metric"] == "acc")
     assert acc0["value"] == pytest.approx(np.mean([s["acc"] for s in zero]))
     gen = {r["metric"] for r in summary["tasks"]["gen"]["rows"]}

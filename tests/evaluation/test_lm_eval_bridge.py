@@ -39,6 +39,7 @@ def test_multiple_choice_equals_the_eval_stage(bridge, monkeypatch):
     res = out["results"]["jaxllm_arith_mc"]
     assert res["acc,none"] == pytest.approx(figures["acc"])
     assert res["acc_norm,none"] == pytest.approx(figures["acc_norm"])
+    assert res["brier_score,none"] == pytest.approx(figures["brier_score"])
     theirs = sorted(out["samples"]["jaxllm_arith_mc"], key=lambda s: s["doc_id"])
     for s, mine in zip(theirs, ours.samples):
         assert [r[0][0] for r in s["resps"]] == pytest.approx(mine["logprobs"], abs=1e-6)
