@@ -145,8 +145,8 @@ def _train_size(cfg: Config, base: Config, path: Path, layers: int):
         subs[top] = trunk = run_config(cfg, base, path, layers, top, checkpoint_at=points)
         run_stage(trunk, reuse_finished=True)
         for t, b in start.items():
-            if b > 0:
-                seed_branch(trunk, subs[t], b)
+            if b > 0 and not seed_branch(trunk, subs[t], b):
+                start[t] = 0
     return [
         (sub, run_stage(sub, reuse_finished=True), sub.train.steps - start[t])
         for t, sub in subs.items()

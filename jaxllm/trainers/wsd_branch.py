@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import Config, dump_yaml, is_remote, storage_path
-from jaxllm.errors import ConfigError
 from jaxllm.rundir import atomic_write_text, primary_decides
 from jaxllm.trainers.lm import checkpoint_dir
 from jaxllm.training.optim import lr_schedule
@@ -61,22 +60,23 @@ def seed_branch(trunk: Config, branch: Config, step: int) -> bool:
     """Starts `branch`'s run directory from `trunk`'s checkpoint at `step` (process 0 copies;
     every process returns once it has): the checkpoint, the metrics up to it (a resume drops
     later rows), and last the config, so an interrupted copy is started again. A branch
-    directory that holds a config already (started, or finished) is left alone. True when it
-    was seeded now."""
+    directory that holds a config already (started, or finished) is left alone. False when
+    the trunk has no checkpoint at `step` (a preemption's extra save rotated it out, or it
+    was removed): the branch then trains from its first step, and says so."""
     return primary_decides(_seed, trunk, branch, step)
 
 
 def _seed(trunk: Config, branch: Config, step: int) -> bool:
     dst = storage_path(branch.run_dir)
     if (dst / "config.yaml").exists():
-        return False
+        return True
     src = checkpoint_dir(trunk.run_dir) / str(step)
     if not src.exists():
-        raise ConfigError(
-            f"{src}: missing, the checkpoint {branch.name}'s cooldown starts from; the trunk "
-            f"run {trunk.run_dir} saves it (train.checkpoint_at), so remove that run to "
-            "train it again"
+        print(
+            f"{branch.name}: {trunk.run_dir} has no checkpoint at step {step}, where this "
+            "budget's cooldown begins; training it from scratch (the same run, more steps)"
         )
+        return False
     if dst.exists():  # an interrupted copy
         dst.rmtree() if is_remote(dst) else shutil.rmtree(dst)
     _copy_tree(src, checkpoint_dir(dst) / str(step))

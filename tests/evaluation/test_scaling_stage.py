@@ -3,6 +3,7 @@ budget and schedule; the prediction is written before the held-out model trains;
 interrupted sweep reruns only what is missing."""
 
 import json
+import shutil
 
 import pytest
 
@@ -94,3 +95,14 @@ def test_wsd_sweep_trains_each_size_once_and_cools_down(tmp_path, tok, tiny_ckpt
         run = json.loads((out / f"runs/{name}/summary.json").read_text())
         assert run["resumed_from_step"] == start, name
     assert len(summary["runs"]) == 6 and len(summary["residuals"]) == 6
+    # a branch point's checkpoint lost (e.g. rotated out by a preemption's extra save): the
+    # rerun trains that budget from scratch, the same run, and counts its steps
+    before = json.loads((out / "runs/L2_T8192/summary.json").read_text())
+    shutil.rmtree(out / "runs/L2_T32768/checkpoints/3")
+    shutil.rmtree(out / "runs/L2_T8192")
+    (out / "summary.json").unlink()
+    assert main(args) == 0
+    after = json.loads((out / "runs/L2_T8192/summary.json").read_text())
+    assert after["resumed_from_step"] == 0 and after["val_loss"] == before["val_loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sweep_steps"] == {"trained": 2 * (16 + 1 + 1) + 3, "from_scratch": 2 * 28}
