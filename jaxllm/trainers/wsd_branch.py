@@ -21,7 +21,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import Config, dump_yaml, is_remote, storage_path
+from jaxllm.config import Config, dump_yaml, is_remote, replace, storage_path
 from jaxllm.rundir import atomic_write_text, primary_decides
 from jaxllm.trainers.lm import checkpoint_dir
 from jaxllm.training.optim import lr_schedule
@@ -44,12 +44,11 @@ def branch_step(trunk: Config, branch: Config) -> int:
 
 
 def _same_but_schedule(trunk: Config, branch: Config) -> bool:
-    """Whether the runs see the same model, data and updates (all but step counts)."""
-    from jaxllm.config import replace
+    """Whether the runs see the same model, data, mesh and updates (all but step counts)."""
 
     def core(c: Config):
         t = c.train
-        return (c.model, c.loader, c.seed, c.inputs, c.mesh.rules, replace(
+        return (c.model, c.loader, c.seed, c.inputs, c.mesh, replace(
             t, steps=0, log_every=1, eval_every=0, checkpoint_every=0, checkpoint_at=(),
             keep_checkpoints=1, eval_batches=0))  # fmt: skip
 
