@@ -34,14 +34,19 @@ class DPOConfig:
 
     train_file: str = "asset:preference/train.jsonl"
     val_file: str = "asset:preference/val.jsonl"  # "" for none: no held-out figures
-    # sigmoid/hinge/robust/ipo: strength of the implicit KL to the reference; simpo: the
+    # reference-based kinds: strength of the implicit KL to the reference; simpo: the
     # reward scale; orpo: the odds-ratio term's weight (the paper's lambda)
     beta: float = 0.1
-    # the share of labels assumed flipped: conservative DPO (sigmoid, simpo), robust DPO's eps
+    # the share of labels assumed flipped: conservative DPO (sigmoid, simpo), robust DPO's and
+    # EXO's eps (exo_pair: 0 means 1e-3)
     label_smoothing: float = 0.0
-    # hinge: SLiC's; robust: unbiased under label noise (Chowdhury et al.); ipo, simpo and orpo
-    # use length-averaged log-probs; simpo and orpo have no reference
-    loss: Literal["sigmoid", "hinge", "robust", "ipo", "simpo", "orpo"] = "sigmoid"
+    # hinge: SLiC's; robust: unbiased under label noise (Chowdhury et al.); exo_pair, nca_pair,
+    # apo_zero, apo_down, sppo_hard: TRL's loss types of those names (training/rl_losses.py);
+    # ipo, simpo and orpo use length-averaged log-probs; simpo and orpo have no reference
+    loss: Literal[
+        "sigmoid", "hinge", "robust", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down",
+        "sppo_hard", "simpo", "orpo",
+    ] = "sigmoid"  # fmt: skip
     gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
     reference: str = ""  # reference checkpoint directory; "" = inputs.checkpoint
     precompute_reference: bool = False  # score the train pairs with the reference once, up front
@@ -65,15 +70,13 @@ class DPOConfig:
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        kinds = ("sigmoid", "hinge", "robust", "ipo", "simpo", "orpo")
-        if self.loss not in kinds:
-            raise ValueError(f"loss: must be one of {', '.join(kinds)}; got {self.loss!r}")
+
         if not self.gamma >= 0:
             raise ValueError(f"gamma: must be >= 0, got {self.gamma}")
-        if self.loss in ("hinge", "ipo", "orpo") and self.label_smoothing:
+        if self.loss not in ("sigmoid", "simpo", "robust", "exo_pair") and self.label_smoothing:
             raise ValueError(
                 f"label_smoothing: {self.label_smoothing} is conservative DPO (loss: sigmoid or "
-                f"simpo) or robust DPO; loss '{self.loss}' has no label smoothing: set "
+                f"simpo), robust DPO's or EXO's; loss '{self.loss}' has no label smoothing: set "
                 "dpo.label_smoothing 0"
             )
         if self.loss == "robust" and not self.label_smoothing:

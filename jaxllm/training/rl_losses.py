@@ -81,13 +81,45 @@ def _robust(z_B: jax.Array, ls: float) -> jax.Array:
     return (-(1 - ls) * jax.nn.log_sigmoid(z_B) + ls * jax.nn.log_sigmoid(-z_B)) / (1 - 2 * ls)
 
 
-# Per-pair losses of the reference-based kinds, of h = (pi_c - ref_c) - (pi_r - ref_r) and
-# (beta, label_smoothing, gamma); the rewards are beta (pi - ref).
+def _exo(a, b, beta, ls, gamma):
+    """EXO's pairwise loss: KL from the model's preference sigmoid(beta h) to the labels'
+    (1 - eps, eps); eps = label_smoothing, 1e-3 when 0 (the paper's and TRL's)."""
+    eps = ls or 1e-3
+    z = beta * (a - b)
+    return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        jax.nn.log_sigmoid(-z) - jnp.log(eps)
+    )
+
+
+# Per-pair losses of the reference-based kinds, of the log-ratios a = pi_c - ref_c and
+# b = pi_r - ref_r (the DPO margin h = a - b) and (beta, label_smoothing, gamma); the rewards
+# are beta (pi - ref). The last five are TRL's loss types of those names.
 _WITH_REFERENCE: dict[str, Callable[..., jax.Array]] = {
-    "sigmoid": lambda h, beta, ls, gamma: _smoothed(beta * h, ls),
-    "hinge": lambda h, beta, ls, gamma: jax.nn.relu(1.0 - beta * h),
-    "robust": lambda h, beta, ls, gamma: _robust(beta * h, ls),
-    "ipo": lambda h, beta, ls, gamma: jnp.square(h - 1.0 / (2.0 * beta)),
+    "sigmoid": lambda a, b, beta, ls, gamma: _smoothed(beta * (a - b), ls),
+    "hinge": lambda a, b, beta, ls, gamma: jax.nn.relu(1.0 - beta * (a - b)),
+    "robust": lambda a, b, beta, ls, gamma: _robust(beta * (a - b), ls),
+    "ipo": lambda a, b, beta, ls, gamma: jnp.square(a - b - 1.0 / (2.0 * beta)),
+    "exo_pair": _exo,
+    # NCA (Chen et al. 2024): each answer's own likelihood against the reference's, not only
+    # their difference: the chosen one up, both pushed from above
+    "nca_pair": lambda a, b, beta, ls, gamma: (
+        -jax.nn.log_sigmoid(beta * a)
+        - 0.5 * jax.nn.log_sigmoid(-beta * a)
+        - 0.5 * jax.nn.log_sigmoid(-beta * b)
+    ),
+    # APO (D'Oosterlinck et al. 2024): zero: the chosen answer's likelihood up and the
+    # rejected one's down (for chosen answers better than the model's own); down: both down,
+    # the rejected one more (for chosen answers worse than the model's)
+    "apo_zero": lambda a, b, beta, ls, gamma: (
+        1.0 - jax.nn.sigmoid(beta * a) + jax.nn.sigmoid(beta * b)
+    ),
+    "apo_down": lambda a, b, beta, ls, gamma: (
+        jax.nn.sigmoid(beta * a) + 1.0 - jax.nn.sigmoid(beta * (a - b))
+    ),
+    # SPPO with hard labels (Wu et al. 2024): each log-ratio regressed to +-1 / (2 beta)
+    "sppo_hard": lambda a, b, beta, ls, gamma: (
+        jnp.square(a - 0.5 / beta) + jnp.square(b + 0.5 / beta)
+    ),
 }
 
 
@@ -131,7 +163,8 @@ def dpo_loss(
     pushing it to infinity. `kind="hinge"` (SLiC, Zhao et al. 2023): max(0, 1 - beta h).
     `kind="robust"` (Chowdhury et al. 2024): the sigmoid loss made unbiased when a fraction
     eps = ls of labels is flipped, ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps) with
-    l(h) = -log sigmoid(beta h). Rewards: beta (pi - ref).
+    l(h) = -log sigmoid(beta h). Also TRL's `exo_pair`, `nca_pair`, `apo_zero`, `apo_down` and
+    `sppo_hard` (`_WITH_REFERENCE` has their formulas and papers). Rewards: beta (pi - ref).
 
     Reference-free (`ref_*` None; pi are log-probs *averaged* over each answer's tokens, as
     for IPO: the caller's part): `kind="simpo"` (Meng et al. 2024): the sigmoid loss of
@@ -156,8 +189,8 @@ def dpo_loss(
         rc_B, rr_B = beta * pi_c, beta * pi_r
     else:
         ref_c, ref_r = jax.lax.stop_gradient(_f32(ref_chosen_B, ref_rejected_B))
-        h_B = (pi_c - ref_c) - (pi_r - ref_r)
-        per_pair_B, extra = _WITH_REFERENCE[kind](h_B, beta, label_smoothing, gamma), {}
+        a_B, b_B = pi_c - ref_c, pi_r - ref_r
+        per_pair_B, extra = _WITH_REFERENCE[kind](a_B, b_B, beta, label_smoothing, gamma), {}
         rc_B, rr_B = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
     rc_B, rr_B = jax.lax.stop_gradient(rc_B), jax.lax.stop_gradient(rr_B)
     return jnp.sum(w_B * per_pair_B), {

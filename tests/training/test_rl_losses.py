@@ -163,6 +163,61 @@ def test_hinge_and_robust_dpo_match_numpy(kind, ls):
     np.testing.assert_allclose(float(aux["margin"]), np.sum(w * z), rtol=1e-5)
 
 
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+# the papers' per-pair losses in float64 of the log-ratios a (chosen) and b (rejected)
+_PAPER_LOSSES = {
+    # EXO (Ji et al. 2024, eq. 9 with K = 2): KL(p_model || p_label) over {chosen, rejected}
+    "exo_pair": lambda a, b, beta, eps: sum(
+        p * (np.log(p) - np.log(q))
+        for p, q in ((_np_sigmoid(beta * (a - b)), 1 - eps), (_np_sigmoid(beta * (b - a)), eps))
+    ),
+    # NCA (Chen et al. 2024), pairwise: -log s(r_w) - 1/2 log s(-r_w) - 1/2 log s(-r_l)
+    "nca_pair": lambda a, b, beta, eps: (
+        -np_log_sigmoid(beta * a)
+        - 0.5 * np_log_sigmoid(-beta * a)
+        - 0.5 * np_log_sigmoid(-beta * b)
+    ),
+    # APO (D'Oosterlinck et al. 2024, eqs. 7 and 8)
+    "apo_zero": lambda a, b, beta, eps: 1 - _np_sigmoid(beta * a) + _np_sigmoid(beta * b),
+    "apo_down": lambda a, b, beta, eps: _np_sigmoid(beta * a) + 1 - _np_sigmoid(beta * (a - b)),
+    # SPPO (Wu et al. 2024) with hard labels P(y_w > pi) = 1, P(y_l > pi) = 0, eta = 1 / beta
+    "sppo_hard": lambda a, b, beta, eps: (
+        (a - (1 / beta) * (1 - 0.5)) ** 2 + (b - (1 / beta) * (0 - 0.5)) ** 2
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "ls"), [(k, 0.0) for k in sorted(_PAPER_LOSSES)] + [("exo_pair", 0.05)]
+)
+def test_trl_loss_types_match_their_papers(kind, ls):
+    """exo_pair, nca_pair, apo_zero, apo_down and sppo_hard against the papers' formulas
+    (numpy, float64), weighted sums and gradients (central differences of the numpy loss);
+    EXO's eps is label_smoothing, 1e-3 when 0."""
+    pc, pr, rc, rr = (x / 10 + 2 for x in _dpo_inputs(9))  # log-ratios of a few tenths
+    w = np.array([1.0, 0.0, 2.0, 1.0, 0.5], np.float32)
+    beta = 0.7
+    fn = lambda c, r: rl_losses.dpo_loss(  # noqa: E731
+        c, r, jnp.asarray(rc), jnp.asarray(rr), beta, ls, kind, jnp.asarray(w)
+    )
+    (total, aux), (g_c, g_r) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+        jnp.asarray(pc), jnp.asarray(pr)
+    )
+    ref = lambda c, r: _PAPER_LOSSES[kind](c - rc, r - rr, beta, ls or 1e-3)  # noqa: E731
+    c64, r64 = pc.astype(np.float64), pr.astype(np.float64)
+    np.testing.assert_allclose(float(total), np.sum(w * ref(c64, r64)), rtol=1e-5)
+    d = 1e-4
+    want_c = w * (ref(c64 + d, r64) - ref(c64 - d, r64)) / (2 * d)
+    want_r = w * (ref(c64, r64 + d) - ref(c64, r64 - d)) / (2 * d)
+    np.testing.assert_allclose(np.asarray(g_c), want_c, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_r), want_r, rtol=1e-3, atol=1e-5)
+    margin = beta * ((c64 - rc) - (r64 - rr))
+    np.testing.assert_allclose(float(aux["margin"]), np.sum(w * margin), rtol=1e-5)
+
+
 def _avg_logps(seed):
     """Length-averaged log-probs per token of 6 pairs (chosen, rejected): -0.2 to -4."""
     rng = np.random.default_rng(seed)
