@@ -70,7 +70,6 @@ class DPOConfig:
             raise ValueError(f"beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-
         if not self.gamma >= 0:
             raise ValueError(f"gamma: must be >= 0, got {self.gamma}")
         if self.loss not in ("sigmoid", "simpo", "robust", "exo_pair") and self.label_smoothing:
