@@ -191,7 +191,7 @@ def dpo_loss(
         ref_c, ref_r = jax.lax.stop_gradient(_f32(ref_chosen_B, ref_rejected_B))
         a_B, b_B = pi_c - ref_c, pi_r - ref_r
         per_pair_B, extra = _WITH_REFERENCE[kind](a_B, b_B, beta, label_smoothing, gamma), {}
-        rc_B, rr_B = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+        rc_B, rr_B = beta * a_B, beta * b_B
     rc_B, rr_B = jax.lax.stop_gradient(rc_B), jax.lax.stop_gradient(rr_B)
     return jnp.sum(w_B * per_pair_B), {
         "reward_chosen": jnp.sum(w_B * rc_B),
