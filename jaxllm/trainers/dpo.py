@@ -12,6 +12,10 @@ first step; its log-probs then ride in the batches (`ref_logp` [B, 2], looked up
 batch's `pair` index), the step runs the policy alone and the reference leaves device memory. The held-out reference log-probs are computed once
 either way.
 
+KTO (`dpo.loss: kto`) takes each pair as one desirable and one undesirable example; its
+reference point comes from mismatched rows (each prompt with the next pair's answers,
+`pairs.add_mismatched_rows`, added to every training batch) scored by policy and reference.
+
 The policy's log-probs are taken without dropout, as the reference's (`dpo.disable_dropout`,
 TRL's default), so at step 0 (policy == reference) every margin is exactly 0.
 
@@ -40,6 +44,7 @@ from flax import nnx
 
 from jaxllm.config import Config
 from jaxllm.config.alignment import DPOConfig
+from jaxllm.data.pipeline import local_batch_size
 from jaxllm.data.preference import make_preference_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
@@ -56,8 +61,10 @@ from jaxllm.trainers.lm import (
 )
 from jaxllm.trainers.pairs import (
     PairPass,
+    add_mismatched_rows,
     by_task,
     fit_report,
+    mismatched,
     pair_rows,
     pair_wins,
     train_pairs,
@@ -66,7 +73,7 @@ from jaxllm.trainers.pairs import (
 from jaxllm.training.checkpoint import Checkpointer
 from jaxllm.training.losses import token_logprobs
 from jaxllm.training.optim import lr_schedule, make_optimizer
-from jaxllm.training.rl_losses import dpo_loss
+from jaxllm.training.rl_losses import dpo_loss, kto_loss
 from jaxllm.training.state import TrainState
 from jaxllm.training.step import make_train_step
 
@@ -111,7 +118,17 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
         return dpo_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss,
                         batch["weight"], d.gamma)  # fmt: skip
 
-    return loss_fn
+    def kto_loss_fn(model, batch, key, consts):
+        # KTO: the mismatched rows (no gradient, no dropout) give the reference point
+        pi_c_B, pi_r_B = pair_logprobs(model, batch, None if d.disable_dropout else key)
+        pi_kl_B2 = jax.lax.stop_gradient(jnp.stack(pair_logprobs(model, mismatched(batch)), 1))
+        ref = nnx.merge(ref_graphdef, consts["ref"])
+        ref_c_B, ref_r_B = pair_logprobs(ref, batch)
+        ref_kl_B2 = jnp.stack(pair_logprobs(ref, mismatched(batch)), 1)
+        return kto_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, pi_kl_B2, ref_kl_B2, d.beta,
+                        d.desirable_weight, d.undesirable_weight, batch["weight"])  # fmt: skip
+
+    return kto_loss_fn if d.loss == "kto" else loss_fn
 
 
 def reference_table(pass_: PairPass, ref, mesh, rules: str, average: bool) -> np.ndarray:
@@ -189,6 +206,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     """DPO / IPO of `inputs.checkpoint` on `dpo.train_file` against a frozen reference, or
     SimPO / ORPO without one."""
     d, t, mesh = cfg.dpo, cfg.train, make_mesh(cfg.mesh)
+    if d.loss == "kto" and local_batch_size(cfg.loader, jax.process_count()) < 2:
+        raise ConfigError(
+            "config key 'loader.batch_size': KTO pairs each prompt with another pair's answers "
+            "in the batch; it needs at least 2 pairs per process"
+        )
     tx = make_optimizer(t.optim, t.steps)
     start_point = init_from_checkpoint(cfg, tx, mesh)
     graphdef, state, shardings = start_point.graphdef, start_point.state, start_point.shardings
@@ -216,6 +238,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         table = reference_table(pass_, ref, mesh, cfg.mesh.rules, average=d.averaged)
         del pass_  # one pass: its replayable batches go now, not at the end of the stage
         ds = ds.map(lambda b: {**b, "ref_logp": table[np.maximum(b["pair"], 0)]})
+    if d.loss == "kto":
+        ds = ds.map(add_mismatched_rows)
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)
     batches = iter(ds)
@@ -237,7 +261,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
         step_fn = lambda s, b: step(s, b, consts)  # noqa: E731
     summary, last = train_pairs(cfg, start_point, state, start, step_fn, batches, mesh, ckpt,
                                 evaluate, before, run_dir, tok_path)  # fmt: skip
-    for key in ("reward_chosen", "reward_rejected", "margin", "accuracy", "nll", "log_odds"):
+    for key in ("reward_chosen", "reward_rejected", "margin", "accuracy", "nll", "log_odds", "kl"):
         if key in last:
             summary[f"final_train_{key}"] = last[key]
     summary["reference"] = None if ref_dir is None else str(ref_dir)

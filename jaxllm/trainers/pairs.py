@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxllm.data.preference import (
+    PAIR_KEYS,
     PreferenceRecords,
     fit_pairs,
     make_preference_eval_dataset,
@@ -36,6 +37,38 @@ def pair_rows(batch: dict[str, jax.Array], key: str) -> jax.Array:
     """[B, 2, L] → [2B, L] (rows 2i chosen, 2i + 1 rejected)."""
     x = batch[key]
     return x.reshape(x.shape[0] * 2, *x.shape[2:])
+
+
+def add_mismatched_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch plus `kl_<key>` [B, 2, L] for each of `PAIR_KEYS`: row (i, s) is pair i's
+    prompt followed by side s's answer of the next real pair of the batch (cyclically;
+    padding rows, weight 0, stay zero) — mismatched prompt/answer rows whose log-ratios
+    estimate KL(pi || ref), KTO's reference point (`rl_losses.kto_loss`), as TRL pairs
+    each prompt with the next example's answer. Built on the host from the rows themselves:
+    the prompt is a row's tokens up to its first answer target, the answer its masked
+    targets (an answer cut in its own row stays cut); the new row is cut to L like any
+    other."""
+    tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
+    B, _, L = tokens.shape
+    out = {f"kl_{k}": np.zeros_like(np.asarray(batch[k])) for k in PAIR_KEYS}
+    real = np.flatnonzero(np.asarray(batch["weight"]) > 0)
+    for n, i in enumerate(real):
+        j = real[(n + 1) % len(real)]
+        for s in (0, 1):
+            first = np.flatnonzero(mask[i, s])[0]  # targets from here on are the answer's
+            seq = np.concatenate([tokens[i, s, : first + 1], targets[j, s][mask[j, s] > 0]])
+            size = min(len(seq) - 1, L)
+            out["kl_tokens"][i, s, :size] = seq[:size]
+            out["kl_targets"][i, s, :size] = seq[1 : size + 1]
+            out["kl_loss_mask"][i, s, first:size] = 1
+            out["kl_segment_ids"][i, s, :size] = 1
+            out["kl_positions"][i, s, :size] = np.arange(size)
+    return {**batch, **out}
+
+
+def mismatched(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The `kl_*` rows of `add_mismatched_rows` as a pair batch of their own."""
+    return {k: batch[f"kl_{k}"] for k in PAIR_KEYS}
 
 
 def fit_report(stage: str, file: Path, template, seq_len: int, key: str = ""):

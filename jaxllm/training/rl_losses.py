@@ -1,5 +1,5 @@
 """Pure alignment losses: reward-model pairwise loss, the preference losses (DPO and its
-variants, IPO, SimPO, ORPO), PPO (policy + value), GRPO and the KL estimators they share. Like
+variants, IPO, SimPO, ORPO, KTO), PPO (policy + value), GRPO and the KL estimators they share. Like
 `losses.py`, each returns `(loss_sum, aux)` where aux holds *sums* of metrics and
 `aux["weight"]` is what they sum over; the step divides once at the end. All math runs in f32
 whatever the input dtype."""
@@ -192,8 +192,13 @@ def dpo_loss(
         a_B, b_B = pi_c - ref_c, pi_r - ref_r
         per_pair_B, extra = _WITH_REFERENCE[kind](a_B, b_B, beta, label_smoothing, gamma), {}
         rc_B, rr_B = beta * a_B, beta * b_B
+    return jnp.sum(w_B * per_pair_B), _pair_aux(w_B, rc_B, rr_B, extra)
+
+
+def _pair_aux(w_B, rc_B, rr_B, extra) -> dict[str, jax.Array]:
+    """The preference losses' aux sums: rewards, margin, accuracy, weight, `extra` (per pair)."""
     rc_B, rr_B = jax.lax.stop_gradient(rc_B), jax.lax.stop_gradient(rr_B)
-    return jnp.sum(w_B * per_pair_B), {
+    return {
         "reward_chosen": jnp.sum(w_B * rc_B),
         "reward_rejected": jnp.sum(w_B * rr_B),
         "margin": jnp.sum(w_B * (rc_B - rr_B)),
@@ -201,6 +206,43 @@ def dpo_loss(
         "weight": jnp.sum(w_B),
         **{k: jnp.sum(w_B * jax.lax.stop_gradient(v)) for k, v in extra.items()},
     }
+
+
+def kto_loss(
+    pi_chosen_B: jax.Array,
+    pi_rejected_B: jax.Array,
+    ref_chosen_B: jax.Array,
+    ref_rejected_B: jax.Array,
+    pi_mismatched_B2: jax.Array,
+    ref_mismatched_B2: jax.Array,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    weight_B: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """KTO (Ethayarajh et al. 2024) on paired data, each pair one desirable example (chosen)
+    and one undesirable (rejected), as TRL trains it on pairs.
+
+    With the log-ratios a = pi_c - ref_c, b = pi_r - ref_r and the reference point
+    z = max(0, mean of pi - ref over mismatched rows) (each prompt with another pair's two
+    answers: `data/preference.add_mismatched_rows`; a batch estimate of KL(pi || ref), no
+    gradient), the loss of a pair is the mean of its two examples',
+    lambda_D (1 - sigmoid(beta (a - z))) and lambda_U (1 - sigmoid(beta (z - b))): the
+    chosen answer's likelihood is raised above the reference point, the rejected one's
+    lowered below it, each against the policy's drift rather than against the other answer.
+    The mean is over the batch's real rows (weighted), as the step's other sums. aux as
+    `dpo_loss`'s (rewards beta a and beta b) plus `kl` (z, weighted per pair).
+    """
+    pi_c, pi_r, ref_c, ref_r = _f32(pi_chosen_B, pi_rejected_B, ref_chosen_B, ref_rejected_B)
+    w_B = jnp.ones_like(pi_c) if weight_B is None else _f32(weight_B)[0]
+    drift_B2 = _f32(pi_mismatched_B2)[0] - _f32(ref_mismatched_B2)[0]
+    z = jnp.sum(w_B[:, None] * drift_B2) / jnp.maximum(2.0 * jnp.sum(w_B), 1e-9)
+    z = jax.lax.stop_gradient(jnp.maximum(z, 0.0))
+    a_B, b_B = pi_c - jax.lax.stop_gradient(ref_c), pi_r - jax.lax.stop_gradient(ref_r)
+    per_pair_B = 0.5 * (desirable_weight * (1.0 - jax.nn.sigmoid(beta * (a_B - z)))
+                        + undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z - b_B))))  # fmt: skip
+    extra = {"kl": jnp.broadcast_to(z, w_B.shape)}
+    return jnp.sum(w_B * per_pair_B), _pair_aux(w_B, beta * a_B, beta * b_B, extra)
 
 
 def _clipped_surrogate(
