@@ -41,14 +41,15 @@ class DPOConfig:
     # EXO's eps (exo_pair: 0 means 1e-3)
     label_smoothing: float = 0.0
     # hinge: SLiC's; robust: unbiased under label noise (Chowdhury et al.); exo_pair, nca_pair,
-    # apo_zero, apo_down, sppo_hard: TRL's loss types of those names (training/rl_losses.py);
+    # apo_zero, apo_down, sppo_hard, discopop: TRL's loss types of those names (training/rl_losses.py);
     # ipo, simpo and orpo use length-averaged log-probs; simpo and orpo have no reference;
     # kto: each pair one desirable and one undesirable example against a KL reference point
     loss: Literal[
         "sigmoid", "hinge", "robust", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down",
-        "sppo_hard", "simpo", "orpo", "kto",
+        "sppo_hard", "discopop", "simpo", "orpo", "kto",
     ] = "sigmoid"  # fmt: skip
     gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
+    discopop_tau: float = 0.05  # discopop: the temperature of its blend (TRL's and the paper's)
     # kto: the weights lambda_D, lambda_U of the desirable (chosen) and undesirable (rejected)
     # examples' losses (the paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3])
     desirable_weight: float = 1.0
@@ -88,13 +89,16 @@ class DPOConfig:
                 "label_smoothing: loss 'robust' needs the assumed share of flipped labels, in "
                 "(0, 0.5) (with 0 it is the sigmoid loss)"
             )
-        for key in ("desirable_weight", "undesirable_weight"):
+        own = (("desirable_weight", 1.0, "kto", "weighs KTO's examples"),
+               ("undesirable_weight", 1.0, "kto", "weighs KTO's examples"),
+               ("discopop_tau", 0.05, "discopop", "is DiscoPOP's temperature"))  # fmt: skip
+        for key, default, loss, what in own:
             value = getattr(self, key)
             if not value > 0:
                 raise ValueError(f"{key}: must be > 0, got {value}")
-            if value != 1.0 and self.loss != "kto":
-                raise ValueError(f"{key}: {value} weighs KTO's examples; loss '{self.loss}' "
-                                 "has none: set it 1 or use loss kto")  # fmt: skip
+            if value != default and self.loss != loss:
+                raise ValueError(f"{key}: {value} {what}; loss '{self.loss}' does not use it: "
+                                 f"set it {default} or use loss {loss}")  # fmt: skip
         if self.loss == "kto" and self.precompute_reference:
             raise ValueError(
                 "precompute_reference: KTO's reference point is of rows that mix each batch's "

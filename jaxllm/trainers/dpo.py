@@ -116,7 +116,7 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
             ref_c_B, ref_r_B = pair_logprobs(nnx.merge(ref_graphdef, consts["ref"]), batch,
                                              None, average)  # fmt: skip
         return dpo_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss,
-                        batch["weight"], d.gamma)  # fmt: skip
+                        batch["weight"], d.gamma, d.discopop_tau)  # fmt: skip
 
     def kto_loss_fn(model, batch, key, consts):
         # KTO: the mismatched rows (no gradient, no dropout) give the reference point

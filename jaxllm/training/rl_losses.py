@@ -81,7 +81,7 @@ def _robust(z_B: jax.Array, ls: float) -> jax.Array:
     return (-(1 - ls) * jax.nn.log_sigmoid(z_B) + ls * jax.nn.log_sigmoid(-z_B)) / (1 - 2 * ls)
 
 
-def _exo(a, b, beta, ls, gamma):
+def _exo(a, b, beta, ls, gamma, tau):
     """EXO's pairwise loss: KL from the model's preference sigmoid(beta h) to the labels'
     (1 - eps, eps); eps = label_smoothing, 1e-3 when 0 (the paper's and TRL's)."""
     eps = ls or 1e-3
@@ -91,18 +91,26 @@ def _exo(a, b, beta, ls, gamma):
     )
 
 
+def _discopop(rho, tau):
+    """(1 - sigmoid(rho / tau)) (-log sigmoid(rho)) + sigmoid(rho / tau) exp(-rho), the second
+    term as one exponential: finite however negative rho is (no inf times 0)."""
+    exp_term = jnp.exp(jax.nn.log_sigmoid(rho / tau) - rho)
+    return jax.nn.sigmoid(-rho / tau) * -jax.nn.log_sigmoid(rho) + exp_term
+
+
 # Per-pair losses of the reference-based kinds, of the log-ratios a = pi_c - ref_c and
-# b = pi_r - ref_r (the DPO margin h = a - b) and (beta, label_smoothing, gamma); the rewards
-# are beta (pi - ref). The last five are TRL's loss types of those names.
+# b = pi_r - ref_r (the DPO margin h = a - b) and (beta, label_smoothing, gamma, tau); the rewards
+# are beta (pi - ref). exo_pair to discopop are TRL's loss types of those names; tau is
+# discopop's temperature.
 _WITH_REFERENCE: dict[str, Callable[..., jax.Array]] = {
-    "sigmoid": lambda a, b, beta, ls, gamma: _smoothed(beta * (a - b), ls),
-    "hinge": lambda a, b, beta, ls, gamma: jax.nn.relu(1.0 - beta * (a - b)),
-    "robust": lambda a, b, beta, ls, gamma: _robust(beta * (a - b), ls),
-    "ipo": lambda a, b, beta, ls, gamma: jnp.square(a - b - 1.0 / (2.0 * beta)),
+    "sigmoid": lambda a, b, beta, ls, gamma, tau: _smoothed(beta * (a - b), ls),
+    "hinge": lambda a, b, beta, ls, gamma, tau: jax.nn.relu(1.0 - beta * (a - b)),
+    "robust": lambda a, b, beta, ls, gamma, tau: _robust(beta * (a - b), ls),
+    "ipo": lambda a, b, beta, ls, gamma, tau: jnp.square(a - b - 1.0 / (2.0 * beta)),
     "exo_pair": _exo,
     # NCA (Chen et al. 2024): each answer's own likelihood against the reference's, not only
     # their difference: the chosen one up, both pushed from above
-    "nca_pair": lambda a, b, beta, ls, gamma: (
+    "nca_pair": lambda a, b, beta, ls, gamma, tau: (
         -jax.nn.log_sigmoid(beta * a)
         - 0.5 * jax.nn.log_sigmoid(-beta * a)
         - 0.5 * jax.nn.log_sigmoid(-beta * b)
@@ -110,24 +118,27 @@ _WITH_REFERENCE: dict[str, Callable[..., jax.Array]] = {
     # APO (D'Oosterlinck et al. 2024): zero: the chosen answer's likelihood up and the
     # rejected one's down (for chosen answers better than the model's own); down: both down,
     # the rejected one more (for chosen answers worse than the model's)
-    "apo_zero": lambda a, b, beta, ls, gamma: (
+    "apo_zero": lambda a, b, beta, ls, gamma, tau: (
         1.0 - jax.nn.sigmoid(beta * a) + jax.nn.sigmoid(beta * b)
     ),
-    "apo_down": lambda a, b, beta, ls, gamma: (
+    "apo_down": lambda a, b, beta, ls, gamma, tau: (
         jax.nn.sigmoid(beta * a) + 1.0 - jax.nn.sigmoid(beta * (a - b))
     ),
     # SPPO with hard labels (Wu et al. 2024): each log-ratio regressed to +-1 / (2 beta)
-    "sppo_hard": lambda a, b, beta, ls, gamma: (
+    "sppo_hard": lambda a, b, beta, ls, gamma, tau: (
         jnp.square(a - 0.5 / beta) + jnp.square(b + 0.5 / beta)
     ),
+    # DiscoPOP (Chris Lu et al. 2024, the loss an LLM-driven search found): of rho = beta h,
+    # the logistic loss blended into the exponential one by sigmoid(rho / tau)
+    "discopop": lambda a, b, beta, ls, gamma, tau: _discopop(beta * (a - b), tau),
 }
 
 
-def _simpo(pi_c, pi_r, beta, ls, gamma):
+def _simpo(pi_c, pi_r, beta, ls, gamma, tau):
     return _smoothed(beta * (pi_c - pi_r) - gamma, ls), {}
 
 
-def _orpo(pi_c, pi_r, beta, ls, gamma):
+def _orpo(pi_c, pi_r, beta, ls, gamma, tau):
     log_odds = (pi_c - pi_r) - (_log1mexp(pi_c) - _log1mexp(pi_r))
     return -pi_c - beta * jax.nn.log_sigmoid(log_odds), {"nll": -pi_c, "log_odds": log_odds}
 
@@ -152,6 +163,7 @@ def dpo_loss(
     kind: str = "sigmoid",
     weight_B: jax.Array | None = None,
     gamma: float = 0.0,
+    tau: float = 0.05,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Preference optimisation on sequence log-probs of the policy (pi) and, for the kinds
     that have one, a frozen reference (ref).
@@ -164,7 +176,8 @@ def dpo_loss(
     `kind="robust"` (Chowdhury et al. 2024): the sigmoid loss made unbiased when a fraction
     eps = ls of labels is flipped, ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps) with
     l(h) = -log sigmoid(beta h). Also TRL's `exo_pair`, `nca_pair`, `apo_zero`, `apo_down` and
-    `sppo_hard` (`_WITH_REFERENCE` has their formulas and papers). Rewards: beta (pi - ref).
+    `sppo_hard`, and `discopop` with temperature `tau` (`_WITH_REFERENCE` has their formulas
+    and papers). Rewards: beta (pi - ref).
 
     Reference-free (`ref_*` None; pi are log-probs *averaged* over each answer's tokens, as
     for IPO: the caller's part): `kind="simpo"` (Meng et al. 2024): the sigmoid loss of
@@ -185,12 +198,12 @@ def dpo_loss(
     pi_c, pi_r = _f32(pi_chosen_B, pi_rejected_B)
     w_B = jnp.ones_like(pi_c) if weight_B is None else _f32(weight_B)[0]
     if kind in REFERENCE_FREE:
-        per_pair_B, extra = _REFERENCE_FREE[kind](pi_c, pi_r, beta, label_smoothing, gamma)
+        per_pair_B, extra = _REFERENCE_FREE[kind](pi_c, pi_r, beta, label_smoothing, gamma, tau)
         rc_B, rr_B = beta * pi_c, beta * pi_r
     else:
         ref_c, ref_r = jax.lax.stop_gradient(_f32(ref_chosen_B, ref_rejected_B))
         a_B, b_B = pi_c - ref_c, pi_r - ref_r
-        per_pair_B, extra = _WITH_REFERENCE[kind](a_B, b_B, beta, label_smoothing, gamma), {}
+        per_pair_B, extra = _WITH_REFERENCE[kind](a_B, b_B, beta, label_smoothing, gamma, tau), {}
         rc_B, rr_B = beta * a_B, beta * b_B
     return jnp.sum(w_B * per_pair_B), _pair_aux(w_B, rc_B, rr_B, extra)
 

@@ -71,6 +71,9 @@ def np_dpo(pi, ref, d: DPOConfig, w):
     ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     if d.loss == "ipo":
         per = (h - 1 / (2 * d.beta)) ** 2
+    elif d.loss == "discopop":
+        rho, mix = d.beta * h, 1 / (1 + np.exp(-d.beta * h / d.discopop_tau))
+        per = (1 - mix) * -ls(rho) + mix * np.exp(-rho)
     elif d.loss == "robust":
         e = d.label_smoothing
         per = ((1 - e) * -ls(d.beta * h) + e * ls(-d.beta * h)) / (1 - 2 * e)
@@ -108,7 +111,8 @@ def test_ipo_with_label_smoothing_is_refused():
 @pytest.mark.parametrize(
     "d",
     [DPOConfig(beta=0.5, label_smoothing=0.1), DPOConfig(loss="ipo"),
-     DPOConfig(loss="robust", label_smoothing=0.2)],
+     DPOConfig(loss="robust", label_smoothing=0.2),
+     DPOConfig(loss="discopop", beta=0.5, discopop_tau=0.1)],
 )  # fmt: skip
 def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     vocab = template.tok.vocab_size
@@ -325,7 +329,9 @@ def avg_logps(val, template, ckpt) -> np.ndarray:
      ({"loss": "orpo", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'orpo'"),
      ({"loss": "simpo", "gamma": -1.0}, r"'dpo.gamma': must be >= 0"),
      ({"loss": "hinge", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'hinge'"),
-     ({"loss": "robust"}, r"'dpo.label_smoothing': loss 'robust' needs the assumed share")],
+     ({"loss": "robust"}, r"'dpo.label_smoothing': loss 'robust' needs the assumed share"),
+     ({"loss": "sigmoid", "discopop_tau": 0.1}, r"'dpo.discopop_tau': 0.1 is DiscoPOP's"),
+     ({"loss": "discopop", "discopop_tau": 0.0}, r"'dpo.discopop_tau': must be > 0")],
 )  # fmt: skip
 def test_reference_free_settings_that_cannot_apply_are_refused(dpo_section, match):
     from jaxllm.config import from_dict

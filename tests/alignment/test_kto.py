@@ -124,7 +124,7 @@ def test_kto_stage_end_to_end_and_resume(tmp_path, tiny_ckpt):
 @pytest.mark.parametrize(
     "dpo_section,match",
     [({"loss": "kto", "precompute_reference": True}, r"'dpo.precompute_reference': KTO's"),
-     ({"loss": "sigmoid", "desirable_weight": 1.2}, r"'dpo.desirable_weight': 1.2 weighs KTO"),
+     ({"loss": "sigmoid", "desirable_weight": 1.2}, r"'dpo.desirable_weight': 1.2 weighs KTO.*use loss kto"),
      ({"loss": "kto", "undesirable_weight": 0.0}, r"'dpo.undesirable_weight': must be > 0"),
      ({"loss": "kto", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'kto'")],
 )  # fmt: skip

@@ -187,14 +187,36 @@ _PAPER_LOSSES = {
     "sppo_hard": lambda a, b, beta, eps: (
         (a - (1 / beta) * (1 - 0.5)) ** 2 + (b - (1 / beta) * (0 - 0.5)) ** 2
     ),
+    # DiscoPOP (Lu et al. 2024, eq. 4, "LRML") at its temperature tau = 0.05
+    "discopop": lambda a, b, beta, eps: _np_discopop(beta * (a - b), 0.05),
 }
+
+
+def _np_discopop(rho, tau):
+    mix = _np_sigmoid(rho / tau)
+    return (1 - mix) * -np_log_sigmoid(rho) + mix * np.exp(-rho)
+
+
+def test_discopop_temperature_and_far_margins():
+    """tau reaches the loss; a margin far below 0 (where exp(-rho) overflows f32 and the
+    naive blend is inf * 0) gives a finite loss and gradient, the logistic term's."""
+    a = jnp.array([0.3, -0.2, 1.5], jnp.float32)
+    zero = jnp.zeros(3, jnp.float32)
+    got = rl_losses.dpo_loss(a, zero, zero, zero, 0.5, kind="discopop", tau=0.2)[0]
+    want = _np_discopop(0.5 * np.asarray(a, np.float64), 0.2).sum()
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    far = jnp.array([-1000.0], jnp.float32)
+    fn = lambda c: rl_losses.dpo_loss(c, zero[:1], zero[:1], zero[:1], 0.5, kind="discopop")[0]  # noqa: E731
+    loss, grad = jax.value_and_grad(fn)(far)
+    assert float(loss) == pytest.approx(500.0, rel=1e-6)  # -log sigmoid(-500)
+    assert float(grad[0]) == pytest.approx(-0.5, rel=1e-6)
 
 
 @pytest.mark.parametrize(
     ("kind", "ls"), [(k, 0.0) for k in sorted(_PAPER_LOSSES)] + [("exo_pair", 0.05)]
 )
 def test_trl_loss_types_match_their_papers(kind, ls):
-    """exo_pair, nca_pair, apo_zero, apo_down and sppo_hard against the papers' formulas
+    """exo_pair, nca_pair, apo_zero, apo_down, sppo_hard and discopop against the papers' formulas
     (numpy, float64), weighted sums and gradients (central differences of the numpy loss);
     EXO's eps is label_smoothing, 1e-3 when 0."""
     pc, pr, rc, rr = (x / 10 + 2 for x in _dpo_inputs(9))  # log-ratios of a few tenths
