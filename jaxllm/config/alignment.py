@@ -43,7 +43,8 @@ class DPOConfig:
     # hinge: SLiC's; robust: unbiased under label noise (Chowdhury et al.); exo_pair, nca_pair,
     # apo_zero, apo_down, sppo_hard, discopop: TRL's loss types of those names (training/rl_losses.py);
     # ipo, simpo and orpo use length-averaged log-probs; simpo and orpo have no reference;
-    # kto: each pair one desirable and one undesirable example against a KL reference point
+    # kto: examples marked good or bad (unpaired, or each pair's two answers) against a KL
+    # reference point (trainers/kto.py)
     loss: Literal[
         "sigmoid", "hinge", "robust", "ipo", "exo_pair", "nca_pair", "apo_zero", "apo_down",
         "sppo_hard", "discopop", "simpo", "orpo", "kto",
@@ -102,7 +103,7 @@ class DPOConfig:
         if self.loss == "kto" and self.precompute_reference:
             raise ValueError(
                 "precompute_reference: KTO's reference point is of rows that mix each batch's "
-                "pairs, not known before the batch; set it false"
+                "examples, not known before the batch; set it false"
             )
         if self.reference_free and self.reference:
             raise ValueError(

@@ -105,10 +105,7 @@ class PreferenceRecords:
 
     def select(self, keep: np.ndarray) -> PreferenceRecords:
         """The pairs where `keep` (bool per pair of this object) is true, indices kept."""
-        view = copy.copy(self)
-        for name in ("_record", "_better", "_worse", "weights", "_ids"):
-            setattr(view, name, getattr(self, name)[keep])
-        return view
+        return select_view(self, keep, ("_record", "_better", "_worse", "weights", "_ids"))
 
     def __len__(self) -> int:
         return len(self._record)
@@ -127,6 +124,14 @@ class PreferenceRecords:
         )
 
 
+def select_view(records, keep: np.ndarray, arrays: tuple[str, ...]):
+    """A shallow copy of `records` with each of its index `arrays` cut to `keep`."""
+    view = copy.copy(records)
+    for name in arrays:
+        setattr(view, name, getattr(records, name)[keep])
+    return view
+
+
 def _answers(record: dict[str, Any]) -> list[str]:
     """The record's answers: [chosen, rejected] of a pair, or its responses."""
     if "responses" in record:
@@ -141,7 +146,8 @@ def _record_pairs(record: dict[str, Any]) -> list[tuple[int, int, float]]:
     has_pair = "chosen" in record or "rejected" in record
     has_ranking = "responses" in record or "ranking" in record
     if has_pair == has_ranking:
-        raise DataError(f"expected {_FORMATS}, got keys {sorted(record)}")
+        hint = " (unpaired feedback trains with dpo.loss kto)" if "label" in record else ""
+        raise DataError(f"expected {_FORMATS}, got keys {sorted(record)}{hint}")
     if has_pair:
         for key in ("chosen", "rejected"):
             if not isinstance(record.get(key), str):
@@ -370,12 +376,18 @@ def _batches(
 def _fill_rows(batch: Batch, rows: int, length: int) -> Batch:
     """Pads a short batch (or builds an empty one from {}) with zero rows of weight 0
     (and pair -1)."""
+    return pad_rows(batch, rows, (2, length), ("weight", "pair"))
+
+
+def pad_rows(batch: Batch, rows: int, row_shape: tuple, scalars: tuple[str, ...]) -> Batch:
+    """`batch` (or {}) topped up to `rows` with zero rows: `PAIR_KEYS` of `row_shape` each,
+    `scalars` one value a row (0, and -1 for the index: the last of `scalars`)."""
     have = len(batch["weight"]) if batch else 0
     out = {}
-    for k in (*PAIR_KEYS, "weight", "pair"):
+    for k in (*PAIR_KEYS, *scalars):
         dtype = np.float32 if k in ("loss_mask", "weight") else np.int32
-        shape = (rows - have,) if k in ("weight", "pair") else (rows - have, 2, length)
-        pad = np.full(shape, -1 if k == "pair" else 0, dtype)
+        shape = (rows - have,) if k in scalars else (rows - have, *row_shape)
+        pad = np.full(shape, -1 if k == scalars[-1] else 0, dtype)
         out[k] = np.concatenate([np.asarray(batch[k], dtype), pad]) if have else pad
     return out
 

@@ -12,9 +12,8 @@ first step; its log-probs then ride in the batches (`ref_logp` [B, 2], looked up
 batch's `pair` index), the step runs the policy alone and the reference leaves device memory. The held-out reference log-probs are computed once
 either way.
 
-KTO (`dpo.loss: kto`) takes each pair as one desirable and one undesirable example; its
-reference point comes from mismatched rows (each prompt with the next pair's answers,
-`pairs.add_mismatched_rows`, added to every training batch) scored by policy and reference.
+KTO (`dpo.loss: kto`) trains on examples marked good or bad instead of pairs (unpaired
+feedback, or each pair as one desirable and one undesirable example): `trainers/kto.py`.
 
 The policy's log-probs are taken without dropout, as the reference's (`dpo.disable_dropout`,
 TRL's default), so at step 0 (policy == reference) every margin is exactly 0.
@@ -44,13 +43,12 @@ from flax import nnx
 
 from jaxllm.config import Config
 from jaxllm.config.alignment import DPOConfig
-from jaxllm.data.pipeline import local_batch_size
-from jaxllm.data.preference import make_preference_dataset
+from jaxllm.data.preference import PAIR_KEYS, make_preference_dataset
 from jaxllm.errors import ConfigError
 from jaxllm.rundir import RunDir
 from jaxllm.sharding import make_mesh, use_rules
 from jaxllm.tokenizer.chat import ChatTemplate
-from jaxllm.trainers import data_file
+from jaxllm.trainers import data_file, kto
 from jaxllm.trainers.checkpoint_model import check_same_vocab
 from jaxllm.trainers.lm import (
     checkpoint_dir,
@@ -61,19 +59,17 @@ from jaxllm.trainers.lm import (
 )
 from jaxllm.trainers.pairs import (
     PairPass,
-    add_mismatched_rows,
     by_task,
     fit_report,
-    mismatched,
     pair_rows,
     pair_wins,
+    row_logprobs,
     train_pairs,
     wmean,
 )
 from jaxllm.training.checkpoint import Checkpointer
-from jaxllm.training.losses import token_logprobs
 from jaxllm.training.optim import lr_schedule, make_optimizer
-from jaxllm.training.rl_losses import dpo_loss, kto_loss
+from jaxllm.training.rl_losses import dpo_loss
 from jaxllm.training.state import TrainState
 from jaxllm.training.step import make_train_step
 
@@ -83,18 +79,8 @@ def pair_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """(logp_chosen_B, logp_rejected_B): summed (or, `average`, mean) log-probs of the
     response tokens of each side of a preference batch [B, 2, L]."""
-    logits_NLV = model(
-        pair_rows(batch, "tokens"),
-        positions_BL=pair_rows(batch, "positions"),
-        segment_ids_BL=pair_rows(batch, "segment_ids"),
-        deterministic=key is None,
-        key=key,
-    )
-    mask_NL = pair_rows(batch, "loss_mask").astype(jnp.float32)
-    logp_N = jnp.sum(token_logprobs(logits_NLV, pair_rows(batch, "targets")) * mask_NL, axis=1)
-    if average:
-        logp_N = logp_N / jnp.maximum(jnp.sum(mask_NL, axis=1), 1.0)
-    logp_B2 = logp_N.reshape(-1, 2)
+    rows = {k: pair_rows(batch, k) for k in PAIR_KEYS}
+    logp_B2 = row_logprobs(model, rows, key, average).reshape(-1, 2)
     return logp_B2[:, 0], logp_B2[:, 1]
 
 
@@ -118,17 +104,7 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
         return dpo_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss,
                         batch["weight"], d.gamma, d.discopop_tau)  # fmt: skip
 
-    def kto_loss_fn(model, batch, key, consts):
-        # KTO: the mismatched rows (no gradient, no dropout) give the reference point
-        pi_c_B, pi_r_B = pair_logprobs(model, batch, None if d.disable_dropout else key)
-        pi_kl_B2 = jax.lax.stop_gradient(jnp.stack(pair_logprobs(model, mismatched(batch)), 1))
-        ref = nnx.merge(ref_graphdef, consts["ref"])
-        ref_c_B, ref_r_B = pair_logprobs(ref, batch)
-        ref_kl_B2 = jnp.stack(pair_logprobs(ref, mismatched(batch)), 1)
-        return kto_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, pi_kl_B2, ref_kl_B2, d.beta,
-                        d.desirable_weight, d.undesirable_weight, batch["weight"])  # fmt: skip
-
-    return kto_loss_fn if d.loss == "kto" else loss_fn
+    return loss_fn
 
 
 def reference_table(pass_: PairPass, ref, mesh, rules: str, average: bool) -> np.ndarray:
@@ -202,15 +178,19 @@ def _evaluator(cfg: Config, graphdef, shardings, ref, mesh, template, fits: dict
     return evaluate
 
 
+# the last logged training metrics the summary keeps (those the loss has)
+_FINAL_TRAIN = ("reward_chosen", "reward_rejected", "margin", "accuracy", "nll", "log_odds",
+                "reward_desirable", "reward_undesirable", "kl")  # fmt: skip
+
+
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
-    """DPO / IPO of `inputs.checkpoint` on `dpo.train_file` against a frozen reference, or
-    SimPO / ORPO without one."""
-    d, t, mesh = cfg.dpo, cfg.train, make_mesh(cfg.mesh)
-    if d.loss == "kto" and local_batch_size(cfg.loader, jax.process_count()) < 2:
-        raise ConfigError(
-            "config key 'loader.batch_size': KTO pairs each prompt with another pair's answers "
-            "in the batch; it needs at least 2 pairs per process"
-        )
+    """DPO / IPO (and the other losses with a reference, KTO among them) of
+    `inputs.checkpoint` on `dpo.train_file` against a frozen reference, or SimPO / ORPO
+    without one."""
+    d, t = cfg.dpo, cfg.train
+    if d.loss == "kto":
+        kto.check_batch(cfg)  # before anything is loaded
+    mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(t.optim, t.steps)
     start_point = init_from_checkpoint(cfg, tx, mesh)
     graphdef, state, shardings = start_point.graphdef, start_point.state, start_point.shardings
@@ -228,26 +208,30 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
             check_same_vocab("dpo.reference", ref_m, ref_meta, start_point.model, tok_path)
     template = ChatTemplate(tok)
     opts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_files = [data_file(d.train_file, "dpo.train_file")]
-    pairs, fit = fit_report("dpo", train_files[0], template, cfg.loader.seq_len, "dpo.train_file")
-    fits = {"train_fit": fit}
-    ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed,
-                                 records=pairs, **opts)  # fmt: skip
+    if d.loss == "kto":  # examples marked good or bad, each with a mismatched row
+        ds, fits = kto.train_batches(cfg, template)
+    else:
+        train_files = [data_file(d.train_file, "dpo.train_file")]
+        pairs, fit = fit_report("dpo", train_files[0], template, cfg.loader.seq_len,
+                                "dpo.train_file")  # fmt: skip
+        fits = {"train_fit": fit}
+        ds = make_preference_dataset(train_files, template, cfg.loader, seed=cfg.seed,
+                                     records=pairs, **opts)  # fmt: skip
     if d.precompute_reference:
         pass_ = PairPass(train_files, template, cfg.loader, mesh, pairs)
         table = reference_table(pass_, ref, mesh, cfg.mesh.rules, average=d.averaged)
         del pass_  # one pass: its replayable batches go now, not at the end of the stage
         ds = ds.map(lambda b: {**b, "ref_logp": table[np.maximum(b["pair"], 0)]})
-    if d.loss == "kto":
-        ds = ds.map(add_mismatched_rows)
     if t.grad_accum > 1:
         ds = ds.batch(t.grad_accum, drop_remainder=True)
     batches = iter(ds)
-    evaluate = _evaluator(cfg, graphdef, shardings, ref, mesh, template, fits)
+    held_out = kto.evaluator if d.loss == "kto" and kto.unpaired_val(cfg) else _evaluator
+    evaluate = held_out(cfg, graphdef, shardings, ref, mesh, template, fits)
     before = evaluate(state) if evaluate else {}
     ckpt = Checkpointer(checkpoint_dir(run_dir.path), t.keep_checkpoints, t.async_checkpoint)
     state, start = restore_or_init(ckpt, state, shardings, batches)
     sched = lr_schedule(t.optim, t.steps)
+    make_loss = kto.make_kto_loss if d.loss == "kto" else make_dpo_loss
     if ref is None or d.precompute_reference:
         del ref  # the reference's work is done (or there is none): only the policy is on device
         step_fn = make_train_step(graphdef, make_dpo_loss(d, None), tx, sched, shardings, mesh,
@@ -255,13 +239,14 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     else:
         consts = {"ref": ref[1]}
         step = make_train_step(
-            graphdef, make_dpo_loss(d, ref[0]), tx, sched, shardings, mesh, cfg.mesh.rules,
+            graphdef, make_loss(d, ref[0]), tx, sched, shardings, mesh, cfg.mesh.rules,
             t.grad_accum, const_shardings={"ref": ref[2]},
         )  # fmt: skip
         step_fn = lambda s, b: step(s, b, consts)  # noqa: E731
     summary, last = train_pairs(cfg, start_point, state, start, step_fn, batches, mesh, ckpt,
-                                evaluate, before, run_dir, tok_path)  # fmt: skip
-    for key in ("reward_chosen", "reward_rejected", "margin", "accuracy", "nll", "log_odds", "kl"):
+                                evaluate, before, run_dir, tok_path,
+                                rows_per_example=1 if d.loss == "kto" else 2)  # fmt: skip
+    for key in _FINAL_TRAIN:
         if key in last:
             summary[f"final_train_{key}"] = last[key]
     summary["reference"] = None if ref_dir is None else str(ref_dir)

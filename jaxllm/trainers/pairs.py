@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.data.preference import (
-    PAIR_KEYS,
     PreferenceRecords,
     fit_pairs,
     make_preference_eval_dataset,
@@ -29,6 +29,7 @@ from jaxllm.trainers.lm import (
     param_figures,
 )
 from jaxllm.training.loop import run_loop
+from jaxllm.training.losses import token_logprobs
 from jaxllm.training.metrics import plot_losses
 from jaxllm.training.state import to_global
 
@@ -39,36 +40,16 @@ def pair_rows(batch: dict[str, jax.Array], key: str) -> jax.Array:
     return x.reshape(x.shape[0] * 2, *x.shape[2:])
 
 
-def add_mismatched_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The batch plus `kl_<key>` [B, 2, L] for each of `PAIR_KEYS`: row (i, s) is pair i's
-    prompt followed by side s's answer of the next real pair of the batch (cyclically;
-    padding rows, weight 0, stay zero) — mismatched prompt/answer rows whose log-ratios
-    estimate KL(pi || ref), KTO's reference point (`rl_losses.kto_loss`), as TRL pairs
-    each prompt with the next example's answer. Built on the host from the rows themselves:
-    the prompt is a row's tokens up to its first answer target, the answer its masked
-    targets (an answer cut in its own row stays cut); the new row is cut to L like any
-    other."""
-    tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
-    B, _, L = tokens.shape
-    out = {f"kl_{k}": np.zeros_like(np.asarray(batch[k])) for k in PAIR_KEYS}
-    real = np.flatnonzero(np.asarray(batch["weight"]) > 0)
-    for n, i in enumerate(real):
-        j = real[(n + 1) % len(real)]
-        for s in (0, 1):
-            first = np.flatnonzero(mask[i, s])[0]  # targets from here on are the answer's
-            seq = np.concatenate([tokens[i, s, : first + 1], targets[j, s][mask[j, s] > 0]])
-            size = min(len(seq) - 1, L)
-            out["kl_tokens"][i, s, :size] = seq[:size]
-            out["kl_targets"][i, s, :size] = seq[1 : size + 1]
-            out["kl_loss_mask"][i, s, first:size] = 1
-            out["kl_segment_ids"][i, s, :size] = 1
-            out["kl_positions"][i, s, :size] = np.arange(size)
-    return {**batch, **out}
-
-
-def mismatched(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The `kl_*` rows of `add_mismatched_rows` as a pair batch of their own."""
-    return {k: batch[f"kl_{k}"] for k in PAIR_KEYS}
+def row_logprobs(model, rows: dict[str, jax.Array], key=None, average: bool = False):
+    """[N]: summed (or, `average`, mean) log-probs of each row's masked targets (its answer),
+    rows [N, L] of `PAIR_KEYS`; `key` None: without dropout."""
+    logits_NLV = model(rows["tokens"], positions_BL=rows["positions"],
+                       segment_ids_BL=rows["segment_ids"], deterministic=key is None, key=key)  # fmt: skip
+    mask_NL = rows["loss_mask"].astype(jnp.float32)
+    logp_N = jnp.sum(token_logprobs(logits_NLV, rows["targets"]) * mask_NL, axis=1)
+    if average:
+        logp_N = logp_N / jnp.maximum(jnp.sum(mask_NL, axis=1), 1.0)
+    return logp_N
 
 
 def fit_report(stage: str, file: Path, template, seq_len: int, key: str = ""):
@@ -92,53 +73,62 @@ def fit_report(stage: str, file: Path, template, seq_len: int, key: str = ""):
     return records.select(keep), fit
 
 
-class PairPass:
-    """One ordered pass over preference files that gives the same figures on one host or
-    many: every process scores its share of the pairs (all with the same number of
-    batches), and `collect` gathers each batch's per-pair outputs to every process, so the
-    figures cover all pairs. Rows are keyed by `pair` (the pair's index in the files) —
-    how `task` is found, and how per-pair tables (DPO's reference log-probs) are indexed.
-    `records`: `open_pairs(files)` (pairs cut to identical rows left out), if already made."""
+class HeldOutPass:
+    """One ordered pass over held-out rows that gives the same figures on one host or many:
+    every process scores its share (all with the same number of batches), and `collect`
+    gathers each batch's per-row outputs to every process, so the figures cover all rows.
+    Rows are keyed by their index in the files (`key`: "pair" for preference pairs), which
+    is how `task` is found and how per-row tables (reference log-probs) are indexed.
+    `records`: random access to items with `.task` and `.index` (and `total`, the size of the
+    index); `dataset(process_count, num_batches)`: this process's eval batches."""
 
-    def __init__(self, files: list[Path], template, loader, mesh, records=None) -> None:
+    def __init__(self, records, loader, mesh, dataset, key: str) -> None:
         import math
 
         from jaxllm.data.pipeline import local_batch_size
 
-        self.files, self.template, self.loader, self.mesh = files, template, loader, mesh
-        if records is None:
-            records = open_pairs(files, template, loader.seq_len)[0]
-        self.records = records
-        self.size = records.total  # `pair` indexes all pairs of the files
+        self.records, self.mesh, self.key = records, mesh, key
+        self.size = records.total  # the index covers all rows of the files
         self.tasks = np.full(self.size, "all", dtype=object)
         for i in range(len(records)):
-            pair = records[i]
-            self.tasks[pair.index] = pair.task or "all"
+            item = records[i]
+            self.tasks[item.index] = item.task or "all"
         self.tasks = self.tasks.astype(str)
         pc = jax.process_count()
-        share = math.ceil(len(records) / pc)
-        self.num_batches = math.ceil(share / local_batch_size(loader, pc))
+        self.num_batches = math.ceil(math.ceil(len(records) / pc) / local_batch_size(loader, pc))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._gather = jax.jit(lambda tree: tree, out_shardings=replicated)
-        self.batches = Replayed(lambda: make_preference_eval_dataset(
-            files, template, loader, process_index=jax.process_index(),
-            process_count=pc, num_batches=self.num_batches, records=records,
-        ))  # fmt: skip
+        self.batches = Replayed(lambda: dataset(pc, self.num_batches))
 
     def collect(self, fn, *args) -> dict[str, np.ndarray]:
         """Runs `fn(*args, global_batch) -> {name: [B]}` over the batches (rendered once, then
-        replayed); the rows of every process with their `weight`, `pair` and `task` (padding
-        rows: weight 0, pair -1)."""
+        replayed); the rows of every process with their `weight`, index (`key`) and `task`
+        (padding rows: weight 0, index -1)."""
         out: dict[str, list] = {}
+        key = self.key
         for batch in self.batches:
             g = to_global(batch, self.mesh)
             vals = jax.device_get(self._gather({**fn(*args, g), "weight": g["weight"],
-                                                "pair": g["pair"]}))  # fmt: skip
+                                                key: g[key]}))  # fmt: skip
             for k, v in vals.items():
-                out.setdefault(k, []).append(np.asarray(v, np.int64 if k == "pair" else np.float64))
+                out.setdefault(k, []).append(np.asarray(v, np.int64 if k == key else np.float64))
         rows = {k: np.concatenate(v) for k, v in out.items()}
-        rows["task"] = np.where(rows["pair"] >= 0, self.tasks[np.maximum(rows["pair"], 0)], "")
+        rows["task"] = np.where(rows[key] >= 0, self.tasks[np.maximum(rows[key], 0)], "")
         return rows
+
+
+class PairPass(HeldOutPass):
+    """A `HeldOutPass` over the pairs of preference files (`pair` the key); `records`:
+    `open_pairs(files)` (pairs cut to identical rows left out), if already made."""
+
+    def __init__(self, files: list[Path], template, loader, mesh, records=None) -> None:
+        if records is None:
+            records = open_pairs(files, template, loader.seq_len)[0]
+        self.files, self.template, self.loader = files, template, loader
+        super().__init__(records, loader, mesh, lambda pc, n: make_preference_eval_dataset(
+            files, template, loader, process_index=jax.process_index(), process_count=pc,
+            num_batches=n, records=records,
+        ), "pair")  # fmt: skip
 
 
 def pair_wins(gap: np.ndarray) -> np.ndarray:
@@ -167,17 +157,18 @@ def scalar_figures(figures: dict[str, Any]) -> dict[str, float]:
 
 def train_pairs(
     cfg, start_point, state, start, step_fn, batches, mesh, ckpt, evaluate, before, run_dir,
-    tok_path,
+    tok_path, rows_per_example: int = 2,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """What the pair stages (reward, dpo) share after their setup: the loop from `start`,
     the held-out figures after it (of the weights handed on: with `train.keep_best` the best
     evaluation's), the loss plot and the summary (with the parameter figures). `evaluate`
     is `evaluate(state, model=None)`, `model` a `(graphdef, shardings)` other than the
-    run's (a folded PEFT best/). Returns `(summary, last logged metrics)`."""
+    run's (a folded PEFT best/); `rows_per_example`: rows a batch has per example (tokens/s).
+    Returns `(summary, last logged metrics)`."""
     eval_fn = (lambda s: scalar_figures(evaluate(s))) if evaluate else None
     meta = start_point.checkpoint_meta(cfg, tok_path)
     spec = loop_spec(
-        cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=2,
+        cfg, step_fn, batches, mesh, eval_fn, meta, rows_per_example=rows_per_example,
         final_save=start_point.final_save,
     )  # fmt: skip
     state, last = run_loop(spec, state, ckpt, run_dir.path)

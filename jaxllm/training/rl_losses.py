@@ -222,40 +222,48 @@ def _pair_aux(w_B, rc_B, rr_B, extra) -> dict[str, jax.Array]:
 
 
 def kto_loss(
-    pi_chosen_B: jax.Array,
-    pi_rejected_B: jax.Array,
-    ref_chosen_B: jax.Array,
-    ref_rejected_B: jax.Array,
-    pi_mismatched_B2: jax.Array,
-    ref_mismatched_B2: jax.Array,
+    pi_B: jax.Array,
+    ref_B: jax.Array,
+    label_B: jax.Array,
+    pi_mismatched_B: jax.Array,
+    ref_mismatched_B: jax.Array,
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     weight_B: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """KTO (Ethayarajh et al. 2024) on paired data, each pair one desirable example (chosen)
-    and one undesirable (rejected), as TRL trains it on pairs.
+    """KTO (Ethayarajh et al. 2024, eq. 6) of answers marked desirable (label 1) or not.
 
-    With the log-ratios a = pi_c - ref_c, b = pi_r - ref_r and the reference point
-    z = max(0, mean of pi - ref over mismatched rows) (each prompt with another pair's two
-    answers: `data/preference.add_mismatched_rows`; a batch estimate of KL(pi || ref), no
-    gradient), the loss of a pair is the mean of its two examples',
-    lambda_D (1 - sigmoid(beta (a - z))) and lambda_U (1 - sigmoid(beta (z - b))): the
-    chosen answer's likelihood is raised above the reference point, the rejected one's
-    lowered below it, each against the policy's drift rather than against the other answer.
-    The mean is over the batch's real rows (weighted), as the step's other sums. aux as
-    `dpo_loss`'s (rewards beta a and beta b) plus `kl` (z, weighted per pair).
+    With each answer's log-ratio r = pi - ref and the reference point z = max(0, weighted
+    mean of pi - ref over the mismatched rows) — each prompt followed by another example's
+    answer (`trainers/kto.add_mismatched_rows`), a batch estimate of KL(pi || ref) taken as
+    a constant — an example's loss is lambda_D (1 - sigmoid(beta (r - z))) if desirable,
+    lambda_U (1 - sigmoid(beta (z - r))) if not: desirable answers are raised above the
+    reference point and undesirable ones pushed below it, each against the policy's drift
+    rather than against another answer. Summed with the weights (0 on padding rows).
+    aux sums: `reward_desirable` and `reward_undesirable` (beta r, scaled so that the step's
+    division by `weight` gives their mean over the examples of that label), `kl` (z),
+    `weight`.
     """
-    pi_c, pi_r, ref_c, ref_r = _f32(pi_chosen_B, pi_rejected_B, ref_chosen_B, ref_rejected_B)
-    w_B = jnp.ones_like(pi_c) if weight_B is None else _f32(weight_B)[0]
-    drift_B2 = _f32(pi_mismatched_B2)[0] - _f32(ref_mismatched_B2)[0]
-    z = jnp.sum(w_B[:, None] * drift_B2) / jnp.maximum(2.0 * jnp.sum(w_B), 1e-9)
-    z = jax.lax.stop_gradient(jnp.maximum(z, 0.0))
-    a_B, b_B = pi_c - jax.lax.stop_gradient(ref_c), pi_r - jax.lax.stop_gradient(ref_r)
-    per_pair_B = 0.5 * (desirable_weight * (1.0 - jax.nn.sigmoid(beta * (a_B - z)))
-                        + undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z - b_B))))  # fmt: skip
-    extra = {"kl": jnp.broadcast_to(z, w_B.shape)}
-    return jnp.sum(w_B * per_pair_B), _pair_aux(w_B, beta * a_B, beta * b_B, extra)
+    pi_B, ref_B, label_B, pi_kl_B, ref_kl_B = _f32(
+        pi_B, ref_B, label_B, pi_mismatched_B, ref_mismatched_B
+    )
+    w_B = jnp.ones_like(pi_B) if weight_B is None else _f32(weight_B)[0]
+    total = jnp.maximum(jnp.sum(w_B), 1e-9)
+    z = jnp.maximum(jnp.sum(w_B * (pi_kl_B - ref_kl_B)) / total, 0.0)
+    z = jax.lax.stop_gradient(z)
+    r_B = pi_B - jax.lax.stop_gradient(ref_B)
+    good = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (r_B - z)))
+    bad = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z - r_B)))
+    loss_B = jnp.where(label_B > 0, good, bad)
+    reward_B = jax.lax.stop_gradient(beta * r_B)
+    aux = {"kl": z * jnp.sum(w_B), "weight": jnp.sum(w_B)}
+    for name, side_B in (("desirable", label_B > 0), ("undesirable", label_B <= 0)):
+        w_side = w_B * side_B
+        aux[f"reward_{name}"] = (
+            jnp.sum(w_side * reward_B) * total / jnp.maximum(jnp.sum(w_side), 1e-9)
+        )
+    return jnp.sum(w_B * loss_B), aux
 
 
 def _clipped_surrogate(

@@ -17,6 +17,7 @@ FACT = re.compile(r"^What is (\d+) ([+-]) (\d+)\?$")
 SETS = {
     "sft": ("train.jsonl", "val.jsonl"),
     "preference": ("train.jsonl", "val.jsonl"),
+    "preference_feedback": ("feedback_train.jsonl", "feedback_val.jsonl"),
     "rl": ("train.jsonl", "val.jsonl"),
     "rl_sft": ("sft_train.jsonl", "sft_val.jsonl"),
     "rl_think": ("think_train.jsonl", "think_val.jsonl"),

@@ -403,45 +403,40 @@ def test_grpo_gradient_on_policy():
 
 @pytest.mark.parametrize("shift", [0.3, -0.3])  # the mismatched rows' drift: z > 0, clamped
 def test_kto_loss_and_gradient_match_the_paper(shift):
-    """KTO (Ethayarajh et al. 2024, eq. 6) on pairs in numpy, float64: each pair a desirable
-    and an undesirable example, lambda_D (1 - sigmoid(beta (a - z))) and lambda_U (1 -
-    sigmoid(beta (z - b))), z = max(0, weighted mean drift pi - ref of the mismatched rows),
-    a constant: no gradient reaches those rows or the reference."""
-    pc, pr, rc, rr = (x / 10 + 2 for x in _dpo_inputs(4))
-    rng = np.random.default_rng(3)
-    ref_kl = rng.normal(-30, 3, size=(5, 2)).astype(np.float32)
-    pi_kl = (ref_kl + shift + rng.normal(0, 0.1, size=(5, 2))).astype(np.float32)
+    """KTO (Ethayarajh et al. 2024, eq. 6) in numpy, float64: lambda_D (1 - sigmoid(beta (r -
+    z))) for a desirable answer, lambda_U (1 - sigmoid(beta (z - r))) for an undesirable one,
+    z = max(0, weighted mean drift pi - ref of the mismatched rows), a constant: no gradient
+    reaches those rows or the reference."""
+    pi, ref_lp, _, ref_kl = _dpo_inputs(4)
+    pi_kl = (ref_kl + shift + np.random.default_rng(3).normal(0, 0.1, 5)).astype(np.float32)
+    label = np.array([1, 0, 1, 0, 1], np.int32)
     w = np.array([1.0, 0.0, 2.0, 1.0, 0.5], np.float32)
     beta, lam_d, lam_u = 0.7, 1.3, 0.9
-    z = max(0.0, np.sum(w[:, None] * (pi_kl.astype(np.float64) - ref_kl)) / (2 * w.sum()))
+    z = max(0.0, np.sum(w * (pi_kl.astype(np.float64) - ref_kl)) / w.sum())
     assert (z > 0) == (shift > 0)
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
 
-    def ref(c, r):
-        return 0.5 * (
-            lam_d * (1 - sig(beta * (c - rc - z))) + lam_u * (1 - sig(beta * (z - (r - rr))))
+    def ref(p):
+        r = p - ref_lp
+        return np.where(
+            label > 0, lam_d * (1 - sig(beta * (r - z))), lam_u * (1 - sig(beta * (z - r)))
         )
 
-    def fn(c, r, kl):
-        return rl_losses.kto_loss(c, r, jnp.asarray(rc), jnp.asarray(rr), kl, jnp.asarray(ref_kl),
-                                  beta, lam_d, lam_u, jnp.asarray(w))  # fmt: skip
+    def fn(p, kl):
+        return rl_losses.kto_loss(p, jnp.asarray(ref_lp), jnp.asarray(label), kl,
+                                  jnp.asarray(ref_kl), beta, lam_d, lam_u, jnp.asarray(w))  # fmt: skip
 
-    grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
-    (total, aux), (g_c, g_r, g_kl) = grad(jnp.asarray(pc), jnp.asarray(pr), jnp.asarray(pi_kl))
-    c64, r64 = pc.astype(np.float64), pr.astype(np.float64)
-    np.testing.assert_allclose(float(total), np.sum(w * ref(c64, r64)), rtol=1e-5)
+    grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))
+    (total, aux), (g_pi, g_kl) = grad(jnp.asarray(pi), jnp.asarray(pi_kl))
+    p64 = pi.astype(np.float64)
+    np.testing.assert_allclose(float(total), np.sum(w * ref(p64)), rtol=1e-5)
     d = 1e-4
-    want_c = w * (ref(c64 + d, r64) - ref(c64 - d, r64)) / (2 * d)
-    want_r = w * (ref(c64, r64 + d) - ref(c64, r64 - d)) / (2 * d)
-    np.testing.assert_allclose(np.asarray(g_c), want_c, rtol=1e-3, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(g_r), want_r, rtol=1e-3, atol=1e-6)
+    want = w * (ref(p64 + d) - ref(p64 - d)) / (2 * d)
+    np.testing.assert_allclose(np.asarray(g_pi), want, rtol=1e-3, atol=1e-6)
     assert not np.asarray(g_kl).any()
-    np.testing.assert_allclose(float(aux["kl"]) / float(aux["weight"]), z, rtol=1e-5, atol=1e-7)
-    margin = beta * ((c64 - rc) - (r64 - rr))
-    np.testing.assert_allclose(float(aux["margin"]), np.sum(w * margin), rtol=1e-5)
-    # all weights 1: the loss is TRL's mean over the 2B examples
-    ones = rl_losses.kto_loss(pc, pr, rc, rr, pi_kl, ref_kl, beta, lam_d, lam_u)[0] / 5
-    z = max(0.0, float(np.mean(pi_kl.astype(np.float64) - ref_kl)))
-    examples = np.concatenate([lam_d * (1 - sig(beta * (c64 - rc - z))),
-                               lam_u * (1 - sig(beta * (z - (r64 - rr))))])  # fmt: skip
-    np.testing.assert_allclose(float(ones), examples.mean(), rtol=1e-5)
+    W = float(aux["weight"])
+    np.testing.assert_allclose(float(aux["kl"]) / W, z, rtol=1e-5, atol=1e-7)
+    reward = beta * (p64 - ref_lp)
+    for name, side in (("desirable", label > 0), ("undesirable", label == 0)):
+        mean = np.sum(w * side * reward) / np.sum(w * side)  # over that label's examples
+        np.testing.assert_allclose(float(aux[f"reward_{name}"]) / W, mean, rtol=1e-5)
