@@ -1,6 +1,7 @@
 """Held-out preference figures across hosts: two real processes joined by `jax.distributed`
-(CPU, gloo collectives) each score their share of the pairs, and both end up with every
-pair, its weight and task — the same rows a single process collects."""
+(CPU, gloo collectives) each score their share of the pairs (and of KTO's examples), and
+both end up with every pair (example), its weight and task — the same rows a single
+process collects."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from jaxllm.sharding import make_mesh
 from jaxllm.trainers.reward import PairPass
 
 from .conftest import ROOT
+from .multihost_worker import example_pass
 from .test_reward_stage import small_val
 
 
@@ -66,3 +68,15 @@ def test_pair_pass_gathers_every_pair_on_both_processes(tmp_path, tok, template)
         j = list(ref["pair"]).index(pair)
         assert got[0]["tokens"][i] == ref["tokens"][j] > 0
         assert got[0]["weight"][i] == ref["weight"][j] and got[0]["task"][i] == ref["task"][j]
+    # the KTO evaluator's pass over the same file's examples (a pair gives two): the same
+    loader = LoaderConfig(seq_len=64, batch_size=4)
+    one = example_pass(data, template, loader, mesh)
+    ref = one.collect(jax.jit(lambda b: {"tokens": b["loss_mask"].sum(axis=1)}))
+    ex = got[0]["examples"]
+    assert ex == got[1]["examples"]
+    real = np.asarray(ex["example"]) >= 0
+    assert sorted(np.asarray(ex["example"])[real]) == list(range(one.size)) and one.size > 14
+    for e in range(one.size):
+        i, j = ex["example"].index(e), list(ref["example"]).index(e)
+        assert ex["tokens"][i] == ref["tokens"][j] > 0 and ex["task"][i] == ref["task"][j]
+        assert ex["weight"][i] == ref["weight"][j]
