@@ -147,7 +147,10 @@ class GRPOConfig:
     scale_by_std: bool = True  # false: r - mean (with advantage: grpo, the same as drgrpo)
     # The registries (jaxllm/trainers/advantages.py ADVANTAGES, jaxllm/training/policy_losses.py
     # POLICY_LOSSES); the defaults are GRPO as it was before them, bit for bit.
-    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    advantage: Literal[
+        "grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "online_dpo"
+    ] = "grpo"  # fmt: skip
+    dpo_beta: float = 0.1  # online_dpo: DPO's beta for each group's best/worst pair
     loss: Literal["ppo_clip", "dapo", "gspo", "cispo"] = "ppo_clip"
     clip_eps_high: float = 0.0  # upper ratio width, every loss (0: clip_eps, symmetric)
     # tokens: / token count; constant: / rows x max_new_tokens (Dr. GRPO). gspo averages over
@@ -199,6 +202,16 @@ class GRPOConfig:
             raise ValueError(
                 f"overlong_buffer: must be in [0, max_new_tokens={self.max_new_tokens}], got "
                 f"{self.overlong_buffer}"
+            )
+        if not self.dpo_beta > 0:
+            raise ValueError(f"dpo_beta: must be > 0, got {self.dpo_beta}")
+        if self.advantage != "online_dpo" and self.dpo_beta != 0.1:
+            raise ValueError(f"dpo_beta: {self.dpo_beta} is online DPO's beta; advantage "
+                             f"'{self.advantage}' does not use it: set it 0.1 or use online_dpo")  # fmt: skip
+        if self.advantage == "online_dpo" and self.loss != "ppo_clip":
+            raise ValueError(
+                f"loss: online_dpo's advantages give DPO's gradient through the plain policy "
+                f"gradient, loss ppo_clip at ratio 1; got {self.loss!r}"
             )
         if self.kl_estimator == "k1":
             raise ValueError(

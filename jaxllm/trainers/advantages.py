@@ -135,7 +135,8 @@ def reinforce_pp_baseline_advantages(
     return c_N / (jnp.std(c_N) + eps)
 
 
-# Sequence-reward estimators (rewards [N] in groups → advantages [N]), picked by `grpo.advantage`.
+# Sequence-reward estimators (rewards [N] in groups → advantages [N]), picked by `grpo.advantage`
+# (`online_dpo` also takes the completions' log-ratios: `online_dpo_advantages`, beside them).
 # GAE (`gae` above, Schulman et al. 2016, arXiv:1506.02438) is the critic-based estimator of
 # `stage: ppo`: it takes per-token rewards and values, so it is not in this table.
 ADVANTAGES = {
@@ -145,6 +146,39 @@ ADVANTAGES = {
     "reinforce_pp": reinforce_pp_advantages,
     "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
 }
+
+
+def online_dpo_advantages(
+    rewards_N: jax.Array, logratio_N: jax.Array, group_size: int, beta: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+    Feedback", arXiv:2402.04792; TRL's OnlineDPOTrainer) as per-completion advantages: in
+    each group the best and the worst completion by reward (the first of equals) form a pair
+    (none when all rewards are equal), and with the log-ratio h = (pi - ref)_best -
+    (pi - ref)_worst of the current policy (summed over each completion's tokens) the best
+    gets +beta sigmoid(-beta h), the worst -beta sigmoid(-beta h), the rest 0. The policy
+    gradient -sum_i A_i grad log pi(y_i) is then exactly the gradient of DPO's loss
+    -log sigmoid(beta h) of those pairs (summed), wherever pi is still the policy that
+    scored h: the first step on the rollouts. Returns (advantages [N], {`dpo_loss`: mean
+    -log sigmoid(beta h), `pair_accuracy`: share with h > 0, both over the groups with a
+    pair, `pair_fraction`: share of groups with one})."""
+    r_GK = _groups(rewards_N, group_size)
+    lr_GK = logratio_N.astype(jnp.float32).reshape(r_GK.shape)
+    best_G, worst_G = jnp.argmax(r_GK, axis=-1), jnp.argmin(r_GK, axis=-1)
+    has_G = (jnp.max(r_GK, axis=-1) > jnp.min(r_GK, axis=-1)).astype(jnp.float32)
+    take = lambda x_GK, i_G: jnp.take_along_axis(x_GK, i_G[:, None], axis=-1)[:, 0]  # noqa: E731
+    h_G = take(lr_GK, best_G) - take(lr_GK, worst_G)
+    coef_G = beta * jax.nn.sigmoid(-beta * h_G) * has_G
+    k = r_GK.shape[1]
+    pair_GK = jax.nn.one_hot(best_G, k) - jax.nn.one_hot(worst_G, k)
+    adv_N = (jax.lax.stop_gradient(coef_G)[:, None] * pair_GK).reshape(-1)
+    pairs = jnp.maximum(jnp.sum(has_G), 1.0)
+    stats = {
+        "dpo_loss": jnp.sum(-jax.nn.log_sigmoid(beta * h_G) * has_G) / pairs,
+        "pair_accuracy": jnp.sum((h_G > 0) * has_G) / pairs,
+        "pair_fraction": jnp.mean(has_G),
+    }
+    return adv_N, stats
 
 
 def group_keep(rewards_N: jax.Array, group_size: int) -> jax.Array:

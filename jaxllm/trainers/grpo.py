@@ -27,7 +27,12 @@ from jax.sharding import Mesh
 from jaxllm.config import Config
 from jaxllm.config.rl import GRPOConfig
 from jaxllm.rundir import RunDir
-from jaxllm.trainers.advantages import ADVANTAGES, group_keep, overlong_penalty
+from jaxllm.trainers.advantages import (
+    ADVANTAGES,
+    group_keep,
+    online_dpo_advantages,
+    overlong_penalty,
+)
 from jaxllm.trainers.rewards import arithmetic, weighted_reward
 from jaxllm.trainers.rl_loop import (
     Algorithm,
@@ -90,18 +95,24 @@ def grpo_post(g: GRPOConfig, mesh: Mesh):
     """(scores, batch, rewards) → the minibatch fields (old and reference log-probs, group
     advantages [B]) and the iteration's reward, accuracy and entropy, on global arrays."""
 
-    estimator = ADVANTAGES[advantage_name(g)]
+    name = advantage_name(g)
 
     def post(scores, batch, rewards):
         mask_BL = batch["mask"]
-        adv_B = estimator(shaped_rewards(g, rewards["reward"], mask_BL), g.group_size)
+        shaped_B = shaped_rewards(g, rewards["reward"], mask_BL)
+        stats = {}
+        if name == "online_dpo":  # the pairs' DPO gradient, from the scoring pass's log-ratios
+            logratio_B = jnp.sum((scores["logp"] - scores["ref_logp"]) * mask_BL, axis=-1)
+            adv_B, stats = online_dpo_advantages(shaped_B, logratio_B, g.group_size, g.dpo_beta)
+        else:
+            adv_B = ADVANTAGES[name](shaped_B, g.group_size)
         entropy = jnp.sum(scores["entropy"] * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)
         fields = {"old_logp": scores["logp"], "ref_logp": scores["ref_logp"], "adv": adv_B}
-        stats = {
+        stats.update({
             "reward": jnp.mean(rewards["reward"]),
             "accuracy": jnp.mean(rewards["accuracy"]),
             "entropy": entropy,
-        }
+        })  # fmt: skip
         if g.dynamic_sampling:  # the dropped groups' tokens leave the loss and its mean
             keep_B = group_keep(rewards["reward"], g.group_size)
             fields["mask"] = mask_BL * keep_B[:, None]
@@ -139,7 +150,8 @@ def grpo_algorithm(cfg: Config, st: Stage, total: int) -> Algorithm:
         }
 
     def report(stats: dict[str, float]) -> dict[str, float]:
-        keys = ("reward", "accuracy", "entropy", "kept_fraction", "tis_weight", "tis_truncated")
+        keys = ("reward", "accuracy", "entropy", "kept_fraction", "tis_weight", "tis_truncated",
+                "dpo_loss", "pair_accuracy", "pair_fraction")  # fmt: skip
         return {k: stats[k] for k in keys if k in stats}
 
     return Algorithm(step_fn, pick, rewards, grpo_post(g, st.mesh), report)
