@@ -161,7 +161,7 @@ def online_dpo_advantages(
     -log sigmoid(beta h) of those pairs (summed), wherever pi is still the policy that
     scored h: the first step on the rollouts. Returns (advantages [N], {`dpo_loss`: mean
     -log sigmoid(beta h), `pair_accuracy`: share with h > 0, both over the groups with a
-    pair, `pair_fraction`: share of groups with one})."""
+    pair (0 in a batch without one), `pair_fraction`: share of groups with one})."""
     r_GK = _groups(rewards_N, group_size)
     lr_GK = logratio_N.astype(jnp.float32).reshape(r_GK.shape)
     best_G, worst_G = jnp.argmax(r_GK, axis=-1), jnp.argmin(r_GK, axis=-1)
