@@ -118,7 +118,7 @@ class InputsConfig:
     data_dir: str = ""  # a `stage: data` output directory (train/ and val/ shards)
     tokenizer: str = ""  # a sentencepiece .model file, or a tokenizer.json (dir)
     checkpoint: str = ""  # a checkpoint directory
-    reward_checkpoint: str = ""  # a `stage: reward` checkpoint (ppo with `reward: model`)
+    reward_checkpoint: str = ""  # a `stage: reward` checkpoint (ppo `reward: model`, grpo `model`)
     sft_data: str = ""  # SFT records (e.g. teacher answers); when set, sft trains on it
     sft_val_data: str = ""  # held-out SFT records; when set, sft scores on it
 

@@ -163,8 +163,11 @@ class GRPOConfig:
     # k >= 1: rollouts sampled in a background thread with weights up to k updates old while
     # the learner trains (jaxllm/trainers/rl_async.py); needs tis_cap. 0: synchronous.
     max_staleness: int = 0
+    # rule names (jaxllm/trainers/rewards.py REWARDS) and `model`: the reward model at
+    # `reward_checkpoint` ("": inputs.reward_checkpoint), scored on the rollout rows
     rewards: tuple[str, ...] = ("arithmetic",)
     reward_weights: tuple[float, ...] = (1.0,)
+    reward_checkpoint: str = ""
     # Multi-turn episodes (jaxllm/trainers/episodes.py): an environment from
     # jaxllm/trainers/envs.py ENVS ("": single-turn rollouts); max_new_tokens is then per turn.
     env: str = ""
@@ -191,6 +194,11 @@ class GRPOConfig:
             raise ValueError(f"minibatch_size: {self.minibatch_size} does not divide {n}")
         if not self.rewards or len(self.rewards) != len(self.reward_weights):
             raise ValueError("rewards, reward_weights: need one weight per reward name")
+        if self.rewards.count("model") > 1:
+            raise ValueError("rewards: name `model` (the reward model) once, with one weight")
+        if self.reward_checkpoint and "model" not in self.rewards:
+            raise ValueError(f"reward_checkpoint: {self.reward_checkpoint} is read for a "
+                             "`model` reward; add model to grpo.rewards or leave it empty")  # fmt: skip
         at_least(self, 0, "beta")
         if self.loss == "gspo" and self.loss_norm == "constant":
             raise ValueError(

@@ -126,11 +126,36 @@ def grpo_post(g: GRPOConfig, mesh: Mesh):
     return make_post(post, mesh)
 
 
-def grpo_algorithm(cfg: Config, st: Stage, total: int) -> Algorithm:
-    """GRPO's parts for the shared iteration: groups of one prompt, rule rewards, group
-    advantages."""
+def grpo_rewards(cfg: Config, st: Stage) -> tuple[Any, Any]:
+    """(rewards(texts, recs, batch) -> r [B] on the rollout rows, scores(texts, rows) -> r [N]
+    for greedy evaluation): the weighted `grpo.rewards`, rules on the decoded texts and
+    `model` (the reward model at `grpo.reward_checkpoint`, else `inputs.reward_checkpoint`)
+    on the rollout rows."""
     g = cfg.grpo
-    reward = weighted_reward(g.rewards, g.reward_weights)
+    rules = [(n, w) for n, w in zip(g.rewards, g.reward_weights) if n != "model"]
+    rule = weighted_reward([n for n, _ in rules], [w for _, w in rules])
+    rule_text = rule_scores(rule)
+    if len(rules) == len(g.rewards):
+        return lambda texts, recs, batch: local_scores(
+            [rule(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules
+        ), rule_text
+    from jaxllm.trainers.reward_model import model_rewards
+
+    w = g.reward_weights[g.rewards.index("model")]
+    ckpt = g.reward_checkpoint or cfg.inputs.reward_checkpoint
+    batch_scores, model_text = model_rewards("grpo.reward_checkpoint", ckpt, cfg, st)
+
+    def rewards(texts, recs, batch):
+        values = local_scores([rule(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules)
+        return values + w * batch_scores(batch)
+
+    return rewards, lambda texts, rows: rule_text(texts, rows) + w * model_text(texts, rows)
+
+
+def grpo_algorithm(cfg: Config, st: Stage, total: int, reward) -> Algorithm:
+    """GRPO's parts for the shared iteration: groups of one prompt, `reward` (the first of
+    `grpo_rewards`), group advantages."""
+    g = cfg.grpo
     step_fn = make_train_step(
         st.start.graphdef, grpo_loss_fn(g.clip_eps, g.beta, g.kl_estimator, g.temperature, g),
         st.tx, lr_schedule(cfg.train.optim, total), st.start.shardings, st.mesh, st.rules,
@@ -141,9 +166,9 @@ def grpo_algorithm(cfg: Config, st: Stage, total: int) -> Algorithm:
         return [st.rows[i] for i in chosen for _ in range(g.group_size)]
 
     def rewards(texts: list[str], recs: list[dict], batch) -> dict[str, jax.Array]:
-        rule = local_scores([reward(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules)
+        value = reward(texts, recs, batch)
         return {
-            "reward": rule + batch["env_reward"] if "env_reward" in batch else rule,
+            "reward": value + batch["env_reward"] if "env_reward" in batch else value,
             "accuracy": local_scores(
                 [arithmetic(x, r) for x, r in zip(texts, recs)], st.mesh, st.rules
             ),
@@ -166,5 +191,6 @@ def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:
     def save(state, directory):
         write_final(directory, t.keep_checkpoints, state, meta)
 
-    scores = rule_scores(weighted_reward(g.rewards, g.reward_weights))
-    return run_rl(cfg, run_dir.path, st, grpo_algorithm(cfg, st, total), scores, total, save)
+    rewards, scores = grpo_rewards(cfg, st)
+    algo = grpo_algorithm(cfg, st, total, rewards)
+    return run_rl(cfg, run_dir.path, st, algo, scores, total, save)

@@ -35,7 +35,6 @@ from jaxllm.models.peft import peft_method
 from jaxllm.models.quant import dequantize_model
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import gae, whiten
-from jaxllm.trainers.checkpoint_model import check_same_vocab
 from jaxllm.trainers.lm import fresh_train_state
 from jaxllm.trainers.rewards import get_reward, weighted_reward
 from jaxllm.trainers.rl_loop import (
@@ -48,7 +47,7 @@ from jaxllm.trainers.rl_loop import (
     setup_stage,
     write_final,
 )
-from jaxllm.trainers.rollout import TextScores, policy_outputs, rule_scores, stop_ids
+from jaxllm.trainers.rollout import TextScores, policy_outputs, rule_scores
 from jaxllm.training.losses import token_entropy, token_logprobs
 from jaxllm.training.optim import lr_schedule, make_optimizer
 from jaxllm.training.policy_losses import tis_fields
@@ -231,25 +230,11 @@ def base_rewards(cfg: Config, st: Stage) -> tuple[Any, TextScores]:
             return {"reward": local_scores(values, st.mesh, st.rules)}
 
         return rule_rewards, rule_scores(rule)
-    from jaxllm.trainers.reward_model import load_reward_model, reward_scores, text_scores
+    from jaxllm.trainers.reward_model import model_rewards
 
     ckpt = p.reward_checkpoint or cfg.inputs.reward_checkpoint
-    if not ckpt:
-        raise ConfigError(
-            "config key 'ppo.reward_checkpoint': `reward: model` needs a reward checkpoint "
-            "(or inputs.reward_checkpoint, which a pipeline fills from a `stage: reward`)"
-        )
-    rg, rstate, _, rm, rmeta = load_reward_model(Path(ckpt), st.mesh, st.rules)
-    check_same_vocab("ppo.reward_checkpoint", rm, rmeta, st.start.model, st.tok_path)
-
-    def model_rewards(texts, recs, batch):
-        seg, pos = batch["segment_ids"], batch["positions"]
-        return {"reward": reward_scores(rg, rstate, batch["tokens"], seg, pos)}
-
-    end_id = stop_ids(st.template)[0]
-    return model_rewards, text_scores(
-        rg, rstate, st.tok, cfg.loader.seq_len, end_id, st.mesh, st.rules
-    )
+    batch_scores, text_scores = model_rewards("ppo.reward_checkpoint", ckpt, cfg, st)
+    return lambda texts, recs, batch: {"reward": batch_scores(batch)}, text_scores
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict[str, Any]:

@@ -75,3 +75,27 @@ def text_scores(
         return map_rows(fn, batch, mesh, rules).astype(np.float64)
 
     return scores
+
+
+def model_rewards(key: str, ckpt: str, cfg, st):
+    """A reward checkpoint as an RL stage's reward: `(batch_scores(batch) -> r [B] on the
+    rollout rows, text_scores(texts, rows) -> r [N] for greedy evaluation)`. `key` names the
+    config key that gave `ckpt` (errors name it; "" in `ckpt`: none was given)."""
+    from jaxllm.errors import ConfigError
+    from jaxllm.trainers.checkpoint_model import check_same_vocab
+    from jaxllm.trainers.rollout import stop_ids
+
+    if not ckpt:
+        raise ConfigError(
+            f"config key '{key}': a `model` reward needs a reward checkpoint (or "
+            "inputs.reward_checkpoint, which a pipeline fills from a `stage: reward`)"
+        )
+    rg, rstate, _, rm, rmeta = load_reward_model(Path(ckpt), st.mesh, st.rules)
+    check_same_vocab(key, rm, rmeta, st.start.model, st.tok_path)
+
+    def batch_scores(batch) -> jax.Array:
+        return reward_scores(rg, rstate, batch["tokens"], batch["segment_ids"], batch["positions"])
+
+    end_id = stop_ids(st.template)[0]
+    return batch_scores, text_scores(rg, rstate, st.tok, cfg.loader.seq_len, end_id, st.mesh,
+                                     st.rules)  # fmt: skip

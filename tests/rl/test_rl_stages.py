@@ -121,7 +121,8 @@ def test_sampler_matches_learner_and_reference_is_frozen(tmp_path, tiny_ckpt, pr
             "accuracy": local_scores([0.0] * len(texts), st.mesh, st.rules),
         }
 
-    algo = dataclasses.replace(grpo.grpo_algorithm(cfg, st, 4), rewards=rewards)
+    algo = grpo.grpo_algorithm(cfg, st, 4, grpo.grpo_rewards(cfg, st)[0])
+    algo = dataclasses.replace(algo, rewards=rewards)
     ref_before = jax.tree.map(np.array, st.ref[1])
     policy_before = jax.tree.map(np.array, sp.state.params)
     state, rng = sp.state, np.random.default_rng(0)
