@@ -127,9 +127,10 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """`stage: grpo` — `group_size` sampled completions per prompt scored by weighted rule
-    rewards (`rewards`, `reward_weights`), group-relative advantages, the clipped objective
-    and an optional KL term to the frozen reference (`beta`). `eval_rules` as PPO's."""
+    """`stage: grpo` — `group_size` sampled completions per prompt scored by weighted rewards
+    (`rewards`, `reward_weights`: rules, and `model` for a reward model), group-relative
+    advantages (or online DPO's pairs), the clipped objective and an optional KL term to the
+    frozen reference (`beta`). `eval_rules` as PPO's."""
 
     prompt_file: str = "asset:sft/train.jsonl"
     val_file: str = "asset:sft/val.jsonl"

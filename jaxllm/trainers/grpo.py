@@ -1,8 +1,8 @@
-"""`stage: grpo` — group-relative policy optimisation with rule rewards.
+"""`stage: grpo` — group-relative policy optimisation with rule rewards and/or a reward model.
 
 Each iteration samples `group_size` completions for each of `prompts_per_iteration` prompts
-with the jitted KV-cache sampler on the current weights, scores them with the weighted rule
-rewards, scores the tokens once (learner + frozen reference log-probs, one jitted pass; the
+with the jitted KV-cache sampler on the current weights, scores them with the weighted
+rewards (rules on the texts, `model` on the rows: `grpo_rewards`), scores the tokens once (learner + frozen reference log-probs, one jitted pass; the
 learner's must match the sampler's), turns rewards into advantages (one jitted function on
 the global rows: the estimator `grpo.advantage` from `advantages.ADVANTAGES`, with DAPO's
 group filter, overlong shaping and TIS weights when configured) and runs `epochs` passes of
