@@ -146,8 +146,9 @@ class GRPOConfig:
     beta: float = 0.0  # KL(pi || ref) weight; 0: no reference pass in the loss
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k1 is rejected: see _validate
     scale_by_std: bool = True  # false: r - mean (with advantage: grpo, the same as drgrpo)
-    # The registries (jaxllm/trainers/advantages.py ADVANTAGES, jaxllm/training/policy_losses.py
-    # POLICY_LOSSES); the defaults are GRPO as it was before them, bit for bit.
+    # The registries (jaxllm/trainers/advantages.py ADVANTAGES and PAIR_ADVANTAGES,
+    # jaxllm/training/policy_losses.py POLICY_LOSSES); the defaults are GRPO as it was before
+    # them, bit for bit.
     advantage: Literal[
         "grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "online_dpo"
     ] = "grpo"  # fmt: skip

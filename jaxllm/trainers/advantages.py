@@ -181,6 +181,11 @@ def online_dpo_advantages(
     return adv_N, stats
 
 
+# Estimators that also take each completion's log-ratio pi - ref (summed over its tokens)
+# and DPO's beta: (rewards [N], log-ratios [N], group_size, beta) → (advantages [N], stats).
+PAIR_ADVANTAGES = {"online_dpo": online_dpo_advantages}
+
+
 def group_keep(rewards_N: jax.Array, group_size: int) -> jax.Array:
     """DAPO's dynamic sampling as a filter (Yu et al. 2025, arXiv:2503.14476): 1 for the rows
     of groups whose rewards differ, 0 for all-equal groups (all right or all wrong: zero

@@ -29,8 +29,8 @@ from jaxllm.config.rl import GRPOConfig
 from jaxllm.rundir import RunDir
 from jaxllm.trainers.advantages import (
     ADVANTAGES,
+    PAIR_ADVANTAGES,
     group_keep,
-    online_dpo_advantages,
     overlong_penalty,
 )
 from jaxllm.trainers.rewards import arithmetic, weighted_reward
@@ -101,9 +101,9 @@ def grpo_post(g: GRPOConfig, mesh: Mesh):
         mask_BL = batch["mask"]
         shaped_B = shaped_rewards(g, rewards["reward"], mask_BL)
         stats = {}
-        if name == "online_dpo":  # the pairs' DPO gradient, from the scoring pass's log-ratios
+        if name in PAIR_ADVANTAGES:  # online DPO: log-ratios from the scoring pass
             logratio_B = jnp.sum((scores["logp"] - scores["ref_logp"]) * mask_BL, axis=-1)
-            adv_B, stats = online_dpo_advantages(shaped_B, logratio_B, g.group_size, g.dpo_beta)
+            adv_B, stats = PAIR_ADVANTAGES[name](shaped_B, logratio_B, g.group_size, g.dpo_beta)
         else:
             adv_B = ADVANTAGES[name](shaped_B, g.group_size)
         entropy = jnp.sum(scores["entropy"] * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)

@@ -189,7 +189,8 @@ def test_dynamic_sampling_keep_and_overlong_penalty():
 
 def test_config_names_are_the_registries():
     hints = typing.get_type_hints(GRPOConfig)
-    assert set(typing.get_args(hints["advantage"])) == set(advantages.ADVANTAGES)
+    names = {*advantages.ADVANTAGES, *advantages.PAIR_ADVANTAGES}
+    assert set(typing.get_args(hints["advantage"])) == names
     assert set(typing.get_args(hints["loss"])) == set(policy_losses.POLICY_LOSSES)
     with pytest.raises(ValueError, match="policy loss 'nope'"):
         policy_losses.policy_loss("nope")
