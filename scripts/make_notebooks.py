@@ -292,11 +292,13 @@ def alignment() -> list:
     )
     return [
         new_markdown_cell(
-            f"{badge('alignment.ipynb')}\n\n# Alignment: reward model, DPO, PPO and GRPO\n\n"
+            f"{badge('alignment.ipynb')}\n\n# Alignment: reward model, DPO, KTO, PPO, online DPO "
+            "and GRPO\n\n"
             "From a small chat model (pretrained and fine-tuned here first), the alignment stages "
             "on the shipped preference and arithmetic sets: a Bradley–Terry reward model, DPO "
-            "against a frozen reference, PPO against the reward model, and GRPO with a rule "
-            "reward (the exact answer). Each prints its held-out figures before and after."
+            "against a frozen reference, KTO on unpaired good/bad marks, PPO and online DPO "
+            "against the reward model, and GRPO with a rule reward (the exact answer). Each "
+            "prints its held-out figures before and after."
         ),
         new_code_cell(setup("alignment")),
         new_markdown_cell("## A chat model to align"),
@@ -310,6 +312,15 @@ def alignment() -> list:
         new_code_cell(
             'dpo = run("tiny_dpo.yaml", "dpo", SFT, f"train.steps={steps(100, 400)}", VAL("dpo"))\n'
             "print({k: v for k, v in dpo.items() if 'accuracy' in k or 'margin' in k})"
+        ),
+        new_markdown_cell(
+            "## KTO on unpaired feedback\n\nOne answer per prompt marked good or bad (the shipped "
+            "`feedback_*.jsonl`), no pairs: the held-out `reward_auc` is how well the implicit "
+            "reward ranks good answers above bad ones."
+        ),
+        new_code_cell(
+            'kto = run("tiny_kto.yaml", "kto", SFT, f"train.steps={steps(100, 400)}")\n'
+            "print({k: v for k, v in kto.items() if 'auc' in k or 'reward_' in k})"
         ),
         new_markdown_cell(
             "## PPO against the reward model\n\nThe reward curve comes from the run's "
@@ -326,6 +337,16 @@ def alignment() -> list:
             'plt.ylabel("reward")\n'
             "plt.show()\n"
             "print({k: v for k, v in ppo.items() if isinstance(v, (int, float))})"
+        ),
+        new_markdown_cell(
+            "## Online DPO judged by the reward model\n\nEight answers per prompt, the reward "
+            "model's best and worst as a DPO pair against the frozen reference."
+        ),
+        new_code_cell(
+            'odpo = run("tiny_online_dpo.yaml", "online_dpo", SFT,\n'
+            "           f\"inputs.reward_checkpoint={WORK / 'reward' / 'checkpoints'}\",\n"
+            '           f"grpo.iterations={2 if SMOKE else 30}", f"grpo.eval_examples={4 if SMOKE else 64}")\n'
+            "print({k: v for k, v in odpo.items() if k.startswith('greedy_')})"
         ),
         new_markdown_cell(
             "## GRPO with a verifiable reward\n\nGroups of samples per arithmetic prompt, "
