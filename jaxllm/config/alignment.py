@@ -51,6 +51,9 @@ class DPOConfig:
     ] = "sigmoid"  # fmt: skip
     gamma: float = 0.5  # simpo: the target reward margin (TRL's simpo_gamma)
     discopop_tau: float = 0.05  # discopop: the temperature of its blend (TRL's and the paper's)
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + alpha x the chosen answer's NLL per token,
+    # with any pair loss but orpo (which has it) and kto (no pairs); 0: off
+    rpo_alpha: float = 0.0
     # kto: the weights lambda_D, lambda_U of the desirable (chosen) and undesirable (rejected)
     # examples' losses (the paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3])
     desirable_weight: float = 1.0
@@ -100,6 +103,15 @@ class DPOConfig:
             if value != default and self.loss != loss:
                 raise ValueError(f"{key}: {value} {what}; loss '{self.loss}' does not use it: "
                                  f"set it {default} or use loss {loss}")  # fmt: skip
+        if not self.rpo_alpha >= 0:
+            raise ValueError(f"rpo_alpha: must be >= 0, got {self.rpo_alpha}")
+        if self.rpo_alpha and self.loss in ("orpo", "kto"):
+            raise ValueError(
+                f"rpo_alpha: loss '{self.loss}' "
+                + ("has its own NLL term (beta weighs the other)" if self.loss == "orpo"
+                   else "has no chosen answers, only marked ones")
+                + "; set dpo.rpo_alpha 0"
+            )  # fmt: skip
         if self.loss == "kto" and self.precompute_reference:
             raise ValueError(
                 "precompute_reference: KTO's reference point is of rows that mix each batch's "

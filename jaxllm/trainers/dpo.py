@@ -101,8 +101,15 @@ def make_dpo_loss(d: DPOConfig, ref_graphdef: nnx.GraphDef | None):
         else:
             ref_c_B, ref_r_B = pair_logprobs(nnx.merge(ref_graphdef, consts["ref"]), batch,
                                              None, average)  # fmt: skip
-        return dpo_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing, d.loss,
-                        batch["weight"], d.gamma, d.discopop_tau)  # fmt: skip
+        loss, aux = dpo_loss(pi_c_B, pi_r_B, ref_c_B, ref_r_B, d.beta, d.label_smoothing,
+                             d.loss, batch["weight"], d.gamma, d.discopop_tau)  # fmt: skip
+        if not d.rpo_alpha:
+            return loss, aux
+        # RPO: + alpha x the chosen answer's NLL per token (pi_c is already a mean if averaged)
+        n_c_B = jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32), axis=-1)
+        nll_B = -pi_c_B.astype(jnp.float32) / (1.0 if average else jnp.maximum(n_c_B, 1.0))
+        nll = jnp.sum(batch["weight"] * nll_B)
+        return loss + d.rpo_alpha * nll, {**aux, "nll": jax.lax.stop_gradient(nll)}
 
     return loss_fn
 

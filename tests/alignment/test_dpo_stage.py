@@ -66,7 +66,9 @@ def np_margins(val, template, policy, reference, beta: float, average: bool) -> 
     return beta * ((pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1]))
 
 
-def np_dpo(pi, ref, d: DPOConfig, w):
+def np_dpo(pi, ref, d: DPOConfig, w, n_c=None):
+    """The step's loss and margin in numpy; `n_c`: each chosen answer's token count (RPO's
+    NLL per token)."""
     h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
     ls = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     if d.loss == "ipo":
@@ -80,6 +82,8 @@ def np_dpo(pi, ref, d: DPOConfig, w):
     else:
         s = d.label_smoothing
         per = -(1 - s) * ls(d.beta * h) - s * ls(-d.beta * h)
+    if d.rpo_alpha:  # pi summed here: the chosen answer's NLL per token
+        per = per + d.rpo_alpha * -pi[:, 0] / n_c
     return float(np.sum(w * per) / np.sum(w)), float(np.sum(w * d.beta * h) / np.sum(w))
 
 
@@ -112,7 +116,8 @@ def test_ipo_with_label_smoothing_is_refused():
     "d",
     [DPOConfig(beta=0.5, label_smoothing=0.1), DPOConfig(loss="ipo"),
      DPOConfig(loss="robust", label_smoothing=0.2),
-     DPOConfig(loss="discopop", beta=0.5, discopop_tau=0.1)],
+     DPOConfig(loss="discopop", beta=0.5, discopop_tau=0.1),
+     DPOConfig(beta=0.5, rpo_alpha=0.7)],
 )  # fmt: skip
 def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     vocab = template.tok.vocab_size
@@ -133,6 +138,7 @@ def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     want_loss, want_margin = np_dpo(
         np_seq_logprobs(policy, batch, d.loss == "ipo"),
         np_seq_logprobs(reference, batch, d.loss == "ipo"), d, batch["weight"],
+        batch["loss_mask"][:, 0].sum(-1),
     )  # fmt: skip
     ref_shardings = jax.tree.map(lambda x: x.sharding, ref_state)
     step = make_train_step(graphdef, make_dpo_loss(d, ref_graphdef), tx, lambda s: 1e-2,
@@ -141,6 +147,7 @@ def test_dpo_step_loss_matches_numpy_and_reference_is_frozen(template, d):
     state, metrics = step(state, gbatch, {"ref": ref_state})
     np.testing.assert_allclose(float(metrics["loss"]), want_loss, rtol=2e-4)
     np.testing.assert_allclose(float(metrics["margin"]), want_margin, rtol=2e-3, atol=1e-5)
+    assert ("nll" in metrics) == bool(d.rpo_alpha)
     for _ in range(2):
         state, metrics = step(state, gbatch, {"ref": ref_state})
     assert float(metrics["loss"]) < want_loss  # the policy moves ...
@@ -331,7 +338,10 @@ def avg_logps(val, template, ckpt) -> np.ndarray:
      ({"loss": "hinge", "label_smoothing": 0.1}, r"'dpo.label_smoothing': 0.1 .*loss 'hinge'"),
      ({"loss": "robust"}, r"'dpo.label_smoothing': loss 'robust' needs the assumed share"),
      ({"loss": "sigmoid", "discopop_tau": 0.1}, r"'dpo.discopop_tau': 0.1 is DiscoPOP's"),
-     ({"loss": "discopop", "discopop_tau": 0.0}, r"'dpo.discopop_tau': must be > 0")],
+     ({"loss": "discopop", "discopop_tau": 0.0}, r"'dpo.discopop_tau': must be > 0"),
+     ({"loss": "orpo", "rpo_alpha": 1.0}, r"'dpo.rpo_alpha': loss 'orpo' has its own NLL"),
+     ({"loss": "kto", "rpo_alpha": 1.0}, r"'dpo.rpo_alpha': loss 'kto' has no chosen"),
+     ({"rpo_alpha": -1.0}, r"'dpo.rpo_alpha': must be >= 0")],
 )  # fmt: skip
 def test_reference_free_settings_that_cannot_apply_are_refused(dpo_section, match):
     from jaxllm.config import from_dict
