@@ -146,6 +146,14 @@ def wait_for_step(run: Path, step: int, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def wait_for_save(run: Path, step: int, timeout: float = 120) -> None:
+    """Until the checkpoint of `step` is committed (its directory has its final name): an
+    asynchronous save can still be in flight a few steps after it began."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (run / "checkpoints" / str(step)).is_dir():
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_one_saved_step(data_dir, tok, full, tmp_path):
     """A preemption notice reaches one host: jax's preemption service agrees a step with the
@@ -184,6 +192,7 @@ def test_sigterm_without_the_preemption_service_ends_like_a_crash(data_dir, tok,
     args = main_args(CONFIG, run, settings(data_dir, tok, run, **LONG))  # saves every 5 steps
     group = Group(args, tmp_path / "l1", more_env={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
     wait_for_step(run, 12)
+    wait_for_save(run, 10)  # under load, step 10's async save may still be in flight
     group.procs[1].send_signal(signal.SIGTERM)
     assert group.procs[1].wait(timeout=60) == -signal.SIGTERM
     group.kill()  # process 0 waits in a collective for its dead peer: a scheduler ends it
