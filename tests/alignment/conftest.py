@@ -30,3 +30,15 @@ def run_stage(module, cfg) -> dict:
 
     run_dir = RunDir.open(cfg)
     return run_dir.finish(module.run(cfg, run_dir))
+
+
+def rerun_after_step_2(module, cfg) -> dict:
+    """A crash after step 2 of a 4-step run (its step-4 checkpoint and summary gone): the
+    rerun's summary, which must say it resumed from step 2."""
+    import shutil
+
+    shutil.rmtree(cfg.run_dir / "checkpoints/4")
+    (cfg.run_dir / "summary.json").unlink()
+    again = run_stage(module, cfg)
+    assert again["resumed_from_step"] == 2
+    return again

@@ -2,7 +2,6 @@
 stage runs end to end under LoRA and resumes exactly."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from jaxllm.trainers.lm import load_frozen_model
 from jaxllm.training.state import create_train_state, to_global
 from jaxllm.training.step import make_train_step
 
-from .conftest import ROOT, run_stage, stage_config
+from .conftest import ROOT, rerun_after_step_2, run_stage, stage_config
 from .test_reward_stage import small_val
 
 VAL = ROOT / "jaxllm/assets/preference/val.jsonl"
@@ -178,10 +177,7 @@ def test_dpo_stage_lora_end_to_end_and_resume(tmp_path, tiny_ckpt, template):
     wins = (margin > 0) + 0.5 * (margin == 0)
     assert summary["dpo_accuracy_after"] == pytest.approx(wins.mean(), abs=1e-3)
     # a crash after step 2: the resumed run starts there and reproduces steps 3-4 exactly
-    shutil.rmtree(tmp_path / "dpo/checkpoints/4")
-    (tmp_path / "dpo/summary.json").unlink()
-    again = run_stage(dpo, cfg)
-    assert again["resumed_from_step"] == 2
+    again = rerun_after_step_2(dpo, cfg)
     assert again["final_train_loss"] == summary["final_train_loss"]
     assert again["dpo_margin_after"] == summary["dpo_margin_after"]
 
@@ -226,10 +222,7 @@ def test_precomputed_reference_gives_the_per_step_losses_and_resumes(tmp_path, t
         assert summary["dpo_margin_before"] == 0.0
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
     # resume from step 2: the reference table is rebuilt and steps 3-4 repeat exactly
-    shutil.rmtree(out / "checkpoints/4")
-    (out / "summary.json").unlink()
-    again = run_stage(dpo, cfg)
-    assert again["resumed_from_step"] == 2
+    again = rerun_after_step_2(dpo, cfg)
     assert again["final_train_loss"] == summary["final_train_loss"]
     assert again["dpo_margin_after"] == summary["dpo_margin_after"]
 
@@ -312,10 +305,7 @@ def test_reference_free_stage_loads_no_reference_and_resumes(tmp_path, tiny_ckpt
     assert ("final_train_nll" in summary) == (loss == "orpo")
     if loss == "orpo":
         return  # resuming is the stage's, whatever the loss: once is enough
-    shutil.rmtree(tmp_path / f"{loss}/checkpoints/4")
-    (tmp_path / f"{loss}/summary.json").unlink()
-    again = run_stage(dpo, cfg)
-    assert again["resumed_from_step"] == 2
+    again = rerun_after_step_2(dpo, cfg)
     assert again["final_train_loss"] == summary["final_train_loss"]
 
 

@@ -3,7 +3,6 @@ texts, the step's loss against numpy, the stage end to end on unpaired feedback 
 AUCs against numpy, a resume) and on pairs, and the settings KTO refuses."""
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -23,7 +22,7 @@ from jaxllm.trainers.lm import load_frozen_model
 from jaxllm.training.state import create_train_state, to_global
 from jaxllm.training.step import make_train_step
 
-from .conftest import run_stage, stage_config
+from .conftest import rerun_after_step_2, run_stage, stage_config
 from .test_dpo_stage import VAL, np_seq_logprobs, tiny_decoder
 from .test_reward_stage import small_val
 
@@ -161,10 +160,7 @@ def test_kto_stage_on_unpaired_feedback_and_resume(tmp_path, tiny_ckpt, template
     avg = pi / n
     pairs = [(a > b) + 0.5 * (a == b) for a in avg[good] for b in avg[~good]]
     assert summary["avg_logp_auc_after"] == pytest.approx(np.mean(pairs), abs=2e-3)
-    shutil.rmtree(tmp_path / "kto/checkpoints/4")
-    (tmp_path / "kto/summary.json").unlink()
-    again = run_stage(dpo, cfg)
-    assert again["resumed_from_step"] == 2
+    again = rerun_after_step_2(dpo, cfg)
     assert again["final_train_loss"] == summary["final_train_loss"]
     assert again["reward_auc_after"] == summary["reward_auc_after"]
 
